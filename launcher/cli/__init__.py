@@ -1,0 +1,38 @@
+"""`llaunch` entry point: every module in this package is a subcommand with add_parser() and run().
+
+Subcommand modules import heavy libraries (torch, transformers) inside run(), so that
+`llaunch plan` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from launcher import __version__
+from launcher.errors import LaunchError
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llaunch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llaunch {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{module.name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except LaunchError as err:
+        print(f"llaunch: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("llaunch: interrupted", file=sys.stderr)
+        return 130
