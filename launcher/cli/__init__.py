@@ -18,7 +18,10 @@ EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llaunch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="llaunch",
+        description="Plan, launch and resume language-model training on the right GPUs with the right parallelism.",
+    )
     parser.add_argument("--version", action="version", version=f"llaunch {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
