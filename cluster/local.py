@@ -1,0 +1,183 @@
+"""The local SLURM cluster behind `llaunch cluster up|down|status`: munged, slurmctld and two slurmd on this host.
+
+Everything lives in one state directory (default /tmp/llaunch-slurm, or $LLAUNCH_SLURM_DIR): a private munge
+key and socket, slurm.conf, controller state, spool and logs. The system's own munge and SLURM set-up are
+never touched, so the cluster can run in a CI container or next to a real installation.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from launcher.errors import LaunchError
+
+DEFAULT_STATE_DIR = "/tmp/llaunch-slurm"
+DAEMONS = ("slurmctld", "slurmd", "munged")
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("LLAUNCH_SLURM_DIR", DEFAULT_STATE_DIR))
+
+
+def _pid_alive(pid_file: Path) -> int | None:
+    """The pid in pid_file when that process is alive, else None."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+@dataclass
+class LocalCluster:
+    """A two-node cluster whose nodes are both this host, on private ports (so it never clashes with 6817/6818)."""
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    nodes: int = 2
+    cpus_per_node: int = 2
+    memory_mb: int = 4000
+    partition: str = "debug"
+    node_prefix: str = "n"
+    ctld_port: int = 16817
+    slurmd_first_port: int = 17001
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+
+    @property
+    def conf_path(self) -> Path:
+        return self.state_dir / "slurm.conf"
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"{self.node_prefix}{i}" for i in range(1, self.nodes + 1)]
+
+    def _pid_files(self) -> dict[str, Path]:
+        run = self.state_dir / "run"
+        files = {"munged": self.state_dir / "munge" / "munged.pid", "slurmctld": run / "slurmctld.pid"}
+        files.update({f"slurmd {n}": run / f"slurmd-{n}.pid" for n in self.node_names})
+        return files
+
+    def env(self) -> dict[str, str]:
+        """The environment SLURM commands need to reach this cluster."""
+        return {**os.environ, "SLURM_CONF": str(self.conf_path)}
+
+    def is_running(self) -> bool:
+        return all(_pid_alive(p) for p in self._pid_files().values())
+
+    def up(self, timeout_s: float = 60.0) -> bool:
+        """Start whatever is not running; True when something was started, False when it was all up already."""
+        if self.is_running():
+            return False
+        for daemon in DAEMONS:
+            if shutil.which(daemon) is None:
+                raise LaunchError(
+                    f"{daemon} is not installed; run `sudo bash {Path(__file__).parent / 'dev' / 'install.sh'}` first."
+                )
+        self._write_files()
+        self._start_munged()
+        if not _pid_alive(self._pid_files()["slurmctld"]):
+            self._start(["slurmctld", "-f", str(self.conf_path)], "slurmctld")
+        for node in self.node_names:
+            if not _pid_alive(self._pid_files()[f"slurmd {node}"]):
+                self._start(["slurmd", "-f", str(self.conf_path), "-N", node], f"slurmd-{node}")
+        self._wait_idle(timeout_s)
+        return True
+
+    def down(self) -> list[str]:
+        """Cancel every job, stop the daemons (slurmd, slurmctld, munged); return what was stopped."""
+        if _pid_alive(self._pid_files()["slurmctld"]):
+            subprocess.run(["scancel", "--full", "--partition", self.partition], env=self.env(),
+                           capture_output=True, timeout=30)
+        stopped = []
+        for name, pid_file in sorted(self._pid_files().items(), key=lambda kv: kv[0] == "munged"):
+            pid = _pid_alive(pid_file)
+            if pid is None:
+                continue
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while _pid_alive(pid_file) == pid and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _pid_alive(pid_file) == pid:
+                os.kill(pid, signal.SIGKILL)
+            stopped.append(name)
+        return stopped
+
+    def sinfo(self) -> str:
+        return self._run(["sinfo", "--Node", "--long"]).stdout
+
+    def _run(self, argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=30)
+
+    def _write_files(self) -> None:
+        for sub in ("ctld", "run", "log", "munge", *(f"spool/{n}" for n in self.node_names)):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir / "munge", 0o700)
+        template = string.Template(resources.files("cluster").joinpath("dev/slurm.conf").read_text())
+        self.conf_path.write_text(template.substitute(
+            state_dir=self.state_dir,
+            hostname=socket.gethostname().split(".")[0],
+            user=getpass.getuser(),
+            ctld_port=self.ctld_port,
+            node_prefix=self.node_prefix,
+            nodes=self.nodes,
+            slurmd_first_port=self.slurmd_first_port,
+            slurmd_last_port=self.slurmd_first_port + self.nodes - 1,
+            cpus=self.cpus_per_node,
+            memory_mb=self.memory_mb,
+            partition=self.partition,
+        ))
+
+    def _start_munged(self) -> None:
+        munge = self.state_dir / "munge"
+        if _pid_alive(munge / "munged.pid"):
+            return
+        key = munge / "munge.key"
+        if not key.exists():
+            key.write_bytes(os.urandom(1024))
+            key.chmod(0o400)
+        argv = ["munged", f"--key-file={key}", f"--socket={munge / 'munge.socket'}",
+                f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}"]
+        if os.geteuid() == 0:
+            argv.append("--force")  # munged refuses root without it; CI containers are root
+        self._start(argv, "munged", log=munge / "munged.log")
+
+    def _start(self, argv: list[str], name: str, log: Path | None = None) -> None:
+        """Start a daemon (each forks into the background itself) and fail with its log when it does not."""
+        result = self._run(argv)
+        if result.returncode != 0:
+            log = log or self.state_dir / "log" / f"{name}.log"
+            detail = (result.stderr or result.stdout).strip().splitlines()
+            raise LaunchError(
+                f"{name} did not start ({detail[-1] if detail else 'no output'}); see {log}."
+            )
+
+    def _wait_idle(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            result = self._run(["sinfo", "--noheader", "--Node", "--format=%N %T"])
+            if result.returncode == 0:
+                states = dict(line.split() for line in result.stdout.splitlines() if line.strip())
+                ready = {"idle", "mixed", "allocated"}
+                if set(states) >= set(self.node_names) and all(states[n] in ready for n in self.node_names):
+                    return
+            time.sleep(0.5)
+        raise LaunchError(
+            f"the local cluster's nodes did not become idle in {timeout_s:.0f} s (states: {states or 'unreachable'}); "
+            f"see the logs in {self.state_dir / 'log'}."
+        )

@@ -1,0 +1,118 @@
+"""Pure builders for what goes to SLURM: submitit's parameters, the sbatch script, and each node's torchrun command.
+
+Nothing here touches the cluster, so `llaunch submit --dry-run` and the golden tests see exactly the text
+that `llaunch submit` hands to sbatch. Every value from a config or the command line reaches the script
+either sanitized (the job name) or shell-quoted (paths, partition, account, ...), and a value with a line
+break is refused: `#SBATCH` lines are comments, so a newline would start a line of shell.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from cluster.profile import ClusterProfile
+from launcher.errors import LaunchError
+from launcher.plan import Plan
+
+RDZV_PORT_BASE = 20000
+RDZV_PORT_SPAN = 10000  # ports 20000-29999: below Linux's ephemeral range, clear of SLURM's 6817/6818
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def job_name(text: str) -> str:
+    """A SLURM job name with only [A-Za-z0-9._-]: readable in squeue and inert in any shell."""
+    name = _UNSAFE_NAME.sub("-", str(text)).strip("-.")[:64]
+    return name or "llaunch"
+
+
+def _single_line(label: str, value: str) -> str:
+    if any(ch in str(value) for ch in "\n\r\0"):
+        raise LaunchError(f"{label} {value!r} contains a line break; use a value on one line.")
+    return str(value)
+
+
+def rendezvous_port(job_id: str | int) -> int:
+    """The c10d port for one job: derived from the job id so two jobs sharing a first node do not collide."""
+    return RDZV_PORT_BASE + int(str(job_id).split("_")[0]) % RDZV_PORT_SPAN
+
+
+def slurm_parameters(profile: ClusterProfile, name: str) -> dict:
+    """submitit SlurmExecutor parameters: one task per node (that task runs torchrun), requeue allowed."""
+    params: dict = {
+        "job_name": job_name(name),
+        "nodes": profile.nodes,
+        "ntasks_per_node": 1,
+        "cpus_per_task": profile.cpus_per_task,
+        "time": profile.time_minutes,
+        "signal_delay_s": profile.signal_delay_s,
+        # A node whose task fails takes the others down at once instead of leaving them in a collective.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": {"requeue": True},
+    }
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(profile, key)
+        if value:
+            params[key] = _single_line(key, value)
+    if profile.gpus_per_node:
+        params["gpus_per_node"] = profile.gpus_per_node
+    if profile.mem_gb:
+        params["mem"] = f"{int(profile.mem_gb)}GB" if profile.mem_gb == int(profile.mem_gb) else f"{int(profile.mem_gb * 1024)}MB"
+    if profile.setup:
+        params["setup"] = [_single_line("setup line", line) for line in profile.setup]
+    return params
+
+
+def submitit_command(python: str, folder: str | Path) -> str:
+    """The command submitit puts after srun (same text as SlurmExecutor._submitit_command_str)."""
+    return " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+
+
+def render_sbatch(params: dict, folder: str | Path, python: str) -> str:
+    """The sbatch script submitit will write for these parameters (its own renderer, so it cannot drift)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = _single_line("log folder", str(folder))
+    return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params)
+
+
+def node_command(
+    plan: Plan,
+    job_dir: str | Path,
+    *,
+    rdzv_host: str,
+    rdzv_port: int | str,
+    job_id: str,
+    max_restarts: int,
+    dist_timeout_s: int,
+) -> tuple[list[str], dict[str, str]]:
+    """What one node's task runs: torchrun for all of the plan's nodes, rendezvous on the first node.
+
+    The extra environment makes a lost peer fail the job within dist_timeout_s instead of hanging until
+    the time limit: NCCL's watchdog aborts a stuck collective, and the training entrypoint passes
+    LLAUNCH_DIST_TIMEOUT_S to init_process_group (which is what bounds gloo).
+    """
+    from launcher.torchrun import build_torchrun_argv
+
+    argv, env = build_torchrun_argv(
+        plan,
+        Path(job_dir),
+        nnodes=plan.nodes,
+        rdzv_endpoint=f"{rdzv_host}:{rdzv_port}",
+        rdzv_id=str(job_id),
+        max_restarts=max_restarts,
+    )
+    env = dict(env)
+    env.update({
+        "LLAUNCH_DIST_TIMEOUT_S": str(dist_timeout_s),
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(dist_timeout_s),
+    })
+    return argv, env
+
+
+def render_node_command(argv: list[str], env: dict[str, str]) -> str:
+    """A node's command as one shell line (for --dry-run): the environment it adds, then torchrun."""
+    exports = [f"{key}={shlex.quote(value)}" for key, value in sorted(env.items())]
+    return " ".join(exports + [shlex.join(argv)])
