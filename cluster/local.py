@@ -181,3 +181,12 @@ class LocalCluster:
             f"the local cluster's nodes did not become idle in {timeout_s:.0f} s (states: {states or 'unreachable'}); "
             f"see the logs in {self.state_dir / 'log'}."
         )
+
+
+def slurm_env(local: bool) -> dict[str, str]:
+    """The environment for SLURM commands: a local profile reaches the `llaunch cluster up` cluster unless
+    SLURM_CONF already points somewhere."""
+    env = dict(os.environ)
+    if local and not env.get("SLURM_CONF"):
+        env["SLURM_CONF"] = str(LocalCluster().conf_path)
+    return env

@@ -1,0 +1,174 @@
+"""Submitting a planned job with submitit, and `NodeTask`, the picklable callable srun runs once per node.
+
+Each node's task finds the rendezvous host, checks the allocation against the plan, and runs torchrun.
+Preemption signals reach the ranks twice over: SLURM signals every process of the step, and the task
+forwards what it gets (launcher.train.preemption collapses the duplicates). torchrun itself is started
+with those signals ignored, because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a
+SIGTERM, in the middle of their checkpoint. When the ranks have saved and exited, the first node's task
+applies cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import submitit
+
+from cluster.profile import ClusterProfile
+from cluster.requeue import decide_requeue
+from cluster.submission import node_command, rendezvous_port, slurm_parameters
+from launcher.errors import LaunchError
+from launcher.plan import Plan
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def slurm_reachable(env: dict[str, str]) -> None:
+    """Raise the one-sentence error `llaunch submit` prints when there is no SLURM to submit to."""
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        raise LaunchError("SLURM is not installed here (no sbatch); submit from a login node or run `llaunch cluster up`.")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        ping = None
+    if ping is None or ping.returncode != 0 or "UP" not in ping.stdout:
+        raise LaunchError(
+            "SLURM is not reachable (slurmctld does not answer); start the local cluster with `llaunch cluster up` "
+            "or point SLURM_CONF at your cluster's slurm.conf."
+        )
+
+
+def node_hostnames(nodelist: str) -> list[str]:
+    """Expand a compressed SLURM node list (n[1-3,7], gpu-a[01-02]) the way SLURM itself does."""
+    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0 or not result.stdout.strip():
+        raise RuntimeError(f"scontrol show hostnames {nodelist!r} failed: {result.stderr.strip()}")
+    return result.stdout.split()
+
+
+def node_address(node: str) -> str:
+    """The address other nodes reach `node` at: SLURM's NodeAddr (equal to the name on most clusters)."""
+    from cluster.jobs import parse_scontrol_job
+
+    result = subprocess.run(["scontrol", "--oneliner", "show", "node", node], capture_output=True, text=True, timeout=30)
+    return parse_scontrol_job(result.stdout).get("NodeAddr") or node
+
+
+def check_allocation(plan: Plan, hosts: list[str], gpus_on_node: int) -> None:
+    """Refuse to train on an allocation that differs from the plan (it would change the global batch)."""
+    if len(hosts) != plan.nodes:
+        raise RuntimeError(
+            f"the job got {len(hosts)} node(s) ({', '.join(hosts)}) but the plan is for {plan.nodes}; resubmit with --nodes {len(hosts)}."
+        )
+    if plan.device == "cuda" and gpus_on_node < plan.gpus_per_node:
+        raise RuntimeError(
+            f"this node sees {gpus_on_node} GPU(s) but the plan needs {plan.gpus_per_node} per node; "
+            f"check --gpus-per-node and the partition."
+        )
+
+
+def _ignore_stop_signals() -> None:
+    """Runs in torchrun's process before exec: SIG_IGN survives exec, the ranks install their own handlers."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class NodeTask(submitit.helpers.Checkpointable):
+    """One per node. Its fields are pickled by submitit, and `checkpoint()` hands the next attempt its
+    requeue count and the step it was requeued at."""
+
+    def __init__(self, job_dir: str, max_requeues: int, max_restarts: int, dist_timeout_s: int,
+                 requeues: int = 0, step_at_last_requeue: int | None = None) -> None:
+        self.job_dir = str(job_dir)
+        self.max_requeues = max_requeues
+        self.max_restarts = max_restarts
+        self.dist_timeout_s = dist_timeout_s
+        self.requeues = requeues
+        self.step_at_last_requeue = step_at_last_requeue
+
+    def __call__(self) -> str:
+        from launcher.train.preemption import forward_signals_to_ranks
+
+        job_env = submitit.JobEnvironment()
+        plan = Plan.load(Path(self.job_dir) / "plan.yaml")
+        hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
+        check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0)
+        argv, extra_env = node_command(
+            plan, self.job_dir, rdzv_host=node_address(hosts[0]), rdzv_port=rendezvous_port(job_env.job_id),
+            job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
+        )
+        # torchrun must not turn SIGTERM into "kill the ranks after 30 s": it handles only these.
+        env = {**os.environ, **extra_env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+        print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
+              f"{shlex.join(argv)}", flush=True)
+        # The submitit handler for SIGUSR2 (checkpoint + requeue) is restored after the ranks have exited.
+        submitit_handler = signal.getsignal(signal.SIGUSR2)
+        torchrun = subprocess.Popen(argv, env=env, preexec_fn=_ignore_stop_signals)
+        with forward_signals_to_ranks(torchrun) as forwarded:
+            while torchrun.poll() is None:
+                time.sleep(0.5)
+        code = torchrun.returncode
+        stop = forwarded[0].name if forwarded else None
+        if code == 0:
+            return f"training finished on node {job_env.node}"
+        if stop is None:
+            raise RuntimeError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
+        if job_env.global_rank != 0:
+            return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
+        step = latest_step(plan, self.job_dir)
+        decision = decide_requeue(finished=False, stop_signal=stop, requeues_done=self.requeues,
+                                  max_requeues=self.max_requeues, step=step,
+                                  step_at_last_requeue=self.step_at_last_requeue)
+        print(f"[llaunch] {'requeue' if decision.requeue else 'no requeue'}: {decision.reason}", flush=True)
+        if not decision.requeue:
+            raise RuntimeError(f"job stopped by {stop} and not requeued: {decision.reason}")
+        self._step_now = step
+        if stop != "SIGUSR2":
+            # SIGTERM/SIGUSR1: preemption or scancel; SLURM requeues a preempted job itself.
+            return f"stopped by {stop} at step {step}"
+        submitit_handler(signal.SIGUSR2, None)  # calls self.checkpoint(), scontrol requeue, exits
+        return "requeued"
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """The next attempt: same job dir, one more requeue, remembers the step it restarts from."""
+        step = getattr(self, "_step_now", None)
+        nxt = NodeTask(self.job_dir, self.max_requeues, self.max_restarts, self.dist_timeout_s,
+                       requeues=self.requeues + 1, step_at_last_requeue=step)
+        return submitit.helpers.DelayedSubmission(nxt)
+
+
+def _gpus_on_node() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def latest_step(plan: Plan, job_dir: str) -> int | None:
+    """The step of the newest complete checkpoint in the job's output dir (None: none yet)."""
+    from launcher.train.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(Path(job_dir) / "checkpoints")
+    return None if found is None else found.step
+
+
+def submit(plan: Plan, job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
+    """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
+    if env.get("SLURM_CONF"):
+        os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # submitit's sbatch inherits our environment
+    executor = submitit.SlurmExecutor(folder=job_dir / "slurm", max_num_timeout=profile.max_requeues,
+                                      python=shlex.quote(sys.executable))
+    executor.update_parameters(**slurm_parameters(profile, name))
+    task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s)
+    try:
+        return executor.submit(task)
+    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
+        detail = str(err).strip().splitlines()
+        raise LaunchError(f"sbatch refused the job ({detail[-1] if detail else err.__class__.__name__}); "
+                          f"check the partition, account and limits.") from None

@@ -1,0 +1,36 @@
+"""`llaunch cluster up|down|status`: the real two-node SLURM cluster on this machine (tests, CI, the demo)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("cluster", help="start, stop or show the local two-node SLURM cluster")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--state-dir", default=None,
+                   help="where slurm.conf, state and logs live (default $LLAUNCH_SLURM_DIR or /tmp/llaunch-slurm)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.local import LocalCluster
+
+    cluster = LocalCluster(state_dir=args.state_dir) if args.state_dir else LocalCluster()
+    if args.action == "up":
+        started = cluster.up()
+        print(("started" if started else "already running") + f": local SLURM cluster, {cluster.nodes} nodes "
+              f"({', '.join(cluster.node_names)}), partition {cluster.partition}, state in {cluster.state_dir}")
+        print(cluster.sinfo().rstrip())
+        print(f"\nFor sinfo/squeue/sbatch in your shell:  export SLURM_CONF={cluster.conf_path}")
+        return 0
+    if args.action == "down":
+        stopped = cluster.down()
+        print(f"stopped: {', '.join(stopped)}" if stopped else "the local cluster was not running")
+        return 0
+    if not cluster.is_running():
+        print(f"the local cluster is not running (state dir {cluster.state_dir}); start it with `llaunch cluster up`.")
+        return 1
+    print(f"running: state in {cluster.state_dir}; export SLURM_CONF={cluster.conf_path}")
+    print(cluster.sinfo().rstrip())
+    return 0
