@@ -23,7 +23,7 @@ _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 def job_name(text: str) -> str:
     """A SLURM job name with only [A-Za-z0-9._-]: readable in squeue and inert in any shell."""
-    name = _UNSAFE_NAME.sub("-", str(text)).strip("-.")[:64]
+    name = re.sub(r"-{2,}", "-", _UNSAFE_NAME.sub("-", str(text))).strip("-.")[:64]
     return name or "llaunch"
 
 

@@ -1,0 +1,61 @@
+"""`llaunch logs JOB [--rank R] [-f]`: the log of the node that runs rank R (torchrun's output of all its ranks)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("logs", help="print (or follow) a submitted job's logs")
+    p.add_argument("job", help="job id")
+    p.add_argument("--rank", type=int, default=0, help="global rank whose node's log to show (default 0)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the job ends")
+    p.set_defaults(run=run)
+
+
+def _procs_per_node(output_dir: str) -> int:
+    from launcher.plan import Plan
+
+    plan_path = Path(output_dir) / "plan.yaml"
+    return Plan.load(plan_path).gpus_per_node if plan_path.exists() else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.jobs import job_state, load_record
+    from launcher.errors import LaunchError
+
+    record = load_record(args.job)
+    procs = _procs_per_node(record.output_dir)
+    node = args.rank // procs
+    if not 0 <= node < record.nodes:
+        raise LaunchError(f"rank {args.rank} is not in job {record.job_id} (ranks 0-{record.nodes * procs - 1}).")
+    paths = record.log_paths(node)
+    if not args.follow:
+        missing = [p for p in paths if not p.exists()]
+        if len(missing) == len(paths):
+            print(f"job {record.job_id} has not written logs yet ({paths[0].parent}); it may still be pending.")
+            return 0
+        for path in paths:
+            if path.exists():
+                print(f"==> {path} <==")
+                sys.stdout.write(path.read_text(errors="replace"))
+        return 0
+    offsets = {p: 0 for p in paths}
+    finished = False
+    while not finished:
+        state = job_state(record.job_id, record.env())
+        finished = state.finished or state.state == "UNKNOWN"  # one last read after the end
+        for path in paths:
+            if path.exists():
+                with path.open("rb") as handle:
+                    handle.seek(offsets[path])
+                    chunk = handle.read()
+                offsets[path] += len(chunk)
+                sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+        if not finished:
+            time.sleep(1.0)
+    return 0

@@ -1,0 +1,53 @@
+"""`llaunch status [JOB]`: state, nodes and requeues from SLURM; step and loss from the job's metrics.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+
+RECENT = 10
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("status", help="state, nodes, requeues, last step and loss of submitted jobs")
+    p.add_argument("job", nargs="?", help="job id (default: the %d most recent jobs)" % RECENT)
+    p.set_defaults(run=run)
+
+
+def describe(job_id: str | None) -> list[str]:
+    """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
+    from cluster.jobs import job_state, last_error, last_metrics, load_record
+
+    record = load_record(job_id)
+    state = job_state(record.job_id, record.env())
+    lines = [f"job {record.job_id} ({record.name}): {state.state}"
+             + (f" on {state.nodes}" if state.nodes else "")
+             + (f", requeued {state.restarts} time(s)" if state.restarts else "")
+             + (f", exit code {state.exit_code}" if state.finished and state.exit_code else "")]
+    if state.reason and not state.finished:
+        lines.append(f"  waiting: {state.reason}")
+    metrics = last_metrics(record.output_dir)
+    if metrics:
+        lines.append(f"  step {metrics['step']}  loss {float(metrics['loss']):.4f}")
+    if state.state not in ("COMPLETED", "RUNNING", "PENDING"):
+        error = last_error(record.log_paths())
+        if error:
+            lines.append(f"  error: {error}")
+    lines.append(f"  output: {record.output_dir}")
+    lines.append(f"  logs:   llaunch logs {record.job_id}   ({record.log_folder})")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.jobs import records_dir
+
+    if args.job is not None:
+        print("\n".join(describe(args.job)))
+        return 0
+    folder = records_dir()
+    recent = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)[-RECENT:] if folder.exists() else []
+    if not recent:
+        print("no jobs submitted yet; submit one with `llaunch submit CONFIG --nodes 2`.")
+        return 0
+    for path in reversed(recent):
+        print("\n".join(describe(path.stem)))
+    return 0

@@ -1,0 +1,19 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --cpus-per-task=1
+#SBATCH --error=/shared/runs/demo/slurm/%j_0_log.err
+#SBATCH --job-name=llaunch-demo
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=/shared/runs/demo/slurm/%j_0_log.out
+#SBATCH --partition=debug
+#SBATCH --requeue
+#SBATCH --signal=USR2@90
+#SBATCH --time=30
+#SBATCH --wckey=submitit
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /shared/runs/demo/slurm/%j_%t_log.out --error /shared/runs/demo/slurm/%j_%t_log.err --kill-on-bad-exit=1 /opt/venv/bin/python -u -m submitit.core._submit /shared/runs/demo/slurm
