@@ -1,0 +1,376 @@
+"""Choose how to run a job: enumerate candidates, estimate each one's memory and step time, pick the fastest
+that fits with headroom, and say why. Flags force a knob; a None field lets the planner choose it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from launcher.errors import LaunchError
+from launcher.hardware import Hardware, gpu_facts, inter_node_bytes_per_s, require_gpu_name
+from launcher.memory import MemoryBreakdown, TrainSetup, estimate
+from launcher.models import ModelSpec, load_model_spec
+from launcher.plan import METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES, ATTENTIONS, Plan
+from launcher.units import format_bytes
+
+ASSUMED_NODE_RAM = 2 * 1024**4  # host RAM of a GPU node we cannot probe (DGX H100: 2 TB); bounds CPU offload
+HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
+MATMUL_EFFICIENCY = 0.55  # achieved / peak bf16 FLOP/s for large HF-Llama matmuls on Hopper (see bench/)
+LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth for large messages
+BACKWARD_OVERLAP = 0.6  # share of compute that gradient/parameter collectives hide behind (backward is 2/3)
+CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512, ZeRO-Offload paper fig. 9)
+CPU_FLOPS_PER_CORE = 20e9  # fp32 FLOP/s per core for CPU plans (order of magnitude; CPU plans are for tests)
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when times tie
+
+
+@dataclass
+class PlanRequest:
+    """What the user asked for; None means "planner chooses" (or "take it from the probe" for hardware)."""
+
+    model: str = "1b"
+    model_overrides: dict = field(default_factory=dict)
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    gpu: str | None = None
+    gpu_mem_bytes: int | None = None
+    strategy: str | None = None
+    offload: str | None = None
+    micro_batch: int | None = None
+    global_batch: int | None = None
+    global_batch_tokens: int | None = None
+    seq_len: int = 2048
+    precision: str | None = None
+    activation_checkpointing: bool | None = None
+    method: str = "full"
+    lora_r: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    optimizer: str = "adamw"
+    attention: str = "sdpa"
+
+    def validate(self) -> "PlanRequest":
+        for name, allowed in (("strategy", STRATEGIES), ("offload", OFFLOADS), ("precision", PRECISIONS),
+                              ("method", METHODS), ("optimizer", OPTIMIZERS), ("attention", ATTENTIONS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise LaunchError(f"{name} {value!r} is not one of {', '.join(allowed)}.")
+        for name in ("nodes", "gpus_per_node", "micro_batch", "global_batch", "global_batch_tokens", "seq_len", "lora_r"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
+                raise LaunchError(f"{flag} must be a positive integer, not {value!r}.")
+        if self.gpu_mem_bytes is not None and self.gpu_mem_bytes <= 0:
+            raise LaunchError("--gpu-mem must be positive.")
+        return self
+
+
+@dataclass
+class Candidate:
+    setup: TrainSetup
+    memory: MemoryBreakdown
+    limit_bytes: int
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    time_terms: dict[str, float]
+
+    host_limit_bytes: int = 0
+
+    @property
+    def fits(self) -> bool:
+        host_ok = self.memory.host_offload_bytes <= self.host_limit_bytes or not self.memory.host_offload_bytes
+        return self.memory.reserved_bytes <= self.limit_bytes and host_ok
+
+    @property
+    def label(self) -> str:
+        s = self.setup
+        off = f"+off:{s.offload}" if s.offload != "none" else ""
+        return f"{s.strategy}{off} mb={s.micro_batch} ga={s.gradient_accumulation_steps} ckpt={'on' if s.activation_checkpointing else 'off'}"
+
+
+def hardware_for(request: PlanRequest, probed: Hardware) -> Hardware:
+    """The machine to plan for: the probe, with --gpus/--nodes/--gpu/--gpu-mem describing one we are not on."""
+    hw = dataclasses.replace(probed)
+    if (request.gpu is not None or request.gpu_mem_bytes is not None) and not probed.gpus:
+        hw.ram_bytes = ASSUMED_NODE_RAM  # describing a remote GPU node: this machine's RAM says nothing about it
+    if request.nodes is not None:
+        hw.nodes = request.nodes
+    if request.gpu is not None:
+        facts = require_gpu_name(request.gpu)
+        hw.gpu_name_override = facts.key
+        hw.gpu_mem_override = request.gpu_mem_bytes or facts.memory_bytes
+        hw.gpus_per_node_override = request.gpus_per_node or max(1, len(probed.gpus))
+    elif request.gpu_mem_bytes is not None:
+        hw.gpu_mem_override = request.gpu_mem_bytes
+        hw.gpu_name_override = probed.gpu_name or "H100"
+        hw.gpus_per_node_override = request.gpus_per_node or max(1, len(probed.gpus))
+    elif request.gpus_per_node is not None and probed.gpus:
+        if request.gpus_per_node > len(probed.gpus) and probed.slurm is None:
+            hw.gpus_per_node_override = request.gpus_per_node  # planning for a bigger node of the same GPU
+        else:
+            hw.gpus_per_node_override = request.gpus_per_node
+    return hw
+
+
+def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
+    """The chosen (or forced) plan; LaunchError naming the smallest change that fits when nothing does."""
+    request.validate()
+    spec = load_model_spec(request.model, request.model_overrides)
+    hw = hardware_for(request, hardware)
+    candidates = rank_candidates(spec, request, hw)
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        raise LaunchError(_nothing_fits(spec, request, hw, candidates))
+    return _to_plan(spec, request, hw, fitting[0], candidates)
+
+
+def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list[Candidate]:
+    """Every combination the flags leave open, fitting ones first, fastest first."""
+    request.validate()
+    if not hw.has_gpu:
+        return [_cpu_candidate(spec, request, hw)]
+    world = hw.nodes * hw.gpus_per_node
+    facts = hw.facts or require_gpu_name(hw.gpu_name)
+    precision = request.precision or _default_precision(request.method, facts)
+    strategies = [request.strategy] if request.strategy else list(STRATEGIES if world > 1 else ("ddp",))
+    checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else [False, True]
+    micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
+    out = []
+    for offload in _offloads(request, world):
+        for strategy in strategies if offload == "none" or request.strategy else ["zero3" if offload == "optimizer+params" else "zero2"]:
+            if offload != "none" and not strategy.startswith("zero"):
+                continue
+            if offload == "optimizer+params" and strategy != "zero3":
+                continue
+            for micro in micro_batches:
+                accumulation = _accumulation(request, micro, world)
+                if accumulation is None:
+                    continue
+                for ckpt in checkpointing:
+                    setup = TrainSetup(
+                        strategy=strategy, offload=offload, method=request.method, precision=precision,
+                        optimizer=request.optimizer, attention=request.attention, activation_checkpointing=ckpt,
+                        lora_r=request.lora_r, lora_targets=list(request.lora_targets), micro_batch=micro,
+                        seq_len=request.seq_len, gradient_accumulation_steps=accumulation, world_size=world,
+                    )
+                    out.append(_evaluate(spec, setup, hw, facts))
+        if any(c.fits for c in out) and request.offload is None:
+            break  # offload only when nothing fits without it: it always costs time
+    out.sort(key=lambda c: (not c.fits, -c.tokens_per_s, STRATEGY_ORDER[c.setup.strategy], c.setup.activation_checkpointing))
+    return out
+
+
+def _offloads(request: PlanRequest, world: int) -> list[str]:
+    if request.offload is not None:
+        return [request.offload]
+    if request.strategy in ("ddp", "fsdp"):
+        return ["none"]
+    return ["none", "optimizer", "optimizer+params"]
+
+
+def _default_precision(method: str, facts) -> str:
+    """Full fine-tunes keep fp32 master weights (amp); adapters train over a bf16 base like PEFT recipes do."""
+    half = "bf16" if facts.peak_flops["bf16"] > 0 else "fp16"
+    if method != "full":
+        return "bf16" if half == "bf16" else "amp-fp16"
+    return f"amp-{half}"
+
+
+def _accumulation(request: PlanRequest, micro: int, world: int) -> int | None:
+    """Gradient accumulation so that micro x accumulation x world = the global batch; None if it cannot divide."""
+    global_batch = request.global_batch
+    if request.global_batch_tokens is not None:
+        global_batch = max(1, request.global_batch_tokens // request.seq_len)
+    if global_batch is None:
+        return 1
+    if global_batch % (micro * world):
+        return None
+    return global_batch // (micro * world)
+
+
+def _evaluate(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> Candidate:
+    memory = estimate(spec, setup)
+    limit = int(hw.gpu_mem_bytes * HEADROOM)
+    terms = step_time_terms(spec, setup, hw, facts)
+    step = terms["compute_s"] + terms["exposed_comm_s"] + terms["offload_s"]
+    tokens = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps * setup.world_size
+    peak = facts.peak_flops[_flops_key(setup.precision)]
+    model_flops = spec.flops_per_token(setup.seq_len) * tokens
+    mfu = model_flops / (step * peak * setup.world_size) if step > 0 else 0.0
+    host_limit = int(hw.ram_bytes * HEADROOM / max(1, hw.gpus_per_node))
+    return Candidate(setup=setup, memory=memory, limit_bytes=limit, step_time_s=step, tokens_per_s=tokens / step,
+                     mfu=mfu, time_terms=terms, host_limit_bytes=host_limit)
+
+
+def _flops_key(precision: str) -> str:
+    return {"fp32": "tf32", "amp-fp16": "fp16"}.get(precision, "bf16")
+
+
+def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> dict[str, float]:
+    """Seconds per optimizer step: compute at peak x efficiency, collectives not hidden by backward, offload traffic."""
+    tokens_per_rank = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps
+    # 2 FLOPs/param/token forward, 4 backward (input + weight grads); LoRA's frozen base skips weight grads;
+    # checkpointing runs the forward twice.
+    passes = (2 + (2 if setup.method != "full" else 4)) + (2 if setup.activation_checkpointing else 0)
+    micro_tokens = setup.micro_batch * setup.seq_len
+    efficiency = MATMUL_EFFICIENCY * micro_tokens / (micro_tokens + 1024)  # small matmuls under-fill the GPU
+    flops = spec.flops_per_token(setup.seq_len) * tokens_per_rank * passes / 6
+    compute = flops / (facts.peak_flops[_flops_key(setup.precision)] * efficiency)
+    comm = communication_seconds(spec, setup, hw, facts)
+    exposed = max(0.0, comm - BACKWARD_OVERLAP * compute)
+    offload = offload_seconds(spec, setup, facts)
+    return {"compute_s": compute, "comm_s": comm, "exposed_comm_s": exposed, "offload_s": offload}
+
+
+def link_bytes_per_s(hw: Hardware, facts) -> float:
+    """The slowest link a ring crosses: the network between nodes, else NVLink (or PCIe without it)."""
+    intra = facts.nvlink_bytes_per_s if hw.nvlink and facts.nvlink_bytes_per_s else facts.pcie_bytes_per_s
+    if hw.nodes > 1:
+        intra = min(intra, inter_node_bytes_per_s())
+    return intra * LINK_EFFICIENCY
+
+
+def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> float:
+    """Per-rank bytes on the wire per step (ZeRO paper sec. 7: DDP/ZeRO-1/2 move 2 x params, ZeRO-3/FSDP 3 x)."""
+    world = setup.world_size
+    if world == 1:
+        return 0.0
+    ring = (world - 1) / world
+    trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if setup.method != "full" else spec.num_params
+    grad_bytes = 4 if setup.method != "full" or (setup.strategy in ("ddp", "fsdp") and setup.precision != "bf16") else 2
+    param_bytes = 2 if setup.precision != "fp32" else 4
+    micro_steps = setup.gradient_accumulation_steps
+    if setup.strategy in ("ddp", "zero1"):
+        volume = 2 * trainable * grad_bytes  # one all-reduce (or reduce-scatter + all-gather) per optimizer step
+    elif setup.strategy == "zero2":
+        volume = trainable * grad_bytes * micro_steps + trainable * param_bytes  # reduce-scatter each micro-step
+    else:
+        gathers = 2 * spec.num_params * param_bytes * micro_steps  # all-gather params for forward and backward
+        volume = gathers + trainable * grad_bytes * micro_steps
+    return volume * ring / link_bytes_per_s(hw, facts)
+
+
+def offload_seconds(spec: ModelSpec, setup: TrainSetup, facts) -> float:
+    """ZeRO-Offload: gradients down and weights up over PCIe, Adam on the CPU; ZeRO-Infinity also streams weights."""
+    if setup.offload == "none":
+        return 0.0
+    shard = spec.num_params / setup.world_size
+    seconds = 2 * shard * 2 / facts.pcie_bytes_per_s + shard / CPU_ADAM_PARAMS_PER_S
+    if setup.offload == "optimizer+params":
+        seconds += 2 * spec.num_params * 2 / setup.world_size * setup.gradient_accumulation_steps / facts.pcie_bytes_per_s
+    return seconds
+
+
+def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candidate:
+    """No GPU: one plan of N gloo processes in fp32, checked against host RAM split over them."""
+    processes = request.gpus_per_node or 1
+    world = processes * (request.nodes or 1)
+    micro = request.micro_batch or 1
+    setup = TrainSetup(
+        strategy=request.strategy or "ddp", offload=request.offload or "none", method=request.method,
+        precision=request.precision or "fp32", optimizer=request.optimizer, attention=request.attention,
+        activation_checkpointing=bool(request.activation_checkpointing), lora_r=request.lora_r,
+        lora_targets=list(request.lora_targets), micro_batch=micro, seq_len=request.seq_len,
+        gradient_accumulation_steps=_accumulation(request, micro, world) or 1, world_size=world, device="cpu",
+    )
+    memory = estimate(spec, setup)
+    ram = hw.ram_available_bytes or hw.ram_bytes
+    limit = int(ram * HEADROOM / processes)
+    flops = spec.flops_per_token(setup.seq_len) * micro * setup.seq_len * setup.gradient_accumulation_steps
+    step = flops / (CPU_FLOPS_PER_CORE * max(1, hw.cpu_cores // processes))
+    tokens = micro * setup.seq_len * setup.gradient_accumulation_steps * world
+    return Candidate(setup=setup, memory=memory, limit_bytes=limit, step_time_s=step, tokens_per_s=tokens / step,
+                     mfu=0.0, time_terms={"compute_s": step, "comm_s": 0.0, "exposed_comm_s": 0.0, "offload_s": 0.0})
+
+
+def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candidate, candidates: list[Candidate]) -> Plan:
+    s = chosen.setup
+    cpu = s.device == "cpu"
+    memory = chosen.memory.to_dict()
+    memory["limit_bytes"] = chosen.limit_bytes
+    plan = Plan(
+        model=request.model, params=spec.num_params, strategy=s.strategy, offload=s.offload, method=s.method,
+        precision=s.precision, optimizer=s.optimizer, attention=s.attention,
+        activation_checkpointing=s.activation_checkpointing, lora_r=s.lora_r, lora_targets=list(s.lora_targets),
+        micro_batch=s.micro_batch, gradient_accumulation_steps=s.gradient_accumulation_steps, seq_len=s.seq_len,
+        nodes=request.nodes or hw.nodes if not cpu else (request.nodes or 1),
+        gpus_per_node=(request.gpus_per_node or 1) if cpu else hw.gpus_per_node,
+        device="cpu" if cpu else "cuda", gpu_name="" if cpu else hw.gpu_name,
+        gpu_mem_bytes=0 if cpu else hw.gpu_mem_bytes, memory=memory,
+        predicted={"step_time_s": round(chosen.step_time_s, 6), "tokens_per_s": round(chosen.tokens_per_s, 1),
+                   "mfu": round(chosen.mfu, 4)},
+        reasons=_reasons(spec, chosen, candidates),
+    )
+    return plan.validate()
+
+
+def _reasons(spec: ModelSpec, chosen: Candidate, candidates: list[Candidate]) -> list[str]:
+    s, m = chosen.setup, chosen.memory
+    where = "host RAM per process" if s.device == "cpu" else "the GPU limit"
+    reasons = [f"peak {format_bytes(m.peak_bytes)} allocated ({m.peak_phase} phase), {format_bytes(m.reserved_bytes)} "
+               f"reserved, within {format_bytes(chosen.limit_bytes)} ({where})."]
+    if s.device == "cpu":
+        reasons.append("no GPU visible: running on CPU in fp32 with gloo, one process per requested GPU slot.")
+        return reasons
+    fitting = [c for c in candidates if c.fits]
+    others = [c for c in fitting if c is not chosen]
+    if others:
+        runner_up = others[0]
+        reasons.append(f"fastest that fits: {chosen.tokens_per_s:,.0f} tokens/s vs {runner_up.tokens_per_s:,.0f} "
+                       f"for {runner_up.label}.")
+    simpler = [c for c in candidates if not c.fits and STRATEGY_ORDER[c.setup.strategy] < STRATEGY_ORDER[s.strategy]]
+    if simpler:
+        best = min(simpler, key=lambda c: c.memory.reserved_bytes)
+        reasons.append(f"{best.setup.strategy} does not fit: it needs {format_bytes(best.memory.reserved_bytes)} per GPU.")
+    elif s.activation_checkpointing:
+        reasons.append("activation checkpointing is on: without it the activations do not fit (or run slower at a smaller micro-batch).")
+    if s.offload != "none":
+        reasons.append(f"offload {s.offload}: nothing fits in GPU memory without it.")
+    return reasons[:3]
+
+
+def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidates: list[Candidate]) -> str:
+    """One sentence naming the smallest change that fits, trying the cheapest changes first."""
+    best = min(candidates, key=lambda c: c.memory.reserved_bytes)
+    unit = "process" if best.setup.device == "cpu" else "GPU"
+    if best.memory.reserved_bytes <= best.limit_bytes:  # fits the card; the CPU offload target is too small
+        base = (f"{spec.name} does not fit: {best.label} needs {format_bytes(best.memory.host_offload_bytes)} of host "
+                f"RAM per {unit} for offload but {format_bytes(best.host_limit_bytes)} is available")
+    else:
+        base = (f"{spec.name} does not fit: the smallest candidate ({best.label}) needs "
+                f"{format_bytes(best.memory.reserved_bytes)} per {unit} but {format_bytes(best.limit_bytes)} is available")
+    for change, tweak in _changes(request, hw):
+        trial = dataclasses.replace(request, **tweak.get("request", {}))
+        trial_hw = dataclasses.replace(hw, **tweak.get("hardware", {}))
+        try:
+            if any(c.fits for c in rank_candidates(spec, trial, trial_hw)):
+                return f"{base}; {change}."
+        except LaunchError:
+            continue
+    return f"{base}; no single change (more GPUs, offload, LoRA/QLoRA, shorter sequence) makes it fit."
+
+
+def _changes(request: PlanRequest, hw: Hardware):
+    if request.activation_checkpointing is False:
+        yield "turn on --activation-checkpointing", {"request": {"activation_checkpointing": None}}
+    if request.micro_batch and request.micro_batch > 1:
+        yield "use --micro-batch 1", {"request": {"micro_batch": 1, "global_batch": None, "global_batch_tokens": None}}
+    if hw.has_gpu and request.offload in (None, "none") and request.strategy in (None, "zero2", "zero3"):
+        yield "add --strategy zero3 --offload optimizer+params", {"request": {"strategy": "zero3", "offload": "optimizer+params"}} if request.strategy is None or request.strategy == "zero3" else {"request": {"offload": "optimizer"}}
+    if hw.has_gpu:
+        for gpus in (2, 4, 8):
+            if gpus > hw.gpus_per_node:
+                yield f"use {gpus} GPUs per node (--gpus {gpus})", {"hardware": {"gpus_per_node_override": gpus}}
+        for nodes in (2, 4, 8, 16, 32):
+            if nodes > hw.nodes:
+                yield f"use {nodes} nodes of {max(hw.gpus_per_node, 8)} GPUs (--nodes {nodes})", {"hardware": {"nodes": nodes, "gpus_per_node_override": max(hw.gpus_per_node, 8)}}
+    if request.method == "full":
+        yield "fine-tune with --method lora", {"request": {"method": "lora"}}
+    if request.method != "qlora":
+        yield "fine-tune with --method qlora", {"request": {"method": "qlora"}}
+    seq = request.seq_len // 2
+    while seq >= 256:
+        yield f"use --seq-len {seq}", {"request": {"seq_len": seq}}
+        seq //= 2
