@@ -1,0 +1,285 @@
+"""The train config: dataclass sections <-> YAML, `section.key=value` overrides, strict validation.
+
+Keys follow Hugging Face TrainingArguments names where one exists, so a user's HF habits carry over.
+`None` means "the planner (or a sensible rule) chooses"; a value set here is respected as forced.
+Unknown keys and wrong types fail here, before any process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from launcher.errors import LaunchError
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train: a catalog name/alias for `launcher.models`, or a local Hugging Face directory."""
+
+    name_or_path: str = ""
+    # Changes to the architecture (e.g. {num_hidden_layers: 4}); only for random-init models.
+    overrides: dict = field(default_factory=dict)
+    attn_implementation: str | None = None  # sdpa | eager | flash (flash_attention_2); None: planner
+
+
+@dataclass
+class DataConfig:
+    """Pretraining text: files or directories, tokenized once into a cache and packed into blocks."""
+
+    train_files: list[str] = field(default_factory=list)  # files, directories, or @stdlib (Python's own source)
+    file_pattern: str = "*.txt"  # glob used inside directories
+    max_train_bytes: int | None = None  # read at most this much text (files in sorted order)
+    tokenizer_name_or_path: str | None = None  # None: the model's own, else a BPE trained on the data
+    vocab_size: int = 8192  # for the trained BPE tokenizer
+    block_size: int | None = None  # sequence length; None: planner (seq_len)
+    validation_split_percentage: float = 5.0  # HF run_clm name: blocks held out for eval
+    max_eval_samples: int | None = None  # cap on eval blocks per evaluation
+    cache_dir: str | None = None  # None: $LLAUNCH_CACHE or ~/.cache/llaunch
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation: Hugging Face TrainingArguments names and meanings."""
+
+    output_dir: str | None = None
+    overwrite_output_dir: bool = False
+    seed: int = 42
+    data_seed: int | None = None  # None: seed
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    optim: str = "adamw_torch_fused"  # adamw_torch_fused | adamw_torch
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # wins over warmup_ratio when > 0
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 wins over num_train_epochs
+    per_device_train_batch_size: int | None = None  # None: planner (micro batch)
+    gradient_accumulation_steps: int | None = None  # None: planner
+    global_batch_size: int | None = None  # sequences per optimizer step; planner splits it
+    per_device_eval_batch_size: int | None = None  # None: per_device_train_batch_size
+    bf16: bool | None = None  # None: planner picks the precision for the hardware
+    fp16: bool | None = None
+    tf32: bool | None = None  # None: on where the GPU supports it
+    gradient_checkpointing: bool | None = None  # None: planner decides (activation checkpointing)
+    logging_steps: int = 10
+    eval_steps: int | None = None  # None: no evaluation during training, one at the end
+    save_strategy: str = "steps"  # steps | no
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # a checkpoint dir; None: latest in output_dir
+    ignore_checkpoints: bool = False  # --no-resume: start fresh even if checkpoints exist
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: bool = False
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class ParallelConfig:
+    """How to spread the job; None: the planner decides from hardware and memory."""
+
+    strategy: str | None = None  # ddp | fsdp | zero1 | zero2 | zero3
+    offload: str | None = None  # none | optimizer | optimizer+params
+    nproc_per_node: int | None = None  # None: all visible GPUs, or one CPU process
+    deepspeed: dict = field(default_factory=dict)  # keys merged over the rendered ds_configs template
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "config") -> "TrainConfig":
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise LaunchError(f"{source} must be a YAML mapping with sections {', '.join(_SECTIONS)}.")
+        _reject_unknown(data, _SECTIONS, source)
+        sections = {}
+        for name, section_cls in _SECTIONS.items():
+            values = data.get(name) or {}
+            if not isinstance(values, dict):
+                raise LaunchError(f"{source}: section '{name}' must be a mapping of keys to values.")
+            sections[name] = _build_section(section_cls, values, f"{name}", source)
+        return cls(**sections).validate()
+
+    def validate(self) -> "TrainConfig":
+        t = self.training
+        if t.bf16 and t.fp16:
+            raise LaunchError("training.bf16 and training.fp16 are both true; choose one.")
+        if t.save_strategy not in ("steps", "no"):
+            raise LaunchError(f"training.save_strategy {t.save_strategy!r} is not one of steps, no.")
+        if t.optim not in ("adamw_torch_fused", "adamw_torch"):
+            raise LaunchError(f"training.optim {t.optim!r} is not one of adamw_torch_fused, adamw_torch.")
+        if not 0 <= self.data.validation_split_percentage < 100:
+            raise LaunchError("data.validation_split_percentage must be in [0, 100).")
+        for name in ("logging_steps", "save_steps"):
+            if getattr(t, name) < 1:
+                raise LaunchError(f"training.{name} must be at least 1.")
+        return self
+
+    @property
+    def requested_precision(self) -> str | None:
+        """The Plan precision the HF booleans ask for, or None to let the planner choose."""
+        t = self.training
+        if t.bf16:
+            return "amp-bf16"
+        if t.fp16:
+            return "amp-fp16"
+        if t.bf16 is False and t.fp16 is False:
+            return "fp32"
+        return None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically, so a rank never reads half a config."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return load_train_config(path)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig}
+
+
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read YAML, apply `section.key=value` overrides (values parsed as YAML), validate everything."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise LaunchError(f"config file {path} does not exist; pass the path of a train YAML (see examples/).") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise LaunchError(f"config file {path} is not valid YAML{where}; fix the syntax.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LaunchError(f"config file {path} must be a YAML mapping with sections {', '.join(_SECTIONS)}.")
+    for item in overrides:
+        apply_override(data, item)
+    config = TrainConfig.from_dict(data, source=str(path))
+    # Relative data paths are relative to the config file, so a config works from any directory.
+    config.data.train_files = [p if p.startswith("@") else str(_resolve(p, path.parent)) for p in config.data.train_files]
+    if config.data.tokenizer_name_or_path and Path(path.parent, config.data.tokenizer_name_or_path).exists():
+        config.data.tokenizer_name_or_path = str(_resolve(config.data.tokenizer_name_or_path, path.parent))
+    return config
+
+
+def apply_override(data: dict, item: str) -> None:
+    """`training.learning_rate=1e-4` -> data['training']['learning_rate'] = 1e-4."""
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise LaunchError(f"override {item!r} must look like section.key=value, e.g. training.max_steps=100.")
+    section, name = parts
+    _reject_unknown({section: None}, _SECTIONS, "override")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    current = data.get(section)
+    if current is None:
+        current = data[section] = {}
+    if not isinstance(current, dict):
+        raise LaunchError(f"section '{section}' must be a mapping of keys to values.")
+    current[name] = value
+
+
+def _resolve(value: str, base: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def _reject_unknown(data: dict, known: Any, where: str) -> None:
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}."
+            raise LaunchError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _build_section(section_cls: type, values: dict, name: str, source: str):
+    hints = typing.get_type_hints(section_cls)
+    fields = {f.name for f in dataclasses.fields(section_cls)}
+    _reject_unknown(values, fields, f"{source}: {name}")
+    for key, value in values.items():
+        values[key] = _check_type(value, hints[key], f"{name}.{key}", source)
+    return section_cls(**values)
+
+
+def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Accept a value if it fits the annotation (ints widen to floats); otherwise one clear sentence."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key, source)
+            except LaunchError:
+                continue
+        raise LaunchError(f"{source}: {key} must be {_describe(hint)}, not {value!r}.")
+    if origin is list:
+        (item_type,) = typing.get_args(hint) or (Any,)
+        if isinstance(value, str):  # a single path/name is a one-item list
+            value = [value]
+        if not isinstance(value, list):
+            raise LaunchError(f"{source}: {key} must be a list, not {value!r}.")
+        return [_check_type(v, item_type, key, source) for v in value]
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise LaunchError(f"{source}: {key} must be a mapping, not {value!r}.")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise LaunchError(f"{source}: {key} must be {_describe(hint)}, not {value!r}.")
+
+
+def _describe(hint: Any) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(hint, "a list" if typing.get_origin(hint) is list else str(hint))

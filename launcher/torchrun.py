@@ -1,0 +1,88 @@
+"""The torchrun command for one node of a job: pure (argv, env), so `--dry-run`, SLURM and tests share it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.errors import LaunchError
+from launcher.plan import Plan
+
+ENTRYPOINT = "launcher.train"
+
+
+def build_torchrun_argv(
+    plan: Plan,
+    job_dir: str | Path,
+    *,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
+    max_restarts: int = 0,
+    python: str = "python",
+    cpus_per_node: int | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """argv and the environment variables to add. One node: --standalone; several: c10d rendezvous."""
+    argv = [python, "-m", "torch.distributed.run"]
+    if nnodes == 1 and rdzv_endpoint is None:
+        argv.append("--standalone")
+    else:
+        if not rdzv_endpoint:
+            raise LaunchError(f"{nnodes} nodes need a rendezvous endpoint (host:port of the first node).")
+        argv += ["--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id or "llaunch"]
+    argv += [
+        "--nnodes", str(nnodes),
+        "--nproc-per-node", str(plan.gpus_per_node),
+        "--max-restarts", str(max_restarts),
+        "-m", ENTRYPOINT, "--job-dir", str(job_dir),
+    ]
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if cpus_per_node:
+        # torchrun would set 1 thread per rank; give each rank its share of the node's cores instead.
+        env["OMP_NUM_THREADS"] = str(max(1, cpus_per_node // plan.gpus_per_node))
+    if plan.device == "cpu":
+        if plan.strategy.startswith("zero"):
+            env["DS_ACCELERATOR"] = "cpu"
+    else:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # less fragmentation with varying shapes
+    return argv, env
+
+
+def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0) -> int:
+    """Run torchrun in its own process group and forward SIGINT/SIGTERM to it, so Ctrl-C stops every rank.
+
+    torchrun passes the signal on to its workers and waits for them; a second signal (or a torchrun that
+    outlives `grace_s`) kills the whole group. Returns torchrun's exit code, or 128 + signal when stopped.
+    """
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        target, sig = (proc.pid, signum) if len(received) == 1 else (-proc.pid, signal.SIGKILL)
+        try:
+            os.kill(target, sig)
+        except ProcessLookupError:
+            pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=grace_s if received else None)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        try:  # no orphans: anything left in torchrun's group dies with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if received:
+        return 128 + received[0]
+    return code if code >= 0 else 128 - code

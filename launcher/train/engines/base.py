@@ -1,0 +1,126 @@
+"""The engine protocol: everything that differs between DDP, FSDP2 and DeepSpeed, and nothing else.
+
+The loop drives an engine per optimizer step as:
+
+    for each micro-batch:  with engine.accumulating(final=is_last):  loss = engine.forward(batch); engine.backward(loss)
+    grad_norm = engine.step(max_grad_norm)      # clip + optimizer step + zero grads
+
+`TorchEngine` holds what the two torch-native engines share (autocast, GradScaler, clipping, DCP state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from launcher.config import TrainingConfig
+from launcher.plan import Plan
+from launcher.train.optim import build_optimizer
+
+AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+
+
+class Engine(ABC):
+    module: nn.Module  # the unwrapped Hugging Face model (config, generation, save_pretrained)
+    optimizer: torch.optim.Optimizer  # the torch optimizer whose param_groups carry the learning rate
+
+    @abstractmethod
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Loss of one micro-batch (the model's own loss, normalised by the batch's num_items_in_batch)."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def accumulating(self, final: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step; gradients are reduced across ranks only when `final`."""
+
+    @abstractmethod
+    def step(self, max_grad_norm: float) -> torch.Tensor | float:
+        """Clip to max_grad_norm (<= 0: no clipping), step the optimizer, zero grads; return the pre-clip norm."""
+
+    @abstractmethod
+    def save_state(self, directory: Path) -> None:
+        """Sharded model + optimizer state for resuming (every rank calls it)."""
+
+    @abstractmethod
+    def load_state(self, directory: Path) -> None: ...
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated model weights on rank 0 (every rank calls it; other ranks get {})."""
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+
+class TorchEngine(Engine):
+    """Shared by DDP and FSDP2: subclasses only wrap the model and say how to skip gradient sync."""
+
+    uses_autocast = True
+
+    def __init__(self, model: nn.Module, plan: Plan, training: TrainingConfig, device: torch.device):
+        self.device = device
+        self.module = model
+        self.wrapped = self.wrap(model, plan, device)
+        self.optimizer = build_optimizer(self.module, training)
+        dtype = AUTOCAST_DTYPES.get(plan.precision)
+        self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and self.uses_autocast \
+            else contextlib.nullcontext
+        self.scaler = self.make_grad_scaler() if plan.precision == "amp-fp16" else None
+
+    @abstractmethod
+    def wrap(self, model: nn.Module, plan: Plan, device: torch.device) -> nn.Module: ...
+
+    def make_grad_scaler(self):
+        return torch.amp.GradScaler(self.device.type)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        with self._autocast():
+            return self.wrapped(**batch).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, max_grad_norm: float) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+            norm = norm.full_tensor()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def save_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+
+    def load_state(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if dist.get_rank() == 0 else {}

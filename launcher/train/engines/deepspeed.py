@@ -1,0 +1,74 @@
+"""DeepSpeed ZeRO-1/2/3 (with optional CPU offload): the DeepSpeed engine does sharding, precision and clipping.
+
+DeepSpeed counts micro-steps itself and reduces gradients only at its accumulation boundary, so the
+engine is told the plan's accumulation and must see `step()` after every backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ds_configs import render_ds_config
+from launcher.config import TrainingConfig
+from launcher.plan import Plan
+from launcher.train.engines.base import Engine
+from launcher.train.optim import build_optimizer, decay_groups
+
+STATE_TAG = "state"
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, model: nn.Module, plan: Plan, training: TrainingConfig, device: torch.device,
+                 overrides: dict):
+        import deepspeed
+
+        self.stage = int(plan.strategy[-1])
+        self.config = render_ds_config(plan, training, model.config.hidden_size, overrides)
+        if "optimizer" in self.config:  # offload: DeepSpeed's CPU Adam, built from the config
+            client_optimizer, params = None, decay_groups(model, training.weight_decay)
+        else:
+            client_optimizer, params = build_optimizer(model, training), None
+        self.engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=client_optimizer, model_parameters=params, config=self.config,
+        )
+        self.module = self.engine.module
+        # The torch optimizer whose param_groups DeepSpeed's wrapper steps with (the loop's scheduler drives it).
+        self.optimizer = client_optimizer or getattr(ds_optimizer, "optimizer", ds_optimizer)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.engine(**batch).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # num_items_in_batch already normalises over the whole accumulation window.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only advances DeepSpeed's micro-step counter
+
+    def accumulating(self, final: bool):
+        return contextlib.nullcontext()
+
+    def step(self, max_grad_norm: float) -> float:
+        self.engine.step()  # clips to gradient_clipping from the config, steps, zeroes grads
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def save_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=STATE_TAG)
+
+    def load_state(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory), tag=STATE_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # gathers shards to rank 0
+        else:
+            state = self.module.state_dict()
+        if dist.get_rank() != 0:
+            return {}
+        return {k: v.detach().cpu() for k, v in state.items()}

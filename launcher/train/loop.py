@@ -1,0 +1,287 @@
+"""The one training loop: every strategy runs this code; engines only wrap, backward, step and save.
+
+A step = one optimizer update over `gradient_accumulation_steps` micro-batches per rank. The loss of each
+micro-batch is the model's summed token loss divided by the token count of the rank's whole accumulation
+window (`num_items_in_batch`), so micro 2 x accumulation 2 and micro 4 x 1 give the same gradient.
+Nothing forces a host sync inside a step: losses stay on the device until a logging step.
+
+Seams for checkpointing and preemption: `TrainState` is everything besides engine/scheduler state that a
+resume needs; restoring belongs at the top of `Trainer.train()` (before the metrics writer opens), and
+saving / preemption checks in `Trainer.on_step_end()`, the step boundary (after the optimizer step, before
+the next batch is drawn).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from launcher.config import TrainConfig
+from launcher.plan import Plan
+from launcher.train.data import PackedBlocks, StepSampler, build_corpus, find_corpus, rank_micro_batches
+from launcher.train.engines import build_engine
+from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
+from launcher.train.modeling import build_model, pretrained_dir
+from launcher.train.optim import build_scheduler
+
+PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
+
+
+@dataclass
+class TrainState:
+    """Loop position, saved with every checkpoint: the sampler resumes from (epoch, position)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    position: int = 0  # samples of the epoch's permutation already consumed (all ranks together)
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    patience_counter: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def init_distributed() -> tuple[torch.device, int, int]:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU); a bare `python -m` run is a world of one."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Trainer:
+    def __init__(self, job_dir: Path):
+        self.job_dir = Path(job_dir)
+        self.plan = Plan.load(self.job_dir / PLAN_FILE)
+        self.config = TrainConfig.load(self.job_dir / CONFIG_FILE)
+        self.device, self.rank, self.world_size = init_distributed()
+        training = self.config.training
+        if self.device.type == "cuda" and training.tf32 is not False:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.corpus = self._corpus()
+        self.tokenizer = self.corpus.tokenizer()
+        self.blocks = PackedBlocks(self.corpus.tokens(), self.plan.seq_len, self.config.data.validation_split_percentage)
+        self.blocks.check(self.plan.global_batch)
+        data_seed = training.data_seed if training.data_seed is not None else training.seed
+        self.sampler = StepSampler(self.blocks.num_train, self.plan.global_batch, data_seed)
+        self.total_steps = (training.max_steps if training.max_steps > 0
+                            else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
+
+        model = build_model(self.config.model, self.plan, self.tokenizer, training.seed)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = _flops_per_token(model.config, self.num_params, self.plan.seq_len)
+        self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
+        self.scheduler = build_scheduler(self.engine.optimizer, training, self.total_steps)
+        self.state = TrainState()
+        self.should_stop = False
+        self.metrics = None
+
+    # ----- data -----------------------------------------------------------------------------------------
+    def _corpus(self):
+        """Usually cached by `llaunch run` already; otherwise rank 0 tokenizes while the others wait."""
+        model_dir = pretrained_dir(self.config.model)
+        if self.rank == 0:
+            corpus = build_corpus(self.config.data, model_dir)
+        dist.barrier()
+        if self.rank != 0:
+            corpus = find_corpus(self.config.data, model_dir)
+        return corpus
+
+    def _batch(self, block_indices: np.ndarray, blocks_of) -> dict:
+        ids = torch.from_numpy(np.stack([blocks_of(int(i)) for i in block_indices]))
+        if self.device.type == "cuda":
+            ids = ids.pin_memory().to(self.device, non_blocking=True)
+        return {"input_ids": ids, "labels": ids}
+
+    # ----- the loop -----------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run to total_steps (or early stop); returns the process exit code."""
+        if self.rank == 0:
+            self.metrics = MetricsWriter(self.job_dir, self.total_steps, self.state.global_step,
+                                         self.config.training.report_to)
+            print(f"training {self.num_params / 1e6:.1f}M parameters for {self.total_steps} steps "
+                  f"({self.plan.strategy}, {self.world_size} x {self.device.type}, {self.plan.precision}, "
+                  f"global batch {self.plan.global_batch} x {self.plan.seq_len} tokens)", flush=True)
+        throughput = Throughput(self.flops_per_token, _peak_flops(self.plan, self.device, self.world_size))
+        loss_sum = torch.zeros((), device=self.device)
+        window_steps = 0
+        self.engine.train()
+        try:
+            while self.state.global_step < self.total_steps and not self.should_stop:
+                lr = self.scheduler.get_last_lr()[0]
+                loss_sum += self.train_step()
+                window_steps += 1
+                throughput.add(self.plan.global_batch_tokens)
+                if self._due(self.config.training.logging_steps) or self.state.global_step == self.total_steps:
+                    self._log_train(loss_sum, window_steps, lr, throughput)
+                    loss_sum.zero_()
+                    window_steps = 0
+                self.on_step_end()
+            if self.blocks.num_eval:
+                self.evaluate_and_track()
+            self.save_final()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+        return 0
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer update; returns this rank's mean token loss (a device tensor, not synced)."""
+        indices, epoch, position = self.sampler.next_step(self.state.epoch, self.state.position)
+        micro = rank_micro_batches(indices, self.rank, self.world_size, self.plan.micro_batch)
+        num_items = len(micro) * self.plan.micro_batch * (self.plan.seq_len - 1)
+        step_loss = torch.zeros((), device=self.device)
+        for i, block_indices in enumerate(micro):
+            batch = self._batch(block_indices, self.blocks.train_block)
+            with self.engine.accumulating(final=i == len(micro) - 1):
+                loss = self.engine.forward({**batch, "num_items_in_batch": num_items})
+                self.engine.backward(loss)
+            step_loss += loss.detach().float()
+        self.last_grad_norm = self.engine.step(self.config.training.max_grad_norm)
+        self.scheduler.step()
+        self.state.global_step += 1
+        self.state.epoch, self.state.position = epoch, position
+        self.state.tokens_seen += self.plan.global_batch_tokens
+        return step_loss
+
+    def on_step_end(self) -> None:
+        """The step boundary: periodic evaluation (and, with checkpoint.py, periodic save / preemption)."""
+        eval_steps = self.config.training.eval_steps
+        if eval_steps and self._due(eval_steps) and self.state.global_step != self.total_steps:
+            self.evaluate_and_track()
+
+    def _due(self, every: int) -> bool:
+        return self.state.global_step % every == 0
+
+    # ----- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean token loss and perplexity over the held-out blocks, every rank taking an equal share."""
+        n = self.blocks.num_eval
+        if self.config.data.max_eval_samples is not None:
+            n = min(n, self.config.data.max_eval_samples)
+        indices = np.arange(n)
+        share = indices[self.rank::self.world_size][: n // self.world_size] if n >= self.world_size else indices
+        batch_size = self.config.training.per_device_eval_batch_size or self.plan.micro_batch
+        self.engine.train(False)
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for start in range(0, len(share), batch_size):
+            chunk = share[start:start + batch_size]
+            loss = self.engine.forward(self._batch(chunk, self.blocks.eval_block))
+            tokens = len(chunk) * (self.plan.seq_len - 1)
+            totals += torch.stack([loss.detach().double() * tokens, torch.tensor(tokens, device=self.device,
+                                                                                   dtype=torch.float64)])
+        self.engine.train(True)
+        dist.all_reduce(totals)
+        eval_loss = (totals[0] / totals[1]).item()
+        return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+    def evaluate_and_track(self) -> dict:
+        """Evaluate, log, and update the best metric / early-stopping patience in TrainState."""
+        result = self.evaluate()
+        training = self.config.training
+        key = training.metric_for_best_model
+        key = key if key.startswith("eval_") else f"eval_{key}"
+        value = result.get(key, result["eval_loss"])
+        best = self.state.best_metric
+        sign = 1.0 if training.greater_is_better else -1.0
+        if best is None or sign * (value - best) > training.early_stopping_threshold:
+            self.state.best_metric, self.state.best_step, self.state.patience_counter = value, self.state.global_step, 0
+        else:
+            self.state.patience_counter += 1
+            if training.early_stopping_patience and self.state.patience_counter >= training.early_stopping_patience:
+                self.should_stop = True
+        if self.metrics is not None:
+            self.metrics.log({"step": self.state.global_step, **result})
+        return result
+
+    # ----- logging and output -------------------------------------------------------------------------
+    def _log_train(self, loss_sum: torch.Tensor, window_steps: int, lr: float, throughput: Throughput) -> None:
+        loss = loss_sum / window_steps
+        dist.all_reduce(loss)
+        grad_norm = self.last_grad_norm
+        record = {
+            "step": self.state.global_step,
+            "epoch": self.state.epoch + self.state.position / max(1, self.blocks.num_train),
+            "loss": loss.item() / self.world_size,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_seen": self.state.tokens_seen,
+            **throughput.report(),
+            **memory_stats(self.device),
+        }
+        if self.metrics is not None:
+            self.metrics.log(record)
+
+    def save_final(self) -> None:
+        """DIR/final: safetensors weights + config + tokenizer, loadable with AutoModelForCausalLM."""
+        state = self.engine.full_state_dict()
+        if self.rank == 0:
+            final = self.job_dir / FINAL_DIR
+            tmp = self.job_dir / (FINAL_DIR + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.engine.module.config.use_cache = True
+            self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            print(f"saved {final}", flush=True)
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _flops_per_token(hf_config, num_params: int, seq_len: int) -> float:
+    """6 x (params without the input embedding) + causal attention 6 * layers * seq * hidden (PaLM app. B)."""
+    embedding = hf_config.vocab_size * hf_config.hidden_size
+    matmul = num_params - embedding if not getattr(hf_config, "tie_word_embeddings", False) else num_params
+    return 6.0 * matmul + 6.0 * hf_config.num_hidden_layers * seq_len * hf_config.hidden_size
+
+
+def _peak_flops(plan: Plan, device: torch.device, world_size: int) -> float | None:
+    """Dense peak of all GPUs together in the compute precision, from launcher/data/gpus.json; None on CPU."""
+    if device.type != "cuda":
+        return None
+    from launcher.hardware import gpu_facts
+
+    facts = gpu_facts(plan.gpu_name or torch.cuda.get_device_name(device))
+    if facts is None:
+        return None
+    key = {"amp-bf16": "bf16", "bf16": "bf16", "amp-fp16": "fp16"}.get(plan.precision, "tf32")
+    return facts.peak_flops[key] * world_size

@@ -1,0 +1,94 @@
+"""What a run reports: tokens/s, MFU and peak memory, to metrics.jsonl, tensorboard and the console."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class Throughput:
+    """Tokens/s and MFU over the window since the last report (no host sync except at reports)."""
+
+    def __init__(self, flops_per_token: float, peak_flops_total: float | None):
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total
+        self._start = time.perf_counter()
+        self._tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def report(self) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self._start, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        out = {"tokens_per_s": tokens_per_s}
+        if self.peak_flops_total:
+            out["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops_total
+        self._start, self._tokens = now, 0
+        return out
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
+class MetricsWriter:
+    """Rank 0's sinks: one JSON object per logged step in metrics.jsonl, tensorboard scalars, a progress bar."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, report_to: list[str]):
+        self.path = output_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        self._progress = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+                TextColumn("ETA"), TimeRemainingColumn(),
+            )
+            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, stats="")
+            self._progress.start()
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = record["step"]
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        line = _format(record)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, stats=line)
+        else:
+            print(f"step {step}: {line}", flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+
+
+def _format(record: dict) -> str:
+    parts = []
+    for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("eval_perplexity", "{:.2f}"), ("lr", "{:.2e}"),
+                     ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}")):
+        if key in record and record[key] is not None:
+            parts.append(f"{key} " + fmt.format(record[key]))
+    return "  ".join(parts)

@@ -1,0 +1,74 @@
+"""Build the model a config names: random init from an architecture, or a local pretrained directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from launcher.config import ModelConfig
+from launcher.errors import LaunchError
+from launcher.plan import Plan
+
+ATTENTION_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def pretrained_dir(model: ModelConfig) -> Path | None:
+    """The local directory holding weights, if the config names one (else the model is random-init)."""
+    path = Path(model.name_or_path).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in WEIGHT_FILES):
+        return path
+    return None
+
+
+def architecture_config(model: ModelConfig, vocab_size: int | None) -> dict:
+    """The full HF config dict for a random-init model; vocab follows the tokenizer when we trained one."""
+    from launcher.models import load_model_spec
+
+    overrides = dict(model.overrides)
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    return dict(load_model_spec(model.name_or_path, overrides).hf_config)
+
+
+def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int) -> torch.nn.Module:
+    """fp32 master weights on CPU (engines move/shard them); same seed -> same init on every rank."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = ATTENTION_IMPLEMENTATIONS[plan.attention]
+    torch.manual_seed(seed)
+    source = pretrained_dir(model)
+    if source is not None:
+        if model.overrides:
+            raise LaunchError("model.overrides changes an architecture; it cannot apply to pretrained weights.")
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
+        if len(tokenizer) > net.get_input_embeddings().num_embeddings:
+            net.resize_token_embeddings(len(tokenizer))
+    else:
+        hf_config = architecture_config(model, len(tokenizer))
+        config = AutoConfig.for_model(**hf_config)
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    net.config.use_cache = False
+    if plan.activation_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if plan.precision == "bf16":
+        net.to(torch.bfloat16)
+    return net
+
+
+def decoder_layers(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (the unit FSDP shards and checkpointing wraps)."""
+    for attr in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = net
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return list(obj)
+    raise LaunchError(f"cannot find the decoder layers of {type(net).__name__}; use a Llama/GPT-2-style model.")

@@ -1,0 +1,59 @@
+"""AdamW with decoupled weight decay on matrices only, and the HF learning-rate schedules.
+
+Biases and norm weights are excluded from weight decay: decaying them pulls scales towards zero and only
+hurts (GPT-3 / LLaMA practice, as in HF Trainer's get_decay_parameter_names).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from launcher.config import TrainingConfig
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: weights that decay, and biases/norm weights that do not."""
+    no_decay: set[str] = set()
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if is_norm or name.endswith("bias"):
+                no_decay.add(full)
+    decay, keep = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (keep if name in no_decay else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if keep:
+        groups.append({"params": keep, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
+    """torch AdamW; the fused kernel when asked for and every parameter lives on one device type."""
+    groups = decay_groups(model, training.weight_decay)
+    fused = training.optim == "adamw_torch_fused"
+    return torch.optim.AdamW(
+        groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
+        eps=training.adam_epsilon, fused=fused or None,
+    )
+
+
+def warmup_steps(training: TrainingConfig, total_steps: int) -> int:
+    if training.warmup_steps > 0:
+        return training.warmup_steps
+    return math.ceil(training.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig, total_steps: int):
+    """transformers' get_scheduler, so lr_scheduler_type means exactly what it means in HF Trainer."""
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        training.lr_scheduler_type, optimizer,
+        num_warmup_steps=warmup_steps(training, total_steps), num_training_steps=total_steps,
+    )
