@@ -1,0 +1,51 @@
+"""`llaunch checkpoints OUTPUT`: which checkpoints a run has, which are complete, which is best."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("checkpoints", help="list a run's checkpoints: step, time, size, complete, best",
+                              description="List OUTPUT/checkpoints with step, time, size, completeness and the best one.")
+    p.add_argument("output_dir", metavar="OUTPUT", help="the run's --output-dir")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads all the data)")
+    p.add_argument("--greater-is-better", action=argparse.BooleanOptionalAction, default=None,
+                   help="how to rank the saved metric (default: higher is better unless it is a loss)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.errors import LaunchError
+    from launcher.train.checkpoint import CHECKPOINTS_DIR, best_checkpoint, list_checkpoints
+
+    if not Path(args.output_dir).is_dir():
+        raise LaunchError(f"{args.output_dir} does not exist; pass the --output-dir of a run.")
+    infos = list_checkpoints(args.output_dir, checksums=args.verify)
+    console = Console()
+    if not infos:
+        console.print(f"no checkpoints under {Path(args.output_dir) / CHECKPOINTS_DIR}")
+        return 0
+    best = best_checkpoint(infos, args.greater_is_better)
+    latest = next((info for info in reversed(infos) if info.complete), None)
+    table = Table(title=f"checkpoints in {Path(args.output_dir) / CHECKPOINTS_DIR}")
+    for column in ("step", "created (UTC)", "size", "ranks", "strategy", "complete", "metric", "note"):
+        table.add_column(column, justify="right" if column in ("step", "size", "ranks") else "left")
+    for info in infos:
+        manifest = info.manifest or {}
+        notes = [n for n, flag in (("best", info is best), ("resume point", info is latest)) if flag]
+        table.add_row(
+            str(info.step), info.created.replace("+00:00", ""),
+            f"{info.size_bytes / 2**20:,.1f} MiB" if info.size_bytes else "-",
+            str(manifest.get("world_size", "-")), manifest.get("strategy", "-"),
+            "[green]yes[/green]" if info.complete else f"[red]no[/red]: {info.problem}",
+            f"{info.metric_name}={info.metric:.4g}" if info.metric is not None else "-",
+            ", ".join(notes),
+        )
+    console.print(table)
+    return 0
