@@ -304,10 +304,16 @@ class Checkpointer:
         return final
 
     def wait(self) -> None:
-        """Join a background save; re-raise its failure as one sentence."""
+        """Join a background save; re-raise its failure as one sentence.
+
+        Ends in a barrier, so no rank exits (and makes torchrun stop the others) while rank 0 still publishes.
+        """
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            finally:
+                _barrier()
 
     def _spawn(self, fn, *args) -> concurrent.futures.Future:
         result: concurrent.futures.Future = concurrent.futures.Future()

@@ -11,6 +11,9 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
 
 from launcher.errors import LaunchError
 
@@ -29,6 +32,28 @@ def digest(value) -> str:
     """A short stable hash of any JSON-serialisable value (dict key order does not matter)."""
     blob = json.dumps(value, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def files_digest(directory: str | Path) -> str:
+    """Hash of every file's bytes under `directory` (a tokenizer folder), independent of where it lives."""
+    h = hashlib.sha256()
+    for file in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        h.update(file.relative_to(directory).as_posix().encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def array_digest(array: np.ndarray, samples: int = 256, sample_len: int = 4096, **extra) -> str:
+    """Hash of a (possibly memory-mapped, huge) token array: its length, dtype and 256 evenly spaced slices.
+
+    Reading every token of a terabyte corpus at each resume would cost minutes; any re-tokenisation or other
+    data changes the length or the sampled tokens. `extra` (block size, split, seed) enters the hash too.
+    """
+    h = hashlib.sha256(json.dumps({"n": int(array.size), "dtype": str(array.dtype), **extra}, sort_keys=True).encode())
+    flat = array.reshape(-1)
+    for start in np.linspace(0, max(0, flat.size - sample_len), num=min(samples, max(1, flat.size)), dtype=np.int64):
+        h.update(np.ascontiguousarray(flat[start:start + sample_len]).tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 
 import torch
@@ -74,31 +73,18 @@ class PreemptionHandler:
         return bool(flag.item())
 
 
-@contextlib.contextmanager
-def forward_signals_to_ranks(torchrun: subprocess.Popen, signals=DEFAULT_SIGNALS):
-    """In the launcher: send each preemption signal to torchrun's workers (the ranks), once.
+def signal_ranks(torchrun_pid: int, signum: int) -> None:
+    """In the launcher: deliver a preemption signal to torchrun's workers (the ranks), not to torchrun.
 
-    torchrun itself answers SIGTERM by killing its workers after a short timeout and dies on SIGUSR1/2,
-    so the launcher delivers the signal to the ranks directly and lets torchrun see them exit. Yields the
-    list of forwarded signals; when it is non-empty the launcher should exit with REQUEUE_EXIT_CODE.
+    torchrun dies on SIGUSR1/SIGUSR2 (it handles only SIGINT/SIGTERM/SIGHUP/SIGQUIT), which would orphan the
+    ranks; sent to the ranks, the signal makes them save and exit, and torchrun then ends on its own.
     """
     import psutil
 
-    forwarded: list[signal.Signals] = []
-
-    def forward(signum, frame):
-        forwarded.append(signal.Signals(signum))
-        try:
-            targets = psutil.Process(torchrun.pid).children() or [psutil.Process(torchrun.pid)]
-        except psutil.NoSuchProcess:
-            return
-        for proc in targets:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in parse_signals(signals)}
     try:
-        yield forwarded
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        ranks = psutil.Process(torchrun_pid).children()
+    except psutil.NoSuchProcess:
+        return
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.send_signal(signum)
