@@ -1,0 +1,126 @@
+"""Fine-tuning methods on top of a built model: full, LoRA and prefix tuning through PEFT, QLoRA through
+bitsandbytes 4-bit; saving an adapter alone and merging it back for export.
+
+The method is applied before the engine wraps the model, so DDP/FSDP/DeepSpeed only ever see trainable
+adapter parameters plus frozen base weights. Config keys are PEFT's own (LoraConfig, PrefixTuningConfig)
+and transformers' BitsAndBytesConfig names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from launcher.config import FinetuneConfig
+from launcher.errors import LaunchError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def quantization_config(cfg: FinetuneConfig):
+    """The BitsAndBytesConfig QLoRA loads the base with; fails clearly where 4-bit cannot run."""
+    if not torch.cuda.is_available():
+        raise LaunchError("finetune.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use method: lora on CPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise LaunchError("finetune.method qlora needs bitsandbytes; pip install 'llaunch[qlora]'.") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, cfg.bnb_4bit_compute_dtype),
+    )
+
+
+def peft_config(cfg: FinetuneConfig):
+    from peft import LoraConfig, PrefixTuningConfig, TaskType
+
+    if cfg.method in ("lora", "qlora"):
+        targets = cfg.target_modules
+        target = "all-linear" if targets == ["all-linear"] else targets
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=target, bias=cfg.bias, modules_to_save=cfg.modules_to_save or None,
+            layers_to_transform=cfg.layers_to_transform or None,
+        )
+    if cfg.method == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
+    raise LaunchError(f"finetune.method {cfg.method!r} has no PEFT adapter.")
+
+
+def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+    """Full: the model unchanged. LoRA/prefix: a PeftModel whose only trainable weights are the adapter's
+    (plus modules_to_save). QLoRA expects a model loaded with `quantization_config(cfg)`."""
+    if cfg.method == "full":
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        if not getattr(model, "is_loaded_in_4bit", False):
+            raise LaunchError("finetune.method qlora needs the base loaded in 4-bit; build it with "
+                              "launcher.train.adapters.quantization_config.")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    try:
+        return get_peft_model(model, peft_config(cfg))
+    except ValueError as err:
+        # PEFT names the module it could not find; the user fixes target_modules / modules_to_save.
+        raise LaunchError(f"finetune settings do not fit {type(model).__name__}: {err}") from None
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def save_adapter(model: torch.nn.Module, directory: str | Path, state_dict: dict | None = None) -> None:
+    """Only the adapter (adapter_config.json + adapter_model.safetensors, megabytes not gigabytes).
+
+    `state_dict` is the full gathered state when the engine shards parameters (FSDP/ZeRO-3)."""
+    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+
+
+def load_with_adapter(base: str | Path, adapter: str | Path, dtype=torch.float32) -> torch.nn.Module:
+    """A local base model with a saved adapter on top, ready for generation (eval mode)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not is_adapter_dir(adapter):
+        raise LaunchError(f"{adapter} holds no {ADAPTER_CONFIG}; pass the directory a LoRA/prefix run saved.")
+    if not Path(base).is_dir():
+        raise LaunchError(f"base model {base} is not a local directory; llaunch downloads nothing at run time.")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def base_model_path(adapter: str | Path) -> str:
+    """The base the adapter was trained on, as recorded in its adapter_config.json."""
+    import json
+
+    return json.loads((Path(adapter) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+
+
+def merge_adapter(adapter: str | Path, output: str | Path, base: str | Path | None = None) -> Path:
+    """Fold a LoRA adapter into its base weights and write a plain Hugging Face model (+ tokenizer)."""
+    from transformers import AutoTokenizer
+
+    base = base or base_model_path(adapter)
+    model = load_with_adapter(base, adapter)
+    if not hasattr(model, "merge_and_unload") or model.peft_config["default"].peft_type.value != "LORA":
+        raise LaunchError(f"{adapter} is a {model.peft_config['default'].peft_type.value} adapter; only LoRA "
+                          "adapters merge into the weights (load prefix adapters with --adapter instead).")
+    merged = model.merge_and_unload()
+    output = Path(output)
+    merged.save_pretrained(output, safe_serialization=True)
+    for source in (adapter, base):
+        if any((Path(source) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+            AutoTokenizer.from_pretrained(source).save_pretrained(output)
+            break
+    return output
+
+
+def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, for the log line and the planner's comparison."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

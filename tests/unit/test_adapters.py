@@ -1,0 +1,108 @@
+"""PEFT methods: LoRA trains only adapter weights, saves alone, reloads to the same outputs, merges for export."""
+
+import pytest
+import torch
+
+from launcher.config import FinetuneConfig, TrainConfig
+from launcher.errors import LaunchError
+from launcher.train import adapters
+from tiny_lm import tiny_llama
+
+
+def saved_base(tmp_path, seed=0):
+    base = tiny_llama(64, seed=seed)
+    base.save_pretrained(tmp_path / "base")
+    return base, tmp_path / "base"
+
+
+def train_a_bit(model, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return ids
+
+
+def test_lora_trains_only_adapter_weights_and_reloads_to_the_same_outputs(tmp_path):
+    base, base_dir = saved_base(tmp_path)
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    model = adapters.apply_finetune_method(base, FinetuneConfig(method="lora", r=4, lora_dropout=0.0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # all-linear: every projection of every layer, never the output head.
+    assert any("q_proj" in n for n in trainable) and any("down_proj" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    ids = train_a_bit(model)
+    base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                for k, v in model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(frozen[k], base_now[k]) for k in frozen)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    adapters.save_adapter(model, tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 0.5 * (base_dir / "model.safetensors").stat().st_size
+    reloaded = adapters.load_with_adapter(base_dir, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
+        plain = tiny_llama(64)(input_ids=ids).logits
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the adapter changed the model
+
+
+def test_lora_keys_reach_peft(tmp_path):
+    base, _ = saved_base(tmp_path)
+    cfg = FinetuneConfig(method="lora", r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+                         modules_to_save=["lm_head"], bias="lora_only")
+    model = adapters.apply_finetune_method(base, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora = [n for n in trainable if "lora_" in n]
+    assert lora and all(".layers.1." in n and ("q_proj" in n or "v_proj" in n) for n in lora)
+    assert any("lm_head" in n and "modules_to_save" in n for n in trainable)
+
+
+def test_prefix_tuning_trains_only_the_prefix(tmp_path):
+    base, _ = saved_base(tmp_path)
+    model = adapters.apply_finetune_method(base, FinetuneConfig(method="prefix", num_virtual_tokens=5))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("prompt_encoder" in n for n in trainable)
+    ids = train_a_bit(model, steps=1)
+    assert model(input_ids=ids, labels=ids).loss.isfinite()
+
+
+def test_merged_lora_export_matches_the_adapter(tmp_path):
+    base, base_dir = saved_base(tmp_path)
+    model = adapters.apply_finetune_method(base, FinetuneConfig(method="lora", r=4, lora_dropout=0.0))
+    ids = train_a_bit(model)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    adapters.save_adapter(model, tmp_path / "adapter")
+    adapters.merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=base_dir)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_qlora_on_cpu_is_a_clear_error():
+    with pytest.raises(LaunchError, match="needs a CUDA GPU"):
+        adapters.quantization_config(FinetuneConfig(method="qlora"))
+
+
+def test_bad_finetune_keys_fail_in_the_config():
+    with pytest.raises(LaunchError, match="finetune.method 'lora2'"):
+        TrainConfig.from_dict({"finetune": {"method": "lora2"}})
+    with pytest.raises(LaunchError, match="did you mean 'lora_alpha'"):
+        TrainConfig.from_dict({"finetune": {"lora_alhpa": 8}})
+
+
+def test_unknown_target_module_is_one_sentence(tmp_path):
+    base, _ = saved_base(tmp_path)
+    with pytest.raises(LaunchError, match="finetune settings do not fit"):
+        adapters.apply_finetune_method(base, FinetuneConfig(method="lora", target_modules=["qkv_proj"]))
