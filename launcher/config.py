@@ -43,6 +43,11 @@ class DataConfig:
     validation_split_percentage: float = 5.0  # HF run_clm name: blocks held out for eval
     max_eval_samples: int | None = None  # cap on eval blocks per evaluation
     cache_dir: str | None = None  # None: $LLAUNCH_CACHE or ~/.cache/llaunch
+    # Supervised fine-tuning (launcher/train/sft.py): JSONL records instead of plain text.
+    dataset_format: str = "text"  # text (pretraining) | alpaca | chat | jsonl (alpaca or chat, per line)
+    eval_files: list[str] = field(default_factory=list)  # SFT held-out JSONL; empty: validation_split_percentage
+    packing: bool = True  # SFT: several examples per row, attention kept inside each example
+    on_bad_line: str = "fail"  # SFT: fail | skip (with a file:line warning)
 
 
 @dataclass
@@ -82,9 +87,29 @@ class TrainingConfig:
     ignore_checkpoints: bool = False  # --no-resume: start fresh even if checkpoints exist
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool = False
+    async_save: bool = False  # DDP/FSDP: the step blocks only for the copy to host memory; files written behind
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune: the method and its PEFT (LoraConfig, PrefixTuningConfig) / BitsAndBytesConfig keys."""
+
+    method: str = "full"  # full | lora | qlora | prefix
+    r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    bias: str = "none"  # none | all | lora_only
+    modules_to_save: list[str] = field(default_factory=list)  # e.g. [lm_head, embed_tokens]: trained in full
+    layers_to_transform: list[int] = field(default_factory=list)  # empty: every layer
+    num_virtual_tokens: int = 20  # prefix tuning
+    bnb_4bit_quant_type: str = "nf4"  # qlora: nf4 | fp4
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: str = "bfloat16"
 
 
 @dataclass
@@ -103,6 +128,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +161,15 @@ class TrainConfig:
         for name in ("logging_steps", "save_steps"):
             if getattr(t, name) < 1:
                 raise LaunchError(f"training.{name} must be at least 1.")
+        _check_choice("data.dataset_format", self.data.dataset_format, ("text", "alpaca", "chat", "jsonl"))
+        _check_choice("data.on_bad_line", self.data.on_bad_line, ("fail", "skip"))
+        f = self.finetune
+        _check_choice("finetune.method", f.method, ("full", "lora", "qlora", "prefix"))
+        _check_choice("finetune.bias", f.bias, ("none", "all", "lora_only"))
+        _check_choice("finetune.bnb_4bit_quant_type", f.bnb_4bit_quant_type, ("nf4", "fp4"))
+        _check_choice("finetune.bnb_4bit_compute_dtype", f.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
+        if f.r < 1 or f.num_virtual_tokens < 1:
+            raise LaunchError("finetune.r and finetune.num_virtual_tokens must be at least 1.")
         return self
 
     @property
@@ -164,7 +199,8 @@ class TrainConfig:
         return load_train_config(path)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig,
+             "finetune": FinetuneConfig}
 
 
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -187,6 +223,7 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     config = TrainConfig.from_dict(data, source=str(path))
     # Relative data paths are relative to the config file, so a config works from any directory.
     config.data.train_files = [p if p.startswith("@") else str(_resolve(p, path.parent)) for p in config.data.train_files]
+    config.data.eval_files = [str(_resolve(p, path.parent)) for p in config.data.eval_files]
     if config.data.tokenizer_name_or_path and Path(path.parent, config.data.tokenizer_name_or_path).exists():
         config.data.tokenizer_name_or_path = str(_resolve(config.data.tokenizer_name_or_path, path.parent))
     return config
@@ -210,6 +247,11 @@ def apply_override(data: dict, item: str) -> None:
     if not isinstance(current, dict):
         raise LaunchError(f"section '{section}' must be a mapping of keys to values.")
     current[name] = value
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise LaunchError(f"{key} {value!r} is not one of {', '.join(choices)}.")
 
 
 def _resolve(value: str, base: Path) -> Path:
