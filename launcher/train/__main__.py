@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         print(f"llaunch: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank through torchrun: stop quietly
+        return 130
     finally:
         if trainer is not None:
             trainer.close()

@@ -31,6 +31,9 @@ from launcher.train.engines import build_engine
 from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
 from launcher.train.modeling import build_model, pretrained_dir
 from launcher.train.optim import build_scheduler
+from launcher.train.checkpoint import Checkpointer, resolve_resume
+from launcher.train.fingerprint import Fingerprint, array_digest, files_digest
+from launcher.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 
 PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
 
@@ -57,6 +60,9 @@ class TrainState:
 
 def init_distributed() -> tuple[torch.device, int, int]:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU); a bare `python -m` run is a world of one."""
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return device, dist.get_rank(), dist.get_world_size()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -109,6 +115,15 @@ class Trainer:
         self.state = TrainState()
         self.should_stop = False
         self.metrics = None
+        self.preempted = False
+        self.last_eval: tuple[int, dict] | None = None  # (step, result) for the checkpoint's best-model metric
+        self.fingerprint = self._fingerprint(model.config)
+        self.checkpointer = Checkpointer(
+            self.job_dir, strategy=self.plan.strategy, save_total_limit=training.save_total_limit,
+            metric_for_best_model=training.metric_for_best_model, greater_is_better=training.greater_is_better,
+            async_save=training.async_save,
+        )
+        self.preemption = PreemptionHandler(training.preemption_signals).install()
 
     # ----- data -----------------------------------------------------------------------------------------
     def _corpus(self):
@@ -129,7 +144,8 @@ class Trainer:
 
     # ----- the loop -----------------------------------------------------------------------------------
     def train(self) -> int:
-        """Run to total_steps (or early stop); returns the process exit code."""
+        """Run to total_steps (or early stop); returns the process exit code (REQUEUE_EXIT_CODE if preempted)."""
+        self.restore()
         if self.rank == 0:
             self.metrics = MetricsWriter(self.job_dir, self.total_steps, self.state.global_step,
                                          self.config.training.report_to)
@@ -151,6 +167,9 @@ class Trainer:
                     loss_sum.zero_()
                     window_steps = 0
                 self.on_step_end()
+            self.checkpointer.wait()
+            if self.preempted:
+                return REQUEUE_EXIT_CODE
             if self.blocks.num_eval:
                 self.evaluate_and_track()
             self.save_final()
@@ -183,6 +202,7 @@ class Trainer:
         eval_steps = self.config.training.eval_steps
         if eval_steps and self._due(eval_steps) and self.state.global_step != self.total_steps:
             self.evaluate_and_track()
+        self.checkpoint_or_stop()
 
     def _due(self, every: int) -> bool:
         return self.state.global_step % every == 0
@@ -213,6 +233,7 @@ class Trainer:
     def evaluate_and_track(self) -> dict:
         """Evaluate, log, and update the best metric / early-stopping patience in TrainState."""
         result = self.evaluate()
+        self.last_eval = (self.state.global_step, result)
         training = self.config.training
         key = training.metric_for_best_model
         key = key if key.startswith("eval_") else f"eval_{key}"
@@ -228,6 +249,58 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log({"step": self.state.global_step, **result})
         return result
+
+    # ----- checkpoints and preemption -------------------------------------------------------------------
+    def _fingerprint(self, model_config) -> Fingerprint:
+        training = self.config.training
+        data = array_digest(self.corpus.tokens(), seq_len=self.plan.seq_len,
+                            split=self.config.data.validation_split_percentage,
+                            seed=training.data_seed if training.data_seed is not None else training.seed)
+        schedule = {"total_steps": self.total_steps, "learning_rate": training.learning_rate,
+                    "lr_scheduler_type": training.lr_scheduler_type, "warmup_steps": training.warmup_steps,
+                    "warmup_ratio": training.warmup_ratio}
+        return Fingerprint.build(model_config=model_config.to_dict(), tokenizer=files_digest(self.corpus.tokenizer_dir),
+                                 data=data, global_batch=self.plan.global_batch, schedule=schedule)
+
+    def restore(self) -> None:
+        """Resume from --resume-from, else the newest complete checkpoint in the job dir (unless --no-resume)."""
+        training = self.config.training
+        path = resolve_resume(self.job_dir, training.resume_from_checkpoint, training.ignore_checkpoints,
+                              training.overwrite_output_dir)
+        if path is None:
+            return
+        saved = self.checkpointer.load(path, self.engine, self.fingerprint)
+        self.state = TrainState.from_dict(saved["train_state"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        scaler = getattr(self.engine, "scaler", None)
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.state.global_step}", flush=True)
+
+    def checkpoint_or_stop(self) -> None:
+        """Save every save_steps; when any rank was signalled, all save now and stop (one all-reduce)."""
+        training = self.config.training
+        self.preempted = self.preemption.should_stop(self.device)
+        if self.preempted or (training.save_strategy == "steps" and self._due(training.save_steps)):
+            self.save_checkpoint()
+        if self.preempted:
+            self.should_stop = True
+            if self.rank == 0:
+                print(f"preempted ({self.preemption.received.name if self.preemption.received else 'another rank'}"
+                      f"): saved step {self.state.global_step}, exiting with {REQUEUE_EXIT_CODE} to be requeued",
+                      flush=True)
+
+    def save_checkpoint(self) -> None:
+        scaler = getattr(self.engine, "scaler", None)
+        state = {"train_state": self.state.to_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None}
+        step = self.state.global_step
+        metrics = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
+        documents = {PLAN_FILE: self.plan.to_yaml(), CONFIG_FILE: (self.job_dir / CONFIG_FILE).read_text(),
+                     "model_config.json": self.engine.module.config.to_json_string(use_diff=False)}
+        self.checkpointer.save(step, self.engine, state, fingerprint=self.fingerprint, metrics=metrics,
+                               documents=documents, tokenizer_dir=self.corpus.tokenizer_dir)
 
     # ----- logging and output -------------------------------------------------------------------------
     def _log_train(self, loss_sum: torch.Tensor, window_steps: int, lr: float, throughput: Throughput) -> None:

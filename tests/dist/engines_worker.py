@@ -1,0 +1,70 @@
+"""Under torchrun: for each strategy:micro:accum, build the real Trainer on a tiny model, run a few steps,
+write each step's mean loss and the consolidated weights (rank 0). test_engines.py compares them."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import save_file
+
+from launcher.train.loop import Trainer, init_distributed
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def write_job(job: Path, data: Path, cache: Path, strategy: str, micro: int, accum: int, steps: int) -> None:
+    job.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": {"name_or_path": "tinyllama-1.1b", "overrides": TINY},
+        "data": {"train_files": [str(data)], "vocab_size": 300, "block_size": 32, "cache_dir": str(cache),
+                 "validation_split_percentage": 0},
+        "training": {"max_steps": steps, "learning_rate": 1e-2, "warmup_steps": 0, "seed": 7, "report_to": []},
+    }
+    plan = {"model": "tinyllama-1.1b", "strategy": strategy, "precision": "fp32", "micro_batch": micro,
+            "gradient_accumulation_steps": accum, "seq_len": 32, "device": "cpu", "gpus_per_node": 2}
+    (job / "config.yaml").write_text(yaml.safe_dump(config))
+    (job / "plan.yaml").write_text(yaml.safe_dump(plan))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("runs", nargs="+", help="strategy:micro:accum")
+    args = parser.parse_args()
+    _, rank, world = init_distributed()
+    results = {}
+    for run in args.runs:
+        strategy, micro, accum = run.split(":")
+        job = args.out / run.replace(":", "-")
+        if rank == 0:
+            write_job(job, args.data, args.out / "cache", strategy, int(micro), int(accum), args.steps)
+        dist.barrier()
+        trainer = Trainer(job)
+        losses = []
+        for _ in range(args.steps):
+            loss = trainer.train_step()
+            dist.all_reduce(loss)
+            losses.append(loss.item() / world)
+        state = trainer.engine.full_state_dict()
+        if rank == 0:
+            save_file({k: v.float().contiguous() for k, v in state.items()}, str(job / "weights.safetensors"))
+        results[run] = losses
+        del trainer, state
+        gc.collect()
+        dist.barrier()
+    if rank == 0:
+        (args.out / "losses.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Every engine runs the same loop to the same numbers (CPU, fp32, 2 gloo ranks), and the quickstart learns."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.dist
+WORKER = Path(__file__).with_name("engines_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+RUNS = ["ddp:2:2", "ddp:4:1", "fsdp:2:2", "fsdp:4:1", "zero1:2:2", "zero2:2:2", "zero3:2:2", "zero2:4:1"]
+
+
+def make_text(path: Path) -> Path:
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "self", "(", ")", ":", "=", "+", "\n", "    "]
+    path.write_text(" ".join(rng.choice(words) for _ in range(12000)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory, torchrun_workers):
+    out = tmp_path_factory.mktemp("engines")
+    torchrun_workers(WORKER, "--out", str(out), "--data", str(make_text(out / "text.txt")), *RUNS)
+    return out, json.loads((out / "losses.json").read_text())
+
+
+def weights(out: Path, run: str):
+    from safetensors.torch import load_file
+
+    return load_file(out / run.replace(":", "-") / "weights.safetensors")
+
+
+def rel_diff(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+@pytest.mark.parametrize("run", [r for r in RUNS if r != "ddp:2:2"])
+def test_same_seed_same_losses_under_every_engine(engine_runs, run):
+    _, losses = engine_runs
+    reference = losses["ddp:2:2"]
+    assert reference[0] > reference[-1], f"the loss did not fall: {reference}"
+    for step, (got, want) in enumerate(zip(losses[run], reference)):
+        assert rel_diff(got, want) <= 1e-3, f"{run} step {step + 1}: loss {got} vs DDP {want}"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+def test_micro2_accum2_equals_micro4_accum1(engine_runs, strategy):
+    out, _ = engine_runs
+    accumulated, single = weights(out, f"{strategy}:2:2"), weights(out, f"{strategy}:4:1")
+    assert accumulated.keys() == single.keys()
+    worst = max((accumulated[k] - single[k]).abs().max().item() for k in single)
+    assert worst < 1e-5, f"{strategy}: weights differ by {worst} after identical updates"
+
+
+def test_engines_consolidate_identical_weights(engine_runs):
+    out, _ = engine_runs
+    reference = weights(out, "ddp:2:2")
+    for run in ("fsdp:2:2", "zero1:2:2", "zero3:2:2"):
+        other = weights(out, run)
+        missing = set(reference) - set(other)
+        assert not missing, f"{run} lacks {sorted(missing)[:3]}"
+        worst = max((other[k] - reference[k]).abs().max().item() for k in reference)
+        assert worst < 1e-4, f"{run}: final weights differ from DDP by {worst}"
+
+
+def test_quickstart_loss_falls_20_percent_in_60_steps(tmp_path):
+    """The README's first command, as a user runs it (one CPU process), learns clearly."""
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "launcher", "run", str(REPO / "examples" / "quickstart.yaml"), "--output-dir",
+           str(out), "--max-steps", "60", f"data.cache_dir={tmp_path / 'cache'}", "training.eval_steps=null"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert train[0]["step"] == 10 and train[-1]["step"] == 60
+    assert train[-1]["loss"] <= 0.8 * train[0]["loss"], [r["loss"] for r in train]
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] > 0 for r in train)
+    assert (out / "final" / "model.safetensors").exists()
