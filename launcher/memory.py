@@ -141,13 +141,15 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
 
     # --- activations, logits, copies ----------------------------------------------------------------
     per_layer = layer_activation_bytes(spec, setup)
+    recompute = per_layer * tokens  # one layer's saved tensors, alive while that layer is differentiated
     if setup.activation_checkpointing:
         kept = spec.layers * tokens * spec.hidden * residual_bytes(setup)
-        activations = kept + per_layer * tokens
-        act_reason = f"checkpointed: each layer's input kept, one layer ({per_layer} B/token) recomputed at a time"
+        activations = kept
+        act_reason = f"checkpointed: each layer's input kept; one layer ({per_layer} B/token) recomputed in backward"
     else:
+        kept = 0
         activations = spec.layers * per_layer * tokens
-        act_reason = f"{per_layer} B/token/layer saved for backward (norms, q/k/v, attention, MLP)"
+        act_reason = f"{per_layer} B/token/layer saved for backward (norms, attention q/k/v/out, MLP, linear inputs)"
     activations = add("activations", activations, act_reason)
     logits = add("logits_loss", tokens * spec.vocab * logits_bytes_per_element(setup.precision),
                  "LM-head logits, their fp32 upcast for the loss, log-softmax saved, and its gradient")
@@ -163,7 +165,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     grads_alive_in_forward = setup.gradient_accumulation_steps > 1 or (setup.strategy == "ddp" and world > 1)
     phases = {
         "forward": activations + logits + copies + comm + (grads if grads_alive_in_forward else 0),
-        "backward": grads + copies + comm + per_layer * tokens,
+        "backward": grads + kept + recompute + comm + (0 if setup.activation_checkpointing else copies),
         "optimizer_step": grads + scratch,
     }
     phase = max(phases, key=phases.get)
@@ -226,36 +228,50 @@ NORM_READERS = set().union(*NORM_READER_GROUPS)
 
 
 def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
-    """Bytes per token one decoder layer saves for backward, counted tensor by tensor for the HF Llama block."""
+    """Bytes per token one decoder layer saves for backward, counted tensor by tensor for the HF Llama block.
+
+    Checked against torch.cuda.max_memory_allocated on an H100 (bench/results/memory-h100.json).
+    """
     mode = compute_mode(setup)
     act = 4 if mode == "fp32" else 2
     resid = residual_bytes(setup)
     h, f = spec.hidden, spec.ffn
     qd, kvd = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     lora = setup.method in ("lora", "qlora")
-    targets = spec.lora_target_names(setup.lora_targets) if lora else {n for n, _, _ in spec.layer_linears}
-    # RMSNorm saves its fp32 input (variance) and, when its weight trains, the normalized tensor it scales.
-    norm = 4 * h + (0 if lora else resid * h)
-    total = 2 * norm
-    # Linears reading a norm output save their input when they (or their adapter) train. Under autocast each
-    # one casts the fp32 input to bf16 on its own; otherwise they share one saved tensor.
-    saving = [n for n, _, _ in spec.layer_linears if n in targets and n in NORM_READERS]
-    if mode == "autocast":
-        total += 2 * h * len(saving)
-    else:
-        total += act * h * sum(1 for group in NORM_READER_GROUPS if group & set(saving))
-    # Attention: SDPA/flash save q, k, v, the output and a log-sum-exp; o_proj saves its (copied) input.
-    total += act * (qd + 2 * kvd) + act * qd + (act * qd if ("o_proj" in targets or "attn.c_proj" in targets) else 0)
+    names = {n for n, _, _ in spec.layer_linears}
+    inputs = {n: i for n, i, _ in spec.layer_linears}
+    # RMSNorm saves its fp32 input (for the variance) and, when its weight trains, the normalized tensor.
+    total = 2 * (4 * h + (0 if lora else resid * h))
+    # Attention (SDPA flash / mem-efficient) saves q, k, v, its output (which o_proj reads in place) and a logsumexp.
+    total += act * (qd + 2 * kvd) + act * qd
     if setup.attention == "eager":
-        total += spec.heads * setup.seq_len * (4 + act)  # fp32 softmax + its cast, per token per head
-    # MLP: silu saves gate output, the product saves silu(gate) and up, down_proj saves the product.
-    total += act * f * 3 + (act * f if ("down_proj" in targets or "mlp.c_proj" in targets) else 0)
+        total += spec.heads * setup.seq_len * (4 + act)  # fp32 softmax probabilities + their cast, per head
+    # MLP: silu saves the gate output; the product saves silu(gate) and up.
+    total += act * f * 3
+    if not lora:
+        # Each trained linear saves its input. Under autocast every reader of the fp32 norm output casts it
+        # to bf16 on its own; otherwise q/k/v share one tensor and gate/up another. o_proj's input is the
+        # attention output (counted), down_proj's is the silu*up product.
+        if mode == "autocast":
+            total += 2 * h * len(names & NORM_READERS)
+        else:
+            total += act * h * sum(1 for group in NORM_READER_GROUPS if group & names)
+        total += act * f if names & {"down_proj", "mlp.c_proj"} else 0
+    else:
+        # Frozen base linears save no input. Each adapter's lora_A does: PEFT casts the input to the fp32
+        # adapter dtype (4 B/elem) over a bf16 base, or autocast casts it to bf16 (2 B) over an fp32 base.
+        per_elem = 2 if mode == "autocast" else 4
+        for name in spec.lora_target_names(setup.lora_targets):
+            total += per_elem * inputs[name]
     return int(total)
 
 
 def logits_bytes_per_element(precision: str) -> int:
-    """bf16 logits (2) + fp32 upcast in HF's loss (4) + log-softmax saved (4) + its gradient (4); fp32: 4+4+4+4."""
-    return 16 if precision == "fp32" else 14
+    """At the start of backward: fp32 log-softmax saved (4) + the incoming gradient (4) + log-softmax's gradient (4).
+
+    HF's loss upcasts logits to fp32; the bf16 logits and the upcast (forward: 2 + 4 + 4 = 10 B) are gone by then.
+    """
+    return 12
 
 
 def low_precision_copy_bytes(spec: ModelSpec, setup: TrainSetup, per_layer_only: bool) -> int:

@@ -17,7 +17,8 @@ from launcher.units import format_bytes
 
 ASSUMED_NODE_RAM = 2 * 1024**4  # host RAM of a GPU node we cannot probe (DGX H100: 2 TB); bounds CPU offload
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
-MATMUL_EFFICIENCY = 0.55  # achieved / peak bf16 FLOP/s for large HF-Llama matmuls on Hopper (see bench/)
+MATMUL_EFFICIENCY = 0.35  # achieved / peak FLOP/s of an eager HF Llama step on H100, large micro-batches (bench/)
+HALF_EFFICIENCY_TOKENS = 3900  # tokens per micro-batch at which half of that is reached (H100, TinyLlama-1.1B)
 LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth for large messages
 BACKWARD_OVERLAP = 0.6  # share of compute that gradient/parameter collectives hide behind (backward is 2/3)
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512, ZeRO-Offload paper fig. 9)
@@ -215,7 +216,7 @@ def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> 
     # checkpointing runs the forward twice.
     passes = (2 + (2 if setup.method != "full" else 4)) + (2 if setup.activation_checkpointing else 0)
     micro_tokens = setup.micro_batch * setup.seq_len
-    efficiency = MATMUL_EFFICIENCY * micro_tokens / (micro_tokens + 1024)  # small matmuls under-fill the GPU
+    efficiency = MATMUL_EFFICIENCY * micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)  # small matmuls under-fill the GPU
     flops = spec.flops_per_token(setup.seq_len) * tokens_per_rank * passes / 6
     compute = flops / (facts.peak_flops[_flops_key(setup.precision)] * efficiency)
     comm = communication_seconds(spec, setup, hw, facts)
