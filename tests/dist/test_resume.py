@@ -1,7 +1,9 @@
 """Preempted, killed and damaged runs resume to exactly the weights of a run that never stopped.
 
-Each test drives tests/dist/resume_worker.py under torchrun (2 ranks, gloo, fp32 on CPU) with the real
-Checkpointer and PreemptionHandler; "exact" means the final exported safetensors differ by <= 1e-6.
+The SIGTERM tests run the product (`llaunch run`, 2 gloo ranks, fp32 on CPU) for every strategy. The fault
+tests drive tests/dist/resume_worker.py, a small rank program around the same Checkpointer and
+PreemptionHandler, where a signal or a kill can be placed at an exact point (inside accumulation, inside an
+eval, between writing shards and publishing). "Exact" means final safetensors differ by <= 1e-6.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def torchrun(output, strategy, *extra, nproc=2, env=None, background=False):
                 **(env or {})}
     if background:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=400)
 
 
 def max_diff(a: Path, b: Path) -> float:
@@ -45,7 +47,7 @@ def final(output: Path) -> Path:
     return output / "final" / "model.safetensors"
 
 
-def wait_for_manifest(proc, path: Path, timeout=120):
+def wait_for_manifest(proc, path: Path, timeout=300):
     deadline = time.monotonic() + timeout
     while not (path / "manifest.json").exists():
         assert proc.poll() is None, f"run ended before {path.name} was written:\n{proc.stdout.read()}"
@@ -69,23 +71,75 @@ def straight(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("strategy,async_save", [("ddp", False), ("fsdp", True), ("zero2", False), ("zero3", False)])
-def test_sigterm_after_step_20_then_rerun_gives_same_weights(tmp_path, straight, strategy, async_save):
-    flags = ["--async-save"] if async_save else []
-    proc = torchrun(tmp_path, strategy, *flags, env={"STEP_SLEEP": "0.05"}, background=True)
-    wait_for_manifest(proc, tmp_path / "checkpoints" / "step-20")
-    proc.send_signal(signal.SIGTERM)  # to torchrun, as `kill` or a scheduler would; it forwards to the ranks
-    out, _ = proc.communicate(timeout=120)
-    assert "PREEMPTED step=" in out, out
-    stopped_at = int(out.split("PREEMPTED step=")[1].split()[0])
-    assert 20 <= stopped_at < 40
-    assert (tmp_path / "checkpoints" / f"step-{stopped_at}" / "manifest.json").exists()
-    assert not final(tmp_path).exists()
+TINY_CONFIG = """
+model:
+  name_or_path: tinyllama-1.1b
+  overrides: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+              num_key_value_heads: 2, max_position_embeddings: 64, attention_dropout: 0.1}}
+data:
+  train_files: ["{text}"]
+  vocab_size: 256
+  block_size: 32
+  max_eval_samples: 8
+  cache_dir: "{cache}"
+training:
+  learning_rate: 3.0e-3
+  max_steps: 40
+  per_device_train_batch_size: 2
+  gradient_accumulation_steps: 2
+  logging_steps: 10
+  eval_steps: 15
+  save_steps: 10
+  save_total_limit: 2
+  report_to: []
+parallel:
+  nproc_per_node: 2
+"""
 
-    result = torchrun(tmp_path, strategy, *flags)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"RESUMED step={stopped_at}" in result.stdout
-    assert max_diff(final(tmp_path), final(straight(strategy))) <= 1e-6
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    import random
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "self", "(", ")", ":", "=", "+", "\n", "    "]
+    (root / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(12000)))
+    config = root / "tiny.yaml"
+    config.write_text(TINY_CONFIG.format(text=root / "text.txt", cache=root / "cache"))
+    return config
+
+
+def llaunch_run(config, output, strategy, *extra, background=False):
+    """The user's command, exactly: `llaunch run CONFIG --output-dir OUT --strategy S [key=value]`."""
+    cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(output), "--strategy", strategy,
+           *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+
+
+@pytest.mark.parametrize("strategy,extra", [("ddp", ()), ("fsdp", ("training.async_save=true",)), ("zero2", ()),
+                                            ("zero3", ())])
+def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, tiny_config, strategy, extra):
+    straight = llaunch_run(tiny_config, tmp_path / "straight", strategy, *extra)
+    assert straight.returncode == 0, straight.stdout[-4000:]
+
+    proc = llaunch_run(tiny_config, tmp_path / "run", strategy, *extra, background=True)
+    wait_for_manifest(proc, tmp_path / "run" / "checkpoints" / "step-20", timeout=300)
+    proc.send_signal(signal.SIGTERM)  # to `llaunch run`, as `kill` or a scheduler would
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-4000:]
+    assert "preempted (SIGTERM): saved step " in out, out[-4000:]
+    stopped_at = int(out.split("saved step ")[1].split(",")[0])
+    assert 20 <= stopped_at < 40
+    assert not final(tmp_path / "run").exists()
+
+    resumed = llaunch_run(tiny_config, tmp_path / "run", strategy, *extra)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"checkpoints/step-{stopped_at} at step {stopped_at}" in resumed.stdout
+    assert max_diff(final(tmp_path / "run"), final(tmp_path / "straight")) <= 1e-6
 
 
 @pytest.mark.parametrize("hook,value", [("SIGNAL_AT", "13:0:1"), ("SIGNAL_IN_EVAL", "15:0")])
@@ -95,8 +149,7 @@ def test_signal_inside_accumulation_or_eval_stops_all_ranks_at_the_step_boundary
     assert result.returncode != 0
     step = int(value.split(":")[0]) + (1 if hook == "SIGNAL_AT" else 0)
     assert f"PREEMPTED step={step}" in result.stdout, result.stdout + result.stderr
-    assert "exitcode  : 75" in result.stderr or f"exit code {REQUEUE_EXIT_CODE}" in result.stderr or \
-        "75" in result.stderr
+    assert f"exitcode  : {REQUEUE_EXIT_CODE}" in result.stderr, result.stderr[-3000:]
     result = torchrun(tmp_path, "ddp")
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"RESUMED step={step}" in result.stdout

@@ -1,0 +1,275 @@
+"""Checkpoints are published only when complete, found by manifest, verified, retained safely (one process)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launcher.errors import LaunchError
+from launcher.train import checkpoint as ckpt
+from launcher.train.checkpoint import Checkpointer, find_latest_complete, list_checkpoints, resolve_resume
+from launcher.train.fingerprint import Fingerprint
+
+
+class TinyEngine:
+    """The engine contract with DCP, in one process: what engines/base.py TorchEngine does."""
+
+    def __init__(self, seed=0):
+        torch.manual_seed(seed)
+        self.module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=1e-2)
+        self.fail_with: OSError | None = None
+
+    def train_one_step(self):
+        self.module(torch.randn(4, 8)).pow(2).mean().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optimizer": optim}
+
+    def save_state(self, directory, async_save=False):
+        import torch.distributed.checkpoint as dcp
+
+        if self.fail_with is not None:
+            Path(directory).mkdir(parents=True)
+            (Path(directory) / "half-written").write_bytes(b"x" * 100)
+            raise self.fail_with
+        dcp.save(self._state(), checkpoint_id=str(directory), no_dist=True)
+
+    def load_state(self, directory):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def fingerprint(**changes):
+    base = dict(model_config={"hidden_size": 8}, tokenizer="tok", data="data", global_batch=8,
+                schedule={"max_steps": 100})
+    return Fingerprint.build(**{**base, **changes})
+
+
+def save(checkpointer, engine, step, metric=None):
+    return checkpointer.save(step, engine, {"train_state": {"global_step": step}}, fingerprint=fingerprint(),
+                             metrics={"eval_loss": metric} if metric is not None else None,
+                             documents={"config.yaml": "seed: 1\n"})
+
+
+def test_checkpoint_has_manifest_with_sizes_and_checksums(tmp_path):
+    engine = TinyEngine()
+    path = save(Checkpointer(tmp_path, strategy="ddp"), engine, 5)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert path == tmp_path / "checkpoints" / "step-5"
+    assert manifest["step"] == 5 and manifest["world_size"] == 1 and manifest["strategy"] == "ddp"
+    assert {"rank-0.pt", "config.yaml", "engine/.metadata"} <= set(manifest["files"])
+    for rel, meta in manifest["files"].items():
+        assert (path / rel).stat().st_size == meta["size"] and len(meta["sha256"]) == 64
+    assert manifest["fingerprint"]["data"] == "data"
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))
+
+
+def test_resume_restores_weights_optimizer_and_every_rng_stream(tmp_path):
+    engine = TinyEngine()
+    engine.train_one_step()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    save(checkpointer, engine, 1)
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    engine.train_one_step()
+    expected_weights = [p.detach().clone() for p in engine.module.parameters()]
+
+    fresh = TinyEngine(seed=99)
+    state = checkpointer.load(tmp_path / "checkpoints" / "step-1", fresh)
+    assert state["train_state"] == {"global_step": 1}
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected_draws
+    fresh.train_one_step()  # needs the restored Adam moments to land on the same weights
+    for got, want in zip(fresh.module.parameters(), expected_weights):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_unfinished_save_is_ignored_and_cleaned_by_the_next_save(tmp_path):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    save(checkpointer, engine, 10)
+    partial = tmp_path / "checkpoints" / ".step-20.partial"  # what kill -9 during a save leaves
+    partial.mkdir()
+    (partial / "rank-0.pt").write_bytes(b"half")
+    no_manifest = tmp_path / "checkpoints" / "step-30"  # a folder with a higher number but no manifest
+    no_manifest.mkdir()
+    assert find_latest_complete(tmp_path) == tmp_path / "checkpoints" / "step-10"
+    assert [i.complete for i in list_checkpoints(tmp_path)] == [True, False]
+    save(checkpointer, engine, 20)
+    assert not partial.exists()
+    assert find_latest_complete(tmp_path) == tmp_path / "checkpoints" / "step-20"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_shard_is_named_and_previous_checkpoint_used(tmp_path, caplog, damage):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    save(checkpointer, engine, 1)
+    engine.train_one_step()
+    newest = save(checkpointer, engine, 2)
+    shard = next((newest / "engine").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(data[:-10]))
+    else:
+        shard.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_complete(tmp_path) == tmp_path / "checkpoints" / "step-1"
+    word = {"flip": "corrupted", "truncate": "truncated", "delete": "missing"}[damage]
+    assert f"engine/{shard.name} is {word}" in caplog.text
+    with pytest.raises(LaunchError, match="damaged"):
+        resolve_resume(tmp_path, str(newest), no_resume=False, overwrite=False)
+
+
+def test_retention_keeps_newest_and_best_and_deletes_only_after_publishing(tmp_path):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp", save_total_limit=2, metric_for_best_model="eval_loss")
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)]:
+        save(checkpointer, engine, step, loss)
+    assert [i.step for i in list_checkpoints(tmp_path)] == [2, 3, 4]  # 2 is the best (lowest loss)
+
+    engine.fail_with = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(LaunchError, match="No space left on device.*earlier checkpoints are untouched"):
+        save(checkpointer, engine, 5, 0.5)
+    assert [i.step for i in list_checkpoints(tmp_path) if i.complete] == [2, 3, 4]
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))
+
+
+def test_greater_is_better_metric_keeps_the_highest(tmp_path):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp", save_total_limit=1, metric_for_best_model="accuracy",
+                                greater_is_better=True)
+    for step, acc in [(1, 0.2), (2, 0.9), (3, 0.5)]:
+        checkpointer.save(step, engine, {}, metrics={"eval_accuracy": acc})
+    assert [i.step for i in list_checkpoints(tmp_path)] == [2, 3]
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(LaunchError, match="cannot write checkpoints to .*choose a writable --output-dir"):
+        Checkpointer(blocker / "out", strategy="ddp")
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    save(checkpointer, engine, 1)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("U", (), {"free": 10})())
+    with pytest.raises(LaunchError, match="GiB free under .* free space or lower save_total_limit"):
+        save(checkpointer, engine, 2)
+    assert [i.step for i in list_checkpoints(tmp_path)] == [1]
+
+
+def test_saving_a_step_again_replaces_the_old_copy(tmp_path):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    first = json.loads((save(checkpointer, engine, 7) / "manifest.json").read_text())
+    engine.train_one_step()
+    second = json.loads((save(checkpointer, engine, 7) / "manifest.json").read_text())
+    assert first["files"]["rank-0.pt"] != second["files"]["rank-0.pt"] or \
+        first["files"]["engine/__0_0.distcp"] != second["files"]["engine/__0_0.distcp"]
+    assert find_latest_complete(tmp_path) == tmp_path / "checkpoints" / "step-7"
+
+
+def test_resolve_resume_choices(tmp_path):
+    assert resolve_resume(tmp_path, None, no_resume=False, overwrite=False) is None
+    save(Checkpointer(tmp_path, strategy="ddp"), TinyEngine(), 3)
+    assert resolve_resume(tmp_path, None, no_resume=False, overwrite=False) == tmp_path / "checkpoints" / "step-3"
+    with pytest.raises(LaunchError, match="add --overwrite"):
+        resolve_resume(tmp_path, None, no_resume=True, overwrite=False)
+    assert resolve_resume(tmp_path, None, no_resume=True, overwrite=True) is None
+    with pytest.raises(LaunchError, match="not a complete llaunch checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "nowhere"), no_resume=False, overwrite=False)
+
+
+def test_corrupting_fingerprint_change_is_refused_benign_one_logged(tmp_path, caplog):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    path = save(checkpointer, engine, 4)
+    with pytest.raises(LaunchError, match="the training data differs"):
+        checkpointer.load(path, engine, fingerprint(data="other-data"))
+    with pytest.raises(LaunchError, match="the tokenizer differs"):
+        checkpointer.load(path, engine, fingerprint(tokenizer="other"))
+    with pytest.raises(LaunchError, match="the global batch size differs"):
+        checkpointer.load(path, engine, fingerprint(global_batch=16))
+    with pytest.raises(LaunchError, match="the model architecture differs"):
+        checkpointer.load(path, engine, fingerprint(model_config={"hidden_size": 16}))
+    with caplog.at_level(logging.WARNING):
+        checkpointer.load(path, engine, fingerprint(schedule={"max_steps": 200}, model_config={
+            "hidden_size": 8, "transformers_version": "9.9"}))
+    assert "max_steps: 100 -> 200" in caplog.text
+
+
+def test_strategy_change_rules(tmp_path):
+    engine = TinyEngine()
+    path = save(Checkpointer(tmp_path, strategy="ddp"), engine, 1)
+    Checkpointer(tmp_path, strategy="fsdp").load(path, engine)  # DCP: DDP and FSDP share names
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["strategy"] = "zero3"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LaunchError, match="written by strategy zero3 .* --strategy zero3"):
+        Checkpointer(tmp_path, strategy="fsdp").load(path, engine)
+    manifest["world_size"] = 4
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LaunchError, match="saved by 4 ranks and this run has 1.*ds_to_universal"):
+        Checkpointer(tmp_path, strategy="zero3").load(path, engine)
+
+
+def test_checkpoints_cli_lists_step_size_completeness_and_best(tmp_path, capsys):
+    from launcher.cli import main
+
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp", metric_for_best_model="eval_loss")
+    save(checkpointer, engine, 10, 2.0)
+    save(checkpointer, engine, 20, 1.5)
+    save(checkpointer, engine, 30, 1.8)
+    (tmp_path / "checkpoints" / "step-40").mkdir()
+    assert main(["checkpoints", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│") and
+            line.split("│")[1].strip().isdigit()}
+    assert set(rows) == {"10", "20", "30", "40"}
+    assert "best" in rows["20"] and "best" not in rows["30"]
+    assert "resume" in rows["30"]
+    assert "no" in rows["40"] and "yes" in rows["10"]
+    assert main(["checkpoints", str(tmp_path / "missing")]) == 2
+
+
+def test_export_writes_a_hugging_face_model_from_a_dcp_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from launcher.cli import main
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    engine = TinyEngine()
+    engine.module, engine.optimizer = model, torch.optim.AdamW(model.parameters())
+    path = Checkpointer(tmp_path, strategy="fsdp").save(
+        3, engine, {}, documents={"model_config.json": config.to_json_string(use_diff=False)})
+    assert main(["export", str(path), "--to", str(tmp_path / "hf")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert main(["export", str(path), "--to", str(tmp_path / "hf2"), "--merge"]) == 2  # no adapters to merge
