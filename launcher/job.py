@@ -48,6 +48,11 @@ def prepare_job(
         raise LaunchError("model.name_or_path is empty; name a catalog model (llaunch plan --list) or a local directory.")
     _check_strategy_library(config.parallel.strategy)
     _check_output_dir(out, training.overwrite_output_dir)
+    if training.resume_from_checkpoint or (training.ignore_checkpoints and not training.overwrite_output_dir):
+        from launcher.train.checkpoint import resolve_resume
+
+        # Refuse a bad --resume-from or a fresh start over checkpoints before any rank starts.
+        resolve_resume(out, training.resume_from_checkpoint, training.ignore_checkpoints, overwrite=False)
 
     model_dir = pretrained_dir(config.model)
     corpus = build_corpus(config.data, model_dir)

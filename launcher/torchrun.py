@@ -48,27 +48,33 @@ def build_torchrun_argv(
 
 
 def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0) -> int:
-    """Run torchrun in its own process group and forward SIGINT/SIGTERM to it, so Ctrl-C stops every rank.
+    """Run torchrun in its own process group and forward SIGINT/SIGTERM (and SIGUSR1/2 to the ranks) to it.
 
     torchrun passes the signal on to its workers and waits for them; a second signal (or a torchrun that
-    outlives `grace_s`) kills the whole group. Returns torchrun's exit code, or 128 + signal when stopped.
+    outlives `grace_s`) kills the whole group. Returns torchrun's exit code, 128 + SIGINT after Ctrl-C, or
+    REQUEUE_EXIT_CODE after a preemption signal (the ranks saved a checkpoint).
     """
     import os
     import signal
     import subprocess
+
+    from launcher.train.preemption import REQUEUE_EXIT_CODE, signal_ranks
 
     proc = subprocess.Popen(argv, env=env, start_new_session=True)
     received: list[int] = []
 
     def forward(signum, _frame):
         received.append(signum)
+        if len(received) == 1 and signum in (signal.SIGUSR1, signal.SIGUSR2):
+            signal_ranks(proc.pid, signum)  # torchrun would die of these; the ranks save and exit
+            return
         target, sig = (proc.pid, signum) if len(received) == 1 else (-proc.pid, signal.SIGKILL)
         try:
             os.kill(target, sig)
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         while True:
             try:
@@ -83,6 +89,6 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0) ->
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    if received:
-        return 128 + received[0]
+    if received:  # a preemption signal made the ranks checkpoint: ask to be requeued; Ctrl-C is a stop
+        return 128 + received[0] if received[0] == signal.SIGINT else REQUEUE_EXIT_CODE
     return code if code >= 0 else 128 - code

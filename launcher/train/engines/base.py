@@ -44,8 +44,12 @@ class Engine(ABC):
         """Clip to max_grad_norm (<= 0: no clipping), step the optimizer, zero grads; return the pre-clip norm."""
 
     @abstractmethod
-    def save_state(self, directory: Path) -> None:
-        """Sharded model + optimizer state for resuming (every rank calls it)."""
+    def save_state(self, directory: Path, async_save: bool = False):
+        """Sharded model + optimizer state for resuming (every rank calls it).
+
+        With `async_save` an engine that can returns a Future once the state is copied to host memory;
+        otherwise it returns None after writing.
+        """
 
     @abstractmethod
     def load_state(self, directory: Path) -> None: ...
@@ -101,12 +105,19 @@ class TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def save_state(self, directory: Path) -> None:
+    def save_state(self, directory: Path, async_save: bool = False):
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+        state = {"model": model_state, "optimizer": optim_state}
+        if not async_save:
+            dcp.save(state, checkpoint_id=str(directory))
+            return None
+        if getattr(self, "_checkpoint_group", None) is None:  # background writes talk over gloo, never NCCL
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return dcp.async_save(state, checkpoint_id=str(directory), process_group=self._checkpoint_group)
 
     def load_state(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp

@@ -57,8 +57,8 @@ class DeepSpeedEngine(Engine):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save_state(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=STATE_TAG)
+    def save_state(self, directory: Path, async_save: bool = False) -> None:
+        self.engine.save_checkpoint(str(directory), tag=STATE_TAG)  # synchronous: DeepSpeed writes its own files
 
     def load_state(self, directory: Path) -> None:
         self.engine.load_checkpoint(str(directory), tag=STATE_TAG, load_optimizer_states=True,
