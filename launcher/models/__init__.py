@@ -190,6 +190,8 @@ def _llama_like_spec(name: str, c: dict, source: str) -> ModelSpec:
     except (KeyError, TypeError, ValueError) as err:
         raise LaunchError(f"model config for {name} lacks a usable {err}; add it to config.json or --model-override.") from None
     kv = int(c.get("num_key_value_heads") or heads)
+    if heads % kv:
+        raise LaunchError(f"{name}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}; override both.")
     head_dim = int(c.get("head_dim") or h // heads)
     linears = [
         ("q_proj", h, heads * head_dim), ("k_proj", h, kv * head_dim), ("v_proj", h, kv * head_dim),
