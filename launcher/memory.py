@@ -126,7 +126,8 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     else:
         grads = add("grads", trainable * grad_bytes / split["grads"],
                     "one gradient per trainable weight, in its dtype" + (f", reduce-scattered to 1/{world}" if split["grads"] > 1 else ""))
-    state_bytes, master_bytes = optimizer_bytes_per_param(setup.optimizer, setup.precision, deepspeed and not lora)
+    state_bytes, master_bytes = optimizer_bytes_per_param(setup.optimizer, "fp32" if lora else setup.precision,
+                                                          deepspeed and not lora)
     optimizer = (state_bytes + master_bytes) * trainable / split["optimizer"]
     if setup.offload != "none":
         optimizer = 0
@@ -198,7 +199,7 @@ def frozen_base_bytes(spec: ModelSpec, method: str, precision: str) -> float:
 def optimizer_bytes_per_param(optimizer: str, precision: str, deepspeed_full: bool) -> tuple[int, int]:
     """(state bytes, master-copy bytes) per trainable parameter.
 
-    AdamW keeps m and v in the parameter's dtype (fp32 = 8 B, bf16 = 4 B); adamw-8bit keeps them as
+    AdamW keeps m and v in the parameter's dtype (fp32 = 8 B, bf16 = 4 B; LoRA adapters are fp32); adamw-8bit keeps them as
     blockwise-quantized uint8 (2 B); SGD with momentum keeps one buffer. DeepSpeed's mixed precision adds an
     fp32 master copy of the weights (ZeRO paper's K = 12 for Adam: 4 + 4 + 4).
     """

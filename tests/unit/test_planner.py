@@ -1,0 +1,95 @@
+"""Planner decisions, golden plans, and the one-sentence errors when nothing fits."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import LaunchError
+from launcher.hardware import Hardware
+from launcher.planner import PlanRequest, make_plan, rank_candidates, hardware_for
+from launcher.models import load_model_spec
+
+GOLDEN = Path(__file__).parent / "golden" / "plans"
+CPU_BOX = Hardware(cpu_cores=2, ram_bytes=24 * 2**30, ram_available_bytes=20 * 2**30, hostname="ci")
+
+
+def test_7b_full_finetune_on_one_80gb_gpu_needs_offload():
+    plan = make_plan(PlanRequest(model="7b", gpu="H100"), CPU_BOX)
+    assert plan.offload != "none" and plan.strategy.startswith("zero")
+    assert plan.memory["reserved_bytes"] <= plan.memory["limit_bytes"]
+
+
+def test_7b_lora_on_one_80gb_gpu_fits_without_offload():
+    plan = make_plan(PlanRequest(model="7b", gpu="H100", method="lora"), CPU_BOX)
+    assert plan.offload == "none" and plan.strategy == "ddp" and plan.precision == "bf16"
+
+
+def test_70b_on_8x80gb_needs_zero3_or_fsdp():
+    plan = make_plan(PlanRequest(model="70b", gpu="H100", gpus_per_node=8), CPU_BOX)
+    assert plan.strategy in ("zero3", "fsdp")
+
+
+def test_ddp_is_chosen_when_it_fits_and_is_fastest():
+    request = PlanRequest(model="1.1b", gpu="H100", gpus_per_node=8)
+    plan = make_plan(request, CPU_BOX)
+    assert plan.strategy == "ddp"
+    candidates = rank_candidates(load_model_spec("1.1b"), request, hardware_for(request, CPU_BOX))
+    assert max(c.tokens_per_s for c in candidates if c.fits) == pytest.approx(plan.predicted["tokens_per_s"], rel=1e-3)
+
+
+def test_slow_network_makes_sharding_pay_for_its_traffic():
+    """Across 16 nodes the extra all-gathers of ZeRO-3 cost more than ZeRO-1's sharded optimizer saves."""
+    request = PlanRequest(model="8b", gpu="H100", gpus_per_node=8, nodes=16, micro_batch=1, activation_checkpointing=False)
+    candidates = {c.setup.strategy: c for c in rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))}
+    assert candidates["zero3"].time_terms["comm_s"] > candidates["zero1"].time_terms["comm_s"]
+
+
+def test_global_batch_sets_gradient_accumulation():
+    plan = make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=4, global_batch=64), CPU_BOX)
+    assert plan.micro_batch * plan.gradient_accumulation_steps * 4 == 64
+    tokens = make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=4, global_batch_tokens=131072), CPU_BOX)
+    assert tokens.global_batch_tokens == 131072
+
+
+def test_cpu_machine_gets_a_cpu_plan_for_the_quickstart():
+    plan = make_plan(PlanRequest(model="gpt2", model_overrides={"n_layer": 2}, gpus_per_node=2, seq_len=64), CPU_BOX)
+    assert (plan.device, plan.gpus_per_node, plan.strategy, plan.precision) == ("cpu", 2, "ddp", "fp32")
+    assert plan.params == load_model_spec("gpt2", {"n_layer": 2}).num_params
+    assert plan.memory["limit_bytes"] == int(20 * 2**30 * 0.95 / 2)
+
+
+def test_impossible_plan_names_the_smallest_change():
+    with pytest.raises(LaunchError, match=r"does not fit.*--gpus 2|does not fit.*--nodes|does not fit.*lora"):
+        make_plan(PlanRequest(model="70b", gpu="H100", strategy="fsdp"), CPU_BOX)
+    with pytest.raises(LaunchError, match="does not fit"):
+        make_plan(PlanRequest(model="405b", gpu="L40S", gpus_per_node=1, method="qlora"), CPU_BOX)
+
+
+def test_forced_knobs_are_kept():
+    plan = make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=2, strategy="zero2", micro_batch=2,
+                                 activation_checkpointing=True, precision="bf16"), CPU_BOX)
+    assert (plan.strategy, plan.micro_batch, plan.activation_checkpointing, plan.precision) == ("zero2", 2, True, "bf16")
+
+
+def test_bad_requests_are_one_sentence():
+    with pytest.raises(LaunchError, match="--gpus must be a positive integer"):
+        make_plan(PlanRequest(model="7b", gpus_per_node=0), CPU_BOX)
+    with pytest.raises(LaunchError, match="unknown GPU"):
+        make_plan(PlanRequest(model="7b", gpu="GTX 9999"), CPU_BOX)
+
+
+@pytest.mark.parametrize("name, request_kwargs", [
+    ("llama-3.1-8b-8xh100", dict(model="8b", gpu="H100", gpus_per_node=8)),
+    ("tinyllama-1xh100", dict(model="tinyllama-1.1b", gpu="H100")),
+    ("llama-2-7b-lora-1xa100", dict(model="7b", gpu="A100-80GB", method="lora", lora_r=8)),
+    ("gpt2-cpu-2proc", dict(model="gpt2", gpus_per_node=2, seq_len=128)),
+])
+def test_golden_plans(name, request_kwargs):
+    """Regenerate after a deliberate estimator change with LLAUNCH_UPDATE_GOLDEN=1 and review the diff."""
+    plan = make_plan(PlanRequest(**request_kwargs), CPU_BOX).to_dict()
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("LLAUNCH_UPDATE_GOLDEN"):
+        path.write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    assert plan == json.loads(path.read_text())
