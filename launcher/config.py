@@ -80,7 +80,7 @@ class TrainingConfig:
     gradient_checkpointing: bool | None = None  # None: planner decides (activation checkpointing)
     logging_steps: int = 10
     eval_steps: int | None = None  # None: no evaluation during training, one at the end
-    save_strategy: str = "steps"  # steps | no
+    save_strategy: str = "steps"  # steps | epoch | no
     save_steps: int = 500
     save_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # a checkpoint dir; None: latest in output_dir
@@ -152,8 +152,8 @@ class TrainConfig:
         t = self.training
         if t.bf16 and t.fp16:
             raise LaunchError("training.bf16 and training.fp16 are both true; choose one.")
-        if t.save_strategy not in ("steps", "no"):
-            raise LaunchError(f"training.save_strategy {t.save_strategy!r} is not one of steps, no.")
+        if t.save_strategy not in ("steps", "epoch", "no"):
+            raise LaunchError(f"training.save_strategy {t.save_strategy!r} is not one of steps, epoch, no.")
         if t.optim not in ("adamw_torch_fused", "adamw_torch"):
             raise LaunchError(f"training.optim {t.optim!r} is not one of adamw_torch_fused, adamw_torch.")
         if not 0 <= self.data.validation_split_percentage < 100:

@@ -60,7 +60,11 @@ def load_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], d
 
 
 def export_checkpoint(checkpoint: str | Path, to: str | Path, merge: bool = False) -> Path:
-    """Write `to/model.safetensors` (+ config.json and tokenizer when the checkpoint has them)."""
+    """Write `to/model.safetensors` (+ config.json and tokenizer when the checkpoint has them).
+
+    A LoRA run's checkpoint exports as its adapter (adapter_model.safetensors), or with `merge` as the base
+    model with the adapter folded into its weights.
+    """
     from safetensors.torch import save_file
 
     checkpoint, to = Path(checkpoint), Path(to)
@@ -74,6 +78,8 @@ def export_checkpoint(checkpoint: str | Path, to: str | Path, merge: bool = Fals
         model = _build_hf_model(json.loads(config_file.read_text()), state,
                                 json.loads(adapter_file.read_text()) if adapter_file.exists() else None, merge)
         model.save_pretrained(to, safe_serialization=True)
+        if adapter_file.exists() and not merge:
+            return to / "adapter_model.safetensors"
     else:
         save_file({k: v.contiguous() for k, v in state.items()}, str(to / "model.safetensors"),
                   metadata={"step": str(manifest["step"])})
@@ -92,9 +98,9 @@ def _build_hf_model(config: dict, state: dict[str, torch.Tensor], adapter: dict 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(hf_config)
     if adapter is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_config, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(**adapter))
+        model = get_peft_model(model, get_peft_config(adapter))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:

@@ -14,6 +14,7 @@ the next batch is drawn).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -279,10 +280,12 @@ class Trainer:
             print(f"resumed from {path} at step {self.state.global_step}", flush=True)
 
     def checkpoint_or_stop(self) -> None:
-        """Save every save_steps; when any rank was signalled, all save now and stop (one all-reduce)."""
+        """Save per save_strategy (steps / epoch / no); when any rank was signalled, all save now and stop."""
         training = self.config.training
-        self.preempted = self.preemption.should_stop(self.device)
-        if self.preempted or (training.save_strategy == "steps" and self._due(training.save_steps)):
+        self.preempted = self.preemption.should_stop()
+        due = {"steps": lambda: self._due(training.save_steps), "no": lambda: False,
+               "epoch": lambda: self._due(self.sampler.steps_per_epoch)}[training.save_strategy]
+        if self.preempted or due():
             self.save_checkpoint()
         if self.preempted:
             self.should_stop = True
@@ -299,6 +302,10 @@ class Trainer:
         metrics = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
         documents = {PLAN_FILE: self.plan.to_yaml(), CONFIG_FILE: (self.job_dir / CONFIG_FILE).read_text(),
                      "model_config.json": self.engine.module.config.to_json_string(use_diff=False)}
+        adapters = getattr(self.engine.module, "peft_config", None)
+        if adapters:  # a LoRA run: export needs the adapter's config to rebuild (and merge) it
+            documents["adapter_config.json"] = json.dumps(adapters["default"].to_dict(),
+                                                          default=lambda v: sorted(v) if isinstance(v, set) else str(v))
         self.checkpointer.save(step, self.engine, state, fingerprint=self.fingerprint, metrics=metrics,
                                documents=documents, tokenizer_dir=self.corpus.tokenizer_dir)
 

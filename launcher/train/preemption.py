@@ -45,6 +45,7 @@ class PreemptionHandler:
         self.received: signal.Signals | None = None
         self._first_at = 0.0
         self._previous: dict = {}
+        self._group = None
 
     def install(self) -> "PreemptionHandler":
         for sig in self.signals:
@@ -65,11 +66,17 @@ class PreemptionHandler:
             # checkpoint is complete because checkpoints are only published once durable.
             os._exit(128 + signum)
 
-    def should_stop(self, device: torch.device | str = "cpu") -> bool:
-        """True on every rank when any rank was signalled; a collective, so call it on all ranks."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+    def should_stop(self) -> bool:
+        """True on every rank when any rank was signalled; a collective, so call it on all ranks.
+
+        The vote goes over a CPU (gloo) group: on NCCL a GPU tensor and `.item()` would make the host wait
+        for the GPU at every step boundary.
+        """
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if self._group is None:
+                self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
 

@@ -141,6 +141,13 @@ def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, ti
     assert f"checkpoints/step-{stopped_at} at step {stopped_at}" in resumed.stdout
     assert max_diff(final(tmp_path / "run"), final(tmp_path / "straight")) <= 1e-6
 
+    # `llaunch export` turns this strategy's sharded step-40 checkpoint into the same Hugging Face weights.
+    from launcher.train.export import export_checkpoint
+
+    exported = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-40", tmp_path / "exported")
+    assert (tmp_path / "exported" / "config.json").exists() and (tmp_path / "exported" / "tokenizer.json").exists()
+    assert max_diff(exported, final(tmp_path / "run")) == 0.0
+
 
 @pytest.mark.parametrize("hook,value", [("SIGNAL_AT", "13:0:1"), ("SIGNAL_IN_EVAL", "15:0")])
 def test_signal_inside_accumulation_or_eval_stops_all_ranks_at_the_step_boundary(tmp_path, straight, hook, value):

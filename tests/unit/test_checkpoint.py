@@ -273,3 +273,33 @@ def test_export_writes_a_hugging_face_model_from_a_dcp_checkpoint(tmp_path):
     for (name, want), got in zip(model.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
     assert main(["export", str(path), "--to", str(tmp_path / "hf2"), "--merge"]) == 2  # no adapters to merge
+
+
+def test_export_of_a_lora_checkpoint_writes_the_adapter_or_merges_it(tmp_path):
+    import json as _json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from launcher.train.export import export_checkpoint
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # as after training: a non-zero update to merge
+            torch.nn.init.normal_(param, std=0.5)
+    engine = TinyEngine()
+    engine.module, engine.optimizer = model, torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    adapter = _json.dumps(model.peft_config["default"].to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    path = Checkpointer(tmp_path, strategy="ddp").save(
+        1, engine, {}, documents={"model_config.json": config.to_json_string(use_diff=False),
+                                  "adapter_config.json": adapter})
+    assert export_checkpoint(path, tmp_path / "adapter").name == "adapter_model.safetensors"
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    export_checkpoint(path, tmp_path / "merged", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    tokens = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, model.eval()(tokens).logits, rtol=1e-4, atol=1e-5)
