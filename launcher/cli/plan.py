@@ -34,6 +34,8 @@ def add_parser(subparsers) -> None:
     knobs.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list (q_proj,v_proj)")
     knobs.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     knobs.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
+    p.add_argument("--trace", action="store_true",
+                   help="also trace one real step of the model cut to 1-2 layers on fake tensors (MemTracker), scaled by depth")
     p.add_argument("--json", action="store_true", help="print the chosen plan as JSON")
     p.add_argument("-o", "--output", help="write the Plan YAML that `llaunch run` and `submit` read")
     p.set_defaults(run=run)
@@ -86,6 +88,8 @@ def run(args) -> int:
     request = request_from_args(args)
     probed = probe()
     plan = make_plan(request, probed)
+    if args.trace:
+        add_trace(plan, request)
     if args.output:
         plan.save(args.output)
     if args.json:
@@ -97,6 +101,25 @@ def run(args) -> int:
     if args.output:
         print(f"wrote {args.output}")
     return 0
+
+
+def add_trace(plan, request) -> None:
+    """Put the traced peak beside the estimate for the same knobs on one unsharded rank (what a trace can run)."""
+    from launcher.memory import TrainSetup, estimate
+    from launcher.memory_trace import trace_peak
+    from launcher.models import load_model_spec
+    from launcher.units import format_bytes
+
+    spec = load_model_spec(request.model, request.model_overrides)
+    setup = TrainSetup(precision=plan.precision, method=plan.method, optimizer=plan.optimizer, attention=plan.attention,
+                       activation_checkpointing=plan.activation_checkpointing, micro_batch=plan.micro_batch,
+                       seq_len=plan.seq_len, lora_r=plan.lora_r, lora_targets=list(plan.lora_targets), device=plan.device)
+    traced = trace_peak(spec, setup).peak_bytes
+    estimated = estimate(spec, setup).peak_bytes
+    plan.memory["trace_peak_bytes"] = traced
+    plan.memory["trace_estimate_bytes"] = estimated
+    plan.reasons.append(f"trace (MemTracker, fake tensors, 1 rank unsharded): peak {format_bytes(traced)} vs "
+                        f"estimate {format_bytes(estimated)} ({(estimated - traced) / traced:+.1%}).")
 
 
 def print_table(spec, plan, candidates) -> None:
