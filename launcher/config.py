@@ -65,6 +65,7 @@ class TrainingConfig:
     adam_epsilon: float = 1e-8
     optim: str = "adamw_torch_fused"  # adamw_torch_fused | adamw_torch
     lr_scheduler_type: str = "cosine"
+    lr_scheduler_kwargs: dict = field(default_factory=dict)  # e.g. {num_cycles: 2}, {step_size: 100, gamma: 0.5}
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
     max_grad_norm: float = 1.0
@@ -79,6 +80,7 @@ class TrainingConfig:
     tf32: bool | None = None  # None: on where the GPU supports it
     gradient_checkpointing: bool | None = None  # None: planner decides (activation checkpointing)
     logging_steps: int = 10
+    logging_first_step: bool = False
     eval_steps: int | None = None  # None: no evaluation during training, one at the end
     save_strategy: str = "steps"  # steps | epoch | no
     save_steps: int = 500

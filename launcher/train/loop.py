@@ -32,6 +32,8 @@ from launcher.train.engines import build_engine
 from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
 from launcher.train.modeling import build_model, pretrained_dir
 from launcher.train.optim import build_scheduler
+from launcher.train.adapters import apply_finetune_method
+from launcher.train.sft import ROW_FIELDS as SFT_ROW_FIELDS, SFTCorpus
 from launcher.train.checkpoint import Checkpointer, resolve_resume
 from launcher.train.fingerprint import Fingerprint, array_digest, files_digest
 from launcher.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
@@ -99,9 +101,14 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.corpus = self._corpus()
+        if self.config.data.dataset_format == "text":
+            self.corpus = self._corpus()
+            self.blocks = PackedBlocks(self.corpus.tokens(), self.plan.seq_len,
+                                       self.config.data.validation_split_percentage)
+        else:  # supervised fine-tuning JSONL: rows with the prompt masked (launcher/train/sft.py)
+            self.corpus = self.blocks = SFTCorpus.from_config(self.config.data, pretrained_dir(self.config.model),
+                                                              self.plan.seq_len, training.seed)
         self.tokenizer = self.corpus.tokenizer()
-        self.blocks = PackedBlocks(self.corpus.tokens(), self.plan.seq_len, self.config.data.validation_split_percentage)
         self.blocks.check(self.plan.global_batch)
         data_seed = training.data_seed if training.data_seed is not None else training.seed
         self.sampler = StepSampler(self.blocks.num_train, self.plan.global_batch, data_seed)
@@ -109,6 +116,7 @@ class Trainer:
                             else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
 
         model = build_model(self.config.model, self.plan, self.tokenizer, training.seed)
+        model = apply_finetune_method(model, self.config.finetune)  # before the engine wraps it
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = _flops_per_token(model.config, self.num_params, self.plan.seq_len)
         self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
@@ -116,6 +124,7 @@ class Trainer:
         self.state = TrainState()
         self.should_stop = False
         self.metrics = None
+        self.throughput: Throughput | None = None
         self.preempted = False
         self.last_eval: tuple[int, dict] | None = None  # (step, result) for the checkpoint's best-model metric
         self.fingerprint = self._fingerprint(model.config)
@@ -138,10 +147,18 @@ class Trainer:
         return corpus
 
     def _batch(self, block_indices: np.ndarray, blocks_of) -> dict:
-        ids = torch.from_numpy(np.stack([blocks_of(int(i)) for i in block_indices]))
+        rows = torch.from_numpy(np.stack([blocks_of(int(i)) for i in block_indices]))
         if self.device.type == "cuda":
-            ids = ids.pin_memory().to(self.device, non_blocking=True)
-        return {"input_ids": ids, "labels": ids}
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        if rows.dim() == 3:  # SFT rows: input_ids, labels, position_ids (restarting per packed example)
+            return dict(zip(SFT_ROW_FIELDS, rows.unbind(1)))
+        return {"input_ids": rows, "labels": rows}
+
+    def _num_items(self, indices, split: str = "train") -> int:
+        """Tokens the loss averages over: every next token of a text block, only answer tokens of an SFT row."""
+        if isinstance(self.blocks, SFTCorpus):
+            return sum(self.blocks.label_count(int(i), split) for i in indices)
+        return len(indices) * (self.plan.seq_len - 1)
 
     # ----- the loop -----------------------------------------------------------------------------------
     def train(self) -> int:
@@ -153,7 +170,8 @@ class Trainer:
             print(f"training {self.num_params / 1e6:.1f}M parameters for {self.total_steps} steps "
                   f"({self.plan.strategy}, {self.world_size} x {self.device.type}, {self.plan.precision}, "
                   f"global batch {self.plan.global_batch} x {self.plan.seq_len} tokens)", flush=True)
-        throughput = Throughput(self.flops_per_token, _peak_flops(self.plan, self.device, self.world_size))
+        self.throughput = throughput = Throughput(self.flops_per_token, _peak_flops(self.plan, self.device,
+                                                                                  self.world_size))
         loss_sum = torch.zeros((), device=self.device)
         window_steps = 0
         self.engine.train()
@@ -163,7 +181,7 @@ class Trainer:
                 loss_sum += self.train_step()
                 window_steps += 1
                 throughput.add(self.plan.global_batch_tokens)
-                if self._due(self.config.training.logging_steps) or self.state.global_step == self.total_steps:
+                if self._log_due():
                     self._log_train(loss_sum, window_steps, lr, throughput)
                     loss_sum.zero_()
                     window_steps = 0
@@ -183,7 +201,7 @@ class Trainer:
         """One optimizer update; returns this rank's mean token loss (a device tensor, not synced)."""
         indices, epoch, position = self.sampler.next_step(self.state.epoch, self.state.position)
         micro = rank_micro_batches(indices, self.rank, self.world_size, self.plan.micro_batch)
-        num_items = len(micro) * self.plan.micro_batch * (self.plan.seq_len - 1)
+        num_items = self._num_items(np.concatenate(micro))
         step_loss = torch.zeros((), device=self.device)
         for i, block_indices in enumerate(micro):
             batch = self._batch(block_indices, self.blocks.train_block)
@@ -205,6 +223,10 @@ class Trainer:
             self.evaluate_and_track()
         self.checkpoint_or_stop()
 
+    def _log_due(self) -> bool:
+        step, training = self.state.global_step, self.config.training
+        return self._due(training.logging_steps) or step == self.total_steps or (step == 1 and training.logging_first_step)
+
     def _due(self, every: int) -> bool:
         return self.state.global_step % every == 0
 
@@ -223,7 +245,7 @@ class Trainer:
         for start in range(0, len(share), batch_size):
             chunk = share[start:start + batch_size]
             loss = self.engine.forward(self._batch(chunk, self.blocks.eval_block))
-            tokens = len(chunk) * (self.plan.seq_len - 1)
+            tokens = self._num_items(chunk, split="eval")
             totals += torch.stack([loss.detach().double() * tokens, torch.tensor(tokens, device=self.device,
                                                                                    dtype=torch.float64)])
         self.engine.train(True)
@@ -249,6 +271,8 @@ class Trainer:
                 self.should_stop = True
         if self.metrics is not None:
             self.metrics.log({"step": self.state.global_step, **result})
+        if self.throughput is not None:
+            self.throughput.restart()  # evaluation time is not training throughput
         return result
 
     # ----- checkpoints and preemption -------------------------------------------------------------------

@@ -20,6 +20,9 @@ class Throughput:
         self._start = time.perf_counter()
         self._tokens = 0
 
+    def restart(self) -> None:
+        self._start, self._tokens = time.perf_counter(), 0
+
     def add(self, tokens: int) -> None:
         self._tokens += tokens
 
