@@ -90,5 +90,6 @@ def test_every_shipped_example_loads(tmp_path):
     assert examples
     for path in examples:
         first = path.read_text().splitlines()[0]
-        assert first.startswith("# llaunch ") and str(path.name) in first, f"{path.name} must start with its command"
+        assert first.startswith("# ") and f"llaunch run examples/{path.name}" in first, \
+            f"{path.name} must start with the command that runs it"
         load_train_config(path)
