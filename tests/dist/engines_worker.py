@@ -19,7 +19,8 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num
         "num_key_value_heads": 2, "max_position_embeddings": 64}
 
 
-def write_job(job: Path, data: Path, cache: Path, strategy: str, micro: int, accum: int, steps: int) -> None:
+def write_job(job: Path, data: Path, cache: Path, strategy: str, micro: int, accum: int, steps: int,
+              option: str) -> None:
     job.mkdir(parents=True, exist_ok=True)
     config = {
         "model": {"name_or_path": "tinyllama-1.1b", "overrides": TINY},
@@ -28,7 +29,10 @@ def write_job(job: Path, data: Path, cache: Path, strategy: str, micro: int, acc
         "training": {"max_steps": steps, "learning_rate": 1e-2, "warmup_steps": 0, "seed": 7, "report_to": []},
     }
     plan = {"model": "tinyllama-1.1b", "strategy": strategy, "precision": "fp32", "micro_batch": micro,
-            "gradient_accumulation_steps": accum, "seq_len": 32, "device": "cpu", "gpus_per_node": 2}
+            "gradient_accumulation_steps": accum, "seq_len": 32, "device": "cpu", "gpus_per_node": 2,
+            "activation_checkpointing": option == "ckpt"}
+    if option.startswith("amp-"):
+        plan["precision"] = option
     (job / "config.yaml").write_text(yaml.safe_dump(config))
     (job / "plan.yaml").write_text(yaml.safe_dump(plan))
 
@@ -38,15 +42,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("runs", nargs="+", help="strategy:micro:accum")
+    parser.add_argument("runs", nargs="+", help="strategy:micro:accum[:ckpt|amp-bf16]")
     args = parser.parse_args()
     _, rank, world = init_distributed()
     results = {}
     for run in args.runs:
-        strategy, micro, accum = run.split(":")
+        strategy, micro, accum, option = (run.split(":") + [""])[:4]
         job = args.out / run.replace(":", "-")
         if rank == 0:
-            write_job(job, args.data, args.out / "cache", strategy, int(micro), int(accum), args.steps)
+            write_job(job, args.data, args.out / "cache", strategy, int(micro), int(accum), args.steps, option)
         dist.barrier()
         trainer = Trainer(job)
         losses = []

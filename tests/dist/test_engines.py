@@ -14,7 +14,8 @@ import pytest
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("engines_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-RUNS = ["ddp:2:2", "ddp:4:1", "fsdp:2:2", "fsdp:4:1", "zero1:2:2", "zero2:2:2", "zero3:2:2", "zero2:4:1"]
+ENGINE_RUNS = ["ddp:2:2", "ddp:4:1", "fsdp:2:2", "fsdp:4:1", "zero1:2:2", "zero2:2:2", "zero3:2:2", "zero2:4:1"]
+RUNS = [*ENGINE_RUNS, "ddp:2:2:ckpt", "fsdp:2:2:ckpt", "ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16"]
 
 
 def make_text(path: Path) -> Path:
@@ -41,13 +42,22 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-@pytest.mark.parametrize("run", [r for r in RUNS if r != "ddp:2:2"])
+@pytest.mark.parametrize("run", [r for r in ENGINE_RUNS if r != "ddp:2:2"] + ["ddp:2:2:ckpt", "fsdp:2:2:ckpt"])
 def test_same_seed_same_losses_under_every_engine(engine_runs, run):
     _, losses = engine_runs
     reference = losses["ddp:2:2"]
     assert reference[0] > reference[-1], f"the loss did not fall: {reference}"
     for step, (got, want) in enumerate(zip(losses[run], reference)):
         assert rel_diff(got, want) <= 1e-3, f"{run} step {step + 1}: loss {got} vs DDP {want}"
+
+
+@pytest.mark.parametrize("run", ["ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16"])
+def test_bf16_mixed_precision_tracks_fp32(engine_runs, run):
+    """Autocast (DDP) and FSDP2's bf16 parameter policy: same losses as fp32 to bf16 accuracy, still learning."""
+    _, losses = engine_runs
+    for step, (got, want) in enumerate(zip(losses[run], losses["ddp:2:2"])):
+        assert rel_diff(got, want) <= 2e-2, f"{run} step {step + 1}: loss {got} vs fp32 {want}"
+    assert losses[run][-1] < losses[run][0]
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
