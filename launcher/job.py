@@ -55,11 +55,22 @@ def prepare_job(
         resolve_resume(out, training.resume_from_checkpoint, training.ignore_checkpoints, overwrite=False)
 
     model_dir = pretrained_dir(config.model)
-    corpus = build_corpus(config.data, model_dir)
-    plan = make_job_plan(config, corpus.meta["vocab_size"] if model_dir is None else None,
-                         nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
-    _check_strategy_library(plan.strategy)
-    PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage).check(plan.global_batch)
+    if config.finetune.method == "qlora":
+        from launcher.train.adapters import quantization_config
+
+        quantization_config(config.finetune)  # no GPU or no bitsandbytes: one sentence, before any rank starts
+    if config.data.dataset_format == "text":
+        corpus = build_corpus(config.data, model_dir)
+        plan = make_job_plan(config, corpus.meta["vocab_size"] if model_dir is None else None,
+                             nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
+        _check_strategy_library(plan.strategy)
+        PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage).check(plan.global_batch)
+    else:  # SFT JSONL: reading it here makes a bad line (file:line) fail before any rank starts
+        from launcher.train.sft import SFTCorpus
+
+        plan = make_job_plan(config, None, nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
+        _check_strategy_library(plan.strategy)
+        SFTCorpus.from_config(config.data, model_dir, plan.seq_len, training.seed).check(plan.global_batch)
 
     if training.overwrite_output_dir and out.exists():
         shutil.rmtree(out)
@@ -91,6 +102,9 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
         precision=config.requested_precision,
         activation_checkpointing=training.gradient_checkpointing,
         attention=config.model.attn_implementation or "sdpa",
+        method="full" if config.finetune.method == "prefix" else config.finetune.method,
+        lora_r=config.finetune.r,
+        lora_targets=config.finetune.target_modules,
     )
     if config.data.block_size is not None:
         request.seq_len = config.data.block_size

@@ -6,7 +6,11 @@ from __future__ import annotations
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="continue a prompt with a trained model", description=__doc__)
     p.add_argument("--model", required=True, help="a model directory, e.g. runs/quickstart/final")
+    p.add_argument("--adapter", help="a LoRA/prefix adapter directory (e.g. DIR/final of a method: lora run) "
+                   "applied on top of --model; a --model that is itself an adapter finds its base on its own")
     p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--instruction", action="store_true",
+                   help="wrap --prompt in the Alpaca template SFT trained on, and print only the answer")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-k", type=int, default=50)
@@ -19,7 +23,11 @@ def run(args) -> int:
 
     from launcher.errors import LaunchError
 
-    model_dir = Path(args.model)
+    from launcher.train.adapters import base_model_path, is_adapter_dir
+
+    model_dir, adapter = Path(args.model), args.adapter
+    if adapter is None and is_adapter_dir(model_dir):
+        model_dir, adapter = Path(base_model_path(model_dir)), model_dir
     if not (model_dir / "config.json").exists():
         raise LaunchError(f"{model_dir} is not a model directory (no config.json); pass e.g. DIR/final of a run.")
     import torch
@@ -27,9 +35,20 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    has_tokenizer = adapter and any(Path(adapter, f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model_dir)
+    if adapter:
+        from launcher.train.adapters import load_with_adapter
+
+        model = load_with_adapter(model_dir, adapter).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    prompt = args.prompt
+    if args.instruction:
+        from launcher.train.sft import format_prompt
+
+        prompt = format_prompt(tokenizer, args.prompt)
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
     sampling = args.temperature > 0
     with torch.no_grad():
         out = model.generate(
@@ -37,5 +56,6 @@ def run(args) -> int:
             temperature=args.temperature if sampling else None, top_k=args.top_k if sampling else None,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    start = inputs["input_ids"].shape[1] if args.instruction else 0
+    print(tokenizer.decode(out[0][start:], skip_special_tokens=True))
     return 0

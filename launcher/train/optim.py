@@ -50,10 +50,9 @@ def warmup_steps(training: TrainingConfig, total_steps: int) -> int:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig, total_steps: int):
-    """transformers' get_scheduler, so lr_scheduler_type means exactly what it means in HF Trainer."""
-    from transformers import get_scheduler
+    """transformers' get_scheduler for the HF names (they mean exactly what they mean in HF Trainer), plus
+    step / exponential / one_cycle (launcher/train/schedules.py)."""
+    from launcher.train.schedules import build_lr_scheduler
 
-    return get_scheduler(
-        training.lr_scheduler_type, optimizer,
-        num_warmup_steps=warmup_steps(training, total_steps), num_training_steps=total_steps,
-    )
+    return build_lr_scheduler(optimizer, training.lr_scheduler_type, warmup_steps(training, total_steps),
+                              total_steps, training.lr_scheduler_kwargs)

@@ -297,3 +297,89 @@ def load_sft_dataset(files: list[str], tokenizer, max_length: int, fmt: str = "a
         examples.extend(load_sft_examples(path, tokenizer, max_length, fmt, on_bad_line))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SFTDataset(examples, max_length, pad, packing, seed)
+
+
+ROW_FIELDS = ("input_ids", "labels", "position_ids")
+
+
+def row_array(examples: list[SFTExample], length: int, pad_token_id: int) -> np.ndarray:
+    """One training row as a (3, length) int64 array: input_ids, labels, position_ids (see collate_packed).
+
+    Unpacked rows are the one-example case: the padding tail restarts its positions, so no attention_mask
+    is needed either way."""
+    batch = collate_packed([examples], length, pad_token_id)
+    return np.stack([batch[k][0].numpy() for k in ROW_FIELDS])
+
+
+class SFTCorpus:
+    """What the training loop needs from SFT data, in the shape of its pretraining blocks: train/eval rows
+    addressed by index (so the loop's seeded, resumable sampler works unchanged), label counts for the loss
+    normaliser, and the tokenizer."""
+
+    def __init__(self, train: SFTDataset, eval: SFTDataset | None, tokenizer, tokenizer_dir: Path):
+        self.train, self.eval = train, eval
+        self._tokenizer = tokenizer
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.block_size = train.max_length
+
+    @classmethod
+    def from_config(cls, data, model_dir: str | Path | None, seq_len: int, seed: int) -> "SFTCorpus":
+        from transformers import AutoTokenizer
+
+        source = data.tokenizer_name_or_path or model_dir
+        if not source or not Path(source).is_dir():
+            raise LaunchError("SFT data needs a tokenizer: fine-tune a local pretrained model directory, "
+                              "or set data.tokenizer_name_or_path to a local tokenizer directory.")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        fmt = "auto" if data.dataset_format == "jsonl" else data.dataset_format
+        examples = []
+        for path in data.train_files:
+            examples.extend(load_sft_examples(path, tokenizer, seq_len, fmt, data.on_bad_line))
+        eval_examples = []
+        for path in data.eval_files:
+            eval_examples.extend(load_sft_examples(path, tokenizer, seq_len, fmt, data.on_bad_line))
+        if not data.eval_files and data.validation_split_percentage > 0 and len(examples) > 1:
+            order = np.random.default_rng(seed).permutation(len(examples))
+            n_eval = max(1, round(len(examples) * data.validation_split_percentage / 100))
+            held = set(order[:n_eval].tolist())
+            eval_examples = [ex for i, ex in enumerate(examples) if i in held]
+            examples = [ex for i, ex in enumerate(examples) if i not in held]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train = SFTDataset(examples, seq_len, pad, data.packing, seed)
+        evaluation = SFTDataset(eval_examples, seq_len, pad, data.packing, seed) if eval_examples else None
+        return cls(train, evaluation, tokenizer, source)
+
+    def tokenizer(self):
+        return self._tokenizer
+
+    def tokens(self) -> np.ndarray:
+        """Every train token id in row order: what the run's data fingerprint digests."""
+        return np.concatenate([self.train_block(i)[:2].ravel() for i in range(self.num_train)])
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_eval(self) -> int:
+        return len(self.eval) if self.eval is not None else 0
+
+    def check(self, global_batch: int) -> None:
+        if self.num_train < max(1, global_batch):
+            raise LaunchError(f"the SFT data gives {self.num_train} training rows, fewer than one global batch of "
+                              f"{global_batch}; add records or lower the batch size.")
+
+    def train_block(self, index: int) -> np.ndarray:
+        return self._row(self.train, index)
+
+    def eval_block(self, index: int) -> np.ndarray:
+        return self._row(self.eval, index)
+
+    def label_count(self, index: int, split: str = "train") -> int:
+        """Tokens this row's loss averages over (response tokens after the shift)."""
+        dataset = self.train if split == "train" else self.eval
+        return int(sum((np.asarray(self._row(dataset, index)[1][1:]) != IGNORE_INDEX)))
+
+    @staticmethod
+    def _row(dataset: SFTDataset, index: int) -> np.ndarray:
+        return row_array([dataset.examples[i] for i in dataset.rows[index]], dataset.max_length, dataset.pad_token_id)
