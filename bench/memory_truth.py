@@ -41,6 +41,12 @@ MATRIX = [
     ("llama-1.1b", "amp-bf16", "full", 8, True), ("llama-1.1b", "bf16", "full", 4, False),
     ("llama-1.1b", "bf16", "lora", 4, False), ("llama-1.1b", "amp-bf16", "lora", 2, True),
 ]
+# Held out of calibration: run after the estimator was fitted to MATRIX, to confirm it.
+CONFIRM = [
+    ("llama-150m", "amp-bf16", "full", 8, False), ("llama-400m", "amp-bf16", "full", 8, False),
+    ("llama-400m", "bf16", "lora", 8, False), ("llama-1.1b", "bf16", "full", 8, True),
+    ("llama-1.1b", "amp-bf16", "lora", 4, False),
+]
 SEQ = 2048
 STEPS = 4
 
@@ -112,7 +118,7 @@ def measure(size: str, precision: str, method: str, micro: int, ckpt: bool) -> d
 
 def run_matrix(args) -> list[dict]:
     rows = []
-    for config in MATRIX:
+    for config in {"calibration": MATRIX, "confirm": CONFIRM}[args.matrix]:
         label = json.dumps(config)
         try:
             done = subprocess.run([sys.executable, __file__, "--one", label], capture_output=True, text=True,
@@ -152,6 +158,7 @@ def main() -> None:
     parser.add_argument("--one", help="internal: measure one config (JSON list) in this process")
     parser.add_argument("--out", help="write rows as JSON here")
     parser.add_argument("--timeout", type=int, default=120)
+    parser.add_argument("--matrix", choices=("calibration", "confirm"), default="calibration")
     parser.add_argument("--replay", help="re-predict a saved JSON (after changing the estimator) without a GPU")
     args = parser.parse_args()
     if args.one:
