@@ -358,8 +358,11 @@ def _changes(request: PlanRequest, hw: Hardware):
         yield "turn on --activation-checkpointing", {"request": {"activation_checkpointing": None}}
     if request.micro_batch and request.micro_batch > 1:
         yield "use --micro-batch 1", {"request": {"micro_batch": 1, "global_batch": None, "global_batch_tokens": None}}
-    if hw.has_gpu and request.offload in (None, "none") and request.strategy in (None, "zero2", "zero3"):
-        yield "add --strategy zero3 --offload optimizer+params", {"request": {"strategy": "zero3", "offload": "optimizer+params"}} if request.strategy is None or request.strategy == "zero3" else {"request": {"offload": "optimizer"}}
+    if hw.has_gpu and request.offload in (None, "none"):
+        if request.strategy in (None, "zero3"):
+            yield "add --strategy zero3 --offload optimizer+params", {"request": {"strategy": "zero3", "offload": "optimizer+params"}}
+        elif request.strategy == "zero2":
+            yield "add --offload optimizer", {"request": {"offload": "optimizer"}}
     if hw.has_gpu:
         for gpus in (2, 4, 8):
             if gpus > hw.gpus_per_node:
