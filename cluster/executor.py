@@ -2,7 +2,7 @@
 
 Each node's task finds the rendezvous host, checks the allocation against the plan, and runs torchrun.
 Preemption signals reach the ranks twice over: SLURM signals every process of the step, and the task
-forwards what it gets (launcher.train.preemption collapses the duplicates). torchrun itself is started
+forwards what it gets (launcher.train.preemption ignores the duplicate). torchrun itself is started
 with those signals ignored, because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a
 SIGTERM, in the middle of their checkpoint. When the ranks have saved and exited, the first node's task
 applies cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue.
@@ -28,6 +28,10 @@ from launcher.errors import LaunchError
 from launcher.plan import Plan
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class TrainingError(RuntimeError):
+    """The ranks failed (or stopped and may not requeue): the job ends FAILED with this message."""
 
 
 def slurm_reachable(env: dict[str, str]) -> None:
@@ -64,11 +68,11 @@ def node_address(node: str) -> str:
 def check_allocation(plan: Plan, hosts: list[str], gpus_on_node: int) -> None:
     """Refuse to train on an allocation that differs from the plan (it would change the global batch)."""
     if len(hosts) != plan.nodes:
-        raise RuntimeError(
+        raise TrainingError(
             f"the job got {len(hosts)} node(s) ({', '.join(hosts)}) but the plan is for {plan.nodes}; resubmit with --nodes {len(hosts)}."
         )
     if plan.device == "cuda" and gpus_on_node < plan.gpus_per_node:
-        raise RuntimeError(
+        raise TrainingError(
             f"this node sees {gpus_on_node} GPU(s) but the plan needs {plan.gpus_per_node} per node; "
             f"check --gpus-per-node and the partition."
         )
@@ -94,8 +98,6 @@ class NodeTask(submitit.helpers.Checkpointable):
         self.step_at_last_requeue = step_at_last_requeue
 
     def __call__(self) -> str:
-        from launcher.train.preemption import forward_signals_to_ranks
-
         job_env = submitit.JobEnvironment()
         plan = Plan.load(Path(self.job_dir) / "plan.yaml")
         hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
@@ -103,38 +105,51 @@ class NodeTask(submitit.helpers.Checkpointable):
         argv, extra_env = node_command(
             plan, self.job_dir, rdzv_host=node_address(hosts[0]), rdzv_port=rendezvous_port(job_env.job_id),
             job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
+            cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
         )
         # torchrun must not turn SIGTERM into "kill the ranks after 30 s": it handles only these.
         env = {**os.environ, **extra_env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
         print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
               f"{shlex.join(argv)}", flush=True)
-        # The submitit handler for SIGUSR2 (checkpoint + requeue) is restored after the ranks have exited.
-        submitit_handler = signal.getsignal(signal.SIGUSR2)
-        torchrun = subprocess.Popen(argv, env=env, preexec_fn=_ignore_stop_signals)
-        with forward_signals_to_ranks(torchrun) as forwarded:
-            while torchrun.poll() is None:
+        self._received: list[signal.Signals] = []
+        self._torchrun: subprocess.Popen | None = None
+        # Until torchrun ends, a stop signal is recorded and passed to the ranks; submitit's handlers wait.
+        submitit_handlers = {sig: signal.signal(sig, self._on_stop) for sig in STOP_SIGNALS}
+        try:
+            self._torchrun = subprocess.Popen(argv, env=env, preexec_fn=_ignore_stop_signals)
+            while self._torchrun.poll() is None:
                 time.sleep(0.5)
-        code = torchrun.returncode
-        stop = forwarded[0].name if forwarded else None
+        finally:
+            for sig, handler in submitit_handlers.items():
+                signal.signal(sig, handler)
+        code = self._torchrun.returncode
+        stop = self._received[0].name if self._received else None
         if code == 0:
             return f"training finished on node {job_env.node}"
         if stop is None:
-            raise RuntimeError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
+            raise TrainingError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
-        step = latest_step(plan, self.job_dir)
+        step = latest_step(self.job_dir)
         decision = decide_requeue(finished=False, stop_signal=stop, requeues_done=self.requeues,
                                   max_requeues=self.max_requeues, step=step,
                                   step_at_last_requeue=self.step_at_last_requeue)
         print(f"[llaunch] {'requeue' if decision.requeue else 'no requeue'}: {decision.reason}", flush=True)
         if not decision.requeue:
-            raise RuntimeError(f"job stopped by {stop} and not requeued: {decision.reason}")
+            raise TrainingError(f"job stopped by {stop} and not requeued: {decision.reason}")
         self._step_now = step
         if stop != "SIGUSR2":
             # SIGTERM/SIGUSR1: preemption or scancel; SLURM requeues a preempted job itself.
             return f"stopped by {stop} at step {step}"
-        submitit_handler(signal.SIGUSR2, None)  # calls self.checkpoint(), scontrol requeue, exits
+        submitit_handlers[signal.SIGUSR2](signal.SIGUSR2, None)  # self.checkpoint(), scontrol requeue, exit
         return "requeued"
+
+    def _on_stop(self, signum, frame) -> None:
+        from launcher.train.preemption import signal_ranks
+
+        self._received.append(signal.Signals(signum))
+        if self._torchrun is not None:
+            signal_ranks(self._torchrun.pid, signum)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """The next attempt: same job dir, one more requeue, remembers the step it restarts from."""
@@ -150,12 +165,13 @@ def _gpus_on_node() -> int:
     return torch.cuda.device_count()
 
 
-def latest_step(plan: Plan, job_dir: str) -> int | None:
-    """The step of the newest complete checkpoint in the job's output dir (None: none yet)."""
-    from launcher.train.checkpoint import latest_checkpoint
+def latest_step(job_dir: str) -> int | None:
+    """The step of the newest complete checkpoint (sizes checked against its manifest; the ranks verify
+    checksums when they resume), or None when there is none yet."""
+    from launcher.train.checkpoint import list_checkpoints
 
-    found = latest_checkpoint(Path(job_dir) / "checkpoints")
-    return None if found is None else found.step
+    complete = [info.step for info in list_checkpoints(job_dir) if info.complete]
+    return max(complete) if complete else None
 
 
 def submit(plan: Plan, job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:

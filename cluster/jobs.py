@@ -19,7 +19,9 @@ TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
 }
 _FIELD = re.compile(r"(\w+)=(\S*)")
-_ERROR_LINE = re.compile(r"^\s*(?:\[[^\]]*\]:?\s*)?([A-Za-z_.]*(?:Error|Exception|Interrupt)\b.*)$")
+_ERROR_LINE = re.compile(
+    r"^\s*(?:\[[^\]]*\]:?\s*)?(llaunch: error: .*|[A-Za-z_.]*(?:Error|Exception|Interrupt)\b.*)$"
+)
 
 
 def records_dir() -> Path:
@@ -139,17 +141,32 @@ def last_metrics(output_dir: str | Path) -> dict | None:
     return None
 
 
+# Layers that only report that a rank failed; the rank's own error says why.
+_WRAPPER_ERRORS = ("ChildFailedError", "TrainingError")
+
+
 def last_error(paths: list[Path]) -> str | None:
-    """The last exception line in the job's logs (the 'ValueError: ...' that ends a traceback)."""
-    found = None
+    """The error that ended the job, from its logs: a rank's one-sentence `llaunch: error: ...` if there
+    is one, else the last exception line that is not just torchrun or llaunch reporting a failed rank."""
+    sentences, exceptions, wrappers = [], [], []
     for path in paths:
         if not path.exists():
             continue
         for line in path.read_text(errors="replace").splitlines():
             match = _ERROR_LINE.match(line)
-            if match and ":" in match.group(1):
-                found = match.group(1).strip()
-    return found
+            if not match or ":" not in match.group(1):
+                continue
+            text = match.group(1).strip()
+            if text.startswith("llaunch: error:"):
+                sentences.append(text)
+            elif any(w in text.split(":")[0] for w in _WRAPPER_ERRORS):
+                wrappers.append(text)
+            else:
+                exceptions.append(text)
+    for found in (sentences, exceptions, wrappers):
+        if found:
+            return found[-1]
+    return None
 
 
 def cancel(job_id: str, env: dict[str, str]) -> None:

@@ -33,7 +33,8 @@ class ClusterProfile:
     gpu_name: str = ""
     gpu_mem_gb: float = 0
     cpus_per_task: int = 1
-    mem_gb: float | None = None
+    mem_gb: float | None = None  # sbatch --mem per node (None: the partition's default)
+    node_ram_gb: float = 0  # host RAM per node the planner may use (CPU training, offload); 0: the planner's default
     max_requeues: int = 3
     max_restarts: int = 0
     signal_delay_s: int = 90

@@ -86,6 +86,8 @@ def node_command(
     job_id: str,
     max_restarts: int,
     dist_timeout_s: int,
+    cpus_per_node: int | None = None,
+    python: str = "python",
 ) -> tuple[list[str], dict[str, str]]:
     """What one node's task runs: torchrun for all of the plan's nodes, rendezvous on the first node.
 
@@ -102,6 +104,8 @@ def node_command(
         rdzv_endpoint=f"{rdzv_host}:{rdzv_port}",
         rdzv_id=str(job_id),
         max_restarts=max_restarts,
+        python=python,
+        cpus_per_node=cpus_per_node,
     )
     env = dict(env)
     env.update({

@@ -78,10 +78,11 @@ def test_sbatch_script_asks_for_one_task_per_node_requeue_and_usr2_before_the_li
 ])
 def test_node_torchrun_command_matches_golden(nodes, gpus, device, golden):
     argv, env = node_command(_plan(nodes, gpus, device), JOB_DIR, rdzv_host="gpu-a01", rdzv_port=rendezvous_port("4242"),
-                             job_id="4242", max_restarts=1, dist_timeout_s=600)
-    assert argv[argv.index("--nnodes") + 1] if "--nnodes" in argv else any(a.startswith("--nnodes") for a in argv)
-    joined = " ".join(argv)
-    assert f"gpu-a01:{rendezvous_port('4242')}" in joined
+                             job_id="4242", max_restarts=1, dist_timeout_s=600, cpus_per_node=16, python=PYTHON)
+    assert argv[argv.index("--nnodes") + 1] == str(nodes)
+    assert argv[argv.index("--nproc-per-node") + 1] == str(gpus)
+    assert argv[argv.index("--rdzv-endpoint") + 1] == "gpu-a01:24242"
+    assert argv[argv.index("--rdzv-id") + 1] == "4242" and argv[argv.index("--max-restarts") + 1] == "1"
     assert env["LLAUNCH_DIST_TIMEOUT_S"] == "600" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     _check_golden(golden, render_node_command(argv, env) + "\n")
 
@@ -183,6 +184,13 @@ def test_last_metrics_and_last_error_read_what_status_shows(tmp_path):
                    "[rank0]: ValueError: data line 12 of train.jsonl has no 'text' field\n"
                    "srun: error: n1: task 0: Exited with exit code 1\n")
     assert last_error([log, tmp_path / "missing.err"]) == "ValueError: data line 12 of train.jsonl has no 'text' field"
+    wrapper = tmp_path / "7_0_log.out"
+    wrapper.write_text("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+                       "cluster.executor.TrainingError: torchrun exited with code 1 on n1\n")
+    assert last_error([log, wrapper]) == "ValueError: data line 12 of train.jsonl has no 'text' field"
+    assert last_error([wrapper]) == "cluster.executor.TrainingError: torchrun exited with code 1 on n1"
+    log.write_text("[rank1]: llaunch: error: line 3 of bad.jsonl is not JSON; fix or remove it.\n")
+    assert last_error([log, wrapper]) == "llaunch: error: line 3 of bad.jsonl is not JSON; fix or remove it."
 
 
 def test_job_record_points_at_per_node_logs(tmp_path, monkeypatch):
@@ -197,3 +205,25 @@ def test_job_record_points_at_per_node_logs(tmp_path, monkeypatch):
     assert [p.name for p in loaded.log_paths(1)] == ["31_1_log.out", "31_1_log.err"]
     with pytest.raises(LaunchError, match="no record"):
         load_record("32")
+
+
+def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, monkeypatch, capsys):
+    from launcher.cli import main
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-cluster" / "slurm.conf"))  # no SLURM needed
+    out = tmp_path / "run"
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    code = main(["submit", str(quickstart), "data.max_train_bytes=200000", "--cluster", "example-h100",
+                 "--nodes", "3", "--time", "02:00:00", "--output-dir", str(out), "--dry-run"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    for line in ("#SBATCH --nodes=3", "#SBATCH --gpus-per-node=8", "#SBATCH --account=my-project",
+                 "#SBATCH --time=120", "#SBATCH --signal=USR2@300", "#SBATCH --requeue", "module load cuda/12.4 nccl"):
+        assert line in printed, line
+    node_line = next(line for line in printed.splitlines() if "torch.distributed.run" in line)
+    words = shlex.split(node_line)
+    assert words[words.index("--nnodes") + 1] == "3" and words[words.index("--nproc-per-node") + 1] == "8"
+    assert words[words.index("--rdzv-endpoint") + 1] == "FIRST_NODE:RDZV_PORT"
+    assert Plan.load(out / "plan.yaml").nodes == 3
+    assert not (out / "slurm").exists() and not (tmp_path / "home").exists()
