@@ -42,6 +42,7 @@ class PlanRequest:
     micro_batch: int | None = None
     global_batch: int | None = None
     global_batch_tokens: int | None = None
+    gradient_accumulation_steps: int | None = None  # forced accumulation; else it follows the global batch
     seq_len: int = 2048
     precision: str | None = None
     activation_checkpointing: bool | None = None
@@ -57,7 +58,8 @@ class PlanRequest:
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise LaunchError(f"{name} {value!r} is not one of {', '.join(allowed)}.")
-        for name in ("nodes", "gpus_per_node", "micro_batch", "global_batch", "global_batch_tokens", "seq_len", "lora_r"):
+        for name in ("nodes", "gpus_per_node", "micro_batch", "global_batch", "global_batch_tokens",
+                     "gradient_accumulation_steps", "seq_len", "lora_r"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
@@ -121,6 +123,10 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     spec = load_model_spec(request.model, request.model_overrides)
     hw = hardware_for(request, hardware)
     candidates = rank_candidates(spec, request, hw)
+    if not candidates:
+        world = hw.nodes * hw.gpus_per_node
+        raise LaunchError(f"the global batch cannot be split into micro-batch x gradient accumulation x {world} "
+                          f"rank(s) with the sizes given; choose a global batch that is a multiple of them.")
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise LaunchError(_nothing_fits(spec, request, hw, candidates))
@@ -184,6 +190,9 @@ def _accumulation(request: PlanRequest, micro: int, world: int) -> int | None:
     global_batch = request.global_batch
     if request.global_batch_tokens is not None:
         global_batch = max(1, request.global_batch_tokens // request.seq_len)
+    if request.gradient_accumulation_steps is not None:
+        forced = request.gradient_accumulation_steps
+        return forced if global_batch is None or global_batch == micro * world * forced else None
     if global_batch is None:
         return 1
     if global_batch % (micro * world):

@@ -53,6 +53,16 @@ def test_global_batch_sets_gradient_accumulation():
     assert tokens.global_batch_tokens == 131072
 
 
+def test_forced_accumulation_is_planned_with_gradients_alive_in_forward():
+    base = dict(model="1.1b", gpu="H100", micro_batch=4, activation_checkpointing=False)
+    once = make_plan(PlanRequest(**base), CPU_BOX)
+    accum = make_plan(PlanRequest(**base, gradient_accumulation_steps=8), CPU_BOX)
+    assert accum.gradient_accumulation_steps == 8 and accum.global_batch == 32
+    assert accum.memory["peak_bytes"] == once.memory["peak_bytes"] + once.memory["grads"]
+    with pytest.raises(LaunchError, match="cannot be split"):  # 32 sequences are not 4 x 3 on one GPU
+        make_plan(PlanRequest(**base, gradient_accumulation_steps=3, global_batch=32), CPU_BOX)
+
+
 def test_cpu_machine_gets_a_cpu_plan_for_the_quickstart():
     plan = make_plan(PlanRequest(model="gpt2", model_overrides={"n_layer": 2}, gpus_per_node=2, seq_len=64), CPU_BOX)
     assert (plan.device, plan.gpus_per_node, plan.strategy, plan.precision) == ("cpu", 2, "ddp", "fp32")
