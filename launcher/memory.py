@@ -22,8 +22,6 @@ CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces, o
 # planning headroom the rest.
 ALLOCATOR_SLACK = 0.15
 CPU_PROCESS_BYTES = int(1.0 * GiB)  # a Python + torch + transformers process before the model (CPU plans)
-ZERO_BUCKET_ELEMENTS = 200_000_000  # reduce/allgather bucket sizes in our ds_configs (DeepSpeed default is 5e8)
-ZERO3_LIVE_PARAM_ELEMENTS = 1_000_000_000  # stage3_max_live_parameters default: gathered params alive at once
 QLORA_BITS_PER_PARAM = 4.127  # nf4 + double quantization: 4 + 8/64 + 32/(64*256) bits (QLoRA paper, sec. 2)
 
 
@@ -110,8 +108,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
 
     # --- model states -------------------------------------------------------------------------------
     if setup.method == "qlora":
-        base = frozen_base_bytes(spec, "qlora", setup.precision)
-        add("frozen_weights", base, "QLoRA base: block linears in nf4 + double quant, the rest (embeddings, norms, head) in bf16")
+        add("frozen_weights", qlora_base_bytes(spec), "QLoRA base: block linears in nf4 + double quant, the rest (embeddings, norms, head) in bf16")
     elif lora:
         add("frozen_weights", P * bytes_per_weight(setup.precision) / split["weights"],
             "LoRA base: every pretrained weight, frozen, in the weight dtype")
@@ -119,6 +116,8 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     adapter_bytes = 4  # PEFT keeps adapters fp32 (autocast_adapter_dtype) whatever the base dtype
     if lora:
         add("weights", adapters * adapter_bytes, "LoRA adapters: r x (in + out) per targeted linear, fp32")
+    elif setup.offload == "optimizer+params":
+        add("weights", 0, "offloaded to CPU (ZeRO-Infinity); gathered layer by layer (comm buffers)")
     else:
         reason = ("DeepSpeed keeps bf16/fp16 module weights" if weight_bytes == 2 and deepspeed
                   else f"{weight_bytes}-byte weights ({setup.precision})")
@@ -138,11 +137,6 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
         + (f" + {master_bytes} B fp32 master copy" if master_bytes else "")
         + (f", 1/{world} per rank" if split["optimizer"] > 1 else "")
         + (", offloaded to CPU" if setup.offload != "none" else ""))
-    if setup.offload == "optimizer+params":
-        for t in terms:
-            if t.name in ("weights",):
-                t.bytes, t.reason = 0, t.reason + ", offloaded to CPU (ZeRO-Infinity)"
-
     # --- activations, logits, copies ----------------------------------------------------------------
     per_layer = layer_activation_bytes(spec, setup)
     recompute = per_layer * tokens  # one layer's saved tensors, alive while that layer is differentiated
@@ -156,7 +150,7 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
         act_reason = f"{per_layer} B/token/layer saved for backward (norms, attention q/k/v/out, MLP, linear inputs)"
     activations = add("activations", activations, act_reason)
     logits = add("logits_loss", tokens * spec.vocab * logits_bytes_per_element(setup.precision),
-                 "LM-head logits, their fp32 upcast for the loss, log-softmax saved, and its gradient")
+                 "loss at the start of backward: fp32 log-softmax saved, its incoming gradient and its own gradient")
     copies = add("weight_copies", low_precision_copy_bytes(spec, setup, per_layer_only=setup.activation_checkpointing and lora),
                  "bf16 casts of fp32 matmul weights that autograd keeps for backward (autocast)")
     comm = add("comm_buffers", communication_bytes(spec, setup, world),
@@ -166,10 +160,12 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
 
     # --- peak ---------------------------------------------------------------------------------------
     persistent = sum(t.bytes for t in terms if t.name in ("frozen_weights", "weights", "optimizer"))
-    grads_alive_in_forward = setup.gradient_accumulation_steps > 1 or (setup.strategy == "ddp" and world > 1)
+    persistent += comm if setup.strategy == "ddp" else 0  # DDP allocates its buckets once, at wrap time
+    grads_alive_in_forward = setup.gradient_accumulation_steps > 1  # accumulating: the next forward runs on top of them
+    transient_comm = 0 if setup.strategy == "ddp" else comm
     phases = {
-        "forward": activations + logits + copies + comm + (grads if grads_alive_in_forward else 0),
-        "backward": grads + kept + recompute + comm + (0 if setup.activation_checkpointing else copies),
+        "forward": activations + logits + copies + transient_comm + (grads if grads_alive_in_forward else 0),
+        "backward": grads + kept + recompute + transient_comm + (0 if setup.activation_checkpointing else copies),
         "optimizer_step": grads + scratch,
     }
     phase = max(phases, key=phases.get)
@@ -193,7 +189,7 @@ def host_offload_bytes(spec: ModelSpec, setup: TrainSetup, trainable: int, world
     return int(trainable * per_param / world)
 
 
-def frozen_base_bytes(spec: ModelSpec, method: str, precision: str) -> float:
+def qlora_base_bytes(spec: ModelSpec) -> float:
     """QLoRA (Dettmers et al. 2023): block linears as NF4 with double-quantized scales; the rest in bf16."""
     quantized = spec.block_linear_params
     return quantized * QLORA_BITS_PER_PARAM / 8 + (spec.num_params - quantized) * 2
@@ -288,24 +284,31 @@ def low_precision_copy_bytes(spec: ModelSpec, setup: TrainSetup, per_layer_only:
 
 
 COMM_REASONS = {
-    "ddp": "DDP gradient buckets (25 MiB each) in flight",
+    "ddp": "DDP's flat gradient buckets: a second copy of every gradient (gradient_as_bucket_view=False)",
     "fsdp": "FSDP2: one layer's bf16 parameters all-gathered (+ the prefetched next) and its fp32 gradients before reduce-scatter",
-    "zero1": "ZeRO reduce and all-gather buckets",
-    "zero2": "ZeRO reduce and all-gather buckets",
-    "zero3": "ZeRO-3 live gathered parameters (stage3_max_live_parameters) and reduce bucket",
+    "zero1": "ZeRO reduce and all-gather buckets (hidden^2 elements each, double-buffered by overlap_comm)",
+    "zero2": "ZeRO reduce and all-gather buckets (hidden^2 elements each, double-buffered by overlap_comm)",
+    "zero3": "ZeRO-3: the gathered layer and the prefetched next in bf16, plus the reduce bucket",
 }
 
 
 def communication_bytes(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
+    """Buffers collectives need on top of the model states; bucket sizes are those ds_configs/ renders (HF's rule)."""
     if world == 1 and setup.strategy in ("ddp", "fsdp"):
-        return 0
+        return 0  # a single process is never wrapped
+    lora = setup.method in ("lora", "qlora")
+    trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if lora else spec.num_params
     layer = spec.num_params // max(1, spec.layers)
+    half = 4 if setup.precision == "fp32" else 2
+    bucket = 2 * spec.hidden * spec.hidden * half  # double-buffered hidden^2 bucket
     if setup.strategy == "ddp":
-        return 2 * 25 * 1024**2
+        grad_bytes = 4 if lora or setup.precision != "bf16" else 2
+        return trainable * grad_bytes
     if setup.strategy == "fsdp":
-        return 2 * 2 * layer + 4 * layer
-    live = min(ZERO3_LIVE_PARAM_ELEMENTS, spec.num_params) if setup.strategy == "zero3" else 0
-    return 2 * (min(ZERO_BUCKET_ELEMENTS, spec.num_params) * 2) + 2 * live
+        return 2 * layer * half + layer * 4
+    if setup.strategy == "zero3":
+        return 2 * layer * half + bucket
+    return 2 * bucket
 
 
 def step_scratch_bytes(setup: TrainSetup, trainable_per_rank: float) -> int:

@@ -137,7 +137,8 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     """Every combination the flags leave open, fitting ones first, fastest first."""
     request.validate()
     if not hw.has_gpu:
-        return [_cpu_candidate(spec, request, hw)]
+        cpu = _cpu_candidate(spec, request, hw)
+        return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
     facts = hw.facts or require_gpu_name(hw.gpu_name)
     precision = request.precision or _default_precision(request.method, facts)
@@ -273,17 +274,20 @@ def offload_seconds(spec: ModelSpec, setup: TrainSetup, facts) -> float:
     return seconds
 
 
-def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candidate:
+def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candidate | None:
     """No GPU: one plan of N gloo processes in fp32, checked against host RAM split over them."""
     processes = request.gpus_per_node or 1
     world = processes * (request.nodes or 1)
     micro = request.micro_batch or 1
+    accumulation = _accumulation(request, micro, world)
+    if accumulation is None:
+        return None
     setup = TrainSetup(
         strategy=request.strategy or "ddp", offload=request.offload or "none", method=request.method,
         precision=request.precision or "fp32", optimizer=request.optimizer, attention=request.attention,
         activation_checkpointing=bool(request.activation_checkpointing), lora_r=request.lora_r,
         lora_targets=list(request.lora_targets), micro_batch=micro, seq_len=request.seq_len,
-        gradient_accumulation_steps=_accumulation(request, micro, world) or 1, world_size=world, device="cpu",
+        gradient_accumulation_steps=accumulation, world_size=world, device="cpu",
     )
     memory = estimate(spec, setup)
     ram = hw.ram_available_bytes or hw.ram_bytes
