@@ -38,6 +38,10 @@ def slurm_reachable(env: dict[str, str]) -> None:
     """Raise the one-sentence error `llaunch submit` prints when there is no SLURM to submit to."""
     if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
         raise LaunchError("SLURM is not installed here (no sbatch); submit from a login node or run `llaunch cluster up`.")
+    conf = env.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # scontrol would retry for a minute before saying so
+        raise LaunchError(f"SLURM_CONF points at {conf}, which does not exist; run `llaunch cluster up` "
+                          f"or export the path of your cluster's slurm.conf.")
     try:
         ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:

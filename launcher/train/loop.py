@@ -14,6 +14,7 @@ the next batch is drawn).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -72,13 +73,17 @@ def init_distributed() -> tuple[torch.device, int, int]:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
+    # `llaunch submit` sets LLAUNCH_DIST_TIMEOUT_S so that a collective waiting on a lost node fails the job
+    # in minutes (torch's default is 10 min for NCCL, 30 for gloo).
+    timeout = os.environ.get("LLAUNCH_DIST_TIMEOUT_S")
+    group_kwargs = {"timeout": datetime.timedelta(seconds=float(timeout))} if timeout else {}
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **group_kwargs)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **group_kwargs)
     return device, dist.get_rank(), dist.get_world_size()
 
 

@@ -166,12 +166,17 @@ def test_job_that_raises_is_not_requeued_and_status_shows_the_error(straight_run
     assert "attempt 2" not in logs_of(job_id)
 
 
-def test_submit_without_a_reachable_slurm_is_one_sentence(tmp_path):
-    env = {**os.environ, "SLURM_CONF": str(tmp_path / "missing" / "slurm.conf")}
+@pytest.mark.parametrize("conf", ["dead-controller", "missing"])
+def test_submit_without_a_reachable_slurm_is_one_sentence(slurm_cluster, tmp_path, conf):
+    path = tmp_path / "slurm.conf"
+    if conf == "dead-controller":  # the local cluster's config, but nothing listens on the controller port
+        text = slurm_cluster.conf_path.read_text()
+        path.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=16999", text))
+    env = {**os.environ, "SLURM_CONF": str(path)}
     result = subprocess.run([sys.executable, "-m", "launcher", "submit", str(QUICKSTART), "--nodes", "2",
                              "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
                             timeout=60, cwd=ROOT)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("llaunch: error: SLURM is not")
+    assert result.stderr.startswith("llaunch: error: SLURM")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
