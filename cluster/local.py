@@ -117,7 +117,7 @@ class LocalCluster:
         return stopped
 
     def sinfo(self) -> str:
-        return self._run(["sinfo", "--Node", "--long"]).stdout
+        return self._run(["sinfo", "--Node", "--format=%10N %10P %8T %5c %8m"]).stdout
 
     def _run(self, argv: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=30)
