@@ -29,7 +29,7 @@ SEQ, MICRO = 512, 2
 def write_config(path: Path, cache: Path) -> Path:
     config = {
         "model": {"name_or_path": "tinyllama-1.1b", "attn_implementation": "sdpa"},
-        "data": {"train_files": ["@stdlib"], "file_pattern": "*.py", "max_train_bytes": 3_000_000,
+        "data": {"train_files": ["@stdlib"], "file_pattern": "*.py", "max_train_bytes": 1_500_000,
                  "vocab_size": 32000, "block_size": SEQ, "validation_split_percentage": 0, "cache_dir": str(cache)},
         "training": {"bf16": True, "learning_rate": 3e-4, "max_steps": 1000, "per_device_train_batch_size": MICRO,
                      "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "save_total_limit": 1,

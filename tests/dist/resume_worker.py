@@ -27,7 +27,7 @@ from launcher.train.export import export_checkpoint
 from launcher.train.fingerprint import Fingerprint
 from launcher.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
 
-VOCAB, HIDDEN, SEQ, MICRO, ACCUM = 64, 32, 16, 2, 2
+VOCAB, HIDDEN, SEQ, MICRO, GLOBAL_BATCH = 64, 32, 16, 2, 8
 
 
 class TinyLM(nn.Module):
@@ -103,6 +103,11 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(str(path), tag="ds", load_lr_scheduler_states=False)
 
 
+def accumulation(world):
+    """Like the planner: the global batch stays fixed and accumulation absorbs a change of world size."""
+    return GLOBAL_BATCH // (MICRO * world)
+
+
 def build(strategy):
     torch.manual_seed(0)
     model = TinyLM()
@@ -120,7 +125,7 @@ def build(strategy):
     import deepspeed
 
     stage = int(strategy[-1])
-    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
+    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accumulation(dist.get_world_size()),
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0}
     engine, *_ = deepspeed.initialize(model=model, optimizer=make_opt(model.parameters()), config=config)
@@ -129,7 +134,7 @@ def build(strategy):
 
 def batch(step, micro, rank, world):
     """The samples of (step, micro, rank): a pure function of position, as the resumable sampler gives."""
-    g = torch.Generator().manual_seed(((step * ACCUM + micro) * world + rank) * 7919)
+    g = torch.Generator().manual_seed(((step * accumulation(world) + micro) * world + rank) * 7919)
     return torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g)
 
 
@@ -148,7 +153,7 @@ def main():
     p.add_argument("--eval-steps", type=int, default=5)
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--data", default="data-v1")
-    p.add_argument("--dump-loaded", help="after resuming, write the full model to this safetensors file and stop")
+    p.add_argument("--dump-loaded", help="after resuming, write the full model to this safetensors file")
     args = p.parse_args()
     try:
         train(args)
@@ -190,7 +195,7 @@ def train(args):
     ckpt = Checkpointer(args.output, strategy=args.strategy, save_total_limit=2, metric_for_best_model="eval_loss",
                         async_save=args.async_save)
     fingerprint = Fingerprint.build(model_config={"hidden": HIDDEN, "vocab": VOCAB}, tokenizer="tok-v1",
-                                    data=args.data, global_batch=MICRO * ACCUM * world,
+                                    data=args.data, global_batch=GLOBAL_BATCH,
                                     schedule={"max_steps": args.steps})
     step, eval_loss = 0, None
     resume = resolve_resume(args.output, None, no_resume=False, overwrite=False)
@@ -201,8 +206,6 @@ def train(args):
             print(f"RESUMED step={step}", flush=True)
         if args.dump_loaded:
             dump_full_model(engine, args.dump_loaded)
-            dist.destroy_process_group()
-            return
     loss_fn = nn.CrossEntropyLoss()
     sleep = float(os.environ.get("STEP_SLEEP", "0"))
 
@@ -213,12 +216,13 @@ def train(args):
 
     while step < args.steps:
         engine.model.train()
-        for micro in range(ACCUM):
+        accum = accumulation(world)
+        for micro in range(accum):
             maybe_signal("SIGNAL_AT", step, micro, rank)
             tokens = batch(step, micro, rank, world)
             logits = engine.model(tokens[:, :-1])
-            loss = loss_fn(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)) / ACCUM
-            engine.backward(loss, micro == ACCUM - 1)
+            loss = loss_fn(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)) / accum
+            engine.backward(loss, micro == accum - 1)
         engine.step()
         step += 1
         if step % args.eval_steps == 0:
