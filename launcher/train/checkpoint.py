@@ -271,11 +271,16 @@ class Checkpointer:
         self._check_space()
         rank = _rank()
         error = ""
-        try:
-            if rank == 0:
+        if rank == 0:
+            try:
                 shutil.rmtree(partial, ignore_errors=True)
                 partial.mkdir(parents=True)
-            _barrier()
+            except OSError as err:
+                error = f"{err.strerror or err}"
+        error = self._agree_on_error(error)  # also the barrier: the folder exists before any rank writes
+        if error:
+            raise self._write_failed(f"step-{step}", error)
+        try:
             payload = {"rng": capture_rng_state(), **state}
             with open(partial / f"rank-{rank}.pt", "wb") as f:
                 torch.save(payload, f)
@@ -291,23 +296,27 @@ class Checkpointer:
         error = self._agree_on_error(error)
         if error:
             self._abandon(partial)
-            raise LaunchError(f"could not write checkpoint step-{step} under {self.root} ({error}); free space "
-                              f"or fix permissions; earlier checkpoints are untouched.")
+            raise self._write_failed(f"step-{step}", error)
         try:
             future = engine.save_state(partial / ENGINE_DIR, async_save=self.async_save)
         except Exception as err:  # DCP gathers every rank's write errors and raises the same on all ranks
             self._abandon(partial)
-            raise LaunchError(f"could not write checkpoint step-{step} under {self.root} ({_first_line(err)}); "
-                              f"free space or fix permissions; earlier checkpoints are untouched.") from None
+            raise self._write_failed(f"step-{step}", _first_line(err)) from None
         manifest = {
             "format": MANIFEST_FORMAT, "step": step, "strategy": self.strategy, "world_size": _world(),
             "fingerprint": fingerprint.to_dict() if fingerprint else None, "metric": self._metric(metrics),
         }
         if future is None:
             _barrier()  # every rank's files are on disk before rank 0 lists and hashes them
+            error = ""
             if rank == 0:
-                self._publish(partial, final, manifest)
-            _barrier()
+                try:
+                    self._publish(partial, final, manifest)
+                except LaunchError as err:
+                    error = str(err)
+            error = self._agree_on_error(error)  # no rank trains on (or waits) while rank 0 failed
+            if error:
+                raise LaunchError(error)
             return final
         self._pending = self._spawn(self._finish_async, future, partial, final, manifest)
         return final
@@ -342,8 +351,7 @@ class Checkpointer:
         except Exception as err:
             if _rank() == 0:
                 self._abandon(partial)
-            raise LaunchError(f"could not write checkpoint {final.name} under {self.root} ({_first_line(err)}); "
-                              f"free space or fix permissions; earlier checkpoints are untouched.") from None
+            raise self._write_failed(final.name, _first_line(err)) from None
         # DCP's coordinator (rank 0) finishes only after every rank reported its writes, so rank 0 may publish.
         if _rank() == 0:
             self._publish(partial, final, manifest)
@@ -372,8 +380,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         except OSError as err:
             self._abandon(partial)
-            raise LaunchError(f"could not write checkpoint {final.name} under {self.root} ({err.strerror or err}); "
-                              f"free space or fix permissions; earlier checkpoints are untouched.") from None
+            raise self._write_failed(final.name, err.strerror or err) from None
         log.info("saved checkpoint %s", final)
         self._apply_retention(keep=final)
 
@@ -420,6 +427,10 @@ class Checkpointer:
         errors = [None] * _world()
         dist.all_gather_object(errors, error)
         return next((e for e in errors if e), "")
+
+    def _write_failed(self, name: str, reason) -> LaunchError:
+        return LaunchError(f"could not write checkpoint {name} under {self.root} ({reason}); free space or fix "
+                           f"permissions; earlier checkpoints are untouched.")
 
     @staticmethod
     def _abandon(partial: Path) -> None:
