@@ -111,8 +111,7 @@ class NodeTask(submitit.helpers.Checkpointable):
             job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
             cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
         )
-        # torchrun must not turn SIGTERM into "kill the ranks after 30 s": it handles only these.
-        env = {**os.environ, **extra_env, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT,SIGHUP,SIGQUIT"}
+        env = {**os.environ, **extra_env}
         print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
               f"{shlex.join(argv)}", flush=True)
         self._received: list[signal.Signals] = []
@@ -135,6 +134,10 @@ class NodeTask(submitit.helpers.Checkpointable):
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
         step = latest_step(self.job_dir)
+        if stop != "SIGUSR2":
+            # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
+            raise TrainingError(f"stopped by {stop} with the newest checkpoint at step {step}; a preempted job "
+                                f"comes back through SLURM, a cancelled one ends here")
         decision = decide_requeue(finished=False, stop_signal=stop, requeues_done=self.requeues,
                                   max_requeues=self.max_requeues, step=step,
                                   step_at_last_requeue=self.step_at_last_requeue)
@@ -142,9 +145,6 @@ class NodeTask(submitit.helpers.Checkpointable):
         if not decision.requeue:
             raise TrainingError(f"job stopped by {stop} and not requeued: {decision.reason}")
         self._step_now = step
-        if stop != "SIGUSR2":
-            # SIGTERM/SIGUSR1: preemption or scancel; SLURM requeues a preempted job itself.
-            return f"stopped by {stop} at step {step}"
         submitit_handlers[signal.SIGUSR2](signal.SIGUSR2, None)  # self.checkpoint(), scontrol requeue, exit
         return "requeued"
 

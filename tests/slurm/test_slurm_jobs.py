@@ -102,7 +102,15 @@ def test_two_node_job_trains_to_the_end(straight_run):
     assert f"step {MAX_STEPS}" in status.stdout
     # both nodes ran torchrun for a world of 2, rendezvous on the first node
     logs = logs_of(record.job_id)
-    assert "--nnodes" in logs and "attempt 1" in logs
+    assert "node 0/2" in logs and "--nnodes 2" in logs and "attempt 1" in logs
+    assert "node 1/2" in llaunch("logs", record.job_id, "--rank", "1").stdout
+
+
+def test_cluster_up_again_reports_the_running_cluster(slurm_cluster):
+    result = llaunch("cluster", "up")
+    assert result.returncode == 0
+    assert result.stdout.startswith("already running") and f"export SLURM_CONF={slurm_cluster.conf_path}" in result.stdout
+    assert llaunch("cluster", "status").stdout.count(" debug") == 2  # both nodes listed
 
 
 def test_preempted_job_requeues_and_ends_with_the_same_weights(straight_run, config, tmp_path):
@@ -164,6 +172,24 @@ def test_job_that_raises_is_not_requeued_and_status_shows_the_error(straight_run
     status = llaunch("status", job_id).stdout
     assert "FAILED" in status and "error: llaunch: error: checkpoint" in status and "damaged" in status
     assert "attempt 2" not in logs_of(job_id)
+
+
+def test_cancel_sends_sigterm_to_the_ranks_which_checkpoint_and_the_job_stays_cancelled(straight_run, config, tmp_path):
+    from launcher.train.checkpoint import list_checkpoints
+
+    out = tmp_path / "cancelled"
+    job_id = job_id_of(submit(out, config=config))
+    wait_until(lambda: any(i.complete and i.step == SAVE_STEPS for i in list_checkpoints(out)), 240,
+               f"the step-{SAVE_STEPS} checkpoint", job_id)
+    result = llaunch("cancel", job_id)
+    assert result.returncode == 0 and f"cancelled job {job_id}" in result.stdout
+    env = load_record(job_id).env()
+    state = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 90, "the job to be cancelled", job_id)
+    assert state.state == "CANCELLED" and state.restarts == 0
+    # SIGTERM reached the ranks (not torchrun's 30-s kill): they saved the step they were at, then left.
+    steps = [i.step for i in list_checkpoints(out) if i.complete]
+    assert max(steps) > SAVE_STEPS and not (out / "final").exists(), steps
+    assert "CANCELLED" in llaunch("status", job_id).stdout
 
 
 @pytest.mark.parametrize("conf", ["dead-controller", "missing"])

@@ -227,3 +227,14 @@ def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, mo
     assert words[words.index("--rdzv-endpoint") + 1] == "FIRST_NODE:RDZV_PORT"
     assert Plan.load(out / "plan.yaml").nodes == 3
     assert not (out / "slurm").exists() and not (tmp_path / "home").exists()
+
+
+def test_an_allocation_that_differs_from_the_plan_is_refused_before_training():
+    from cluster.executor import TrainingError, check_allocation
+
+    check_allocation(_plan(2, 8, "cuda"), ["gpu-a01", "gpu-a02"], gpus_on_node=8)
+    check_allocation(_plan(2, 1, "cpu"), ["n1", "n2"], gpus_on_node=0)
+    with pytest.raises(TrainingError, match="got 1 node"):
+        check_allocation(_plan(2, 8, "cuda"), ["gpu-a01"], gpus_on_node=8)
+    with pytest.raises(TrainingError, match="sees 4 GPU"):
+        check_allocation(_plan(2, 8, "cuda"), ["gpu-a01", "gpu-a02"], gpus_on_node=4)
