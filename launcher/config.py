@@ -156,8 +156,8 @@ class TrainConfig:
             raise LaunchError("training.bf16 and training.fp16 are both true; choose one.")
         if t.save_strategy not in ("steps", "epoch", "no"):
             raise LaunchError(f"training.save_strategy {t.save_strategy!r} is not one of steps, epoch, no.")
-        if t.optim not in ("adamw_torch_fused", "adamw_torch"):
-            raise LaunchError(f"training.optim {t.optim!r} is not one of adamw_torch_fused, adamw_torch.")
+        _check_choice("training.optim", t.optim, ("adamw_torch_fused", "adamw_torch", "sgd", "adafactor",
+                                                  "adamw_bnb_8bit", "paged_adamw_8bit"))
         if not 0 <= self.data.validation_split_percentage < 100:
             raise LaunchError("data.validation_split_percentage must be in [0, 100).")
         for name in ("logging_steps", "save_steps"):

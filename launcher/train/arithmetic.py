@@ -59,7 +59,7 @@ def char_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_base_model(directory: str | Path, texts: list[str], hidden_size: int = 128, layers: int = 4,
+def make_base_model(directory: str | Path, texts: list[str], hidden_size: int = 64, layers: int = 2,
                     seed: int = 0) -> Path:
     """A random-init Llama with the character tokenizer, saved as a local Hugging Face directory."""
     import torch

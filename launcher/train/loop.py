@@ -33,7 +33,7 @@ from launcher.train.engines import build_engine
 from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
 from launcher.train.modeling import build_model, pretrained_dir
 from launcher.train.optim import build_scheduler
-from launcher.train.adapters import apply_finetune_method
+from launcher.train.adapters import apply_finetune_method, quantization_config
 from launcher.train.sft import ROW_FIELDS as SFT_ROW_FIELDS, SFTCorpus
 from launcher.train.checkpoint import Checkpointer, resolve_resume
 from launcher.train.fingerprint import Fingerprint, array_digest, files_digest
@@ -120,7 +120,8 @@ class Trainer:
         self.total_steps = (training.max_steps if training.max_steps > 0
                             else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
 
-        model = build_model(self.config.model, self.plan, self.tokenizer, training.seed)
+        quantization = quantization_config(self.config.finetune) if self.config.finetune.method == "qlora" else None
+        model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization)
         model = apply_finetune_method(model, self.config.finetune)  # before the engine wraps it
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = _flops_per_token(model.config, self.num_params, self.plan.seq_len)

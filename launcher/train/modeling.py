@@ -33,8 +33,10 @@ def architecture_config(model: ModelConfig, vocab_size: int | None) -> dict:
     return dict(load_model_spec(model.name_or_path, overrides).hf_config)
 
 
-def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int) -> torch.nn.Module:
-    """fp32 master weights on CPU (engines move/shard them); same seed -> same init on every rank."""
+def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantization_config=None) -> torch.nn.Module:
+    """fp32 master weights on CPU (engines move/shard them); same seed -> same init on every rank.
+
+    With a quantization_config (QLoRA) the frozen base loads in 4-bit straight onto this rank's GPU."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     attn = ATTENTION_IMPLEMENTATIONS[plan.attention]
@@ -43,9 +45,15 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int) -> torch.n
     if source is not None:
         if model.overrides:
             raise LaunchError("model.overrides changes an architecture; it cannot apply to pretrained weights.")
-        net = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
+        load = {"dtype": torch.float32}
+        if quantization_config is not None:
+            load = {"dtype": torch.bfloat16, "quantization_config": quantization_config,
+                    "device_map": {"": torch.cuda.current_device()}}
+        net = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **load)
         if len(tokenizer) > net.get_input_embeddings().num_embeddings:
             net.resize_token_embeddings(len(tokenizer))
+    elif quantization_config is not None:
+        raise LaunchError("QLoRA quantizes pretrained weights; set model.name_or_path to a local model directory.")
     else:
         hf_config = architecture_config(model, len(tokenizer))
         config = AutoConfig.for_model(**hf_config)
@@ -56,7 +64,7 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int) -> torch.n
     net.config.use_cache = False
     if plan.activation_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if plan.precision == "bf16":
+    if plan.precision == "bf16" and quantization_config is None:
         net.to(torch.bfloat16)
     return net
 

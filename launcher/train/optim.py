@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from launcher.config import TrainingConfig
+from launcher.errors import LaunchError
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -34,8 +35,23 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
-    """torch AdamW; the fused kernel when asked for and every parameter lives on one device type."""
+    """torch AdamW (the fused kernel when asked for); or SGD, Adafactor, bitsandbytes 8-bit AdamW (paged for
+    QLoRA: optimizer state pages to host memory instead of failing on a memory spike) under HF optim names."""
     groups = decay_groups(model, training.weight_decay)
+    if training.optim == "sgd":
+        return torch.optim.SGD(groups, lr=training.learning_rate, momentum=training.adam_beta1)
+    if training.optim == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=training.learning_rate, scale_parameter=False, relative_step=False)
+    if training.optim in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise LaunchError(f"training.optim {training.optim} needs bitsandbytes; pip install 'llaunch[qlora]'.") from None
+        cls = bnb.optim.PagedAdamW8bit if training.optim.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
+                   eps=training.adam_epsilon)
     fused = training.optim == "adamw_torch_fused"
     return torch.optim.AdamW(
         groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
