@@ -254,6 +254,14 @@ def test_checkpoints_cli_lists_step_size_completeness_and_best(tmp_path, capsys)
     assert "no" in rows["40"] and "yes" in rows["10"]
     assert main(["checkpoints", str(tmp_path / "missing")]) == 2
 
+    shard = next((tmp_path / "checkpoints" / "step-10" / "engine").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["checkpoints", str(tmp_path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.split("│")[1].strip() == "10" and "no" in line for line in out.splitlines() if line.startswith("│"))
+
 
 def test_export_writes_a_hugging_face_model_from_a_dcp_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
