@@ -25,13 +25,11 @@ REPO = Path(__file__).resolve().parents[2]
 REQUEUE_EXIT_CODE = 75
 
 
-def torchrun(output, strategy, *extra, nproc=2, env=None, background=False):
+def torchrun(output, strategy, *extra, nproc=2, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(WORKER), "--strategy", strategy, "--output", str(output), *extra]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 **(env or {})}
-    if background:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=400)
 
 
@@ -47,11 +45,11 @@ def final(output: Path) -> Path:
     return output / "final" / "model.safetensors"
 
 
-def wait_for_manifest(proc, path: Path, timeout=300):
+def wait_for_manifest(proc, path: Path, log: Path, timeout=300):
     deadline = time.monotonic() + timeout
     while not (path / "manifest.json").exists():
-        assert proc.poll() is None, f"run ended before {path.name} was written:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"no {path} after {timeout}s"
+        assert proc.poll() is None, f"run ended before {path.name} was written:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout}s:\n{log.read_text()[-4000:]}"
         time.sleep(0.05)
 
 
@@ -110,13 +108,16 @@ def tiny_config(tmp_path_factory):
     return config
 
 
-def llaunch_run(config, output, strategy, *extra, background=False):
-    """The user's command, exactly: `llaunch run CONFIG --output-dir OUT --strategy S [key=value]`."""
+def llaunch_run(config, output, strategy, *extra, log=None):
+    """The user's command, exactly: `llaunch run CONFIG --output-dir OUT --strategy S [key=value]`.
+
+    With `log` it runs in the background writing to that file (a pipe nobody reads would fill and block it).
+    """
     cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(output), "--strategy", strategy,
            *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    if background:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if log is not None:
+        return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
 
 
@@ -126,10 +127,16 @@ def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, ti
     straight = llaunch_run(tiny_config, tmp_path / "straight", strategy, *extra)
     assert straight.returncode == 0, straight.stdout[-4000:]
 
-    proc = llaunch_run(tiny_config, tmp_path / "run", strategy, *extra, background=True)
-    wait_for_manifest(proc, tmp_path / "run" / "checkpoints" / "step-20", timeout=300)
-    proc.send_signal(signal.SIGTERM)  # to `llaunch run`, as `kill` or a scheduler would
-    out, _ = proc.communicate(timeout=180)
+    log = tmp_path / "interrupted.log"
+    proc = llaunch_run(tiny_config, tmp_path / "run", strategy, *extra, log=log)
+    try:
+        wait_for_manifest(proc, tmp_path / "run" / "checkpoints" / "step-20", log)
+        proc.send_signal(signal.SIGTERM)  # to `llaunch run`, as `kill` or a scheduler would
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
     assert proc.returncode == REQUEUE_EXIT_CODE, out[-4000:]
     assert "preempted (SIGTERM): saved step " in out, out[-4000:]
     stopped_at = int(out.split("saved step ")[1].split(",")[0])
