@@ -1,0 +1,114 @@
+"""Fine-tuning through `llaunch run`: LoRA on SFT JSONL end to end, early stopping, bad lines before launch,
+and the arithmetic exact-match evaluator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from launcher.cli import main
+from launcher.train import arithmetic
+from launcher.train.sft import format_prompt
+
+
+@pytest.fixture(scope="module")
+def arith(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arith")
+    records = arithmetic.make_records(240, seed=0, max_operand=20)
+    arithmetic.write_jsonl(records[40:], root / "train.jsonl")
+    arithmetic.write_jsonl(records[:40], root / "eval.jsonl")
+    texts = [format_prompt(None, r["instruction"]) + r["output"] for r in records]
+    arithmetic.make_base_model(root / "base", texts, hidden_size=32, layers=2)
+    return root, records
+
+
+def write_config(path, root, **training):
+    config = {
+        "model": {"name_or_path": str(root / "base")},
+        "data": {"dataset_format": "alpaca", "train_files": [str(root / "train.jsonl")],
+                 "eval_files": [str(root / "eval.jsonl")], "block_size": 96},
+        "finetune": {"method": "lora", "r": 4, "lora_dropout": 0.0, "modules_to_save": ["lm_head"]},
+        "training": {"learning_rate": 5e-3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                     "logging_steps": 1, "save_strategy": "no", "bf16": False, **training},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_sft_run_saves_adapter_and_generate_uses_it(arith, tmp_path, capsys):
+    root, _ = arith
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "sft.yaml", root, max_steps=12, eval_steps=6, lr_scheduler_type="step",
+                          lr_scheduler_kwargs={"step_size": 4, "gamma": 0.5})
+    assert main(["run", str(config), "--output-dir", str(out)]) == 0
+    final = sorted(p.name for p in (out / "final").iterdir())
+    assert "adapter_model.safetensors" in final and "model.safetensors" not in final
+    rows = metrics(out)
+    train = [r for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"] and evals[-1] < evals[0]
+    assert [round(r["lr"], 6) for r in train][::4] == [5e-3, 2.5e-3, 1.25e-3]  # the step schedule was used
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out / "final"), "--instruction", "--prompt", "What is 3 + 4?",
+                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert len(answer) <= 4  # only the answer is printed, not the prompt
+
+
+def test_early_stopping_stops_at_the_eval_where_patience_runs_out(arith, tmp_path):
+    root, _ = arith
+    out = tmp_path / "run"
+    # A threshold no eval can beat: the first eval sets the best, the next `patience` evals do not improve.
+    config = write_config(tmp_path / "es.yaml", root, max_steps=30, eval_steps=2, early_stopping_patience=2,
+                          early_stopping_threshold=100.0)
+    assert main(["run", str(config), "--output-dir", str(out)]) == 0
+    rows = metrics(out)
+    assert max(r["step"] for r in rows if "loss" in r) == 6
+    assert [r["step"] for r in rows if "eval_loss" in r][:3] == [2, 4, 6]
+
+
+def test_bad_sft_line_fails_before_any_process_starts(arith, tmp_path, capsys):
+    root, _ = arith
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((root / "train.jsonl").read_text() + '{"instruction": "What is 1 + 1?"}\n')
+    config = write_config(tmp_path / "bad.yaml", root, max_steps=2)
+    data = yaml.safe_load(config.read_text())
+    data["data"]["train_files"] = [str(bad)]
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "bad.jsonl:201: an Alpaca record needs a string 'output'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "plan.yaml").exists()
+
+
+def test_exact_match_scores_only_exact_answers(arith):
+    """A model that memorised four questions scores 100% on them; the untrained base scores 0%."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.train import sft
+
+    root, records = arith
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / "base")
+    model.config.use_cache = False
+    four = records[:4]
+    assert arithmetic.exact_match(model.eval(), tokenizer, four) == 0.0
+    examples = [sft.tokenize_segments(sft.record_segments(r, tokenizer), tokenizer, 96) for r in four]
+    batch = sft.collate_padded(examples, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(150):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.config.use_cache = True
+    assert arithmetic.exact_match(model.eval(), tokenizer, four) == 1.0
+    wrong = [dict(r, output=str(int(r["output"]) + 1)) for r in four]
+    assert arithmetic.exact_match(model, tokenizer, wrong) == 0.0
