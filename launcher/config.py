@@ -226,6 +226,10 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     # Relative data paths are relative to the config file, so a config works from any directory.
     config.data.train_files = [p if p.startswith("@") else str(_resolve(p, path.parent)) for p in config.data.train_files]
     config.data.eval_files = [str(_resolve(p, path.parent)) for p in config.data.eval_files]
+    if config.model.name_or_path and Path(config.model.name_or_path).expanduser().is_dir():
+        # A local model directory (relative to where llaunch runs) is recorded absolute, so ranks, SLURM jobs
+        # and saved adapters (their base_model_name_or_path) find it from any working directory.
+        config.model.name_or_path = str(Path(config.model.name_or_path).expanduser().resolve())
     if config.data.tokenizer_name_or_path and Path(path.parent, config.data.tokenizer_name_or_path).exists():
         config.data.tokenizer_name_or_path = str(_resolve(config.data.tokenizer_name_or_path, path.parent))
     return config

@@ -91,7 +91,13 @@ def load_with_adapter(base: str | Path, adapter: str | Path, dtype=torch.float32
     if not Path(base).is_dir():
         raise LaunchError(f"base model {base} is not a local directory; llaunch downloads nothing at run time.")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    return PeftModel.from_pretrained(model, adapter).eval()
+    try:
+        return PeftModel.from_pretrained(model, adapter).eval()
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        raise LaunchError(f"adapter {adapter} was trained on another model than {base} (weight shapes differ); "
+                          "pass the base it was trained on.") from None
 
 
 def base_model_path(adapter: str | Path) -> str:

@@ -60,6 +60,9 @@ def test_lora_sft_run_saves_adapter_and_generate_uses_it(arith, tmp_path, capsys
                  "--max-new-tokens", "4", "--temperature", "0"]) == 0
     answer = capsys.readouterr().out.strip()
     assert len(answer) <= 4  # only the answer is printed, not the prompt
+    assert main(["export", str(out / "final"), "--merge", "--to", str(tmp_path / "merged")]) == 0
+    merged = sorted(p.name for p in (tmp_path / "merged").iterdir())
+    assert "model.safetensors" in merged and "tokenizer.json" in merged and "adapter_config.json" not in merged
 
 
 def test_early_stopping_stops_at_the_eval_where_patience_runs_out(arith, tmp_path):
