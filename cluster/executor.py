@@ -2,9 +2,9 @@
 
 Each node's task finds the rendezvous host, checks the allocation against the plan, and runs torchrun.
 Preemption signals reach the ranks twice over: SLURM signals every process of the step, and the task
-forwards what it gets (launcher.train.preemption ignores the duplicate). torchrun itself is started
-with those signals ignored, because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a
-SIGTERM, in the middle of their checkpoint. When the ranks have saved and exited, the first node's task
+forwards what it gets (launcher.train.preemption ignores the duplicate). torchrun itself ignores them
+(SIG_IGN before exec, and --signals-to-handle without SIGTERM), because it would otherwise die on
+SIGUSR1/2 or kill the ranks 30 s after a SIGTERM, in the middle of their checkpoint. When the ranks have saved and exited, the first node's task
 applies cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue.
 """
 
@@ -138,7 +138,7 @@ class NodeTask(submitit.helpers.Checkpointable):
             # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
             raise TrainingError(f"stopped by {stop} with the newest checkpoint at step {step}; a preempted job "
                                 f"comes back through SLURM, a cancelled one ends here")
-        decision = decide_requeue(finished=False, stop_signal=stop, requeues_done=self.requeues,
+        decision = decide_requeue(stop_signal=stop, requeues_done=self.requeues,
                                   max_requeues=self.max_requeues, step=step,
                                   step_at_last_requeue=self.step_at_last_requeue)
         print(f"[llaunch] {'requeue' if decision.requeue else 'no requeue'}: {decision.reason}", flush=True)
@@ -178,7 +178,7 @@ def latest_step(job_dir: str) -> int | None:
     return max(complete) if complete else None
 
 
-def submit(plan: Plan, job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
+def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
     """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
     if env.get("SLURM_CONF"):
         os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # submitit's sbatch inherits our environment

@@ -1,6 +1,7 @@
-"""When a stopped job goes back in the queue: only after a preemption signal, within --max-requeues, and
-only when its newest checkpoint moved forward since the last requeue (otherwise it would loop on the same
-stale state, burning allocation for nothing)."""
+"""Whether a job stopped by its preemption/time-limit signal goes back in the queue: within --max-requeues,
+and only when its newest checkpoint moved forward since the last requeue (otherwise it would loop on the
+same stale state, burning allocation for nothing). A job that finished or failed without that signal never
+gets here (cluster.executor ends it as it is)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,14 @@ class RequeueDecision:
 
 def decide_requeue(
     *,
-    finished: bool,
-    stop_signal: str | None,
+    stop_signal: str,
     requeues_done: int,
     max_requeues: int,
     step: int | None,
     step_at_last_requeue: int | None,
 ) -> RequeueDecision:
-    """finished: training exited 0; stop_signal: the preemption/time-limit signal the job got, if any;
-    step: the newest complete checkpoint's step (None: none yet)."""
-    if finished:
-        return RequeueDecision(False, "training finished")
-    if stop_signal is None:
-        return RequeueDecision(False, "training failed without a preemption signal (a real error)")
+    """step: the newest complete checkpoint's step (None: none yet); step_at_last_requeue: the same when
+    the job was last requeued (None: never requeued)."""
     if requeues_done >= max_requeues:
         return RequeueDecision(False, f"already requeued {requeues_done} time(s), the --max-requeues limit")
     if requeues_done > 0 and (step or 0) <= (step_at_last_requeue or 0):

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"# plan written to {job_dir / 'plan.yaml'}; nothing submitted (--dry-run).")
         return 0
 
-    submitted = submit(job.plan, job_dir, profile, name, env)
+    submitted = submit(job_dir, profile, name, env)
     record = JobRecord(job_id=str(submitted.job_id), name=name, output_dir=str(job_dir),
                        log_folder=str(job_dir / "slurm"), nodes=profile.nodes, cluster=profile.name,
                        slurm_conf=env.get("SLURM_CONF", ""))

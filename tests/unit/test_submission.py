@@ -147,17 +147,15 @@ def test_time_limits_round_up_to_whole_minutes():
 
 
 @pytest.mark.parametrize("kwargs,requeue,why", [
-    (dict(finished=True, stop_signal="SIGUSR2"), False, "finished"),
-    (dict(finished=False, stop_signal=None), False, "real error"),
-    (dict(finished=False, stop_signal="SIGUSR2"), True, "requeue 1/3 resumes from step 20"),
-    (dict(finished=False, stop_signal="SIGUSR2", requeues_done=3), False, "max-requeues"),
-    (dict(finished=False, stop_signal="SIGUSR2", requeues_done=1, step_at_last_requeue=20), False, "no progress"),
-    (dict(finished=False, stop_signal="SIGUSR2", requeues_done=1, step_at_last_requeue=10), True, "requeue 2/3"),
-    (dict(finished=False, stop_signal="SIGUSR2", step=None), True, "no checkpoint yet"),
-    (dict(finished=False, stop_signal="SIGUSR2", requeues_done=1, step=None), False, "no progress"),
+    (dict(), True, "SIGUSR2 received; requeue 1/3 resumes from step 20"),
+    (dict(requeues_done=3), False, "max-requeues"),
+    (dict(requeues_done=1, step_at_last_requeue=20), False, "no progress"),
+    (dict(requeues_done=1, step_at_last_requeue=10), True, "requeue 2/3"),
+    (dict(step=None), True, "no checkpoint yet"),
+    (dict(requeues_done=1, step=None), False, "no progress"),
 ])
 def test_requeue_policy(kwargs, requeue, why):
-    args = dict(requeues_done=0, max_requeues=3, step=20, step_at_last_requeue=None) | kwargs
+    args = dict(stop_signal="SIGUSR2", requeues_done=0, max_requeues=3, step=20, step_at_last_requeue=None) | kwargs
     decision = decide_requeue(**args)
     assert decision.requeue is requeue
     assert why in decision.reason
