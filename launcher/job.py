@@ -15,7 +15,7 @@ from launcher.config import TrainConfig, load_train_config
 from launcher.errors import LaunchError
 from launcher.plan import Plan
 
-PLAN_FILE, CONFIG_FILE = "plan.yaml", "config.yaml"
+PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
 
 
 @dataclass
@@ -125,5 +125,5 @@ def _check_strategy_library(strategy: str | None) -> None:
 def _check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise LaunchError(f"output directory {out} is a file; choose another --output-dir.")
-    if not overwrite and (out / "final").exists():
+    if not overwrite and (out / FINAL_DIR).exists():
         raise LaunchError(f"{out} already holds a finished run; pass --overwrite or choose another --output-dir.")

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.config import TrainConfig
+from launcher.job import CONFIG_FILE, FINAL_DIR, PLAN_FILE
 from launcher.plan import Plan
 from launcher.train.data import PackedBlocks, StepSampler, build_corpus, find_corpus, rank_micro_batches
 from launcher.train.engines import build_engine
@@ -34,12 +35,10 @@ from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
 from launcher.train.modeling import build_model, pretrained_dir
 from launcher.train.optim import build_scheduler
 from launcher.train.adapters import apply_finetune_method, quantization_config
-from launcher.train.sft import ROW_FIELDS as SFT_ROW_FIELDS, SFTCorpus
+from launcher.train.sft import ROW_FIELDS as SFT_ROW_FIELDS, SFTCorpus, length_grouped_sampler, trim_rows
 from launcher.train.checkpoint import Checkpointer, resolve_resume
 from launcher.train.fingerprint import Fingerprint, array_digest, files_digest
 from launcher.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
-
-PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
 
 
 @dataclass
@@ -117,6 +116,8 @@ class Trainer:
         self.blocks.check(self.plan.global_batch)
         data_seed = training.data_seed if training.data_seed is not None else training.seed
         self.sampler = StepSampler(self.blocks.num_train, self.plan.global_batch, data_seed)
+        if training.group_by_length and isinstance(self.blocks, SFTCorpus):
+            self.sampler = length_grouped_sampler(self.blocks, self.plan.global_batch, data_seed)
         self.total_steps = (training.max_steps if training.max_steps > 0
                             else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
 
@@ -153,7 +154,8 @@ class Trainer:
         return corpus
 
     def _batch(self, block_indices: np.ndarray, blocks_of) -> dict:
-        rows = torch.from_numpy(np.stack([blocks_of(int(i)) for i in block_indices]))
+        rows = np.stack([blocks_of(int(i)) for i in block_indices])
+        rows = torch.from_numpy(trim_rows(rows) if rows.ndim == 3 else rows)
         if self.device.type == "cuda":
             rows = rows.pin_memory().to(self.device, non_blocking=True)
         if rows.dim() == 3:  # SFT rows: input_ids, labels, position_ids (restarting per packed example)

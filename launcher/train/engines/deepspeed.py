@@ -52,10 +52,10 @@ class DeepSpeedEngine(Engine):
     def accumulating(self, final: bool):
         return contextlib.nullcontext()
 
-    def step(self, max_grad_norm: float) -> float:
+    def step(self, max_grad_norm: float) -> torch.Tensor | float:
         self.engine.step()  # clips to gradient_clipping from the config, steps, zeroes grads
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.engine.get_global_grad_norm()  # left on the device: the loop reads it at logging steps
+        return norm if norm is not None else float("nan")
 
     def save_state(self, directory: Path, async_save: bool = False) -> None:
         self.engine.save_checkpoint(str(directory), tag=STATE_TAG)  # synchronous: DeepSpeed writes its own files
