@@ -66,6 +66,7 @@ class TrainingConfig:
     optim: str = "adamw_torch_fused"  # adamw_torch_fused | adamw_torch
     lr_scheduler_type: str = "cosine"
     lr_scheduler_kwargs: dict = field(default_factory=dict)  # e.g. {num_cycles: 2}, {step_size: 100, gamma: 0.5}
+    group_by_length: bool = False  # SFT without packing: batches of similar length, padded to the longest
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
     max_grad_norm: float = 1.0

@@ -383,3 +383,32 @@ class SFTCorpus:
     @staticmethod
     def _row(dataset: SFTDataset, index: int) -> np.ndarray:
         return row_array([dataset.examples[i] for i in dataset.rows[index]], dataset.max_length, dataset.pad_token_id)
+
+
+def trim_rows(rows: np.ndarray, multiple_of: int = 8) -> np.ndarray:
+    """Cut a (batch, 3, length) stack of rows after the last column any row learns from (rounded up).
+
+    Loss-exact: every example ends in a learned token (its answer's EOS), and with causal attention nothing
+    before a column depends on it. With group_by_length, this is what turns similar lengths into less
+    padding; packed rows are full and stay as they are."""
+    learned = np.flatnonzero((rows[:, 1] != IGNORE_INDEX).any(axis=0))
+    if learned.size == 0:
+        return rows
+    keep = min(rows.shape[-1], -(-(int(learned[-1]) + 1) // multiple_of) * multiple_of)
+    return np.ascontiguousarray(rows[..., :keep])
+
+
+def length_grouped_sampler(corpus: "SFTCorpus", global_batch: int, seed: int):
+    """The loop's StepSampler, with each epoch's order from length_grouped_order instead of a plain shuffle."""
+    from launcher.train.data import StepSampler
+
+    lengths = corpus.train.lengths
+
+    class LengthGroupedStepSampler(StepSampler):
+        def permutation(self, epoch: int) -> np.ndarray:
+            if self._epoch_cached != epoch:
+                self._perm = length_grouped_order(lengths, self.global_batch, self.seed, epoch)
+                self._epoch_cached = epoch
+            return self._perm
+
+    return LengthGroupedStepSampler(corpus.num_train, global_batch, seed)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,26 @@ def test_length_grouped_order_groups_similar_lengths():
     first = [lengths[i] for i in order[:100]]
     assert first == sorted(first, reverse=True)
     assert not (order == sft.length_grouped_order(lengths, 2, seed=0, epoch=1)).all()
+
+
+def test_trimmed_rows_give_the_same_loss_with_less_padding(tok):
+    model = tiny_llama(len(tok))
+    records = [{"instruction": "What is 12 + 7?", "output": "19"}, {"instruction": "Add.", "output": "7"}]
+    examples = [sft.tokenize_segments(sft.record_segments(r, tok), tok, 256) for r in records]
+    rows = np.stack([sft.row_array([ex], 256, tok.pad_token_id) for ex in examples])
+    trimmed = sft.trim_rows(rows)
+    longest = max(len(ex.input_ids) for ex in examples)
+    assert longest <= trimmed.shape[-1] < longest + 8 and trimmed.shape[-1] % 8 == 0
+    full, short = ({k: torch.from_numpy(r[:, j]) for j, k in enumerate(sft.ROW_FIELDS)} for r in (rows, trimmed))
+    with torch.no_grad():
+        assert torch.allclose(summed_loss(model, full), summed_loss(model, short), rtol=1e-5)
+
+
+def test_length_grouped_sampler_serves_similar_lengths_together(tok):
+    examples = [sft.SFTExample([5] * n, [5] * n) for n in np.random.default_rng(0).integers(4, 200, 400)]
+    corpus = sft.SFTCorpus(sft.SFTDataset(examples, 256, tok.pad_token_id, packing=False), None, tok, ".")
+    sampler = sft.length_grouped_sampler(corpus, global_batch=4, seed=0)
+    indices, _, _ = sampler.next_step(0, 0)
+    lengths = [len(examples[i].input_ids) for i in sampler.permutation(0)[:200]]
+    assert lengths == sorted(lengths, reverse=True)  # one mega-batch of 50 batches, longest first
+    assert sorted(sampler.permutation(1).tolist()) == list(range(400))

@@ -70,7 +70,10 @@ def test_early_stopping_stops_at_the_eval_where_patience_runs_out(arith, tmp_pat
     out = tmp_path / "run"
     # A threshold no eval can beat: the first eval sets the best, the next `patience` evals do not improve.
     config = write_config(tmp_path / "es.yaml", root, max_steps=30, eval_steps=2, early_stopping_patience=2,
-                          early_stopping_threshold=100.0)
+                          early_stopping_threshold=100.0, group_by_length=True)
+    data = yaml.safe_load(config.read_text())
+    data["data"]["packing"] = False  # one example per row, batches grouped by length and trimmed
+    config.write_text(yaml.safe_dump(data))
     assert main(["run", str(config), "--output-dir", str(out)]) == 0
     rows = metrics(out)
     assert max(r["step"] for r in rows if "loss" in r) == 6
