@@ -173,6 +173,9 @@ class TrainConfig:
         _check_choice("finetune.bnb_4bit_compute_dtype", f.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
         if f.r < 1 or f.num_virtual_tokens < 1:
             raise LaunchError("finetune.r and finetune.num_virtual_tokens must be at least 1.")
+        if f.method == "prefix" and self.data.packing and self.data.dataset_format != "text":
+            # The prefix is a KV cache, and transformers keeps packed examples apart only without one.
+            raise LaunchError("finetune.method prefix cannot keep packed examples apart; set data.packing: false.")
         return self
 
     @property

@@ -100,6 +100,8 @@ def test_bad_finetune_keys_fail_in_the_config():
         TrainConfig.from_dict({"finetune": {"method": "lora2"}})
     with pytest.raises(LaunchError, match="did you mean 'lora_alpha'"):
         TrainConfig.from_dict({"finetune": {"lora_alhpa": 8}})
+    with pytest.raises(LaunchError, match="set data.packing: false"):
+        TrainConfig.from_dict({"finetune": {"method": "prefix"}, "data": {"dataset_format": "alpaca"}})
 
 
 def test_unknown_target_module_is_one_sentence(tmp_path):
