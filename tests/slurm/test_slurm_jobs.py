@@ -126,6 +126,11 @@ def test_preempted_job_requeues_and_ends_with_the_same_weights(straight_run, con
     requeued = wait_until(lambda: (s := job_state(job_id, env)).restarts >= 1 and s.state == "PENDING" and s,
                           120, "the job to requeue itself", job_id)
     assert requeued.restarts == 1
+    # Release only once the nodes have cleaned up the first run and a second has passed: slurmd refuses a
+    # credential issued in the same second its predecessor was revoked ("Job credential revoked").
+    wait_until(lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
+                                          text=True).stdout.split()) == {"idle"}, 60, "idle nodes", job_id)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
     end = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 240, "the requeued job to end", job_id)
     assert end.state == "COMPLETED", logs_of(job_id)[-4000:]
@@ -189,6 +194,8 @@ def test_cancel_sends_sigterm_to_the_ranks_which_checkpoint_and_the_job_stays_ca
     # SIGTERM reached the ranks (not torchrun's 30-s kill): they saved the step they were at, then left.
     steps = [i.step for i in list_checkpoints(out) if i.complete]
     assert max(steps) > SAVE_STEPS and not (out / "final").exists(), steps
+    logs = logs_of(job_id) + llaunch("logs", job_id, "--rank", "1").stdout
+    assert "death signal" not in logs  # torchrun left SIGTERM to the ranks instead of killing them
     assert "CANCELLED" in llaunch("status", job_id).stdout
 
 
