@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 RECENT = 10
+# States in which the job's own logs say why it ended (CANCELLED was someone's decision).
+FAILED_STATES = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
 
 
 def add_parser(subparsers) -> None:
@@ -28,7 +30,7 @@ def describe(job_id: str | None) -> list[str]:
     metrics = last_metrics(record.output_dir)
     if metrics:
         lines.append(f"  step {metrics['step']}  loss {float(metrics['loss']):.4f}")
-    if state.state not in ("COMPLETED", "RUNNING", "PENDING"):
+    if state.state in FAILED_STATES:
         error = last_error(record.log_paths())
         if error:
             lines.append(f"  error: {error}")
