@@ -16,6 +16,9 @@ from launcher.errors import LaunchError
 from launcher.plan import Plan
 
 PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
+# training.optim (HF names) -> the estimator's optimizer; Adafactor's factored state is below SGD momentum's.
+PLANNED_OPTIMIZER = {"adamw_torch_fused": "adamw", "adamw_torch": "adamw", "sgd": "sgd", "adafactor": "sgd",
+                     "adamw_bnb_8bit": "adamw-8bit", "paged_adamw_8bit": "adamw-8bit"}
 
 
 @dataclass
@@ -99,21 +102,18 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
         offload=parallel.offload,
         micro_batch=training.per_device_train_batch_size,
         global_batch=training.global_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
         precision=config.requested_precision,
         activation_checkpointing=training.gradient_checkpointing,
         attention=config.model.attn_implementation or "sdpa",
         method="full" if config.finetune.method == "prefix" else config.finetune.method,
         lora_r=config.finetune.r,
         lora_targets=config.finetune.target_modules,
+        optimizer=PLANNED_OPTIMIZER[training.optim],
     )
     if config.data.block_size is not None:
         request.seq_len = config.data.block_size
-    plan = make_plan(request, hardware if hardware is not None else probe())
-    if training.gradient_accumulation_steps is not None:
-        # Accumulation does not change memory, so forcing it keeps the planner's fit.
-        plan.gradient_accumulation_steps = training.gradient_accumulation_steps
-        plan.validate()
-    return plan
+    return make_plan(request, hardware if hardware is not None else probe())
 
 
 def _check_strategy_library(strategy: str | None) -> None:

@@ -52,6 +52,17 @@ def test_dry_run_plans_writes_the_job_and_prints_torchrun(tmp_path, tiny_config,
     assert config["data"]["train_files"] == [str(tmp_path / "corpus.txt")]
 
 
+def test_forced_accumulation_and_optimizer_reach_the_plan(tmp_path, tiny_config, capsys):
+    """gradient_accumulation_steps and training.optim are planned, not patched in after the fit was chosen."""
+    out_dir = tmp_path / "out"
+    code, _, _ = run_cli(capsys, tiny_config, "--output-dir", out_dir, "--dry-run",
+                         "training.gradient_accumulation_steps=3", "training.optim=sgd")
+    assert code == 0
+    plan = yaml.safe_load((out_dir / "plan.yaml").read_text())
+    assert (plan["micro_batch"], plan["gradient_accumulation_steps"]) == (2, 3)
+    assert plan["optimizer"] == "sgd"
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.train_files=missing.txt", "does not exist"),
     ("training.max_steps=many", "training.max_steps must be an integer"),
