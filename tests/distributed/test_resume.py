@@ -1,7 +1,7 @@
 """Preempted, killed and damaged runs resume to exactly the weights of a run that never stopped.
 
 The SIGTERM tests run the product (`llaunch run`, 2 gloo ranks, fp32 on CPU) for every strategy. The fault
-tests drive tests/dist/resume_worker.py, a small rank program around the same Checkpointer and
+tests drive tests/distributed/resume_worker.py, a small rank program around the same Checkpointer and
 PreemptionHandler, where a signal or a kill can be placed at an exact point (inside accumulation, inside an
 eval, between writing shards and publishing). "Exact" means final safetensors differ by <= 1e-6.
 """

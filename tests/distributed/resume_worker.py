@@ -1,6 +1,6 @@
 """A minimal rank program around the Checkpointer: tiny model with dropout, grad accumulation, eval.
 
-Run by tests/dist/test_resume.py under torchrun. It exercises the checkpoint and preemption modules
+Run by tests/distributed/test_resume.py under torchrun. It exercises the checkpoint and preemption modules
 exactly as the training loop does: resume at start, `should_stop()` + save at each step boundary,
 exit with REQUEUE_EXIT_CODE after a preemption checkpoint, final weights exported to safetensors.
 Test-only hooks (environment): SIGNAL_AT="step:micro:rank" signals that rank inside accumulation,
