@@ -96,7 +96,7 @@ def node_command(
     the time limit: NCCL's watchdog aborts a stuck collective, and the training entrypoint passes
     LLAUNCH_DIST_TIMEOUT_S to init_process_group (which is what bounds gloo).
     """
-    from launcher.torchrun import build_torchrun_argv
+    from launcher.torchrun import TORCHRUN_MODULE, build_torchrun_argv
 
     argv, env = build_torchrun_argv(
         plan,
@@ -110,7 +110,7 @@ def node_command(
     )
     # SLURM signals every process of the step. torchrun would answer SIGTERM by killing the ranks 30 s
     # later, in the middle of their checkpoint, so it handles only these; the ranks get SIGTERM themselves.
-    after = argv.index("torch.distributed.run") + 1
+    after = argv.index(TORCHRUN_MODULE) + 1
     argv[after:after] = ["--signals-to-handle", TORCHRUN_SIGNALS]
     env = dict(env)
     env.update({

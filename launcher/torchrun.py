@@ -1,13 +1,22 @@
-"""The torchrun command for one node of a job: pure (argv, env), so `--dry-run`, SLURM and tests share it."""
+"""The torchrun command for one node of a job: pure (argv, env), so `--dry-run`, SLURM and tests share it.
+
+`python -m launcher.torchrun ARGS` is torchrun itself (same arguments, same agent) with one difference: a
+rank that already said why it stopped (a LaunchError's sentence and exit 2, a preemption's checkpoint and
+exit 75) ends the launch with that code, without torchrun's ChildFailedError traceback burying the sentence.
+Any other failure is reported by torchrun exactly as usual.
+"""
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
-from launcher.errors import LaunchError
+from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.plan import Plan
 
 ENTRYPOINT = "launcher.train"
+TORCHRUN_MODULE = "launcher.torchrun"
 
 
 def build_torchrun_argv(
@@ -22,7 +31,7 @@ def build_torchrun_argv(
     cpus_per_node: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """argv and the environment variables to add. One node: --standalone; several: c10d rendezvous."""
-    argv = [python, "-m", "torch.distributed.run"]
+    argv = [python, "-m", TORCHRUN_MODULE]
     if nnodes == 1 and rdzv_endpoint is None:
         argv.append("--standalone")
     else:
@@ -92,3 +101,35 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0) ->
     if received:  # a preemption signal made the ranks checkpoint: ask to be requeued; Ctrl-C is a stop
         return 128 + received[0] if received[0] == signal.SIGINT else REQUEUE_EXIT_CODE
     return code if code >= 0 else 128 - code
+
+
+def _explained_exit_codes() -> tuple[int, ...]:
+    from launcher.train.preemption import REQUEUE_EXIT_CODE
+
+    return EXIT_USER_ERROR, REQUEUE_EXIT_CODE
+
+
+class _DropExplainedFailures(logging.Filter):
+    """torchrun's agent logs "failed (exitcode: N) local_rank: ..." for every non-zero rank exit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f"(exitcode: {code})" in record.getMessage() for code in _explained_exit_codes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropExplainedFailures())
+    try:
+        torchrun_main(argv)
+    except ChildFailedError as err:
+        _, failure = err.get_first_failure()
+        if failure.exitcode in _explained_exit_codes():
+            return failure.exitcode
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,9 +12,7 @@ import pkgutil
 import sys
 
 from launcher import __version__
-from launcher.errors import LaunchError
-
-EXIT_USER_ERROR = 2
+from launcher.errors import EXIT_USER_ERROR, LaunchError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.errors import LaunchError
+from launcher.errors import EXIT_USER_ERROR, LaunchError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.train()
     except LaunchError as err:
         print(f"llaunch: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C reaches every rank through torchrun: stop quietly
         return 130
     finally:

@@ -8,6 +8,7 @@ and transformers' BitsAndBytesConfig names.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,7 +65,9 @@ def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.
                               "launcher.train.adapters.quantization_config.")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     try:
-        return get_peft_model(model, peft_config(cfg))
+        with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated: not the user's concern
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            return get_peft_model(model, peft_config(cfg))
     except ValueError as err:
         # PEFT names the module it could not find; the user fixes target_modules / modules_to_save.
         raise LaunchError(f"finetune settings do not fit {type(model).__name__}: {err}") from None

@@ -43,7 +43,7 @@ def test_dry_run_plans_writes_the_job_and_prints_torchrun(tmp_path, tiny_config,
     code, out, _ = run_cli(capsys, tiny_config, "--output-dir", out_dir, "--dry-run", "--strategy", "zero2",
                            "--nproc-per-node", "2", "training.learning_rate=1e-3")
     assert code == 0
-    assert "DS_ACCELERATOR=cpu" in out and "torch.distributed.run --standalone" in out
+    assert "DS_ACCELERATOR=cpu" in out and "launcher.torchrun --standalone" in out
     assert f"--nproc-per-node 2 --max-restarts 0 -m launcher.train --job-dir {out_dir}" in out
     plan = yaml.safe_load((out_dir / "plan.yaml").read_text())
     assert (plan["strategy"], plan["device"], plan["gpus_per_node"], plan["seq_len"]) == ("zero2", "cpu", 2, 32)

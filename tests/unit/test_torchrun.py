@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from ds_configs import render_ds_config
@@ -16,7 +19,7 @@ TAIL = ["-m", "launcher.train", "--job-dir", "/runs/a"]
 def test_single_gpu_node_is_standalone():
     plan = Plan(model="tinyllama-1.1b", strategy="fsdp", gpus_per_node=8, device="cuda")
     argv, env = build_torchrun_argv(plan, "/runs/a", cpus_per_node=64)
-    assert argv == ["python", "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
+    assert argv == ["python", "-m", "launcher.torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node",
                     "8", "--max-restarts", "0", *TAIL]
     assert env == {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "8",
                    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -34,7 +37,7 @@ def test_multi_node_uses_c10d_rendezvous():
     plan = Plan(model="m", strategy="zero3", nodes=4, gpus_per_node=8)
     argv, env = build_torchrun_argv(plan, "/runs/a", nnodes=4, rdzv_endpoint="node001:29500", rdzv_id="1234",
                                     max_restarts=3, python="/venv/bin/python")
-    assert argv == ["/venv/bin/python", "-m", "torch.distributed.run", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+    assert argv == ["/venv/bin/python", "-m", "launcher.torchrun", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                     "node001:29500", "--rdzv-id", "1234", "--nnodes", "4", "--nproc-per-node", "8",
                     "--max-restarts", "3", *TAIL]
     assert "DS_ACCELERATOR" not in env
@@ -69,3 +72,24 @@ def test_zero1_without_offload_uses_the_client_optimizer():
     config = render_ds_config(plan, TrainingConfig(), hidden_size=64)
     assert "optimizer" not in config and config["zero_optimization"]["stage"] == 1
     assert config["bf16"]["enabled"] is False and "auto" not in str(config)
+
+
+def _launch(*rank_argv: str) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nproc-per-node", "1", *rank_argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_a_rank_that_explains_its_error_ends_the_launch_with_its_sentence_and_exit_2(tmp_path):
+    done = _launch("-m", "launcher.train", "--job-dir", str(tmp_path / "missing"))
+    assert done.returncode == 2
+    assert "llaunch: error: plan file" in done.stderr
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
+    assert "exitcode" not in done.stderr
+
+
+def test_a_crashing_rank_keeps_torchruns_failure_report(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text("raise RuntimeError('rank crashed')\n")
+    done = _launch(str(script))
+    assert done.returncode == 1
+    assert "RuntimeError: rank crashed" in done.stderr and "ChildFailedError" in done.stderr
