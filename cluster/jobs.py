@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.files import write_text_atomic
 
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -42,12 +43,7 @@ class JobRecord:
     submitted_at: float = field(default_factory=time.time)
 
     def save(self) -> Path:
-        path = records_dir() / f"{self.job_id}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
-        return path
+        return write_text_atomic(records_dir() / f"{self.job_id}.json", json.dumps(asdict(self), indent=2))
 
     def env(self) -> dict[str, str]:
         """The environment that reaches the cluster this job went to."""

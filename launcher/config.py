@@ -18,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 from launcher.errors import LaunchError
+from launcher.files import write_text_atomic
 
 
 @dataclass
@@ -194,11 +195,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically, so a rank never reads half a config."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        write_text_atomic(path, self.to_yaml())
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

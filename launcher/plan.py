@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from launcher.errors import LaunchError
+from launcher.files import write_text_atomic
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 OFFLOADS = ("none", "optimizer", "optimizer+params")
@@ -106,11 +107,7 @@ class Plan:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        """Write atomically, so a reader never sees half a plan."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        tmp.replace(path)
+        write_text_atomic(path, self.to_yaml())
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.files import write_text_atomic
 
 
 def add_parser(subparsers) -> None:
@@ -43,10 +44,6 @@ def run(args) -> int:
              for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
     train, held = split_lines(lines, args.eval_percentage, args.seed)
     for path, part in ((args.train_output, train), (args.eval_output, held)):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(part), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(part))
     print(f"{len(train)} train records -> {args.train_output}; {len(held)} eval records -> {args.eval_output}")
     return 0
