@@ -19,30 +19,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from launcher.errors import LaunchError
-
-    from launcher.train.adapters import base_model_path, is_adapter_dir
-
-    model_dir, adapter = Path(args.model), args.adapter
-    if adapter is None and is_adapter_dir(model_dir):
-        model_dir, adapter = Path(base_model_path(model_dir)), model_dir
-    if not (model_dir / "config.json").exists():
-        raise LaunchError(f"{model_dir} is not a model directory (no config.json); pass e.g. DIR/final of a run.")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.train.adapters import load_for_generation
 
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    has_tokenizer = adapter and any(Path(adapter, f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model_dir)
-    if adapter:
-        from launcher.train.adapters import load_with_adapter
-
-        model = load_with_adapter(model_dir, adapter).to(device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    model, tokenizer = load_for_generation(args.model, args.adapter)
+    model = model.to(device)
     prompt = args.prompt
     if args.instruction:
         from launcher.train.sft import format_prompt

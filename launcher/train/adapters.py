@@ -103,6 +103,23 @@ def load_with_adapter(base: str | Path, adapter: str | Path, dtype=torch.float32
                           "pass the base it was trained on.") from None
 
 
+def load_for_generation(model: str | Path, adapter: str | Path | None = None):
+    """(model in eval mode, tokenizer) from a model directory, an adapter directory (its base is the one its
+    adapter_config.json names), or a base plus an adapter; an adapter's own saved tokenizer wins."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model)
+    if adapter is None and is_adapter_dir(model_dir):
+        model_dir, adapter = Path(base_model_path(model_dir)), model_dir
+    if not (model_dir / "config.json").exists():
+        raise LaunchError(f"{model_dir} is not a model directory (no config.json); pass e.g. DIR/final of a run.")
+    has_tokenizer = adapter and any(Path(adapter, f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else model_dir)
+    if adapter:
+        return load_with_adapter(model_dir, adapter), tokenizer
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval(), tokenizer
+
+
 def base_model_path(adapter: str | Path) -> str:
     """The base the adapter was trained on, as recorded in its adapter_config.json."""
     import json

@@ -1,9 +1,11 @@
-"""A fine-tuning task with checkable answers: Alpaca records "What is 23 + 45?" -> "68", and exact match.
+"""A fine-tuning task with checkable answers: "What is 23 + 45?" -> "68", and held-out exact match.
 
-Used by examples/sft_lora.yaml: accuracy on held-out questions before and after fine-tuning is a number a
-user can trust, unlike a loss. Also ships a character-level tokenizer and a tiny random-init base model, so
-the example needs nothing downloaded: one character per token means digits are never merged by BPE, which
-is what lets a tiny model learn carrying.
+Used by examples/arith_base.yaml and examples/sft_lora.yaml: accuracy on held-out questions before and after
+fine-tuning is a number a user can trust, unlike a loss. LoRA adapts what a base model already knows (on a
+random-init base it stays near 5 %, measured), so the example first makes a base that knows bare sums
+("23 + 45" -> "68") by full fine-tuning, then teaches it with LoRA to answer the questions. Everything is
+made here, nothing downloaded: a character-level tokenizer (one digit per token, never merged by BPE, which
+is what lets a tiny model learn carrying) and a random-init Llama.
 """
 
 from __future__ import annotations
@@ -17,24 +19,35 @@ from launcher.errors import LaunchError
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 
 
-def make_records(count: int, seed: int, max_operand: int = 99, ops: str = "+-") -> list[dict]:
-    """Distinct questions (no duplicates, so a held-out split never leaks); subtraction never goes negative."""
+def make_problems(count: int, seed: int, max_operand: int = 99, ops: str = "+-") -> list[tuple[int, str, int]]:
+    """Distinct (a, op, b) (no duplicates, so a held-out split never leaks); subtraction never goes negative."""
     n = max_operand + 1
     space = n * n * ("+" in ops) + n * (n + 1) // 2 * ("-" in ops)
     if count > space:
         raise LaunchError(f"only {space} distinct questions exist with max_operand={max_operand}; ask for fewer.")
     rng = random.Random(seed)
-    seen, records = set(), []
-    while len(records) < count:
+    seen, problems = set(), []
+    while len(problems) < count:
         a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice(ops)
         if op == "-" and b > a:
             a, b = b, a
         if (a, op, b) in seen:
             continue
         seen.add((a, op, b))
-        answer = a + b if op == "+" else a - b
-        records.append({"instruction": f"What is {a} {op} {b}?", "input": "", "output": str(answer)})
-    return records
+        problems.append((a, op, b))
+    return problems
+
+
+def as_record(problem: tuple[int, str, int], style: str = "question") -> dict:
+    """An Alpaca record: "What is 23 + 45?" (style question) or the bare "23 + 45" (style expression)."""
+    a, op, b = problem
+    expression = f"{a} {op} {b}"
+    instruction = f"What is {expression}?" if style == "question" else expression
+    return {"instruction": instruction, "input": "", "output": str(a + b if op == "+" else a - b)}
+
+
+def make_records(count: int, seed: int, max_operand: int = 99, ops: str = "+-", style: str = "question") -> list[dict]:
+    return [as_record(problem, style) for problem in make_problems(count, seed, max_operand, ops)]
 
 
 def write_jsonl(records: list[dict], path: str | Path) -> None:
@@ -59,7 +72,7 @@ def char_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_base_model(directory: str | Path, texts: list[str], hidden_size: int = 64, layers: int = 2,
+def make_base_model(directory: str | Path, texts: list[str], hidden_size: int = 128, layers: int = 4,
                     seed: int = 0) -> Path:
     """A random-init Llama with the character tokenizer, saved as a local Hugging Face directory."""
     import torch
