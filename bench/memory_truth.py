@@ -54,6 +54,7 @@ STEPS = 4
 def predict(size: str, precision: str, method: str, micro: int, ckpt: bool) -> dict:
     from launcher.memory import TrainSetup, estimate
     from launcher.models import load_model_spec
+    from launcher.train.modeling import enable_activation_checkpointing
 
     base, overrides = SIZES[size]
     spec = load_model_spec(base, overrides)
@@ -77,7 +78,7 @@ def measure(size: str, precision: str, method: str, micro: int, ckpt: bool) -> d
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if precision == "bf16":
         model.to(torch.bfloat16)
     if method == "lora":

@@ -38,6 +38,7 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
 
     from launcher.errors import LaunchError
     from launcher.models import LLAMA_LIKE
+    from launcher.train.modeling import enable_activation_checkpointing
 
     if setup.method != "full":  # PEFT moves adapters with Module.to(), which cannot swap fake parameters
         raise LaunchError("--trace supports full fine-tuning only (PEFT cannot wrap a fake-tensor model); drop --trace.")
@@ -49,7 +50,7 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
         model.config.use_cache = False
         if setup.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
         tokens = torch.randint(0, spec.vocab, (setup.micro_batch, setup.seq_len))
         tracker = MemTracker()

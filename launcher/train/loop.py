@@ -122,7 +122,8 @@ class Trainer:
                             else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
 
         quantization = quantization_config(self.config.finetune) if self.config.finetune.method == "qlora" else None
-        model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization)
+        empty = self.plan.strategy == "fsdp" and self.rank != 0 and quantization is None  # filled from rank 0
+        model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization, empty=empty)
         model = apply_finetune_method(model, self.config.finetune)  # before the engine wraps it
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = _flops_per_token(model.config, self.num_params, self.plan.seq_len)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -33,40 +34,62 @@ def architecture_config(model: ModelConfig, vocab_size: int | None) -> dict:
     return dict(load_model_spec(model.name_or_path, overrides).hf_config)
 
 
-def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantization_config=None) -> torch.nn.Module:
+def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantization_config=None,
+                empty: bool = False) -> torch.nn.Module:
     """fp32 master weights on CPU (engines move/shard them); same seed -> same init on every rank.
 
-    With a quantization_config (QLoRA) the frozen base loads in 4-bit straight onto this rank's GPU."""
+    With a quantization_config (QLoRA) the frozen base loads in 4-bit straight onto this rank's GPU. With
+    `empty` the parameters are built on the meta device, without reading or allocating any weight (buffers
+    stay real): the FSDP engine fills this rank's shards from rank 0's copy, so a node holds one full copy
+    of a large model in host memory instead of one per rank."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     attn = ATTENTION_IMPLEMENTATIONS[plan.attention]
     torch.manual_seed(seed)
     source = pretrained_dir(model)
-    if source is not None:
-        if model.overrides:
-            raise LaunchError("model.overrides changes an architecture; it cannot apply to pretrained weights.")
+    if source is not None and model.overrides:
+        raise LaunchError("model.overrides changes an architecture; it cannot apply to pretrained weights.")
+    if source is None and quantization_config is not None:
+        raise LaunchError("QLoRA quantizes pretrained weights; set model.name_or_path to a local model directory.")
+    if source is not None and not empty:
         load = {"dtype": torch.float32}
         if quantization_config is not None:
             load = {"dtype": torch.bfloat16, "quantization_config": quantization_config,
                     "device_map": {"": torch.cuda.current_device()}}
         net = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **load)
-        if len(tokenizer) > net.get_input_embeddings().num_embeddings:
-            net.resize_token_embeddings(len(tokenizer))
-    elif quantization_config is not None:
-        raise LaunchError("QLoRA quantizes pretrained weights; set model.name_or_path to a local model directory.")
     else:
-        hf_config = architecture_config(model, len(tokenizer))
-        config = AutoConfig.for_model(**hf_config)
-        config.bos_token_id = tokenizer.bos_token_id
-        config.eos_token_id = tokenizer.eos_token_id
-        config.pad_token_id = tokenizer.pad_token_id
-        net = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+        config = AutoConfig.from_pretrained(source) if source is not None else _random_init_config(model, tokenizer)
+        with init_empty_weights() if empty else contextlib.nullcontext():
+            net = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    if len(tokenizer) > net.get_input_embeddings().num_embeddings:
+        net.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # meta ranks: rank 0 has the values
     net.config.use_cache = False
     if plan.activation_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(net)
     if plan.precision == "bf16" and quantization_config is None:
         net.to(torch.bfloat16)
     return net
+
+
+def enable_activation_checkpointing(net: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of every decoder layer; transformers 5 renamed the method (the old name
+    still works there, with a FutureWarning), transformers 4 has only the old one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(net, "activation_checkpointing_enable"):
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _random_init_config(model: ModelConfig, tokenizer):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**architecture_config(model, len(tokenizer)))
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
 
 
 def decoder_layers(net: torch.nn.Module) -> list[torch.nn.Module]:

@@ -33,6 +33,7 @@ def engine_runs(tmp_path_factory, torchrun_workers):
 
 
 def weights(out: Path, run: str):
+    import torch
     from safetensors.torch import load_file
 
     return load_file(out / run.replace(":", "-") / "weights.safetensors")
@@ -131,3 +132,19 @@ def test_llaunch_run_two_ranks_writes_a_loadable_model_and_generate_continues_it
                           "def add(", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120, env=env)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.startswith("def add(") and len(gen.stdout.strip()) > len("def add(")
+
+    # Fine-tuning that model with FSDP: only rank 0 reads it, rank 1 builds on the meta device and receives
+    # its shards by broadcast. One step at learning rate 0 must hand back exactly the weights it started from.
+    tuned = tmp_path / "tuned"
+    run = subprocess.run([sys.executable, "-m", "launcher", "run", str(path), "--output-dir", str(tuned),
+                          "--max-steps", "1", "--strategy", "fsdp", "--nproc-per-node", "2",
+                          f"model.name_or_path={out / 'final'}", "model.overrides={}", "training.learning_rate=0",
+                          "training.warmup_steps=0", "training.eval_steps=null"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    import torch
+    from safetensors.torch import load_file
+
+    before, after = load_file(out / "final" / "model.safetensors"), load_file(tuned / "final" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -82,3 +82,23 @@ def test_lora_params_count_r_times_in_plus_out():
         load_model_spec("7b", {"num_attention_heads": 4})
     with pytest.raises(LaunchError, match="not linear layers"):
         spec.lora_params(8, ["qproj"])
+
+
+def test_an_empty_build_reads_no_weights_and_keeps_real_buffers(tmp_path):
+    """FSDP ranks other than 0 build on the meta device: no weight file is read, RoPE buffers stay usable."""
+    import torch
+
+    from launcher.config import ModelConfig
+    from launcher.plan import Plan
+    from launcher.train.modeling import build_model
+    from tiny_lm import tiny_llama, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")  # reading it would fail
+    plan = Plan(model=str(tmp_path), strategy="fsdp", device="cpu", precision="fp32")
+    net = build_model(ModelConfig(name_or_path=str(tmp_path)), plan, tokenizer, seed=0, empty=True)
+    assert all(p.is_meta for p in net.parameters())
+    buffers = dict(net.named_buffers())
+    assert buffers and not any(b.is_meta for b in buffers.values())
+    assert torch.isfinite(buffers["model.rotary_emb.inv_freq"]).all()
