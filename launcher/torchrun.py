@@ -49,8 +49,9 @@ def build_torchrun_argv(
         # torchrun would set 1 thread per rank; give each rank its share of the node's cores instead.
         env["OMP_NUM_THREADS"] = str(max(1, cpus_per_node // plan.gpus_per_node))
     if plan.device == "cpu":
-        if plan.strategy.startswith("zero"):
-            env["DS_ACCELERATOR"] = "cpu"
+        # ZeRO needs it; every other strategy too, because transformers imports an installed DeepSpeed,
+        # whose auto-detection then warns on every rank that it found no GPU.
+        env["DS_ACCELERATOR"] = "cpu"
     else:
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # less fragmentation with varying shapes
     return argv, env

@@ -25,12 +25,12 @@ def test_single_gpu_node_is_standalone():
                    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
-def test_cpu_zero_sets_the_deepspeed_cpu_accelerator():
+def test_cpu_runs_set_the_deepspeed_cpu_accelerator():
     plan = Plan(model="m", strategy="zero3", gpus_per_node=2, device="cpu", precision="fp32")
     _, env = build_torchrun_argv(plan, "/runs/a", cpus_per_node=2)
     assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "1"
     _, ddp_env = build_torchrun_argv(Plan(model="m", device="cpu", precision="fp32"), "/runs/a")
-    assert "DS_ACCELERATOR" not in ddp_env and "OMP_NUM_THREADS" not in ddp_env
+    assert ddp_env["DS_ACCELERATOR"] == "cpu" and "OMP_NUM_THREADS" not in ddp_env
 
 
 def test_multi_node_uses_c10d_rendezvous():
