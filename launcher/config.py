@@ -71,6 +71,8 @@ class TrainingConfig:
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
     max_grad_norm: float = 1.0
+    max_grad_value: float = 0.0  # > 0: clamp every gradient element to [-v, v] before norm clipping (DDP/FSDP)
+    torch_compile: bool = False  # torch.compile each decoder layer: faster steps after a slower first one
     num_train_epochs: float = 1.0
     max_steps: int = -1  # > 0 wins over num_train_epochs
     per_device_train_batch_size: int | None = None  # None: planner (micro batch)
@@ -162,6 +164,8 @@ class TrainConfig:
                                                   "adamw_bnb_8bit", "paged_adamw_8bit"))
         if not 0 <= self.data.validation_split_percentage < 100:
             raise LaunchError("data.validation_split_percentage must be in [0, 100).")
+        if t.max_grad_norm < 0 or t.max_grad_value < 0:
+            raise LaunchError("training.max_grad_norm and training.max_grad_value must be >= 0 (0 turns clipping off).")
         for name in ("logging_steps", "save_steps"):
             if getattr(t, name) < 1:
                 raise LaunchError(f"training.{name} must be at least 1.")

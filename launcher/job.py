@@ -49,7 +49,7 @@ def prepare_job(
     training.output_dir = str(out)
     if not config.model.name_or_path:
         raise LaunchError("model.name_or_path is empty; name a catalog model (llaunch plan --list) or a local directory.")
-    _check_strategy_library(config.parallel.strategy)
+    _check_strategy(config, config.parallel.strategy)
     _check_output_dir(out, training.overwrite_output_dir)
     if training.resume_from_checkpoint or (training.ignore_checkpoints and not training.overwrite_output_dir):
         from launcher.train.checkpoint import resolve_resume
@@ -66,13 +66,13 @@ def prepare_job(
         corpus = build_corpus(config.data, model_dir)
         plan = make_job_plan(config, corpus.meta["vocab_size"] if model_dir is None else None,
                              nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
-        _check_strategy_library(plan.strategy)
+        _check_strategy(config, plan.strategy)
         PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage).check(plan.global_batch)
     else:  # SFT JSONL: reading it here makes a bad line (file:line) fail before any rank starts
         from launcher.train.sft import SFTCorpus
 
         plan = make_job_plan(config, None, nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
-        _check_strategy_library(plan.strategy)
+        _check_strategy(config, plan.strategy)
         SFTCorpus.from_config(config.data, model_dir, plan.seq_len, training.seed).check(plan.global_batch)
 
     if training.overwrite_output_dir and out.exists():
@@ -116,10 +116,19 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
     return make_plan(request, hardware if hardware is not None else probe())
 
 
-def _check_strategy_library(strategy: str | None) -> None:
-    if strategy and strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+def _check_strategy(config: TrainConfig, strategy: str | None) -> None:
+    """What a strategy cannot do, refused before any rank starts."""
+    if not (strategy and strategy.startswith("zero")):
+        return
+    if importlib.util.find_spec("deepspeed") is None:
         raise LaunchError(f"strategy {strategy} needs DeepSpeed, which is not installed; "
                           "pip install 'llaunch[deepspeed]' or use --strategy fsdp.")
+    if config.training.max_grad_value > 0:
+        raise LaunchError(f"DeepSpeed ({strategy}) clips gradients only by norm; drop training.max_grad_value "
+                          "or use --strategy fsdp.")
+    if config.training.torch_compile:
+        raise LaunchError(f"training.torch_compile is supported with DDP and FSDP, not DeepSpeed ({strategy}); "
+                          "drop it or use --strategy fsdp.")
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:

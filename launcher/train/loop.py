@@ -32,7 +32,7 @@ from launcher.plan import Plan
 from launcher.train.data import PackedBlocks, StepSampler, build_corpus, find_corpus, rank_micro_batches
 from launcher.train.engines import build_engine
 from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
-from launcher.train.modeling import build_model, pretrained_dir
+from launcher.train.modeling import build_model, compile_layers, pretrained_dir
 from launcher.train.optim import build_scheduler
 from launcher.train.adapters import apply_finetune_method, quantization_config
 from launcher.train.sft import ROW_FIELDS as SFT_ROW_FIELDS, SFTCorpus, length_grouped_sampler, trim_rows
@@ -125,6 +125,8 @@ class Trainer:
         empty = self.plan.strategy == "fsdp" and self.rank != 0 and quantization is None  # filled from rank 0
         model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization, empty=empty)
         model = apply_finetune_method(model, self.config.finetune)  # before the engine wraps it
+        if training.torch_compile:
+            compile_layers(model)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = _flops_per_token(model.config, self.num_params, self.plan.seq_len)
         self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
@@ -218,7 +220,7 @@ class Trainer:
                 loss = self.engine.forward({**batch, "num_items_in_batch": num_items})
                 self.engine.backward(loss)
             step_loss += loss.detach().float()
-        self.last_grad_norm = self.engine.step(self.config.training.max_grad_norm)
+        self.last_grad_norm = self.engine.step(self.config.training.max_grad_norm, self.config.training.max_grad_value)
         self.scheduler.step()
         self.state.global_step += 1
         self.state.epoch, self.state.position = epoch, position

@@ -82,6 +82,13 @@ def enable_activation_checkpointing(net: torch.nn.Module) -> None:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def compile_layers(net: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (nn.Module.compile): the layers are alike, so their graphs are
+    reused; parameter names, state dicts and checkpoints stay as they were; DDP and FSDP wrap them as usual."""
+    for layer in decoder_layers(net):
+        layer.compile()
+
+
 def _random_init_config(model: ModelConfig, tokenizer):
     from transformers import AutoConfig
 
@@ -93,9 +100,10 @@ def _random_init_config(model: ModelConfig, tokenizer):
 
 
 def decoder_layers(net: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (the unit FSDP shards and checkpointing wraps)."""
+    """The repeated transformer blocks (the unit FSDP shards and checkpointing wraps), under PEFT's wrapper too."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
     for attr in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj = net
+        obj = base
         try:
             for part in attr.split("."):
                 obj = getattr(obj, part)

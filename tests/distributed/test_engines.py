@@ -148,3 +148,44 @@ def test_llaunch_run_two_ranks_writes_a_loadable_model_and_generate_continues_it
     before, after = load_file(out / "final" / "model.safetensors"), load_file(tuned / "final" / "model.safetensors")
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    from launcher.train import arithmetic
+    from launcher.train.sft import format_prompt
+
+    root = tmp_path_factory.mktemp("sft")
+    records = arithmetic.make_records(300, seed=0, max_operand=30)
+    arithmetic.write_jsonl(records, root / "train.jsonl")
+    arithmetic.make_base_model(root / "base", [format_prompt(None, r["instruction"]) + r["output"] for r in records],
+                               hidden_size=32, layers=2)
+    return root
+
+
+def lora_run(root: Path, out: Path, strategy: str) -> list[float]:
+    import yaml
+
+    config = {
+        "model": {"name_or_path": str(root / "base")},
+        "data": {"dataset_format": "alpaca", "train_files": [str(root / "train.jsonl")], "block_size": 96},
+        "finetune": {"method": "lora", "r": 4, "lora_dropout": 0.0},
+        "training": {"learning_rate": 1e-2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                     "logging_steps": 1, "save_strategy": "no", "bf16": False, "warmup_steps": 0, "report_to": []},
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run([sys.executable, "-m", "launcher", "run", str(path), "--output-dir", str(out), "--max-steps",
+                          "4", "--strategy", strategy, "--nproc-per-node", "2"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert (out / "final" / "adapter_model.safetensors").exists() and not (out / "final" / "model.safetensors").exists()
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_lora_runs_to_the_same_losses_under_ddp_fsdp_and_zero3(sft_data, tmp_path):
+    """LoRA is a PEFT wrapper around the model: FSDP must still find and shard its decoder layers."""
+    losses = {strategy: lora_run(sft_data, tmp_path / strategy, strategy) for strategy in ("ddp", "fsdp", "zero3")}
+    assert len(losses["ddp"]) == 4
+    for strategy in ("fsdp", "zero3"):
+        assert losses[strategy] == pytest.approx(losses["ddp"], rel=1e-3), strategy

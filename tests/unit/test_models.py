@@ -102,3 +102,17 @@ def test_an_empty_build_reads_no_weights_and_keeps_real_buffers(tmp_path):
     buffers = dict(net.named_buffers())
     assert buffers and not any(b.is_meta for b in buffers.values())
     assert torch.isfinite(buffers["model.rotary_emb.inv_freq"]).all()
+
+
+def test_compile_layers_compiles_every_decoder_layer_in_place():
+    from launcher.config import FinetuneConfig
+    from launcher.train.adapters import apply_finetune_method
+    from launcher.train.modeling import compile_layers
+    from tiny_lm import tiny_llama
+
+    for net in (tiny_llama(64), apply_finetune_method(tiny_llama(64), FinetuneConfig(method="lora"))):
+        names = list(net.state_dict())
+        compile_layers(net)
+        layers = [m for m in net.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+        assert len(layers) == 2 and all(layer._compiled_call_impl is not None for layer in layers)
+        assert list(net.state_dict()) == names  # checkpoints and exports see the same names

@@ -118,3 +118,50 @@ def test_exact_match_scores_only_exact_answers(arith):
     assert arithmetic.exact_match(model.eval(), tokenizer, four) == 1.0
     wrong = [dict(r, output=str(int(r["output"]) + 1)) for r in four]
     assert arithmetic.exact_match(model, tokenizer, wrong) == 0.0
+
+
+def full_run(root, tmp_path, name: str, overrides: list[str]) -> dict:
+    """One full fine-tuning run of the fixture's base with plain SGD at a constant LR; returns its final weights."""
+    from safetensors.torch import load_file
+
+    config = write_config(tmp_path / f"{name}.yaml", root, lr_scheduler_type="constant", warmup_steps=0,
+                          optim="sgd", weight_decay=0.0, learning_rate=0.1, eval_steps=None)
+    out = tmp_path / name
+    assert main(["run", str(config), "--output-dir", str(out), "finetune.method=full", "finetune.modules_to_save=[]",
+                 *overrides]) == 0
+    return {"weights": load_file(out / "final" / "model.safetensors"), "losses": [r["loss"] for r in metrics(out) if "loss" in r]}
+
+
+def largest_update(root, weights: dict) -> float:
+    from safetensors.torch import load_file
+
+    base = load_file(root / "base" / "model.safetensors")
+    return max((weights[k] - base[k]).abs().max().item() for k in base)
+
+
+def test_clip_by_value_bounds_every_element_of_the_update(arith, tmp_path):
+    """One SGD step moves each weight by lr * grad; with max_grad_value v no weight moves more than lr * v."""
+    root, _ = arith
+    v = 1e-4
+    clipped = full_run(root, tmp_path, "clipped", ["--max-steps", "1", "training.max_grad_norm=0",
+                                                   f"training.max_grad_value={v}"])
+    free = full_run(root, tmp_path, "free", ["--max-steps", "1", "training.max_grad_norm=0"])
+    assert 0 < largest_update(root, clipped["weights"]) <= 0.1 * v * 1.01  # fp32 rounding of w + dw
+    assert largest_update(root, free["weights"]) > 10 * 0.1 * v  # the clip had something to clip
+
+
+def test_torch_compile_trains_to_the_same_losses(arith, tmp_path):
+    root, _ = arith
+    eager = full_run(root, tmp_path, "eager", ["--max-steps", "3"])
+    compiled = full_run(root, tmp_path, "compiled", ["--max-steps", "3", "training.torch_compile=true"])
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+
+
+def test_deepspeed_refuses_what_it_cannot_do_before_any_process_starts(arith, tmp_path, capsys):
+    root, _ = arith
+    config = write_config(tmp_path / "ds.yaml", root, max_steps=2)
+    for override, words in (("training.max_grad_value=1.0", "clips gradients only by norm"),
+                            ("training.torch_compile=true", "torch_compile is supported with DDP and FSDP")):
+        assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--strategy", "zero2", override]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "out" / "plan.yaml").exists()

@@ -40,8 +40,9 @@ class Engine(ABC):
         """Context for one micro-step; gradients are reduced across ranks only when `final`."""
 
     @abstractmethod
-    def step(self, max_grad_norm: float) -> torch.Tensor | float:
-        """Clip to max_grad_norm (<= 0: no clipping), step the optimizer, zero grads; return the pre-clip norm."""
+    def step(self, max_grad_norm: float, max_grad_value: float = 0.0) -> torch.Tensor | float:
+        """Clip each element to max_grad_value, then to max_grad_norm (0: no clipping), step the optimizer,
+        zero grads; return the norm before norm clipping."""
 
     @abstractmethod
     def save_state(self, directory: Path, async_save: bool = False):
@@ -90,10 +91,12 @@ class TorchEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, max_grad_norm: float) -> torch.Tensor:
+    def step(self, max_grad_norm: float, max_grad_value: float = 0.0) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]
+        if max_grad_value > 0:
+            torch.nn.utils.clip_grad_value_(params, max_grad_value)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
             norm = norm.full_tensor()

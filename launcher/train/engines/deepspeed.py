@@ -52,7 +52,8 @@ class DeepSpeedEngine(Engine):
     def accumulating(self, final: bool):
         return contextlib.nullcontext()
 
-    def step(self, max_grad_norm: float) -> torch.Tensor | float:
+    def step(self, max_grad_norm: float, max_grad_value: float = 0.0) -> torch.Tensor | float:
+        # max_grad_value is refused for ZeRO before launch (launcher.job); the norm comes from the config.
         self.engine.step()  # clips to gradient_clipping from the config, steps, zeroes grads
         norm = self.engine.get_global_grad_norm()  # left on the device: the loop reads it at logging steps
         return norm if norm is not None else float("nan")
