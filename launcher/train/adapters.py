@@ -145,8 +145,3 @@ def merge_adapter(adapter: str | Path, output: str | Path, base: str | Path | No
             break
     return output
 
-
-def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, for the log line and the planner's comparison."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())

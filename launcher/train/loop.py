@@ -30,9 +30,9 @@ from launcher.config import TrainConfig
 from launcher.job import CONFIG_FILE, FINAL_DIR, PLAN_FILE
 from launcher.plan import Plan
 from launcher.train.data import PackedBlocks, StepSampler, build_corpus, find_corpus, rank_micro_batches
-from launcher.train.engines import build_engine
+from launcher.train.engines import build_engine, model_construction
 from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
-from launcher.train.modeling import build_model, compile_layers, pretrained_dir
+from launcher.train.modeling import build_model, compile_layers, model_architecture, parameter_elements, pretrained_dir
 from launcher.train.optim import build_scheduler
 from launcher.train.adapters import apply_finetune_method, quantization_config
 from launcher.train.sft import ROW_FIELDS as SFT_ROW_FIELDS, SFTCorpus, length_grouped_sampler, trim_rows
@@ -122,12 +122,14 @@ class Trainer:
                             else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
 
         quantization = quantization_config(self.config.finetune) if self.config.finetune.method == "qlora" else None
-        empty = self.plan.strategy == "fsdp" and self.rank != 0 and quantization is None  # filled from rank 0
-        model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization, empty=empty)
-        model = apply_finetune_method(model, self.config.finetune)  # before the engine wraps it
+        hidden_size = model_architecture(self.config.model, self.tokenizer).hidden_size
+        with model_construction(self.plan, training, self.config.parallel.deepspeed, self.rank, hidden_size,
+                                quantized=quantization is not None) as empty:
+            model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization, empty=empty)
+            model = apply_finetune_method(model, self.config.finetune)  # before the engine wraps it
         if training.torch_compile:
             compile_layers(model)
-        self.num_params = sum(p.numel() for p in model.parameters())
+        _, self.num_params = parameter_elements(model)
         self.flops_per_token = _flops_per_token(model.config, self.num_params, self.plan.seq_len)
         self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
         self.scheduler = build_scheduler(self.engine.optimizer, training, self.total_steps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -41,9 +40,16 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantizati
     With a quantization_config (QLoRA) the frozen base loads in 4-bit straight onto this rank's GPU. With
     `empty` the parameters are built on the meta device, without reading or allocating any weight (buffers
     stay real): the FSDP engine fills this rank's shards from rank 0's copy, so a node holds one full copy
-    of a large model in host memory instead of one per rank."""
+    of a large model in host memory instead of one per rank. Under ZeRO-3 (engines.model_construction)
+    transformers builds and loads it inside deepspeed.zero.Init, so each rank only ever holds its partition."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
 
     attn = ATTENTION_IMPLEMENTATIONS[plan.attention]
     torch.manual_seed(seed)
@@ -59,9 +65,13 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantizati
                     "device_map": {"": torch.cuda.current_device()}}
         net = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **load)
     else:
-        config = AutoConfig.from_pretrained(source) if source is not None else _random_init_config(model, tokenizer)
-        with init_empty_weights() if empty else contextlib.nullcontext():
+        config = model_architecture(model, tokenizer)
+        with init_empty_weights() if empty else no_init_weights():
             net = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+        if not (empty or is_deepspeed_zero3_enabled()):
+            # Only the model's own init, as ZeRO-3 draws it (on rank 0, module by module, partitioned): the same
+            # seed gives the same weights under every engine, and torch's default init is not run to be discarded.
+            net.init_weights()
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # meta ranks: rank 0 has the values
     net.config.use_cache = False
@@ -89,14 +99,29 @@ def compile_layers(net: torch.nn.Module) -> None:
         layer.compile()
 
 
-def _random_init_config(model: ModelConfig, tokenizer):
+def model_architecture(model: ModelConfig, tokenizer):
+    """The Hugging Face config of the model a run builds: the local directory's, or the named architecture
+    random-initialised with the tokenizer's vocabulary."""
     from transformers import AutoConfig
 
+    source = pretrained_dir(model)
+    if source is not None:
+        return AutoConfig.from_pretrained(source)
     config = AutoConfig.for_model(**architecture_config(model, len(tokenizer)))
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     return config
+
+
+def parameter_elements(net: torch.nn.Module) -> tuple[int, int]:
+    """(elements this process holds, elements in the model): a ZeRO-3 partitioned parameter is empty here and
+    records its full size in ds_numel; a meta parameter holds nothing."""
+    held = total = 0
+    for p in net.parameters():
+        total += getattr(p, "ds_numel", p.numel())
+        held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel()
+    return held, total
 
 
 def decoder_layers(net: torch.nn.Module) -> list[torch.nn.Module]:

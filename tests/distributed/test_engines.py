@@ -189,3 +189,18 @@ def test_lora_runs_to_the_same_losses_under_ddp_fsdp_and_zero3(sft_data, tmp_pat
     assert len(losses["ddp"]) == 4
     for strategy in ("fsdp", "zero3"):
         assert losses[strategy] == pytest.approx(losses["ddp"], rel=1e-3), strategy
+
+
+def test_sharding_engines_never_build_the_full_model_on_every_rank(sft_data, torchrun_workers, tmp_path):
+    """FSDP: rank 1 builds on meta (rank 0 broadcasts). ZeRO-3: zero.Init partitions while the model is built and
+    loaded, so each rank holds half, and the halves are exactly the saved weights. DDP holds it all, twice."""
+    out = tmp_path / "held.json"
+    torchrun_workers(REPO / "tests" / "distributed" / "construction_worker.py", "--model", str(sft_data / "base"),
+                     "--out", str(out))
+    ranks = json.loads(out.read_text())
+    total = ranks[0]["ddp"]["total"]
+    assert [r["ddp"]["held"] for r in ranks] == [total, total]
+    assert [r["fsdp"]["held"] for r in ranks] == [total, 0]
+    assert all(r["zero3"]["total"] == total for r in ranks)
+    assert all(abs(r["zero3"]["held"] - total / 2) <= 0.01 * total for r in ranks), [r["zero3"] for r in ranks]
+    assert all(r["zero3"]["equal_to_saved"] for r in ranks)

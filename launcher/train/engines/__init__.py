@@ -2,7 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from launcher.train.engines.base import Engine
+
+
+@contextlib.contextmanager
+def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hidden_size: int,
+                       quantized: bool) -> Iterator[bool]:
+    """How this rank builds the model its engine will wrap; yields whether to build it empty (on meta).
+
+    Neither sharding engine lets every rank build the full fp32 model (for 70B on 8 ranks that is 8 x 280 GB
+    of host memory): FSDP builds it on rank 0 only and broadcasts into the shards; ZeRO-3 builds it inside
+    deepspeed.zero.Init, which transformers enters (and loads pretrained weights through) while an
+    HfDeepSpeedConfig is alive. A 4-bit (QLoRA) base is built whole: it is small and bitsandbytes owns it."""
+    if quantized or plan.strategy not in ("fsdp", "zero3"):
+        yield False
+    elif plan.strategy == "fsdp":
+        yield rank != 0
+    else:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        from ds_configs import render_ds_config
+
+        deepspeed.init_distributed()  # adopts torchrun's process group, so zero.Init's config sees the world size
+        zero3 = HfDeepSpeedConfig(render_ds_config(plan, training, hidden_size, deepspeed_overrides))
+        try:
+            yield False
+        finally:
+            unset_hf_deepspeed_config()
+            del zero3
 
 
 def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> Engine:
