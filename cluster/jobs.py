@@ -88,6 +88,11 @@ class JobState:
     def finished(self) -> bool:
         return self.state in TERMINAL_STATES
 
+    @property
+    def failed_exit(self) -> str:
+        """SLURM's `code:signal` when either is non-zero, else "" (a clean 0:0 is not worth a word)."""
+        return self.exit_code if self.exit_code.strip("0:") else ""
+
 
 def job_state(job_id: str, env: dict[str, str]) -> JobState:
     result = subprocess.run(["scontrol", "--oneliner", "show", "job", str(job_id)], env=env,

@@ -24,7 +24,7 @@ def describe(job_id: str | None) -> list[str]:
     lines = [f"job {record.job_id} ({record.name}): {state.state}"
              + (f" on {state.nodes}" if state.nodes else "")
              + (f", requeued {state.restarts} time(s)" if state.restarts else "")
-             + (f", exit code {state.exit_code}" if state.finished and state.exit_code else "")]
+             + (f", exit code {state.failed_exit}" if state.finished and state.failed_exit else "")]
     if state.reason and not state.finished:
         lines.append(f"  waiting: {state.reason}")
     metrics = last_metrics(record.output_dir)

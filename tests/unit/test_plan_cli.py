@@ -65,3 +65,13 @@ def test_plan_70b_answers_fast_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert time.time() - start < 3.0
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`llaunch plan ... | head -1`: the reader leaves early; no BrokenPipeError traceback, the shell's 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "plan", "--model", "7b", "--gpu", "H100", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""

@@ -170,6 +170,13 @@ def test_scontrol_job_parsing_reads_state_restarts_and_nodes():
     assert fields["StdOut"] == "/runs/a/slurm/17_0_log.out"
 
 
+@pytest.mark.parametrize("code, shown", [("0:0", ""), ("1:0", "1:0"), ("0:9", "0:9"), ("", "")])
+def test_status_names_an_exit_code_only_when_something_went_wrong(code, shown):
+    from cluster.jobs import JobState
+
+    assert JobState(state="COMPLETED", exit_code=code).failed_exit == shown
+
+
 def test_last_metrics_and_last_error_read_what_status_shows(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"step": 10, "loss": 6.5}) + "\n" + json.dumps({"step": 20, "loss": 5.25, "lr": 1e-3}) + "\n"
