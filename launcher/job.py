@@ -118,6 +118,9 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
 
 def _check_strategy(config: TrainConfig, strategy: str | None) -> None:
     """What a strategy cannot do, refused before any rank starts."""
+    if config.finetune.method == "qlora" and strategy not in (None, "ddp"):
+        raise LaunchError(f"QLoRA runs under DDP (its 4-bit base is replicated, only the adapter trains), "
+                          f"not {strategy}; drop --strategy, or use finetune.method lora with {strategy}.")
     if not (strategy and strategy.startswith("zero")):
         return
     if importlib.util.find_spec("deepspeed") is None:

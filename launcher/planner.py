@@ -142,7 +142,10 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     world = hw.nodes * hw.gpus_per_node
     facts = hw.facts or require_gpu_name(hw.gpu_name)
     precision = request.precision or _default_precision(request.method, facts)
-    strategies = [request.strategy] if request.strategy else list(STRATEGIES if world > 1 else ("ddp",))
+    # QLoRA's 4-bit base is small and frozen: replicated under DDP, only the adapter's gradients are reduced.
+    # bitsandbytes' packed 4-bit weights are not something the sharding engines can split (launcher.job refuses).
+    sharding = world > 1 and request.method != "qlora"
+    strategies = [request.strategy] if request.strategy else list(STRATEGIES if sharding else ("ddp",))
     checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else [False, True]
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
     out = []
@@ -173,7 +176,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
 def _offloads(request: PlanRequest, world: int) -> list[str]:
     if request.offload is not None:
         return [request.offload]
-    if request.strategy in ("ddp", "fsdp"):
+    if request.strategy in ("ddp", "fsdp") or request.method == "qlora":
         return ["none"]
     return ["none", "optimizer", "optimizer+params"]
 

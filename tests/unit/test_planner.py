@@ -31,6 +31,16 @@ def test_70b_on_8x80gb_needs_zero3_or_fsdp():
     assert plan.strategy in ("zero3", "fsdp")
 
 
+def test_qlora_on_many_gpus_is_planned_under_ddp_only():
+    """The sharding engines cannot split bitsandbytes' packed 4-bit weights; a plan that says they can would
+    fail only once it reached the GPUs."""
+    request = PlanRequest(model="70b", gpu="H100", gpus_per_node=8, method="qlora")
+    candidates = rank_candidates(load_model_spec("70b"), request, hardware_for(request, CPU_BOX))
+    assert candidates and {c.setup.strategy for c in candidates} == {"ddp"}
+    assert {c.setup.offload for c in candidates} == {"none"}
+    assert make_plan(request, CPU_BOX).strategy == "ddp"
+
+
 def test_ddp_is_chosen_when_it_fits_and_is_fastest():
     request = PlanRequest(model="1.1b", gpu="H100", gpus_per_node=8)
     plan = make_plan(request, CPU_BOX)

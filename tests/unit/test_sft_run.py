@@ -157,11 +157,13 @@ def test_torch_compile_trains_to_the_same_losses(arith, tmp_path):
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
 
 
-def test_deepspeed_refuses_what_it_cannot_do_before_any_process_starts(arith, tmp_path, capsys):
+def test_strategies_refuse_what_they_cannot_do_before_any_process_starts(arith, tmp_path, capsys):
     root, _ = arith
     config = write_config(tmp_path / "ds.yaml", root, max_steps=2)
-    for override, words in (("training.max_grad_value=1.0", "clips gradients only by norm"),
-                            ("training.torch_compile=true", "torch_compile is supported with DDP and FSDP")):
-        assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--strategy", "zero2", override]) == 2
+    for strategy, override, words in (
+            ("zero2", "training.max_grad_value=1.0", "clips gradients only by norm"),
+            ("zero2", "training.torch_compile=true", "torch_compile is supported with DDP and FSDP"),
+            ("fsdp", "finetune.method=qlora", "QLoRA runs under DDP")):
+        assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--strategy", strategy, override]) == 2
         assert words in capsys.readouterr().err
     assert not (tmp_path / "out" / "plan.yaml").exists()
