@@ -1,11 +1,12 @@
 """llaunch's own loop (launched exactly as `llaunch run` launches it) beside HF Trainer, same model/batch/data.
 
-    PYTHONPATH=. python bench/throughput.py [--steps 60] [--out bench/results/throughput-h100.json]
+    PYTHONPATH=. python bench/throughput.py [--steps 60] [--compile] [--out bench/results/throughput-h100.json]
 
 TinyLlama-1.1B architecture (catalog "tinyllama-1.1b"), random init, seq 2048, micro-batch 4, bf16, one GPU.
 Both sides train on the same packed token blocks (the cache `llaunch run` builds from the Python standard
 library with its own 32k BPE tokenizer). Throughput is measured after warm-up steps; MFU uses the model
-spec's FLOPs per token against the GPU's dense bf16 peak (989 TFLOP/s on an H100 SXM).
+spec's FLOPs per token against the GPU's dense bf16 peak (989 TFLOP/s on an H100 SXM). `--compile` adds a
+third row: llaunch with training.torch_compile (each decoder layer compiled; compilation falls in the warm-up).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL, SEQ, MICRO, PEAK_BF16 = "tinyllama-1.1b", 2048, 4, 989e12
 
 
-def write_config(path: Path, cache: Path, steps: int) -> Path:
+def write_config(path: Path, cache: Path, steps: int, compile_layers: bool = False) -> Path:
     config = {
         "model": {"name_or_path": MODEL, "attn_implementation": "sdpa"},
         "data": {"train_files": ["@stdlib"], "file_pattern": "*.py", "max_train_bytes": 12_000_000,
@@ -33,7 +34,8 @@ def write_config(path: Path, cache: Path, steps: int) -> Path:
                  "cache_dir": str(cache)},
         "training": {"bf16": True, "optim": "adamw_torch_fused", "learning_rate": 3e-4, "warmup_steps": 10,
                      "max_steps": steps, "per_device_train_batch_size": MICRO, "gradient_accumulation_steps": 1,
-                     "gradient_checkpointing": False, "logging_steps": 5, "seed": 0, "report_to": []},
+                     "gradient_checkpointing": False, "logging_steps": 5, "seed": 0, "report_to": [],
+                     "torch_compile": compile_layers},
         "parallel": {"strategy": "ddp", "nproc_per_node": 1},
     }
     path.write_text(yaml.safe_dump(config))
@@ -111,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="also run llaunch with training.torch_compile")
     parser.add_argument("--work", type=Path, default=Path("/tmp/llaunch-bench"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "throughput-h100.json")
     args = parser.parse_args()
@@ -128,12 +131,17 @@ def main() -> None:
     flops_per_token = load_model_spec(MODEL, {"vocab_size": vocab}).flops_per_token(SEQ)
     gpu = torch.cuda.get_device_name()
     rows = {"llaunch run": ours, "HF Trainer": theirs}
+    if args.compile:
+        compiled = write_config(args.work / "bench-compiled.yaml", args.work / "cache", args.steps, compile_layers=True)
+        rows["llaunch compiled"] = run_llaunch(compiled, args.work / "llaunch-compiled", args.warmup_steps)
     print(f"\n{MODEL} random init, seq {SEQ}, micro-batch {MICRO}, bf16, {gpu}; MFU vs {PEAK_BF16 / 1e12:.0f} TFLOP/s")
-    print(f"{'':<12} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'step s':>8}")
+    print(f"{'':<16} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'step s':>8}")
     for name, r in rows.items():
         r["mfu"] = r["tokens_per_s"] * flops_per_token / PEAK_BF16
-        print(f"{name:<12} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['peak_memory_gib']:>9.1f} {r['step_time_s']:>8.3f}")
-    print(f"speed-up: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
+        print(f"{name:<16} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['peak_memory_gib']:>9.1f} {r['step_time_s']:>8.3f}")
+    for name, r in rows.items():
+        if name != "HF Trainer":
+            print(f"{name} vs HF Trainer: {r['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": gpu, "torch": torch.__version__,
@@ -146,6 +154,9 @@ def main() -> None:
         "hf_trainer_step_time_s": theirs["step_time_s"], "hf_trainer_peak_memory_gib": theirs["peak_memory_gib"],
         "losses": {"llaunch": ours["losses"], "hf_trainer": theirs["losses"]},
     }
+    if args.compile:
+        result["compiled"] = {k: rows["llaunch compiled"][k] for k in ("tokens_per_s", "mfu", "step_time_s",
+                                                                        "peak_memory_gib", "losses")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
