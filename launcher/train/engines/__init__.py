@@ -22,19 +22,10 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
     elif plan.strategy == "fsdp":
         yield rank != 0
     else:
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        from launcher.train.engines.deepspeed import zero3_construction
 
-        from ds_configs import render_ds_config
-
-        deepspeed.init_distributed()  # adopts torchrun's process group, so zero.Init's config sees the world size
-        zero3 = HfDeepSpeedConfig(render_ds_config(plan, training, hidden_size, deepspeed_overrides))
-        try:
+        with zero3_construction(plan, training, hidden_size, deepspeed_overrides):
             yield False
-        finally:
-            unset_hf_deepspeed_config()
-            del zero3
 
 
 def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> Engine:

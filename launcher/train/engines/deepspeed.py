@@ -22,6 +22,23 @@ from launcher.train.optim import build_optimizer, decay_groups
 STATE_TAG = "state"
 
 
+@contextlib.contextmanager
+def zero3_construction(plan: Plan, training: TrainingConfig, hidden_size: int, overrides: dict):
+    """While it is open, transformers builds (and loads) models inside deepspeed.zero.Init: it looks for a live
+    HfDeepSpeedConfig, and partitions each module as soon as it is constructed."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    deepspeed.init_distributed()  # adopts torchrun's process group, so zero.Init's config sees the world size
+    # transformers holds only a weak reference to it: this name keeps it alive while the context is open.
+    live = HfDeepSpeedConfig(render_ds_config(plan, training, hidden_size, overrides))
+    try:
+        yield live
+    finally:
+        unset_hf_deepspeed_config()
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, plan: Plan, training: TrainingConfig, device: torch.device,
                  overrides: dict):

@@ -3,8 +3,8 @@
 The MixedPrecisionPolicy casts parameters to bf16/fp16 for compute and reduces gradients in fp32, while
 the sharded master weights and optimizer state stay fp32; hence no autocast on top.
 
-Only rank 0 builds the full model; the other ranks build it on the meta device (modeling.build_model's
-`empty`), shard it, allocate their shards, and receive them from rank 0 in one broadcast. A node therefore
+Only rank 0 builds the full model; the other ranks build it on the meta device (engines.model_construction
+yields `empty` to modeling.build_model), shard it, allocate their shards, and receive them from rank 0 in one broadcast. A node therefore
 holds one full fp32 copy of the model in host memory, not one per rank.
 """
 
