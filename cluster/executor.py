@@ -2,14 +2,18 @@
 
 Each node's task finds the rendezvous host, checks the allocation against the plan, and runs torchrun.
 Preemption signals reach the ranks twice over: SLURM signals every process of the step, and the task
-forwards what it gets (launcher.train.preemption ignores the duplicate). torchrun itself ignores them
-(SIG_IGN before exec, and --signals-to-handle without SIGTERM), because it would otherwise die on
-SIGUSR1/2 or kill the ranks 30 s after a SIGTERM, in the middle of their checkpoint. When the ranks have saved and exited, the first node's task
-applies cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue.
+forwards what it got to each rank once that rank has its handler installed (a rank treats every copy as
+the same request, see launcher.signals), so a signal that came while torchrun or the ranks were starting
+is not lost. torchrun itself ignores them (SIG_IGN before exec, and --signals-to-handle without SIGTERM),
+because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a SIGTERM, in the middle of
+their checkpoint. When the ranks have saved and exited, or the watchdog killed hung ones, the first node's
+task applies cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue;
+after a hang the requeued job excludes the culprit's host.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -19,15 +23,25 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import submitit
 
-from cluster.profile import ClusterProfile
+from cluster import job_events
+from cluster.doctor.node import preflight
+from cluster.jobs import NODE_TASK_SIGNALLED, parse_scontrol_job
+from cluster.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission
+from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import node_command, rendezvous_port, slurm_parameters
+from cluster.watchdog import Watchdog, WatchdogConfig, hang_culprit, kill_ranks, report_hang
+from launcher.checkpoint_store import list_checkpoints
+from launcher.ledger import INCARNATION_ENV
 from launcher.errors import LaunchError
+from launcher.job import PLAN_FILE
 from launcher.plan import Plan
+from launcher.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+FORWARD_POLL_S = 0.2
 
 
 class TrainingError(RuntimeError):
@@ -53,6 +67,29 @@ def slurm_reachable(env: dict[str, str]) -> None:
         )
 
 
+def check_partition(profile: ClusterProfile, env: dict[str, str]) -> None:
+    """Refuse a request the partition can never run (SLURM would keep it pending forever): more nodes
+    than it has or allows, or a time limit above its MaxTime."""
+    argv = ["scontrol", "--oneliner", "show", "partition"] + ([profile.partition] if profile.partition else [])
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    partitions = [parse_scontrol_job(line) for line in result.stdout.splitlines() if line.strip()]
+    if profile.partition is None:
+        partitions = [p for p in partitions if p.get("Default") == "YES"]
+    if result.returncode != 0 or not partitions:
+        where = f"partition {profile.partition!r} does not exist" if profile.partition else "there is no default partition"
+        raise LaunchError(f"{where} on this cluster; pick one that `sinfo` lists with --partition.")
+    part = partitions[0]
+    name = part.get("PartitionName", profile.partition)
+    limits = [int(part[key]) for key in ("TotalNodes", "MaxNodes") if part.get(key, "").isdigit()]
+    if limits and profile.nodes > min(limits):
+        raise LaunchError(f"--nodes {profile.nodes} is more than partition {name} can give one job ({min(limits)}); "
+                          f"use --nodes {min(limits)} or another --partition.")
+    max_time = part.get("MaxTime", "UNLIMITED")
+    if max_time not in ("UNLIMITED", "INFINITE") and profile.time_minutes > time_to_minutes(max_time):
+        raise LaunchError(f"--time {profile.time} is longer than partition {name} allows ({max_time}); "
+                          f"give a shorter --time or another --partition.")
+
+
 def node_hostnames(nodelist: str) -> list[str]:
     """Expand a compressed SLURM node list (n[1-3,7], gpu-a[01-02]) the way SLURM itself does."""
     result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
@@ -63,15 +100,14 @@ def node_hostnames(nodelist: str) -> list[str]:
 
 def node_address(node: str) -> str:
     """The address other nodes reach `node` at: SLURM's NodeAddr (equal to the name on most clusters)."""
-    from cluster.jobs import parse_scontrol_job
-
     result = subprocess.run(["scontrol", "--oneliner", "show", "node", node], capture_output=True, text=True, timeout=30)
     return parse_scontrol_job(result.stdout).get("NodeAddr") or node
 
 
-def check_allocation(plan: Plan, hosts: list[str], gpus_on_node: int) -> None:
-    """Refuse to train on an allocation that differs from the plan (it would change the global batch)."""
-    if len(hosts) != plan.nodes:
+def check_allocation(plan: Plan, hosts: list[str], gpus_on_node: int, min_nodes: int | None = None) -> Plan:
+    """Refuse to train on an allocation the plan cannot take; return the plan for the nodes the job got (fewer
+    than planned with --min-nodes: the same global batch, more accumulation)."""
+    if not (min_nodes or plan.nodes) <= len(hosts) <= plan.nodes:
         raise TrainingError(
             f"the job got {len(hosts)} node(s) ({', '.join(hosts)}) but the plan is for {plan.nodes}; resubmit with --nodes {len(hosts)}."
         )
@@ -80,12 +116,7 @@ def check_allocation(plan: Plan, hosts: list[str], gpus_on_node: int) -> None:
             f"this node sees {gpus_on_node} GPU(s) but the plan needs {plan.gpus_per_node} per node; "
             f"check --gpus-per-node and the partition."
         )
-
-
-def _ignore_stop_signals() -> None:
-    """Runs in torchrun's process before exec: SIG_IGN survives exec, the ranks install their own handlers."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    return plan.on_nodes(len(hosts))
 
 
 class NodeTask(submitit.helpers.Checkpointable):
@@ -93,74 +124,186 @@ class NodeTask(submitit.helpers.Checkpointable):
     requeue count and the step it was requeued at."""
 
     def __init__(self, job_dir: str, max_requeues: int, max_restarts: int, dist_timeout_s: int,
-                 requeues: int = 0, step_at_last_requeue: int | None = None) -> None:
+                 requeues: int = 0, step_at_last_requeue: int | None = None, ledger: str = "",
+                 doctor: bool = True, min_nodes: int | None = None) -> None:
         self.job_dir = str(job_dir)
         self.max_requeues = max_requeues
         self.max_restarts = max_restarts
         self.dist_timeout_s = dist_timeout_s
         self.requeues = requeues
         self.step_at_last_requeue = step_at_last_requeue
+        self.ledger = ledger  # the cluster profile's node ledger (cluster.node_ledger): hang culprits, doctor failures
+        self.doctor = doctor
+        self.min_nodes = min_nodes  # the fewest nodes the job may run on (None: all it asked for)
 
     def __call__(self) -> str:
-        job_env = submitit.JobEnvironment()
-        plan = Plan.load(Path(self.job_dir) / "plan.yaml")
-        hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
-        check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0)
-        argv, extra_env = node_command(
-            plan, self.job_dir, rdzv_host=node_address(hosts[0]), rdzv_port=rendezvous_port(job_env.job_id),
-            job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
-            cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
-        )
-        env = {**os.environ, **extra_env}
-        print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
-              f"{shlex.join(argv)}", flush=True)
-        self._received: list[signal.Signals] = []
-        self._torchrun: subprocess.Popen | None = None
-        # Until torchrun ends, a stop signal is recorded and passed to the ranks; submitit's handlers wait.
+        self._received: list[int] = []
+        # Until torchrun ends a stop signal is only recorded; the loop in _train passes it on to the ranks. Then
+        # they are ignored: submitit's handler is called once, in _requeue, when the policy says requeue; left
+        # installed, a repeated signal would requeue the job a second time.
         submitit_handlers = {sig: signal.signal(sig, self._on_stop) for sig in STOP_SIGNALS}
-        try:
-            self._torchrun = subprocess.Popen(argv, env=env, preexec_fn=_ignore_stop_signals)
-            while self._torchrun.poll() is None:
-                time.sleep(0.5)
-        finally:
-            for sig, handler in submitit_handlers.items():
-                signal.signal(sig, handler)
-        code = self._torchrun.returncode
-        stop = self._received[0].name if self._received else None
+        job_env = submitit.JobEnvironment()
+        plan = Plan.load(Path(self.job_dir) / PLAN_FILE)
+        hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
+        plan = check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0, self.min_nodes)
+        print(f"[llaunch] attempt {self.requeues + 1}", file=sys.stderr, flush=True)  # where status reads errors from
+        doctor_env = {}
+        if self.doctor:  # every incarnation, before torchrun: a broken node ends it with one sentence
+            report = self._preflight(job_env, hosts)
+            if report.peers_failed:  # that node's own error ends the job and says why
+                return f"no torchrun on node {job_env.node}: {report.peers_failed} other node(s) failed the doctor"
+            doctor_env = report.env
+        code, hang, grace_s = self._train(plan, hosts, job_env, doctor_env)
+        stop = signal.Signals(self._received[0]).name if self._received else None
+        if job_env.global_rank == 0:
+            job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, code, stop,
+                                     cause="hang" if hang is not None else None)
+        if hang is not None:
+            return self._after_hang(hang, grace_s, job_env, len(hosts), submitit_handlers[signal.SIGUSR2])
         if code == 0:
             return f"training finished on node {job_env.node}"
         if stop is None:
             raise TrainingError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
-        step = latest_step(self.job_dir)
         if stop != "SIGUSR2":
             # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
-            raise TrainingError(f"stopped by {stop} with the newest checkpoint at step {step}; a preempted job "
-                                f"comes back through SLURM, a cancelled one ends here")
-        decision = decide_requeue(stop_signal=stop, requeues_done=self.requeues,
-                                  max_requeues=self.max_requeues, step=step,
-                                  step_at_last_requeue=self.step_at_last_requeue)
+            raise TrainingError(f"{NODE_TASK_SIGNALLED}{stop} with the newest checkpoint at step "
+                                f"{latest_step(self.job_dir)}; a preempted job comes back through SLURM, a cancelled "
+                                f"one ends here")
+        return self._requeue(submitit_handlers[signal.SIGUSR2], job_env, stop, f"{stop} received")
+
+    def _preflight(self, job_env, hosts: list[str]):
+        """The doctor's checks of this node against the others; this node's own failure ends the attempt with
+        its sentence (and a hard event in the node ledger, so the next submission keeps the host out)."""
+        report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
+                           job_env.job_id, rendezvous_port(job_env.job_id))
+        if report.failed:
+            if self.ledger:
+                NodeLedger(self.ledger).append(NodeEvent(report.host, "doctor", job_id=job_env.job_id,
+                                                         detail=report.failure_sentence()))
+            raise TrainingError(report.failure_sentence())
+        return report
+
+    def _train(self, plan: Plan, hosts: list[str], job_env, doctor_env: dict[str, str]):
+        """Run this node's torchrun to its end, passing stop signals on and watching for a hang; returns its exit
+        code, the hang the watchdog found (None without one) and the watchdog's grace period."""
+        argv, extra_env = node_command(
+            plan, self.job_dir, rdzv_host=node_address(hosts[0]), rdzv_port=rendezvous_port(job_env.job_id),
+            job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
+            cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
+        )
+        env = {**os.environ, **extra_env, **doctor_env,
+               INCARNATION_ENV: job_events.attempt_id(job_env.job_id, self.requeues)}
+        if job_env.global_rank == 0:
+            job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
+        watchdog = Watchdog.create(Path(self.job_dir), f"{job_env.job_id}-{job_env.node}", WatchdogConfig.from_env(env),
+                                   nodes=len(hosts), incarnation=env[INCARNATION_ENV])
+        env.update(watchdog.rank_env() if watchdog else {})
+        print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
+              f"{shlex.join(argv)}", flush=True)
+        torchrun = subprocess.Popen(argv, env=env, preexec_fn=ignore_stop_signals)
+        forwarded: set[tuple[int, int]] = set()
+        hang = None
+        while torchrun.poll() is None:
+            forward_stop_signals(torchrun.pid, set(self._received), forwarded)
+            if watchdog and hang is None and not self._received:
+                hang = watchdog.check()
+                if hang is not None:
+                    kill_ranks(torchrun.pid)
+            time.sleep(FORWARD_POLL_S)
+        ignore_stop_signals()
+        if not watchdog:
+            return torchrun.returncode, None, 0.0
+        if hang is None and torchrun.returncode != 0:  # ranks that died because another node's watchdog killed its own
+            hang = watchdog.requested_dump()
+        watchdog.report_stragglers(self.ledger, job_env.job_id)
+        watchdog.close()
+        return torchrun.returncode, hang, watchdog.config.grace_s
+
+    def _after_hang(self, hang, grace_s: float, job_env, nodes: int, submitit_handler) -> str:
+        """Report the hang; the first node requeues the job without the culprit's host where it can."""
+        sentence = report_hang(hang, self.ledger, job_env.job_id)
+        print(f"[llaunch] {sentence}", flush=True)
+        if job_env.global_rank != 0:
+            return f"node {job_env.node}: {sentence}; the first node decides about the requeue"
+        culprit = hang_culprit(hang, wait_s=grace_s + 5)  # another node may still write it
+        return self._requeue(submitit_handler, job_env, "a hang", f"hang on {culprit or 'no single node'}",
+                             exclude=culprit, min_nodes=self.min_nodes or nodes)
+
+    def _requeue(self, submitit_handler, job_env, stopped_by: str, cause: str, exclude: str | None = None,
+                 min_nodes: int = 1) -> str:
+        """Apply cluster.requeue's policy; to requeue, hand over to submitit's checkpoint-and-requeue, then keep
+        the host `exclude` out of the requeued job if it can still get `min_nodes` nodes without it."""
+        step = latest_step(self.job_dir)
+        decision = decide_requeue(cause=cause, requeues_done=self.requeues, max_requeues=self.max_requeues,
+                                  step=step, step_at_last_requeue=self.step_at_last_requeue)
         print(f"[llaunch] {'requeue' if decision.requeue else 'no requeue'}: {decision.reason}", flush=True)
         if not decision.requeue:
-            raise TrainingError(f"job stopped by {stop} and not requeued: {decision.reason}")
+            raise TrainingError(f"job stopped by {stopped_by} and not requeued: {decision.reason}")
+        job_events.requeued(self.job_dir, job_env.job_id, self.requeues, decision.reason)
         self._step_now = step
-        submitit_handlers[signal.SIGUSR2](signal.SIGUSR2, None)  # self.checkpoint(), scontrol requeue, exit
+        try:
+            submitit_handler(signal.SIGUSR2, None)  # self.checkpoint(), scontrol requeue, exit
+        except SystemExit:  # requeued: pending now, though SLURM still ends this attempt
+            if exclude and node_can_be_spared(exclude, job_env.job_id, min_nodes):
+                exclude_from_requeued_job(job_env.job_id, [exclude])
+            raise
         return "requeued"
 
     def _on_stop(self, signum, frame) -> None:
-        from launcher.train.preemption import signal_ranks
-
-        self._received.append(signal.Signals(signum))
-        if self._torchrun is not None:
-            signal_ranks(self._torchrun.pid, signum)
+        self._received.append(signum)  # nothing else: the poll loop forwards it
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """The next attempt: same job dir, one more requeue, remembers the step it restarts from."""
         step = getattr(self, "_step_now", None)
         nxt = NodeTask(self.job_dir, self.max_requeues, self.max_restarts, self.dist_timeout_s,
-                       requeues=self.requeues + 1, step_at_last_requeue=step)
+                       requeues=self.requeues + 1, step_at_last_requeue=step, ledger=self.ledger,
+                       doctor=self.doctor, min_nodes=self.min_nodes)
         return submitit.helpers.DelayedSubmission(nxt)
+
+
+def node_can_be_spared(host: str, job_id: str, min_nodes: int) -> bool:
+    """Whether the job can run without `host`: the partition's other nodes, less those the job already
+    excludes, still number at least `min_nodes` (else the requeued job would wait forever)."""
+    partition = os.environ.get("SLURM_JOB_PARTITION")
+    argv = ["sinfo", "--noheader", "--Node", "--format=%N"] + (["--partition", partition] if partition else [])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    nodes = set(result.stdout.split()) if result.returncode == 0 else set()
+    return len(nodes - {host} - set(excluded_nodes(job_id))) >= min_nodes
+
+
+def excluded_nodes(job_id: str) -> list[str]:
+    """The job's ExcNodeList, expanded."""
+    result = subprocess.run(["scontrol", "--oneliner", "show", "job", str(job_id)], capture_output=True, text=True,
+                            timeout=30)
+    listed = parse_scontrol_job(result.stdout).get("ExcNodeList", "(null)") if result.returncode == 0 else "(null)"
+    return node_hostnames(listed) if listed not in ("", "(null)") else []
+
+
+def exclude_from_requeued_job(job_id: str, hosts: list[str]) -> None:
+    """Add `hosts` to the ExcNodeList of the job just requeued. SLURM 22.05 refuses that update on a running
+    job ("no longer pending execution") but takes it once `scontrol requeue` has made the job pending again,
+    while its nodes still clean up (COMPLETING) and this task, which ignores SIGTERM by then, still runs."""
+    listed = ",".join(sorted({*excluded_nodes(job_id), *hosts}))
+    result = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={listed}"], capture_output=True,
+                            text=True, timeout=30)
+    if result.returncode == 0:
+        print(f"[llaunch] the requeued job excludes {listed}", flush=True)
+    else:
+        print(f"[llaunch] warning: could not exclude {listed} from the requeued job: {result.stderr.strip()}",
+              flush=True)
+
+
+def forward_stop_signals(torchrun_pid: int, received: set[int], forwarded: set[tuple[int, int]]) -> None:
+    """Send each received stop signal once to each of torchrun's ranks that handles it by now; `forwarded`
+    remembers (pid, signal) across calls."""
+    for rank in ranks_of(torchrun_pid) if received else ():
+        for signum in received:
+            if (rank.pid, signum) not in forwarded and catches(rank.pid, signum):
+                forwarded.add((rank.pid, signum))
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rank.send_signal(signum)
 
 
 def _gpus_on_node() -> int:
@@ -172,10 +315,20 @@ def _gpus_on_node() -> int:
 def latest_step(job_dir: str) -> int | None:
     """The step of the newest complete checkpoint (sizes checked against its manifest; the ranks verify
     checksums when they resume), or None when there is none yet."""
-    from launcher.train.checkpoint import list_checkpoints
-
     complete = [info.step for info in list_checkpoints(job_dir) if info.complete]
     return max(complete) if complete else None
+
+
+def quarantined_nodes(profile: ClusterProfile, env: dict[str, str]) -> list[str]:
+    """The hosts the profile's node ledger keeps out of the next job, never more than the partition can spare
+    (cluster.node_ledger); [] when sinfo cannot list the partition's nodes."""
+    events = NodeLedger.for_profile(profile.name).events()
+    if not events:
+        return []
+    argv = ["sinfo", "--noheader", "--Node", "--format=%N"] + (["--partition", profile.partition] if profile.partition else [])
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    nodes = sorted(set(result.stdout.split())) if result.returncode == 0 else []
+    return exclude_for_next_submission(events, QuarantinePolicy(), nodes, profile.min_nodes or profile.nodes)
 
 
 def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
@@ -185,9 +338,20 @@ def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str
     executor = submitit.SlurmExecutor(folder=job_dir / "slurm", max_num_timeout=profile.max_requeues,
                                       python=shlex.quote(sys.executable))
     executor.update_parameters(**slurm_parameters(profile, name))
-    task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s)
+    WatchdogConfig.from_env(env)  # a bad LLAUNCH_WATCHDOG is refused here, not on the nodes
+    exclude = quarantined_nodes(profile, env)
+    if exclude:
+        executor.update_parameters(exclude=",".join(exclude))
+        print(f"llaunch: keeping {', '.join(exclude)} out of this job (node ledger "
+              f"{NodeLedger.for_profile(profile.name).path})", flush=True)
+    task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
+                    ledger=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
+                    min_nodes=profile.min_nodes)
+    submitted_at = time.time()
     try:
-        return executor.submit(task)
+        job = executor.submit(task)
+        job_events.submitted(job_dir, job.job_id, profile.nodes, profile.signal_delay_s, t=submitted_at)
+        return job
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
         detail = str(err).strip().splitlines()
         raise LaunchError(f"sbatch refused the job ({detail[-1] if detail else err.__class__.__name__}); "

@@ -15,9 +15,15 @@ from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
+from launcher.torchrun import RANK_STARTS
 
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+}
+# Pending reasons SLURM keeps for as long as the partition, account or QOS stay as they are.
+NEVER_STARTS = {
+    "PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints", "InvalidAccount",
+    "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed",
 }
 _FIELD = re.compile(r"(\w+)=(\S*)")
 _ERROR_LINE = re.compile(
@@ -89,6 +95,10 @@ class JobState:
         return self.state in TERMINAL_STATES
 
     @property
+    def never_starts(self) -> bool:
+        return self.state == "PENDING" and self.reason in NEVER_STARTS
+
+    @property
     def failed_exit(self) -> str:
         """SLURM's `code:signal` when either is non-zero, else "" (a clean 0:0 is not worth a word)."""
         return self.exit_code if self.exit_code.strip("0:") else ""
@@ -119,12 +129,32 @@ def job_state(job_id: str, env: dict[str, str]) -> JobState:
 
 
 def wait_for_end(job_id: str, env: dict[str, str], poll_s: float = 2.0) -> JobState:
-    """Block until the job reaches a final state (a requeued job goes back to PENDING and keeps us waiting)."""
+    """Block until the job reaches a final state (a requeued job goes back to PENDING and keeps us waiting);
+    a job SLURM will never start is a LaunchError instead of a wait without end."""
     while True:
         state = job_state(job_id, env)
         if state.finished or state.state == "UNKNOWN":
             return state
+        refuse_never_starting(job_id, state)
         time.sleep(poll_s)
+
+
+def refuse_never_starting(job_id: str, state: JobState) -> None:
+    if state.never_starts:
+        raise LaunchError(f"job {job_id} can never start as the cluster is configured ({state.reason}: the "
+                          f"request exceeds what the partition, account or QOS allow); `llaunch cancel {job_id}` "
+                          f"and resubmit with fewer --nodes, a shorter --time or another --partition.")
+
+
+def active_job_in(log_folder: Path, env: dict[str, str]) -> tuple[str, JobState] | None:
+    """The job submitted into this job dir (submitit's <id>_submitted.pkl in its log folder) that has not
+    ended yet, if any: a job dir belongs to one job at a time."""
+    for path in sorted(Path(log_folder).glob("*_submitted.pkl")):
+        job_id = path.name[: -len("_submitted.pkl")]
+        state = job_state(job_id, env)
+        if not state.finished and state.state != "UNKNOWN":
+            return job_id, state
+    return None
 
 
 def last_metrics(output_dir: str | Path) -> dict | None:
@@ -142,29 +172,56 @@ def last_metrics(output_dir: str | Path) -> dict | None:
     return None
 
 
-# Layers that only report that a rank failed; the rank's own error says why.
-_WRAPPER_ERRORS = ("ChildFailedError", "TrainingError")
+# Lines that only report that a rank failed, or what followed from it (torchrun's agent, the node task
+# passing on torchrun's exit code); the rank's own error says why.
+_WRAPPER_ERRORS = ("ChildFailedError", "RendezvousConnectionError", "RendezvousClosedError", "RendezvousError")
+_NODE_TASK_ERROR = "TrainingError"  # the node task's own reason (not requeued, stopped by, allocation) ...
+_NODE_TASK_WRAPPER = "torchrun exited with code"  # ... unless it only passes on torchrun's failure
+# ... or only reports a signal: when one node's rank fails, SLURM ends the step with SIGTERM on the others, so
+# "stopped by SIGTERM" is then what followed from the failure, and the failing rank's own error says why.
+NODE_TASK_SIGNALLED = "stopped by "
+# Where each attempt of a node begins in its .out (the node task's command line) and .err.
+_ATTEMPT_START = re.compile(r"^\[llaunch\] (?:node .*, )?attempt \d+")
+
+
+def _newest_attempt(path: Path) -> list[str]:
+    """The lines a node's log got in the job's newest attempt (logs are appended across requeues)."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    starts = [i for i, line in enumerate(lines) if _ATTEMPT_START.match(line)]
+    return lines[starts[-1] if starts else 0:]
+
+
+def node_of_rank(record: JobRecord, rank: int) -> int | None:
+    """The node whose log shows global rank `rank` starting in the newest attempt that got that far, or None."""
+    marker = RANK_STARTS.split("{world}")[0].format(rank=rank)  # "[llaunch] rank R of "
+    found = [(path.stat().st_mtime, node) for node in range(record.nodes)
+             for path in record.log_paths(node)[:1] if any(line.startswith(marker) for line in _newest_attempt(path))]
+    return max(found)[1] if found else None
 
 
 def last_error(paths: list[Path]) -> str | None:
-    """The error that ended the job, from its logs: a rank's one-sentence `llaunch: error: ...` if there
-    is one, else the last exception line that is not just torchrun or llaunch reporting a failed rank."""
-    sentences, exceptions, wrappers = [], [], []
-    for path in paths:
-        if not path.exists():
-            continue
-        for line in path.read_text(errors="replace").splitlines():
+    """Why the job ended, from its logs' newest attempt: the node task's own decision if it made one, else a
+    rank's one-sentence `llaunch: error: ...`, else the newest exception of a rank, else the stop signal a node
+    task received, else what torchrun or the node task reported about a failed rank."""
+    decisions, sentences, exceptions, signalled, wrappers = [], [], [], [], []
+    for path in sorted((p for p in paths if p.exists()), key=lambda p: p.stat().st_mtime):
+        for line in _newest_attempt(path):
             match = _ERROR_LINE.match(line)
             if not match or ":" not in match.group(1):
                 continue
             text = match.group(1).strip()
+            name, message = (part.strip() for part in text.split(":", 1))
             if text.startswith("llaunch: error:"):
                 sentences.append(text)
-            elif any(w in text.split(":")[0] for w in _WRAPPER_ERRORS):
+            elif any(w in name for w in _WRAPPER_ERRORS) or message.startswith(_NODE_TASK_WRAPPER):
                 wrappers.append(text)
+            elif _NODE_TASK_ERROR in name and message.startswith(NODE_TASK_SIGNALLED):
+                signalled.append(message)
+            elif _NODE_TASK_ERROR in name:
+                decisions.append(message)
             else:
                 exceptions.append(text)
-    for found in (sentences, exceptions, wrappers):
+    for found in (decisions, sentences, exceptions, signalled, wrappers):
         if found:
             return found[-1]
     return None

@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import psutil
+
+from cluster.jobs import TERMINAL_STATES
 from launcher.errors import LaunchError
 
 DEFAULT_STATE_DIR = "/tmp/llaunch-slurm"
 DAEMONS = ("slurmctld", "slurmd", "munged")
+# scancel sends SIGTERM (the ranks checkpoint) and SIGKILL after KillWait (60 s in dev/slurm.conf).
+JOBS_END_TIMEOUT_S = 120.0
 
 
 def default_state_dir() -> Path:
@@ -30,15 +35,18 @@ def default_state_dir() -> Path:
 
 
 def _pid_alive(pid_file: Path) -> int | None:
-    """The pid in pid_file when that process is alive, else None."""
+    """The pid in pid_file when that process is alive and is the daemon that wrote it (its command names the
+    pid file's daemon), else None: a stale pid file whose pid the system gave to another process must never
+    make `cluster down` signal that process."""
     try:
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+        command = " ".join(psutil.Process(pid).cmdline())
+    except (FileNotFoundError, ValueError, psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
-    except PermissionError:
+    except psutil.AccessDenied:
         return pid
-    return pid
+    daemon = pid_file.stem.split("-")[0]  # munged.pid, slurmctld.pid, slurmd-n1.pid
+    return pid if daemon in command else None
 
 
 @dataclass
@@ -97,11 +105,12 @@ class LocalCluster:
         self._wait_idle(timeout_s)
         return True
 
-    def down(self) -> list[str]:
-        """Cancel every job, stop the daemons (slurmd, slurmctld, munged); return what was stopped."""
+    def down(self, jobs_timeout_s: float = JOBS_END_TIMEOUT_S) -> list[str]:
+        """Cancel every job and wait until SLURM has ended them, then stop the daemons (slurmd, slurmctld,
+        munged); return what was stopped. A job's processes outlive a stopped slurmd (slurmstepd carries on),
+        so the daemons stay up, and this is an error, while a job is still ending."""
         if _pid_alive(self._pid_files()["slurmctld"]):
-            subprocess.run(["scancel", "--full", "--partition", self.partition], env=self.env(),
-                           capture_output=True, timeout=30)
+            self._end_jobs(jobs_timeout_s)
         stopped = []
         for name, pid_file in sorted(self._pid_files().items(), key=lambda kv: kv[0] == "munged"):
             pid = _pid_alive(pid_file)
@@ -115,6 +124,24 @@ class LocalCluster:
                 os.kill(pid, signal.SIGKILL)
             stopped.append(name)
         return stopped
+
+    def _jobs(self) -> list[str]:
+        """Every job SLURM has not ended yet (a COMPLETING one included), as `id:STATE`."""
+        result = self._run(["squeue", "--noheader", "--states=all", "--format=%i:%T"])
+        return [job for job in result.stdout.split() if job.split(":")[1] not in TERMINAL_STATES]
+
+    def _end_jobs(self, timeout_s: float) -> None:
+        jobs = self._jobs()
+        if not jobs:
+            return
+        self._run(["scancel", "--full", "--partition", self.partition])
+        deadline = time.monotonic() + timeout_s
+        while jobs and time.monotonic() < deadline:
+            time.sleep(1.0)
+            jobs = self._jobs()
+        if jobs:
+            raise LaunchError(f"job(s) {', '.join(jobs)} still running {timeout_s:.0f} s after scancel, so the cluster "
+                              f"stays up; run `llaunch cluster down` again once `squeue` no longer lists them.")
 
     def sinfo(self) -> str:
         return self._run(["sinfo", "--Node", "--format=%10N %10P %8T %5c %8m"]).stdout

@@ -29,34 +29,76 @@ class ClusterProfile:
     time: str = "01:00:00"
     constraint: str | None = None
     nodes: int = 1
+    min_nodes: int | None = None  # the fewest nodes the job may run on (sbatch --nodes=MIN-MAX); None: all
     gpus_per_node: int = 0
     gpu_name: str = ""
     gpu_mem_gb: float = 0
     cpus_per_task: int = 1
     mem_gb: float | None = None  # sbatch --mem per node (None: the partition's default)
-    node_ram_gb: float = 0  # host RAM per node the planner may use (CPU training, offload); 0: the planner's default
+    node_ram_gb: float = 0  # host RAM per node the planner may use (CPU training, offload); required
     max_requeues: int = 3
     max_restarts: int = 0
     signal_delay_s: int = 90
     dist_timeout_s: int = 300
     setup: list[str] = field(default_factory=list)
+    doctor: bool = True  # `llaunch doctor`'s checks before torchrun in every incarnation of a submitted job
 
     @property
     def time_minutes(self) -> int:
         return time_to_minutes(self.time)
 
+    def hardware(self):
+        """The nodes the planner plans for under this profile: its GPUs and RAM, not the login node's."""
+        from launcher.hardware import Hardware, gpu_node
+
+        ram = int(self.node_ram_gb * 2**30)
+        if self.gpus_per_node:
+            return gpu_node(self.gpu_name, self.gpus_per_node, self.nodes, int(self.gpu_mem_gb * 2**30), ram,
+                            self.cpus_per_task)
+        return Hardware(nodes=self.nodes, cpu_cores=self.cpus_per_task, ram_bytes=ram)
+
     def replace(self, **changes) -> "ClusterProfile":
         """A copy with the given fields changed; None means "keep the profile's value"."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None}).validate()
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes).validate(flags=set(changes))
 
-    def validate(self) -> "ClusterProfile":
-        time_to_minutes(self.time)
+    def validate(self, flags: set[str] = frozenset()) -> "ClusterProfile":
+        """Every field's type and range; `flags` names the fields set by command-line flags, so the error
+        points at the flag instead of the profile."""
+        def refuse(name: str, what: str) -> None:
+            where = f"--{name.replace('_', '-')}" if name in flags else f"cluster profile {self.name!r}: {name}"
+            raise LaunchError(f"{where} must be {what}.")
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         for name in ("nodes", "cpus_per_task"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise LaunchError(f"cluster profile {self.name!r}: {name} must be a positive integer.")
+                refuse(name, "a positive integer")
+        if self.min_nodes is not None and (not isinstance(self.min_nodes, int) or not 1 <= self.min_nodes <= self.nodes):
+            refuse("min_nodes", f"an integer from 1 to the job's nodes ({self.nodes})")
         for name in ("gpus_per_node", "max_requeues", "max_restarts", "signal_delay_s", "dist_timeout_s"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise LaunchError(f"cluster profile {self.name!r}: {name} must be a non-negative integer.")
+                refuse(name, "a non-negative integer")
+        for name in ("partition", "account", "qos", "constraint"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                refuse(name, "a name (text) or null")
+        if not number(self.node_ram_gb) or self.node_ram_gb <= 0:
+            refuse("node_ram_gb", "the host RAM of one node in GB (a positive number; the planner sizes CPU "
+                                  "training and offload with it)")
+        if not number(self.gpu_mem_gb) or self.gpu_mem_gb < 0 or (self.gpus_per_node and not self.gpu_mem_gb):
+            refuse("gpu_mem_gb", "the memory of one GPU in GB (a positive number when gpus_per_node is set)")
+        if self.mem_gb is not None and (not number(self.mem_gb) or self.mem_gb <= 0):
+            refuse("mem_gb", "a positive number of GB or null (the partition's default)")
+        if not isinstance(self.doctor, bool):
+            refuse("doctor", "true or false")
+        if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
+            refuse("setup", "a list of shell lines, e.g. [\"module load cuda\"]")
+        # SLURM may send the warning up to 60 s before signal_delay_s says (its event resolution).
+        if self.time_minutes * 60 <= self.signal_delay_s + 60:
+            least = (self.signal_delay_s + 60) // 60 + 2
+            refuse("time", f"longer than the preemption warning (signal_delay_s {self.signal_delay_s} s, which SLURM "
+                           f"may send up to 60 s early), e.g. {least // 60:02d}:{least % 60:02d}:00")
         return self
 
 

@@ -52,6 +52,12 @@ def slurm_parameters(profile: ClusterProfile, name: str) -> dict:
         "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {"requeue": True},
     }
+    if profile.min_nodes is not None and profile.min_nodes < profile.nodes:
+        # SLURM 22.05 gives a range with --ntasks-per-node the fewest nodes, without it as many as are free: the
+        # one task per node is asked of srun instead. submitit's own `nodes` stays the number of its tasks.
+        params["additional_parameters"]["nodes"] = f"{profile.min_nodes}-{profile.nodes}"
+        del params["ntasks_per_node"]
+        params["srun_args"].append("--ntasks-per-node=1")
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(profile, key)
         if value:

@@ -1,0 +1,64 @@
+"""What the node task adds to the job's event ledger (launcher.ledger): each attempt's start with SLURM's
+queue wait, its end, and its requeue. Only the first node's task writes, so each event is there once."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+
+from cluster.jobs import parse_scontrol_job
+from launcher import ledger
+
+
+def attempt_id(job_id: str, requeues: int) -> str:
+    """The incarnation id of one attempt of a SLURM job: its id and how often it was requeued before."""
+    return f"{job_id}.{requeues}"
+
+
+def _timestamp(value: str | None) -> float | None:
+    """SLURM's local-time ISO stamp (2026-11-30T02:20:49) as epoch seconds; None for Unknown / None."""
+    try:
+        return datetime.datetime.fromisoformat(value).timestamp() if value else None
+    except ValueError:
+        return None
+
+
+def queue_times(job_id: str) -> dict:
+    """This attempt's submit and start times from scontrol (sacct when scontrol no longer knows the job) and
+    the queue wait between them; {} where SLURM says neither. A requeued job's SubmitTime is its requeue."""
+    result = subprocess.run(["scontrol", "--oneliner", "show", "job", str(job_id)], capture_output=True, text=True,
+                            timeout=30)
+    fields = parse_scontrol_job(result.stdout) if result.returncode == 0 else {}
+    submit, start = _timestamp(fields.get("SubmitTime")), _timestamp(fields.get("StartTime"))
+    if (submit is None or start is None) and shutil.which("sacct"):
+        acct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "Submit,Start"],
+                              capture_output=True, text=True, timeout=30)
+        line = acct.stdout.strip().splitlines()[-1] if acct.returncode == 0 and acct.stdout.strip() else ""
+        submit, start = (_timestamp(part) for part in (line.split("|") + ["", ""])[:2])
+    if submit is None or start is None:
+        return {}
+    return {"submit_t": submit, "start_t": start, "seconds": max(0.0, start - submit)}
+
+
+def attempt_started(job_dir: str, job_id: str, requeues: int, nodes: int) -> None:
+    ledger.append(job_dir, ledger.LAUNCH, inc=attempt_id(job_id, requeues), nodes=nodes, job_id=job_id,
+                  attempt=requeues + 1, how="slurm", **queue_times(job_id))
+
+
+def attempt_ended(job_dir: str, job_id: str, requeues: int, code: int, stop: str | None,
+                  cause: str | None = None) -> None:
+    """`cause`: what ended the attempt when the exit code does not say (the watchdog killed hung ranks)."""
+    cause = cause or (ledger.exit_cause(code) if code == 0 or stop is None else stop)
+    ledger.append(job_dir, ledger.EXIT, inc=attempt_id(job_id, requeues), code=code, cause=cause, signal=stop)
+
+
+def requeued(job_dir: str, job_id: str, requeues: int, reason: str) -> None:
+    ledger.append(job_dir, ledger.REQUEUE, inc=attempt_id(job_id, requeues), reason=reason)
+
+
+def submitted(job_dir, job_id: str, nodes: int, warning_s: float, t: float) -> None:
+    """`t`: when sbatch was called, so the event precedes the job's start however fast it began; `warning_s`:
+    how long before its time limit SLURM signals it (what a save on that signal must fit in)."""
+    ledger.append(job_dir, ledger.SUBMIT, t=t, inc=attempt_id(job_id, 0), job_id=job_id, nodes=nodes,
+                  warning_s=warning_s)
