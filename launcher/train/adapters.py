@@ -20,9 +20,12 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def quantization_config(cfg: FinetuneConfig):
-    """The BitsAndBytesConfig QLoRA loads the base with; fails clearly where 4-bit cannot run."""
-    if not torch.cuda.is_available():
-        raise LaunchError("finetune.method qlora needs a CUDA GPU (bitsandbytes 4-bit); use method: lora on CPU.")
+    """The BitsAndBytesConfig QLoRA loads the base with (bitsandbytes >= 0.49 runs NF4 on CPU too); fails
+    clearly without bitsandbytes.
+
+    The packed 4-bit weights are stored as bf16 elements (bnb_4bit_quant_storage), the dtype of the rest of the
+    base: FSDP2 then shards them like any other weight of a layer (each rank holds 1/world of the 4-bit base)
+    and bitsandbytes restores each gathered weight's quantization state from its module in forward."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -32,7 +35,7 @@ def quantization_config(cfg: FinetuneConfig):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.bnb_4bit_compute_dtype),
+        bnb_4bit_compute_dtype=getattr(torch, cfg.bnb_4bit_compute_dtype), bnb_4bit_quant_storage=torch.bfloat16,
     )
 
 
@@ -64,6 +67,7 @@ def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.
             raise LaunchError("finetune.method qlora needs the base loaded in 4-bit; build it with "
                               "launcher.train.adapters.quantization_config.")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        keep_4bit_storage_as_trained(model)
     try:
         with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated: not the user's concern
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -71,6 +75,15 @@ def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.
     except ValueError as err:
         # PEFT names the module it could not find; the user fixes target_modules / modules_to_save.
         raise LaunchError(f"finetune settings do not fit {type(model).__name__}: {err}") from None
+
+
+def keep_4bit_storage_as_trained(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking (on CPUs with AVX512-BF16, a no-grad forward such as an
+    eval rewrites each Linear4bit weight in place into another layout): it would replace the bf16-stored
+    shards FSDP owns and the layout checkpoints save, and it needs layers at least one quant block (64) wide."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -1,4 +1,4 @@
-"""Sharded checkpoints that are either complete or ignored, and discovery of the newest complete one.
+"""Sharded checkpoints that are either complete or ignored, written and loaded by every rank.
 
 A checkpoint is written into `checkpoints/.step-N.partial/`, fsynced, given a manifest (world size,
 strategy, step, every file with its size and sha256, the resume fingerprint), and only then renamed to
@@ -11,37 +11,45 @@ Layout of one checkpoint:
     step-N/rank-R.pt      per-rank state: RNG streams, train state, sampler, scheduler, scaler, early stop
     step-N/plan.yaml, config.yaml, model_config.json, tokenizer/   what export and resume need
     step-N/manifest.json  written last: the checkpoint is complete when it exists and matches the files
+launcher/checkpoint_store.py reads this layout as files (listing, manifests, which one to resume from).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import datetime
-import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import threading
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from launcher import ledger
+from launcher.checkpoint_store import (
+    CHECKPOINTS_DIR, ENGINE_DIR, MANIFEST, MANIFEST_FORMAT, best_checkpoint, list_checkpoints, read_manifest,
+    resolve_resume, sha256_all, step_dir_name,
+)
 from launcher.errors import LaunchError
 from launcher.train.fingerprint import Fingerprint
 from launcher.train.rng import capture_rng_state, restore_rng_state
+from launcher.train.trusted_pickle import check_dcp_metadata
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-MANIFEST = "manifest.json"
-ENGINE_DIR = "engine"
-MANIFEST_FORMAT = 1
+# What a failed engine save raises: DCP gathers every rank's errors into a CheckpointException, which is a
+# BaseException (not an Exception), so a full disk would otherwise escape as a traceback.
+SAVE_ERRORS = (Exception, CheckpointException)
 # Strategies whose engine state is a DCP checkpoint: DCP reshards it to any world size, and DDP and FSDP
 # write the same fully-qualified names, so either can resume the other.
-DCP_STRATEGIES = ("ddp", "fsdp")
+DCP_STRATEGIES = ("ddp", "fsdp", "hsdp")  # HSDP is FSDP2 on a 2-D mesh: FSDP's names, resharded alike
 
 
 def _rank() -> int:
@@ -74,14 +82,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_durable(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -89,132 +89,20 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step}"
-
-
-def default_greater_is_better(metric_name: str) -> bool:
-    """Hugging Face's rule: a metric is better when higher unless its name says it is a loss."""
-    return not metric_name.endswith("loss")
-
-
-@dataclass
-class CheckpointInfo:
-    """One folder under OUTPUT/checkpoints, as `llaunch checkpoints` shows it."""
-
-    path: Path
-    step: int
-    complete: bool
-    problem: str = ""
-    created: str = ""
-    size_bytes: int = 0
-    metric_name: str = ""
-    metric: float | None = None
-    manifest: dict | None = None
-
-
-def read_manifest(path: Path) -> dict | None:
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
-
-
-def _sha256_all(files: list[Path]) -> list[str]:
-    """Hash in parallel: hashlib releases the GIL, and a 1B-parameter checkpoint is over 10 GB."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        return list(pool.map(_sha256, files))
-
-
-def check_files(path: Path, manifest: dict, checksums: bool = True) -> str:
-    """'' when every file in the manifest is present with its size (and checksum); else what is wrong."""
-    for rel, meta in manifest["files"].items():
-        file = Path(path) / rel
-        try:
-            size = file.stat().st_size
-        except OSError:
-            return f"{rel} is missing"
-        if size != meta["size"]:
-            return f"{rel} is truncated ({size} of {meta['size']} bytes)"
-    if checksums:
-        rels = list(manifest["files"])
-        for rel, digest in zip(rels, _sha256_all([Path(path) / rel for rel in rels])):
-            if digest != manifest["files"][rel]["sha256"]:
-                return f"{rel} is corrupted (sha256 mismatch)"
-    return ""
-
-
-def list_checkpoints(output_dir: str | Path, checksums: bool = False) -> list[CheckpointInfo]:
-    """Every step-N folder, oldest first, each marked complete only if its manifest matches its files."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    infos = []
-    for path in root.glob("step-*") if root.is_dir() else ():
-        try:
-            step = int(path.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        manifest = read_manifest(path)
-        if manifest is None:
-            infos.append(CheckpointInfo(path, step, complete=False, problem="no manifest (save did not finish)"))
-            continue
-        problem = check_files(path, manifest, checksums)
-        metric = manifest.get("metric") or {}
-        infos.append(CheckpointInfo(
-            path, step, complete=not problem, problem=problem, created=manifest.get("created", ""),
-            size_bytes=sum(m["size"] for m in manifest["files"].values()),
-            metric_name=metric.get("name", ""), metric=metric.get("value"), manifest=manifest,
-        ))
-    return sorted(infos, key=lambda info: info.step)
-
-
-def best_checkpoint(infos: list[CheckpointInfo], greater_is_better: bool | None = None) -> CheckpointInfo | None:
-    scored = [info for info in infos if info.complete and info.metric is not None]
-    if not scored:
-        return None
-    greater = default_greater_is_better(scored[-1].metric_name) if greater_is_better is None else greater_is_better
-    return (max if greater else min)(scored, key=lambda info: info.metric)
-
-
-def find_latest_complete(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose every file matches its manifest; broken newer ones are named in a warning.
-
-    Call it on every rank: rank 0 verifies the checksums and broadcasts its choice.
-    """
-    chosen = None
+def resolve_resume_on_every_rank(output_dir: str | Path, resume_from: str | None, no_resume: bool,
+                                 overwrite: bool) -> Path | None:
+    """`resolve_resume` decided by rank 0 (which verifies the checksums) and the same on every rank, its
+    refusal included."""
+    choice = None
     if _rank() == 0:
-        for info in reversed(list_checkpoints(output_dir, checksums=False)):
-            problem = info.problem or (check_files(info.path, info.manifest) if info.manifest else "")
-            if not problem:
-                chosen = str(info.path)
-                break
-            log.warning("skipping checkpoint %s: %s; trying the previous one", info.path, problem)
-    chosen = _broadcast(chosen)
-    return Path(chosen) if chosen else None
-
-
-def resolve_resume(output_dir: str | Path, resume_from: str | None, no_resume: bool, overwrite: bool) -> Path | None:
-    """Which checkpoint a run starts from: --resume-from PATH, else the newest complete one, else none.
-
-    `--no-resume` starts fresh, and refuses to do so over existing checkpoints without `--overwrite`.
-    """
-    if resume_from:
-        path = Path(resume_from)
-        manifest = read_manifest(path)
-        if manifest is None:
-            raise LaunchError(f"{path} is not a complete llaunch checkpoint (no valid {MANIFEST}); "
-                              f"pick one listed by `llaunch checkpoints {output_dir}`.")
-        problem = check_files(path, manifest) if _rank() == 0 else ""
-        problem = _broadcast(problem)
-        if problem:
-            raise LaunchError(f"checkpoint {path} is damaged ({problem}); resume from another one.")
-        return path
-    if no_resume:
-        if any(info.complete for info in list_checkpoints(output_dir)) and not overwrite:
-            raise LaunchError(f"{output_dir} already holds checkpoints; add --overwrite to start fresh over "
-                              f"them, or drop --no-resume to continue.")
-        return None
-    return find_latest_complete(output_dir)
+        try:
+            choice = resolve_resume(output_dir, resume_from, no_resume, overwrite)
+        except LaunchError as err:
+            choice = err
+    choice = _broadcast(choice)
+    if isinstance(choice, LaunchError):
+        raise choice
+    return choice
 
 
 class Checkpointer:
@@ -268,58 +156,72 @@ class Checkpointer:
         self.wait()
         final = self.root / step_dir_name(step)
         partial = self.root / f".{step_dir_name(step)}.partial"
-        self._check_space()
-        rank = _rank()
-        error = ""
-        if rank == 0:
-            try:
-                shutil.rmtree(partial, ignore_errors=True)
-                partial.mkdir(parents=True)
-            except OSError as err:
-                error = f"{err.strerror or err}"
-        error = self._agree_on_error(error)  # also the barrier: the folder exists before any rank writes
-        if error:
-            raise self._write_failed(f"step-{step}", error)
-        try:
-            payload = {"rng": capture_rng_state(), **state}
-            with open(partial / f"rank-{rank}.pt", "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            if rank == 0:
-                for name, text in (documents or {}).items():
-                    _write_durable(partial / name, text.encode())
-                if tokenizer_dir:
-                    shutil.copytree(tokenizer_dir, partial / "tokenizer")
-        except OSError as err:
-            error = f"{err.strerror or err}"
-        error = self._agree_on_error(error)
-        if error:
-            self._abandon(partial)
-            raise self._write_failed(f"step-{step}", error)
+        # The folder exists (and the disk has room) before any rank writes into it.
+        self._all_or_none(final.name, lambda: self._open_partial(step, partial), on_rank0_only=True)
+        self._all_or_none(final.name, lambda: self._write_rank_files(partial, state, documents, tokenizer_dir),
+                          partial)
         try:
             future = engine.save_state(partial / ENGINE_DIR, async_save=self.async_save)
-        except Exception as err:  # DCP gathers every rank's write errors and raises the same on all ranks
+        except SAVE_ERRORS as err:  # DCP gathers every rank's write errors and raises the same on all ranks
             self._abandon(partial)
-            raise self._write_failed(f"step-{step}", _first_line(err)) from None
+            raise self._write_failed(final.name, error_summary(err)) from None
         manifest = {
             "format": MANIFEST_FORMAT, "step": step, "strategy": self.strategy, "world_size": _world(),
             "fingerprint": fingerprint.to_dict() if fingerprint else None, "metric": self._metric(metrics),
         }
         if future is None:
             _barrier()  # every rank's files are on disk before rank 0 lists and hashes them
-            error = ""
-            if rank == 0:
-                try:
-                    self._publish(partial, final, manifest)
-                except LaunchError as err:
-                    error = str(err)
-            error = self._agree_on_error(error)  # no rank trains on (or waits) while rank 0 failed
-            if error:
-                raise LaunchError(error)
+            # No rank trains on (or waits) while rank 0 failed to publish.
+            self._all_or_none(final.name, lambda: self._publish(partial, final, manifest), on_rank0_only=True)
             return final
+        self._async_started = time.time()
         self._pending = self._spawn(self._finish_async, future, partial, final, manifest)
         return final
+
+    def _all_or_none(self, name: str, write, partial: Path | None = None, on_rank0_only: bool = False) -> None:
+        """Run one part of a save (on every rank, or on rank 0 only) and make every rank raise the same
+        sentence when any rank failed, so that none is left waiting in the next collective; a failed part
+        takes `partial` with it."""
+        error = ""
+        if not on_rank0_only or _rank() == 0:
+            try:
+                write()
+            except LaunchError as err:
+                error = str(err)
+            except (OSError, RuntimeError) as err:  # torch.save's zip writer reports a full disk as RuntimeError
+                error = str(self._write_failed(name, error_summary(err)))
+        error = self._agree_on_error(error)
+        if error:
+            if partial is not None:
+                self._abandon(partial)
+            raise LaunchError(error)
+
+    def _open_partial(self, step: int, partial: Path) -> None:
+        """Rank 0: clear what an interrupted or failed save left (so its space counts as free), check the
+        space, make the folder."""
+        for leftover in self.root.glob(".step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        problem = self._space_problem()
+        if problem:
+            raise LaunchError(problem)
+        try:
+            partial.mkdir(parents=True)
+        except OSError as err:
+            raise self._write_failed(step_dir_name(step), err.strerror or err) from None
+
+    def _write_rank_files(self, partial: Path, state: dict, documents: dict[str, str] | None,
+                          tokenizer_dir: str | Path | None) -> None:
+        """This rank's state with its RNG streams; rank 0 adds the documents and the tokenizer."""
+        rank = _rank()
+        with open(partial / f"rank-{rank}.pt", "wb") as f:
+            torch.save({"rng": capture_rng_state(), **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if rank == 0:
+            for name, text in (documents or {}).items():
+                _write_durable(partial / name, text.encode())
+            if tokenizer_dir:
+                shutil.copytree(tokenizer_dir, partial / "tokenizer")
 
     def wait(self) -> None:
         """Join a background save; re-raise its failure as one sentence.
@@ -348,13 +250,15 @@ class Checkpointer:
     def _finish_async(self, future, partial: Path, final: Path, manifest: dict) -> None:
         try:
             future.result()
-        except Exception as err:
+        except SAVE_ERRORS as err:
             if _rank() == 0:
                 self._abandon(partial)
-            raise self._write_failed(final.name, _first_line(err)) from None
+            raise self._write_failed(final.name, error_summary(err)) from None
         # DCP's coordinator (rank 0) finishes only after every rank reported its writes, so rank 0 may publish.
         if _rank() == 0:
             self._publish(partial, final, manifest)
+            ledger.append(self.root.parent, ledger.SAVE_BACKGROUND, step=manifest["step"],
+                          seconds=time.time() - self._async_started)
 
     def _publish(self, partial: Path, final: Path, manifest: dict) -> None:
         """Rank 0: fsync and hash every file, write the manifest last, rename into place, apply retention."""
@@ -363,7 +267,7 @@ class Checkpointer:
             for file in paths:
                 _fsync_path(file)
             files = {file.relative_to(partial).as_posix(): {"size": file.stat().st_size, "sha256": digest}
-                     for file, digest in zip(paths, _sha256_all(paths))}
+                     for file, digest in zip(paths, sha256_all(paths))}
             manifest = {**manifest, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "files": files}
             _write_durable(partial / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -385,8 +289,6 @@ class Checkpointer:
         self._apply_retention(keep=final)
 
     def _apply_retention(self, keep: Path) -> None:
-        for leftover in self.root.glob(".step-*"):  # partial saves killed earlier, and stale copies
-            shutil.rmtree(leftover, ignore_errors=True)
         if not self.save_total_limit or self.save_total_limit < 1:
             return
         complete = [info for info in list_checkpoints(self.root.parent) if info.complete]
@@ -405,20 +307,16 @@ class Checkpointer:
         value = metrics.get(name, metrics.get(f"eval_{name}"))
         return None if value is None else {"name": name, "value": float(value)}
 
-    def _check_space(self) -> None:
-        """Refuse before writing when the disk cannot hold another checkpoint the size of the last one."""
-        error = ""
-        if _rank() == 0:
-            previous = [info for info in list_checkpoints(self.root.parent) if info.complete]
-            if previous:
-                needed = previous[-1].size_bytes
-                free = shutil.disk_usage(self.root).free
-                if free < needed:
-                    error = (f"only {free / 2**30:.1f} GiB free under {self.root} but a checkpoint takes "
-                             f"{needed / 2**30:.1f} GiB; free space or lower save_total_limit.")
-        error = _broadcast(error)
-        if error:
-            raise LaunchError(error)
+    def _space_problem(self) -> str:
+        """Rank 0: why the disk cannot hold another checkpoint the size of the last one ('' when it can)."""
+        previous = [info for info in list_checkpoints(self.root.parent) if info.complete]
+        if not previous:
+            return ""
+        needed, free = previous[-1].size_bytes, shutil.disk_usage(self.root).free
+        if free >= needed:
+            return ""
+        return (f"only {free / 2**30:.1f} GiB free under {self.root} but a checkpoint takes {needed / 2**30:.1f} GiB; "
+                f"free space or lower save_total_limit, then rerun to resume from the last checkpoint.")
 
     def _agree_on_error(self, error: str) -> str:
         """Every rank learns whether any rank failed, so none is left waiting in the engine's collectives."""
@@ -459,9 +357,17 @@ class Checkpointer:
                 f"{saved_world} ranks, or convert it with `python -m deepspeed.checkpoint.ds_to_universal` and "
                 f"load that universal checkpoint with DeepSpeed's `load_universal_checkpoint`."
             )
+        if saved_strategy in DCP_STRATEGIES:
+            check_dcp_metadata(path / ENGINE_DIR)
         engine.load_state(path / ENGINE_DIR)
         rank_file = path / f"rank-{_rank() % saved_world}.pt"
-        state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        try:  # tensors and plain values only: a rank state never runs code when loaded
+            state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            raise LaunchError(f"{rank_file} holds more than tensors and plain values "
+                              f"({found.group(1) if found else 'an object'}), so loading it could run code; llaunch "
+                              f"will not load it (written by another program, or by an older llaunch).") from None
         if saved_world != _world():
             log.warning("the checkpoint's per-rank RNG streams belong to another world size; rank %d continues "
                         "rank %d's streams", _rank(), _rank() % saved_world)
@@ -470,6 +376,14 @@ class Checkpointer:
         return state
 
 
-def _first_line(err: BaseException) -> str:
+def error_summary(err: BaseException) -> str:
+    """An exception in a few words: an OSError's strerror (No space left on device), else its first line.
+
+    DCP's CheckpointException wraps each failed rank's exception; the first one says what happened.
+    """
+    if isinstance(err, CheckpointException) and err.failures:
+        return f"rank {next(iter(err.failures))}: {error_summary(next(iter(err.failures.values()))[0])}"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
     text = str(err).strip().splitlines()
     return text[0] if text else err.__class__.__name__

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def read_texts(files: list[Path], max_bytes: int | None) -> list[str]:
     """File contents in order, stopping once max_bytes of text have been read."""
     texts, total = [], 0
     for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _decode_text(path)
         if not text.strip():
             continue
         texts.append(text)
@@ -74,6 +75,17 @@ def read_texts(files: list[Path], max_bytes: int | None) -> list[str]:
         if max_bytes is not None and total >= max_bytes:
             break
     return texts
+
+
+def _decode_text(path: Path) -> str:
+    """UTF-8 text, a few stray bytes replaced; a binary file (NUL bytes, or over 1% undecodable) is refused."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") - data.count("\ufffd".encode())
+    if b"\0" in data or undecodable > len(text) // 100:
+        raise LaunchError(f"data file {path} is binary, not text; remove it from data.train_files or narrow "
+                          f"data.file_pattern.")
+    return text
 
 
 def cache_key(config: DataConfig, files: list[Path], tokenizer_source: str) -> str:
@@ -220,18 +232,59 @@ class PackedBlocks:
             )
 
 
+class PackedText:
+    """Pretraining data as the loop takes it (launcher/train/training_data.py): the cached corpus cut into
+    blocks; every block is a full sample, every next token a label."""
+
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int, validation_split_percentage: float):
+        self.corpus = corpus
+        self.blocks = PackedBlocks(corpus.tokens(), seq_len, validation_split_percentage)
+        self.tokenizer_dir = corpus.tokenizer_dir
+
+    @property
+    def num_train(self) -> int:
+        return self.blocks.num_train
+
+    @property
+    def num_eval(self) -> int:
+        return self.blocks.num_eval
+
+    def tokenizer(self):
+        return self.corpus.tokenizer()
+
+    def check(self, global_batch: int) -> None:
+        self.blocks.check(global_batch)
+
+    def batch(self, split: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+        block = self.blocks.train_block if split == "train" else self.blocks.eval_block
+        rows = np.stack([block(int(i)) for i in indices])
+        return {"input_ids": rows, "labels": rows}
+
+    def label_count(self, split: str, indices: np.ndarray) -> int:
+        return len(indices) * (self.blocks.block_size - 1)
+
+    def tokens(self) -> np.ndarray:
+        return self.corpus.tokens()
+
+    def epoch_order(self, global_batch: int, seed: int, group_by_length: bool):
+        return None  # every block has the same length: nothing to group
+
+
 class StepSampler:
-    """Which training blocks each optimizer step uses: a seeded permutation per epoch, drop-last.
+    """Which training samples each optimizer step uses: a seeded permutation per epoch, drop-last.
 
     The global batch of step k is perm[position : position + global_batch]; rank r takes its contiguous
     share, split into micro-batches. Hence micro_batch x accumulation factorisations of the same global
-    batch see the same samples, and (epoch, position) fully determines the next batch.
+    batch see the same samples, and (epoch, position) fully determines the next batch. `order(epoch)`, when
+    given, replaces the plain shuffle (SFT's group_by_length).
     """
 
-    def __init__(self, num_samples: int, global_batch: int, seed: int):
+    def __init__(self, num_samples: int, global_batch: int, seed: int,
+                 order: Callable[[int], np.ndarray] | None = None):
         self.num_samples = num_samples
         self.global_batch = global_batch
         self.seed = seed
+        self._order = order or (lambda epoch: np.random.default_rng([seed, epoch]).permutation(num_samples))
         self._epoch_cached: int | None = None
         self._perm: np.ndarray | None = None
 
@@ -241,7 +294,7 @@ class StepSampler:
 
     def permutation(self, epoch: int) -> np.ndarray:
         if self._epoch_cached != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            self._perm = self._order(epoch)
             self._epoch_cached = epoch
         return self._perm
 

@@ -1,6 +1,6 @@
 """Turn any strategy's sharded checkpoint into one Hugging Face model folder (safetensors).
 
-DCP checkpoints (DDP, FSDP) are read shard by shard into full tensors of the model's keys only (the
+DCP checkpoints (DDP, FSDP, HSDP) are read shard by shard into full tensors of the model's keys only (the
 optimizer state is never loaded); DeepSpeed ZeRO checkpoints go through DeepSpeed's own zero_to_fp32.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from launcher.errors import LaunchError
-from launcher.train.checkpoint import ENGINE_DIR, check_files, read_manifest
+from launcher.checkpoint_store import ENGINE_DIR, verified_manifest
+from launcher.train.trusted_pickle import check_dcp_metadata
 
 MODEL_KEY = "model"  # engines save DCP state as {"model": ..., "optimizer": ...}
 
@@ -22,6 +23,7 @@ def _load_dcp_model_state(engine_dir: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    check_dcp_metadata(engine_dir)  # before DCP unpickles it
     metadata = dcp.FileSystemReader(str(engine_dir)).read_metadata()
     prefix = MODEL_KEY + "."
     model: dict[str, torch.Tensor] = {}
@@ -46,13 +48,8 @@ def _load_deepspeed_model_state(engine_dir: Path) -> dict[str, torch.Tensor]:
 def load_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Full fp32 (or saved-dtype) model weights and the manifest of a complete checkpoint."""
     checkpoint = Path(checkpoint)
-    manifest = read_manifest(checkpoint)
-    if manifest is None:
-        raise LaunchError(f"{checkpoint} is not a complete llaunch checkpoint (no valid manifest.json); "
-                          f"list usable ones with `llaunch checkpoints OUTPUT`.")
-    problem = check_files(checkpoint, manifest)
-    if problem:
-        raise LaunchError(f"checkpoint {checkpoint} is damaged ({problem}); export another one.")
+    manifest = verified_manifest(checkpoint, "list usable ones with `llaunch checkpoints OUTPUT`",
+                                 "export another one")
     engine_dir = checkpoint / ENGINE_DIR
     if manifest["strategy"].startswith("zero"):
         return _load_deepspeed_model_state(engine_dir), manifest

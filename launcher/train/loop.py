@@ -14,11 +14,10 @@ the next batch is drawn).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,19 +25,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from launcher import ledger
+from launcher.beacon import Phase
 from launcher.config import TrainConfig
+from launcher.errors import LaunchError
 from launcher.job import CONFIG_FILE, FINAL_DIR, PLAN_FILE
+from launcher.models import spec_from_config
 from launcher.plan import Plan
-from launcher.train.data import PackedBlocks, StepSampler, build_corpus, find_corpus, rank_micro_batches
-from launcher.train.engines import build_engine, model_construction
-from launcher.train.metrics import MetricsWriter, Throughput, memory_stats
-from launcher.train.modeling import build_model, compile_layers, model_architecture, parameter_elements, pretrained_dir
-from launcher.train.optim import build_scheduler
+from launcher.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
+from launcher.signals import REQUEUE_EXIT_CODE, StopSignals
 from launcher.train.adapters import apply_finetune_method, quantization_config
-from launcher.train.sft import ROW_FIELDS as SFT_ROW_FIELDS, SFTCorpus, length_grouped_sampler, trim_rows
-from launcher.train.checkpoint import Checkpointer, resolve_resume
+from launcher.train.cadence import SaveCadence
+from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
+from launcher.train.data import StepSampler, rank_micro_batches
+from launcher.train.distributed import init_distributed
+from launcher.train.engines import build_engine, model_construction
+from launcher.train.final_model import write_final_model
 from launcher.train.fingerprint import Fingerprint, array_digest, files_digest
-from launcher.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from launcher.train.metrics import MetricsWriter, Throughput, memory_stats, peak_flops
+from launcher.train.modeling import build_model, compile_layers, model_architecture, parameter_elements
+from launcher.train.optim import build_scheduler
+from launcher.train.preemption import PreemptionHandler
+from launcher.train.progress import Progress
+from launcher.train.training_data import load_training_data
 
 
 @dataclass
@@ -61,78 +70,40 @@ class TrainState:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-def init_distributed() -> tuple[torch.device, int, int]:
-    """Join torchrun's process group (NCCL on GPU, gloo on CPU); a bare `python -m` run is a world of one."""
-    if dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        return device, dist.get_rank(), dist.get_world_size()
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    # `llaunch submit` sets LLAUNCH_DIST_TIMEOUT_S so that a collective waiting on a lost node fails the job
-    # in minutes (torch's default is 10 min for NCCL, 30 for gloo).
-    timeout = os.environ.get("LLAUNCH_DIST_TIMEOUT_S")
-    group_kwargs = {"timeout": datetime.timedelta(seconds=float(timeout))} if timeout else {}
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **group_kwargs)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", **group_kwargs)
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Trainer:
-    def __init__(self, job_dir: Path):
+    def __init__(self, job_dir: Path, early_signals: StopSignals | None = None):
+        """early_signals: the stop-signal recorder the rank installed before it imported torch; what it
+        caught while the model was being built is acted on at the first step boundary."""
         self.job_dir = Path(job_dir)
         self.plan = Plan.load(self.job_dir / PLAN_FILE)
         self.config = TrainConfig.load(self.job_dir / CONFIG_FILE)
-        self.device, self.rank, self.world_size = init_distributed()
+        self.device, self.rank, self.world_size = init_distributed(host_collectives=self.plan.offloads)
+        if self.world_size != self.plan.world_size:  # a --min-nodes job on fewer nodes: same global batch
+            self.plan = self.plan.on_nodes(self.world_size // self.plan.gpus_per_node)
+        self.events = ledger.RankLedger(self.job_dir, self.rank)
+        self.events.started()
+        self.progress = Progress.start(self.rank, self.world_size)  # beacon, stack dumps, busy time, faults
         training = self.config.training
         if self.device.type == "cuda" and training.tf32 is not False:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        if self.config.data.dataset_format == "text":
-            self.corpus = self._corpus()
-            self.blocks = PackedBlocks(self.corpus.tokens(), self.plan.seq_len,
-                                       self.config.data.validation_split_percentage)
-        else:  # supervised fine-tuning JSONL: rows with the prompt masked (launcher/train/sft.py)
-            self.corpus = self.blocks = SFTCorpus.from_config(self.config.data, pretrained_dir(self.config.model),
-                                                              self.plan.seq_len, training.seed)
-        self.tokenizer = self.corpus.tokenizer()
-        self.blocks.check(self.plan.global_batch)
+        self.data = self._training_data()
+        self.tokenizer = self.data.tokenizer()
+        self.data.check(self.plan.global_batch)
         data_seed = training.data_seed if training.data_seed is not None else training.seed
-        self.sampler = StepSampler(self.blocks.num_train, self.plan.global_batch, data_seed)
-        if training.group_by_length and isinstance(self.blocks, SFTCorpus):
-            self.sampler = length_grouped_sampler(self.blocks, self.plan.global_batch, data_seed)
+        self.sampler = StepSampler(self.data.num_train, self.plan.global_batch, data_seed,
+                                   self.data.epoch_order(self.plan.global_batch, data_seed, training.group_by_length))
         self.total_steps = (training.max_steps if training.max_steps > 0
                             else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
 
-        quantization = quantization_config(self.config.finetune) if self.config.finetune.method == "qlora" else None
-        hidden_size = model_architecture(self.config.model, self.tokenizer).hidden_size
-        with model_construction(self.plan, training, self.config.parallel.deepspeed, self.rank, hidden_size,
-                                quantized=quantization is not None) as empty:
-            model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization, empty=empty)
-            model = apply_finetune_method(model, self.config.finetune)  # before the engine wraps it
-        if training.torch_compile:
-            compile_layers(model)
+        model = self._build_model()
         _, self.num_params = parameter_elements(model)
-        self.flops_per_token = _flops_per_token(model.config, self.num_params, self.plan.seq_len)
+        spec = spec_from_config(self.plan.model, model.config.to_dict())
+        self.flops_per_token = spec.flops_per_token(self.plan.seq_len)  # the planner's rule, for MFU
         self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
         self.scheduler = build_scheduler(self.engine.optimizer, training, self.total_steps)
+        self.events.append(ledger.MODEL_BUILT)
         self.state = TrainState()
         self.should_stop = False
         self.metrics = None
@@ -146,36 +117,46 @@ class Trainer:
             async_save=training.async_save,
         )
         self.preemption = PreemptionHandler(training.preemption_signals).install()
+        if early_signals is not None:
+            early_signals.hand_over(self.preemption)
+        self.run_lock: RunLock | None = None
+        self.cadence = SaveCadence(self.job_dir, training, self.rank, self.plan.nodes, self.events)
+
+    def _build_model(self):
+        """The model as the plan says (empty on ranks that receive their shards, 4-bit for QLoRA), with its
+        adapters, before the engine wraps it."""
+        training, finetune = self.config.training, self.config.finetune
+        quantization = quantization_config(finetune) if finetune.method == "qlora" else None
+        hidden_size = model_architecture(self.config.model, self.tokenizer).hidden_size
+        with model_construction(self.plan, training, self.config.parallel.deepspeed, self.rank, hidden_size,
+                                quantized=quantization is not None) as empty:
+            model = build_model(self.config.model, self.plan, self.tokenizer, training.seed, quantization, empty=empty)
+            model = apply_finetune_method(model, finetune)
+        if training.torch_compile:
+            compile_layers(model)
+        return model
 
     # ----- data -----------------------------------------------------------------------------------------
-    def _corpus(self):
-        """Usually cached by `llaunch run` already; otherwise rank 0 tokenizes while the others wait."""
-        model_dir = pretrained_dir(self.config.model)
-        if self.rank == 0:
-            corpus = build_corpus(self.config.data, model_dir)
+    def _training_data(self):
+        """Tokenized text is usually cached by `llaunch run` already; a rank that finds no cache waits while
+        rank 0 builds it."""
+        data = load_training_data(self.config, self.plan.seq_len, build=self.rank == 0)
         dist.barrier()
-        if self.rank != 0:
-            corpus = find_corpus(self.config.data, model_dir)
-        return corpus
+        return data or load_training_data(self.config, self.plan.seq_len, build=False)
 
-    def _batch(self, block_indices: np.ndarray, blocks_of) -> dict:
-        rows = np.stack([blocks_of(int(i)) for i in block_indices])
-        rows = torch.from_numpy(trim_rows(rows) if rows.ndim == 3 else rows)
-        if self.device.type == "cuda":
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-        if rows.dim() == 3:  # SFT rows: input_ids, labels, position_ids (restarting per packed example)
-            return dict(zip(SFT_ROW_FIELDS, rows.unbind(1)))
-        return {"input_ids": rows, "labels": rows}
-
-    def _num_items(self, indices, split: str = "train") -> int:
-        """Tokens the loss averages over: every next token of a text block, only answer tokens of an SFT row."""
-        if isinstance(self.blocks, SFTCorpus):
-            return sum(self.blocks.label_count(int(i), split) for i in indices)
-        return len(indices) * (self.plan.seq_len - 1)
+    def _batch(self, split: str, indices: np.ndarray) -> dict:
+        batch = {}
+        for name, array in self.data.batch(split, indices).items():
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            if self.device.type == "cuda":
+                tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            batch[name] = tensor
+        return batch
 
     # ----- the loop -----------------------------------------------------------------------------------
     def train(self) -> int:
         """Run to total_steps (or early stop); returns the process exit code (REQUEUE_EXIT_CODE if preempted)."""
+        self.take_run_lock()
         self.restore()
         if self.rank == 0:
             self.metrics = MetricsWriter(self.job_dir, self.total_steps, self.state.global_step,
@@ -183,7 +164,7 @@ class Trainer:
             print(f"training {self.num_params / 1e6:.1f}M parameters for {self.total_steps} steps "
                   f"({self.plan.strategy}, {self.world_size} x {self.device.type}, {self.plan.precision}, "
                   f"global batch {self.plan.global_batch} x {self.plan.seq_len} tokens)", flush=True)
-        self.throughput = throughput = Throughput(self.flops_per_token, _peak_flops(self.plan, self.device,
+        self.throughput = throughput = Throughput(self.flops_per_token, peak_flops(self.plan, self.device,
                                                                                   self.world_size))
         loss_sum = torch.zeros((), device=self.device)
         window_steps = 0
@@ -198,12 +179,17 @@ class Trainer:
                     self._log_train(loss_sum, window_steps, lr, throughput)
                     loss_sum.zero_()
                     window_steps = 0
+                self.events.step_end(self.state.global_step, self.state.tokens_seen, self._log_due())
                 self.on_step_end()
+            self.events.append(ledger.TRAIN_END, step=self.state.global_step,
+                               cause="preempted" if self.preempted else "early stop" if self.should_stop else "finished")
+            self.progress.enter(Phase.SAVE)
             self.checkpointer.wait()
             if self.preempted:
                 return REQUEUE_EXIT_CODE
-            if self.blocks.num_eval:
+            if self.data.num_eval:
                 self.evaluate_and_track()
+            self.progress.enter(Phase.SAVE)
             self.save_final()
         finally:
             if self.metrics is not None:
@@ -212,14 +198,17 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer update; returns this rank's mean token loss (a device tensor, not synced)."""
+        self.progress.step_begins(self.state.global_step + 1)
         indices, epoch, position = self.sampler.next_step(self.state.epoch, self.state.position)
         micro = rank_micro_batches(indices, self.rank, self.world_size, self.plan.micro_batch)
-        num_items = self._num_items(np.concatenate(micro))
+        num_items = self.data.label_count("train", np.concatenate(micro))
         step_loss = torch.zeros((), device=self.device)
-        for i, block_indices in enumerate(micro):
-            batch = self._batch(block_indices, self.blocks.train_block)
+        for i, sample_indices in enumerate(micro):
+            batch = self._batch("train", sample_indices)
             with self.engine.accumulating(final=i == len(micro) - 1):
+                self.progress.enter(Phase.COMPUTE)
                 loss = self.engine.forward({**batch, "num_items_in_batch": num_items})
+                self.progress.enter(Phase.SYNC if i == len(micro) - 1 else Phase.COMPUTE)  # gradients reduce
                 self.engine.backward(loss)
             step_loss += loss.detach().float()
         self.last_grad_norm = self.engine.step(self.config.training.max_grad_norm, self.config.training.max_grad_value)
@@ -247,7 +236,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean token loss and perplexity over the held-out blocks, every rank taking an equal share."""
-        n = self.blocks.num_eval
+        self.progress.enter(Phase.EVAL)
+        n = self.data.num_eval
         if self.config.data.max_eval_samples is not None:
             n = min(n, self.config.data.max_eval_samples)
         indices = np.arange(n)
@@ -257,8 +247,8 @@ class Trainer:
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         for start in range(0, len(share), batch_size):
             chunk = share[start:start + batch_size]
-            loss = self.engine.forward(self._batch(chunk, self.blocks.eval_block))
-            tokens = self._num_items(chunk, split="eval")
+            loss = self.engine.forward(self._batch("eval", chunk))
+            tokens = self.data.label_count("eval", chunk)
             totals += torch.stack([loss.detach().double() * tokens, torch.tensor(tokens, device=self.device,
                                                                                    dtype=torch.float64)])
         self.engine.train(True)
@@ -268,7 +258,9 @@ class Trainer:
 
     def evaluate_and_track(self) -> dict:
         """Evaluate, log, and update the best metric / early-stopping patience in TrainState."""
+        started = time.time()
         result = self.evaluate()
+        self.events.append(ledger.EVAL, step=self.state.global_step, seconds=time.time() - started)
         self.last_eval = (self.state.global_step, result)
         training = self.config.training
         key = training.metric_for_best_model
@@ -291,28 +283,43 @@ class Trainer:
     # ----- checkpoints and preemption -------------------------------------------------------------------
     def _fingerprint(self, model_config) -> Fingerprint:
         training = self.config.training
-        data = array_digest(self.corpus.tokens(), seq_len=self.plan.seq_len,
+        data = array_digest(self.data.tokens(), seq_len=self.plan.seq_len,
                             split=self.config.data.validation_split_percentage,
                             seed=training.data_seed if training.data_seed is not None else training.seed)
         schedule = {"total_steps": self.total_steps, "learning_rate": training.learning_rate,
                     "lr_scheduler_type": training.lr_scheduler_type, "warmup_steps": training.warmup_steps,
                     "warmup_ratio": training.warmup_ratio}
-        return Fingerprint.build(model_config=model_config.to_dict(), tokenizer=files_digest(self.corpus.tokenizer_dir),
+        return Fingerprint.build(model_config=model_config.to_dict(), tokenizer=files_digest(self.data.tokenizer_dir),
                                  data=data, global_batch=self.plan.global_batch, schedule=schedule)
+
+    def take_run_lock(self) -> None:
+        """Rank 0 locks the job dir unless the `llaunch run` that started us holds it; every rank learns a refusal."""
+        error = [""]
+        if self.rank == 0 and os.environ.get(HELD_BY_LAUNCHER_ENV) != str(self.job_dir.resolve()):
+            try:
+                self.run_lock = RunLock.acquire(self.job_dir)
+            except LaunchError as err:
+                error[0] = str(err)
+        dist.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise LaunchError(error[0])
 
     def restore(self) -> None:
         """Resume from --resume-from, else the newest complete checkpoint in the job dir (unless --no-resume)."""
         training = self.config.training
-        path = resolve_resume(self.job_dir, training.resume_from_checkpoint, training.ignore_checkpoints,
-                              training.overwrite_output_dir)
+        started = time.time()
+        path = resolve_resume_on_every_rank(self.job_dir, training.resume_from_checkpoint,
+                                            training.ignore_checkpoints, training.overwrite_output_dir)
         if path is None:
             return
+        self.progress.enter(Phase.LOAD)
         saved = self.checkpointer.load(path, self.engine, self.fingerprint)
         self.state = TrainState.from_dict(saved["train_state"])
         self.scheduler.load_state_dict(saved["scheduler"])
         scaler = getattr(self.engine, "scaler", None)
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
+        self.events.append(ledger.RESTORE, step=self.state.global_step, seconds=time.time() - started)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.state.global_step}", flush=True)
 
@@ -321,10 +328,14 @@ class Trainer:
         training = self.config.training
         self.preempted = self.preemption.should_stop()
         due = {"steps": lambda: self._due(training.save_steps), "no": lambda: False,
-               "epoch": lambda: self._due(self.sampler.steps_per_epoch)}[training.save_strategy]
-        if self.preempted or due():
+               "epoch": lambda: self._due(self.sampler.steps_per_epoch), "auto": lambda: False}[training.save_strategy]
+        if self.cadence.active and not self.preempted:  # auto / save_interval_s: the cadence saves when all agree
+            self.cadence.step_end(self.state.global_step, self.save_checkpoint, self.checkpointer.wait)
+        elif self.preempted or due():
             self.save_checkpoint()
         if self.preempted:
+            self.events.append(ledger.SIGNAL, step=self.state.global_step,
+                               name=self.preemption.received.name if self.preemption.received else "another rank")
             self.should_stop = True
             if self.rank == 0:
                 print(f"preempted ({self.preemption.received.name if self.preemption.received else 'another rank'}"
@@ -332,6 +343,7 @@ class Trainer:
                       flush=True)
 
     def save_checkpoint(self) -> None:
+        self.progress.enter(Phase.SAVE)
         scaler = getattr(self.engine, "scaler", None)
         state = {"train_state": self.state.to_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None}
@@ -343,8 +355,10 @@ class Trainer:
         if adapters:  # a LoRA run: export needs the adapter's config to rebuild (and merge) it
             documents["adapter_config.json"] = json.dumps(adapters["default"].to_dict(),
                                                           default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+        started = time.time()
         self.checkpointer.save(step, self.engine, state, fingerprint=self.fingerprint, metrics=metrics,
-                               documents=documents, tokenizer_dir=self.corpus.tokenizer_dir)
+                               documents=documents, tokenizer_dir=self.data.tokenizer_dir)
+        self.events.append(ledger.SAVE, step=step, seconds=time.time() - started)
 
     # ----- logging and output -------------------------------------------------------------------------
     def _log_train(self, loss_sum: torch.Tensor, window_steps: int, lr: float, throughput: Throughput) -> None:
@@ -353,52 +367,29 @@ class Trainer:
         grad_norm = self.last_grad_norm
         record = {
             "step": self.state.global_step,
-            "epoch": self.state.epoch + self.state.position / max(1, self.blocks.num_train),
+            "epoch": self.state.epoch + self.state.position / max(1, self.data.num_train),
             "loss": loss.item() / self.world_size,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_seen": self.state.tokens_seen,
             **throughput.report(),
             **memory_stats(self.device),
+            **self.progress.straggler_report(),
         }
         if self.metrics is not None:
             self.metrics.log(record)
 
     def save_final(self) -> None:
-        """DIR/final: safetensors weights + config + tokenizer, loadable with AutoModelForCausalLM."""
-        state = self.engine.full_state_dict()
-        if self.rank == 0:
-            final = self.job_dir / FINAL_DIR
-            tmp = self.job_dir / (FINAL_DIR + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.engine.module.config.use_cache = True
-            self.engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            print(f"saved {final}", flush=True)
-        dist.barrier()
+        started = time.time()
+        write_final_model(self.engine, self.tokenizer, self.job_dir / FINAL_DIR, self.rank)
+        self.events.append(ledger.FINAL_SAVED, seconds=time.time() - started)
 
     def close(self) -> None:
+        """Give back what the Trainer took: its signal handlers (lr-find runs it inside the CLI's process), the
+        run lock, the process group."""
+        self.preemption.uninstall()
+        self.progress.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _flops_per_token(hf_config, num_params: int, seq_len: int) -> float:
-    """6 x (params without the input embedding) + causal attention 6 * layers * seq * hidden (PaLM app. B)."""
-    embedding = hf_config.vocab_size * hf_config.hidden_size
-    matmul = num_params - embedding if not getattr(hf_config, "tie_word_embeddings", False) else num_params
-    return 6.0 * matmul + 6.0 * hf_config.num_hidden_layers * seq_len * hf_config.hidden_size
-
-
-def _peak_flops(plan: Plan, device: torch.device, world_size: int) -> float | None:
-    """Dense peak of all GPUs together in the compute precision, from launcher/data/gpus.json; None on CPU."""
-    if device.type != "cuda":
-        return None
-    from launcher.hardware import gpu_facts
-
-    facts = gpu_facts(plan.gpu_name or torch.cuda.get_device_name(device))
-    if facts is None:
-        return None
-    key = {"amp-bf16": "bf16", "bf16": "bf16", "amp-fp16": "fp16"}.get(plan.precision, "tf32")
-    return facts.peak_flops[key] * world_size

@@ -2,12 +2,13 @@
 record an exponentially smoothed loss, stop once it diverges, and suggest the LR where it fell fastest.
 
 The sweep drives the real training step (same model, data, engine, accumulation) through an LR schedule,
-so the suggestion holds for the run that follows; it trains a throw-away copy in its own output dir.
+so the suggestion holds for the run that follows; it trains a throw-away copy in a temporary job dir.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,7 +28,7 @@ class LRFindResult:
 
 def sweep_lrs(start_lr: float, end_lr: float, num_steps: int) -> list[float]:
     """start_lr * (end_lr / start_lr) ** (i / (num_steps - 1)): even spacing on a log axis."""
-    if not 0 < start_lr < end_lr:
+    if not (0 < start_lr < end_lr and math.isfinite(end_lr)):
         raise LaunchError(f"lr-find needs 0 < start_lr < end_lr, not {start_lr} and {end_lr}.")
     if num_steps < 10:
         raise LaunchError("lr-find needs at least 10 steps to see a trend.")
@@ -87,10 +88,14 @@ def run_lr_find(train_step: Callable[[], float], lrs: list[float], beta: float =
 
 def plot(result: LRFindResult, path) -> None:
     """Loss against LR on a log axis, the suggestion marked: the picture a user checks the number against."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from launcher.files import write_files_atomic
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(result.lrs, result.losses, alpha=0.3, label="loss")
@@ -102,5 +107,7 @@ def plot(result: LRFindResult, path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    write_files_atomic({Path(path): image.getvalue()})

@@ -95,3 +95,15 @@ def _format(record: dict) -> str:
         if key in record and record[key] is not None:
             parts.append(f"{key} " + fmt.format(record[key]))
     return "  ".join(parts)
+
+
+def peak_flops(plan, device: torch.device, world_size: int) -> float | None:
+    """Dense peak of all GPUs together in the compute precision, from launcher/data/gpus.json; None on CPU."""
+    if device.type != "cuda":
+        return None
+    from launcher.hardware import gpu_facts
+
+    facts = gpu_facts(plan.gpu_name or torch.cuda.get_device_name(device))
+    if facts is None:
+        return None
+    return facts.peak_flops[plan.flops_key] * world_size

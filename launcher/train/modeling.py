@@ -37,19 +37,12 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantizati
                 empty: bool = False) -> torch.nn.Module:
     """fp32 master weights on CPU (engines move/shard them); same seed -> same init on every rank.
 
-    With a quantization_config (QLoRA) the frozen base loads in 4-bit straight onto this rank's GPU. With
+    With a quantization_config (QLoRA) the frozen base loads in 4-bit straight onto this rank's GPU (or CPU). With
     `empty` the parameters are built on the meta device, without reading or allocating any weight (buffers
     stay real): the FSDP engine fills this rank's shards from rank 0's copy, so a node holds one full copy
     of a large model in host memory instead of one per rank. Under ZeRO-3 (engines.model_construction)
     transformers builds and loads it inside deepspeed.zero.Init, so each rank only ever holds its partition."""
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
 
     attn = ATTENTION_IMPLEMENTATIONS[plan.attention]
     torch.manual_seed(seed)
@@ -61,17 +54,11 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantizati
     if source is not None and not empty:
         load = {"dtype": torch.float32}
         if quantization_config is not None:
-            load = {"dtype": torch.bfloat16, "quantization_config": quantization_config,
-                    "device_map": {"": torch.cuda.current_device()}}
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            load = {"dtype": torch.bfloat16, "quantization_config": quantization_config, "device_map": {"": device}}
         net = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, **load)
     else:
-        config = model_architecture(model, tokenizer)
-        with init_empty_weights() if empty else no_init_weights():
-            net = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
-        if not (empty or is_deepspeed_zero3_enabled()):
-            # Only the model's own init, as ZeRO-3 draws it (on rank 0, module by module, partitioned): the same
-            # seed gives the same weights under every engine, and torch's default init is not run to be discarded.
-            net.init_weights()
+        net = _from_config(model_architecture(model, tokenizer), attn, empty)
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # meta ranks: rank 0 has the values
     net.config.use_cache = False
@@ -79,6 +66,30 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantizati
         enable_activation_checkpointing(net)
     if plan.precision == "bf16" and quantization_config is None:
         net.to(torch.bfloat16)
+    return net
+
+
+def _from_config(config, attn: str, empty: bool) -> torch.nn.Module:
+    """A model of `config`, initialised by its own init (seeded by the caller), or on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    with init_empty_weights() if empty else no_init_weights():
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    if empty:
+        # transformers does not tie a model built under init_empty_weights: without this a meta rank holds
+        # one more parameter than rank 0, and FSDP's collectives no longer match across ranks.
+        net.tie_weights()
+    if not (empty or is_deepspeed_zero3_enabled()):
+        # Only the model's own init, as ZeRO-3 draws it (on rank 0, module by module, partitioned): the same
+        # seed gives the same weights under every engine, and torch's default init is not run to be discarded.
+        net.init_weights()
     return net
 
 
@@ -122,6 +133,17 @@ def parameter_elements(net: torch.nn.Module) -> tuple[int, int]:
         total += getattr(p, "ds_numel", p.numel())
         held += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel()
     return held, total
+
+
+def tied_parameter_names(net: torch.nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a tied lm_head): a consolidated state dict of a
+    sharded model holds them as separate copies, which a saved model must not repeat (transformers re-ties them)."""
+    seen, aliases = set(), set()
+    for name, param in net.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        seen.add(id(param))
+    return aliases
 
 
 def decoder_layers(net: torch.nn.Module) -> list[torch.nn.Module]:

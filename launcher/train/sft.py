@@ -54,7 +54,7 @@ class BadRecord(ValueError):
     """A line that is valid JSON but not a usable SFT record; the message says why."""
 
 
-def format_prompt(tokenizer, instruction: str, input: str = "") -> str:
+def format_prompt(instruction: str, input: str = "") -> str:
     """The text a model fine-tuned on Alpaca records expects before its answer (used by generate/eval too)."""
     if input:
         return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
@@ -81,7 +81,7 @@ def _alpaca_segments(record: dict, tokenizer) -> list[tuple[str, bool]]:
     extra = record.get("input", "")
     if not isinstance(extra, str):
         raise BadRecord("'input' must be a string")
-    prompt = format_prompt(tokenizer, record["instruction"], extra)
+    prompt = format_prompt(record["instruction"], extra)
     return [(prompt, False), (record["output"] + _eos(tokenizer), True)]
 
 
@@ -101,7 +101,7 @@ def _chat_segments(record: dict, tokenizer) -> list[tuple[str, bool]]:
     segments = []
     for m in messages:
         if m["role"] == "assistant":
-            segments.append((f"<|assistant|>\n", False))
+            segments.append(("<|assistant|>\n", False))
             segments.append((m["content"] + _eos(tokenizer), True))
             segments.append(("\n", False))
         else:
@@ -160,11 +160,15 @@ def load_sft_examples(path: str | Path, tokenizer, max_length: int, fmt: str = "
     if not path.is_file():
         raise LaunchError(f"SFT data file {path} does not exist; fix data.train_files.")
     examples, skipped, truncated = [], 0, 0
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # lines end at b"\n" only; each is decoded on its own, so one bad byte is one bad line
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise BadRecord(f"not UTF-8 text (byte {err.start + 1} of the line)") from None
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
@@ -230,23 +234,6 @@ def collate_packed(examples: list[list[SFTExample]], max_length: int, pad_token_
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-def collate_padded(examples: list[SFTExample], pad_token_id: int, pad_to_multiple_of: int = 8) -> dict:
-    """Right-padded rows as long as the longest example in the batch (rounded up), with an attention_mask."""
-    import torch
-
-    longest = max(len(ex.input_ids) for ex in examples)
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex.input_ids)
-        input_ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
 def length_grouped_order(lengths: list[int], group_size: int, seed: int, epoch: int) -> np.ndarray:
     """group_by_length as HF's LengthGroupedSampler does it: a seeded shuffle, cut into mega-batches of
     50 batches, each sorted longest first, so a batch holds similar lengths (little padding) while the
@@ -281,23 +268,6 @@ class SFTDataset:
     def num_label_tokens(self) -> int:
         return sum(sum(label != IGNORE_INDEX for label in ex.labels) for ex in self.examples)
 
-    def collate(self, indices) -> dict:
-        rows = [[self.examples[i] for i in self.rows[int(r)]] for r in indices]
-        if self.packing:
-            return collate_packed(rows, self.max_length, self.pad_token_id)
-        return collate_padded([row[0] for row in rows], self.pad_token_id)
-
-
-def load_sft_dataset(files: list[str], tokenizer, max_length: int, fmt: str = "auto", on_bad_line: str = "fail",
-                     packing: bool = True, seed: int = 0) -> SFTDataset:
-    if not files:
-        raise LaunchError("data.train_files is empty; name at least one SFT JSONL file.")
-    examples: list[SFTExample] = []
-    for path in files:
-        examples.extend(load_sft_examples(path, tokenizer, max_length, fmt, on_bad_line))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return SFTDataset(examples, max_length, pad, packing, seed)
-
 
 ROW_FIELDS = ("input_ids", "labels", "position_ids")
 
@@ -312,9 +282,8 @@ def row_array(examples: list[SFTExample], length: int, pad_token_id: int) -> np.
 
 
 class SFTCorpus:
-    """What the training loop needs from SFT data, in the shape of its pretraining blocks: train/eval rows
-    addressed by index (so the loop's seeded, resumable sampler works unchanged), label counts for the loss
-    normaliser, and the tokenizer."""
+    """SFT data as the loop takes it (launcher/train/training_data.py): train/eval rows addressed by index,
+    label counts for the loss normaliser, the tokenizer, and the length-grouped order on request."""
 
     def __init__(self, train: SFTDataset, eval: SFTDataset | None, tokenizer, tokenizer_dir: Path):
         self.train, self.eval = train, eval
@@ -354,7 +323,7 @@ class SFTCorpus:
 
     def tokens(self) -> np.ndarray:
         """Every train token id in row order: what the run's data fingerprint digests."""
-        return np.concatenate([self.train_block(i)[:2].ravel() for i in range(self.num_train)])
+        return np.concatenate([self._row(self.train, i)[:2].ravel() for i in range(self.num_train)])
 
     @property
     def num_train(self) -> int:
@@ -369,16 +338,22 @@ class SFTCorpus:
             raise LaunchError(f"the SFT data gives {self.num_train} training rows, fewer than one global batch of "
                               f"{global_batch}; add records or lower the batch size.")
 
-    def train_block(self, index: int) -> np.ndarray:
-        return self._row(self.train, index)
-
-    def eval_block(self, index: int) -> np.ndarray:
-        return self._row(self.eval, index)
-
-    def label_count(self, index: int, split: str = "train") -> int:
-        """Tokens this row's loss averages over (response tokens after the shift)."""
+    def batch(self, split: str, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows of ROW_FIELDS, cut after the last learned column (trim_rows)."""
         dataset = self.train if split == "train" else self.eval
-        return int(sum((np.asarray(self._row(dataset, index)[1][1:]) != IGNORE_INDEX)))
+        rows = trim_rows(np.stack([self._row(dataset, int(i)) for i in indices]))
+        return {field: rows[:, j] for j, field in enumerate(ROW_FIELDS)}
+
+    def label_count(self, split: str, indices: np.ndarray) -> int:
+        """Tokens these rows' loss averages over (response tokens after the shift)."""
+        dataset = self.train if split == "train" else self.eval
+        return sum(int((self._row(dataset, int(i))[1][1:] != IGNORE_INDEX).sum()) for i in indices)
+
+    def epoch_order(self, global_batch: int, seed: int, group_by_length: bool):
+        if not group_by_length:
+            return None
+        lengths = self.train.lengths
+        return lambda epoch: length_grouped_order(lengths, global_batch, seed, epoch)
 
     @staticmethod
     def _row(dataset: SFTDataset, index: int) -> np.ndarray:
@@ -396,19 +371,3 @@ def trim_rows(rows: np.ndarray, multiple_of: int = 8) -> np.ndarray:
         return rows
     keep = min(rows.shape[-1], -(-(int(learned[-1]) + 1) // multiple_of) * multiple_of)
     return np.ascontiguousarray(rows[..., :keep])
-
-
-def length_grouped_sampler(corpus: "SFTCorpus", global_batch: int, seed: int):
-    """The loop's StepSampler, with each epoch's order from length_grouped_order instead of a plain shuffle."""
-    from launcher.train.data import StepSampler
-
-    lengths = corpus.train.lengths
-
-    class LengthGroupedStepSampler(StepSampler):
-        def permutation(self, epoch: int) -> np.ndarray:
-            if self._epoch_cached != epoch:
-                self._perm = length_grouped_order(lengths, self.global_batch, self.seed, epoch)
-                self._epoch_cached = epoch
-            return self._perm
-
-    return LengthGroupedStepSampler(corpus.num_train, global_batch, seed)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from launcher.plan import ENGINE_SUPPORT
+from launcher.train.chunked_loss import use_chunked_loss
 from launcher.train.engines.base import Engine
 
 
@@ -16,10 +18,11 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
     Neither sharding engine lets every rank build the full fp32 model (for 70B on 8 ranks that is 8 x 280 GB
     of host memory): FSDP builds it on rank 0 only and broadcasts into the shards; ZeRO-3 builds it inside
     deepspeed.zero.Init, which transformers enters (and loads pretrained weights through) while an
-    HfDeepSpeedConfig is alive. A 4-bit (QLoRA) base is built whole: it is small and bitsandbytes owns it."""
-    if quantized or plan.strategy not in ("fsdp", "zero3"):
+    HfDeepSpeedConfig is alive. A 4-bit (QLoRA) base is loaded whole on every rank (bitsandbytes quantizes it as
+    it loads; a quarter of the bf16 size) and then sharded by FSDP2 or ZeRO-3 like any weight."""
+    if quantized or not plan.shards_params:
         yield False
-    elif plan.strategy == "fsdp":
+    elif plan.is_fsdp:
         yield rank != 0
     else:
         from launcher.train.engines.deepspeed import zero3_construction
@@ -29,12 +32,15 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
 
 
 def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> Engine:
-    """The engine the plan's strategy names; imports only that engine's library."""
+    """The engine the plan's strategy names; imports only that engine's library. The model computes its loss in
+    chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.plan.ENGINE_SUPPORT)."""
+    if ENGINE_SUPPORT[plan.strategy].chunked_loss:
+        use_chunked_loss(model, plan.loss_chunk_tokens)
     if plan.strategy == "ddp":
         from launcher.train.engines.ddp import DDPEngine
 
         return DDPEngine(model, plan, training, device)
-    if plan.strategy == "fsdp":
+    if plan.is_fsdp:
         from launcher.train.engines.fsdp import FSDPEngine
 
         return FSDPEngine(model, plan, training, device)

@@ -73,6 +73,7 @@ class TorchEngine(Engine):
         self.module = model
         self.wrapped = self.wrap(model, plan, device)
         self.optimizer = build_optimizer(self.module, training)
+        self._grad_squares = self._step_in_backward() if plan.optimizer_in_backward else None
         dtype = AUTOCAST_DTYPES.get(plan.precision)
         self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and self.uses_autocast \
             else contextlib.nullcontext
@@ -91,7 +92,28 @@ class TorchEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
+    def _step_in_backward(self) -> list[torch.Tensor]:
+        """Step each trained weight as soon as its gradient is accumulated, then free that gradient, so the full
+        set of gradients never exists (torchtune's optimizer_in_bwd). The one optimizer steps only parameters
+        holding a gradient, and at that moment only this one does: its state dict, the LR schedule and
+        checkpoints stay those of an ordinary step. Returns the list the squared gradient norms go into."""
+        squares: list[torch.Tensor] = []
+
+        def step_now(param: torch.Tensor) -> None:
+            squares.append(param.grad.detach().float().pow(2).sum())
+            self.optimizer.step()
+            param.grad = None
+
+        for param in self.module.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(step_now)
+        return squares
+
     def step(self, max_grad_norm: float, max_grad_value: float = 0.0) -> torch.Tensor:
+        if self._grad_squares is not None:  # the optimizer stepped in backward; clipping is refused (launcher.job)
+            norm = torch.stack(self._grad_squares).sum().sqrt()
+            self._grad_squares.clear()
+            return norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.module.parameters() if p.grad is not None]

@@ -1,5 +1,8 @@
 """FSDP2: `fully_shard` on each decoder layer, then the root; parameters gathered in the compute dtype.
 
+HSDP is the same engine on the plan's 2-D (replicate, shard) mesh: FSDP2 shards over a node's GPUs and
+all-reduces the gradient shards across nodes.
+
 The MixedPrecisionPolicy casts parameters to bf16/fp16 for compute and reduces gradients in fp32, while
 the sharded master weights and optimizer state stay fp32; hence no autocast on top.
 
@@ -13,10 +16,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from launcher.plan import Plan
 from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine
@@ -34,19 +36,24 @@ class FSDPEngine(TorchEngine):
         buffers = {name: buf.to(device) for name, buf in model.named_buffers()} if empty else {}
         # fully_shard moves each unit's parameters to the mesh's device as it shards them: the whole model
         # is never on one GPU at once.
-        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        shape = plan.device_mesh  # (world,) for FSDP; (replicate, shard) makes fully_shard HSDP
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
         compute = AUTOCAST_DTYPES.get(plan.precision)
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
+        # plan.offload optimizer+params: shards, their gradients and the optimizer states live in host memory
+        # and the optimizer steps there (launcher.plan.ENGINE_SUPPORT: FSDP offloads them only together).
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if plan.offloads else OffloadPolicy()
         for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+            fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
+        fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
         if empty:
             model.to_empty(device=device)
             with torch.no_grad():
                 for name, buf in model.named_buffers():  # non-persistent ones (RoPE) are not broadcast
                     buf.copy_(buffers[name])
-        set_model_state_dict(model, full_state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        if not getattr(model, "is_loaded_in_4bit", False):  # a 4-bit base is loaded alike on every rank
+            set_model_state_dict(model, full_state,
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return model
 
     def make_grad_scaler(self):

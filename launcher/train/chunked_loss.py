@@ -1,0 +1,122 @@
+"""Causal-LM cross-entropy from the final hidden states, a chunk of tokens at a time, never the full logits.
+
+Hugging Face's loss multiplies every hidden state by the LM head, upcasts the [tokens, vocab] logits to fp32
+and keeps their log-softmax for backward: for a 128k vocabulary at 2 x 2048 tokens that is ~6 GiB, more than
+all checkpointed activations. `LinearCrossEntropy` computes each chunk's logits, keeps only one fp32 logsumexp
+per token, and recomputes the chunk's logits in backward (torchtune's chunked output loss, Liger-Kernel's
+fused linear cross-entropy, in plain PyTorch). The result is HF's `ForCausalLMLoss` (shifted labels,
+ignore-index -100, sum / num_items_in_batch, else the mean over counted tokens).
+
+`use_chunked_loss` puts it inside the model's own forward, so every engine's wrapper (DDP hooks, FSDP2's
+unsharded root parameters, DeepSpeed ZeRO-1/2) sees an ordinary forward and backward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+IGNORE_INDEX = -100
+# Architectures whose logits are exactly lm_head(last hidden state), with no softcapping or scaling: the
+# others (Gemma's softcap, Granite's and Cohere's logit scales) keep their own loss.
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over counted tokens of -log softmax(hidden @ weight.T)[target], `chunk` tokens at a time.
+
+    The matmuls run in the autocast dtype when autocast is on (as `lm_head` would), else in the inputs'
+    dtype; softmax statistics are fp32, as HF's loss upcasts. The weight's gradient accumulates in its own
+    dtype, so the saving is not spent on an fp32 copy of a half-precision head."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        device_type = hidden.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else torch.promote_types(hidden.dtype, weight.dtype))
+        with torch.autocast(device_type, enabled=False):
+            head = weight.to(dtype)
+            lse = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+            picked = torch.empty_like(lse)
+            for start in range(0, hidden.shape[0], chunk):
+                logits = F.linear(hidden[start:start + chunk].to(dtype), head).float()
+                lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
+                index = targets[start:start + chunk].clamp(min=0).unsqueeze(1)
+                picked[start:start + chunk] = logits.gather(1, index).squeeze(1)
+        counted = targets != IGNORE_INDEX
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return torch.where(counted, lse - picked, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            head = weight.to(dtype)
+            for start in range(0, hidden.shape[0], chunk):
+                inputs = hidden[start:start + chunk].to(dtype)
+                # d/dlogits of (logsumexp - logit[target]) = softmax - one_hot(target), zero for ignored tokens
+                grad = F.linear(inputs, head).float().sub_(lse[start:start + chunk].unsqueeze(1)).exp_()
+                part = targets[start:start + chunk]
+                grad.scatter_add_(1, part.clamp(min=0).unsqueeze(1), torch.full_like(grad[:, :1], -1.0))
+                grad.mul_(((part != IGNORE_INDEX) * grad_output).unsqueeze(1))
+                grad = grad.to(dtype)
+                if want_hidden:
+                    grad_hidden[start:start + chunk] = grad @ head
+                if want_weight:
+                    grad_weight.add_(grad.t() @ inputs)
+        return grad_hidden, grad_weight, None, None
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                   num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """HF's ForCausalLMLoss on `hidden` [batch, seq, hidden] through the head `weight`, without full logits:
+    position t predicts labels[t + 1]; the sum is divided by num_items_in_batch, else by the counted tokens."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    total = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk)
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def supports_chunked_loss(model: torch.nn.Module) -> bool:
+    """A Hugging Face causal LM whose logits are a bias-free linear head over its decoder's output. A head that
+    PEFT wrapped (LoRA on lm_head, modules_to_save) is no plain Linear and keeps the model's own loss."""
+    head = model.get_output_embeddings()
+    return (getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and type(head) is torch.nn.Linear
+            and head.bias is None and model.base_model is not model)
+
+
+def use_chunked_loss(model: torch.nn.Module, chunk: int) -> bool:
+    """Make the causal LM inside `model` (under a PEFT wrapper too) compute its training loss with
+    `causal_lm_loss`; returns False, changing nothing, where the model's own loss must stay.
+
+    The forward is replaced on the instance, so parameter names, state dicts and checkpoints are untouched and
+    PEFT's wrappers, which call the inner model's forward, reach it. Without labels (generation, export) the
+    model's own forward runs."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if chunk <= 0 or not supports_chunked_loss(lm):
+        return False
+    own_forward = lm.forward
+
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None:
+            return own_forward(input_ids=input_ids, **kwargs)
+        for unused in ("logits_to_keep", "return_dict", "shift_labels"):
+            kwargs.pop(unused, None)
+        outputs = self.base_model(input_ids=input_ids, **kwargs)
+        loss = causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings().weight, labels, chunk,
+                              num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+
+    lm.forward = types.MethodType(forward, lm)
+    return True

@@ -1,0 +1,44 @@
+"""Joining the job's process group: the one place a rank learns its device, rank and world."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(host_collectives: bool = False) -> tuple[torch.device, int, int]:
+    """Join torchrun's process group (NCCL on GPU, gloo on CPU); a bare `python -m` run is a world of one.
+    host_collectives: gloo for CPU tensors beside NCCL (FSDP2 CPU offload reduces norms of host shards)."""
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return device, dist.get_rank(), dist.get_world_size()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    # `llaunch submit` sets LLAUNCH_DIST_TIMEOUT_S so that a collective waiting on a lost node fails the job
+    # in minutes (torch's default is 10 min for NCCL, 30 for gloo).
+    timeout = os.environ.get("LLAUNCH_DIST_TIMEOUT_S")
+    group_kwargs = {"timeout": datetime.timedelta(seconds=float(timeout))} if timeout else {}
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl" if host_collectives else "nccl"
+        dist.init_process_group(backend, device_id=device, **group_kwargs)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", **group_kwargs)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
