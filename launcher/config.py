@@ -8,17 +8,18 @@ Unknown keys and wrong types fail here, before any process starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from launcher.errors import LaunchError
+from launcher.config_values import check_choice, check_numbers, check_type, reject_unknown
 from launcher.files import write_text_atomic
+from launcher.plan import LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
-    optim: str = "adamw_torch_fused"  # adamw_torch_fused | adamw_torch
+    optim: str = "adamw_torch_fused"  # one of launcher.plan.OPTIMIZERS (HF names)
     lr_scheduler_type: str = "cosine"
     lr_scheduler_kwargs: dict = field(default_factory=dict)  # e.g. {num_cycles: 2}, {step_size: 100, gamma: 0.5}
     group_by_length: bool = False  # SFT without packing: batches of similar length, padded to the longest
@@ -98,6 +99,15 @@ class TrainingConfig:
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    save_interval_s: float | None = None  # save every N seconds of training instead of every save_steps
+    save_overhead_cap: float = 0.05  # save_strategy auto: blocking saves take at most this share of the time
+    # The causal-LM loss from the last hidden states, this many tokens at a time, never the full logits
+    # (launcher/train/chunked_loss.py); 0: the model's own loss over the full [tokens, vocab] logits.
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    # Each weight's optimizer step runs in backward as soon as its gradient is ready, and the gradient is freed:
+    # the full set of gradients never exists (torchtune's optimizer_in_bwd). One process, no accumulation, no
+    # clipping (no global norm exists before the steps).
+    optimizer_in_backward: bool = False
 
 
 @dataclass
@@ -105,8 +115,8 @@ class FinetuneConfig:
     """How to fine-tune: the method and its PEFT (LoraConfig, PrefixTuningConfig) / BitsAndBytesConfig keys."""
 
     method: str = "full"  # full | lora | qlora | prefix
-    r: int = 8
-    lora_alpha: int = 16
+    r: int = LORA_R
+    lora_alpha: int = 2 * LORA_R
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     bias: str = "none"  # none | all | lora_only
@@ -122,7 +132,7 @@ class FinetuneConfig:
 class ParallelConfig:
     """How to spread the job; None: the planner decides from hardware and memory."""
 
-    strategy: str | None = None  # ddp | fsdp | zero1 | zero2 | zero3
+    strategy: str | None = None  # ddp | fsdp | hsdp | zero1 | zero2 | zero3
     offload: str | None = None  # none | optimizer | optimizer+params
     nproc_per_node: int | None = None  # None: all visible GPUs, or one CPU process
     deepspeed: dict = field(default_factory=dict)  # keys merged over the rendered ds_configs template
@@ -145,7 +155,7 @@ class TrainConfig:
             data = {}
         if not isinstance(data, dict):
             raise LaunchError(f"{source} must be a YAML mapping with sections {', '.join(_SECTIONS)}.")
-        _reject_unknown(data, _SECTIONS, source)
+        reject_unknown(data, _SECTIONS, source)
         sections = {}
         for name, section_cls in _SECTIONS.items():
             values = data.get(name) or {}
@@ -158,24 +168,27 @@ class TrainConfig:
         t = self.training
         if t.bf16 and t.fp16:
             raise LaunchError("training.bf16 and training.fp16 are both true; choose one.")
-        if t.save_strategy not in ("steps", "epoch", "no"):
-            raise LaunchError(f"training.save_strategy {t.save_strategy!r} is not one of steps, epoch, no.")
-        _check_choice("training.optim", t.optim, ("adamw_torch_fused", "adamw_torch", "sgd", "adafactor",
-                                                  "adamw_bnb_8bit", "paged_adamw_8bit"))
+        if t.save_strategy not in ("steps", "epoch", "no", "auto"):
+            raise LaunchError(f"training.save_strategy {t.save_strategy!r} is not one of steps, epoch, no, auto.")
+        if t.save_interval_s is not None and not 0 < t.save_interval_s < math.inf:
+            raise LaunchError(f"training.save_interval_s must be a positive number of seconds, not {t.save_interval_s!r}.")
+        if t.save_interval_s is not None and t.save_strategy != "steps":
+            raise LaunchError(f"training.save_interval_s saves by time and save_strategy {t.save_strategy} decides "
+                              f"otherwise; remove one of them.")
+        check_choice("training.optim", t.optim, OPTIMIZERS)
+        if t.optimizer_in_backward and (t.max_grad_norm > 0 or t.max_grad_value > 0):
+            raise LaunchError("training.optimizer_in_backward steps each weight before the gradient norm of the "
+                              "whole model exists, so it cannot clip; set training.max_grad_norm: 0 and max_grad_value: 0.")
         if not 0 <= self.data.validation_split_percentage < 100:
             raise LaunchError("data.validation_split_percentage must be in [0, 100).")
-        if t.max_grad_norm < 0 or t.max_grad_value < 0:
-            raise LaunchError("training.max_grad_norm and training.max_grad_value must be >= 0 (0 turns clipping off).")
-        for name in ("logging_steps", "save_steps"):
-            if getattr(t, name) < 1:
-                raise LaunchError(f"training.{name} must be at least 1.")
-        _check_choice("data.dataset_format", self.data.dataset_format, ("text", "alpaca", "chat", "jsonl"))
-        _check_choice("data.on_bad_line", self.data.on_bad_line, ("fail", "skip"))
+        check_numbers(self)
+        check_choice("data.dataset_format", self.data.dataset_format, ("text", "alpaca", "chat", "jsonl"))
+        check_choice("data.on_bad_line", self.data.on_bad_line, ("fail", "skip"))
         f = self.finetune
-        _check_choice("finetune.method", f.method, ("full", "lora", "qlora", "prefix"))
-        _check_choice("finetune.bias", f.bias, ("none", "all", "lora_only"))
-        _check_choice("finetune.bnb_4bit_quant_type", f.bnb_4bit_quant_type, ("nf4", "fp4"))
-        _check_choice("finetune.bnb_4bit_compute_dtype", f.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
+        check_choice("finetune.method", f.method, ("full", "lora", "qlora", "prefix"))
+        check_choice("finetune.bias", f.bias, ("none", "all", "lora_only"))
+        check_choice("finetune.bnb_4bit_quant_type", f.bnb_4bit_quant_type, ("nf4", "fp4"))
+        check_choice("finetune.bnb_4bit_compute_dtype", f.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
         if f.r < 1 or f.num_virtual_tokens < 1:
             raise LaunchError("finetune.r and finetune.num_virtual_tokens must be at least 1.")
         if f.method == "prefix" and self.data.packing and self.data.dataset_format != "text":
@@ -214,9 +227,13 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     """Read YAML, apply `section.key=value` overrides (values parsed as YAML), validate everything."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LaunchError(f"config file {path} does not exist; pass the path of a train YAML (see examples/).") from None
+    except UnicodeDecodeError:
+        raise LaunchError(f"config file {path} is not UTF-8 text; pass the path of a train YAML (see examples/).") from None
+    except OSError as err:  # a directory, an unreadable file
+        raise LaunchError(f"cannot read config file {path} ({err.strerror or err}); pass the path of a train YAML.") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -247,7 +264,7 @@ def apply_override(data: dict, item: str) -> None:
     if not sep or len(parts) != 2 or not all(parts):
         raise LaunchError(f"override {item!r} must look like section.key=value, e.g. training.max_steps=100.")
     section, name = parts
-    _reject_unknown({section: None}, _SECTIONS, "override")
+    reject_unknown({section: None}, _SECTIONS, "override")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -260,84 +277,15 @@ def apply_override(data: dict, item: str) -> None:
     current[name] = value
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise LaunchError(f"{key} {value!r} is not one of {', '.join(choices)}.")
-
-
 def _resolve(value: str, base: Path) -> Path:
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def _reject_unknown(data: dict, known: Any, where: str) -> None:
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}."
-            raise LaunchError(f"{where}: unknown key '{key}'{hint}")
-
-
 def _build_section(section_cls: type, values: dict, name: str, source: str):
     hints = typing.get_type_hints(section_cls)
     fields = {f.name for f in dataclasses.fields(section_cls)}
-    _reject_unknown(values, fields, f"{source}: {name}")
+    reject_unknown(values, fields, f"{source}: {name}")
     for key, value in values.items():
-        values[key] = _check_type(value, hints[key], f"{name}.{key}", source)
+        values[key] = check_type(value, hints[key], f"{name}.{key}", source)
     return section_cls(**values)
-
-
-def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Accept a value if it fits the annotation (ints widen to floats); otherwise one clear sentence."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, key, source)
-            except LaunchError:
-                continue
-        raise LaunchError(f"{source}: {key} must be {_describe(hint)}, not {value!r}.")
-    if origin is list:
-        (item_type,) = typing.get_args(hint) or (Any,)
-        if isinstance(value, str):  # a single path/name is a one-item list
-            value = [value]
-        if not isinstance(value, list):
-            raise LaunchError(f"{source}: {key} must be a list, not {value!r}.")
-        return [_check_type(v, item_type, key, source) for v in value]
-    if hint is dict:
-        if not isinstance(value, dict):
-            raise LaunchError(f"{source}: {key} must be a mapping, not {value!r}.")
-        return value
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; users mean the number
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise LaunchError(f"{source}: {key} must be {_describe(hint)}, not {value!r}.")
-
-
-def _describe(hint: Any) -> str:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if args:
-        return " or ".join(_describe(a) for a in args)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
-    return names.get(hint, "a list" if typing.get_origin(hint) is list else str(hint))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -18,6 +20,10 @@ from launcher.errors import LaunchError
 
 GPU_DATA = Path(__file__).parent / "data" / "gpus.json"
 NVLINK_MAX_LINKS = 18  # NVML_NVLINK_MAX_LINKS on Hopper
+ASSUMED_NODE_RAM = 2 * 1024**4  # host RAM of a GPU node we cannot probe (DGX H100: 2 TB); bounds CPU offload
+DEFAULT_GPU = "H100"  # the GPU a plan is for when GPUs are asked for but none is named: today's common training card
+SINFO_FORMAT = "%P|%G|%f|%D|%m|%c"  # partition (* = default) | Gres | features | nodes | MB RAM per node | CPUs per node
+SINFO_TIMEOUT_S = 3  # a login node's slurmctld answers in milliseconds; a broken config must not stall `plan`
 
 
 @dataclass
@@ -117,6 +123,78 @@ class Hardware:
 @lru_cache(maxsize=1)
 def _gpu_table() -> dict:
     return json.loads(GPU_DATA.read_text())
+
+
+@dataclass
+class PartitionGPUs:
+    """One SLURM partition's GPU nodes as `sinfo` describes them (the most common node type when mixed)."""
+
+    partition: str
+    default: bool
+    gpus_per_node: int
+    gpu_name: str  # a gpus.json key, or "" when neither the Gres type nor the features name a known GPU
+    nodes: int
+    ram_bytes: int
+    cpus: int
+
+
+def gpu_node(gpu_name: str, gpus_per_node: int, nodes: int = 1, gpu_mem_bytes: int = 0, ram_bytes: int = 0,
+             cpu_cores: int = 1) -> Hardware:
+    """GPU nodes we are not on (flags, a cluster profile, a SLURM partition): datasheet memory unless told."""
+    facts = require_gpu_name(gpu_name)
+    return Hardware(nodes=nodes, cpu_cores=cpu_cores, ram_bytes=ram_bytes or ASSUMED_NODE_RAM,
+                    gpu_name_override=facts.key, gpu_mem_override=gpu_mem_bytes or facts.memory_bytes,
+                    gpus_per_node_override=gpus_per_node)
+
+
+def login_node_partition(partition: str | None = None) -> PartitionGPUs | None:
+    """The GPUs of `partition` (default: SLURM's default one) seen from a login node; None without SLURM or GPUs."""
+    if shutil.which("sinfo") is None:
+        return None
+    argv = ["sinfo", "--noheader", "--format", SINFO_FORMAT] + (["--partition", partition] if partition else [])
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=SINFO_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return pick_partition(parse_sinfo(done.stdout), partition)
+
+
+def parse_sinfo(text: str) -> list[PartitionGPUs]:
+    """Lines of `sinfo --format SINFO_FORMAT` -> one entry per partition and node type that has GPUs."""
+    out = []
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 6:
+            continue
+        name, gres, features, nodes, ram_mb, cpus = fields
+        match = re.search(r"\bgpu(?::([^:,(\s]+))?:(\d+)", gres)  # gpu:8, gpu:h100:8(S:0-1), gpu:a100:4,shard:16
+        if match is None or not int(match.group(2)):
+            continue
+        kind, count = match.group(1) or "", int(match.group(2))
+        described = " ".join([kind, *features.replace("(null)", "").split(",")])
+        facts = gpu_facts(described) if described.strip() else None
+        out.append(PartitionGPUs(
+            partition=name.rstrip("*"), default=name.endswith("*"), gpus_per_node=count,
+            gpu_name=facts.key if facts else "", nodes=_leading_int(nodes), ram_bytes=_leading_int(ram_mb) * 2**20,
+            cpus=_leading_int(cpus) or 1,
+        ))
+    return out
+
+
+def pick_partition(entries: list[PartitionGPUs], partition: str | None) -> PartitionGPUs | None:
+    """The named partition, else SLURM's default one, else the largest GPU partition; its most common node type."""
+    named = [e for e in entries if e.partition == partition] if partition else [e for e in entries if e.default]
+    if not named and not partition:
+        named = entries
+    return max(named, key=lambda e: (e.nodes, e.gpus_per_node), default=None)
+
+
+def _leading_int(text: str) -> int:
+    """sinfo's '4000+' (mixed nodes: the smallest, then '+') -> 4000; 'N/A' -> 0."""
+    match = re.match(r"\d+", text.strip())
+    return int(match.group()) if match else 0
 
 
 def inter_node_bytes_per_s() -> float:

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import TrainConfig, load_train_config
 from launcher.errors import LaunchError
-from launcher.plan import Plan
+from launcher.plan import ENGINE_SUPPORT, Plan
+from launcher.run_lock import LOCK_FILE, RunLock
 
 PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
-# training.optim (HF names) -> the estimator's optimizer; Adafactor's factored state is below SGD momentum's.
-PLANNED_OPTIMIZER = {"adamw_torch_fused": "adamw", "adamw_torch": "adamw", "sgd": "sgd", "adafactor": "sgd",
-                     "adamw_bnb_8bit": "adamw-8bit", "paged_adamw_8bit": "adamw-8bit"}
 
 
 @dataclass
@@ -36,10 +35,12 @@ def prepare_job(
     nodes: int | None = None,
     gpus_per_node: int | None = None,
     hardware=None,
+    write: bool = True,
 ) -> Job:
-    """Load + validate the config, build the token cache, plan, and write DIR/plan.yaml and DIR/config.yaml."""
-    from launcher.train.data import PackedBlocks, build_corpus
+    """Load + validate the config, build the token cache, plan, and (unless write=False) write the job dir."""
+    from launcher.train.data import build_corpus
     from launcher.train.modeling import pretrained_dir
+    from launcher.train.training_data import load_training_data
 
     config = load_train_config(config_path, overrides)
     training = config.training
@@ -52,7 +53,7 @@ def prepare_job(
     _check_strategy(config, config.parallel.strategy)
     _check_output_dir(out, training.overwrite_output_dir)
     if training.resume_from_checkpoint or (training.ignore_checkpoints and not training.overwrite_output_dir):
-        from launcher.train.checkpoint import resolve_resume
+        from launcher.checkpoint_store import resolve_resume
 
         # Refuse a bad --resume-from or a fresh start over checkpoints before any rank starts.
         resolve_resume(out, training.resume_from_checkpoint, training.ignore_checkpoints, overwrite=False)
@@ -62,25 +63,43 @@ def prepare_job(
         from launcher.train.adapters import quantization_config
 
         quantization_config(config.finetune)  # no GPU or no bitsandbytes: one sentence, before any rank starts
-    if config.data.dataset_format == "text":
-        corpus = build_corpus(config.data, model_dir)
-        plan = make_job_plan(config, corpus.meta["vocab_size"] if model_dir is None else None,
-                             nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
-        _check_strategy(config, plan.strategy)
-        PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage).check(plan.global_batch)
-    else:  # SFT JSONL: reading it here makes a bad line (file:line) fail before any rank starts
-        from launcher.train.sft import SFTCorpus
+    # A model trained from scratch gets the vocabulary of the tokenizer trained on its text (and cached).
+    trained_vocab = (build_corpus(config.data, model_dir).meta["vocab_size"]
+                     if config.data.dataset_format == "text" and model_dir is None else None)
+    plan = make_job_plan(config, trained_vocab, nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
+    _check_strategy(config, plan.strategy)
+    # Loading the data here makes a bad SFT line (file:line) or too little text fail before any rank starts.
+    load_training_data(config, plan.seq_len).check(plan.global_batch)
 
-        plan = make_job_plan(config, None, nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
-        _check_strategy(config, plan.strategy)
-        SFTCorpus.from_config(config.data, model_dir, plan.seq_len, training.seed).check(plan.global_batch)
+    job = Job(config=config, plan=plan, output_dir=out)
+    if write:
+        write_job(job)
+    return job
 
-    if training.overwrite_output_dir and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / CONFIG_FILE)
-    plan.save(out / PLAN_FILE)
-    return Job(config=config, plan=plan, output_dir=out)
+
+def write_job(job: Job, keep_lock: bool = False) -> RunLock | None:
+    """DIR/plan.yaml and DIR/config.yaml, written under DIR's run lock (an earlier run is removed first with
+    training.overwrite_output_dir; nothing else ever is). With keep_lock the lock is returned still held, for
+    a caller that trains here and now (`llaunch run`); a SLURM job's ranks take it themselves."""
+    out = job.output_dir
+    lock = RunLock.acquire(out)  # creates DIR; another run there keeps it, and this refuses naming that run
+    try:
+        if job.config.training.overwrite_output_dir and is_run_dir(out):
+            _remove_run(out)
+        job.config.save(out / CONFIG_FILE)
+        job.plan.save(out / PLAN_FILE)
+    except BaseException:
+        lock.release()
+        raise
+    if keep_lock:
+        return lock
+    lock.release()
+    return None
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory llaunch made for a run: it holds the plan and the config that `llaunch run` writes first."""
+    return (path / PLAN_FILE).is_file() and (path / CONFIG_FILE).is_file()
 
 
 def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | None = None,
@@ -109,7 +128,9 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
         method="full" if config.finetune.method == "prefix" else config.finetune.method,
         lora_r=config.finetune.r,
         lora_targets=config.finetune.target_modules,
-        optimizer=PLANNED_OPTIMIZER[training.optim],
+        optimizer=training.optim,
+        loss_chunk_tokens=training.loss_chunk_tokens,
+        optimizer_in_backward=training.optimizer_in_backward,
     )
     if config.data.block_size is not None:
         request.seq_len = config.data.block_size
@@ -118,24 +139,49 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
 
 def _check_strategy(config: TrainConfig, strategy: str | None) -> None:
     """What a strategy cannot do, refused before any rank starts."""
-    if config.finetune.method == "qlora" and strategy not in (None, "ddp"):
-        raise LaunchError(f"QLoRA runs under DDP (its 4-bit base is replicated, only the adapter trains), "
-                          f"not {strategy}; drop --strategy, or use finetune.method lora with {strategy}.")
-    if not (strategy and strategy.startswith("zero")):
+    support = ENGINE_SUPPORT.get(strategy)
+    if not support:
         return
-    if importlib.util.find_spec("deepspeed") is None:
+    if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         raise LaunchError(f"strategy {strategy} needs DeepSpeed, which is not installed; "
                           "pip install 'llaunch[deepspeed]' or use --strategy fsdp.")
-    if config.training.max_grad_value > 0:
+    if config.training.max_grad_value > 0 and not support.clip_grad_value:
         raise LaunchError(f"DeepSpeed ({strategy}) clips gradients only by norm; drop training.max_grad_value "
                           "or use --strategy fsdp.")
-    if config.training.torch_compile:
-        raise LaunchError(f"training.torch_compile is supported with DDP and FSDP, not DeepSpeed ({strategy}); "
+    if config.training.torch_compile and not support.compile:
+        able = ", ".join(s for s, can in ENGINE_SUPPORT.items() if can.compile)
+        raise LaunchError(f"training.torch_compile is supported with {able}, not {strategy}; "
                           "drop it or use --strategy fsdp.")
 
 
 def _check_output_dir(out: Path, overwrite: bool) -> None:
+    """An output directory is new, empty, or a llaunch run: a run never writes into (or removes) anything else."""
     if out.exists() and not out.is_dir():
         raise LaunchError(f"output directory {out} is a file; choose another --output-dir.")
+    under = next((p for p in out.parents if p.exists()), None)
+    if under is not None and not under.is_dir():
+        raise LaunchError(f"output directory {out} is under the file {under}; choose another --output-dir.")
+    if out.is_dir() and not is_run_dir(out) and _entries(out):
+        raise LaunchError(f"{out} already holds files and is not a llaunch run directory (no {PLAN_FILE} and "
+                          f"{CONFIG_FILE}), so llaunch will neither write into nor remove it; choose a new "
+                          f"or empty --output-dir.")
     if not overwrite and (out / FINAL_DIR).exists():
         raise LaunchError(f"{out} already holds a finished run; pass --overwrite or choose another --output-dir.")
+
+
+def _entries(out: Path) -> list[Path]:
+    """What a directory holds besides the run lock (which a run that failed before writing leaves alone)."""
+    return sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
+
+
+def _remove_run(out: Path) -> None:
+    """--overwrite: remove an earlier run (only ever one `is_run_dir` accepts), naming what goes; the lock stays."""
+    entries = _entries(out)
+    print(f"llaunch: --overwrite removes the earlier run in {out}: "
+          f"{', '.join(p.name + ('/' if p.is_dir() else '') for p in entries)}", file=sys.stderr)
+    try:
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    except OSError as err:
+        raise LaunchError(f"cannot remove the earlier run in {out} ({err.strerror or err}); "
+                          "fix its permissions or choose another --output-dir.") from None

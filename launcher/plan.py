@@ -14,17 +14,120 @@ import yaml
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
 
-STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")  # hsdp: FSDP2 sharded in a node, replicated across nodes
+FSDP_STRATEGIES = ("fsdp", "hsdp")  # run by the FSDP2 engine
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd", "adafactor")  # HF names
 ATTENTIONS = ("sdpa", "eager", "flash")
 DEVICES = ("cuda", "cpu")
+LOSS_CHUNK_TOKENS = 512  # tokens per chunk of the causal-LM loss (launcher/train/chunked_loss.py); 0: full logits
+LORA_R = 16  # the LoRA rank when none is given: finetune.r, the planner and the Plan share it (alpha defaults to 2r)
+
+
+@dataclass(frozen=True)
+class EngineSupport:
+    """What the engine that runs a strategy can do. The engines (launcher/train/engines/) are built to these
+    declarations; launcher.job refuses a config that asks for more, and the estimator and planner count only
+    what the engine does. It lives here, torch-free, because the launcher side reads it."""
+
+    clip_grad_value: bool  # training.max_grad_value: DeepSpeed clips only by norm
+    compile: bool  # training.torch_compile of the decoder layers
+    quantized_base: bool  # QLoRA's 4-bit base (bf16 quant storage: FSDP2 and ZeRO-3 shard it like any weight)
+    chunked_loss: bool  # the loss inside the model's forward can read the LM head's weight whole
+    offloads: tuple[str, ...] = ("none",)  # what it can keep in host memory (OFFLOADS)
+    # Each parameter's optimizer step runs as its gradient is ready (torchtune's optimizer_in_bwd), in a single
+    # unwrapped process: no gradient all-reduce or shard to wait for.
+    optimizer_in_backward: bool = False
+
+
+_TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, chunked_loss=True)
+_DDP = dataclasses.replace(_TORCH, optimizer_in_backward=True)  # a world of one is never wrapped in DDP
+# FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states on the
+# CPU and steps there: parameters and optimizer go together ("optimizer+params"), never the optimizer alone.
+_FSDP = dataclasses.replace(_TORCH, offloads=("none", "optimizer+params"))
+_ZERO = EngineSupport(clip_grad_value=False, compile=False, quantized_base=False, chunked_loss=True,
+                      offloads=("none", "optimizer"))
+ENGINE_SUPPORT = {
+    "ddp": _DDP, "fsdp": _FSDP, "hsdp": _FSDP, "zero1": _ZERO, "zero2": _ZERO,
+    # ZeRO-3 gathers a weight only inside its own module's forward; a loss that reads the LM head's weight
+    # from outside (and again in backward) would see an empty partition, so it keeps the model's full logits.
+    # ZeRO-1/2 are not offered a 4-bit base: their engine was never run with one here (ZeRO-3 was, on 2 ranks).
+    "zero3": dataclasses.replace(_ZERO, chunked_loss=False, offloads=OFFLOADS, quantized_base=True),
+}
+
+
+class StrategyTraits:
+    """What a strategy, method and offload imply, asked of a Plan or a TrainSetup alike: one home for
+    each answer instead of string tests where it is needed."""
+
+    strategy: str
+    method: str
+    offload: str
+    precision: str
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.strategy.startswith("zero")
+
+    @property
+    def zero_stage(self) -> int:
+        """DeepSpeed's ZeRO stage; 0 for the torch engines."""
+        return int(self.strategy[len("zero"):]) if self.is_deepspeed else 0
+
+    @property
+    def is_fsdp(self) -> bool:
+        """Run by the FSDP2 engine (FSDP, and HSDP on its 2-D mesh)."""
+        return self.strategy in FSDP_STRATEGIES
+
+    @property
+    def shards_params(self) -> bool:
+        """Each rank holds a shard of the weights (ZeRO-3, FSDP, HSDP), gathered layer by layer."""
+        return self.is_fsdp or self.zero_stage == 3
+
+    @property
+    def trains_adapters(self) -> bool:
+        """LoRA or QLoRA: a frozen base and trained low-rank adapters."""
+        return self.method in ("lora", "qlora")
+
+    @property
+    def offloads(self) -> bool:
+        return self.offload != "none"
+
+    @property
+    def flops_key(self) -> str:
+        """The GPU peak (launcher/data/gpus.json) the matmuls run at: fp32 runs as TF32, amp-fp16 as fp16."""
+        return {"fp32": "tf32", "amp-fp16": "fp16"}.get(self.precision, "bf16")
 
 
 @dataclass
-class Plan:
+class TrainSetup(StrategyTraits):
+    """The knobs that change memory (launcher/memory.py estimates from them); a Plan, or a planner candidate,
+    maps onto this one to one."""
+
+    strategy: str = "ddp"
+    offload: str = "none"
+    method: str = "full"
+    precision: str = "amp-bf16"
+    optimizer: str = "adamw_torch_fused"
+    attention: str = "sdpa"
+    activation_checkpointing: bool = False
+    lora_r: int = LORA_R
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    micro_batch: int = 1
+    seq_len: int = 2048
+    gradient_accumulation_steps: int = 1
+    world_size: int = 1
+    nodes: int = 1  # HSDP shards over the world_size / nodes GPUs of one node
+    device: str = "cuda"
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    optimizer_in_backward: bool = False
+
+
+
+@dataclass
+class Plan(StrategyTraits):
     """One chosen (or forced) way to run a job; `memory` and `predicted` are the planner's figures."""
 
     model: str
@@ -33,10 +136,10 @@ class Plan:
     offload: str = "none"
     method: str = "full"
     precision: str = "amp-bf16"
-    optimizer: str = "adamw"
+    optimizer: str = "adamw_torch_fused"
     attention: str = "sdpa"
     activation_checkpointing: bool = False
-    lora_r: int = 16
+    lora_r: int = LORA_R
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     micro_batch: int = 1
     gradient_accumulation_steps: int = 1
@@ -49,15 +152,31 @@ class Plan:
     memory: dict[str, int] = field(default_factory=dict)
     predicted: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    optimizer_in_backward: bool = False
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
 
     @property
+    def device_mesh(self) -> tuple[int, ...]:
+        """The FSDP2 mesh: HSDP's (replicate, shard) = (nodes, GPUs per node); plain FSDP shards over the world."""
+        return (self.nodes, self.gpus_per_node) if self.strategy == "hsdp" else (self.world_size,)
+
+    @property
     def global_batch(self) -> int:
         """Sequences per optimizer step across all ranks."""
         return self.micro_batch * self.gradient_accumulation_steps * self.world_size
+
+    def on_nodes(self, nodes: int) -> "Plan":
+        """This plan on `nodes` nodes with the same global batch: accumulation grows as nodes drop (--min-nodes)."""
+        per_step = self.micro_batch * nodes * self.gpus_per_node
+        if self.global_batch % per_step:
+            raise LaunchError(f"the global batch of {self.global_batch} does not split into micro-batches of "
+                              f"{self.micro_batch} over {nodes} node(s); choose --min-nodes so that every node count "
+                              f"from it to --nodes divides it.")
+        return dataclasses.replace(self, nodes=nodes, gradient_accumulation_steps=self.global_batch // per_step)
 
     @property
     def global_batch_tokens(self) -> int:
@@ -80,12 +199,24 @@ class Plan:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LaunchError(f"plan {name} must be a positive integer, not {value!r}.")
-        if self.offload != "none" and not self.strategy.startswith("zero"):
-            raise LaunchError(
-                f"offload {self.offload!r} needs a DeepSpeed ZeRO strategy; use --strategy zero2 or zero3."
-            )
-        if self.offload == "optimizer+params" and self.strategy != "zero3":
-            raise LaunchError("parameter offload needs ZeRO-3; use --strategy zero3 or --offload optimizer.")
+        if not isinstance(self.loss_chunk_tokens, int) or isinstance(self.loss_chunk_tokens, bool) or self.loss_chunk_tokens < 0:
+            raise LaunchError(f"plan loss_chunk_tokens must be 0 (full logits) or a positive integer, "
+                              f"not {self.loss_chunk_tokens!r}.")
+        if self.optimizer_in_backward and not (ENGINE_SUPPORT[self.strategy].optimizer_in_backward
+                                               and self.world_size == 1 and self.gradient_accumulation_steps == 1
+                                               and self.precision != "amp-fp16"):
+            raise LaunchError("optimizer_in_backward steps each weight as its gradient is ready, so it runs in one "
+                              "process without gradient accumulation or fp16 loss scaling; use 1 GPU, --strategy "
+                              "ddp, accumulation 1 and bf16 or fp32.")
+        if self.method == "qlora" and not ENGINE_SUPPORT[self.strategy].quantized_base:
+            able = ", ".join(s for s, can in ENGINE_SUPPORT.items() if can.quantized_base)
+            raise LaunchError(f"QLoRA's 4-bit base runs under {able}, not {self.strategy}; choose one of them, "
+                              f"or use finetune.method lora with {self.strategy}.")
+        if self.offload not in ENGINE_SUPPORT[self.strategy].offloads:
+            able = ", ".join(f"{s} ({'/'.join(o for o in can.offloads if o != 'none')})"
+                             for s, can in ENGINE_SUPPORT.items() if len(can.offloads) > 1)
+            raise LaunchError(f"offload {self.offload!r} is not something {self.strategy} can do; "
+                              f"offloading strategies: {able}.")
         return self
 
     def to_dict(self) -> dict:

@@ -5,23 +5,18 @@ that fits with headroom, and say why. Flags force a knob; a None field lets the 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from launcher.errors import LaunchError
-from launcher.hardware import Hardware, gpu_facts, inter_node_bytes_per_s, require_gpu_name
-from launcher.memory import MemoryBreakdown, TrainSetup, estimate
+from launcher import step_time
+from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
+from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan import METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES, ATTENTIONS, Plan
+from launcher.plan import (ATTENTIONS, ENGINE_SUPPORT, LORA_R, LOSS_CHUNK_TOKENS, METHODS, OFFLOADS, OPTIMIZERS,
+                           PRECISIONS, STRATEGIES, Plan, TrainSetup)
 from launcher.units import format_bytes
 
-ASSUMED_NODE_RAM = 2 * 1024**4  # host RAM of a GPU node we cannot probe (DGX H100: 2 TB); bounds CPU offload
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
-MATMUL_EFFICIENCY = 0.35  # achieved / peak FLOP/s of an eager HF Llama step on H100, large micro-batches (bench/)
-HALF_EFFICIENCY_TOKENS = 3900  # tokens per micro-batch at which half of that is reached (H100, TinyLlama-1.1B)
-LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth for large messages
-BACKWARD_OVERLAP = 0.6  # share of compute that gradient/parameter collectives hide behind (backward is 2/3)
-CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512, ZeRO-Offload paper fig. 9)
 CPU_FLOPS_PER_CORE = 20e9  # fp32 FLOP/s per core for CPU plans (order of magnitude; CPU plans are for tests)
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when times tie
@@ -47,10 +42,12 @@ class PlanRequest:
     precision: str | None = None
     activation_checkpointing: bool | None = None
     method: str = "full"
-    lora_r: int = 16
+    lora_r: int = LORA_R
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    optimizer: str = "adamw"
+    optimizer: str = "adamw_torch_fused"
     attention: str = "sdpa"
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    optimizer_in_backward: bool = False
 
     def validate(self) -> "PlanRequest":
         for name, allowed in (("strategy", STRATEGIES), ("offload", OFFLOADS), ("precision", PRECISIONS),
@@ -64,6 +61,8 @@ class PlanRequest:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
                 raise LaunchError(f"{flag} must be a positive integer, not {value!r}.")
+        if self.loss_chunk_tokens < 0:
+            raise LaunchError(f"--loss-chunk-tokens must be 0 (full logits) or positive, not {self.loss_chunk_tokens}.")
         if self.gpu_mem_bytes is not None and self.gpu_mem_bytes <= 0:
             raise LaunchError("--gpu-mem must be positive.")
         return self
@@ -89,14 +88,16 @@ class Candidate:
     @property
     def label(self) -> str:
         s = self.setup
-        off = f"+off:{s.offload}" if s.offload != "none" else ""
+        off = f"+off:{s.offload}" if s.offloads else ""
         return f"{s.strategy}{off} mb={s.micro_batch} ga={s.gradient_accumulation_steps} ckpt={'on' if s.activation_checkpointing else 'off'}"
 
 
 def hardware_for(request: PlanRequest, probed: Hardware) -> Hardware:
-    """The machine to plan for: the probe, with --gpus/--nodes/--gpu/--gpu-mem describing one we are not on."""
+    """The machine to plan for: the probe (or GPU nodes described elsewhere), with --gpus/--nodes/--gpu/--gpu-mem
+    describing one we are not on. Without GPUs, --gpus alone means that many CPU processes."""
     hw = dataclasses.replace(probed)
-    if (request.gpu is not None or request.gpu_mem_bytes is not None) and not probed.gpus:
+    named = request.gpu is not None or request.gpu_mem_bytes is not None
+    if named and not probed.has_gpu:
         hw.ram_bytes = ASSUMED_NODE_RAM  # describing a remote GPU node: this machine's RAM says nothing about it
     if request.nodes is not None:
         hw.nodes = request.nodes
@@ -104,16 +105,11 @@ def hardware_for(request: PlanRequest, probed: Hardware) -> Hardware:
         facts = require_gpu_name(request.gpu)
         hw.gpu_name_override = facts.key
         hw.gpu_mem_override = request.gpu_mem_bytes or facts.memory_bytes
-        hw.gpus_per_node_override = request.gpus_per_node or max(1, len(probed.gpus))
     elif request.gpu_mem_bytes is not None:
         hw.gpu_mem_override = request.gpu_mem_bytes
-        hw.gpu_name_override = probed.gpu_name or "H100"
-        hw.gpus_per_node_override = request.gpus_per_node or max(1, len(probed.gpus))
-    elif request.gpus_per_node is not None and probed.gpus:
-        if request.gpus_per_node > len(probed.gpus) and probed.slurm is None:
-            hw.gpus_per_node_override = request.gpus_per_node  # planning for a bigger node of the same GPU
-        else:
-            hw.gpus_per_node_override = request.gpus_per_node
+        hw.gpu_name_override = probed.gpu_name or DEFAULT_GPU
+    if named or (request.gpus_per_node is not None and probed.has_gpu):
+        hw.gpus_per_node_override = request.gpus_per_node or probed.gpus_per_node or 1
     return hw
 
 
@@ -136,24 +132,29 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
 def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list[Candidate]:
     """Every combination the flags leave open, fitting ones first, fastest first."""
     request.validate()
+    if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
+        request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
     if not hw.has_gpu:
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
     facts = hw.facts or require_gpu_name(hw.gpu_name)
     precision = request.precision or _default_precision(request.method, facts)
-    # QLoRA's 4-bit base is small and frozen: replicated under DDP, only the adapter's gradients are reduced.
-    # bitsandbytes' packed 4-bit weights are not something the sharding engines can split (launcher.job refuses).
-    sharding = world > 1 and request.method != "qlora"
-    strategies = [request.strategy] if request.strategy else list(STRATEGIES if sharding else ("ddp",))
+    # HSDP differs from FSDP only across nodes: on one node its mesh is FSDP's. A QLoRA base runs only under
+    # the engines that declare a quantized base (launcher.plan.ENGINE_SUPPORT).
+    weighed = [s for s in STRATEGIES if (s != "hsdp" or hw.nodes > 1)
+               and (request.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)
+               and (not request.optimizer_in_backward or ENGINE_SUPPORT[s].optimizer_in_backward)]
+    strategies = [request.strategy] if request.strategy else (weighed if world > 1 else ["ddp"])
     checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else [False, True]
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
     out = []
     for offload in _offloads(request, world):
-        for strategy in strategies if offload == "none" or request.strategy else ["zero3" if offload == "optimizer+params" else "zero2"]:
-            if offload != "none" and not strategy.startswith("zero"):
-                continue
-            if offload == "optimizer+params" and strategy != "zero3":
+        # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each
+        # where it can run this method.
+        offloading = [s for s in ("zero2", "zero3", "fsdp") if s in weighed]
+        for strategy in strategies if offload == "none" or request.strategy else offloading:
+            if offload not in ENGINE_SUPPORT[strategy].offloads or (strategy, offload) == ("zero3", "optimizer"):
                 continue
             for micro in micro_batches:
                 accumulation = _accumulation(request, micro, world)
@@ -165,6 +166,8 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
                         optimizer=request.optimizer, attention=request.attention, activation_checkpointing=ckpt,
                         lora_r=request.lora_r, lora_targets=list(request.lora_targets), micro_batch=micro,
                         seq_len=request.seq_len, gradient_accumulation_steps=accumulation, world_size=world,
+                        nodes=hw.nodes, loss_chunk_tokens=request.loss_chunk_tokens,
+                        optimizer_in_backward=request.optimizer_in_backward,
                     )
                     out.append(_evaluate(spec, setup, hw, facts))
         if any(c.fits for c in out) and request.offload is None:
@@ -176,9 +179,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
 def _offloads(request: PlanRequest, world: int) -> list[str]:
     if request.offload is not None:
         return [request.offload]
-    if request.strategy in ("ddp", "fsdp") or request.method == "qlora":
-        return ["none"]
-    return ["none", "optimizer", "optimizer+params"]
+    if request.strategy is not None:
+        return list(ENGINE_SUPPORT[request.strategy].offloads)
+    return list(OFFLOADS)
 
 
 def _default_precision(method: str, facts) -> str:
@@ -207,74 +210,15 @@ def _accumulation(request: PlanRequest, micro: int, world: int) -> int | None:
 def _evaluate(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> Candidate:
     memory = estimate(spec, setup)
     limit = int(hw.gpu_mem_bytes * HEADROOM)
-    terms = step_time_terms(spec, setup, hw, facts)
+    terms = step_time.step_time_terms(spec, setup, hw, facts)
     step = terms["compute_s"] + terms["exposed_comm_s"] + terms["offload_s"]
     tokens = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps * setup.world_size
-    peak = facts.peak_flops[_flops_key(setup.precision)]
+    peak = facts.peak_flops[setup.flops_key]
     model_flops = spec.flops_per_token(setup.seq_len) * tokens
     mfu = model_flops / (step * peak * setup.world_size) if step > 0 else 0.0
     host_limit = int(hw.ram_bytes * HEADROOM / max(1, hw.gpus_per_node))
     return Candidate(setup=setup, memory=memory, limit_bytes=limit, step_time_s=step, tokens_per_s=tokens / step,
                      mfu=mfu, time_terms=terms, host_limit_bytes=host_limit)
-
-
-def _flops_key(precision: str) -> str:
-    return {"fp32": "tf32", "amp-fp16": "fp16"}.get(precision, "bf16")
-
-
-def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> dict[str, float]:
-    """Seconds per optimizer step: compute at peak x efficiency, collectives not hidden by backward, offload traffic."""
-    tokens_per_rank = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps
-    # 2 FLOPs/param/token forward, 4 backward (input + weight grads); LoRA's frozen base skips weight grads;
-    # checkpointing runs the forward twice.
-    passes = (2 + (2 if setup.method != "full" else 4)) + (2 if setup.activation_checkpointing else 0)
-    micro_tokens = setup.micro_batch * setup.seq_len
-    efficiency = MATMUL_EFFICIENCY * micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)  # small matmuls under-fill the GPU
-    flops = spec.flops_per_token(setup.seq_len) * tokens_per_rank * passes / 6
-    compute = flops / (facts.peak_flops[_flops_key(setup.precision)] * efficiency)
-    comm = communication_seconds(spec, setup, hw, facts)
-    exposed = max(0.0, comm - BACKWARD_OVERLAP * compute)
-    offload = offload_seconds(spec, setup, facts)
-    return {"compute_s": compute, "comm_s": comm, "exposed_comm_s": exposed, "offload_s": offload}
-
-
-def link_bytes_per_s(hw: Hardware, facts) -> float:
-    """The slowest link a ring crosses: the network between nodes, else NVLink (or PCIe without it)."""
-    intra = facts.nvlink_bytes_per_s if hw.nvlink and facts.nvlink_bytes_per_s else facts.pcie_bytes_per_s
-    if hw.nodes > 1:
-        intra = min(intra, inter_node_bytes_per_s())
-    return intra * LINK_EFFICIENCY
-
-
-def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> float:
-    """Per-rank bytes on the wire per step (ZeRO paper sec. 7: DDP/ZeRO-1/2 move 2 x params, ZeRO-3/FSDP 3 x)."""
-    world = setup.world_size
-    if world == 1:
-        return 0.0
-    ring = (world - 1) / world
-    trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if setup.method != "full" else spec.num_params
-    grad_bytes = 4 if setup.method != "full" or (setup.strategy in ("ddp", "fsdp") and setup.precision != "bf16") else 2
-    param_bytes = 2 if setup.precision != "fp32" else 4
-    micro_steps = setup.gradient_accumulation_steps
-    if setup.strategy in ("ddp", "zero1"):
-        volume = 2 * trainable * grad_bytes  # one all-reduce (or reduce-scatter + all-gather) per optimizer step
-    elif setup.strategy == "zero2":
-        volume = trainable * grad_bytes * micro_steps + trainable * param_bytes  # reduce-scatter each micro-step
-    else:
-        gathers = 2 * spec.num_params * param_bytes * micro_steps  # all-gather params for forward and backward
-        volume = gathers + trainable * grad_bytes * micro_steps
-    return volume * ring / link_bytes_per_s(hw, facts)
-
-
-def offload_seconds(spec: ModelSpec, setup: TrainSetup, facts) -> float:
-    """ZeRO-Offload: gradients down and weights up over PCIe, Adam on the CPU; ZeRO-Infinity also streams weights."""
-    if setup.offload == "none":
-        return 0.0
-    shard = spec.num_params / setup.world_size
-    seconds = 2 * shard * 2 / facts.pcie_bytes_per_s + shard / CPU_ADAM_PARAMS_PER_S
-    if setup.offload == "optimizer+params":
-        seconds += 2 * spec.num_params * 2 / setup.world_size * setup.gradient_accumulation_steps / facts.pcie_bytes_per_s
-    return seconds
 
 
 def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candidate | None:
@@ -290,7 +234,8 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
         precision=request.precision or "fp32", optimizer=request.optimizer, attention=request.attention,
         activation_checkpointing=bool(request.activation_checkpointing), lora_r=request.lora_r,
         lora_targets=list(request.lora_targets), micro_batch=micro, seq_len=request.seq_len,
-        gradient_accumulation_steps=accumulation, world_size=world, device="cpu",
+        gradient_accumulation_steps=accumulation, world_size=world, nodes=request.nodes or 1, device="cpu",
+        loss_chunk_tokens=request.loss_chunk_tokens, optimizer_in_backward=request.optimizer_in_backward,
     )
     memory = estimate(spec, setup)
     ram = hw.ram_available_bytes or hw.ram_bytes
@@ -298,8 +243,10 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     flops = spec.flops_per_token(setup.seq_len) * micro * setup.seq_len * setup.gradient_accumulation_steps
     step = flops / (CPU_FLOPS_PER_CORE * max(1, hw.cpu_cores // processes))
     tokens = micro * setup.seq_len * setup.gradient_accumulation_steps * world
+    # On CPU "offloaded" state stays in the same RAM: together with the rest it must fit the process's share.
     return Candidate(setup=setup, memory=memory, limit_bytes=limit, step_time_s=step, tokens_per_s=tokens / step,
-                     mfu=0.0, time_terms={"compute_s": step, "comm_s": 0.0, "exposed_comm_s": 0.0, "offload_s": 0.0})
+                     mfu=0.0, time_terms={"compute_s": step, "comm_s": 0.0, "exposed_comm_s": 0.0, "offload_s": 0.0},
+                     host_limit_bytes=max(0, limit - memory.reserved_bytes))
 
 
 def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candidate, candidates: list[Candidate]) -> Plan:
@@ -318,7 +265,8 @@ def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candid
         gpu_mem_bytes=0 if cpu else hw.gpu_mem_bytes, memory=memory,
         predicted={"step_time_s": round(chosen.step_time_s, 6), "tokens_per_s": round(chosen.tokens_per_s, 1),
                    "mfu": round(chosen.mfu, 4)},
-        reasons=_reasons(spec, chosen, candidates),
+        reasons=_reasons(spec, chosen, candidates), loss_chunk_tokens=s.loss_chunk_tokens,
+        optimizer_in_backward=s.optimizer_in_backward,
     )
     return plan.validate()
 
@@ -337,15 +285,28 @@ def _reasons(spec: ModelSpec, chosen: Candidate, candidates: list[Candidate]) ->
         runner_up = others[0]
         reasons.append(f"fastest that fits: {chosen.tokens_per_s:,.0f} tokens/s vs {runner_up.tokens_per_s:,.0f} "
                        f"for {runner_up.label}.")
+    if s.strategy == "hsdp":
+        reasons.append(_hsdp_reason(chosen, candidates))
     simpler = [c for c in candidates if not c.fits and STRATEGY_ORDER[c.setup.strategy] < STRATEGY_ORDER[s.strategy]]
     if simpler:
         best = min(simpler, key=lambda c: c.memory.reserved_bytes)
         reasons.append(f"{best.setup.strategy} does not fit: it needs {format_bytes(best.memory.reserved_bytes)} per GPU.")
     elif s.activation_checkpointing:
         reasons.append("activation checkpointing is on: without it the activations do not fit (or run slower at a smaller micro-batch).")
-    if s.offload != "none":
+    if s.offloads:
         reasons.append(f"offload {s.offload}: nothing fits in GPU memory without it.")
     return reasons[:3]
+
+
+def _hsdp_reason(chosen: Candidate, candidates: list[Candidate]) -> str:
+    """Why HSDP: its collectives mostly stay on the node's links; FSDP's ring at the same knobs crosses the network."""
+    s = chosen.setup
+    why = (f"hsdp shards over the {s.world_size // s.nodes} GPUs of a node and replicates across {s.nodes} nodes: "
+           f"only gradient shards cross the network ({chosen.time_terms['comm_s']:.3f} s of collectives per step")
+    same = [c for c in candidates if c.setup == dataclasses.replace(s, strategy="fsdp")]
+    if same:
+        why += f" vs {same[0].time_terms['comm_s']:.3f} s for fsdp"
+    return why + ")."
 
 
 def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidates: list[Candidate]) -> str:

@@ -3,7 +3,8 @@
 `python -m launcher.torchrun ARGS` is torchrun itself (same arguments, same agent) with one difference: a
 rank that already said why it stopped (a LaunchError's sentence and exit 2, a preemption's checkpoint and
 exit 75) ends the launch with that code, without torchrun's ChildFailedError traceback burying the sentence.
-Any other failure is reported by torchrun exactly as usual.
+A signal that stops torchrun itself (SIGTERM, SIGINT) is one line and exit 128 + signal, not its
+SignalException traceback. Any other failure is reported by torchrun exactly as usual.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from pathlib import Path
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.plan import Plan
+from launcher.signals import HANG_EXIT_CODE, REQUEUE_EXIT_CODE, signal_ranks
 
 ENTRYPOINT = "launcher.train"
 TORCHRUN_MODULE = "launcher.torchrun"
+# The first line each worker prints: on SLURM the rendezvous, not the node order, decides which node runs
+# which ranks, so `llaunch logs --rank R` finds R's node by this line.
+RANK_STARTS = "[llaunch] rank {rank} of {world} starts"
 
 
 def build_torchrun_argv(
@@ -57,24 +62,26 @@ def build_torchrun_argv(
     return argv, env
 
 
-def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0) -> int:
+def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0, watchdog=None) -> int:
     """Run torchrun in its own process group and forward SIGINT/SIGTERM (and SIGUSR1/2 to the ranks) to it.
 
     torchrun passes the signal on to its workers and waits for them; a second signal (or a torchrun that
     outlives `grace_s`) kills the whole group. Returns torchrun's exit code, 128 + SIGINT after Ctrl-C, or
-    REQUEUE_EXIT_CODE after a preemption signal (the ranks saved a checkpoint).
+    REQUEUE_EXIT_CODE after a preemption signal (the ranks saved a checkpoint). With a cluster.watchdog
+    Watchdog, a hang is dumped and the group killed: HANG_EXIT_CODE.
     """
     import os
     import signal
     import subprocess
-
-    from launcher.train.preemption import REQUEUE_EXIT_CODE, signal_ranks
+    import time
 
     proc = subprocess.Popen(argv, env=env, start_new_session=True)
     received: list[int] = []
+    signalled_at: list[float] = []
 
     def forward(signum, _frame):
         received.append(signum)
+        signalled_at.append(time.monotonic())
         if len(received) == 1 and signum in (signal.SIGUSR1, signal.SIGUSR2):
             signal_ranks(proc.pid, signum)  # torchrun would die of these; the ranks save and exit
             return
@@ -86,12 +93,7 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0) ->
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     try:
-        while True:
-            try:
-                code = proc.wait(timeout=grace_s if received else None)
-                break
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        code, hang = _wait_for_torchrun(proc, signalled_at, grace_s, watchdog)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -99,25 +101,52 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0) ->
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+    if hang is not None:
+        print(f"llaunch: {watchdog.describe(hang)}; the ranks were killed", file=sys.stderr)
+        return HANG_EXIT_CODE
     if received:  # a preemption signal made the ranks checkpoint: ask to be requeued; Ctrl-C is a stop
         return 128 + received[0] if received[0] == signal.SIGINT else REQUEUE_EXIT_CODE
     return code if code >= 0 else 128 - code
 
 
-def _explained_exit_codes() -> tuple[int, ...]:
-    from launcher.train.preemption import REQUEUE_EXIT_CODE
+def _wait_for_torchrun(proc, signalled_at: list[float], grace_s: float, watchdog) -> tuple[int, object]:
+    """torchrun's exit code, and the hang the watchdog found (None without one). After a stop signal the ranks
+    get `grace_s` to save and exit, then the group is killed; a hang kills it at once.
 
-    return EXIT_USER_ERROR, REQUEUE_EXIT_CODE
+    The wait never blocks unbounded: a signal handled during it does not end the wait, so only polling
+    notices that the grace period has run out (a torchrun that ignores SIGINT, as a process started in the
+    background of a script without job control does, would otherwise be waited on forever)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    poll_s = watchdog.config.poll_s if watchdog else min(1.0, grace_s)
+    while True:
+        try:
+            return proc.wait(timeout=poll_s), None
+        except subprocess.TimeoutExpired:
+            if signalled_at:
+                if time.monotonic() - signalled_at[0] >= grace_s:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            elif watchdog is not None and (hang := watchdog.check()) is not None:
+                watchdog.kill_ranks(proc.pid)  # torchrun starts each rank in a session of its own
+                os.killpg(proc.pid, signal.SIGKILL)
+                return proc.wait(), hang
+
+
+EXPLAINED_EXIT_CODES = (EXIT_USER_ERROR, REQUEUE_EXIT_CODE)
 
 
 class _DropExplainedFailures(logging.Filter):
     """torchrun's agent logs "failed (exitcode: N) local_rank: ..." for every non-zero rank exit."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f"(exitcode: {code})" in record.getMessage() for code in _explained_exit_codes())
+        return not any(f"(exitcode: {code})" in record.getMessage() for code in EXPLAINED_EXIT_CODES)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
@@ -126,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         torchrun_main(argv)
     except ChildFailedError as err:
         _, failure = err.get_first_failure()
-        if failure.exitcode in _explained_exit_codes():
+        if failure.exitcode in EXPLAINED_EXIT_CODES:
             return failure.exitcode
         raise
+    except SignalException as err:  # SIGTERM / SIGINT: the agent already passed it on to the ranks and waited
+        print(f"llaunch: stopped by {err.sigval.name}", file=sys.stderr)
+        return 128 + err.sigval
     return 0
 
 

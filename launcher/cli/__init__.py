@@ -11,6 +11,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import time
 
 from launcher import __version__
 from launcher.errors import EXIT_USER_ERROR, LaunchError
@@ -29,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started_at = time.time()  # `llaunch run`'s launch event: reading and planning the job is start-up
     args = build_parser().parse_args(argv)
+    args.started_at = started_at
     try:
         code = int(args.run(args) or 0)
         sys.stdout.flush()  # a reader that went away (`| head`) is met here, not at interpreter exit

@@ -12,9 +12,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.jobs import cancel, load_record
+    from cluster.jobs import cancel, job_state, load_record
 
     record = load_record(args.job)
+    state = job_state(record.job_id, record.env())
+    if state.finished or state.state == "UNKNOWN":
+        print(f"job {record.job_id} had already ended ({state.state}); nothing to cancel. "
+              f"Its checkpoints are in {record.output_dir}/checkpoints.")
+        return 0
     cancel(record.job_id, record.env())
     print(f"cancelled job {record.job_id}; its checkpoints stay in {record.output_dir}/checkpoints "
           f"and a new submit with the same --output-dir resumes from them.")

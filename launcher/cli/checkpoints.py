@@ -9,7 +9,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("checkpoints", help="list a run's checkpoints: step, time, size, complete, best",
                               description="List OUTPUT/checkpoints with step, time, size, completeness and the best one.")
     p.add_argument("output_dir", metavar="OUTPUT", help="the run's --output-dir")
-    p.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads all the data)")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads all the data); exit 1 if any checkpoint is damaged")
     p.add_argument("--greater-is-better", action=argparse.BooleanOptionalAction, default=None,
                    help="how to rank the saved metric (default: higher is better unless it is a loss)")
     p.set_defaults(run=run)
@@ -22,7 +22,7 @@ def run(args) -> int:
     from rich.table import Table
 
     from launcher.errors import LaunchError
-    from launcher.train.checkpoint import CHECKPOINTS_DIR, best_checkpoint, list_checkpoints
+    from launcher.checkpoint_store import CHECKPOINTS_DIR, best_checkpoint, list_checkpoints
 
     if not Path(args.output_dir).is_dir():
         raise LaunchError(f"{args.output_dir} does not exist; pass the --output-dir of a run.")
@@ -33,12 +33,14 @@ def run(args) -> int:
         return 0
     best = best_checkpoint(infos, args.greater_is_better)
     latest = next((info for info in reversed(infos) if info.complete), None)
+    # Without --verify only sizes were compared: a flipped byte still looks complete until its sha256 is read.
+    resume_note = "resume point" if args.verify else "resume point (unverified)"
     table = Table(title=f"checkpoints in {Path(args.output_dir) / CHECKPOINTS_DIR}")
     for column in ("step", "created (UTC)", "size", "ranks", "strategy", "complete", "metric", "note"):
         table.add_column(column, justify="right" if column in ("step", "size", "ranks") else "left")
     for info in infos:
         manifest = info.manifest or {}
-        notes = [n for n, flag in (("best", info is best), ("resume point", info is latest)) if flag]
+        notes = [n for n, flag in (("best", info is best), (resume_note, info is latest)) if flag]
         table.add_row(
             str(info.step), info.created.replace("+00:00", ""),
             f"{info.size_bytes / 2**20:,.1f} MiB" if info.size_bytes else "-",
@@ -48,4 +50,9 @@ def run(args) -> int:
             ", ".join(notes),
         )
     console.print(table)
+    damaged = [info for info in infos if not info.complete]
+    if args.verify and damaged:
+        console.print(f"{len(damaged)} of {len(infos)} checkpoints are damaged or incomplete: "
+                      f"{', '.join(info.path.name for info in damaged)}")
+        return 1
     return 0

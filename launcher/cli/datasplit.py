@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from launcher.errors import LaunchError
-from launcher.files import write_text_atomic
+from launcher.files import check_file_target, write_files_atomic
 
 
 def add_parser(subparsers) -> None:
@@ -40,10 +40,34 @@ def run(args) -> int:
     source = Path(args.input)
     if not source.is_file():
         raise LaunchError(f"input file {source} does not exist; pass a JSONL file.")
-    lines = [line if line.endswith("\n") else line + "\n"
-             for line in source.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    outputs = {"--train-output": Path(args.train_output), "--eval-output": Path(args.eval_output)}
+    for flag, path in outputs.items():
+        if _same_file(path, source):
+            raise LaunchError(f"{flag} {path} is the input file; write the split to new files.")
+    if _same_file(*outputs.values()):
+        raise LaunchError(f"--train-output and --eval-output are both {args.train_output}; give two different files.")
+    try:
+        text = source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LaunchError(f"{source} is not UTF-8 text (byte {err.start}); pass a JSONL file.") from None
+    # JSONL is split on newlines only: str.splitlines would also cut a record at a raw U+2028 inside a string.
+    lines = [line + "\n" for line in text.split("\n") if line.strip()]
+    if any("\x00" in line for line in lines):
+        raise LaunchError(f"{source} holds NUL bytes, so it is binary, not JSONL; pass a JSONL file.")
     train, held = split_lines(lines, args.eval_percentage, args.seed)
-    for path, part in ((args.train_output, train), (args.eval_output, held)):
-        write_text_atomic(path, "".join(part))
+    for flag, path in outputs.items():  # both outputs can be written before either is
+        check_file_target(path, flag)
+    write_files_atomic({outputs["--train-output"]: "".join(train).encode("utf-8"),
+                        outputs["--eval-output"]: "".join(held).encode("utf-8")})
     print(f"{len(train)} train records -> {args.train_output}; {len(held)} eval records -> {args.eval_output}")
     return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by path (resolved, links followed) or, when both exist, by inode (hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False

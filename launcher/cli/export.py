@@ -15,16 +15,37 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from launcher.errors import LaunchError
     from launcher.train.adapters import is_adapter_dir, merge_adapter
     from launcher.train.export import export_checkpoint
 
-    if is_adapter_dir(args.checkpoint):  # a LoRA run's OUTPUT/final: the adapter alone, on its recorded base
-        from launcher.errors import LaunchError
-
-        if not args.merge:
-            raise LaunchError(f"{args.checkpoint} is already an adapter folder; add --merge to fold it into its base.")
-        path = merge_adapter(args.checkpoint, args.to) / "model.safetensors"
-    else:
-        path = export_checkpoint(args.checkpoint, args.to, merge=args.merge)
-    print(f"wrote {path}")
+    to = Path(args.to).expanduser().absolute()
+    if to.exists() and not (to.is_dir() and not any(to.iterdir())):
+        raise LaunchError(f"--to {to} already exists; export into a new (or empty) directory, llaunch never writes "
+                          f"over one.")
+    under = next((p for p in to.parents if p.exists()), None)
+    if under is not None and not under.is_dir():
+        raise LaunchError(f"--to {to} lies under the file {under}; choose another directory.")
+    if is_adapter_dir(args.checkpoint) and not args.merge:  # a LoRA run's OUTPUT/final: the adapter alone
+        raise LaunchError(f"{args.checkpoint} is already an adapter folder; add --merge to fold it into its base.")
+    # Written beside --to and renamed into place when complete: a failure leaves no half-exported model.
+    partial = to.with_name(f".{to.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        if is_adapter_dir(args.checkpoint):
+            written = merge_adapter(args.checkpoint, partial) / "model.safetensors"
+        else:
+            written = export_checkpoint(args.checkpoint, partial, merge=args.merge)
+        if to.exists():
+            to.rmdir()
+        partial.rename(to)
+    except OSError as err:
+        raise LaunchError(f"could not write the model to {to} ({err.strerror or err}); free space or fix "
+                          f"permissions.") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    print(f"wrote {to / written.name}")
     return 0

@@ -19,19 +19,37 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    import math
+
     import torch
 
+    from launcher.errors import LaunchError
     from launcher.train.adapters import load_for_generation
 
+    if args.max_new_tokens < 1:
+        raise LaunchError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}.")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise LaunchError(f"--temperature must be a finite number >= 0 (0 for greedy), not {args.temperature}.")
+    if args.top_k < 0:
+        raise LaunchError(f"--top-k must be >= 0 (0 keeps every token), not {args.top_k}.")
+    if not args.prompt.strip():
+        raise LaunchError("--prompt is empty; give the text to continue.")
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_for_generation(args.model, args.adapter)
+    try:
+        model, tokenizer = load_for_generation(args.model, args.adapter)
+    except LaunchError:
+        raise
+    except Exception as err:  # transformers, safetensors and tokenizers each raise their own on a damaged file
+        raise LaunchError(f"cannot load the model from {args.model} ({err.__class__.__name__}: "
+                          f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no detail'}); it is "
+                          f"damaged or incomplete; pass another model directory, e.g. DIR/final of a run.") from None
     model = model.to(device)
     prompt = args.prompt
     if args.instruction:
         from launcher.train.sft import format_prompt
 
-        prompt = format_prompt(tokenizer, args.prompt)
+        prompt = format_prompt(args.prompt)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     sampling = args.temperature > 0
     with torch.no_grad():

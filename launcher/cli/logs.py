@@ -1,4 +1,5 @@
-"""`llaunch logs JOB [--rank R] [-f]`: the log of the node that runs rank R (torchrun's output of all its ranks)."""
+"""`llaunch logs JOB [--rank R] [-f]`: the log of the node that runs rank R (torchrun's output of all its ranks),
+found by the line the rank printed as it started."""
 
 from __future__ import annotations
 
@@ -17,21 +18,23 @@ def add_parser(subparsers) -> None:
 
 
 def _procs_per_node(output_dir: str) -> int:
+    from launcher.job import PLAN_FILE
     from launcher.plan import Plan
 
-    plan_path = Path(output_dir) / "plan.yaml"
+    plan_path = Path(output_dir) / PLAN_FILE
     return Plan.load(plan_path).gpus_per_node if plan_path.exists() else 1
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.jobs import job_state, load_record
+    from cluster.jobs import job_state, load_record, node_of_rank, refuse_never_starting
     from launcher.errors import LaunchError
 
     record = load_record(args.job)
     procs = _procs_per_node(record.output_dir)
-    node = args.rank // procs
-    if not 0 <= node < record.nodes:
+    if not 0 <= args.rank < record.nodes * procs:
         raise LaunchError(f"rank {args.rank} is not in job {record.job_id} (ranks 0-{record.nodes * procs - 1}).")
+    found = node_of_rank(record, args.rank)
+    node = found if found is not None else args.rank // procs  # not started yet: the usual placement
     paths = record.log_paths(node)
     if not args.follow:
         missing = [p for p in paths if not p.exists()]
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     while not finished:
         state = job_state(record.job_id, record.env())
         finished = state.finished or state.state == "UNKNOWN"  # one last read after the end
+        refuse_never_starting(record.job_id, state)
         for path in paths:
             if path.exists():
                 with path.open("rb") as handle:

@@ -3,7 +3,8 @@
 Runs in this process (one rank, no torchrun): an exponential sweep from --start-lr to --end-lr over
 --num-steps optimizer steps, stopping early once the smoothed loss diverges. Writes DIR/lr_find.png and
 DIR/lr_find.json, and prints the LR where the smoothed loss fell fastest (use it, or a little below it, as
-training.learning_rate).
+training.learning_rate). The throw-away training job lives in a temporary directory, and DIR is never a
+run's directory, so an LR sweep cannot touch a run's checkpoints or metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ def add_parser(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="train config YAML (see examples/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    p.add_argument("--output-dir", default="runs/lr-find", help="where the plot and the sweep go (replaced)")
+    p.add_argument("--output-dir", default="runs/lr-find", help="where lr_find.png and lr_find.json go (not a run's directory)")
     p.add_argument("--start-lr", type=float, default=1e-7)
     p.add_argument("--end-lr", type=float, default=1.0)
     p.add_argument("--num-steps", type=int, default=200)
@@ -26,27 +27,47 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     import json
+    import tempfile
     from pathlib import Path
 
-    from launcher.job import prepare_job
+    from launcher.errors import LaunchError
+    from launcher.files import write_text_atomic
+    from launcher.job import is_run_dir, prepare_job
     from launcher.train import lr_find
 
+    out = Path(args.output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise LaunchError(f"lr-find output {out} is a file; choose a directory for lr_find.png and lr_find.json.")
+    if is_run_dir(out):
+        raise LaunchError(f"{out} is a training run's directory; lr-find writes into its own, e.g. "
+                          f"--output-dir {out.parent / 'lr-find'}.")
     lrs = lr_find.sweep_lrs(args.start_lr, args.end_lr, args.num_steps)
-    overrides = [*args.overrides, f"training.max_steps={args.num_steps}", "training.overwrite_output_dir=true",
-                 "training.save_strategy='no'", "training.eval_steps=null", "parallel.nproc_per_node=1"]
-    job = prepare_job(args.config, overrides, output_dir=args.output_dir)
-    from launcher.train.loop import Trainer
+    if not 0 <= args.smoothing < 1:
+        raise LaunchError(f"--smoothing {args.smoothing} must be in [0, 1).")
+    overrides = [*args.overrides, f"training.max_steps={args.num_steps}", "training.save_strategy='no'",
+                 "training.eval_steps=null", "training.resume_from_checkpoint=null", "parallel.nproc_per_node=1"]
+    with tempfile.TemporaryDirectory(prefix="llaunch-lr-find-") as job_dir:
+        job = prepare_job(args.config, overrides, output_dir=job_dir)
+        try:  # before the sweep, not after it
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LaunchError(f"cannot create {out} ({err.strerror or err}); choose a writable --output-dir.") from None
+        from launcher.train.loop import Trainer
 
-    trainer = Trainer(job.output_dir)
-    trainer.scheduler = lr_find.sweep_scheduler(trainer.engine.optimizer, lrs)
-    trainer.engine.train()
-    result = lr_find.run_lr_find(trainer.train_step, lrs, beta=args.smoothing)
-    out = Path(job.output_dir)
+        trainer = Trainer(job.output_dir)
+        try:
+            trainer.scheduler = lr_find.sweep_scheduler(trainer.engine.optimizer, lrs)
+            trainer.engine.train()
+            result = lr_find.run_lr_find(trainer.train_step, lrs, beta=args.smoothing)
+        finally:
+            trainer.close()
+    if not result.lrs:
+        raise LaunchError(f"the loss was not finite at the first step (lr {lrs[0]:.1e}); lower --start-lr or "
+                          "check the data and model.")
     lr_find.plot(result, out / "lr_find.png")
-    (out / "lr_find.json").write_text(json.dumps(
+    write_text_atomic(out / "lr_find.json", json.dumps(
         {"lrs": result.lrs, "losses": result.losses, "smoothed": result.smoothed,
          "suggested_lr": result.suggested_lr, "stopped_early": result.stopped_early}, indent=1))
-    trainer.close()
     stop = "stopped when the loss diverged" if result.stopped_early else "full sweep"
     print(f"swept {len(result.lrs)} steps from {lrs[0]:.1e} to {result.lrs[-1]:.1e} ({stop}); plot: {out / 'lr_find.png'}")
     if result.suggested_lr is None:

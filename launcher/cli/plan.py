@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from launcher.errors import LaunchError
-from launcher.plan import ATTENTIONS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES
+from launcher.files import check_file_target
+from launcher.plan import ATTENTIONS, DEVICES, LORA_R, LOSS_CHUNK_TOKENS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES
 
 TABLE_ROWS = 14
+GPUS_PER_NODE = 8  # what --nodes K without --gpus means when no GPUs are visible: nodes of eight
 
 
 def add_parser(subparsers) -> None:
@@ -16,11 +19,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="alias (7b, 70b), catalog name, cached HF id, model dir or config.json")
     p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change an HF config key before counting (e.g. num_hidden_layers=4); repeatable")
-    hw = p.add_argument_group("hardware (default: this machine's probe)")
+    hw = p.add_argument_group(
+        "hardware (default: this machine's GPUs; without any, these flags, --cluster, the SLURM partition seen "
+        "from a login node, else what the model takes on common GPUs)")
     hw.add_argument("--gpus", type=int, help="GPUs per node")
     hw.add_argument("--nodes", type=int, help="number of nodes")
     hw.add_argument("--gpu", help="GPU model for peak FLOP/s and bandwidth (H100, A100-40GB, L40S, ...)")
     hw.add_argument("--gpu-mem", help="memory per GPU, e.g. 80GiB or 40GB")
+    hw.add_argument("--cluster", help="plan for a cluster profile's nodes (as `submit --cluster` does): a name under cluster/profiles or a YAML path")
+    hw.add_argument("--partition", help="on a SLURM login node: plan for this partition's GPUs (default: the default partition)")
+    hw.add_argument("--device", choices=DEVICES, help="cpu: plan N gloo processes on this machine's CPU (what `run` does without a GPU)")
     knobs = p.add_argument_group("knobs (default: the planner chooses)")
     knobs.add_argument("--strategy", choices=STRATEGIES)
     knobs.add_argument("--offload", choices=OFFLOADS)
@@ -29,14 +37,22 @@ def add_parser(subparsers) -> None:
     knobs.add_argument("--seq-len", type=int, default=2048)
     knobs.add_argument("--precision", choices=PRECISIONS)
     knobs.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    knobs.add_argument("--method", choices=METHODS, default="full")
-    knobs.add_argument("--lora-r", type=int, default=16)
+    knobs.add_argument("--method", choices=METHODS, help="default: full (without GPUs to plan for: full, lora and qlora side by side)")
+    knobs.add_argument("--lora-r", type=int, default=LORA_R)
     knobs.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list (q_proj,v_proj)")
-    knobs.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    knobs.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_torch_fused",
+                       help="training.optim of the run (HF names); its states and step() temporaries differ")
     knobs.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
+    knobs.add_argument("--optimizer-in-backward", action="store_true",
+                       help="training.optimizer_in_backward: step each weight as its gradient is ready (1 GPU)")
+    knobs.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
+                       help="training.loss_chunk_tokens: the loss's logits this many tokens at a time; 0: all at once")
     p.add_argument("--trace", action="store_true",
                    help="also trace one real step of the model cut to 1-2 layers on fake tensors (MemTracker), scaled by depth")
     p.add_argument("--json", action="store_true", help="print the chosen plan as JSON")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the candidates' per-GPU memory by component against the limit (or, with no GPUs "
+                        "described, memory per GPU against GPU count per strategy)")
     p.add_argument("-o", "--output", help="write the Plan YAML that `llaunch run` and `submit` read")
     p.set_defaults(run=run)
 
@@ -67,9 +83,10 @@ def request_from_args(args):
         gpu_mem_bytes=parse_bytes(args.gpu_mem, "--gpu-mem") if args.gpu_mem is not None else None,
         strategy=args.strategy, offload=args.offload, micro_batch=args.micro_batch, global_batch=global_batch,
         global_batch_tokens=global_tokens, seq_len=args.seq_len, precision=args.precision,
-        activation_checkpointing=args.activation_checkpointing, method=args.method, lora_r=args.lora_r,
+        activation_checkpointing=args.activation_checkpointing, method=args.method or "full", lora_r=args.lora_r,
         lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()], optimizer=args.optimizer,
-        attention=args.attention,
+        attention=args.attention, loss_chunk_tokens=args.loss_chunk_tokens,
+        optimizer_in_backward=args.optimizer_in_backward,
     ).validate()
 
 
@@ -86,40 +103,198 @@ def run(args) -> int:
     from launcher.planner import hardware_for, make_plan, rank_candidates
 
     request = request_from_args(args)
-    probed = probe()
-    plan = make_plan(request, probed)
-    if args.trace:
-        add_trace(plan, request)
+    if args.output:  # before the planning, not after it
+        check_file_target(Path(args.output), "-o")
+        if Path(args.output).is_file():
+            from launcher.plan import Plan
+
+            try:
+                Plan.load(args.output)
+            except LaunchError:
+                raise LaunchError(f"-o {args.output} exists and is not a plan; llaunch replaces only an earlier "
+                                  f"plan, so choose another file.") from None
+    if args.plot:
+        _check_plot_path(args.plot)
+    target = planning_target(args, request, probe())
+    if target is None:
+        return what_it_takes(args, request)
+    hardware, source = target
+    plan = make_plan(request, hardware)
+    trace = add_trace(plan, request) if args.trace else None
+    spec = load_model_spec(request.model, request.model_overrides)
+    candidates = rank_candidates(spec, request, hardware_for(request, hardware))
+    if args.plot:
+        from launcher.plan_plot import plot_candidates
+
+        shown = shown_candidates(candidates)
+        chosen = next(c.label for c in candidates if is_chosen(c, plan))
+        plot_candidates(args.plot, f"{spec.name} on {_where(plan)}: memory per GPU by candidate", shown, chosen)
     if args.output:
         plan.save(args.output)
     if args.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        print(json.dumps({**plan.to_dict(), **({"trace": trace} if trace else {})}, indent=2))
         return 0
-    spec = load_model_spec(request.model, request.model_overrides)
-    hw = hardware_for(request, probed)
-    print_table(spec, plan, rank_candidates(spec, request, hw))
-    if args.output:
-        print(f"wrote {args.output}")
+    print(f"hardware from {source}")
+    print_table(spec, plan, candidates)
+    for path in (args.output, args.plot):
+        if path:
+            print(f"wrote {path}")
     return 0
 
 
-def add_trace(plan, request) -> None:
-    """Put the traced peak beside the estimate for the same knobs on one unsharded rank (what a trace can run)."""
-    from launcher.memory import TrainSetup, estimate
+def _check_plot_path(path: str) -> None:
+    target = Path(path)
+    check_file_target(target, "--plot")
+    if target.suffix.lower() != ".png":
+        raise LaunchError(f"--plot {path!r} must name a .png file, e.g. --plot plan.png.")
+    if not target.parent.is_dir():
+        raise LaunchError(f"--plot {path!r}: folder {target.parent} does not exist; create it or choose another path.")
+
+
+def _where(plan) -> str:
+    return "CPU" if plan.device == "cpu" else f"{plan.nodes}x{plan.gpus_per_node} {plan.gpu_name}"
+
+
+def planning_target(args, request, probed):
+    """(the machine to plan for, where it was described), or None when nothing describes GPUs.
+
+    --device cpu plans this machine's CPU. Otherwise a --cluster profile, else the GPUs here, else the login
+    node's SLURM partition, else the hardware flags describe the nodes (flags override each field of the first
+    two). A CPU plan without --device cpu would answer a question nobody asked: what 70B takes on a laptop.
+    """
+    import dataclasses
+
+    from launcher.hardware import DEFAULT_GPU, gpu_node, login_node_partition
+
+    flags = [name for name, value in (("--gpu", args.gpu), ("--gpu-mem", args.gpu_mem)) if value is not None]
+    if args.device == "cpu":
+        if flags:
+            raise LaunchError(f"--device cpu plans for this machine's CPU; drop {' and '.join(flags)} or --device cpu.")
+        return dataclasses.replace(probed, gpus=[]), "this machine's CPU (--device cpu)"
+    if args.cluster:
+        from cluster.profile import load_profile
+
+        profile = load_profile(args.cluster)
+        request.nodes = request.nodes or profile.nodes
+        return profile.hardware(), f"cluster profile {profile.name}"
+    if probed.has_gpu:
+        return probed, "this machine's GPUs"
+    assumed = "" if request.gpu else f", {DEFAULT_GPU} assumed (no --gpu)"
+    if probed.slurm is None:  # a login node: its partitions say what a job would get
+        partition = login_node_partition(args.partition)
+        if partition is not None:
+            where = f"SLURM partition {partition.partition} (sinfo)"
+            if not partition.gpu_name:
+                where += f"; it names no known GPU model{assumed}"
+            hardware = gpu_node(partition.gpu_name or DEFAULT_GPU, partition.gpus_per_node,
+                                ram_bytes=partition.ram_bytes, cpu_cores=partition.cpus)
+            return hardware, where
+        if args.partition:
+            raise LaunchError(f"sinfo shows no GPU nodes in partition {args.partition!r} from here; check the name "
+                              "with sinfo, or describe the GPUs with --gpu and --gpus.")
+    if flags or request.gpus_per_node or request.nodes:
+        nodes = request.nodes or 1
+        return gpu_node(DEFAULT_GPU, 1 if nodes == 1 else GPUS_PER_NODE, nodes), f"the flags{assumed}"
+    return None
+
+
+def what_it_takes(args, request) -> int:
+    """No GPUs to plan for: the fewest of each common GPU that fit, per method, as one table (or JSON)."""
+    from launcher.models import load_model_spec
+    from launcher.plan import METHODS
+    from launcher.sizing import what_it_takes as size
+
+    if args.output or args.trace:
+        raise LaunchError("-o and --trace need one plan, and no GPUs are described; add e.g. --gpu H100 --gpus 8, "
+                          "or --cluster NAME.")
+    spec = load_model_spec(request.model, request.model_overrides)
+    methods = (args.method,) if args.method else METHODS
+    rows = size(request, methods=methods)
+    if args.plot:
+        from launcher.plan_plot import plot_sizing
+        from launcher.sizing import COMMON_GPUS, memory_curves
+
+        plot_sizing(args.plot, f"{spec.name} ({spec.num_params / 1e9:.3g}B), sequence {request.seq_len}: "
+                    "memory per GPU against GPU count", memory_curves(request, methods), rows, COMMON_GPUS)
+    if args.json:
+        print(json.dumps({"model": spec.name, "params": spec.num_params,
+                          "what_it_takes": [r.to_dict() for r in rows]}, indent=2))
+        return 0
+    print_sizing(spec, request, rows)
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def print_sizing(spec, request, rows) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params, sequence {request.seq_len}: "
+                        f"the fewest GPUs that fit (no GPU here or named)")
+    for column in ("GPU", "method", "GPUs", "nodes", "strategy", "mb x ga", "ckpt", "peak/limit GiB", "tok/s"):
+        table.add_column(column, justify="left" if column in ("GPU", "method", "strategy") else "right", no_wrap=True)
+    for row in rows:
+        plan = row.plan
+        if plan is None:
+            table.add_row(row.gpu, row.method, f">{row.tried}", "-", "does not fit", "-", "-", "-", "-", style="dim")
+            continue
+        table.add_row(
+            row.gpu, row.method, str(row.gpus), str(plan.nodes),
+            plan.strategy + (f"+off:{plan.offload}" if plan.offloads else ""),
+            f"{plan.micro_batch} x {plan.gradient_accumulation_steps}", "on" if plan.activation_checkpointing else "off",
+            f"{plan.memory['reserved_bytes'] / 2**30:.1f}/{plan.memory['limit_bytes'] / 2**30:.1f}",
+            f"{plan.predicted['tokens_per_s']:,.0f}",
+        )
+    console = Console(width=max(Console().width, 130))
+    console.print(table)
+    if any(row.plan is None and row.tried == 1 for row in rows):
+        console.print("Tried on 1 GPU only: DDP replicates the model and a step in backward runs in one process, "
+                      "so more GPUs do not make them fit.")
+    console.print("One of them in full: add --gpu NAME --gpus N [--nodes K], or --cluster PROFILE; "
+                  "on a SLURM login node the partition's GPUs are used.")
+
+
+def add_trace(plan, request) -> dict:
+    """Trace one real step with the plan's knobs and put the estimate for exactly that setup beside it: FSDP at
+    the plan's world size on a fake process group; the other strategies on one unsharded rank."""
+    from launcher.memory import estimate
     from launcher.memory_trace import trace_peak
     from launcher.models import load_model_spec
+    from launcher.plan import TrainSetup
     from launcher.units import format_bytes
 
     spec = load_model_spec(request.model, request.model_overrides)
-    setup = TrainSetup(precision=plan.precision, method=plan.method, optimizer=plan.optimizer, attention=plan.attention,
+    fsdp = plan.is_fsdp
+    world = plan.device_mesh[-1] if fsdp else 1  # HSDP's rank holds what FSDP over its shard group does
+    setup = TrainSetup(strategy="fsdp" if fsdp else "ddp", world_size=world, precision=plan.precision,
+                       method=plan.method, optimizer=plan.optimizer, attention=plan.attention,
                        activation_checkpointing=plan.activation_checkpointing, micro_batch=plan.micro_batch,
-                       seq_len=plan.seq_len, lora_r=plan.lora_r, lora_targets=list(plan.lora_targets), device=plan.device)
-    traced = trace_peak(spec, setup).peak_bytes
+                       seq_len=plan.seq_len, lora_r=plan.lora_r, lora_targets=list(plan.lora_targets), device=plan.device,
+                       loss_chunk_tokens=plan.loss_chunk_tokens)
+    traced = trace_peak(spec, setup)
     estimated = estimate(spec, setup).peak_bytes
-    plan.memory["trace_peak_bytes"] = traced
-    plan.memory["trace_estimate_bytes"] = estimated
-    plan.reasons.append(f"trace (MemTracker, fake tensors, 1 rank unsharded): peak {format_bytes(traced)} vs "
-                        f"estimate {format_bytes(estimated)} ({(estimated - traced) / traced:+.1%}).")
+    what = f"FSDP at {world} ranks on a fake process group" if fsdp else "1 rank unsharded"
+    plan.reasons.append(f"trace (MemTracker, fake tensors, {what}): peak {format_bytes(traced.peak_bytes)} vs "
+                        f"estimate {format_bytes(estimated)} ({(estimated - traced.peak_bytes) / traced.peak_bytes:+.1%}).")
+    return {"peak_bytes": traced.peak_bytes, "estimate_bytes": estimated, "strategy": setup.strategy,
+            "world_size": world, "by_depth": traced.by_depth}
+
+
+def shown_candidates(candidates):
+    """The fastest that fit, then per strategy the one that came closest to fitting: the table's rows and bars."""
+    smallest_misses = {}
+    for c in candidates:
+        best = smallest_misses.get(c.setup.strategy)
+        if not c.fits and (best is None or c.memory.reserved_bytes < best.memory.reserved_bytes):
+            smallest_misses[c.setup.strategy] = c
+    return [c for c in candidates if c.fits][:TABLE_ROWS - 5] + list(smallest_misses.values())
+
+
+def is_chosen(candidate, plan) -> bool:
+    s = candidate.setup
+    return (s.strategy, s.offload, s.micro_batch, s.activation_checkpointing, s.gradient_accumulation_steps) == (
+        plan.strategy, plan.offload, plan.micro_batch, plan.activation_checkpointing, plan.gradient_accumulation_steps)
 
 
 def print_table(spec, plan, candidates) -> None:
@@ -129,24 +304,16 @@ def print_table(spec, plan, candidates) -> None:
     from launcher.units import format_bytes
 
     gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731 - one-line column formatter
-    where = "CPU" if plan.device == "cpu" else f"{plan.nodes}x{plan.gpus_per_node} {plan.gpu_name}"
-    table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params on {where} (GiB per rank)")
+    table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params on {_where(plan)} (GiB per rank)")
     for column in ("strategy", "mb", "ga", "ckpt", "weights", "grads", "optim", "activ", "logits",
                    "comm", "ctx+rsv", "peak", "reserved/limit", "fits", "step s", "tok/s", "MFU"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
-    smallest_misses = {}  # per strategy, the candidate that came closest to fitting
-    for c in candidates:
-        best = smallest_misses.get(c.setup.strategy)
-        if not c.fits and (best is None or c.memory.reserved_bytes < best.memory.reserved_bytes):
-            smallest_misses[c.setup.strategy] = c
-    shown = [c for c in candidates if c.fits][:TABLE_ROWS - 5] + list(smallest_misses.values())
-    for c in shown:
+    for c in shown_candidates(candidates):
         s, m = c.setup, c.memory
-        chosen = (s.strategy, s.offload, s.micro_batch, s.activation_checkpointing, s.gradient_accumulation_steps) == (
-            plan.strategy, plan.offload, plan.micro_batch, plan.activation_checkpointing, plan.gradient_accumulation_steps)
+        chosen = is_chosen(c, plan)
         weights = m["weights"] + (m["frozen_weights"] if any(t.name == "frozen_weights" for t in m.terms) else 0)
         table.add_row(
-            s.strategy + ("" if s.offload == "none" else f"+off:{s.offload}"), str(s.micro_batch), str(s.gradient_accumulation_steps),
+            s.strategy + (f"+off:{s.offload}" if s.offloads else ""), str(s.micro_batch), str(s.gradient_accumulation_steps),
             "on" if s.activation_checkpointing else "off", gib(weights), gib(m["grads"]),
             gib(m["optimizer"] + m["optimizer_scratch"]), gib(m["activations"]), gib(m["logits_loss"]),
             gib(m["comm_buffers"]), gib(m["context_reserve"]), gib(m.peak_bytes),
@@ -157,7 +324,7 @@ def print_table(spec, plan, candidates) -> None:
     console = Console(width=max(Console().width, 170))  # the table is wide; never squeeze it into 80 columns
     console.print(table)
     console.print(f"[bold]chosen:[/bold] {plan.strategy}"
-                  + (f" + offload {plan.offload}" if plan.offload != "none" else "")
+                  + (f" + offload {plan.offload}" if plan.offloads else "")
                   + f", micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}, "
                   f"checkpointing {'on' if plan.activation_checkpointing else 'off'}, {plan.precision}, {plan.method}; "
                   f"peak {format_bytes(plan.memory['peak_bytes'])}")

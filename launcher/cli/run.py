@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from launcher.flag_overrides import flag_overrides
+from launcher.plan import STRATEGIES
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("run", help="plan and train a job on this machine (torchrun)",
@@ -22,10 +25,12 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="job directory (default: training.output_dir)")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
     p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
-    p.add_argument("--strategy", choices=("ddp", "fsdp", "zero1", "zero2", "zero3"), help="force a strategy")
+    p.add_argument("--strategy", choices=STRATEGIES, help="force a strategy")
     p.add_argument("--nproc-per-node", type=int, help="processes on this node (default: all GPUs, or 1 on CPU)")
-    p.add_argument("--dry-run", action="store_true", help="write the plan and print the torchrun command, do not run")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+    p.add_argument("--dry-run", action="store_true", help="print the torchrun command, do not run; writes the plan "
+                   "only into a new or empty directory, never changes an existing run")
+    p.add_argument("--overwrite", action="store_true", help="remove an earlier llaunch run in the output directory "
+                   "first (never any other directory)")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if DIR holds checkpoints")
     p.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint directory")
 
@@ -38,37 +43,49 @@ def parse_rest(args) -> argparse.Namespace:
     return parser.parse_intermixed_args(args.rest, namespace=args)
 
 
-def flag_overrides(args) -> list[str]:
-    """CLI flags are shorthands for config keys; they win over the YAML and over positional overrides."""
-    pairs = {
-        "training.max_steps": args.max_steps,
-        "training.save_steps": args.save_steps,
-        "parallel.strategy": args.strategy,
-        "parallel.nproc_per_node": args.nproc_per_node,
-        "training.resume_from_checkpoint": args.resume_from,
-        "training.overwrite_output_dir": True if args.overwrite else None,
-        "training.ignore_checkpoints": True if args.no_resume else None,
-    }
-    return [f"{key}={value}" for key, value in pairs.items() if value is not None]
-
-
 def run(args) -> int:
     import os
 
-    from launcher.job import prepare_job
+    from cluster.watchdog import Watchdog, WatchdogConfig
+    from launcher import ledger
+    from launcher.job import is_run_dir, prepare_job, write_job
+    from launcher.run_lock import HELD_BY_LAUNCHER_ENV
     from launcher.torchrun import build_torchrun_argv, run_torchrun
+    from launcher.train.faults import faults_from_env
 
     args = parse_rest(args)
-    job = prepare_job(args.config, [*args.overrides, *flag_overrides(args)], output_dir=args.output_dir)
-    argv, env = build_torchrun_argv(job.plan, job.output_dir, python=_python(), cpus_per_node=os.cpu_count())
+    watchdog_config = WatchdogConfig.from_env()
+    faults_from_env()
+    job = prepare_job(args.config, [*args.overrides, *flag_overrides(args)], output_dir=args.output_dir, write=False)
+    argv, env = build_torchrun_argv(job.plan, job.output_dir, python=_python(), cpus_per_node=len(os.sched_getaffinity(0)))
     command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
-    if args.dry_run:
+    if args.dry_run:  # an existing run is left alone (its ranks reread it); a new directory gets the plan to read
+        existing = is_run_dir(job.output_dir)
+        if not existing:
+            write_job(job)
         print(command)
+        if existing:
+            print(f"# dry run: {job.output_dir} already holds a run and was left as it is (plan and config "
+                  f"unchanged, nothing removed).")
         return 0
+    lock = write_job(job, keep_lock=True)  # held until this process ends: the ranks need not take it
+    env[HELD_BY_LAUNCHER_ENV] = str(job.output_dir)
+    env[ledger.INCARNATION_ENV] = incarnation = ledger.new_incarnation_id()
+    ledger.append(job.output_dir, ledger.LAUNCH, t=args.started_at, inc=incarnation, nodes=1,
+                  how="llaunch run")  # from the command's start: reading and planning the job is start-up
+    watchdog = Watchdog.create(job.output_dir, str(os.getpid()), watchdog_config, incarnation=incarnation)
+    env.update(watchdog.rank_env() if watchdog else {})
     plan = job.plan
     print(f"llaunch: {plan.strategy} on {plan.world_size} x {plan.device} ({plan.precision}), "
           f"micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}; output in {job.output_dir}")
-    return run_torchrun(argv, {**os.environ, **env})
+    try:
+        code = run_torchrun(argv, {**os.environ, **env}, watchdog=watchdog)
+        ledger.append(job.output_dir, ledger.EXIT, inc=incarnation, code=code, cause=ledger.exit_cause(code))
+        return code
+    finally:
+        lock.release()
+        if watchdog:
+            watchdog.close()
 
 
 def _python() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 RECENT = 10
 # States in which the job's own logs say why it ended (CANCELLED was someone's decision).
@@ -18,6 +19,8 @@ def add_parser(subparsers) -> None:
 def describe(job_id: str | None) -> list[str]:
     """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
     from cluster.jobs import job_state, last_error, last_metrics, load_record
+    from cluster.watchdog import latest_hang
+    from launcher.cli.goodput import summary_line
 
     record = load_record(job_id)
     state = job_state(record.job_id, record.env())
@@ -30,6 +33,15 @@ def describe(job_id: str | None) -> list[str]:
     metrics = last_metrics(record.output_dir)
     if metrics:
         lines.append(f"  step {metrics['step']}  loss {float(metrics['loss']):.4f}")
+        if metrics.get("stragglers"):
+            lines.append(f"  stragglers: rank(s) {', '.join(map(str, metrics['stragglers']))} (busy s per rank "
+                         f"{metrics['busy_s']})")
+    goodput = summary_line(Path(record.output_dir))
+    if goodput:
+        lines.append(f"  {goodput}   (llaunch goodput {record.job_id})")
+    hang = latest_hang(record.output_dir)
+    if hang:
+        lines.append(f"  {hang}")
     if state.state in FAILED_STATES:
         error = last_error(record.log_paths())
         if error:

@@ -17,6 +17,8 @@ def add_parser(subparsers) -> None:
                    help="override config values, e.g. training.learning_rate=1e-4")
     p.add_argument("--cluster", default="local", help="cluster profile: a name under cluster/profiles or a YAML path (default: local)")
     p.add_argument("--nodes", type=int, help="number of nodes (profile default)")
+    p.add_argument("--min-nodes", type=int, help="the fewest nodes the job may run (and continue) on, with the same "
+                                                 "global batch (default: all of --nodes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node; 0 = CPU nodes on gloo (profile default)")
     p.add_argument("--partition")
     p.add_argument("--account")
@@ -32,60 +34,76 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _profile_hardware(profile):
-    """The Hardware the planner sees: the profile's nodes and GPUs, not this login node's."""
-    from launcher.hardware import Hardware
-
-    ram = int(profile.node_ram_gb * 2**30)
-    if profile.gpus_per_node:
-        return Hardware(nodes=profile.nodes, cpu_cores=profile.cpus_per_task, ram_bytes=ram,
-                        gpus_per_node_override=profile.gpus_per_node, gpu_name_override=profile.gpu_name,
-                        gpu_mem_override=int(profile.gpu_mem_gb * 2**30))
-    return Hardware(nodes=profile.nodes, cpu_cores=profile.cpus_per_task, ram_bytes=ram)
-
-
 def run(args: argparse.Namespace) -> int:
-    import sys
     from pathlib import Path
 
-    from cluster.executor import slurm_reachable, submit
-    from cluster.jobs import JobRecord, wait_for_end
+    from cluster.executor import check_partition, slurm_reachable
     from cluster.local import slurm_env
     from cluster.profile import load_profile
-    from cluster.submission import job_name, node_command, render_node_command, render_sbatch, slurm_parameters
+    from cluster.submission import job_name
+    from launcher.flag_overrides import flag_overrides
     from launcher.job import prepare_job
 
     profile = load_profile(args.cluster).replace(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
+        nodes=args.nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
         qos=args.qos, time=args.time, constraint=args.constraint, max_requeues=args.max_requeues,
     )
     env = slurm_env(profile.local)
     if not args.dry_run:
         slurm_reachable(env)  # before anything is written
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"training.max_steps={args.max_steps}")
-    if args.save_steps is not None:
-        overrides.append(f"training.save_steps={args.save_steps}")
-    job = prepare_job(args.config, overrides, output_dir=args.output_dir, nodes=profile.nodes,
-                      gpus_per_node=profile.gpus_per_node or None, hardware=_profile_hardware(profile))
-    job_dir = Path(job.output_dir).resolve()
+        check_partition(profile, env)
+    job = prepare_job(args.config, [*args.overrides, *flag_overrides(args)], output_dir=args.output_dir,
+                      nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None,
+                      hardware=profile.hardware(), write=False)
+    for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
+        job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch
     name = job_name(f"llaunch-{Path(args.config).stem}")
-    params = slurm_parameters(profile, name)
-
-    if args.dry_run:
-        print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
-        print(render_sbatch(params, job_dir / "slurm", sys.executable))
-        argv, extra_env = node_command(job.plan, job_dir, rdzv_host="FIRST_NODE", rdzv_port="RDZV_PORT",
-                                       job_id="JOB_ID", max_restarts=profile.max_restarts,
-                                       dist_timeout_s=profile.dist_timeout_s, cpus_per_node=profile.cpus_per_task,
-                                       python=sys.executable)
-        print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_JOB_NODELIST\"`,")
-        print(f"# RDZV_PORT = 20000 + JOB_ID % 10000):")
-        print(render_node_command(argv, extra_env))
-        print(f"# plan written to {job_dir / 'plan.yaml'}; nothing submitted (--dry-run).")
+    if args.dry_run:  # writes nothing: the job dir may belong to a running job that rereads it on requeue
+        _print_dry_run(job, profile, name)
         return 0
+    record = _submit(job, profile, name, env)
+    return _wait(record) if args.wait else 0
 
+
+def _print_dry_run(job, profile, name: str) -> None:
+    """The sbatch script, each node's command and the plan, as `submit` would write and run them."""
+    import sys
+    from pathlib import Path
+
+    from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters
+    from launcher.job import PLAN_FILE
+
+    job_dir = Path(job.output_dir).resolve()
+    print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
+    print(render_sbatch(slurm_parameters(profile, name), job_dir / "slurm", sys.executable))
+    argv, extra_env = node_command(job.plan, job_dir, rdzv_host="FIRST_NODE", rdzv_port="RDZV_PORT",
+                                   job_id="JOB_ID", max_restarts=profile.max_restarts,
+                                   dist_timeout_s=profile.dist_timeout_s, cpus_per_node=profile.cpus_per_task,
+                                   python=sys.executable)
+    print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_JOB_NODELIST\"`,")
+    print("# RDZV_PORT = 20000 + JOB_ID % 10000):")
+    print(render_node_command(argv, extra_env))
+    print(f"# the plan ({job_dir / PLAN_FILE} when submitted):")
+    print(job.plan.to_yaml().rstrip())
+    print("# nothing written, nothing submitted (--dry-run).")
+
+
+def _submit(job, profile, name: str, env: dict[str, str]):
+    """Write the job dir and sbatch it, unless a job that has not ended owns that dir; the record lets
+    `status`, `logs` and `cancel` find the job by its id."""
+    from pathlib import Path
+
+    from cluster.executor import submit
+    from cluster.jobs import JobRecord, active_job_in
+    from launcher.errors import LaunchError
+    from launcher.job import PLAN_FILE, write_job
+
+    job_dir = Path(job.output_dir).resolve()
+    active = active_job_in(job_dir / "slurm", env)
+    if active:
+        raise LaunchError(f"{job_dir} belongs to job {active[0]}, which is {active[1].state.lower()}; wait for it "
+                          f"to end, `llaunch cancel {active[0]}`, or choose another --output-dir.")
+    write_job(job)
     submitted = submit(job_dir, profile, name, env)
     record = JobRecord(job_id=str(submitted.job_id), name=name, output_dir=str(job_dir),
                        log_folder=str(job_dir / "slurm"), nodes=profile.nodes, cluster=profile.name,
@@ -93,14 +111,24 @@ def run(args: argparse.Namespace) -> int:
     record.save()
     plan = job.plan
     print(f"submitted job {record.job_id} ({name}): {plan.nodes} node(s) x {plan.gpus_per_node} "
-          f"{'GPU' if plan.device == 'cuda' else 'process'}(es), {plan.strategy}, requeues up to {profile.max_requeues} time(s)")
-    print(f"  plan:   {job_dir / 'plan.yaml'}")
+          f"{'GPU' if plan.device == 'cuda' else 'process'}(es), {plan.strategy}, "
+          f"requeues up to {profile.max_requeues} time(s)")
+    print(f"  plan:   {job_dir / PLAN_FILE}")
     print(f"  logs:   {record.log_paths(0)[0]}  (all nodes: {record.log_folder})")
     print(f"  follow: llaunch status {record.job_id}   llaunch logs {record.job_id} -f   llaunch cancel {record.job_id}")
-    if not args.wait:
-        return 0
-    state = wait_for_end(record.job_id, record.env())
+    return record
+
+
+def _wait(record) -> int:
+    """`--wait`: block until the job ends, print its status; 0 only if it completed."""
+    from cluster.jobs import wait_for_end
     from launcher.cli.status import describe
 
+    try:
+        state = wait_for_end(record.job_id, record.env())
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {record.job_id} keeps running (`llaunch status {record.job_id}`, "
+              f"`llaunch cancel {record.job_id}`).", flush=True)
+        return 130
     print("\n".join(describe(record.job_id)))
     return 0 if state.state == "COMPLETED" else 1

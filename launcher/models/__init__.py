@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,6 +18,7 @@ from pathlib import Path
 from launcher.errors import LaunchError
 
 CATALOG_DIR = Path(__file__).with_name("catalog")
+CONFIG_KEYS_FILE = Path(__file__).parents[1] / "data" / "config_keys.json"
 # Families whose parameter count and layer shapes we compute analytically (tested equal to the meta count).
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 GPT2_LIKE = ("gpt2",)
@@ -95,8 +97,8 @@ def load_model_spec(name_or_path: str, overrides: dict | None = None) -> ModelSp
     key = str(name_or_path).strip()
     entry = _catalog_entry(key)
     if entry is not None:
-        config = {**entry["hf_config"], **overrides}
-        spec = _spec_from_config(entry["name"], config, source=entry["source"])
+        config = _overridden(entry["name"], entry["hf_config"], overrides)
+        spec = spec_from_config(entry["name"], config, source=entry["source"])
         if not overrides:
             spec.published_params = entry["published_params"]
         return spec
@@ -107,8 +109,44 @@ def load_model_spec(name_or_path: str, overrides: dict | None = None) -> ModelSp
         raise LaunchError(
             f"unknown model {key!r} (not an alias, catalog name, cached HF id or local path); {hint}"
         )
-    config = {**_read_config_json(config_path), **overrides}
-    return _spec_from_config(key, config, source=str(config_path))
+    config = _overridden(key, _read_config_json(config_path), overrides)
+    return spec_from_config(key, config, source=str(config_path))
+
+
+@lru_cache(maxsize=1)
+def _config_keys() -> dict[str, list[str]]:
+    return json.loads(CONFIG_KEYS_FILE.read_text())["keys"]
+
+
+def _overridden(name: str, config: dict, overrides: dict) -> dict:
+    """config with overrides applied, each one checked: a key the model type's config knows (transformers would
+    set an unknown one and ignore it), the same model type, and a value of the kind it replaces (a positive count
+    stays a positive count, a number stays finite). Keys are checked for the model types in CONFIG_KEYS_FILE."""
+    known = _config_keys().get(config.get("model_type"))
+    for key, value in overrides.items():
+        if known is not None and key not in config and key not in known:
+            close = difflib.get_close_matches(str(key), [*config, *known], n=1)
+            hint = f"did you mean {close[0]}?" if close else "see the model's Hugging Face config class."
+            raise LaunchError(f"model override {key!r} is not a key of a {config['model_type']} config ({name}); {hint}")
+        if key not in config:
+            continue
+        old = config[key]
+        if key == "model_type" and value != old:
+            raise LaunchError(f"model override model_type={value} would turn {name} ({old}) into another kind of "
+                              f"model; pick a model of type {value} instead.")
+        if isinstance(old, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(old, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or old < 1)
+        elif isinstance(old, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = True
+        if not ok:
+            kind = {bool: "true or false", int: "a positive integer" if old >= 1 else "an integer",
+                    float: "a finite number"}[type(old)]
+            raise LaunchError(f"model override {key}={value!r} for {name} must be {kind} (it was {old!r}).")
+    return {**config, **overrides}
 
 
 @lru_cache(maxsize=1)
@@ -174,7 +212,9 @@ def _read_config_json(path: Path) -> dict:
     return config
 
 
-def _spec_from_config(name: str, config: dict, source: str) -> ModelSpec:
+def spec_from_config(name: str, config: dict, source: str = "") -> ModelSpec:
+    """The spec of a Hugging Face config dict (the ranks pass their built model's, so MFU uses the planner's
+    FLOPs rule)."""
     model_type = config.get("model_type")
     if model_type in LLAMA_LIKE:
         return _llama_like_spec(name, config, source)

@@ -1,0 +1,87 @@
+"""Seconds per optimizer step of a candidate setup: compute at the GPU's peak times an efficiency that grows
+with the micro-batch, the collectives that backward does not hide, and offload traffic. The planner ranks the
+candidates that fit by it; the constants are measured or cited where they are set."""
+
+from __future__ import annotations
+
+from launcher.hardware import Hardware, inter_node_bytes_per_s
+from launcher.memory_sizes import qlora_base_bytes
+from launcher.models import ModelSpec
+from launcher.plan import TrainSetup
+
+MATMUL_EFFICIENCY = 0.35  # achieved / peak FLOP/s of an eager HF Llama step on H100, large micro-batches (bench/)
+HALF_EFFICIENCY_TOKENS = 3900  # tokens per micro-batch at which half of that is reached (H100, TinyLlama-1.1B)
+LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth for large messages
+BACKWARD_OVERLAP = 0.6  # share of compute that gradient/parameter collectives hide behind (backward is 2/3)
+CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512, ZeRO-Offload paper fig. 9)
+
+
+def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> dict[str, float]:
+    """Seconds per optimizer step: compute at peak x efficiency, collectives not hidden by backward, offload traffic."""
+    tokens_per_rank = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps
+    # 2 FLOPs/param/token forward, 4 backward (input + weight grads); LoRA's frozen base skips weight grads;
+    # checkpointing runs the forward twice.
+    passes = (2 + (2 if setup.trains_adapters else 4)) + (2 if setup.activation_checkpointing else 0)
+    micro_tokens = setup.micro_batch * setup.seq_len
+    efficiency = MATMUL_EFFICIENCY * micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)  # small matmuls under-fill the GPU
+    flops = spec.flops_per_token(setup.seq_len) * tokens_per_rank * passes / 6
+    compute = flops / (facts.peak_flops[setup.flops_key] * efficiency)
+    comm = communication_seconds(spec, setup, hw, facts)
+    exposed = max(0.0, comm - BACKWARD_OVERLAP * compute)
+    offload = offload_seconds(spec, setup, facts)
+    return {"compute_s": compute, "comm_s": comm, "exposed_comm_s": exposed, "offload_s": offload}
+
+
+def intra_node_bytes_per_s(hw: Hardware, facts) -> float:
+    """A ring inside one node: NVLink (or PCIe without it)."""
+    intra = facts.nvlink_bytes_per_s if hw.nvlink and facts.nvlink_bytes_per_s else facts.pcie_bytes_per_s
+    return intra * LINK_EFFICIENCY
+
+
+def link_bytes_per_s(hw: Hardware, facts) -> float:
+    """The slowest link a ring over every rank crosses: the network between nodes, else the node's own."""
+    if hw.nodes > 1:
+        return min(intra_node_bytes_per_s(hw, facts), inter_node_bytes_per_s() * LINK_EFFICIENCY)
+    return intra_node_bytes_per_s(hw, facts)
+
+
+def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> float:
+    """Per-rank bytes on the wire per step (ZeRO paper sec. 7: DDP/ZeRO-1/2 move 2 x params, ZeRO-3/FSDP 3 x)."""
+    world = setup.world_size
+    if world == 1:
+        return 0.0
+    ring = (world - 1) / world
+    trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if setup.trains_adapters else spec.num_params
+    grad_bytes = 4 if setup.trains_adapters or (not setup.is_deepspeed and setup.precision != "bf16") else 2
+    param_bytes = 2 if setup.precision != "fp32" else 4
+    micro_steps = setup.gradient_accumulation_steps
+    if setup.strategy in ("ddp", "zero1"):
+        volume = 2 * trainable * grad_bytes  # one all-reduce (or reduce-scatter + all-gather) per optimizer step
+    elif setup.strategy == "zero2":
+        volume = trainable * grad_bytes * micro_steps + trainable * param_bytes  # reduce-scatter each micro-step
+    else:
+        weights = qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * param_bytes
+        gathers = 2 * weights * micro_steps  # all-gather params for forward and backward
+        volume = gathers + trainable * grad_bytes * micro_steps
+    if setup.strategy == "hsdp":
+        # Gathers and reduce-scatters run inside the node; only each rank's reduced gradient shard is
+        # all-reduced across nodes, once per optimizer step (no sync while accumulating).
+        gpus = world // setup.nodes
+        inside = volume * (gpus - 1) / gpus / intra_node_bytes_per_s(hw, facts)
+        across = 2 * trainable / gpus * grad_bytes * (setup.nodes - 1) / setup.nodes
+        return inside + across / (inter_node_bytes_per_s() * LINK_EFFICIENCY)
+    return volume * ring / link_bytes_per_s(hw, facts)
+
+
+def offload_seconds(spec: ModelSpec, setup: TrainSetup, facts) -> float:
+    """ZeRO-Offload: the trained weights' gradients down and weights up over PCIe, Adam on the CPU; parameter
+    offload (ZeRO-Infinity, FSDP2's CPUOffloadPolicy) also streams every weight shard up for forward and backward."""
+    if not setup.offloads:
+        return 0.0
+    trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if setup.trains_adapters else spec.num_params
+    shard = trainable / setup.world_size
+    seconds = 2 * shard * 2 / facts.pcie_bytes_per_s + shard / CPU_ADAM_PARAMS_PER_S
+    if setup.offload == "optimizer+params":
+        weights = qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * 2
+        seconds += 2 * weights / setup.world_size * setup.gradient_accumulation_steps / facts.pcie_bytes_per_s
+    return seconds
