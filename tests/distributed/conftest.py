@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +26,13 @@ def run_torchrun_workers(script: Path, *args: str, nproc: int = 2, timeout: floa
 @pytest.fixture(scope="session")
 def torchrun_workers():
     return run_torchrun_workers
+
+
+@pytest.fixture(scope="session")
+def word_text(tmp_path_factory) -> Path:
+    """12,000 words of code-like text (seeded): the small corpus the distributed tests train on."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "self", "(", ")", ":", "=", "+", "\n", "    "]
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(12000)))
+    return path

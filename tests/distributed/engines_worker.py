@@ -13,26 +13,30 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import save_file
 
-from launcher.train.loop import Trainer, init_distributed
+from launcher.train.distributed import init_distributed
+from launcher.train.loop import Trainer
+from tests.tiny_run import TINY_LLAMA
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY = {**TINY_LLAMA, "max_position_embeddings": 64}
 
 
 def write_job(job: Path, data: Path, cache: Path, strategy: str, micro: int, accum: int, steps: int,
               option: str) -> None:
     job.mkdir(parents=True, exist_ok=True)
     config = {
-        "model": {"name_or_path": "tinyllama-1.1b", "overrides": TINY},
+        "model": {"name_or_path": "tinyllama-1.1b", "overrides": {**TINY, "tie_word_embeddings": option == "tied"}},
         "data": {"train_files": [str(data)], "vocab_size": 300, "block_size": 32, "cache_dir": str(cache),
                  "validation_split_percentage": 0},
         "training": {"max_steps": steps, "learning_rate": 1e-2, "warmup_steps": 0, "seed": 7, "report_to": []},
     }
     plan = {"model": "tinyllama-1.1b", "strategy": strategy, "precision": "fp32", "micro_batch": micro,
             "gradient_accumulation_steps": accum, "seq_len": 32, "device": "cpu", "gpus_per_node": 2,
-            "activation_checkpointing": option == "ckpt"}
+            "activation_checkpointing": option == "ckpt", "offload": "optimizer+params" if option == "offload" else "none",
+            "loss_chunk_tokens": 24}  # several ragged chunks of the 2 x 32 tokens (ZeRO-3 keeps the full logits)
     if option.startswith("amp-"):
         plan["precision"] = option
+    if option.startswith("mesh"):  # meshRxS: HSDP's (replicate, shard) mesh, as the plan's nodes x gpus_per_node
+        plan["nodes"], plan["gpus_per_node"] = (int(n) for n in option[len("mesh"):].split("x"))
     (job / "config.yaml").write_text(yaml.safe_dump(config))
     (job / "plan.yaml").write_text(yaml.safe_dump(plan))
 
@@ -42,10 +46,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("runs", nargs="+", help="strategy:micro:accum[:ckpt|amp-bf16]")
+    parser.add_argument("runs", nargs="+", help="strategy:micro:accum[:ckpt|amp-bf16|tied|offload|meshRxS]")
     args = parser.parse_args()
     _, rank, world = init_distributed()
-    results = {}
+    results, meshes, facts = {}, {}, {}
     for run in args.runs:
         strategy, micro, accum, option = (run.split(":") + [""])[:4]
         job = args.out / run.replace(":", "-")
@@ -53,6 +57,13 @@ def main() -> None:
             write_job(job, args.data, args.out / "cache", strategy, int(micro), int(accum), args.steps, option)
         dist.barrier()
         trainer = Trainer(job)
+        if strategy in ("fsdp", "hsdp"):  # FSDP2's parameters are DTensors: their mesh and placements
+            param = next(trainer.engine.wrapped.parameters())
+            meshes[run] = {"shape": list(param.device_mesh.shape), "placements": [str(p) for p in param.placements]}
+            policy = trainer.engine.wrapped._get_fsdp_state()._fsdp_param_group.offload_policy
+            facts.setdefault(run, {})["offload_policy"] = type(policy).__name__
+        # the chunked loss replaces the causal LM's forward on the instance (launcher/train/chunked_loss.py)
+        facts.setdefault(run, {})["chunked_loss"] = "forward" in vars(trainer.engine.module)
         losses = []
         for _ in range(args.steps):
             loss = trainer.train_step()
@@ -60,13 +71,16 @@ def main() -> None:
             losses.append(loss.item() / world)
         state = trainer.engine.full_state_dict()
         if rank == 0:
-            save_file({k: v.float().contiguous() for k, v in state.items()}, str(job / "weights.safetensors"))
+            # clone: a tied model's input and output embeddings are one tensor, which safetensors refuses to save twice
+            save_file({k: v.float().contiguous().clone() for k, v in state.items()}, str(job / "weights.safetensors"))
         results[run] = losses
         del trainer, state
         gc.collect()
         dist.barrier()
     if rank == 0:
         (args.out / "losses.json").write_text(json.dumps(results))
+        (args.out / "meshes.json").write_text(json.dumps(meshes))
+        (args.out / "facts.json").write_text(json.dumps(facts))
     dist.destroy_process_group()
 
 

@@ -1,11 +1,12 @@
-"""A minimal rank program around the Checkpointer: tiny model with dropout, grad accumulation, eval.
+"""A minimal rank program around the real engines and the Checkpointer: a tiny Llama with attention dropout,
+grad accumulation, eval.
 
-Run by tests/distributed/test_resume.py under torchrun. It exercises the checkpoint and preemption modules
-exactly as the training loop does: resume at start, `should_stop()` + save at each step boundary,
-exit with REQUEUE_EXIT_CODE after a preemption checkpoint, final weights exported to safetensors.
-Test-only hooks (environment): SIGNAL_AT="step:micro:rank" signals that rank inside accumulation,
-SIGNAL_IN_EVAL="step:rank" inside an eval, KILL_IN_SAVE=step kills rank 0 with SIGKILL after its
-shards are written but before the checkpoint is published, STEP_SLEEP seconds per step.
+Run by tests/distributed/test_resume.py under torchrun. It drives the engine (launcher.train.engines) and the
+checkpoint and preemption modules exactly as the training loop does: resume at start, `should_stop()` + save
+at each step boundary, exit with REQUEUE_EXIT_CODE after a preemption checkpoint, final weights written to
+safetensors. Test-only hooks (environment): SIGNAL_AT="step:micro:rank" signals that rank inside
+accumulation, SIGNAL_IN_EVAL="step:rank" inside an eval, KILL_IN_SAVE=step kills rank 0 with SIGKILL after
+its shards are written but before the checkpoint is published, STEP_SLEEP seconds per step.
 """
 
 from __future__ import annotations
@@ -19,88 +20,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
+from launcher.config import TrainingConfig
 from launcher.errors import LaunchError
-from launcher.train.checkpoint import Checkpointer, resolve_resume
-from launcher.train.export import export_checkpoint
+from launcher.plan import Plan
+from launcher.signals import REQUEUE_EXIT_CODE
+from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
+from launcher.train.engines import build_engine
 from launcher.train.fingerprint import Fingerprint
-from launcher.train.preemption import REQUEUE_EXIT_CODE, PreemptionHandler
+from launcher.train.preemption import PreemptionHandler
+from tests.tiny_run import TINY_LLAMA
 
-VOCAB, HIDDEN, SEQ, MICRO, GLOBAL_BATCH = 64, 32, 16, 2, 8
-
-
-class TinyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Dropout(0.1)) for _ in range(2)
-        )
-        self.head = nn.Linear(HIDDEN, VOCAB)
-
-    def forward(self, tokens):
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = x + layer(x)
-        return self.head(x)
-
-
-class DCPEngine:
-    """DDP / FSDP2: model + optimizer through torch.distributed.checkpoint (what engines/ddp|fsdp do)."""
-
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
-        self._async_group = None
-
-    def backward(self, loss, last_micro):
-        loss.backward()
-
-    def step(self):
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _state(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optimizer": optim_sd}
-
-    def save_state(self, path, async_save=False):
-        import torch.distributed.checkpoint as dcp
-
-        if not async_save:
-            dcp.save(self._state(), checkpoint_id=str(path))
-            return None
-        if self._async_group is None:
-            self._async_group = dist.new_group(backend="gloo")
-        return dcp.async_save(self._state(), checkpoint_id=str(path), process_group=self._async_group)
-
-    def load_state(self, path):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._state()
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-class DeepSpeedEngine:
-    def __init__(self, engine):
-        self.model = self.engine = engine
-
-    def backward(self, loss, last_micro):
-        self.engine.backward(loss)
-
-    def step(self):
-        self.engine.step()
-
-    def save_state(self, path, async_save=False):
-        self.engine.save_checkpoint(str(path), tag="ds")
-        return None
-
-    def load_state(self, path):
-        self.engine.load_checkpoint(str(path), tag="ds", load_lr_scheduler_states=False)
+VOCAB, SEQ, MICRO, GLOBAL_BATCH = 64, 16, 2, 8
+ARCHITECTURE = {**TINY_LLAMA, "vocab_size": VOCAB, "max_position_embeddings": SEQ, "attention_dropout": 0.1}
 
 
 def accumulation(world):
@@ -109,33 +41,27 @@ def accumulation(world):
 
 
 def build(strategy):
+    """The engine the loop would build for this strategy, on a random-init tiny Llama (same seed on every rank).
+    hsdp: every rank its own "node" of one process, the (world, 1) mesh that shards least."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    world = dist.get_world_size()
     torch.manual_seed(0)
-    model = TinyLM()
-    make_opt = lambda params: torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)  # noqa: E731
-    if strategy == "ddp":
-        model = nn.parallel.DistributedDataParallel(model)
-        return DCPEngine(model, make_opt(model.parameters()))
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return DCPEngine(model, make_opt(model.parameters()))
-    import deepspeed
-
-    stage = int(strategy[-1])
-    config = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": accumulation(dist.get_world_size()),
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-              "gradient_clipping": 0.0}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_opt(model.parameters()), config=config)
-    return DeepSpeedEngine(engine)
+    model = LlamaForCausalLM._from_config(LlamaConfig(**ARCHITECTURE, use_cache=False), attn_implementation="eager",
+                                          dtype=torch.float32)
+    nodes, per_node = (world, 1) if strategy == "hsdp" else (1, world)
+    plan = Plan(model="tiny", strategy=strategy, precision="fp32", optimizer="adamw_torch", micro_batch=MICRO,
+                gradient_accumulation_steps=accumulation(world), seq_len=SEQ, nodes=nodes, gpus_per_node=per_node,
+                device="cpu")
+    training = TrainingConfig(learning_rate=3e-3, weight_decay=0.01, optim="adamw_torch", max_grad_norm=0.0)
+    return build_engine(model, plan, training, torch.device("cpu"), {})
 
 
 def batch(step, micro, rank, world):
     """The samples of (step, micro, rank): a pure function of position, as the resumable sampler gives."""
     g = torch.Generator().manual_seed(((step * accumulation(world) + micro) * world + rank) * 7919)
-    return torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g)
+    tokens = torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
+    return {"input_ids": tokens, "labels": tokens}
 
 
 def maybe_signal(var, *coords):
@@ -163,12 +89,13 @@ def main():
 
 
 def dump_full_model(engine, path):
+    """The consolidated weights, as rank 0 gathers them (every rank takes part)."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(engine.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = engine.full_state_dict()
     if dist.get_rank() == 0:
-        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
 
 
 def kill_during_save(engine, kill_step):
@@ -194,11 +121,11 @@ def train(args):
     torch.manual_seed(1234 + rank)  # per-rank stream (dropout) that must survive resume
     ckpt = Checkpointer(args.output, strategy=args.strategy, save_total_limit=2, metric_for_best_model="eval_loss",
                         async_save=args.async_save)
-    fingerprint = Fingerprint.build(model_config={"hidden": HIDDEN, "vocab": VOCAB}, tokenizer="tok-v1",
+    fingerprint = Fingerprint.build(model_config=ARCHITECTURE, tokenizer="tok-v1",
                                     data=args.data, global_batch=GLOBAL_BATCH,
                                     schedule={"max_steps": args.steps})
     step, eval_loss = 0, None
-    resume = resolve_resume(args.output, None, no_resume=False, overwrite=False)
+    resume = resolve_resume_on_every_rank(args.output, None, no_resume=False, overwrite=False)
     if resume:
         state = ckpt.load(resume, engine, fingerprint)
         step, eval_loss = state["train_state"]["global_step"], state["train_state"]["eval_loss"]
@@ -206,7 +133,6 @@ def train(args):
             print(f"RESUMED step={step}", flush=True)
         if args.dump_loaded:
             dump_full_model(engine, args.dump_loaded)
-    loss_fn = nn.CrossEntropyLoss()
     sleep = float(os.environ.get("STEP_SLEEP", "0"))
 
     def save():
@@ -215,22 +141,20 @@ def train(args):
                   documents={"config.yaml": f"strategy: {args.strategy}\n"})
 
     while step < args.steps:
-        engine.model.train()
+        engine.train(True)
         accum = accumulation(world)
         for micro in range(accum):
             maybe_signal("SIGNAL_AT", step, micro, rank)
-            tokens = batch(step, micro, rank, world)
-            logits = engine.model(tokens[:, :-1])
-            loss = loss_fn(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)) / accum
-            engine.backward(loss, micro == accum - 1)
-        engine.step()
+            with engine.accumulating(final=micro == accum - 1):
+                loss = engine.forward({**batch(step, micro, rank, world), "num_items_in_batch": accum * MICRO * (SEQ - 1)})
+                engine.backward(loss)
+        engine.step(0.0)
         step += 1
         if step % args.eval_steps == 0:
-            engine.model.eval()
+            engine.train(False)
             with torch.no_grad():
                 maybe_signal("SIGNAL_IN_EVAL", step, rank)
-                tokens = batch(10_000, 0, 0, 1)
-                value = loss_fn(engine.model(tokens[:, :-1]).reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+                value = engine.forward(batch(10_000, 0, 0, 1)).detach()
                 dist.all_reduce(value)
                 eval_loss = value.item() / world
         time.sleep(sleep)
@@ -242,11 +166,14 @@ def train(args):
             if rank == 0:
                 print(f"PREEMPTED step={step}", flush=True)
             dist.destroy_process_group()
-            sys.exit(REQUEUE_EXIT_CODE)
+            # Without the interpreter's teardown, as llaunch's ranks end (launcher/train/__main__.exit_now): it
+            # has aborted a finished process under load ("terminate called without an active exception").
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(REQUEUE_EXIT_CODE)
     ckpt.wait()
     dist.barrier()
-    if rank == 0:
-        export_checkpoint(Path(args.output) / "checkpoints" / f"step-{step}", Path(args.output) / "final")
+    dump_full_model(engine, Path(args.output) / "final" / "model.safetensors")
     dist.destroy_process_group()
 
 

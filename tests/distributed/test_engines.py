@@ -4,31 +4,29 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.tiny_run import TINY_LLAMA
+
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("engines_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_RUNS = ["ddp:2:2", "ddp:4:1", "fsdp:2:2", "fsdp:4:1", "zero1:2:2", "zero2:2:2", "zero3:2:2", "zero2:4:1"]
-RUNS = [*ENGINE_RUNS, "ddp:2:2:ckpt", "fsdp:2:2:ckpt", "ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16"]
-
-
-def make_text(path: Path) -> Path:
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "self", "(", ")", ":", "=", "+", "\n", "    "]
-    path.write_text(" ".join(rng.choice(words) for _ in range(12000)))
-    return path
+TIED_RUNS = ["ddp:2:2:tied", "fsdp:2:2:tied", "zero3:2:2:tied"]  # one embedding matrix for input and output
+HSDP_RUNS = ["hsdp:2:2:mesh2x1", "hsdp:2:2:mesh1x2"]  # (replicate, shard): 2 "nodes" of 1 rank, 1 node of 2
+OFFLOAD_RUNS = ["fsdp:2:2:offload"]  # FSDP2 CPUOffloadPolicy: shards, gradients and AdamW on the host
+RUNS = [*ENGINE_RUNS, "ddp:2:2:ckpt", "fsdp:2:2:ckpt", "ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16", *TIED_RUNS, *HSDP_RUNS,
+        *OFFLOAD_RUNS]
 
 
 @pytest.fixture(scope="module")
-def engine_runs(tmp_path_factory, torchrun_workers):
+def engine_runs(tmp_path_factory, torchrun_workers, word_text):
     out = tmp_path_factory.mktemp("engines")
-    torchrun_workers(WORKER, "--out", str(out), "--data", str(make_text(out / "text.txt")), *RUNS)
+    torchrun_workers(WORKER, "--out", str(out), "--data", str(word_text), *RUNS)
     return out, json.loads((out / "losses.json").read_text())
 
 
@@ -43,13 +41,25 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-@pytest.mark.parametrize("run", [r for r in ENGINE_RUNS if r != "ddp:2:2"] + ["ddp:2:2:ckpt", "fsdp:2:2:ckpt"])
+@pytest.mark.parametrize("run", [r for r in ENGINE_RUNS if r != "ddp:2:2"] + ["ddp:2:2:ckpt", "fsdp:2:2:ckpt", *HSDP_RUNS,
+                                                                              *OFFLOAD_RUNS])
 def test_same_seed_same_losses_under_every_engine(engine_runs, run):
     _, losses = engine_runs
     reference = losses["ddp:2:2"]
     assert reference[0] > reference[-1], f"the loss did not fall: {reference}"
     for step, (got, want) in enumerate(zip(losses[run], reference)):
         assert rel_diff(got, want) <= 1e-3, f"{run} step {step + 1}: loss {got} vs DDP {want}"
+
+
+def test_engines_run_the_chunked_loss_and_fsdp_offloads_as_declared(engine_runs):
+    """launcher.plan.ENGINE_SUPPORT: every engine but ZeRO-3 computes the loss in chunks; plan.offload reaches
+    FSDP2 as its CPUOffloadPolicy (on this CPU-only machine the losses cannot tell them apart)."""
+    out, _ = engine_runs
+    facts = json.loads((out / "facts.json").read_text())
+    assert {run: fact["chunked_loss"] for run, fact in facts.items() if run in ENGINE_RUNS} == {
+        run: not run.startswith("zero3") for run in ENGINE_RUNS}
+    assert facts["fsdp:2:2:offload"]["offload_policy"] == "CPUOffloadPolicy"
+    assert facts["fsdp:2:2"]["offload_policy"] == "OffloadPolicy"
 
 
 @pytest.mark.parametrize("run", ["ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16"])
@@ -70,15 +80,40 @@ def test_micro2_accum2_equals_micro4_accum1(engine_runs, strategy):
     assert worst < 1e-5, f"{strategy}: weights differ by {worst} after identical updates"
 
 
+@pytest.mark.parametrize("run", TIED_RUNS[1:])
+def test_tied_embeddings_stay_tied_and_train_alike_under_every_engine(engine_runs, run):
+    """FSDP's meta-device ranks used to build the model untied: one parameter more than rank 0, so the ranks'
+    collectives no longer matched and gloo aborted at the first forward."""
+    out, losses = engine_runs
+    reference = losses["ddp:2:2:tied"]
+    assert losses[run] == pytest.approx(reference, rel=1e-3), run
+    assert rel_diff(reference[0], losses["ddp:2:2"][0]) > 1e-3  # tying changed the model, so this run tested it
+    tied, other = weights(out, "ddp:2:2:tied"), weights(out, run)
+    assert tied.keys() == other.keys()
+    assert max((other[k] - tied[k]).abs().max().item() for k in tied) < 1e-4
+    if "lm_head.weight" in other:  # consolidated state names both; they must still be one matrix after training
+        assert other["lm_head.weight"].equal(other["model.embed_tokens.weight"])
+
+
 def test_engines_consolidate_identical_weights(engine_runs):
     out, _ = engine_runs
     reference = weights(out, "ddp:2:2")
-    for run in ("fsdp:2:2", "zero1:2:2", "zero3:2:2"):
+    for run in ("fsdp:2:2", "zero1:2:2", "zero3:2:2", *HSDP_RUNS):
         other = weights(out, run)
         missing = set(reference) - set(other)
         assert not missing, f"{run} lacks {sorted(missing)[:3]}"
         worst = max((other[k] - reference[k]).abs().max().item() for k in reference)
         assert worst < 1e-4, f"{run}: final weights differ from DDP by {worst}"
+
+
+def test_hsdp_shards_on_the_plans_replicate_x_shard_mesh(engine_runs):
+    """The plan's nodes x gpus_per_node become FSDP2's 2-D mesh: parameters replicated over the first dimension,
+    sharded over the second; plain FSDP keeps its 1-D mesh over the world."""
+    out, _ = engine_runs
+    meshes = json.loads((out / "meshes.json").read_text())
+    assert meshes["fsdp:2:2"] == {"shape": [2], "placements": ["S(0)"]}
+    assert meshes["hsdp:2:2:mesh2x1"] == {"shape": [2, 1], "placements": ["R", "S(0)"]}
+    assert meshes["hsdp:2:2:mesh1x2"] == {"shape": [1, 2], "placements": ["R", "S(0)"]}
 
 
 def test_quickstart_loss_falls_20_percent_in_60_steps(tmp_path):
@@ -103,9 +138,7 @@ def test_llaunch_run_two_ranks_writes_a_loadable_model_and_generate_continues_it
     text = tmp_path / "corpus.txt"
     text.write_text("def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n\n" * 300)
     config = {
-        "model": {"name_or_path": "tinyllama-1.1b", "overrides": {
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2}},
+        "model": {"name_or_path": "tinyllama-1.1b", "overrides": TINY_LLAMA},
         "data": {"train_files": [str(text)], "vocab_size": 280, "block_size": 32, "cache_dir": str(tmp_path / "c"),
                  "validation_split_percentage": 10},
         "training": {"per_device_train_batch_size": 2, "logging_steps": 2, "eval_steps": 2},
@@ -152,32 +185,32 @@ def test_llaunch_run_two_ranks_writes_a_loadable_model_and_generate_continues_it
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    from launcher.train import arithmetic
+    from examples import arithmetic
     from launcher.train.sft import format_prompt
 
     root = tmp_path_factory.mktemp("sft")
     records = arithmetic.make_records(300, seed=0, max_operand=30)
     arithmetic.write_jsonl(records, root / "train.jsonl")
-    arithmetic.make_base_model(root / "base", [format_prompt(None, r["instruction"]) + r["output"] for r in records],
+    arithmetic.make_base_model(root / "base", [format_prompt(r["instruction"]) + r["output"] for r in records],
                                hidden_size=32, layers=2)
     return root
 
 
-def lora_run(root: Path, out: Path, strategy: str) -> list[float]:
+def lora_run(root: Path, out: Path, strategy: str, method: str = "lora", *overrides: str) -> list[float]:
     import yaml
 
     config = {
         "model": {"name_or_path": str(root / "base")},
         "data": {"dataset_format": "alpaca", "train_files": [str(root / "train.jsonl")], "block_size": 96},
-        "finetune": {"method": "lora", "r": 4, "lora_dropout": 0.0},
+        "finetune": {"method": method, "r": 4, "lora_dropout": 0.0},
         "training": {"learning_rate": 1e-2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
                      "logging_steps": 1, "save_strategy": "no", "bf16": False, "warmup_steps": 0, "report_to": []},
     }
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
     run = subprocess.run([sys.executable, "-m", "launcher", "run", str(path), "--output-dir", str(out), "--max-steps",
-                          "4", "--strategy", strategy, "--nproc-per-node", "2"], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          "4", "--strategy", strategy, "--nproc-per-node", "2", *overrides], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-4000:]
     assert (out / "final" / "adapter_model.safetensors").exists() and not (out / "final" / "model.safetensors").exists()
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
@@ -189,6 +222,34 @@ def test_lora_runs_to_the_same_losses_under_ddp_fsdp_and_zero3(sft_data, tmp_pat
     assert len(losses["ddp"]) == 4
     for strategy in ("fsdp", "zero3"):
         assert losses[strategy] == pytest.approx(losses["ddp"], rel=1e-3), strategy
+
+
+def test_qlora_shards_its_4bit_base_under_fsdp_and_zero3_to_the_same_losses_as_ddp(sft_data, tmp_path):
+    """bitsandbytes NF4 on CPU, 4-bit weights stored as bf16: FSDP2 and ZeRO-3 split them like any weight (each
+    rank holds half of the base) and training follows DDP's replicated base."""
+    saving = ("training.save_strategy=steps", "training.save_steps=2")
+    losses = {strategy: lora_run(sft_data, tmp_path / strategy, strategy, "qlora", *saving)
+              for strategy in ("ddp", "fsdp", "zero3")}
+    assert len(losses["ddp"]) == 4 and losses["ddp"][-1] < losses["ddp"][0]
+    for strategy in ("fsdp", "zero3"):
+        assert losses[strategy] == pytest.approx(losses["ddp"], rel=1e-3), strategy
+    # FSDP's sharded checkpoint of step 2 resumes to the very adapter the uninterrupted run ended with.
+    resumed = lora_run(sft_data, tmp_path / "resumed", "fsdp", "qlora",
+                       f"training.resume_from_checkpoint={tmp_path / 'fsdp' / 'checkpoints' / 'step-2'}")
+    assert resumed == losses["fsdp"][2:]
+    from safetensors.torch import load_file
+
+    adapter = "final/adapter_model.safetensors"
+    a, b = load_file(tmp_path / "fsdp" / adapter), load_file(tmp_path / "resumed" / adapter)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    # and the adapter folds into the (unquantized) base: a plain Hugging Face model
+    from transformers import AutoModelForCausalLM
+
+    from launcher.cli import main
+
+    assert main(["export", str(tmp_path / "fsdp" / "final"), "--merge", "--to", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name in merged.state_dict())
 
 
 def test_sharding_engines_never_build_the_full_model_on_every_rank(sft_data, torchrun_workers, tmp_path):

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from launcher.signals import REQUEUE_EXIT_CODE
+
 pytestmark = pytest.mark.dist
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-REQUEUE_EXIT_CODE = 75
 
 
 def torchrun(output, strategy, *extra, nproc=2, env=None):
@@ -73,7 +74,8 @@ TINY_CONFIG = """
 model:
   name_or_path: tinyllama-1.1b
   overrides: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
-              num_key_value_heads: 2, max_position_embeddings: 64, attention_dropout: 0.1}}
+              num_key_value_heads: 2, max_position_embeddings: 64, attention_dropout: 0.1,
+              tie_word_embeddings: true}}
 data:
   train_files: ["{text}"]
   vocab_size: 256
@@ -96,15 +98,10 @@ parallel:
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    import random
-
+def tiny_config(tmp_path_factory, word_text):
     root = tmp_path_factory.mktemp("tiny")
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "def", "return", "self", "(", ")", ":", "=", "+", "\n", "    "]
-    (root / "text.txt").write_text(" ".join(rng.choice(words) for _ in range(12000)))
     config = root / "tiny.yaml"
-    config.write_text(TINY_CONFIG.format(text=root / "text.txt", cache=root / "cache"))
+    config.write_text(TINY_CONFIG.format(text=word_text, cache=root / "cache"))
     return config
 
 
@@ -154,6 +151,10 @@ def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, ti
     exported = export_checkpoint(tmp_path / "run" / "checkpoints" / "step-40", tmp_path / "exported")
     assert (tmp_path / "exported" / "config.json").exists() and (tmp_path / "exported" / "tokenizer.json").exists()
     assert max_diff(exported, final(tmp_path / "run")) == 0.0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")  # the tied model loads, still tied
+    assert model.lm_head.weight is model.get_input_embeddings().weight
 
 
 def test_signal_inside_accumulation_then_inside_eval_each_stop_all_ranks_at_the_step_boundary(tmp_path, straight):
@@ -195,8 +196,11 @@ def test_corrupted_shard_is_named_and_previous_checkpoint_used(tmp_path, straigh
     assert max_diff(final(output), final(straight("ddp"))) <= 1e-6
 
 
-def test_fsdp_checkpoint_reshards_2_to_1_and_1_to_2(tmp_path):
-    result = torchrun(tmp_path, "fsdp", "--steps", "20", nproc=2)
+@pytest.mark.parametrize("strategy", ["fsdp", "hsdp"])
+def test_fsdp_checkpoint_reshards_2_to_1_and_1_to_2(tmp_path, strategy):
+    """Saved by 2 ranks, resumed by 1 FSDP rank, and its checkpoint by 2 again. HSDP writes DCP under FSDP's
+    names, so its replicated (2, 1)-mesh state crosses to FSDP and back the same way."""
+    result = torchrun(tmp_path, strategy, "--steps", "20", nproc=2)
     assert result.returncode == 0, result.stdout + result.stderr
     two_rank_weights = tmp_path / "two.safetensors"
     shutil.copy(final(tmp_path), two_rank_weights)
@@ -208,7 +212,7 @@ def test_fsdp_checkpoint_reshards_2_to_1_and_1_to_2(tmp_path):
     assert max_diff(loaded, two_rank_weights) == 0.0
 
     loaded = tmp_path / "loaded-by-2.safetensors"
-    result = torchrun(tmp_path, "fsdp", "--steps", "25", "--dump-loaded", str(loaded), nproc=2)
+    result = torchrun(tmp_path, strategy, "--steps", "25", "--dump-loaded", str(loaded), nproc=2)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "RESUMED step=25" in result.stdout
     assert max_diff(loaded, final(tmp_path)) == 0.0  # the 1-rank run's step-25 weights

@@ -1,18 +1,24 @@
 """`llaunch submit` on the real local two-node cluster: gloo across two nodes, one process per node.
 
-One uninterrupted job is the reference; the same job preempted with USR2 after its step-20 checkpoint and
-requeued must end with the same weights. A broken config never reaches sbatch, and a job that raises is
-not requeued and shows its error in `llaunch status`.
+One uninterrupted job is the reference; the same job preempted with USR2 (twice, under CPU load) after its
+step-20 checkpoint saves the step it was at, requeues once, resumes there and ends with the same weights, and
+its goodput counts the queue wait after the requeue and the restore. A job that hangs on one node (--min-nodes 1)
+is requeued without that node and finishes on the other, its losses those of the uninterrupted run.
+A broken config or a request the partition cannot run never reaches sbatch, a job dir belongs to one job,
+a job that raises is not requeued and shows its error in `llaunch status`, and `cluster down` ends the jobs
+before it stops the daemons.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,15 +41,16 @@ TINY = [
 ]
 
 
-def llaunch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def llaunch(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=dict(os.environ))
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def submit(output_dir: Path, *extra: str, config: Path, overrides: tuple[str, ...] = (),
-           timeout: float = 300) -> subprocess.CompletedProcess:
+           timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """sbatch exports the submitting environment to the job, so `env` reaches every node's ranks."""
     return llaunch("submit", str(config), *TINY, *overrides, "--nodes", "2", "--output-dir", str(output_dir),
-                   "--max-steps", str(MAX_STEPS), "--save-steps", str(SAVE_STEPS), *extra, timeout=timeout)
+                   "--max-steps", str(MAX_STEPS), "--save-steps", str(SAVE_STEPS), *extra, timeout=timeout, env=env)
 
 
 def job_id_of(result: subprocess.CompletedProcess) -> str:
@@ -64,6 +71,50 @@ def wait_until(condition, timeout_s: float, what: str, job_id: str, poll_s: floa
             return value
         time.sleep(poll_s)
     pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}; logs:\n{logs_of(job_id)[-4000:]}")
+
+
+@contextmanager
+def cpu_load(processes: int = 2):
+    """Busy processes beside the job, as on a loaded node: signal copies then arrive seconds apart."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+def idle(env: dict[str, str]) -> bool:
+    """Whether every node is idle (none still cleaning up after a job)."""
+    return set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
+                              text=True).stdout.split()) == {"idle"}
+
+
+def release(job_id: str, env: dict[str, str]) -> None:
+    """Start a requeued job now instead of after its BeginTime, once the nodes have cleaned up the first run
+    and a second has passed: slurmd refuses a credential issued in the same second its predecessor was revoked
+    ("Job credential revoked")."""
+    wait_until(lambda: idle(env), 60, "idle nodes", job_id)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
+
+
+def submit_on_both_nodes(parent: Path, *extra: str, config: Path, env: dict[str, str]) -> tuple[Path, str]:
+    """A job of --nodes=1-2 that started on both nodes, and its output directory. Submit leaves a quarantined
+    host out of such a job (it can spare it), so no earlier test may have put one in this session's node
+    ledger; and both nodes must be idle, or slurmctld starts it on the one that is."""
+    from cluster.node_ledger import NodeLedger, QuarantinePolicy, quarantined
+
+    held = quarantined(NodeLedger.for_profile("local").events(), QuarantinePolicy())
+    assert not held, f"an earlier test's node-ledger events quarantine {held}"
+    wait_until(lambda: idle(os.environ), 60, "idle nodes", "(none yet)")
+    out = parent / "hang"
+    job_id = job_id_of(submit(out, *extra, config=config, env=env))
+    start = wait_until(lambda: (s := job_state(job_id, os.environ)).state == "RUNNING" and s, 60,
+                       "the job to start", job_id)
+    assert start.nodes == "n[1-2]", f"--nodes=1-2 started on {start.nodes} only"
+    return out, job_id
 
 
 def final_weights(output_dir: Path) -> dict:
@@ -101,9 +152,15 @@ def test_two_node_job_trains_to_the_end(straight_run):
     assert f"job {record.job_id}" in status.stdout and "COMPLETED" in status.stdout
     assert f"step {MAX_STEPS}" in status.stdout
     # both nodes ran torchrun for a world of 2, rendezvous on the first node
+    for node in (0, 1):
+        log = (straight_run / "slurm" / f"{record.job_id}_{node}_log.out").read_text()
+        assert f"node {node}/2" in log and "--nnodes 2" in log and "attempt 1" in log
+    # `llaunch logs` shows the node a rank ran on, wherever the rendezvous put it (rank 0 is not always on node 0)
     logs = logs_of(record.job_id)
-    assert "node 0/2" in logs and "--nnodes 2" in logs and "attempt 1" in logs
-    assert "node 1/2" in llaunch("logs", record.job_id, "--rank", "1").stdout
+    assert "rank 0 of 2 starts" in logs and "training " in logs
+    assert "rank 1 of 2 starts" in llaunch("logs", record.job_id, "--rank", "1").stdout
+    cancel = llaunch("cancel", record.job_id)
+    assert cancel.returncode == 0 and "had already ended (COMPLETED); nothing to cancel" in cancel.stdout
 
 
 def test_cluster_up_again_reports_the_running_cluster(slurm_cluster):
@@ -113,35 +170,114 @@ def test_cluster_up_again_reports_the_running_cluster(slurm_cluster):
     assert llaunch("cluster", "status").stdout.count(" debug") == 2  # both nodes listed
 
 
-def test_preempted_job_requeues_and_ends_with_the_same_weights(straight_run, config, tmp_path):
-    from launcher.train.checkpoint import list_checkpoints
+def test_preempted_job_saves_at_the_signal_requeues_once_and_ends_with_the_same_weights(straight_run, config, tmp_path):
+    from launcher.checkpoint_store import list_checkpoints
 
     out = tmp_path / "preempted"
     job_id = job_id_of(submit(out, config=config))
     env = load_record(job_id).env()
+    # The job dir belongs to this job: a dry run writes nothing into it, a second submit is refused.
+    written = {name: (out / name).read_bytes() for name in ("config.yaml", "plan.yaml")}
+    dry = submit(out, "--dry-run", config=config, overrides=("training.learning_rate=1.0",))
+    assert dry.returncode == 0 and "nothing written, nothing submitted" in dry.stdout, dry.stderr
+    second = submit(out, config=config, overrides=("training.learning_rate=1.0",))
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
+    assert f"belongs to job {job_id}, which is " in second.stderr
+    assert {name: (out / name).read_bytes() for name in written} == written
     wait_until(lambda: any(i.complete and i.step == SAVE_STEPS for i in list_checkpoints(out)), 240,
                f"the step-{SAVE_STEPS} checkpoint", job_id)
-    subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=30)
-    # The job checkpoints, requeues itself and waits in PENDING (BeginTime); release it at once.
-    requeued = wait_until(lambda: (s := job_state(job_id, env)).restarts >= 1 and s.state == "PENDING" and s,
-                          120, "the job to requeue itself", job_id)
+    with cpu_load():  # SLURM delivers USR2 to every process of the step, the node task forwards it too
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=env, check=True, timeout=120)
+        time.sleep(1.5)  # a second USR2, later than any duplicate window
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=env, timeout=120)
+        # The job checkpoints, requeues itself and waits in PENDING (BeginTime); release it at once.
+        requeued = wait_until(lambda: (s := job_state(job_id, env)).restarts >= 1 and s.state == "PENDING" and s,
+                              120, "the job to requeue itself", job_id)
     assert requeued.restarts == 1
-    # Release only once the nodes have cleaned up the first run and a second has passed: slurmd refuses a
-    # credential issued in the same second its predecessor was revoked ("Job credential revoked").
-    wait_until(lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True,
-                                          text=True).stdout.split()) == {"idle"}, 60, "idle nodes", job_id)
-    time.sleep(2)
-    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
+    release(job_id, env)
     end = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 240, "the requeued job to end", job_id)
     assert end.state == "COMPLETED", logs_of(job_id)[-4000:]
     assert end.restarts == 1
-    logs = logs_of(job_id)
-    assert "attempt 2" in logs and "requeue: SIGUSR2 received" in logs
+    rank0 = logs_of(job_id)  # the node that ran rank 0 in the last attempt
+    every_node = rank0 + llaunch("logs", job_id, "--rank", "1").stdout
+    saved = re.search(r"preempted \(SIGUSR2\): saved step (\d+), exiting with 75", every_node)
+    assert saved, every_node[-4000:]
+    step = int(saved.group(1))
+    assert SAVE_STEPS < step < MAX_STEPS
+    assert f"requeue: SIGUSR2 received; requeue 1/3 resumes from step {step}" in every_node
+    assert f"resumed from {out.resolve() / 'checkpoints' / f'step-{step}'} at step {step}" in rank0
+    assert "attempt 2" in every_node and "attempt 3" not in every_node
+    assert "ChildFailedError" not in every_node  # every rank exited 75: none was killed by a late copy
     straight, resumed = final_weights(straight_run), final_weights(out)
     assert straight.keys() == resumed.keys()
     worst = max(float((straight[k].float() - resumed[k].float()).abs().max()) for k in straight)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
-    assert "requeued 1 time(s)" in llaunch("status", job_id).stdout
+    status = llaunch("status", job_id).stdout
+    assert "requeued 1 time(s)" in status
+    assert_goodput_counts_the_requeue(out, job_id, step, status)
+
+
+def assert_goodput_counts_the_requeue(out: Path, job_id: str, step: int, status: str) -> None:
+    """Both incarnations are in the job's ledger, and goodput counts the wait in the queue after the requeue
+    (at least the idle-nodes wait and the two seconds before the release) and the restore."""
+    from launcher import ledger
+
+    events = ledger.read(out)
+    launches = [e for e in events if e["kind"] == ledger.LAUNCH]
+    assert [(e["inc"], e["attempt"]) for e in launches] == [(f"{job_id}.0", 1), (f"{job_id}.1", 2)], launches
+    requeued_at = next(e["t"] for e in events if e["kind"] == ledger.REQUEUE)
+    assert launches[1]["seconds"] >= 2 and launches[1]["submit_t"] >= requeued_at - 1, launches[1]
+    result = llaunch("goodput", job_id, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [inc["restored_step"] for inc in report["incarnations"]] == [None, step]
+    span = events[-1]["t"] - events[0]["t"]
+    assert abs(sum(report["seconds"].values()) - span) <= 0.02 * span, (report["seconds"], span)
+    assert report["seconds"]["queue"] >= launches[1]["seconds"] and report["seconds"]["restore"] > 0
+    assert re.search(r"goodput \d+\.\d% of .* over 2 incarnation\(s\): queue ", status), status
+
+
+def test_a_hang_requeues_the_job_without_the_culprits_node_and_it_finishes_on_the_other(straight_run, config,
+                                                                                        tmp_path):
+    """--min-nodes 1: rank 1 hangs at step 25; the watchdog kills the ranks, the job is requeued with the
+    culprit's node in its ExcNodeList and resumes from step 20 on the other node alone, with the same global
+    batch (twice the accumulation), so its losses continue those of the uninterrupted run."""
+    import json
+
+    faults = {"LLAUNCH_FAULT": "hang:rank=1,step=25", "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
+    env = {**os.environ}
+    out, job_id = submit_on_both_nodes(tmp_path, "--min-nodes", "1", config=config, env=faults)
+    wait_until(lambda: (s := job_state(job_id, env)).restarts >= 1 and s.state == "PENDING", 240,
+               "the hung job to requeue itself", job_id)
+    records = [json.loads(path.read_text()) for path in out.glob("hangs/*/evidence.json")]  # 2 if both saw it
+    culprit = records[0]["culprit"]
+    assert culprit["rank"] == 1 and all(r["culprit"] == culprit and r["nodes_answered"] == "2 of 2" for r in records)
+    show = subprocess.run(["scontrol", "--oneliner", "show", "job", job_id], env=env, capture_output=True,
+                          text=True).stdout
+    assert f" ExcNodeList={culprit['host']} " in show, show
+    release(job_id, env)
+    end = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 240, "the requeued job to end", job_id)
+    assert end.state == "COMPLETED" and end.restarts == 1, logs_of(job_id)[-4000:]
+    assert end.nodes == ({"n1", "n2"} - {culprit["host"]}).pop()
+    logs = logs_of(job_id)
+    assert "requeue: hang on " + culprit["host"] + "; requeue 1/3 resumes from step 20" in \
+        logs + llaunch("logs", job_id, "--rank", "1").stdout
+    assert "--nnodes 1" in logs and f"resumed from {out.resolve() / 'checkpoints' / 'step-20'} at step 20" in logs
+
+    def losses(run: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+    straight, resumed = losses(straight_run), losses(out)
+    after = [step for step in straight if step > SAVE_STEPS]
+    assert after and all(abs(resumed[step] - straight[step]) < 1e-4 for step in after), (straight, resumed)
+
+
+def test_more_nodes_than_the_partition_has_are_refused_before_sbatch(slurm_cluster, config, tmp_path):
+    result = llaunch("submit", str(config), "--nodes", "3", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr == "llaunch: error: --nodes 3 is more than partition debug can give one job (2); use --nodes 2 or another --partition.\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_broken_config_is_refused_before_sbatch(slurm_cluster, config, tmp_path):
@@ -180,7 +316,7 @@ def test_job_that_raises_is_not_requeued_and_status_shows_the_error(straight_run
 
 
 def test_cancel_sends_sigterm_to_the_ranks_which_checkpoint_and_the_job_stays_cancelled(straight_run, config, tmp_path):
-    from launcher.train.checkpoint import list_checkpoints
+    from launcher.checkpoint_store import list_checkpoints
 
     out = tmp_path / "cancelled"
     job_id = job_id_of(submit(out, config=config))
@@ -213,3 +349,24 @@ def test_submit_without_a_reachable_slurm_is_one_sentence(slurm_cluster, tmp_pat
     assert result.stderr.startswith("llaunch: error: SLURM")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_cluster_down_ends_the_jobs_before_it_stops(straight_run, config, tmp_path):
+    """Last in this file: slurmd's job steps outlive slurmd, so `down` must end the jobs first."""
+    import psutil
+
+    out = tmp_path / "down"
+    job_id = job_id_of(submit(out, config=config))
+
+    def ranks() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])
+                and "launcher.train" in p.info["cmdline"]]
+
+    wait_until(ranks, 180, "the ranks to start", job_id)
+    try:
+        result = llaunch("cluster", "down", timeout=200)
+        assert result.returncode == 0 and result.stdout.startswith("stopped: "), result.stderr
+        assert not ranks()
+        assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == "slurmstepd"]
+    finally:
+        assert llaunch("cluster", "up").returncode == 0  # as the session found it

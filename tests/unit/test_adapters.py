@@ -89,10 +89,29 @@ def test_merged_lora_export_matches_the_adapter(tmp_path):
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
-def test_qlora_on_cpu_is_a_clear_error():
-    with pytest.raises(LaunchError, match="needs a CUDA GPU"):
-        adapters.quantization_config(FinetuneConfig(method="qlora"))
+def test_qlora_stores_its_4bit_weights_as_bf16_and_trains_on_cpu(tmp_path):
+    """bitsandbytes NF4 on CPU; bf16 quant storage is what lets FSDP2 shard the packed weights."""
+    from transformers import AutoModelForCausalLM
+
+    _, base_dir = saved_base(tmp_path)
+    config = adapters.quantization_config(FinetuneConfig(method="qlora"))
+    assert config.bnb_4bit_quant_storage == torch.bfloat16
+    net = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, quantization_config=config,
+                                               device_map={"": "cpu"})
+    packed = net.model.layers[0].self_attn.q_proj.weight
+    assert type(packed).__name__ == "Params4bit" and packed.dtype == torch.bfloat16
+    model = adapters.apply_finetune_method(net, FinetuneConfig(method="qlora", r=2, lora_dropout=0.0))
+    train_a_bit(model, steps=1)
+
+    # An eval forward without grad must not repack the 4-bit weights in place (bitsandbytes does on CPUs with
+    # AVX512-BF16): FSDP owns that storage and checkpoints save its layout.
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    before = packed.data.clone()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert packed.dtype == torch.bfloat16 and torch.equal(packed.data, before)
 
 
 def test_bad_finetune_keys_fail_in_the_config():

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from launcher.checkpoint_store import file_sha256, find_latest_complete, list_checkpoints, resolve_resume
 from launcher.errors import LaunchError
 from launcher.train import checkpoint as ckpt
-from launcher.train.checkpoint import Checkpointer, find_latest_complete, list_checkpoints, resolve_resume
+from launcher.train.checkpoint import Checkpointer
 from launcher.train.fingerprint import Fingerprint
 
 
@@ -258,9 +259,49 @@ def test_checkpoints_cli_lists_step_size_completeness_and_best(tmp_path, capsys)
     data = bytearray(shard.read_bytes())
     data[0] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert main(["checkpoints", str(tmp_path), "--verify"]) == 0
+    assert main(["checkpoints", str(tmp_path), "--verify"]) == 1
     out = capsys.readouterr().out
     assert any(line.split("│")[1].strip() == "10" and "no" in line for line in out.splitlines() if line.startswith("│"))
+    assert "2 of 4 checkpoints are damaged or incomplete: step-10, step-40" in " ".join(out.split())
+
+
+def test_checkpoints_without_verify_calls_its_resume_point_unverified(tmp_path, capsys, monkeypatch):
+    """A flipped byte keeps the size: only --verify may call that checkpoint a resume point, and it exits 1."""
+    from launcher.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    for step in (1, 2):
+        newest = save(checkpointer, TinyEngine(), step)
+    shard = next((newest / "engine").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    def rows(out):
+        return {line.split("│")[1].strip(): line for line in out.splitlines() if line.startswith("│")}
+
+    assert main(["checkpoints", str(tmp_path)]) == 0
+    assert "resume point (unverified)" in rows(capsys.readouterr().out)["2"]
+    assert main(["checkpoints", str(tmp_path), "--verify"]) == 1
+    verified = rows(capsys.readouterr().out)
+    assert "resume point" in verified["1"] and "resume" not in verified["2"] and "no" in verified["2"]
+
+
+@pytest.mark.parametrize("manifest", ['{"format": 1}', '{"format": 1, "step": 1, "strategy": "ddp", "world_size": 1, '
+                                      '"files": {"../../etc/passwd": {"size": 1, "sha256": "x"}}}', "[1, 2]", "\x00\xff"])
+def test_a_damaged_manifest_is_an_incomplete_checkpoint_not_a_traceback(tmp_path, capsys, manifest):
+    from launcher.cli import main
+
+    path = save(Checkpointer(tmp_path, strategy="ddp"), TinyEngine(), 1)
+    (path / "manifest.json").write_text(manifest, encoding="latin-1")
+    assert [info.complete for info in list_checkpoints(tmp_path)] == [False]
+    assert main(["checkpoints", str(tmp_path), "--verify"]) == 1
+    with pytest.raises(LaunchError, match="every checkpoint .* is damaged"):
+        find_latest_complete(tmp_path)
+    with pytest.raises(LaunchError, match="not a complete llaunch checkpoint"):
+        resolve_resume(tmp_path, str(path), no_resume=False, overwrite=False)
 
 
 def test_export_writes_a_hugging_face_model_from_a_dcp_checkpoint(tmp_path):
@@ -311,3 +352,115 @@ def test_export_of_a_lora_checkpoint_writes_the_adapter_or_merges_it(tmp_path):
     tokens = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens).logits, model.eval()(tokens).logits, rtol=1e-4, atol=1e-5)
+
+
+def full_disk_in_dcp() -> BaseException:
+    """What dcp.save raises on every rank when one rank's disk is full: a BaseException, not an Exception."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    return CheckpointException("save", {0: _wrap_exception(OSError(errno.ENOSPC, "No space left on device"))})
+
+
+def test_full_disk_in_the_engine_save_is_one_sentence_and_cleans_its_partial(tmp_path):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    save(checkpointer, engine, 1)
+    engine.fail_with = full_disk_in_dcp()
+    with pytest.raises(LaunchError, match=r"step-2 .*\(rank 0: No space left on device\).*untouched") as err:
+        save(checkpointer, engine, 2)
+    assert "\n" not in str(err.value)
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))
+    engine.fail_with = None  # space is back: the next save works, nothing to clean by hand
+    save(checkpointer, engine, 2)
+    assert find_latest_complete(tmp_path) == tmp_path / "checkpoints" / "step-2"
+
+
+def test_full_disk_in_the_rank_state_is_one_sentence(tmp_path, monkeypatch):
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+
+    def torch_save_on_a_full_disk(obj, f):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ckpt.torch, "save", torch_save_on_a_full_disk)
+    with pytest.raises(LaunchError, match="could not write checkpoint step-1 .*unexpected pos"):
+        save(checkpointer, engine, 1)
+    assert not list((tmp_path / "checkpoints").glob(".step-*"))
+
+
+def test_a_stale_partial_does_not_block_the_next_save(tmp_path, monkeypatch):
+    """The space check once ran before an earlier failed save's partial was cleared: every rerun stopped."""
+    engine = TinyEngine()
+    checkpointer = Checkpointer(tmp_path, strategy="ddp")
+    size = sum(f.stat().st_size for f in save(checkpointer, engine, 1).rglob("*") if f.is_file())
+    stale = tmp_path / "checkpoints" / ".step-2.partial"
+    stale.mkdir()
+    (stale / "rank-0.pt").write_bytes(b"x" * size)
+    # The disk has room for one more checkpoint only once the stale partial is gone.
+    monkeypatch.setattr(ckpt.shutil, "disk_usage",
+                        lambda path: type("U", (), {"free": 0 if stale.exists() else 10 * size})())
+    save(checkpointer, engine, 2)
+    assert not stale.exists() and find_latest_complete(tmp_path) == tmp_path / "checkpoints" / "step-2"
+
+
+class RunsCode:
+    """What a malicious checkpoint carries: unpickling it calls Path.touch(marker)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def reseal(path):
+    """Rewrite the manifest over the tampered files, as whoever hands over a checkpoint can."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {rel: {"size": (path / rel).stat().st_size, "sha256": file_sha256(path / rel)}
+                         for rel in manifest["files"]}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("target", ["rank-0.pt", "engine/.metadata"])
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, target):
+    """rank-R.pt was loaded with weights_only=False and DCP's .metadata is a pickle: both could run code."""
+    import pickle
+
+    path = save(Checkpointer(tmp_path, strategy="ddp"), TinyEngine(), 1)
+    marker = tmp_path / "pwned"
+    if target == "rank-0.pt":
+        state = torch.load(path / target, weights_only=True)  # what llaunch writes loads safely
+        torch.save({**state, "rng": RunsCode(marker)}, path / target)
+    else:
+        (path / target).write_bytes(pickle.dumps(RunsCode(marker)))
+    reseal(path)
+    with pytest.raises(LaunchError, match="could run code"):
+        Checkpointer(tmp_path, strategy="ddp").load(path, TinyEngine())
+    assert not marker.exists()
+
+
+def test_export_refuses_a_checkpoint_whose_metadata_would_run_code(tmp_path, capsys):
+    import pickle
+
+    from launcher.cli import main
+
+    path = save(Checkpointer(tmp_path, strategy="fsdp"), TinyEngine(), 1)
+    (path / "engine" / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "pwned")))
+    reseal(path)
+    assert main(["export", str(path), "--to", str(tmp_path / "hf")]) == 2
+    assert "could run code" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "hf").exists()
+
+
+def test_export_of_a_checkpoint_with_truncated_metadata_is_one_sentence(tmp_path, capsys):
+    from launcher.cli import main
+
+    path = save(Checkpointer(tmp_path, strategy="fsdp"), TinyEngine(), 1)
+    metadata = path / "engine" / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:40])
+    reseal(path)
+    assert main(["export", str(path), "--to", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert ".metadata is damaged" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists() and not (tmp_path / ".hf.partial").exists()

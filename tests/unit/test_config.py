@@ -93,3 +93,17 @@ def test_every_shipped_example_loads(tmp_path):
         assert first.startswith("# ") and f"llaunch run examples/{path.name}" in first, \
             f"{path.name} must start with the command that runs it"
         load_train_config(path)
+
+
+def test_a_full_disk_while_saving_the_config_leaves_no_tmp_file(tmp_path, monkeypatch):
+    """A 0-byte config.yaml.tmp was left behind when the disk filled during the write."""
+    import errno
+    import os
+
+    def fsync_on_a_full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync_on_a_full_disk)
+    with pytest.raises(LaunchError, match=r"cannot write .*config.yaml \(No space left on device\)"):
+        TrainConfig().save(tmp_path / "config.yaml")
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ import torch
 
 from launcher.errors import LaunchError
 from launcher.train import lr_find
+from tests.tiny_run import tiny_run_config
 
 
 def test_sweep_is_exponential_between_the_bounds():
@@ -57,3 +58,24 @@ def test_sweep_on_a_real_model_stops_at_divergence_and_plots(tmp_path):
     assert min(result.smoothed) < result.smoothed[0]
     lr_find.plot(result, tmp_path / "lr.png")
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lr_find_refuses_a_run_directory_and_writes_only_its_own_files(tmp_path, capsys):
+    """lr-find once forced --overwrite on its --output-dir: pointed at a run, it deleted the checkpoints."""
+    from launcher.cli import main
+
+    config = tiny_run_config(tmp_path, training={"report_to": []})
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--output-dir", str(run), "--dry-run"]) == 0
+    (run / "checkpoints" / "step-5").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    capsys.readouterr()
+    assert main(["lr-find", str(config), "--output-dir", str(run), "--num-steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "training run's directory" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+    sweep = tmp_path / "sweep"
+    code = main(["lr-find", str(config), "--output-dir", str(sweep), "--num-steps", "10"])
+    assert code in (0, 1) and sorted(p.name for p in sweep.iterdir()) == ["lr_find.json", "lr_find.png"]

@@ -21,6 +21,24 @@ def test_plan_json_has_peak_reserved_and_every_component(capsys):
     assert memory["peak_bytes"] < memory["reserved_bytes"] <= memory["limit_bytes"]
 
 
+def test_plan_shows_the_chunked_loss_logits_term(capsys):
+    """Llama-3 8B at 2 x 2048 tokens: the loss's logits term is one 512-token chunk, not 4096 tokens' worth."""
+    terms = {}
+    for chunk in ("0", "512"):
+        argv = ["--model", "8b", "--gpu", "H100", "--method", "lora", "--micro-batch", "2", "--loss-chunk-tokens", chunk]
+        assert main(["plan", *argv, "--json"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        terms[chunk] = (plan["memory"]["logits_loss"], plan["memory"]["peak_bytes"], plan["loss_chunk_tokens"])
+    assert terms["0"] == (2 * 2048 * 128256 * 12, terms["0"][1], 0)
+    assert terms["512"][0] == 512 * 128256 * 12 and terms["512"][2] == 512
+    assert terms["0"][1] - terms["512"][1] == terms["0"][0] - terms["512"][0]  # the whole saving reaches the peak
+    assert main(["plan", *argv]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [cell.strip() for cell in next(line for line in lines if "logits" in line).split("┃")]
+    row = [cell.strip() for cell in next(line for line in lines if line.startswith("│ ddp")).split("│")]
+    assert row[header.index("logits")] == "0.7"  # GiB: 512 x 128256 x 12 B
+
+
 def test_plan_writes_a_plan_file_that_run_can_load(tmp_path, capsys):
     out = tmp_path / "plan.yaml"
     assert main(["plan", "--model", "7b", "--gpus", "8", "--gpu", "H100", "-o", str(out)]) == 0
@@ -36,6 +54,7 @@ def test_plan_writes_a_plan_file_that_run_can_load(tmp_path, capsys):
     (["--model", "7b", "--gpu-mem", "abc"], "is not a size"),
     (["--model", "405b", "--gpu", "L40S", "--strategy", "ddp"], "does not fit"),
     (["--model", "7b", "--global-batch", "lots"], "--global-batch"),
+    (["--model", "7b", "--loss-chunk-tokens", "-1"], "--loss-chunk-tokens must be 0"),
 ])
 def test_bad_inputs_exit_2_with_one_sentence(argv, message, capsys):
     assert main(["plan", *argv]) == 2

@@ -31,21 +31,30 @@ def test_70b_on_8x80gb_needs_zero3_or_fsdp():
     assert plan.strategy in ("zero3", "fsdp")
 
 
-def test_qlora_on_many_gpus_is_planned_under_ddp_only():
-    """The sharding engines cannot split bitsandbytes' packed 4-bit weights; a plan that says they can would
-    fail only once it reached the GPUs."""
+def test_qlora_is_planned_only_under_engines_that_declare_a_quantized_base():
+    """FSDP2 and ZeRO-3 shard the bf16-stored 4-bit base; ZeRO-1/2 are not offered one (they keep bf16 copies)."""
     request = PlanRequest(model="70b", gpu="H100", gpus_per_node=8, method="qlora")
     candidates = rank_candidates(load_model_spec("70b"), request, hardware_for(request, CPU_BOX))
-    assert candidates and {c.setup.strategy for c in candidates} == {"ddp"}
+    assert {c.setup.strategy for c in candidates} == {"ddp", "fsdp", "zero3"}
     assert {c.setup.offload for c in candidates} == {"none"}
-    assert make_plan(request, CPU_BOX).strategy == "ddp"
+
+
+def test_405b_qlora_fits_8x80gb_with_its_4bit_base_sharded():
+    """torchtune's 405B QLoRA on 8 x 80 GB: DDP would need the ~200 GiB 4-bit base on every GPU."""
+    plan = make_plan(PlanRequest(model="405b", gpu="A100-80GB", gpus_per_node=8, method="qlora"), CPU_BOX)
+    assert plan.strategy == "fsdp"
+    spec = load_model_spec("405b")
+    from launcher.memory_sizes import qlora_base_bytes
+
+    assert plan.memory["frozen_weights"] == int(qlora_base_bytes(spec) / 8)
+    assert plan.memory["reserved_bytes"] <= plan.memory["limit_bytes"]
 
 
 def test_ddp_is_chosen_when_it_fits_and_is_fastest():
-    request = PlanRequest(model="1.1b", gpu="H100", gpus_per_node=8)
+    request = PlanRequest(model="gpt2", gpu="H100", gpus_per_node=8)
     plan = make_plan(request, CPU_BOX)
     assert plan.strategy == "ddp"
-    candidates = rank_candidates(load_model_spec("1.1b"), request, hardware_for(request, CPU_BOX))
+    candidates = rank_candidates(load_model_spec("gpt2"), request, hardware_for(request, CPU_BOX))
     assert max(c.tokens_per_s for c in candidates if c.fits) == pytest.approx(plan.predicted["tokens_per_s"], rel=1e-3)
 
 
@@ -54,6 +63,25 @@ def test_slow_network_makes_sharding_pay_for_its_traffic():
     request = PlanRequest(model="8b", gpu="H100", gpus_per_node=8, nodes=16, micro_batch=1, activation_checkpointing=False)
     candidates = {c.setup.strategy: c for c in rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))}
     assert candidates["zero3"].time_terms["comm_s"] > candidates["zero1"].time_terms["comm_s"]
+
+
+def test_hsdp_is_chosen_across_nodes_when_it_fits_and_its_gathers_stay_on_nvlink():
+    """8B at micro-batch 2 on 4 nodes of 8 H100: FSDP's all-gathers cross the network every step; HSDP's stay in
+    the node and only gradient shards cross, so it is faster, and its 1/8 shards still fit."""
+    request = PlanRequest(model="8b", gpu="H100", gpus_per_node=8, nodes=4, micro_batch=2)
+    plan = make_plan(request, CPU_BOX)
+    assert plan.strategy == "hsdp" and plan.device_mesh == (4, 8)
+    assert any(r.startswith("hsdp shards over the 8 GPUs of a node") and "for fsdp" in r for r in plan.reasons)
+    by = {c.setup.strategy: c for c in rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))}
+    assert by["hsdp"].time_terms["comm_s"] < by["fsdp"].time_terms["comm_s"] / 3
+    assert by["fsdp"].memory.reserved_bytes < by["hsdp"].memory.reserved_bytes  # what HSDP pays for it
+
+
+def test_hsdp_is_not_weighed_on_one_node():
+    request = PlanRequest(model="8b", gpu="H100", gpus_per_node=8, micro_batch=2)
+    candidates = rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))
+    assert "fsdp" in {c.setup.strategy for c in candidates}
+    assert "hsdp" not in {c.setup.strategy for c in candidates}
 
 
 def test_global_batch_sets_gradient_accumulation():
@@ -82,9 +110,9 @@ def test_cpu_machine_gets_a_cpu_plan_for_the_quickstart():
 
 def test_impossible_plan_names_the_smallest_change():
     with pytest.raises(LaunchError, match=r"does not fit.*--gpus 2|does not fit.*--nodes|does not fit.*lora"):
-        make_plan(PlanRequest(model="70b", gpu="H100", strategy="fsdp"), CPU_BOX)
+        make_plan(PlanRequest(model="70b", gpu="H100", strategy="fsdp", offload="none"), CPU_BOX)
     with pytest.raises(LaunchError, match="does not fit"):
-        make_plan(PlanRequest(model="405b", gpu="L40S", gpus_per_node=1, method="qlora"), CPU_BOX)
+        make_plan(PlanRequest(model="405b", gpu="L40S", gpus_per_node=1, method="qlora", offload="none"), CPU_BOX)
 
 
 def test_forced_knobs_are_kept():
@@ -113,3 +141,20 @@ def test_golden_plans(name, request_kwargs):
     if os.environ.get("LLAUNCH_UPDATE_GOLDEN"):
         path.write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
     assert plan == json.loads(path.read_text())
+
+
+def test_70b_qlora_fits_two_24gb_cards_with_fsdp_cpu_offload():
+    """Answer.AI's FSDP + QLoRA: the 4-bit 70B base (~36 GB) sharded over 2 x 24 GB, the shards in host memory."""
+    plan = make_plan(PlanRequest(model="70b", method="qlora", gpus_per_node=2, gpu_mem_bytes=24 * 2**30), CPU_BOX)
+    assert (plan.strategy, plan.offload) == ("fsdp", "optimizer+params")
+    assert plan.memory["frozen_weights"] == 0 and plan.memory["host_offload_bytes"] > 0
+    assert plan.memory["reserved_bytes"] <= plan.memory["limit_bytes"]
+
+
+def test_optimizer_in_backward_is_planned_for_one_process_only():
+    request = PlanRequest(model="1.1b", gpu="H100", optimizer_in_backward=True, global_batch=8)
+    plan = make_plan(request, CPU_BOX)
+    assert plan.optimizer_in_backward and plan.strategy == "ddp" and plan.gradient_accumulation_steps == 1
+    assert plan.memory["grads"] < make_plan(PlanRequest(model="1.1b", gpu="H100", global_batch=8), CPU_BOX).memory["grads"]
+    with pytest.raises(LaunchError, match="optimizer_in_backward steps each weight"):
+        make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=2, optimizer_in_backward=True), CPU_BOX)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,23 +14,14 @@ import pytest
 import yaml
 
 from launcher.cli import main
+from launcher.errors import LaunchError
+from launcher.run_lock import RunLock
+from tests.tiny_run import tiny_run_config
 
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    text = tmp_path / "corpus.txt"
-    text.write_text("def add(a, b):\n    return a + b\n\n" * 400)
-    config = {
-        "model": {"name_or_path": "tinyllama-1.1b", "overrides": {
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "num_key_value_heads": 2}},
-        "data": {"train_files": ["corpus.txt"], "vocab_size": 280, "block_size": 32,
-                 "cache_dir": str(tmp_path / "cache")},
-        "training": {"max_steps": 3, "per_device_train_batch_size": 2},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return tiny_run_config(tmp_path, training={"max_steps": 3})
 
 
 def run_cli(capsys, *argv):
@@ -52,15 +44,24 @@ def test_dry_run_plans_writes_the_job_and_prints_torchrun(tmp_path, tiny_config,
     assert config["data"]["train_files"] == [str(tmp_path / "corpus.txt")]
 
 
+def test_threads_per_rank_follow_the_cores_this_process_may_use(tmp_path, tiny_config, capsys, monkeypatch):
+    """Under taskset or a SLURM cpuset os.cpu_count() still counts every core of the machine; the ranks' intra-op
+    threads must split only the cores the launch may use, or they oversubscribe them."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    code, out, _ = run_cli(capsys, tiny_config, "--output-dir", tmp_path / "out", "--dry-run", "--nproc-per-node", "2")
+    assert code == 0 and "OMP_NUM_THREADS=2 " in out, out
+
+
 def test_forced_accumulation_and_optimizer_reach_the_plan(tmp_path, tiny_config, capsys):
     """gradient_accumulation_steps and training.optim are planned, not patched in after the fit was chosen."""
     out_dir = tmp_path / "out"
     code, _, _ = run_cli(capsys, tiny_config, "--output-dir", out_dir, "--dry-run",
-                         "training.gradient_accumulation_steps=3", "training.optim=sgd")
+                         "training.gradient_accumulation_steps=3", "training.optim=adafactor")
     assert code == 0
     plan = yaml.safe_load((out_dir / "plan.yaml").read_text())
     assert (plan["micro_batch"], plan["gradient_accumulation_steps"]) == (2, 3)
-    assert plan["optimizer"] == "sgd"
+    assert plan["optimizer"] == "adafactor"  # the run's own optimizer, whose memory the plan estimated
 
 
 @pytest.mark.parametrize("override, message", [
@@ -91,19 +92,67 @@ def test_missing_deepspeed_is_named(tmp_path, tiny_config, capsys, monkeypatch):
 
 
 def test_finished_run_is_not_overwritten_by_accident(tmp_path, tiny_config, capsys):
-    (tmp_path / "out" / "final").mkdir(parents=True)
-    code, _, err = run_cli(capsys, tiny_config, "--output-dir", tmp_path / "out", "--dry-run")
+    out = tmp_path / "out"
+    assert run_cli(capsys, tiny_config, "--output-dir", out, "--dry-run")[0] == 0
+    (out / "final").mkdir()
+    code, _, err = run_cli(capsys, tiny_config, "--output-dir", out, "--dry-run")
     assert code == 2 and "--overwrite" in err
-    code, _, _ = run_cli(capsys, tiny_config, "--output-dir", tmp_path / "out", "--dry-run", "--overwrite")
-    assert code == 0 and not (tmp_path / "out" / "final").exists()
 
 
-def test_ctrl_c_stops_the_whole_process_group(tmp_path):
-    """The launcher forwards SIGINT and then reaps the group: a child that ignores it cannot survive."""
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_overwrite_never_removes_a_directory_that_is_not_a_run(tmp_path, tiny_config, capsys, dry_run):
+    """`--output-dir . --overwrite` (or ~) once wiped the directory; now anything but a llaunch run is refused."""
+    home = tmp_path / "home"
+    (home / "thesis").mkdir(parents=True)
+    (home / "thesis" / "chapter1.tex").write_text("precious")
+    (home / "config.yaml").write_text("mine: true\n")
+    before = snapshot(home)
+    code, _, err = run_cli(capsys, tiny_config, "--output-dir", home, "--overwrite", *(["--dry-run"] * dry_run))
+    assert code == 2 and "not a llaunch run directory" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(home) == before
+
+
+def test_dry_run_leaves_an_existing_run_as_it_is(tmp_path, tiny_config, capsys):
+    out = tmp_path / "out"
+    assert run_cli(capsys, tiny_config, "--output-dir", out, "--dry-run")[0] == 0
+    (out / "checkpoints" / "step-2").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "manifest.json").write_text("{}")
+    (out / "final").mkdir()
+    before = snapshot(out)
+    code, stdout, _ = run_cli(capsys, tiny_config, "--output-dir", out, "--dry-run", "--overwrite",
+                              "training.learning_rate=1e-2")
+    assert code == 0 and "left as it is" in stdout
+    assert snapshot(out) == before
+
+
+def test_overwrite_removes_an_earlier_run_and_says_what(tmp_path, tiny_config, capsys):
+    from launcher.job import prepare_job
+
+    out = tmp_path / "out"
+    prepare_job(tiny_config, output_dir=out)
+    (out / "checkpoints").mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    prepare_job(tiny_config, ["training.overwrite_output_dir=true", "training.seed=7"], output_dir=out)
+    err = capsys.readouterr().err
+    assert "removes the earlier run" in err and "checkpoints/" in err and "metrics.jsonl" in err
+    assert sorted(p.name for p in out.iterdir()) == [".llaunch.lock", "config.yaml", "plan.yaml"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["training"]["seed"] == 7
+
+
+@pytest.mark.parametrize("torchrun_handles_sigint", [True, False])
+def test_ctrl_c_stops_the_whole_process_group(tmp_path, torchrun_handles_sigint):
+    """The launcher forwards SIGINT and then reaps the group: a child that ignores it cannot survive, nor can a
+    torchrun that ignores it (hung, or started with SIGINT ignored) outlive the grace period."""
     pids = tmp_path / "pids"
     fake_torchrun = tmp_path / "fake_torchrun.py"
+    disposition = "signal.default_int_handler" if torchrun_handles_sigint else "signal.SIG_IGN"
     fake_torchrun.write_text(textwrap.dedent(f"""
         import signal, subprocess, sys, time
+        signal.signal(signal.SIGINT, {disposition})
         child = subprocess.Popen([sys.executable, "-c",
             "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(120)"])
         open({str(pids)!r}, "w").write(str(child.pid))
@@ -132,3 +181,46 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path, tiny_config, capsys):
+    out = tmp_path / "out"
+    assert run_cli(capsys, tiny_config, "--output-dir", out, "--dry-run")[0] == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from launcher.run_lock import RunLock; lock = RunLock.acquire(sys.argv[1]); "
+         "print('locked', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(out)
+        code, _, err = run_cli(capsys, tiny_config, "--output-dir", out, "training.seed=9")
+        assert code == 2 and f"is in use by llaunch pid {holder.pid} on " in err and len(err.strip().splitlines()) == 1
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_only_a_caller_that_trains_keeps_the_lock(tmp_path, tiny_config):
+    """`llaunch submit` writes DIR under the lock but lets it go: the SLURM job's rank 0 takes it (even while
+    `submit --wait` still runs)."""
+    from launcher.job import prepare_job, write_job
+
+    job = prepare_job(tiny_config, output_dir=tmp_path / "out", write=False)
+    assert write_job(job) is None
+    RunLock.acquire(tmp_path / "out").release()  # free
+    lock = write_job(job, keep_lock=True)
+    with pytest.raises(LaunchError, match="is in use by"):
+        RunLock.acquire(tmp_path / "out")
+    with pytest.raises(LaunchError, match="is in use by"):
+        write_job(job)
+    lock.release()
+
+
+def test_a_lock_left_by_a_dead_run_does_not_block(tmp_path):
+    from launcher.run_lock import LOCK_FILE
+
+    (tmp_path / LOCK_FILE).write_text("llaunch pid 999999 on gone-host since 2020-01-01 00:00 UTC")
+    lock = RunLock.acquire(tmp_path)
+    assert f"pid {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
+    lock.release()

@@ -8,6 +8,8 @@ import torch
 
 from launcher.errors import LaunchError
 from launcher.train import sft
+from launcher.train.data import StepSampler
+from tests.tiny_run import padded_batch
 from tiny_lm import tiny_llama, tiny_tokenizer
 
 
@@ -33,7 +35,7 @@ def summed_loss(model, batch):
 def test_alpaca_masks_exactly_the_prompt(tok):
     record = {"instruction": "What is 12 + 7?", "input": "", "output": "19"}
     ex = sft.tokenize_segments(sft.record_segments(record, tok), tok, max_length=64)
-    prompt_ids = tok(sft.format_prompt(tok, "What is 12 + 7?"))["input_ids"]
+    prompt_ids = tok(sft.format_prompt("What is 12 + 7?"))["input_ids"]
     answer_ids = tok("19" + tok.eos_token, add_special_tokens=False)["input_ids"]
     assert ex.input_ids == prompt_ids + answer_ids
     assert ex.labels == [sft.IGNORE_INDEX] * len(prompt_ids) + answer_ids
@@ -45,7 +47,8 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(tok):
     tokens is exactly zero, so whatever the model predicts there cannot move the loss."""
     model = tiny_llama(len(tok))
     ex = sft.tokenize_segments(sft.record_segments({"instruction": "What is 12 + 7?", "output": "19"}, tok), tok, 64)
-    batch = sft.collate_padded([ex], tok.pad_token_id)
+    row = sft.row_array([ex], 64, tok.pad_token_id)  # the row the loop trains on
+    batch = {field: torch.from_numpy(row[j:j + 1]) for j, field in enumerate(sft.ROW_FIELDS)}
     out = model(**batch)
     out.logits.retain_grad()
     out.loss.backward()
@@ -54,7 +57,8 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(tok):
     assert torch.all(grad_per_position[:-1][learned_next == sft.IGNORE_INDEX] == 0)
     assert torch.all(grad_per_position[:-1][learned_next != sft.IGNORE_INDEX] > 0)
     # And the same text with the prompt *not* masked gives a different loss: the mask is doing something.
-    unmasked = dict(batch, labels=torch.where(batch["attention_mask"] == 1, batch["input_ids"], sft.IGNORE_INDEX))
+    in_example = torch.arange(64) < len(ex.input_ids)
+    unmasked = dict(batch, labels=torch.where(in_example, batch["input_ids"], sft.IGNORE_INDEX))
     assert not torch.allclose(model(**unmasked).loss, out.loss)
 
 
@@ -90,7 +94,7 @@ def test_packed_examples_do_not_attend_to_each_other(tok, attn):
     packed = sft.collate_packed([examples], max_length=256, pad_token_id=tok.pad_token_id)
     assert "attention_mask" not in packed
     with torch.no_grad():
-        separate = sum(summed_loss(model, sft.collate_padded([ex], tok.pad_token_id)) for ex in examples)
+        separate = sum(summed_loss(model, padded_batch([ex], tok.pad_token_id)) for ex in examples)
         together = summed_loss(model, packed)
         # Without restarting position_ids the model attends across examples: a different loss.
         leaked = summed_loss(model, dict(packed, position_ids=torch.arange(256)[None]))
@@ -118,18 +122,20 @@ def test_bad_line_names_file_and_line_and_can_be_skipped(tok, tmp_path, caplog):
     assert "train.jsonl:2" in caplog.text and "train.jsonl:3" in caplog.text and "'output'" in caplog.text
 
 
-def test_dataset_serves_packed_and_padded_rows(tok, tmp_path):
+def test_corpus_serves_packed_and_unpacked_rows_with_every_learned_token_once(tok, tmp_path):
     records = [{"instruction": f"What is {i} + {i}?", "output": str(2 * i)} for i in range(20)]
     path = write_jsonl(tmp_path / "train.jsonl", records)
-    packed = sft.load_sft_dataset([str(path)], tok, max_length=256, packing=True, seed=1)
-    padded = sft.load_sft_dataset([str(path)], tok, max_length=256, packing=False)
-    assert len(padded) == 20 and len(packed) < 20
-    assert packed.num_label_tokens == padded.num_label_tokens
-    batch = packed.collate([0, 1])
-    assert batch["input_ids"].shape == (2, 256)
-    # Every learned token appears exactly once across the packed rows.
-    all_rows = packed.collate(range(len(packed)))
-    assert int((all_rows["labels"] != sft.IGNORE_INDEX).sum()) == packed.num_label_tokens
+    examples = sft.load_sft_examples(path, tok, 256)
+    packed, unpacked = (sft.SFTCorpus(sft.SFTDataset(examples, 256, tok.pad_token_id, packing=p, seed=1), None,
+                                      tok, ".") for p in (True, False))
+    assert unpacked.num_train == 20 and packed.num_train < 20
+    batch = packed.batch("train", np.array([0, 1]))
+    assert set(batch) == set(sft.ROW_FIELDS) and batch["input_ids"].shape[0] == 2
+    # Every learned token appears exactly once across the rows, and label_count counts it (after the shift).
+    for corpus in (packed, unpacked):
+        everything = np.arange(corpus.num_train)
+        learned = int((corpus.batch("train", everything)["labels"][:, 1:] != sft.IGNORE_INDEX).sum())
+        assert learned == corpus.label_count("train", everything) == packed.train.num_label_tokens
 
 
 def test_length_grouped_order_groups_similar_lengths():
@@ -157,7 +163,8 @@ def test_trimmed_rows_give_the_same_loss_with_less_padding(tok):
 def test_length_grouped_sampler_serves_similar_lengths_together(tok):
     examples = [sft.SFTExample([5] * n, [5] * n) for n in np.random.default_rng(0).integers(4, 200, 400)]
     corpus = sft.SFTCorpus(sft.SFTDataset(examples, 256, tok.pad_token_id, packing=False), None, tok, ".")
-    sampler = sft.length_grouped_sampler(corpus, global_batch=4, seed=0)
+    assert corpus.epoch_order(4, 0, group_by_length=False) is None
+    sampler = StepSampler(corpus.num_train, 4, 0, corpus.epoch_order(4, 0, group_by_length=True))
     indices, _, _ = sampler.next_step(0, 0)
     lengths = [len(examples[i].input_ids) for i in sampler.permutation(0)[:200]]
     assert lengths == sorted(lengths, reverse=True)  # one mega-batch of 50 batches, longest first

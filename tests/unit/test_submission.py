@@ -6,12 +6,14 @@ Regenerate the goldens after an intended change with LLAUNCH_UPDATE_GOLDEN=1 and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.jobs import JobRecord, last_error, last_metrics, parse_scontrol_job
 from cluster.profile import ClusterProfile, load_profile, profile_names, time_to_minutes
@@ -140,6 +142,33 @@ def test_shipped_profiles_load_and_flags_override_them():
         load_profile("local").replace(time="90 minutes")
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("node_ram_gb", "lots", "cluster profile 'mine': node_ram_gb must be the host RAM of one node in GB"),
+    ("node_ram_gb", None, "node_ram_gb must be the host RAM"),  # missing: the field is named, not "0 B available"
+    ("setup", "module load x", "setup must be a list of shell lines"),
+    ("time", "00:00:30", "time must be longer than the preemption warning (signal_delay_s 90 s"),
+    ("partition", 7, "partition must be a name"),
+])
+def test_profile_fields_are_checked_by_type_and_named(tmp_path, field, value, message):
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster/profiles/local.yaml").read_text())
+    data["name"] = "mine"
+    if value is None:
+        del data[field]
+    else:
+        data[field] = value
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(LaunchError, match=message.replace("(", r"\(")):
+        load_profile(str(path))
+
+
+def test_a_bad_flag_is_named_as_the_flag_not_as_the_profile():
+    with pytest.raises(LaunchError, match="^--nodes must be a positive integer"):
+        load_profile("local").replace(nodes=0)
+    with pytest.raises(LaunchError, match="^--time must be longer than the preemption warning.*e.g. 00:04:00"):
+        load_profile("local").replace(time="00:02:00")
+
+
 def test_time_limits_round_up_to_whole_minutes():
     assert time_to_minutes("00:30:00") == 30
     assert time_to_minutes("00:00:01") == 1
@@ -155,7 +184,7 @@ def test_time_limits_round_up_to_whole_minutes():
     (dict(requeues_done=1, step=None), False, "no progress"),
 ])
 def test_requeue_policy(kwargs, requeue, why):
-    args = dict(stop_signal="SIGUSR2", requeues_done=0, max_requeues=3, step=20, step_at_last_requeue=None) | kwargs
+    args = dict(cause="SIGUSR2 received", requeues_done=0, max_requeues=3, step=20, step_at_last_requeue=None) | kwargs
     decision = decide_requeue(**args)
     assert decision.requeue is requeue
     assert why in decision.reason
@@ -198,6 +227,61 @@ def test_last_metrics_and_last_error_read_what_status_shows(tmp_path):
     assert last_error([log, wrapper]) == "llaunch: error: line 3 of bad.jsonl is not JSON; fix or remove it."
 
 
+def test_last_error_is_the_jobs_own_reason_from_its_newest_attempt(tmp_path):
+    import os
+
+    node0_out, node0, node1 = tmp_path / "8_0_log.out", tmp_path / "8_0_log.err", tmp_path / "8_1_log.err"
+    node0_out.write_text("[llaunch] node 0/2 (n1), attempt 2: torchrun ...\n")
+    node0.write_text("[llaunch] attempt 1\n[rank0]: llaunch: error: an error of the first attempt.\n"
+                     "[llaunch] attempt 2\n"
+                     "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+                     "cluster.executor.TrainingError: job stopped by SIGUSR2 and not requeued: no progress since "
+                     "the last requeue (newest checkpoint still at step 20)\n")
+    node1.write_text("[llaunch] attempt 2\ntorch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    os.utime(node0, (1, 1))  # node 1's log is the newer file: the order of files must not matter
+    assert last_error([node0_out, node0, node1]) == ("job stopped by SIGUSR2 and not requeued: no progress since "
+                                                     "the last requeue (newest checkpoint still at step 20)")
+    node0.write_text("[llaunch] attempt 1\n[rank0]: torch.distributed.DistBackendError: Timed out waiting 300000ms "
+                     "for recv operation to complete\n")
+    node1.write_text("[llaunch] attempt 1\ntorch.distributed.elastic.rendezvous.api.RendezvousConnectionError: The "
+                     "connection to the C10d store has failed.\n")
+    assert last_error([node0, node1]).startswith("torch.distributed.DistBackendError: Timed out")
+
+
+def test_a_ranks_error_outranks_the_sigterm_slurm_sent_the_other_node_because_of_it(tmp_path):
+    # Node 1's rank refuses a damaged checkpoint; SLURM then ends the step, so node 0's task reports SIGTERM.
+    node0, node1 = tmp_path / "9_0_log.err", tmp_path / "9_1_log.err"
+    node1.write_text("[llaunch] attempt 1\n[rank1]: llaunch: error: checkpoint step-20 is damaged; delete it.\n"
+                     "cluster.executor.TrainingError: torchrun exited with code 1 on n2; the rank's error is above.\n")
+    node0.write_text("[llaunch] attempt 1\ncluster.executor.TrainingError: stopped by SIGTERM with the newest "
+                     "checkpoint at step 20; a preempted job comes back through SLURM, a cancelled one ends here\n")
+    assert last_error([node0, node1]) == "llaunch: error: checkpoint step-20 is damaged; delete it."
+    node1.write_text("[llaunch] attempt 1\n")
+    assert last_error([node0, node1]).startswith("stopped by SIGTERM with the newest checkpoint at step 20")
+
+
+def test_logs_find_a_rank_by_the_line_it_printed_not_by_the_node_order(tmp_path, monkeypatch):
+    from cluster.jobs import node_of_rank
+
+    record = JobRecord(job_id="9", name="demo", output_dir=str(tmp_path), log_folder=str(tmp_path), nodes=2,
+                       cluster="local")
+    (tmp_path / "9_0_log.out").write_text("[llaunch] node 0/2 (n1), attempt 1: ...\n[llaunch] rank 0 of 2 starts\n"
+                                          "[llaunch] node 0/2 (n1), attempt 2: ...\n[llaunch] rank 1 of 2 starts\n")
+    (tmp_path / "9_1_log.out").write_text("[llaunch] node 1/2 (n2), attempt 1: ...\n[llaunch] rank 1 of 2 starts\n"
+                                          "[llaunch] node 1/2 (n2), attempt 2: ...\n[llaunch] rank 0 of 2 starts\n")
+    assert (node_of_rank(record, 0), node_of_rank(record, 1)) == (1, 0)
+    assert node_of_rank(JobRecord("10", "x", str(tmp_path), str(tmp_path), 2, "local"), 0) is None
+
+
+def test_wait_reports_a_job_slurm_will_never_start_instead_of_waiting_forever(monkeypatch):
+    import cluster.jobs as jobs
+
+    states = iter([jobs.JobState("PENDING", reason="Priority"), jobs.JobState("PENDING", reason="PartitionNodeLimit")])
+    monkeypatch.setattr(jobs, "job_state", lambda job_id, env: next(states))
+    with pytest.raises(LaunchError, match=r"^job 12 can never start as the cluster is configured \(PartitionNodeLimit"):
+        jobs.wait_for_end("12", {}, poll_s=0)
+
+
 def test_job_record_points_at_per_node_logs(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
     record = JobRecord(job_id="31", name="demo", output_dir="/runs/demo", log_folder="/runs/demo/slurm", nodes=2,
@@ -218,6 +302,9 @@ def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, mo
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-cluster" / "slurm.conf"))  # no SLURM needed
     out = tmp_path / "run"
+    out.mkdir()  # a running job's dir: it rereads config.yaml and plan.yaml when it is requeued
+    for name in ("config.yaml", "plan.yaml"):
+        (out / name).write_text("the running job's\n")
     quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
     code = main(["submit", str(quickstart), "data.max_train_bytes=200000", "--cluster", "example-h100",
                  "--nodes", "3", "--time", "02:00:00", "--output-dir", str(out), "--dry-run"])
@@ -230,8 +317,32 @@ def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, mo
     words = shlex.split(node_line)
     assert words[words.index("--nnodes") + 1] == "3" and words[words.index("--nproc-per-node") + 1] == "8"
     assert words[words.index("--rdzv-endpoint") + 1] == "FIRST_NODE:RDZV_PORT"
-    assert Plan.load(out / "plan.yaml").nodes == 3
-    assert not (out / "slurm").exists() and not (tmp_path / "home").exists()
+    assert Plan.from_dict(yaml.safe_load(printed.split("when submitted):\n")[1].split("\n# nothing written")[0])).nodes == 3
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "plan.yaml"]
+    assert {(out / name).read_text() for name in ("config.yaml", "plan.yaml")} == {"the running job's\n"}
+    assert not (tmp_path / "home").exists()
+
+
+def test_ctrl_c_on_wait_says_the_job_keeps_running(tmp_path, monkeypatch, capsys):
+    import types
+
+    import cluster.executor
+    import cluster.jobs
+    from launcher.cli import main
+
+    def interrupted(job_id, env):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(cluster.executor, "slurm_reachable", lambda env: None)
+    monkeypatch.setattr(cluster.executor, "check_partition", lambda profile, env: None)
+    monkeypatch.setattr(cluster.executor, "submit", lambda *args: types.SimpleNamespace(job_id="77"))
+    monkeypatch.setattr(cluster.jobs, "wait_for_end", interrupted)
+    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    code = main(["submit", str(quickstart), "data.max_train_bytes=200000", "--output-dir", str(tmp_path / "run"),
+                 "--wait"])
+    assert code == 130
+    assert "stopped waiting; job 77 keeps running (`llaunch status 77`, `llaunch cancel 77`)." in capsys.readouterr().out
 
 
 def test_an_allocation_that_differs_from_the_plan_is_refused_before_training():
@@ -243,3 +354,21 @@ def test_an_allocation_that_differs_from_the_plan_is_refused_before_training():
         check_allocation(_plan(2, 8, "cuda"), ["gpu-a01"], gpus_on_node=8)
     with pytest.raises(TrainingError, match="sees 4 GPU"):
         check_allocation(_plan(2, 8, "cuda"), ["gpu-a01", "gpu-a02"], gpus_on_node=4)
+
+
+def test_min_nodes_asks_sbatch_for_a_range_and_a_smaller_allocation_keeps_the_global_batch():
+    from cluster.executor import TrainingError, check_allocation
+
+    script = render_sbatch(slurm_parameters(dataclasses.replace(CPU_2, min_nodes=1), "demo"), f"{JOB_DIR}/slurm", PYTHON)
+    assert "#SBATCH --nodes=1-2" in script.splitlines() and "--nodes=2" not in script
+    assert "#SBATCH --ntasks-per-node" not in script and "--kill-on-bad-exit=1 --ntasks-per-node=1" in script
+    plan = _plan(4, 8, "cuda")  # a global batch of 2 x 1 x 32 = 64
+    smaller = check_allocation(plan, ["a", "b"], gpus_on_node=8, min_nodes=2)
+    assert (smaller.nodes, smaller.gradient_accumulation_steps, smaller.global_batch) == (2, 2, 64)
+    assert check_allocation(plan, ["a", "b", "c", "d"], gpus_on_node=8) == plan
+    with pytest.raises(TrainingError, match="got 1 node"):
+        check_allocation(plan, ["a"], gpus_on_node=8, min_nodes=2)
+    with pytest.raises(LaunchError, match="global batch of 64 does not split into micro-batches of 2 over 3"):
+        plan.on_nodes(3)
+    with pytest.raises(LaunchError, match="--min-nodes must be an integer from 1 to the job's nodes"):
+        dataclasses.replace(CPU_2, node_ram_gb=4).replace(min_nodes=3)

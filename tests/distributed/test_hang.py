@@ -1,0 +1,62 @@
+"""`llaunch run` on 2 gloo ranks with injected faults: rank 1 is slow (+150 ms per step) and is flagged as a
+straggler; then it hangs, and the launcher's watchdog catches it within its timeout + 2 polls, dumps both
+ranks' stacks, names rank 1 and its host, kills the ranks and exits with the hang code; the checkpoint
+written before stays complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import goodput, ledger
+from launcher.signals import HANG_EXIT_CODE
+from launcher.train.checkpoint import list_checkpoints
+from tests.tiny_run import tiny_run_config
+
+pytestmark = pytest.mark.dist
+
+REPO = Path(__file__).resolve().parents[2]
+POLL_S, FLOOR_S = 0.5, 3.0
+
+
+def test_slow_then_hung_rank_is_flagged_caught_dumped_and_named(tmp_path):
+    config = tiny_run_config(tmp_path, training={"max_steps": 20, "save_steps": 2, "logging_steps": 1})
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "LLAUNCH_FAULT": "slow:rank=1,ms=150;hang:rank=1,step=7",
+           "LLAUNCH_WATCHDOG": f"poll_s={POLL_S},floor_s={FLOOR_S},first_step_s=120,grace_s=10"}
+    shm_before = set(Path("/dev/shm").glob("llaunch-beacons-*"))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "launcher", "run", str(config), "--output-dir",
+                             str(out), "--nproc-per-node", "2"], env=env, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - started
+    assert result.returncode == HANG_EXIT_CODE, result.stdout[-3000:] + result.stderr[-3000:]
+
+    [folder] = (out / "hangs").iterdir()
+    evidence = json.loads((folder / "evidence.json").read_text())
+    host = socket.gethostname()
+    assert evidence["culprit"] == {"rank": 1, "host": host} and evidence["why"].startswith("in data of step 7")
+    assert f"rank 1 on {host} is behind" in result.stderr
+    views = {v["rank"]: v for v in evidence["ranks"]}
+    latency = max(views[rank]["in_phase_s"] for rank in evidence["stuck_ranks"])
+    timeout = max(evidence["timeouts_s"].values())
+    print(f"hang detected {latency:.2f} s after it began (timeout {timeout} s, poll {POLL_S} s); run took {took:.0f} s")
+    assert timeout <= latency <= timeout + 2 * POLL_S
+    assert "in injected_hang" in (folder / "stacks-rank-1.txt").read_text()
+    report = goodput.analyse(ledger.read(out))  # the stall is goodput's hang time, not training
+    assert abs(report.seconds["hang"] - latency) < 1.0, report.seconds
+    assert "in train_step" in (folder / "stacks-rank-0.txt").read_text()
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6 and records[-1]["stragglers"] == [1]
+    assert all(0 not in r["stragglers"] for r in records)
+    checkpoints = list_checkpoints(out, checksums=True)
+    assert [c.step for c in checkpoints] == [2, 4, 6] and all(c.complete for c in checkpoints)
+    assert set(Path("/dev/shm").glob("llaunch-beacons-*")) == shm_before  # the launcher removed its beacons

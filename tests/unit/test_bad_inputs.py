@@ -1,0 +1,217 @@
+"""Every command x every class of bad input: one `llaunch: error:` sentence, exit 2, nothing created or changed.
+
+The classes: path arguments (missing, a file for a directory and the reverse, under a file, a run's own
+directory, the same path twice, unwritable: /sys takes no new entries even as root), numbers (zero, negative, nan, inf, huge), file formats (empty, binary,
+truncated, not UTF-8) and checkpoints or models that are damaged. Each case runs the real CLI in-process.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from examples import arithmetic
+from launcher.cli import main
+from launcher.train.sft import format_prompt
+from tests.tiny_run import tiny_run_config
+
+# (command line with W = the workspace, message fragment)
+RUN = "run W/tiny.yaml --output-dir W/out --dry-run"
+SFT = "run W/sft.yaml --output-dir W/out --dry-run"
+CASES = [
+    # run: the config file
+    ("run W/missing.yaml --output-dir W/out", "does not exist"),
+    ("run W --output-dir W/out", "cannot read config file"),
+    ("run W/bin.dat --output-dir W/out", "not UTF-8"),
+    ("run W/truncated.yaml --output-dir W/out", "not valid YAML"),
+    ("run W/empty --output-dir W/out", "model.name_or_path is empty"),
+    # run: the output directory
+    ("run W/tiny.yaml --output-dir W/afile", "is a file"),
+    ("run W/tiny.yaml --output-dir W/afile/out", "under the file"),
+    ("run W/tiny.yaml --output-dir W", "not a llaunch run directory"),
+    ("run W/tiny.yaml --output-dir W --overwrite", "not a llaunch run directory"),
+    ("run W/tiny.yaml --output-dir W/done", "already holds a finished run"),
+    ("run W/tiny.yaml --output-dir /sys/llaunch-out", "cannot create"),  # sysfs: no new entries, even as root
+    (f"{RUN} --resume-from W/afile", "not a complete llaunch checkpoint"),
+    (f"{RUN} --resume-from W/nowhere", "not a complete llaunch checkpoint"),
+    # run: every number
+    (f"{RUN} training.learning_rate=.nan", "training.learning_rate must be a finite number"),
+    (f"{RUN} training.learning_rate=-1", "training.learning_rate must be a finite number"),
+    (f"{RUN} training.learning_rate=.inf", "training.learning_rate must be a finite number"),
+    (f"{RUN} --max-steps 0", "training.max_steps must be at least 1"),
+    (f"{RUN} --max-steps -5", "training.max_steps must be at least 1"),
+    (f"{RUN} --save-steps 0", "training.save_steps must be at least 1"),
+    (f"{RUN} --nproc-per-node 0", "parallel.nproc_per_node must be at least 1"),
+    (f"{RUN} training.per_device_train_batch_size=0", "must be at least 1"),
+    (f"{RUN} training.per_device_train_batch_size=1000000000000", "does not fit"),
+    (f"{RUN} training.gradient_accumulation_steps=0", "must be at least 1"),
+    (f"{RUN} training.global_batch_size=-2", "must be at least 1"),
+    (f"{RUN} training.num_train_epochs=0", "training.num_train_epochs must be"),
+    (f"{RUN} training.seed=-1", "training.seed must be in"),
+    (f"{RUN} training.seed=99999999999999999999", "training.seed must be in"),
+    (f"{RUN} training.warmup_ratio=2", "training.warmup_ratio must be"),
+    (f"{RUN} training.warmup_steps=-3", "training.warmup_steps must be"),
+    (f"{RUN} training.adam_beta1=1.5", "training.adam_beta1 must be"),
+    (f"{RUN} training.adam_epsilon=0", "training.adam_epsilon must be"),
+    (f"{RUN} training.max_grad_norm=.nan", "training.max_grad_norm must be"),
+    (f"{RUN} training.eval_steps=0", "training.eval_steps must be at least 1"),
+    (f"{RUN} training.loss_chunk_tokens=-1", "training.loss_chunk_tokens must be"),
+    (f"{RUN} --strategy ddp parallel.offload=optimizer", "offload 'optimizer' is not something ddp can do"),
+    (f"{RUN} training.save_total_limit=0", "training.save_total_limit must be at least 1"),
+    (f"{RUN} data.block_size=1", "data.block_size must be at least 2"),
+    (f"{RUN} data.block_size=100000", "fewer than one global batch"),
+    (f"{RUN} data.vocab_size=0", "data.vocab_size must be at least 1"),
+    (f"{RUN} data.max_train_bytes=0", "data.max_train_bytes must be at least 1"),
+    (f"{RUN} data.validation_split_percentage=.nan", "validation_split_percentage"),
+    (f"{RUN} finetune.lora_dropout=2", "finetune.lora_dropout must be"),
+    (f"{RUN} finetune.r=0", "finetune.r"),
+    # run: model overrides
+    (f"{RUN} 'model.overrides={{hidden_size: 0}}'", "must be a positive integer"),
+    (f"{RUN} 'model.overrides={{bogus_key: 3}}'", "is not a key of a llama config"),
+    (f"{RUN} 'model.overrides={{model_type: bert}}'", "another kind of model"),
+    (f"{RUN} 'model.overrides={{rms_norm_eps: .nan}}'", "must be a finite number"),
+    (f"{RUN} 'model.overrides={{num_attention_heads: 5}}'", "not a multiple"),
+    # run: the data
+    (f"{RUN} data.train_files=W/bin.dat", "is binary, not text"),
+    (f"{RUN} data.train_files=W/empty", "hold no text"),
+    (f"{RUN} data.train_files=W/nowhere.txt", "does not exist"),
+    (SFT, "not UTF-8 text"),
+    (f"{SFT} data.on_bad_line=skip", "holds no usable SFT record"),
+    (f"{SFT} data.train_files=W/bin.dat data.on_bad_line=skip", "holds no usable SFT record"),
+    (f"{SFT} data.train_files=W/truncated.jsonl", "invalid JSON"),
+    # plan
+    ("plan --model tinyllama-1.1b -o W", "is a directory"),
+    ("plan --model tinyllama-1.1b -o W/afile/plan.yaml", "lies under the file"),
+    ("plan --model tinyllama-1.1b -o W/tiny.yaml", "exists and is not a plan"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 1 -o /sys/llaunch-plan.yaml", "cannot write"),
+    ("plan --model tinyllama-1.1b --model-override bogus=3", "is not a key of a llama config"),
+    ("plan --model tinyllama-1.1b --model-override hidden_size=0", "must be a positive integer"),
+    ("plan --model tinyllama-1.1b --model-override hidden_size=nan", "must be a positive integer"),
+    ("plan --model tinyllama-1.1b --model-override model_type=bert", "another kind of model"),
+    ("plan --model tinyllama-1.1b --micro-batch 0", "--micro-batch must be a positive integer"),
+    ("plan --model tinyllama-1.1b --seq-len -1", "--seq-len must be a positive integer"),
+    ("plan --model tinyllama-1.1b --gpus 0", "--gpus must be a positive integer"),
+    ("plan --model tinyllama-1.1b --nodes 0", "--nodes must be a positive integer"),
+    ("plan --model tinyllama-1.1b --gpu-mem nanGiB", "is not a size"),
+    ("plan --model tinyllama-1.1b --lora-r 0", "--lora-r must be a positive integer"),
+    ("plan --model tinyllama-1.1b --global-batch 0", "--global-batch"),
+    ("plan --model W/bin.dat", "is not valid JSON"),
+    ("plan --model W/empty", "is not valid JSON"),
+    ("plan --model W/nowhere", "unknown model"),
+    # datasplit
+    ("datasplit W/bin.dat --train-output W/a --eval-output W/b", "not UTF-8"),
+    ("datasplit W/nul.jsonl --train-output W/a --eval-output W/b", "binary"),
+    ("datasplit W --train-output W/a --eval-output W/b", "does not exist"),
+    ("datasplit W/nowhere --train-output W/a --eval-output W/b", "does not exist"),
+    ("datasplit W/empty --train-output W/a --eval-output W/b", "cannot give both"),
+    ("datasplit W/data.jsonl --train-output W --eval-output W/b", "is a directory"),
+    ("datasplit W/data.jsonl --train-output W/afile/a --eval-output W/b", "lies under the file"),
+    ("datasplit W/data.jsonl --train-output W/data.jsonl --eval-output W/b", "is the input file"),
+    ("datasplit W/data.jsonl --train-output W/a --eval-output W/a", "both"),
+    ("datasplit W/data.jsonl --train-output /sys/llaunch-a --eval-output W/b", "cannot write"),
+    ("datasplit W/data.jsonl --train-output W/a --eval-output /sys/llaunch-b", "cannot write"),
+    ("datasplit W/data.jsonl --train-output W/a --eval-output W/b --eval-percentage nan", "--eval-percentage"),
+    ("datasplit W/data.jsonl --train-output W/a --eval-output W/b --eval-percentage 0", "--eval-percentage"),
+    ("datasplit W/data.jsonl --train-output W/a --eval-output W/b --eval-percentage 100", "--eval-percentage"),
+    ("datasplit W/data.jsonl --train-output W/a --eval-output W/b --eval-percentage -5", "--eval-percentage"),
+    # checkpoints
+    ("checkpoints W/afile", "does not exist"),
+    ("checkpoints W/nowhere", "does not exist"),
+    # export
+    ("export W/afile --to W/x", "not a complete llaunch checkpoint"),
+    ("export W/nowhere --to W/x", "not a complete llaunch checkpoint"),
+    ("export W --to W/x", "not a complete llaunch checkpoint"),
+    ("export W/done/checkpoints/step-1 --to W/x", "not a complete llaunch checkpoint"),
+    ("export W/done/checkpoints/step-1 --to W/afile", "already exists"),
+    ("export W/done/checkpoints/step-1 --to W", "already exists"),
+    ("export W/done/checkpoints/step-1 --to W/afile/x", "lies under the file"),
+    # generate
+    ("generate --model W/nowhere --prompt hi", "not a model directory"),
+    ("generate --model W/afile --prompt hi", "not a model directory"),
+    ("generate --model W --prompt hi", "not a model directory"),
+    ("generate --model W/damaged-model --prompt hi", "cannot load the model"),
+    ("generate --model W/model --prompt hi --max-new-tokens -1", "--max-new-tokens must be at least 1"),
+    ("generate --model W/model --prompt hi --max-new-tokens 0", "--max-new-tokens must be at least 1"),
+    ("generate --model W/model --prompt hi --temperature nan", "--temperature"),
+    ("generate --model W/model --prompt hi --temperature -1", "--temperature"),
+    ("generate --model W/model --prompt hi --top-k -1", "--top-k"),
+    ("generate --model W/model --prompt ' '", "--prompt is empty"),
+    # lr-find
+    ("lr-find W/tiny.yaml --output-dir W/afile", "is a file"),
+    ("lr-find W/tiny.yaml --output-dir W/done", "training run's directory"),
+    ("lr-find W/tiny.yaml --output-dir W/lr --num-steps 0", "at least 10 steps"),
+    ("lr-find W/tiny.yaml --output-dir /sys/llaunch-lr --num-steps 10", "cannot create"),
+    ("lr-find W/tiny.yaml --output-dir W/lr --start-lr nan", "0 < start_lr < end_lr"),
+    ("lr-find W/tiny.yaml --output-dir W/lr --end-lr inf", "0 < start_lr < end_lr"),
+    ("lr-find W/tiny.yaml --output-dir W/lr --start-lr -1", "0 < start_lr < end_lr"),
+    ("lr-find W/tiny.yaml --output-dir W/lr --smoothing 1", "--smoothing"),
+    ("lr-find W/tiny.yaml --output-dir W/lr --smoothing nan", "--smoothing"),
+    ("lr-find W/missing.yaml --output-dir W/lr", "does not exist"),
+    # status / logs of a job that was never submitted
+    ("status nope", "has no record"),
+    ("logs nope", "has no record"),
+    # checkpoint cadence and goodput
+    (f"{RUN} training.save_strategy=sometimes", "is not one of steps, epoch, no, auto"),
+    (f"{RUN} training.save_interval_s=0", "training.save_interval_s must be a positive number of seconds"),
+    (f"{RUN} training.save_interval_s=.nan", "training.save_interval_s must be a positive number of seconds"),
+    (f"{RUN} training.save_strategy=epoch training.save_interval_s=60", "remove one of them"),
+    (f"{RUN} training.save_overhead_cap=0", "training.save_overhead_cap must be a finite number in (0, 1)"),
+    ("goodput nope", "has no record"),
+    ("goodput W/afile", "is not a directory"),
+    ("goodput W", "has no event ledger"),
+    ("goodput W --plot W/afile/t.png", "lies under the file"),
+]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Inputs for every case; the token cache lives outside it, so the workspace itself must never change."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    w = root / "W"
+    w.mkdir()
+    tiny_run_config(w, cache_dir=root / "cache", training={"max_steps": 3})
+    (w / "afile").write_text("a file, not a directory\n")
+    (w / "bin.dat").write_bytes(bytes(range(256)) * 8)
+    (w / "nul.jsonl").write_bytes(b'{"a": 1}\n\x00\x00\n{"b": 2}\n')
+    (w / "empty").write_text("")
+    (w / "truncated.yaml").write_text("model:\n  name_or_path: [tinyllama\n")
+    records = arithmetic.make_records(60, seed=0, max_operand=9)
+    arithmetic.write_jsonl(records, w / "data.jsonl")
+    (w / "truncated.jsonl").write_bytes((w / "data.jsonl").read_bytes()[:-7])
+    texts = [format_prompt(r["instruction"]) + r["output"] for r in records]
+    arithmetic.make_base_model(w / "model", texts, hidden_size=32, layers=2)
+    damaged = w / "damaged-model"
+    damaged.mkdir()
+    for file in (w / "model").iterdir():
+        data = file.read_bytes()
+        (damaged / file.name).write_bytes(data[: len(data) // 2] if file.suffix == ".safetensors" else data)
+    (w / "latin1.jsonl").write_bytes('{"instruction": "caf\u00e9", "output": "1"}\n'.encode("latin-1") * 40)
+    sft = {"model": {"name_or_path": str(w / "model")},
+           "data": {"dataset_format": "alpaca", "train_files": ["latin1.jsonl"], "block_size": 64},
+           "finetune": {"method": "lora", "r": 4}, "training": {"max_steps": 2, "per_device_train_batch_size": 2}}
+    (w / "sft.yaml").write_text(yaml.safe_dump(sft))
+    done = w / "done"  # a finished run with a checkpoint whose manifest is damaged
+    assert main(["run", str(w / "tiny.yaml"), "--output-dir", str(done), "--dry-run"]) == 0
+    (done / "final").mkdir()
+    (done / "checkpoints" / "step-1").mkdir(parents=True)
+    (done / "checkpoints" / "step-1" / "manifest.json").write_text('{"format": 1, "step": 1}')
+    return w
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("command, message", CASES, ids=[c for c, _ in CASES])
+def test_bad_input_is_one_sentence_exit_2_and_nothing_written(workspace, capsys, command, message):
+    before = snapshot(workspace)
+    argv = [str(workspace) + arg[1:] if arg == "W" or arg.startswith("W/") else arg for arg in shlex.split(command)]
+    argv = [arg.replace("=W/", f"={workspace}/") for arg in argv]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("llaunch: error: ") and err.count("\n") == 1 and message in err, err
+    assert snapshot(workspace) == before

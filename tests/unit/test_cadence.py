@@ -1,0 +1,111 @@
+"""SaveCadence in one process: the interval becomes a save step, a failed interval save is reported and training
+goes on, and auto takes C, R and the failures from the ledgers (this job's and the cluster's earlier ones)."""
+
+from __future__ import annotations
+
+import pytest
+
+from launcher import goodput, ledger
+from launcher.config import TrainingConfig
+from launcher.errors import LaunchError
+from launcher.train import cadence as cadence_module
+from launcher.train.cadence import SaveCadence
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SLURM_CLUSTER_NAME", raising=False)
+    fake = Clock()
+    monkeypatch.setattr(cadence_module.time, "time", fake.time)
+    return fake
+
+
+def run_steps(cadence, clock, steps, save, step_s=0.5):
+    for step in range(1, steps + 1):
+        clock.now += step_s
+        cadence.step_end(step, save, wait=lambda: None)
+
+
+def test_save_interval_s_becomes_a_step_and_saves_come_every_interval(tmp_path, clock):
+    saved = []
+    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, ledger.RankLedger(tmp_path, 0))
+    run_steps(cadence, clock, 20, save=lambda: saved.append(cadence.next_step))
+    assert saved == [6, 10, 14, 18]  # planned at step 2 from one 0.5 s step: every 4 steps
+    assert [e["kind"] for e in ledger.read(tmp_path)] == ["cadence"]  # the unchanged interval is logged once
+
+
+def test_a_failed_save_is_reported_and_tried_again_one_interval_later(tmp_path, clock, capsys):
+    attempts = []
+
+    def failing_save():
+        attempts.append(cadence.next_step)
+        raise LaunchError("could not write checkpoint step-6 (No space left on device)")
+
+    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, ledger.RankLedger(tmp_path, 0))
+    run_steps(cadence, clock, 11, save=failing_save)
+    assert attempts == [6, 10]
+    assert "checkpoint at step 6 failed (could not write checkpoint step-6 (No space left on device)); training " \
+           "goes on and tries again at step 10" in capsys.readouterr().out
+    failed = [e for e in ledger.read(tmp_path) if e["kind"] == "save"]
+    assert [(e["step"], e["ok"]) for e in failed] == [(6, False), (10, False)]
+
+
+def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, clock, capsys):
+    other = tmp_path / "earlier"  # an earlier job on this cluster: 2 failures in 90 s running on 1 node
+    other.mkdir()
+    for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"}), (50, "launch", {}),
+                            (100, "exit", {"cause": "failed"})):
+        ledger.append(other, kind, t=t, inc=str(t // 50), **fields)
+    goodput.cluster_history(other)  # registers it
+    job = tmp_path / "job"
+    job.mkdir()
+    ledger.append(job, ledger.LAUNCH, t=clock.now - 10, inc="a")
+    ledger.append(job, ledger.FIRST_STEP, t=clock.now, inc="a", step=1)  # a start cost 10 s
+    saves = []
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, ledger.RankLedger(job, 0))
+
+    def save():
+        clock.now += 0.4  # a blocking save of 0.4 s
+        saves.append(cadence.next_step)
+
+    run_steps(cadence, clock, 60, save=save)
+    out = capsys.readouterr().out
+    assert "first checkpoint after 10.0 s, what a start costs (no save measured yet)" in out
+    plans = [e for e in ledger.read(job) if e["kind"] == "cadence"]
+    auto = plans[-1]
+    assert auto["save_cost_s"] == pytest.approx(0.4) and auto["restart_cost_s"] == pytest.approx(10, abs=1)
+    assert "2 in 0.025 node-hours of earlier jobs" in auto["mtbf_source"]
+    assert auto["optimal_s"] == pytest.approx(goodput.availability_optimal_interval(0.4, auto["restart_cost_s"],
+                                                                                     auto["mtbf_s"]))
+    assert auto["optimal_s"] < 8 and auto["interval_s"] == pytest.approx(8)  # 0.4 s saves at most 5 % of the time
+    assert saves[0] == 22 and saves[1] - saves[0] == round(auto["interval_s"] / 0.5)
+
+
+def test_an_async_save_records_its_background_time_once_published(tmp_path):
+    import concurrent.futures
+
+    from launcher.train.checkpoint import Checkpointer
+
+    class AsyncEngine:
+        def save_state(self, directory, async_save=False):
+            directory.mkdir(parents=True)
+            (directory / "shard").write_bytes(b"x" * 10)
+            done = concurrent.futures.Future()
+            done.set_result(None)
+            return done if async_save else None
+
+    checkpointer = Checkpointer(tmp_path, strategy="ddp", async_save=True)
+    checkpointer.save(3, AsyncEngine(), {"train_state": {}})
+    checkpointer.wait()
+    (background,) = [e for e in ledger.read(tmp_path) if e["kind"] == ledger.SAVE_BACKGROUND]
+    assert background["step"] == 3 and background["seconds"] >= 0
+    assert (tmp_path / "checkpoints" / "step-3" / "manifest.json").exists()

@@ -1,0 +1,223 @@
+"""The event ledger (append, torn lines) and the goodput analysis on synthetic ledgers: categories that sum to
+the wall time, progress lost to a failure, MTBF, and the checkpoint interval formulas."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from launcher import goodput, ledger
+from launcher.goodput import CATEGORIES
+
+
+def test_append_writes_one_fsynced_line_per_event_with_who_and_when(tmp_path, monkeypatch):
+    monkeypatch.setenv(ledger.INCARNATION_ENV, "job.0")
+    ledger.append(tmp_path, ledger.SAVE, step=10, seconds=1.5)
+    ledger.append(tmp_path, ledger.EXIT, t=5.0, code=0, cause="finished")
+    first, second = ledger.read(tmp_path)
+    assert first == {"t": 5.0, "inc": "job.0", "host": first["host"], "pid": os.getpid(), "kind": "exit",
+                     "code": 0, "cause": "finished"}
+    assert second["kind"] == "save" and second["step"] == 10 and second["seconds"] == 1.5
+
+
+def test_reader_skips_a_torn_last_line_and_lines_of_other_shapes(tmp_path):
+    ledger.append(tmp_path, ledger.LAUNCH)
+    with open(tmp_path / ledger.LEDGER_FILE, "ab") as f:
+        f.write(b'[1, 2]\n{"t": 3, "kind": "save", "st')  # what kill -9 in the middle of a write leaves
+    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch"]
+    ledger.append(tmp_path, ledger.EXIT)  # and appending goes on after it
+    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch", "exit"]
+
+
+def test_a_ledger_that_cannot_be_written_warns_once_and_never_raises(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ledger, "_warned", False)
+    ledger.append(tmp_path / "missing", ledger.LAUNCH)
+    ledger.append(tmp_path / "missing", ledger.EXIT)
+    assert capsys.readouterr().err.count("cannot append to the event ledger") == 1
+
+
+def test_appends_of_concurrent_processes_never_interleave(tmp_path):
+    code = ("import sys; from launcher import ledger\n"
+            "for i in range(100): ledger.append(sys.argv[1], 'steps', step=i, pad='x' * 3000)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(3)]
+    assert all(p.wait(60) == 0 for p in procs)
+    lines = [line for line in (tmp_path / ledger.LEDGER_FILE).read_text().splitlines() if line]  # blank: see append
+    assert len(lines) == 300 and all(json.loads(line)["kind"] == "steps" for line in lines)
+
+
+def event(t, kind, inc="a", **fields):
+    return {"t": t, "kind": kind, "inc": inc, **fields}
+
+
+def killed_and_resumed() -> list[dict]:
+    """Saves every 10 steps of 1 s; killed half a step after step 25 (saved at 20), down 30.5 s, resumed at 20."""
+    events = [event(0, "launch", nodes=2), event(2, "process_start"), event(5, "model_built"),
+              event(7, "first_step", step=1)]
+    events += [event(7 + s, "steps", step=1 + s) for s in range(1, 25)]  # steps 2..25 at t 8..31
+    events += [event(16.5, "save", step=10, seconds=0.5), event(26.5, "save", step=20, seconds=0.5),
+               event(19.5, "eval", step=13, seconds=0.5)]
+    events += [event(31.5, "exit", code=-9, cause="SIGKILL")]
+    events += [event(62, "launch", inc="b", nodes=2), event(63, "process_start", inc="b"),
+               event(66, "restore", inc="b", step=20, seconds=2.0), event(68, "first_step", inc="b", step=21)]
+    events += [event(68 + s, "steps", inc="b", step=21 + s) for s in range(1, 10)]
+    events += [event(78, "save", inc="b", step=30, seconds=0.5), event(79, "exit", inc="b", code=0, cause="finished")]
+    return events
+
+
+def test_categories_partition_the_wall_time_and_the_recomputed_steps_are_lost():
+    report = goodput.analyse(killed_and_resumed())
+    assert report.wall_s == 79
+    assert abs(sum(report.seconds.values()) - report.wall_s) <= 0.02 * report.wall_s
+    assert set(report.seconds) == set(CATEGORIES)
+    assert report.steps_lost == 5  # steps 21..25 done twice
+    assert report.seconds["lost"] == pytest.approx(4.5 + 0.5)  # steps 21..25 after the save, and the half step it died in
+    assert report.seconds["down"] == 30.5
+    assert report.seconds["restore"] == 2.0 and report.seconds["eval"] == 0.5
+    assert report.seconds["checkpoint"] == pytest.approx(1.5)
+    assert report.seconds["startup"] == pytest.approx(7 + (68 - 62) - 2.0)
+    assert report.failures == 1 and [i.cause for i in report.incarnations] == ["SIGKILL", "finished"]
+    assert report.running_s == 79 - 30.5
+    assert report.mtbf_s == pytest.approx(report.running_s)
+    assert report.save_cost_s == pytest.approx(0.5) and report.restart_cost_s == pytest.approx(6.0)
+    assert report.goodput == pytest.approx(report.seconds["productive"] / 79)
+
+
+def test_requeued_job_counts_its_queue_wait_and_the_lanes_follow_the_incarnations():
+    events = [event(0, "submit", warning_s=90), event(40, "launch", inc="7.0", seconds=38), event(41, "process_start", inc="7.0"),
+              event(45, "first_step", inc="7.0", step=1), event(60, "save", inc="7.0", step=15, seconds=1),
+              event(61, "signal", inc="7.0", name="SIGUSR2"), event(62, "save", inc="7.0", step=16, seconds=1),
+              event(62.5, "train_end", inc="7.0", step=16, cause="preempted"),
+              event(63, "exit", inc="7.0", cause="SIGUSR2"), event(64, "requeue", inc="7.0"),
+              event(184, "launch", inc="7.1", seconds=119), event(185, "process_start", inc="7.1"),
+              event(188, "restore", inc="7.1", step=16, seconds=2), event(190, "first_step", inc="7.1", step=17),
+              event(200, "exit", inc="7.1", cause="finished")]
+    report = goodput.analyse(events)
+    assert report.seconds["queue"] == pytest.approx(40 + 120)
+    assert report.seconds["lost"] == 0 and report.steps_lost == 0  # it saved before it went ...
+    assert report.failures == 0 and report.incarnations[0].saved_on_signal  # ... so that was no failure
+    assert report.warning_s == 90
+    assert {p.lane for p in report.pieces if p.category == "queue"} == {0, 1}
+    assert report.seconds["shutdown"] == pytest.approx(0.5)
+    assert abs(sum(report.seconds.values()) - 200) < 1e-9
+    # SLURM started the second attempt at 180: the 4 s until the node task's launch event are start-up
+    events[10] = event(184, "launch", inc="7.1", seconds=116, start_t=180)
+    report = goodput.analyse(events)
+    assert report.seconds["queue"] == pytest.approx(40 + 116)
+    assert report.seconds["startup"] == pytest.approx(5 + 4 + 4)  # first attempt; 180-184; to the first step
+    assert abs(sum(report.seconds.values()) - 200) < 1e-9
+
+
+def test_exit_causes_and_which_of_them_are_failures():
+    assert [ledger.exit_cause(code) for code in (0, 75, 2, -9, 137, 1)] == \
+        ["finished", "preempted", "user error", "SIGKILL", "SIGKILL", "failed"]
+    events = [event(0, "launch"), event(5, "exit", cause="user error"), event(10, "launch", inc="b"),
+              event(20, "exit", inc="b", cause="failed")]
+    assert goodput.analyse(events).failures == 1  # a config to fix is not the cluster failing
+
+
+def test_hang_and_straggler_time_come_out_of_training():
+    events = [event(0, "launch"), event(1, "first_step", step=1), event(50, "hang", seconds=20),
+              event(60, "straggler", seconds=4), event(70, "exit", cause="finished")]
+    report = goodput.analyse(events)
+    assert report.seconds["hang"] == 20 and report.seconds["straggler"] == 4
+    assert report.seconds["productive"] == pytest.approx(70 - 1 - 24)
+
+
+def test_young_interval_and_the_availability_optimal_refinement():
+    assert goodput.young_interval(2, 600) == pytest.approx(48.99, abs=0.01)
+    best = goodput.availability_optimal_interval(2, 0, 600)
+    assert 45 < best < 50  # the same to first order; saves hit by failures shorten it a little
+    around = [goodput.expected_efficiency(best * f, 2, 0, 600) for f in (0.8, 1.0, 1.25)]
+    assert around[1] > around[0] and around[1] > around[2]
+    assert goodput.availability_optimal_interval(2, 0, 600, detection_s=90) == 90
+
+
+def test_overhead_cap_and_preemption_warning_clamp_the_interval():
+    cadence = goodput.choose_interval(save_cost_s=2, restart_cost_s=30, mtbf_s=60, mtbf_source="measured")
+    assert cadence.optimal_s < 40 and cadence.interval_s == pytest.approx(40)  # 2 s saves at most 5 % of the time
+    assert "5%" in cadence.describe()
+    warned = goodput.choose_interval(10, 30, 1e5, "prior", warning_s=5)
+    assert "preemption warning" in warned.clamp
+
+
+def test_mtbf_falls_back_to_the_prior_until_a_failure_is_seen():
+    assert goodput.estimate_mtbf(3600, 3, 4)[0] == 1200
+    prior, source = goodput.estimate_mtbf(3600, 0, 4)
+    assert prior == goodput.PRIOR_NODE_MTBF_S / 4 and source.startswith("prior")
+
+
+def test_steps_after_the_last_window_are_counted_from_the_time_they_took():
+    events = killed_and_resumed()
+    coarse = [e for e in events if e["kind"] != "steps" or e["step"] % 5 == 1]  # a window every 5 steps
+    report = goodput.analyse(coarse)
+    assert report.incarnations[0].window_steps == 5
+    assert report.steps_lost in (4, 5)  # step 21 seen, then 4.5 s of ~1 s steps (at most 4 before a window)
+    slow_exit = [{**e, "t": 33.5} if e["kind"] == "exit" and e["t"] == 31.5 else e for e in events]
+    assert goodput.analyse(slow_exit).steps_lost == 5  # every step seen: the 2.5 s before the exit are teardown
+
+
+def test_ettr_what_if_falls_with_more_nodes():
+    report = goodput.analyse(killed_and_resumed())
+    ratios = goodput.what_if(report, interval_s=10)
+    assert ratios[1] == pytest.approx(1 - 0.5 / 10 - (6 + 10 / 2) / 48.5, abs=1e-3)  # one failure in 48.5 s running
+    assert ratios[10] == ratios[100] == 0  # ten times the nodes fail every 4.9 s: nothing gets done
+    assert goodput.ettr(1, 10, 0.5, 6, 1e9) == pytest.approx(1 - 0.05, abs=1e-6)
+
+
+def test_status_shows_the_goodput_of_a_submitted_job(tmp_path, monkeypatch):
+    from cluster import jobs
+    from launcher.cli.status import describe
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(jobs, "job_state", lambda job_id, env: jobs.JobState("COMPLETED"))
+    out = tmp_path / "job"
+    out.mkdir()
+    jobs.JobRecord("42", "tiny", str(out), str(out / "slurm"), nodes=2, cluster="local").save()
+    assert not any(line.startswith("  goodput") for line in describe("42"))  # no ledger yet: nothing to say
+    for e in killed_and_resumed():
+        ledger.append(out, e["kind"], **{k: v for k, v in e.items() if k != "kind"})
+    line = next(line for line in describe("42") if line.startswith("  goodput"))
+    assert line.startswith("  goodput 36.1% of 1 m 19 s over 2 incarnation(s): queue 0.0 s, restore 2.0 s, lost 5.0 s")
+
+
+def fake_command(folder, name, output, status=0):
+    script = folder / name
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {status}\n")
+    script.chmod(0o755)
+
+
+def test_queue_wait_comes_from_scontrol_or_else_sacct(tmp_path, monkeypatch):
+    from cluster import job_events
+
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    fake_command(tmp_path, "scontrol", "JobId=58 JobName=x JobState=RUNNING Restarts=1 "
+                 "SubmitTime=2026-11-30T02:00:00 EligibleTime=2026-11-30T02:02:00 StartTime=2026-11-30T02:02:30")
+    times = job_events.queue_times("58")
+    assert times["seconds"] == 150 and times["start_t"] - times["submit_t"] == 150
+    fake_command(tmp_path, "scontrol", "", status=1)  # forgotten by scontrol (MinJobAge): ask accounting
+    fake_command(tmp_path, "sacct", "2026-11-30T02:00:00|2026-11-30T02:00:40")
+    assert job_events.queue_times("58")["seconds"] == 40
+    fake_command(tmp_path, "sacct", "2026-11-30T02:00:00|Unknown")  # still pending: nothing to say
+    assert job_events.queue_times("58") == {}
+
+
+def test_a_relaunch_whose_start_time_sorts_before_the_previous_exit_still_counts_the_lost_steps():
+    """A launch's time is its process's start time, which the kernel keeps coarsely: seen in a real run, the
+    resumed `llaunch run` started 'before' the killed one wrote its exit."""
+    events = [
+        {"t": 0.0, "inc": "a", "kind": "launch"}, {"t": 1.0, "inc": "a", "kind": "first_step", "step": 1},
+        {"t": 2.0, "inc": "a", "kind": "save", "step": 20, "seconds": 0.1},
+        {"t": 2.9, "inc": "a", "kind": "steps", "step": 25},
+        {"t": 2.95, "inc": "b", "kind": "launch"}, {"t": 3.0, "inc": "a", "kind": "exit", "code": 1, "cause": "failed"},
+        {"t": 4.0, "inc": "b", "kind": "process_start"}, {"t": 5.0, "inc": "b", "kind": "restore", "step": 20},
+        {"t": 5.1, "inc": "b", "kind": "first_step", "step": 21}, {"t": 6.0, "inc": "b", "kind": "train_end", "step": 30},
+        {"t": 6.5, "inc": "b", "kind": "exit", "code": 0, "cause": "finished"},
+    ]
+    report = goodput.analyse(events)
+    assert abs(report.steps_lost - 5) <= 1  # 21..25, killed right after step 25
+    assert [i.cause for i in goodput.timeline(events)[1]] == ["failed", "finished"]
+    assert abs(sum(report.seconds.values()) - report.wall_s) < 1e-6

@@ -1,0 +1,103 @@
+"""Node ledger and quarantine policy: one hard or two soft events within the window, expiry, the spare
+limit, and an append-only file that survives a torn last line."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission, quarantined
+
+DAY = 24 * 3600.0
+NOW = 1_000 * DAY
+POLICY = QuarantinePolicy(window_s=7 * DAY, hard_events=1, soft_events=2)
+
+
+def ev(host, kind, days_ago=0.0):
+    return NodeEvent(host=host, kind=kind, time=NOW - days_ago * DAY)
+
+
+def test_one_hard_or_two_soft_events_quarantine_a_host():
+    events = [ev("a", "hang"), ev("b", "straggler"), ev("c", "straggler"), ev("c", "signal_death", 1)]
+    assert quarantined(events, POLICY, NOW) == ["a", "c"]
+
+
+def test_events_expire_after_the_window():
+    events = [ev("a", "hang", days_ago=8), ev("b", "straggler", 8), ev("b", "straggler", 1)]
+    assert quarantined(events, POLICY, NOW) == []
+    assert quarantined(events, QuarantinePolicy(window_s=10 * DAY), NOW) == ["a", "b"]
+
+
+def test_never_more_excluded_than_the_partition_can_spare_worst_first():
+    events = [ev("n1", "straggler"), ev("n1", "straggler"), ev("n2", "hang", 2), ev("n3", "xid", 1),
+              ev("n3", "straggler"), ev("elsewhere", "hang")]
+    partition = ["n1", "n2", "n3", "n4"]
+    assert exclude_for_next_submission(events, POLICY, partition, nodes_needed=1, now=NOW) == ["n3", "n2", "n1"]
+    assert exclude_for_next_submission(events, POLICY, partition, nodes_needed=2, now=NOW) == ["n3", "n2"]
+    assert exclude_for_next_submission(events, POLICY, partition, nodes_needed=4, now=NOW) == []
+    assert exclude_for_next_submission(events, POLICY, partition, nodes_needed=9, now=NOW) == []
+
+
+def test_ledger_appends_and_skips_a_torn_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
+    ledger = NodeLedger.for_profile("local")
+    assert ledger.path == tmp_path / "ledger" / "local.jsonl" and ledger.events() == []
+    ledger.append(ev("a", "hang"))
+    with ledger.path.open("a") as f:
+        f.write('{"host": "b", "kind": "ha')  # a writer died mid-line
+    ledger.append(ev("c", "straggler"))
+    assert [(e.host, e.kind) for e in ledger.events()] == [("a", "hang"), ("c", "straggler")]
+    with pytest.raises(ValueError, match="unknown node event kind"):
+        ledger.append(ev("a", "gremlins"))
+
+
+def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tmp_path, monkeypatch):
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    from cluster import executor
+    from cluster.profile import ClusterProfile
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
+    profile = ClusterProfile(name="site", partition="gpu", nodes=2)
+    calls = []
+
+    def sinfo(argv, **kwargs):
+        calls.append(argv)
+        return SimpleNamespace(returncode=0, stdout="n1\nn2\nn3\nn2\n")
+
+    monkeypatch.setattr(subprocess, "run", sinfo)
+    assert executor.quarantined_nodes(profile, {}) == [] and calls == []  # an empty ledger asks nothing
+    ledger = NodeLedger.for_profile("site")
+    ledger.append(NodeEvent("n2", "hang", time=time.time() - 60))
+    ledger.append(NodeEvent("n3", "xid", time=time.time()))
+    assert executor.quarantined_nodes(profile, {}) == ["n3"]  # 3 nodes, 2 needed: one to spare, the newest
+    assert calls[-1][-2:] == ["--partition", "gpu"]
+    assert executor.quarantined_nodes(ClusterProfile(name="site", partition="gpu", nodes=3), {}) == []
+
+
+def test_a_node_that_fails_the_doctor_is_a_hard_event_and_kept_out_of_the_next_submission(tmp_path, monkeypatch,
+                                                                                         stop_handlers_restored):
+    """cluster.executor's node task without SLURM: the second node's doctor fails before torchrun."""
+    from types import SimpleNamespace
+
+    from cluster import executor
+    from cluster.doctor.checks import FAIL, OK, Check
+    from cluster.doctor.node import NodeReport
+
+    report = NodeReport(1, "n2", "77", checks=[Check("gpus", OK, "2 GPUs"), Check("storage", FAIL, "read-only")])
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
+    monkeypatch.setattr(executor.submitit, "JobEnvironment",
+                        lambda: SimpleNamespace(job_id="77", node=1, hostname="n2", global_rank=1))
+    monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
+    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["n1", "n2"])
+    monkeypatch.setattr(executor, "node_address", lambda node: node)
+    monkeypatch.setattr(executor, "check_allocation", lambda plan, hosts, gpus, min_nodes: plan)
+    monkeypatch.setattr(executor, "preflight", lambda *args: report)
+    ledger = tmp_path / "ledger.jsonl"
+    task = executor.NodeTask(str(tmp_path), max_requeues=3, max_restarts=0, dist_timeout_s=60, ledger=str(ledger))
+    with pytest.raises(executor.TrainingError, match="doctor: storage failed on n2: read-only"):
+        task()
+    [event] = NodeLedger(ledger).events()
+    assert (event.host, event.kind, event.job_id, event.hard) == ("n2", "doctor", "77", True)
+    assert exclude_for_next_submission([event], QuarantinePolicy(), ["n1", "n2", "n3"], 2) == ["n2"]

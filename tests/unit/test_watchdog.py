@@ -1,0 +1,249 @@
+"""Progress beacons and the hang watchdog, in one process: timeouts by phase, attribution, configuration,
+and stack dumps of a rank that stopped itself or holds the GIL."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.watchdog import HANGS_DIR, Watchdog, WatchdogConfig, attribute, latest_hang
+from launcher.beacon import BeaconWriter, Phase, beacon_path, read_beacon, read_beacons
+from launcher.errors import LaunchError
+from launcher.ledger import read as ledger_events
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = WatchdogConfig(poll_s=0.1, k=10.0, floor_s=2.0, first_step_s=50.0, checkpoint_s=300.0, grace_s=10.0)
+
+
+def test_beacon_round_trip_and_phase_durations(tmp_path):
+    writer = BeaconWriter(beacon_path(tmp_path, 3))
+    assert read_beacon(beacon_path(tmp_path, 3), 3).phase == Phase.START
+    writer.enter(Phase.DATA, 7)
+    time.sleep(0.02)
+    assert writer.enter(Phase.DATA) == 0.0  # the same phase of the same step is no boundary
+    lasted = writer.enter(Phase.COMPUTE)
+    beacon = read_beacons(tmp_path)[3]
+    assert (beacon.step, beacon.phase, beacon.pid) == (7, Phase.COMPUTE, os.getpid())
+    assert beacon.ended[Phase.DATA] == 1 and beacon.last_duration[Phase.DATA] == lasted >= 0.02
+    assert beacon.age() < 1.0
+    writer.close()
+
+
+def test_a_torn_write_is_never_read(tmp_path):
+    writer = BeaconWriter(beacon_path(tmp_path, 0))
+    writer._slots[2] += 1  # SEQ odd: a write in progress
+    assert read_beacon(beacon_path(tmp_path, 0), 0, attempts=3) is None
+    writer._slots[2] += 1
+    assert read_beacon(beacon_path(tmp_path, 0), 0) is not None
+    writer.close()
+
+
+def test_timeouts_first_step_then_floor_then_k_times_p99_and_checkpoints_their_own(tmp_path):
+    writer = BeaconWriter(beacon_path(tmp_path, 0))
+    dog = Watchdog(tmp_path, tmp_path, CONFIG, host="h0")
+    assert dog.poll(now=writer.phase_start + 40) is None  # start-up: first_step_s
+    writer.enter(Phase.DATA, 1)
+    assert dog.poll(now=writer.phase_start + 40) is None  # the first step may take first_step_s
+    for step in range(2, 5):
+        for phase in (Phase.DATA, Phase.COMPUTE, Phase.SYNC):
+            writer.enter(phase, step)
+            dog.poll()
+    slow_starter = BeaconWriter(beacon_path(tmp_path, 1))  # still compiling its first step: first_step_s
+    dog.poll()
+    slow_starter.enter(Phase.COMPUTE, 1)
+    dog.poll()
+    assert dog.timeout(read_beacons(tmp_path)[1]) == CONFIG.first_step_s
+    slow_starter.close()
+    beacon_path(tmp_path, 1).unlink()
+    writer.enter(Phase.DATA, 5)
+    assert dog.poll(now=writer.phase_start + 1.9) is None
+    hang = dog.poll(now=writer.phase_start + 2.1)
+    assert hang.stuck == (0,) and hang.timeouts == {0: 2.0}
+    dog.durations[Phase.DATA].extend([0.5] * 100)  # slower steps: 10 x p99 = 5 s is above the floor
+    assert dog.poll(now=writer.phase_start + 4.9) is None and dog.poll(now=writer.phase_start + 5.1) is not None
+    writer.enter(Phase.SAVE)
+    assert dog.poll(now=writer.phase_start + 299) is None and dog.poll(now=writer.phase_start + 301) is not None
+    writer.enter(Phase.DONE)
+    assert dog.poll(now=writer.phase_start + 1e6) is None
+    writer.close()
+
+
+def view(rank, step, phase, in_phase_s=5.0, host="h0"):
+    return {"rank": rank, "host": host, "step": step, "phase": phase, "in_phase_s": in_phase_s}
+
+
+@pytest.mark.parametrize("views, culprit, behind", [
+    ([view(0, 4, "compute"), view(1, 4, "data")], 1, [1]),  # rank 0 waits in DDP's forward broadcast
+    ([view(0, 4, "sync"), view(1, 4, "compute", host="h1"), view(2, 4, "sync")], 1, [1]),
+    ([view(0, 5, "data"), view(1, 4, "save", 9.0), view(2, 4, "save", 2.0)], 1, [1, 2]),  # step lags
+    ([view(0, 0, "load"), view(1, 6, "data")], 0, [0]),  # a resume still loading
+    ([view(0, 4, "sync"), view(1, 4, "sync")], None, []),  # everyone waits: the cause is elsewhere
+    ([view(0, 4, "data")], 0, [0]),  # a world of one
+])
+def test_attribution_names_the_rank_least_far_along(views, culprit, behind):
+    result = attribute(views)
+    assert (result["culprit"] or {}).get("rank") == culprit
+    assert [b["rank"] for b in result["behind"]] == behind
+    if culprit is not None:
+        assert result["culprit"]["host"] == next(v["host"] for v in views if v["rank"] == culprit)
+
+
+def test_config_from_env():
+    assert WatchdogConfig.from_env({}) == WatchdogConfig()
+    assert WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": "floor_s=3, poll_s=0.5,window=9"}) == \
+        WatchdogConfig(floor_s=3.0, poll_s=0.5, window=9)
+    assert not WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": "off"}).enabled
+    for bad in ("floor=3", "floor_s=soon", "floor_s"):
+        with pytest.raises(LaunchError, match="LLAUNCH_WATCHDOG entry"):
+            WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": bad})
+
+
+@pytest.mark.parametrize("how", ["sigstop", "spin"])
+def test_stacks_of_a_rank_that_stopped_itself_or_holds_the_gil(tmp_path, how, monkeypatch):
+    """faulthandler answers from C: a rank looping without yielding the GIL, or one stopped by SIGSTOP (the
+    watchdog sends SIGCONT after the dump signal), still shows where it is."""
+    monkeypatch.setattr("cluster.watchdog.shutil.which", lambda name: None)  # the faulthandler path
+    script = ("import sys; from launcher.beacon import *; from launcher.train.faults import injected_hang; "
+              "BeaconWriter(beacon_path(sys.argv[1], 0)).enter(Phase.DATA, 3); "
+              "stacks = register_stack_dump(sys.argv[1], 0); injected_hang(sys.argv[2])")
+    rank = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), how], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "fault injection: hang" in rank.stderr.readline()
+        time.sleep(0.2)
+        dog = Watchdog(tmp_path, tmp_path / "job", CONFIG, host="h0")
+        hang = dog.poll(now=time.monotonic() + 100)
+        folder = dog.respond(hang)
+        stacks = (folder / "stacks-rank-0.txt").read_text()
+        assert "in injected_hang" in stacks
+        evidence = json.loads((folder / "evidence.json").read_text())
+        assert evidence["stuck_ranks"] == [0] and evidence["ranks"][0]["step"] == 3
+        assert folder.parent == tmp_path / "job" / HANGS_DIR
+    finally:
+        rank.kill()
+        rank.wait()
+
+
+def test_another_node_asks_and_this_node_dumps_into_the_same_folder_even_with_a_hang_of_its_own(tmp_path):
+    job = tmp_path / "job"
+    first, second = (tmp_path / "n0", tmp_path / "n1")
+    for folder, rank in ((first, 0), (second, 1)):
+        folder.mkdir()
+        BeaconWriter(beacon_path(folder, rank)).enter(Phase.SYNC if rank == 0 else Phase.DATA, 4)
+    node0 = Watchdog(first, job, dataclasses.replace(CONFIG, grace_s=0.5), host="h0", nodes=2)
+    node1 = Watchdog(second, job, CONFIG, host="h1", nodes=2)
+    assert node1.requested_dump() is None
+    folder = node0.respond(node0.poll(now=time.monotonic() + 100))
+    assert node0.requested_dump() is None  # its own request
+    own = node1.poll(now=time.monotonic() + 100)
+    node1.poll = lambda: own  # h1 sees its rank stuck too (waiting for h0's): it still joins h0's folder
+    assert own is not None and node1.check() == folder and node1.requested_dump() is None  # answered once
+    assert [p.name for p in (job / HANGS_DIR).iterdir()] == [folder.name]
+    assert json.loads((folder / "beacons-h1.json").read_text())[0]["phase"] == "data"
+    assert latest_hang(job) == f"hang: rank 0 on h0 is behind (the only rank, in sync of step 4); stacks and evidence in {folder}"
+    assert json.loads((folder / "evidence.json").read_text())["nodes_answered"] == "1 of 2"  # h1 had not yet
+    node0.write_evidence(node0.poll(now=time.monotonic() + 100), folder, {})
+    evidence = json.loads((folder / "evidence.json").read_text())
+    assert evidence["culprit"] == {"rank": 1, "host": "h1"} and evidence["nodes_answered"] == "2 of 2"
+
+
+def test_two_nodes_that_see_the_hang_a_second_apart_each_get_the_others_beacons(tmp_path):
+    import threading
+
+    job = tmp_path / "job"
+    dogs = []
+    for rank, host in ((0, "h0"), (1, "h1")):
+        (tmp_path / host).mkdir()
+        BeaconWriter(beacon_path(tmp_path / host, rank)).enter(Phase.SYNC if rank == 0 else Phase.DATA, 4)
+        dogs.append(Watchdog(tmp_path / host, job, dataclasses.replace(CONFIG, grace_s=3), host=host, nodes=2))
+    hangs = [dog.poll(now=time.monotonic() + 100) for dog in dogs]
+    first = threading.Thread(target=dogs[0].respond, args=(hangs[0],))
+    first.start()
+    time.sleep(1.1)  # the second folder gets another name (folders are named by the second)
+    dogs[1].respond(hangs[1])
+    first.join()
+    records = [json.loads(path.read_text()) for path in sorted(job.glob(f"{HANGS_DIR}/*/evidence.json"))]
+    assert [(r["nodes_answered"], r["culprit"]) for r in records] == [("2 of 2", {"rank": 1, "host": "h1"})] * 2
+
+
+@pytest.mark.parametrize("max_requeues", [0, 1])
+def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_its_host(tmp_path, monkeypatch,
+                                                                                        max_requeues,
+                                                                                        stop_handlers_restored):
+    """cluster.executor's poll loop without SLURM: a stand-in torchrun whose one rank hangs in its first step.
+    Within --max-requeues the job is requeued (submitit's handler) and the culprit's host excluded from it."""
+    from types import SimpleNamespace
+
+    from cluster import executor
+    from cluster.node_ledger import NodeLedger
+
+    rank = ("import os; from launcher.beacon import *; from launcher.train.faults import injected_hang; "
+            "folder = os.environ['LLAUNCH_BEACON_DIR']; BeaconWriter(beacon_path(folder, 0)).enter(Phase.DATA, 1); "
+            "stacks = register_stack_dump(folder, 0); injected_hang('sleep')")
+    torchrun = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {rank!r}])"
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "h0")
+    monkeypatch.setenv("SLURMD_NODENAME", "h0")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    monkeypatch.setenv("LLAUNCH_WATCHDOG", "poll_s=0.2,first_step_s=1,grace_s=10")
+    monkeypatch.setattr(executor.submitit, "JobEnvironment",
+                        lambda: SimpleNamespace(job_id="77", node=0, hostname="h0", global_rank=0))
+    monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
+    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["h0"])
+    monkeypatch.setattr(executor, "node_address", lambda node: node)
+    monkeypatch.setattr(executor, "check_allocation", lambda plan, hosts, gpus, min_nodes: plan)
+    monkeypatch.setattr(executor, "node_command", lambda *a, **k: ([sys.executable, "-c", torchrun], {}))
+    monkeypatch.setattr(executor, "node_can_be_spared", lambda host, job_id, min_nodes: min_nodes == 1)
+    excluded = []
+    monkeypatch.setattr(executor, "exclude_from_requeued_job", lambda job_id, hosts: excluded.append((job_id, hosts)))
+    ledger = tmp_path / "ledger.jsonl"
+    task = executor.NodeTask(str(tmp_path), max_requeues=max_requeues, max_restarts=0, dist_timeout_s=60,
+                             ledger=str(ledger), doctor=False, min_nodes=1)  # the doctor has its own tests
+    started = time.monotonic()
+
+    def submitit_requeue(signum, frame):  # what submitit's handler does after `scontrol requeue`
+        raise SystemExit(-1)
+
+    signal.signal(signal.SIGUSR2, submitit_requeue)
+    if max_requeues:
+        with pytest.raises(SystemExit):
+            task()
+    else:
+        with pytest.raises(executor.TrainingError, match="job stopped by a hang and not requeued: already"):
+            task()
+    assert time.monotonic() - started < 30
+    [event] = NodeLedger(ledger).events()
+    assert (event.kind, event.host, event.job_id) == ("hang", "h0", "77")
+    assert excluded == ([("77", ["h0"])] if max_requeues else [])
+    [folder] = (tmp_path / HANGS_DIR).iterdir()
+    assert "in injected_hang" in (folder / "stacks-rank-0.txt").read_text()
+    assert not list(tmp_path.glob("llaunch-beacons-*")) and not list(Path("/dev/shm").glob("llaunch-beacons-77-0"))
+    ended = [e for e in ledger_events(tmp_path) if e["kind"] in ("exit", "requeue")]
+    assert [e["kind"] for e in ended] == ["exit"] + ["requeue"] * max_requeues and ended[0]["cause"] == "hang"
+    [hang] = [e for e in ledger_events(tmp_path) if e["kind"] == "hang"]  # goodput's hang time, in this attempt
+    assert hang["inc"] == ended[0]["inc"] and hang["ranks"] == [0] and 1 <= hang["seconds"] < 30
+    if max_requeues:
+        assert ended[1]["reason"] == "hang on h0; requeue 1/1 resumes from the start (no checkpoint yet)"
+
+
+def test_a_nodes_flagged_stragglers_go_into_the_ledger_once_per_attempt(tmp_path):
+    from cluster.node_ledger import NodeLedger
+
+    for rank in (2, 3):  # this node runs ranks 2 and 3
+        BeaconWriter(beacon_path(tmp_path, rank))
+    ledger = tmp_path / "ledger.jsonl"
+    dog = Watchdog(tmp_path, tmp_path, CONFIG, host="n2")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 40, "loss": 2.0, "stragglers": [0]}) + "\n")
+    dog.report_stragglers(str(ledger), "9")
+    assert NodeLedger(ledger).events() == []  # rank 0 is another node's
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 50, "loss": 2.0, "stragglers": [0, 3]}) + "\n")
+    dog.report_stragglers(str(ledger), "9")
+    [event] = NodeLedger(ledger).events()
+    assert (event.host, event.kind, event.detail) == ("n2", "straggler", "rank(s) [3] flagged at step 50")
