@@ -7,6 +7,12 @@ amp-* under torch.autocast with fp32 weights, bf16 with the model cast to bf16 (
 It prints torch.cuda.max_memory_allocated beside launcher.memory's peak_bytes, and per-phase peaks.
 
     PYTHONPATH=. python bench/memory_truth.py --out bench/results/memory-h100.json
+    PYTHONPATH=. python bench/memory_truth.py --matrix gpu-check --out bench/results/memory-h200.json
+    PYTHONPATH=. python bench/memory_truth.py --smoke --out /tmp/memory-smoke.json   # tiny, CPU, fp32
+
+A config is (size, precision, method, micro_batch, checkpointing[, optimizer]); qlora loads the base in 4-bit
+through launcher's own quantization_config and apply_finetune_method (which always checkpoints), adamw_bnb_8bit is
+bitsandbytes' AdamW8bit. A row that cannot run here (no GPU for QLoRA, no bitsandbytes) is kept with its reason.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+from common import NO_CUDA_PEAK, TINY_LLAMA, Skipped, device, random_pretrained, write_json
 
 SIZES = {
     # ~150M, ~400M and ~1.1B Llama-architecture models (vocab 32000, random init).
@@ -25,6 +34,7 @@ SIZES = {
     "llama-400m": ("tinyllama-1.1b", {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
                                       "num_attention_heads": 16, "num_key_value_heads": 8}),
     "llama-1.1b": ("tinyllama-1.1b", {}),
+    "tiny": ("tinyllama-1.1b", TINY_LLAMA),
 }
 # (size, precision, method, micro_batch, activation_checkpointing); seq 2048 throughout.
 MATRIX = [
@@ -47,98 +57,190 @@ CONFIRM = [
     ("llama-400m", "bf16", "lora", 8, False), ("llama-1.1b", "bf16", "full", 8, True),
     ("llama-1.1b", "amp-bf16", "lora", 4, False),
 ]
+# The one-call GPU check (bench/gpu_check.sh): the 1.1B at mb 1-8 with and without checkpointing, bf16, LoRA,
+# QLoRA and the 8-bit optimizer; most informative first, since the step's time budget may stop it early.
+GPU_CHECK = [
+    ("llama-1.1b", "amp-bf16", "full", 4, False), ("llama-1.1b", "amp-bf16", "full", 4, True),
+    ("llama-1.1b", "bf16", "full", 4, False), ("llama-1.1b", "bf16", "lora", 4, False),
+    ("llama-1.1b", "bf16", "qlora", 4, True), ("llama-1.1b", "amp-bf16", "full", 4, False, "adamw_bnb_8bit"),
+    ("llama-1.1b", "amp-bf16", "full", 1, False), ("llama-1.1b", "amp-bf16", "full", 8, True),
+    ("llama-1.1b", "amp-bf16", "full", 2, False), ("llama-1.1b", "amp-bf16", "full", 8, False),
+    ("llama-1.1b", "amp-bf16", "full", 1, True), ("llama-1.1b", "amp-bf16", "full", 2, True),
+    ("llama-1.1b", "bf16", "full", 8, True), ("llama-1.1b", "amp-bf16", "lora", 4, True),
+    ("llama-1.1b", "bf16", "qlora", 8, True),
+]
+# --smoke: every kind of row once, tiny and in fp32 (bf16 needs a GPU to mean anything).
+SMOKE = [
+    ("tiny", "fp32", "full", 2, False), ("tiny", "fp32", "full", 2, True), ("tiny", "fp32", "lora", 2, False),
+    ("tiny", "fp32", "qlora", 2, True), ("tiny", "fp32", "full", 2, False, "adamw_bnb_8bit"),
+]
+MATRICES = {"calibration": MATRIX, "confirm": CONFIRM, "gpu-check": GPU_CHECK, "smoke": SMOKE}
 SEQ = 2048
+SMOKE_SEQ = 64
 STEPS = 4
+SMOKE_STEPS = 2  # one warm-up, one timed: the smoke checks that a row runs, not how fast
+CONFIG_KEYS = ("size", "precision", "method", "micro_batch", "checkpointing", "optimizer")
 
 
-def predict(size: str, precision: str, method: str, micro: int, ckpt: bool) -> dict:
-    from launcher.memory import TrainSetup, estimate
+def predict(size: str, precision: str, method: str, micro: int, ckpt: bool, optimizer: str = "adamw_torch",
+            seq: int = SEQ) -> dict:
+    from launcher.memory import estimate
+    from launcher.plan import TrainSetup
     from launcher.models import load_model_spec
-    from launcher.train.modeling import enable_activation_checkpointing
 
     base, overrides = SIZES[size]
     spec = load_model_spec(base, overrides)
-    setup = TrainSetup(strategy="ddp", precision=precision, method=method, micro_batch=micro, seq_len=SEQ,
-                       activation_checkpointing=ckpt, world_size=1)
+    setup = TrainSetup(strategy="ddp", precision=precision, method=method, micro_batch=micro, seq_len=seq,
+                       activation_checkpointing=ckpt, optimizer=optimizer, world_size=1)
     breakdown = estimate(spec, setup)
     return {"params": spec.num_params, "peak_bytes": breakdown.peak_bytes, "phase": breakdown.peak_phase,
             "phases": breakdown.phases, "terms": breakdown.to_dict()}
 
 
-def measure(size: str, precision: str, method: str, micro: int, ckpt: bool) -> dict:
+def build(size: str, precision: str, method: str, ckpt: bool, work: Path):
+    """The model as launcher.train builds it for this row, on this process's device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from launcher.config import FinetuneConfig
     from launcher.models import load_model_spec
+    from launcher.train.adapters import apply_finetune_method, quantization_config
+    from launcher.train.modeling import enable_activation_checkpointing
 
     base, overrides = SIZES[size]
-    config = AutoConfig.for_model(**load_model_spec(base, overrides).hf_config)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    model.config.use_cache = False
-    if ckpt:
-        enable_activation_checkpointing(model)
-    if precision == "bf16":
-        model.to(torch.bfloat16)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
+    finetune = FinetuneConfig(method=method, r=16, lora_alpha=32, lora_dropout=0.0)
+    if method == "qlora":
+        try:
+            quantization = quantization_config(finetune)
+        except Exception as err:  # LaunchError: no GPU, or no bitsandbytes
+            raise Skipped(str(err)) from None
+        source = random_pretrained(base, overrides, work / f"random-{size}")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16, quantization_config=quantization,
+                                                     device_map={"": torch.cuda.current_device()
+                                                                 if torch.cuda.is_available() else "cpu"},
+                                                     attn_implementation="sdpa")
+    else:
+        config = AutoConfig.for_model(**load_model_spec(base, overrides).hf_config)
+        torch.manual_seed(0)
+        with device():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         if ckpt:
+            enable_activation_checkpointing(model)
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+        if method == "lora" and ckpt:
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model.config.use_cache = False
+    return apply_finetune_method(model, finetune)
+
+
+def optimizer_for(name: str, model):
+    """The optimizer a run with training.optim NAME builds (launcher's own builder), so the measured step and the
+    estimate name the same thing; 8-bit AdamW without bitsandbytes is skipped, not faked."""
+    from launcher.config import TrainingConfig
+    from launcher.errors import LaunchError
+    from launcher.train.optim import build_optimizer
+
+    try:
+        return build_optimizer(model, TrainingConfig(optim=name, learning_rate=1e-4, weight_decay=0.0))
+    except LaunchError as err:
+        raise Skipped(str(err)) from None
+
+
+def measure(size: str, precision: str, method: str, micro: int, ckpt: bool, optimizer: str = "adamw_torch",
+            seq: int = SEQ, steps: int = STEPS, work: Path = Path("/tmp/llaunch-bench")) -> dict:
+    """Peak allocated memory per phase and the median step time of `steps` steps (the first is warm-up)."""
+    import torch
+
+    cuda = device().type == "cuda"
+    model = build(size, precision, method, ckpt, work)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    x = torch.randint(0, config.vocab_size, (micro, SEQ), device="cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision.startswith("amp"))
+    opt = optimizer_for(optimizer, model)
+    vocab = model.get_input_embeddings().num_embeddings
+    x = torch.randint(0, vocab, (micro, seq), device=device())
+    autocast = torch.autocast(device().type, dtype=torch.bfloat16, enabled=precision.startswith("amp"))
+
+    def peak() -> int:
+        value = torch.cuda.max_memory_allocated() if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        return value
+
     phases, times = {}, []
-    for step in range(STEPS):
-        torch.cuda.synchronize()
+    for step in range(steps):
         start = time.perf_counter()
-        torch.cuda.reset_peak_memory_stats()
+        peak()
         with autocast:
             loss = model(input_ids=x, labels=x).loss
-        fwd = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        fwd = peak()
         loss.backward()
-        bwd = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        bwd = peak()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        stp = torch.cuda.max_memory_allocated()
-        torch.cuda.synchronize()
+        stp = peak()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         if step >= 1:  # steady state: optimizer states exist
             for name, value in (("forward", fwd), ("backward", bwd), ("optimizer_step", stp)):
                 phases[name] = max(phases.get(name, 0), value)
-    return {"max_allocated": max(phases.values()), "phases": phases,
-            "max_reserved": torch.cuda.max_memory_reserved(), "step_s": statistics.median(times[1:]),
-            "loss": float(loss)}
+    result = {"step_s": statistics.median(times[1:]), "loss": loss.item()}
+    if not cuda:
+        return {**result, "max_allocated": None, "peak_skipped": NO_CUDA_PEAK}
+    return {**result, "max_allocated": max(phases.values()), "phases": phases,
+            "max_reserved": torch.cuda.max_memory_reserved()}
 
 
-def run_matrix(args) -> list[dict]:
+def measure_in_subprocess(config: tuple, seq: int, steps: int, work: Path, timeout: float) -> dict:
+    """One config in a fresh process: peak statistics and the allocator start clean."""
+    command = [sys.executable, __file__, "--one", json.dumps(config), "--seq", str(seq), "--steps", str(steps),
+               "--work", str(work)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    if done.returncode != 0:
+        return {"error": done.stderr[-400:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_row(config: tuple, seq: int, steps: int, work: Path, timeout: float = 120) -> dict:
+    """On a GPU in a fresh process (peak statistics and the allocator start clean); on a CPU, with no peak to
+    isolate, in this one (a Python start costs more than a tiny row)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return measure_in_subprocess(config, seq, steps, work, timeout)
+    try:
+        return measure(*config, seq=seq, steps=steps, work=work)
+    except Skipped as why:
+        return {"skipped": str(why)}
+
+
+def run_rows(configs: list[tuple], *, seq: int = SEQ, steps: int = STEPS, work: Path = Path("/tmp/llaunch-bench"),
+             timeout: float = 120, save=lambda rows: None) -> list[dict]:
+    """Measure and predict each config; `save(rows)` after every row, so a stopped run keeps its rows."""
     rows = []
-    for config in {"calibration": MATRIX, "confirm": CONFIRM}[args.matrix]:
-        label = json.dumps(config)
-        try:
-            done = subprocess.run([sys.executable, __file__, "--one", label], capture_output=True, text=True,
-                                  timeout=args.timeout)
-            measured = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {"error": done.stderr[-400:]}
-        except subprocess.TimeoutExpired:
-            measured = {"error": "timeout"}
-        row = {"config": dict(zip(("size", "precision", "method", "micro_batch", "checkpointing"), config)),
-               "measured": measured, "predicted": predict(*config)}
+    for config in configs:
+        measured = measure_row(config, seq, steps, work, timeout)
+        row = {"config": dict(zip(CONFIG_KEYS, (*config, "adamw_torch")[:len(CONFIG_KEYS)])), "seq_len": seq,
+               "measured": measured, "predicted": predict(*config, seq=seq)}
         rows.append(row)
         print(format_row(row), flush=True)
+        save(rows)
     return rows
 
 
 def format_row(row: dict) -> str:
     c, m, p = row["config"], row["measured"], row["predicted"]
-    head = f"{c['size']:<11} {c['precision']:<8} {c['method']:<4} mb={c['micro_batch']} ckpt={'on ' if c['checkpointing'] else 'off'}"
+    head = (f"{c['size']:<11} {c['precision']:<8} {c['method']:<5} mb={c['micro_batch']} "
+            f"ckpt={'on ' if c['checkpointing'] else 'off'} {c.get('optimizer', 'adamw_torch'):<14}")
     if "error" in m:
         return f"{head}  ERROR {m['error'][-200:]!r}"
+    if "skipped" in m:
+        return f"{head}  skipped: {m['skipped']}"
+    if m["max_allocated"] is None:
+        return f"{head}  predicted {p['peak_bytes'] / 2**30:6.2f} GiB  step {m['step_s'] * 1000:7.1f} ms  (no CUDA peak)"
     err = (p["peak_bytes"] - m["max_allocated"]) / m["max_allocated"]
     return (f"{head}  measured {m['max_allocated'] / 2**30:6.2f} GiB  predicted {p['peak_bytes'] / 2**30:6.2f} GiB  "
             f"error {err:+6.1%}  step {m['step_s'] * 1000:7.1f} ms  phase meas/pred "
@@ -147,9 +249,9 @@ def format_row(row: dict) -> str:
 
 def summary(rows: list[dict]) -> str:
     errors = [(r["predicted"]["peak_bytes"] - r["measured"]["max_allocated"]) / r["measured"]["max_allocated"]
-              for r in rows if "error" not in r["measured"]]
+              for r in rows if r["measured"].get("max_allocated")]
     if not errors:
-        return "no successful measurements"
+        return f"{len(rows)} configs, no measured CUDA peak"
     return (f"{len(errors)} configs: median |error| {statistics.median(abs(e) for e in errors):.1%}, "
             f"worst under-prediction {min(errors):+.1%}, worst over-prediction {max(errors):+.1%}")
 
@@ -157,25 +259,34 @@ def summary(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", help="internal: measure one config (JSON list) in this process")
-    parser.add_argument("--out", help="write rows as JSON here")
+    parser.add_argument("--seq", type=int, default=SEQ, help="with --one: sequence length")
+    parser.add_argument("--steps", type=int, default=STEPS, help="with --one: steps, the first one warm-up")
+    parser.add_argument("--out", type=Path, help="write rows as JSON here")
     parser.add_argument("--timeout", type=int, default=120)
-    parser.add_argument("--matrix", choices=("calibration", "confirm"), default="calibration")
+    parser.add_argument("--matrix", choices=tuple(MATRICES), default="calibration")
+    parser.add_argument("--smoke", action="store_true", help="the smoke matrix: tiny model, seq 64, CPU/fp32")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/llaunch-bench"), help="random-init models for QLoRA")
     parser.add_argument("--replay", help="re-predict a saved JSON (after changing the estimator) without a GPU")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*json.loads(args.one))))
+        try:
+            print(json.dumps(measure(*json.loads(args.one), seq=args.seq, steps=args.steps, work=args.work)))
+        except Skipped as why:
+            print(json.dumps({"skipped": str(why)}))
         return
     if args.replay:
         rows = json.load(open(args.replay))
         for row in rows:
-            row["predicted"] = predict(*row["config"].values())
+            row["predicted"] = predict(*row["config"].values(), seq=row.get("seq_len", SEQ))
             print(format_row(row))
     else:
-        rows = run_matrix(args)
+        matrix = "smoke" if args.smoke else args.matrix
+        rows = run_rows(MATRICES[matrix], seq=SMOKE_SEQ if args.smoke else SEQ,
+                        steps=SMOKE_STEPS if args.smoke else STEPS, work=args.work, timeout=args.timeout,
+                        save=lambda rows: args.out and write_json(args.out, rows))
     print(summary(rows))
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(rows, fh, indent=1)
+        write_json(args.out, rows)
 
 
 if __name__ == "__main__":

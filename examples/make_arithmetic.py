@@ -27,13 +27,15 @@ def main(argv=None) -> int:
     data.add_argument("--eval-count", type=int, default=200)
     data.add_argument("--max-operand", type=int, default=99)
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--hidden-size", type=int, default=128, help="width of the random-init model")
+    data.add_argument("--layers", type=int, default=4, help="decoder layers of the random-init model")
     ev = sub.add_parser("eval", help="held-out exact-match accuracy of a model or adapter directory")
     ev.add_argument("--model", required=True, help="a model directory, or an adapter directory (finds its base)")
     ev.add_argument("--data", required=True)
     ev.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
 
-    from launcher.train import arithmetic
+    import arithmetic  # examples/arithmetic.py, beside this script
 
     if args.command == "data":
         from launcher.train.sft import format_prompt
@@ -45,8 +47,8 @@ def main(argv=None) -> int:
             records = [arithmetic.as_record(problem, style) for problem in problems]
             arithmetic.write_jsonl(records[args.eval_count:], folder / "train.jsonl")
             arithmetic.write_jsonl(records[:args.eval_count], folder / "eval.jsonl")
-            texts += [format_prompt(None, r["instruction"]) + r["output"] for r in records]
-        arithmetic.make_base_model(out / "init", texts)
+            texts += [format_prompt(r["instruction"]) + r["output"] for r in records]
+        arithmetic.make_base_model(out / "init", texts, hidden_size=args.hidden_size, layers=args.layers)
         print(f"{len(problems) - args.eval_count} train and {args.eval_count} held-out problems in {out} and "
               f"{out / 'expressions'}; random-init model in {out / 'init'}")
         return 0
