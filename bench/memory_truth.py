@@ -91,7 +91,7 @@ def predict(size: str, precision: str, method: str, micro: int, ckpt: bool, opti
     base, overrides = SIZES[size]
     spec = load_model_spec(base, overrides)
     setup = TrainSetup(strategy="ddp", precision=precision, method=method, micro_batch=micro, seq_len=seq,
-                       activation_checkpointing=ckpt, optimizer=optimizer, world_size=1)
+                       activation_checkpointing=ckpt, optimizer=optimizer)
     breakdown = estimate(spec, setup)
     return {"params": spec.num_params, "peak_bytes": breakdown.peak_bytes, "phase": breakdown.peak_phase,
             "phases": breakdown.phases, "terms": breakdown.to_dict()}

@@ -19,7 +19,7 @@ import yaml
 from launcher.errors import LaunchError
 from launcher.config_values import check_choice, check_numbers, check_type, reject_unknown
 from launcher.files import write_text_atomic
-from launcher.plan import LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
+from launcher.plan import CHOICES, LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
 
 
 @dataclass
@@ -176,6 +176,11 @@ class TrainConfig:
             raise LaunchError(f"training.save_interval_s saves by time and save_strategy {t.save_strategy} decides "
                               f"otherwise; remove one of them.")
         check_choice("training.optim", t.optim, OPTIMIZERS)
+        for key, value, knob in (("parallel.strategy", self.parallel.strategy, "strategy"),
+                                 ("parallel.offload", self.parallel.offload, "offload"),
+                                 ("model.attn_implementation", self.model.attn_implementation, "attention")):
+            if value is not None:  # None: the planner's to choose
+                check_choice(key, value, CHOICES[knob])
         if t.optimizer_in_backward and (t.max_grad_norm > 0 or t.max_grad_value > 0):
             raise LaunchError("training.optimizer_in_backward steps each weight before the gradient norm of the "
                               "whole model exists, so it cannot clip; set training.max_grad_norm: 0 and max_grad_value: 0.")
@@ -223,8 +228,11 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfi
              "finetune": FinetuneConfig}
 
 
-def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read YAML, apply `section.key=value` overrides (values parsed as YAML), validate everything."""
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                      flags: list[tuple[str, str]] | tuple = (), notes: list[str] | None = None) -> TrainConfig:
+    """Read YAML, apply `section.key=value` overrides (values parsed as YAML), then the CLI flags' overrides as
+    (flag, override) pairs, which win; validate. Where a flag replaced what the YAML or an override set, a
+    sentence saying so goes into `notes`, for the caller to print once the job has passed every check."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -244,6 +252,10 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
         raise LaunchError(f"config file {path} must be a YAML mapping with sections {', '.join(_SECTIONS)}.")
     for item in overrides:
         apply_override(data, item)
+    for flag, item in flags:
+        key, before, after = apply_override(data, item)
+        if before is not None and before != after and notes is not None:
+            notes.append(f"llaunch: {flag} overrides {key}: {before} set by {path} or its overrides.")
     config = TrainConfig.from_dict(data, source=str(path))
     # Relative data paths are relative to the config file, so a config works from any directory.
     config.data.train_files = [p if p.startswith("@") else str(_resolve(p, path.parent)) for p in config.data.train_files]
@@ -257,8 +269,9 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     return config
 
 
-def apply_override(data: dict, item: str) -> None:
-    """`training.learning_rate=1e-4` -> data['training']['learning_rate'] = 1e-4."""
+def apply_override(data: dict, item: str) -> tuple[str, Any, Any]:
+    """`training.learning_rate=1e-4` -> data['training']['learning_rate'] = 1e-4; (key, value it replaced or
+    None, new value)."""
     key, sep, raw = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -274,7 +287,8 @@ def apply_override(data: dict, item: str) -> None:
         current = data[section] = {}
     if not isinstance(current, dict):
         raise LaunchError(f"section '{section}' must be a mapping of keys to values.")
-    current[name] = value
+    before, current[name] = current.get(name), value
+    return f"{section}.{name}", before, value
 
 
 def _resolve(value: str, base: Path) -> Path:

@@ -16,12 +16,13 @@ FLAG_KEYS = {
 }
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """`key=value` overrides for the flags a command has and the user set; they win over the YAML and over
-    positional overrides, so they go last."""
+def flag_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag as typed, `key=value` override) for the flags a command has and the user set; they win over the
+    YAML and over positional overrides (launcher.config.load_train_config applies them last, and says so)."""
     out = []
     for attr, (key, constant) in FLAG_KEYS.items():
         value = getattr(args, attr, None)
         if value is not None and value is not False:
-            out.append(f"{key}={value if constant is None else constant}")
+            flag = "--" + attr.replace("_", "-") + ("" if constant is not None else f" {value}")
+            out.append((flag, f"{key}={value if constant is None else constant}"))
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launcher.config import TrainConfig, load_train_config
 from launcher.errors import LaunchError
-from launcher.plan import ENGINE_SUPPORT, Plan
+from launcher.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, Plan
 from launcher.run_lock import LOCK_FILE, RunLock
 
 PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
@@ -31,33 +31,25 @@ def prepare_job(
     config_path: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     *,
+    flags: list[tuple[str, str]] | tuple = (),
     output_dir: str | Path | None = None,
     nodes: int | None = None,
     gpus_per_node: int | None = None,
     hardware=None,
     write: bool = True,
 ) -> Job:
-    """Load + validate the config, build the token cache, plan, and (unless write=False) write the job dir."""
+    """Load + validate the config (positional overrides, then the CLI's flags: launcher.flag_overrides), build
+    the token cache, plan, and (unless write=False) write the job dir."""
     from launcher.train.data import build_corpus
     from launcher.train.modeling import pretrained_dir
     from launcher.train.training_data import load_training_data
 
-    config = load_train_config(config_path, overrides)
-    training = config.training
-    if not (output_dir or training.output_dir):
-        raise LaunchError("no output directory; pass --output-dir DIR or set training.output_dir.")
-    out = Path(output_dir or training.output_dir).expanduser().resolve()
-    training.output_dir = str(out)
+    notes: list[str] = []  # a flag that replaced a config value, said once everything has passed
+    config = load_train_config(config_path, overrides, flags, notes)
+    out = _job_dir(config, output_dir)
     if not config.model.name_or_path:
         raise LaunchError("model.name_or_path is empty; name a catalog model (llaunch plan --list) or a local directory.")
     _check_strategy(config, config.parallel.strategy)
-    _check_output_dir(out, training.overwrite_output_dir)
-    if training.resume_from_checkpoint or (training.ignore_checkpoints and not training.overwrite_output_dir):
-        from launcher.checkpoint_store import resolve_resume
-
-        # Refuse a bad --resume-from or a fresh start over checkpoints before any rank starts.
-        resolve_resume(out, training.resume_from_checkpoint, training.ignore_checkpoints, overwrite=False)
-
     model_dir = pretrained_dir(config.model)
     if config.finetune.method == "qlora":
         from launcher.train.adapters import quantization_config
@@ -74,7 +66,25 @@ def prepare_job(
     job = Job(config=config, plan=plan, output_dir=out)
     if write:
         write_job(job)
+    for note in notes:
+        print(note, file=sys.stderr)
     return job
+
+
+def _job_dir(config: TrainConfig, output_dir: str | Path | None) -> Path:
+    """The run's directory (into training.output_dir), refused before anything is written where a run may not
+    write, and with a bad --resume-from or a fresh start over checkpoints refused too."""
+    training = config.training
+    if not (output_dir or training.output_dir):
+        raise LaunchError("no output directory; pass --output-dir DIR or set training.output_dir.")
+    out = Path(output_dir or training.output_dir).expanduser().resolve()
+    training.output_dir = str(out)
+    _check_output_dir(out, training.overwrite_output_dir)
+    if training.resume_from_checkpoint or (training.ignore_checkpoints and not training.overwrite_output_dir):
+        from launcher.checkpoint_store import resolve_resume
+
+        resolve_resume(out, training.resume_from_checkpoint, training.ignore_checkpoints, overwrite=False)
+    return out
 
 
 def write_job(job: Job, keep_lock: bool = False) -> RunLock | None:
@@ -142,7 +152,7 @@ def _check_strategy(config: TrainConfig, strategy: str | None) -> None:
     support = ENGINE_SUPPORT.get(strategy)
     if not support:
         return
-    if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+    if strategy in DEEPSPEED_STRATEGIES and importlib.util.find_spec("deepspeed") is None:
         raise LaunchError(f"strategy {strategy} needs DeepSpeed, which is not installed; "
                           "pip install 'llaunch[deepspeed]' or use --strategy fsdp.")
     if config.training.max_grad_value > 0 and not support.clip_grad_value:

@@ -16,8 +16,10 @@ from launcher.files import write_text_atomic
 
 STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")  # hsdp: FSDP2 sharded in a node, replicated across nodes
 FSDP_STRATEGIES = ("fsdp", "hsdp")  # run by the FSDP2 engine
+DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")  # run by the DeepSpeed engine at that ZeRO stage
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 METHODS = ("full", "lora", "qlora")
+LORA_METHODS = ("lora", "qlora")  # a frozen base (4-bit for QLoRA) and trained low-rank adapters
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd", "adafactor")  # HF names
 ATTENTIONS = ("sdpa", "eager", "flash")
@@ -69,7 +71,7 @@ class StrategyTraits:
 
     @property
     def is_deepspeed(self) -> bool:
-        return self.strategy.startswith("zero")
+        return self.strategy in DEEPSPEED_STRATEGIES
 
     @property
     def zero_stage(self) -> int:
@@ -89,7 +91,7 @@ class StrategyTraits:
     @property
     def trains_adapters(self) -> bool:
         """LoRA or QLoRA: a frozen base and trained low-rank adapters."""
-        return self.method in ("lora", "qlora")
+        return self.method in LORA_METHODS
 
     @property
     def offloads(self) -> bool:
@@ -101,37 +103,27 @@ class StrategyTraits:
         return {"fp32": "tf32", "amp-fp16": "fp16"}.get(self.precision, "bf16")
 
 
+CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": METHODS, "precision": PRECISIONS,
+           "optimizer": OPTIMIZERS, "attention": ATTENTIONS, "device": DEVICES}
+COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r")
+
+
+def check_knob(name: str, value, label: str) -> None:
+    """The one rule for a knob's values, wherever it was written; `label` names it as the user wrote it."""
+    if name in CHOICES and value not in CHOICES[name]:
+        raise LaunchError(f"{label} {value!r} is not one of {', '.join(CHOICES[name])}.")
+    if name in COUNTS and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise LaunchError(f"{label} must be a positive integer, not {value!r}.")
+    if name == "loss_chunk_tokens" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise LaunchError(f"{label} must be 0 (full logits) or a positive integer, not {value!r}.")
+
+
 @dataclass
 class TrainSetup(StrategyTraits):
-    """The knobs that change memory (launcher/memory.py estimates from them); a Plan, or a planner candidate,
-    maps onto this one to one."""
+    """The training knobs: what changes memory and speed (launcher/memory.py and step_time.py estimate from
+    them) and what the ranks run. The Plan is one of these plus the hardware, the estimates and the reasons;
+    the planner's request holds the same fields as optional overrides."""
 
-    strategy: str = "ddp"
-    offload: str = "none"
-    method: str = "full"
-    precision: str = "amp-bf16"
-    optimizer: str = "adamw_torch_fused"
-    attention: str = "sdpa"
-    activation_checkpointing: bool = False
-    lora_r: int = LORA_R
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    micro_batch: int = 1
-    seq_len: int = 2048
-    gradient_accumulation_steps: int = 1
-    world_size: int = 1
-    nodes: int = 1  # HSDP shards over the world_size / nodes GPUs of one node
-    device: str = "cuda"
-    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
-    optimizer_in_backward: bool = False
-
-
-
-@dataclass
-class Plan(StrategyTraits):
-    """One chosen (or forced) way to run a job; `memory` and `predicted` are the planner's figures."""
-
-    model: str
-    params: int = 0
     strategy: str = "ddp"
     offload: str = "none"
     method: str = "full"
@@ -145,13 +137,8 @@ class Plan(StrategyTraits):
     gradient_accumulation_steps: int = 1
     seq_len: int = 2048
     nodes: int = 1
-    gpus_per_node: int = 1
+    gpus_per_node: int = 1  # processes per node on CPU
     device: str = "cuda"
-    gpu_name: str = ""
-    gpu_mem_bytes: int = 0
-    memory: dict[str, int] = field(default_factory=dict)
-    predicted: dict[str, float] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
     optimizer_in_backward: bool = False
 
@@ -169,6 +156,49 @@ class Plan(StrategyTraits):
         """Sequences per optimizer step across all ranks."""
         return self.micro_batch * self.gradient_accumulation_steps * self.world_size
 
+    @property
+    def global_batch_tokens(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def knobs(self) -> "TrainSetup":
+        """Only the knobs (of a Plan, say), for the estimators to vary with dataclasses.replace."""
+        return TrainSetup(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSetup)})
+
+    def validate(self, label: str = "plan") -> "TrainSetup":
+        for f in dataclasses.fields(TrainSetup):
+            check_knob(f.name, getattr(self, f.name), f"{label} {f.name}")
+        support = ENGINE_SUPPORT[self.strategy]
+        if self.optimizer_in_backward and not (support.optimizer_in_backward and self.world_size == 1
+                                               and self.gradient_accumulation_steps == 1
+                                               and self.precision != "amp-fp16"):
+            raise LaunchError("optimizer_in_backward steps each weight as its gradient is ready, so it runs in one "
+                              "process without gradient accumulation or fp16 loss scaling; use 1 GPU, --strategy "
+                              "ddp, accumulation 1 and bf16 or fp32.")
+        if self.method == "qlora" and not support.quantized_base:
+            able = ", ".join(s for s, can in ENGINE_SUPPORT.items() if can.quantized_base)
+            raise LaunchError(f"QLoRA's 4-bit base runs under {able}, not {self.strategy}; choose one of them, "
+                              f"or use finetune.method lora with {self.strategy}.")
+        if self.offload not in support.offloads:
+            able = ", ".join(f"{s} ({'/'.join(o for o in can.offloads if o != 'none')})"
+                             for s, can in ENGINE_SUPPORT.items() if len(can.offloads) > 1)
+            raise LaunchError(f"offload {self.offload!r} is not something {self.strategy} can do; "
+                              f"offloading strategies: {able}.")
+        return self
+
+
+@dataclass(kw_only=True)
+class Plan(TrainSetup):
+    """One chosen (or forced) way to run a job: its knobs, the hardware they were planned for, and the
+    planner's figures (`memory`, `predicted`) and reasons."""
+
+    model: str
+    params: int = 0
+    gpu_name: str = ""
+    gpu_mem_bytes: int = 0
+    memory: dict[str, int] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
     def on_nodes(self, nodes: int) -> "Plan":
         """This plan on `nodes` nodes with the same global batch: accumulation grows as nodes drop (--min-nodes)."""
         per_step = self.micro_batch * nodes * self.gpus_per_node
@@ -178,49 +208,9 @@ class Plan(StrategyTraits):
                               f"from it to --nodes divides it.")
         return dataclasses.replace(self, nodes=nodes, gradient_accumulation_steps=self.global_batch // per_step)
 
-    @property
-    def global_batch_tokens(self) -> int:
-        return self.global_batch * self.seq_len
-
-    def validate(self) -> "Plan":
-        for name, allowed in (
-            ("strategy", STRATEGIES),
-            ("offload", OFFLOADS),
-            ("method", METHODS),
-            ("precision", PRECISIONS),
-            ("optimizer", OPTIMIZERS),
-            ("attention", ATTENTIONS),
-            ("device", DEVICES),
-        ):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise LaunchError(f"plan {name} {value!r} is not one of {', '.join(allowed)}.")
-        for name in ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise LaunchError(f"plan {name} must be a positive integer, not {value!r}.")
-        if not isinstance(self.loss_chunk_tokens, int) or isinstance(self.loss_chunk_tokens, bool) or self.loss_chunk_tokens < 0:
-            raise LaunchError(f"plan loss_chunk_tokens must be 0 (full logits) or a positive integer, "
-                              f"not {self.loss_chunk_tokens!r}.")
-        if self.optimizer_in_backward and not (ENGINE_SUPPORT[self.strategy].optimizer_in_backward
-                                               and self.world_size == 1 and self.gradient_accumulation_steps == 1
-                                               and self.precision != "amp-fp16"):
-            raise LaunchError("optimizer_in_backward steps each weight as its gradient is ready, so it runs in one "
-                              "process without gradient accumulation or fp16 loss scaling; use 1 GPU, --strategy "
-                              "ddp, accumulation 1 and bf16 or fp32.")
-        if self.method == "qlora" and not ENGINE_SUPPORT[self.strategy].quantized_base:
-            able = ", ".join(s for s, can in ENGINE_SUPPORT.items() if can.quantized_base)
-            raise LaunchError(f"QLoRA's 4-bit base runs under {able}, not {self.strategy}; choose one of them, "
-                              f"or use finetune.method lora with {self.strategy}.")
-        if self.offload not in ENGINE_SUPPORT[self.strategy].offloads:
-            able = ", ".join(f"{s} ({'/'.join(o for o in can.offloads if o != 'none')})"
-                             for s, can in ENGINE_SUPPORT.items() if len(can.offloads) > 1)
-            raise LaunchError(f"offload {self.offload!r} is not something {self.strategy} can do; "
-                              f"offloading strategies: {able}.")
-        return self
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The model first, then the knobs, the hardware and the figures."""
+        return {"model": self.model, "params": self.params, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":

@@ -12,8 +12,7 @@ from launcher import step_time
 from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan import (ATTENTIONS, ENGINE_SUPPORT, LORA_R, LOSS_CHUNK_TOKENS, METHODS, OFFLOADS, OPTIMIZERS,
-                           PRECISIONS, STRATEGIES, Plan, TrainSetup)
+from launcher.plan import ENGINE_SUPPORT, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_knob
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
@@ -22,50 +21,44 @@ MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when times tie
 
 
-@dataclass
-class PlanRequest:
-    """What the user asked for; None means "planner chooses" (or "take it from the probe" for hardware)."""
-
-    model: str = "1b"
-    model_overrides: dict = field(default_factory=dict)
-    nodes: int | None = None
-    gpus_per_node: int | None = None
-    gpu: str | None = None
-    gpu_mem_bytes: int | None = None
-    strategy: str | None = None
-    offload: str | None = None
-    micro_batch: int | None = None
-    global_batch: int | None = None
-    global_batch_tokens: int | None = None
-    gradient_accumulation_steps: int | None = None  # forced accumulation; else it follows the global batch
-    seq_len: int = 2048
-    precision: str | None = None
-    activation_checkpointing: bool | None = None
-    method: str = "full"
-    lora_r: int = LORA_R
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    optimizer: str = "adamw_torch_fused"
-    attention: str = "sdpa"
-    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
-    optimizer_in_backward: bool = False
+class _RequestRules:
+    """PlanRequest's methods (its fields are generated below from TrainSetup's)."""
 
     def validate(self) -> "PlanRequest":
-        for name, allowed in (("strategy", STRATEGIES), ("offload", OFFLOADS), ("precision", PRECISIONS),
-                              ("method", METHODS), ("optimizer", OPTIMIZERS), ("attention", ATTENTIONS)):
+        for name, value in self.forced().items():
+            flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
+            check_knob(name, value, flag)
+        for name in ("global_batch", "global_batch_tokens"):
             value = getattr(self, name)
-            if value is not None and value not in allowed:
-                raise LaunchError(f"{name} {value!r} is not one of {', '.join(allowed)}.")
-        for name in ("nodes", "gpus_per_node", "micro_batch", "global_batch", "global_batch_tokens",
-                     "gradient_accumulation_steps", "seq_len", "lora_r"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
-                raise LaunchError(f"{flag} must be a positive integer, not {value!r}.")
-        if self.loss_chunk_tokens < 0:
-            raise LaunchError(f"--loss-chunk-tokens must be 0 (full logits) or positive, not {self.loss_chunk_tokens}.")
+            if value is not None:
+                check_knob("micro_batch", value, "--" + name.replace("_", "-"))  # the same positive-count rule
         if self.gpu_mem_bytes is not None and self.gpu_mem_bytes <= 0:
             raise LaunchError("--gpu-mem must be positive.")
         return self
+
+    def forced(self) -> dict:
+        """The knobs the user set: {TrainSetup field: value}."""
+        return {name: getattr(self, name) for name in KNOBS if getattr(self, name) is not None}
+
+    def fixed(self) -> TrainSetup:
+        """The knobs as forced and TrainSetup's defaults for the rest. Of those, the planner then chooses
+        strategy, offload, precision, checkpointing, micro-batch and accumulation when they are not forced, and
+        the hardware gives nodes, GPUs per node and device."""
+        return TrainSetup(**self.forced())
+
+
+KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))
+# What the user asked for: every TrainSetup knob as an optional override (None: the planner chooses it, or the
+# probe says, or TrainSetup's default holds), plus what only a request has. One list of knobs, not two.
+PlanRequest = dataclasses.make_dataclass("PlanRequest", [
+    ("model", str, field(default="1b")),
+    ("model_overrides", dict, field(default_factory=dict)),
+    ("gpu", "str | None", field(default=None)),
+    ("gpu_mem_bytes", "int | None", field(default=None)),
+    ("global_batch", "int | None", field(default=None)),
+    ("global_batch_tokens", "int | None", field(default=None)),
+    *[(f.name, f"{f.type} | None", field(default=None)) for f in dataclasses.fields(TrainSetup)],
+], bases=(_RequestRules,), namespace={"__module__": __name__})
 
 
 @dataclass
@@ -139,12 +132,13 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
     facts = hw.facts or require_gpu_name(hw.gpu_name)
-    precision = request.precision or _default_precision(request.method, facts)
+    fixed = request.fixed()
+    precision = request.precision or _default_precision(fixed.method, facts)
     # HSDP differs from FSDP only across nodes: on one node its mesh is FSDP's. A QLoRA base runs only under
     # the engines that declare a quantized base (launcher.plan.ENGINE_SUPPORT).
     weighed = [s for s in STRATEGIES if (s != "hsdp" or hw.nodes > 1)
-               and (request.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)
-               and (not request.optimizer_in_backward or ENGINE_SUPPORT[s].optimizer_in_backward)]
+               and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)
+               and (not fixed.optimizer_in_backward or ENGINE_SUPPORT[s].optimizer_in_backward)]
     strategies = [request.strategy] if request.strategy else (weighed if world > 1 else ["ddp"])
     checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else [False, True]
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
@@ -161,14 +155,10 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
                 if accumulation is None:
                     continue
                 for ckpt in checkpointing:
-                    setup = TrainSetup(
-                        strategy=strategy, offload=offload, method=request.method, precision=precision,
-                        optimizer=request.optimizer, attention=request.attention, activation_checkpointing=ckpt,
-                        lora_r=request.lora_r, lora_targets=list(request.lora_targets), micro_batch=micro,
-                        seq_len=request.seq_len, gradient_accumulation_steps=accumulation, world_size=world,
-                        nodes=hw.nodes, loss_chunk_tokens=request.loss_chunk_tokens,
-                        optimizer_in_backward=request.optimizer_in_backward,
-                    )
+                    setup = dataclasses.replace(
+                        fixed, strategy=strategy, offload=offload, precision=precision, activation_checkpointing=ckpt,
+                        micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=hw.nodes,
+                        gpus_per_node=hw.gpus_per_node, device="cuda")
                     out.append(_evaluate(spec, setup, hw, facts))
         if any(c.fits for c in out) and request.offload is None:
             break  # offload only when nothing fits without it: it always costs time
@@ -196,7 +186,7 @@ def _accumulation(request: PlanRequest, micro: int, world: int) -> int | None:
     """Gradient accumulation so that micro x accumulation x world = the global batch; None if it cannot divide."""
     global_batch = request.global_batch
     if request.global_batch_tokens is not None:
-        global_batch = max(1, request.global_batch_tokens // request.seq_len)
+        global_batch = max(1, request.global_batch_tokens // request.fixed().seq_len)
     if request.gradient_accumulation_steps is not None:
         forced = request.gradient_accumulation_steps
         return forced if global_batch is None or global_batch == micro * world * forced else None
@@ -229,14 +219,11 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     accumulation = _accumulation(request, micro, world)
     if accumulation is None:
         return None
-    setup = TrainSetup(
-        strategy=request.strategy or "ddp", offload=request.offload or "none", method=request.method,
-        precision=request.precision or "fp32", optimizer=request.optimizer, attention=request.attention,
-        activation_checkpointing=bool(request.activation_checkpointing), lora_r=request.lora_r,
-        lora_targets=list(request.lora_targets), micro_batch=micro, seq_len=request.seq_len,
-        gradient_accumulation_steps=accumulation, world_size=world, nodes=request.nodes or 1, device="cpu",
-        loss_chunk_tokens=request.loss_chunk_tokens, optimizer_in_backward=request.optimizer_in_backward,
-    )
+    setup = dataclasses.replace(
+        request.fixed(), strategy=request.strategy or "ddp", offload=request.offload or "none",
+        precision=request.precision or "fp32", activation_checkpointing=bool(request.activation_checkpointing),
+        micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=request.nodes or 1,
+        gpus_per_node=processes, device="cpu")
     memory = estimate(spec, setup)
     ram = hw.ram_available_bytes or hw.ram_bytes
     limit = int(ram * HEADROOM / processes)
@@ -255,18 +242,11 @@ def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candid
     memory = chosen.memory.to_dict()
     memory["limit_bytes"] = chosen.limit_bytes
     plan = Plan(
-        model=request.model, params=spec.num_params, strategy=s.strategy, offload=s.offload, method=s.method,
-        precision=s.precision, optimizer=s.optimizer, attention=s.attention,
-        activation_checkpointing=s.activation_checkpointing, lora_r=s.lora_r, lora_targets=list(s.lora_targets),
-        micro_batch=s.micro_batch, gradient_accumulation_steps=s.gradient_accumulation_steps, seq_len=s.seq_len,
-        nodes=request.nodes or hw.nodes if not cpu else (request.nodes or 1),
-        gpus_per_node=(request.gpus_per_node or 1) if cpu else hw.gpus_per_node,
-        device="cpu" if cpu else "cuda", gpu_name="" if cpu else hw.gpu_name,
+        **dataclasses.asdict(s), model=request.model, params=spec.num_params, gpu_name="" if cpu else hw.gpu_name,
         gpu_mem_bytes=0 if cpu else hw.gpu_mem_bytes, memory=memory,
         predicted={"step_time_s": round(chosen.step_time_s, 6), "tokens_per_s": round(chosen.tokens_per_s, 1),
                    "mfu": round(chosen.mfu, 4)},
-        reasons=_reasons(spec, chosen, candidates), loss_chunk_tokens=s.loss_chunk_tokens,
-        optimizer_in_backward=s.optimizer_in_backward,
+        reasons=_reasons(spec, chosen, candidates),
     )
     return plan.validate()
 
@@ -335,6 +315,7 @@ def _changes(request: PlanRequest, hw: Hardware):
         yield "turn on --activation-checkpointing", {"request": {"activation_checkpointing": None}}
     if request.micro_batch and request.micro_batch > 1:
         yield "use --micro-batch 1", {"request": {"micro_batch": 1, "global_batch": None, "global_batch_tokens": None}}
+    fixed = request.fixed()
     if hw.has_gpu and request.offload in (None, "none"):
         if request.strategy in (None, "zero3"):
             yield "add --strategy zero3 --offload optimizer+params", {"request": {"strategy": "zero3", "offload": "optimizer+params"}}
@@ -347,11 +328,11 @@ def _changes(request: PlanRequest, hw: Hardware):
         for nodes in (2, 4, 8, 16, 32):
             if nodes > hw.nodes:
                 yield f"use {nodes} nodes of {max(hw.gpus_per_node, 8)} GPUs (--nodes {nodes})", {"hardware": {"nodes": nodes, "gpus_per_node_override": max(hw.gpus_per_node, 8)}}
-    if request.method == "full":
+    if fixed.method == "full":
         yield "fine-tune with --method lora", {"request": {"method": "lora"}}
-    if request.method != "qlora":
+    if fixed.method != "qlora":
         yield "fine-tune with --method qlora", {"request": {"method": "qlora"}}
-    seq = request.seq_len // 2
+    seq = fixed.seq_len // 2
     while seq >= 256:
         yield f"use --seq-len {seq}", {"request": {"seq_len": seq}}
         seq //= 2

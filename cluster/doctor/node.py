@@ -225,16 +225,13 @@ def _reach(ctx: NodeContext, peers: list[int], own: list[str]) -> dict[str, list
 
 def _space(ctx: NodeContext, storage_dir: Path, faults: Faults) -> Check:
     from launcher.memory_sizes import checkpoint_bytes
-    from launcher.plan import TrainSetup
 
     need, why = 0, "no plan given"
     files = FILES_PER_CHECKPOINT
     if ctx.plan is not None:
         plan = ctx.plan
-        setup = TrainSetup(**{f.name: getattr(plan, f.name) for f in fields(TrainSetup) if hasattr(plan, f.name)})
-        setup.world_size = plan.world_size
-        one = checkpoint_bytes(plan.params, ctx.trainable_params or plan.params, setup)
-        export = checkpoint_bytes(plan.params, 0, setup)
+        one = checkpoint_bytes(plan.params, ctx.trainable_params or plan.params, plan)
+        export = checkpoint_bytes(plan.params, 0, plan)
         need = ctx.keep_checkpoints * one + export
         why = f"{ctx.keep_checkpoints} checkpoint(s) of {checks.format_bytes(one)} + export {checks.format_bytes(export)}"
         files = (ctx.keep_checkpoints + 1) * (plan.world_size * FILES_PER_RANK + FILES_PER_CHECKPOINT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -162,8 +163,6 @@ def planning_target(args, request, probed):
     node's SLURM partition, else the hardware flags describe the nodes (flags override each field of the first
     two). A CPU plan without --device cpu would answer a question nobody asked: what 70B takes on a laptop.
     """
-    import dataclasses
-
     from launcher.hardware import DEFAULT_GPU, gpu_node, login_node_partition
 
     flags = [name for name, value in (("--gpu", args.gpu), ("--gpu-mem", args.gpu_mem)) if value is not None]
@@ -214,7 +213,7 @@ def what_it_takes(args, request) -> int:
         from launcher.plan_plot import plot_sizing
         from launcher.sizing import COMMON_GPUS, memory_curves
 
-        plot_sizing(args.plot, f"{spec.name} ({spec.num_params / 1e9:.3g}B), sequence {request.seq_len}: "
+        plot_sizing(args.plot, f"{spec.name} ({spec.num_params / 1e9:.3g}B), sequence {request.fixed().seq_len}: "
                     "memory per GPU against GPU count", memory_curves(request, methods), rows, COMMON_GPUS)
     if args.json:
         print(json.dumps({"model": spec.name, "params": spec.num_params,
@@ -230,7 +229,7 @@ def print_sizing(spec, request, rows) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params, sequence {request.seq_len}: "
+    table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params, sequence {request.fixed().seq_len}: "
                         f"the fewest GPUs that fit (no GPU here or named)")
     for column in ("GPU", "method", "GPUs", "nodes", "strategy", "mb x ga", "ckpt", "peak/limit GiB", "tok/s"):
         table.add_column(column, justify="left" if column in ("GPU", "method", "strategy") else "right", no_wrap=True)
@@ -261,17 +260,14 @@ def add_trace(plan, request) -> dict:
     from launcher.memory import estimate
     from launcher.memory_trace import trace_peak
     from launcher.models import load_model_spec
-    from launcher.plan import TrainSetup
     from launcher.units import format_bytes
 
     spec = load_model_spec(request.model, request.model_overrides)
     fsdp = plan.is_fsdp
     world = plan.device_mesh[-1] if fsdp else 1  # HSDP's rank holds what FSDP over its shard group does
-    setup = TrainSetup(strategy="fsdp" if fsdp else "ddp", world_size=world, precision=plan.precision,
-                       method=plan.method, optimizer=plan.optimizer, attention=plan.attention,
-                       activation_checkpointing=plan.activation_checkpointing, micro_batch=plan.micro_batch,
-                       seq_len=plan.seq_len, lora_r=plan.lora_r, lora_targets=list(plan.lora_targets), device=plan.device,
-                       loss_chunk_tokens=plan.loss_chunk_tokens)
+    # One step's peak: no offload, accumulation or optimizer in backward, which the trace does not model.
+    setup = dataclasses.replace(plan.knobs(), strategy="fsdp" if fsdp else "ddp", nodes=1, gpus_per_node=world,
+                                offload="none", gradient_accumulation_steps=1, optimizer_in_backward=False)
     traced = trace_peak(spec, setup)
     estimated = estimate(spec, setup).peak_bytes
     what = f"FSDP at {world} ranks on a fake process group" if fsdp else "1 rank unsharded"

@@ -56,7 +56,7 @@ def run(args) -> int:
     args = parse_rest(args)
     watchdog_config = WatchdogConfig.from_env()
     faults_from_env()
-    job = prepare_job(args.config, [*args.overrides, *flag_overrides(args)], output_dir=args.output_dir, write=False)
+    job = prepare_job(args.config, args.overrides, flags=flag_overrides(args), output_dir=args.output_dir, write=False)
     argv, env = build_torchrun_argv(job.plan, job.output_dir, python=_python(), cpus_per_node=len(os.sched_getaffinity(0)))
     command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
     if args.dry_run:  # an existing run is left alone (its ranks reread it); a new directory gets the plan to read

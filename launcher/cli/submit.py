@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         slurm_reachable(env)  # before anything is written
         check_partition(profile, env)
-    job = prepare_job(args.config, [*args.overrides, *flag_overrides(args)], output_dir=args.output_dir,
+    job = prepare_job(args.config, args.overrides, flags=flag_overrides(args), output_dir=args.output_dir,
                       nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None,
                       hardware=profile.hardware(), write=False)
     for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):

@@ -8,6 +8,7 @@ and transformers' BitsAndBytesConfig names.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from launcher.config import FinetuneConfig
 from launcher.errors import LaunchError
+from launcher.plan import LORA_METHODS
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -39,10 +41,18 @@ def quantization_config(cfg: FinetuneConfig):
     )
 
 
+def as_planned(cfg: FinetuneConfig, plan) -> FinetuneConfig:
+    """The fine-tune a rank runs: the Plan's method, LoRA rank and targets (what the planner sized), the
+    config's other PEFT keys. Prefix tuning, which the planner sizes as a full fine-tune, stays the config's."""
+    if cfg.method == "prefix":
+        return cfg
+    return dataclasses.replace(cfg, method=plan.method, r=plan.lora_r, target_modules=list(plan.lora_targets))
+
+
 def peft_config(cfg: FinetuneConfig):
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
-    if cfg.method in ("lora", "qlora"):
+    if cfg.method in LORA_METHODS:
         targets = cfg.target_modules
         target = "all-linear" if targets == ["all-linear"] else targets
         return LoraConfig(

@@ -14,6 +14,7 @@ import torch
 
 from launcher.errors import LaunchError
 from launcher.checkpoint_store import ENGINE_DIR, verified_manifest
+from launcher.plan import DEEPSPEED_STRATEGIES
 from launcher.train.trusted_pickle import check_dcp_metadata
 
 MODEL_KEY = "model"  # engines save DCP state as {"model": ..., "optimizer": ...}
@@ -51,7 +52,7 @@ def load_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], d
     manifest = verified_manifest(checkpoint, "list usable ones with `llaunch checkpoints OUTPUT`",
                                  "export another one")
     engine_dir = checkpoint / ENGINE_DIR
-    if manifest["strategy"].startswith("zero"):
+    if manifest["strategy"] in DEEPSPEED_STRATEGIES:
         return _load_deepspeed_model_state(engine_dir), manifest
     return _load_dcp_model_state(engine_dir), manifest
 

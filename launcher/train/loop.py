@@ -34,7 +34,7 @@ from launcher.models import spec_from_config
 from launcher.plan import Plan
 from launcher.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
 from launcher.signals import REQUEUE_EXIT_CODE, StopSignals
-from launcher.train.adapters import apply_finetune_method, quantization_config
+from launcher.train.adapters import apply_finetune_method, as_planned, quantization_config
 from launcher.train.cadence import SaveCadence
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
 from launcher.train.data import StepSampler, rank_micro_batches
@@ -125,7 +125,7 @@ class Trainer:
     def _build_model(self):
         """The model as the plan says (empty on ranks that receive their shards, 4-bit for QLoRA), with its
         adapters, before the engine wraps it."""
-        training, finetune = self.config.training, self.config.finetune
+        training, finetune = self.config.training, as_planned(self.config.finetune, self.plan)
         quantization = quantization_config(finetune) if finetune.method == "qlora" else None
         hidden_size = model_architecture(self.config.model, self.tokenizer).hidden_size
         with model_construction(self.plan, training, self.config.parallel.deepspeed, self.rank, hidden_size,

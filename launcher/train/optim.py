@@ -34,25 +34,26 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
-    """torch AdamW (the fused kernel when asked for); or SGD, Adafactor, bitsandbytes 8-bit AdamW (paged for
-    QLoRA: optimizer state pages to host memory instead of failing on a memory spike) under HF optim names."""
+def build_optimizer(model: nn.Module, name: str, training: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer `name` (the Plan's, which the planner sized; HF optim names) with training's
+    hyperparameters: torch AdamW (the fused kernel when asked for); or SGD, Adafactor, bitsandbytes 8-bit
+    AdamW (paged for QLoRA: optimizer state pages to host memory instead of failing on a memory spike)."""
     groups = decay_groups(model, training.weight_decay)
-    if training.optim == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(groups, lr=training.learning_rate, momentum=training.adam_beta1)
-    if training.optim == "adafactor":
+    if name == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, lr=training.learning_rate, scale_parameter=False, relative_step=False)
-    if training.optim in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+    if name in ("adamw_bnb_8bit", "paged_adamw_8bit"):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise LaunchError(f"training.optim {training.optim} needs bitsandbytes; pip install 'llaunch[qlora]'.") from None
-        cls = bnb.optim.PagedAdamW8bit if training.optim.startswith("paged") else bnb.optim.AdamW8bit
+            raise LaunchError(f"training.optim {name} needs bitsandbytes; pip install 'llaunch[qlora]'.") from None
+        cls = bnb.optim.PagedAdamW8bit if name.startswith("paged") else bnb.optim.AdamW8bit
         return cls(groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
                    eps=training.adam_epsilon)
-    fused = training.optim == "adamw_torch_fused"
+    fused = name == "adamw_torch_fused"
     return torch.optim.AdamW(
         groups, lr=training.learning_rate, betas=(training.adam_beta1, training.adam_beta2),
         eps=training.adam_epsilon, fused=fused or None,

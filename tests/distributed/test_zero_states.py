@@ -28,7 +28,7 @@ def estimated(strategy: str):
     from tests.distributed.zero_states_worker import SMALL
 
     spec = load_model_spec("tinyllama-1.1b", {**SMALL, "vocab_size": 300})
-    return spec, estimate(spec, TrainSetup(strategy=strategy, precision="fp32", world_size=2, micro_batch=2,
+    return spec, estimate(spec, TrainSetup(strategy=strategy, precision="fp32", gpus_per_node=2, micro_batch=2,
                                            seq_len=32, device="cpu"))
 
 

@@ -127,3 +127,14 @@ def test_unknown_target_module_is_one_sentence(tmp_path):
     base, _ = saved_base(tmp_path)
     with pytest.raises(LaunchError, match="finetune settings do not fit"):
         adapters.apply_finetune_method(base, FinetuneConfig(method="lora", target_modules=["qkv_proj"]))
+
+
+def test_a_rank_fine_tunes_as_planned_and_keeps_the_configs_other_peft_keys():
+    from launcher.plan import Plan
+
+    plan = Plan(model="m", method="lora", lora_r=4, lora_targets=["q_proj"])
+    cfg = FinetuneConfig(method="lora", r=16, lora_dropout=0.1)
+    ran = adapters.as_planned(cfg, plan)
+    assert (ran.method, ran.r, ran.target_modules, ran.lora_dropout) == ("lora", 4, ["q_proj"], 0.1)
+    prefix = FinetuneConfig(method="prefix", num_virtual_tokens=8)
+    assert adapters.as_planned(prefix, plan) is prefix  # the planner sizes prefix tuning as full

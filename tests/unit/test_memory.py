@@ -20,7 +20,7 @@ def test_zero_paper_figure_1_model_states_for_7_5b_on_64_gpus(strategy, expected
     spec = load_model_spec("7b")
     spec.num_params = 7_500_000_000  # the paper's Psi; layout is irrelevant to model states
     precision = "amp-bf16"
-    b = estimate(spec, TrainSetup(strategy=strategy, precision=precision, world_size=64))
+    b = estimate(spec, TrainSetup(strategy=strategy, precision=precision, gpus_per_node=64))
     assert model_states(b) / GB == pytest.approx(expected_gb, abs=0.06)
 
 
@@ -61,18 +61,18 @@ def test_lora_counts_frozen_base_apart_from_trainable_adapters():
 def test_sharding_divides_exactly_the_states_each_strategy_shards():
     spec = load_model_spec("8b")
     P = spec.num_params
-    ddp, fsdp = (estimate(spec, TrainSetup(strategy=s, world_size=8)) for s in ("ddp", "fsdp"))
+    ddp, fsdp = (estimate(spec, TrainSetup(strategy=s, gpus_per_node=8)) for s in ("ddp", "fsdp"))
     assert fsdp["weights"] == ddp["weights"] // 8 and fsdp["grads"] == ddp["grads"] // 8
     assert fsdp["optimizer"] == 8 * P // 8
-    z2 = estimate(spec, TrainSetup(strategy="zero2", world_size=8))
+    z2 = estimate(spec, TrainSetup(strategy="zero2", gpus_per_node=8))
     assert z2["weights"] == 2 * P and z2["grads"] == 2 * P // 8 and z2["optimizer"] == 12 * P // 8
 
 
 def test_hsdp_on_nodes_of_8_holds_the_model_states_fsdp_holds_on_8():
     """HSDP shards within a node and replicates across nodes: 4 nodes x 8 GPUs hold what FSDP on 8 does, per rank."""
     spec = load_model_spec("8b")
-    hsdp = estimate(spec, TrainSetup(strategy="hsdp", world_size=32, nodes=4))
-    fsdp8, fsdp32 = (estimate(spec, TrainSetup(strategy="fsdp", world_size=w)) for w in (8, 32))
+    hsdp = estimate(spec, TrainSetup(strategy="hsdp", gpus_per_node=8, nodes=4))
+    fsdp8, fsdp32 = (estimate(spec, TrainSetup(strategy="fsdp", gpus_per_node=w)) for w in (8, 32))
     for state in ("weights", "grads", "optimizer", "comm_buffers", "optimizer_scratch"):
         assert hsdp[state] == fsdp8[state], state
     assert hsdp.peak_bytes == fsdp8.peak_bytes and hsdp["weights"] == 4 * fsdp32["weights"]
@@ -80,9 +80,9 @@ def test_hsdp_on_nodes_of_8_holds_the_model_states_fsdp_holds_on_8():
 
 def test_offload_moves_optimizer_and_then_weights_to_host_ram():
     spec = load_model_spec("7b")
-    z2 = estimate(spec, TrainSetup(strategy="zero2", world_size=1))
-    off = estimate(spec, TrainSetup(strategy="zero2", offload="optimizer", world_size=1))
-    inf = estimate(spec, TrainSetup(strategy="zero3", offload="optimizer+params", world_size=1))
+    z2 = estimate(spec, TrainSetup(strategy="zero2", gpus_per_node=1))
+    off = estimate(spec, TrainSetup(strategy="zero2", offload="optimizer", gpus_per_node=1))
+    inf = estimate(spec, TrainSetup(strategy="zero3", offload="optimizer+params", gpus_per_node=1))
     assert off["optimizer"] == 0 and off.peak_bytes < z2.peak_bytes and off.host_offload_bytes == 16 * spec.num_params
     assert inf["weights"] == 0 and inf.host_offload_bytes == 18 * spec.num_params
 
@@ -123,7 +123,7 @@ def test_chunked_loss_keeps_one_chunk_of_logits_where_the_engine_runs_it():
     assert lora["logits_loss"] == 512 * 128256 * 12
     assert chunked["logits_loss"] == 512 * 128256 * 12 + 128256 * 4096 * 4
     assert chunked.peak_bytes < full.peak_bytes
-    zero3 = TrainSetup(strategy="zero3", world_size=8, micro_batch=2, seq_len=2048)
+    zero3 = TrainSetup(strategy="zero3", gpus_per_node=8, micro_batch=2, seq_len=2048)
     assert estimate(spec, zero3)["logits_loss"] == full["logits_loss"]
 
 
@@ -160,7 +160,7 @@ def test_step_scratch_follows_the_optimizer_the_run_builds():
                for name in ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "sgd")}
     assert scratch == {"adamw_torch_fused": 0, "adamw_torch": 4 * P, "adamw_bnb_8bit": 0, "sgd": 4 * P}
     assert TrainSetup().optimizer == "adamw_torch_fused"  # the config's default training.optim
-    zero2 = estimate(spec, TrainSetup(strategy="zero2", world_size=8, optimizer="adamw_torch"))
+    zero2 = estimate(spec, TrainSetup(strategy="zero2", gpus_per_node=8, optimizer="adamw_torch"))
     assert zero2["optimizer_scratch"] == 4 * P // 8  # DeepSpeed steps fp32 partitions
 
 
@@ -171,18 +171,18 @@ def test_adafactor_factors_its_state_except_on_deepspeed_partitions():
     assert 0 < ddp["optimizer"] < 0.001 * 4 * P  # rows + columns: ~1M elements for 8B parameters
     # per parameter in fp32: grad^2 and the update, twice the embedding at its largest
     assert ddp["optimizer_scratch"] == spec.vocab * spec.hidden * 4 * 2
-    fsdp = estimate(spec, TrainSetup(optimizer="adafactor", strategy="fsdp", world_size=8))
+    fsdp = estimate(spec, TrainSetup(optimizer="adafactor", strategy="fsdp", gpus_per_node=8))
     assert fsdp["optimizer_scratch"] == ddp["optimizer_scratch"] // 8
-    zero2 = estimate(spec, TrainSetup(optimizer="adafactor", strategy="zero2", world_size=8))
+    zero2 = estimate(spec, TrainSetup(optimizer="adafactor", strategy="zero2", gpus_per_node=8))
     assert zero2["optimizer"] == (4 + 4) * P // 8  # a full fp32 v on the flat partition + the master copy
     lora = estimate(spec, TrainSetup(optimizer="adafactor", method="lora"))
     assert 0 < lora["optimizer"] < 0.1 * lora.trainable_params * 4  # (r + in) + (out + r) of r x (in + out)
 
 
 @pytest.mark.parametrize("setup", [
-    TrainSetup(strategy="ddp", gradient_accumulation_steps=4, world_size=8),
-    TrainSetup(strategy="fsdp", activation_checkpointing=True, world_size=64, micro_batch=4),
-    TrainSetup(strategy="zero3", offload="optimizer+params", method="lora", world_size=16),
+    TrainSetup(strategy="ddp", gradient_accumulation_steps=4, gpus_per_node=8),
+    TrainSetup(strategy="fsdp", activation_checkpointing=True, gpus_per_node=64, micro_batch=4),
+    TrainSetup(strategy="zero3", offload="optimizer+params", method="lora", gpus_per_node=16),
     TrainSetup(strategy="ddp", method="qlora", precision="bf16", micro_batch=8),
 ])
 def test_what_is_alive_at_the_peak_adds_up_to_the_reserved_bytes(setup):
@@ -195,14 +195,14 @@ def test_what_is_alive_at_the_peak_adds_up_to_the_reserved_bytes(setup):
 def test_fsdp_cpu_offload_moves_the_model_states_to_host_memory():
     """FSDP2 CPUOffloadPolicy: weights, gradients and AdamW states of each shard in host RAM (16 B/param / ranks)."""
     spec = load_model_spec("8b")
-    on_gpu = estimate(spec, TrainSetup(strategy="fsdp", world_size=8, activation_checkpointing=True))
-    offloaded = estimate(spec, TrainSetup(strategy="fsdp", world_size=8, activation_checkpointing=True,
+    on_gpu = estimate(spec, TrainSetup(strategy="fsdp", gpus_per_node=8, activation_checkpointing=True))
+    offloaded = estimate(spec, TrainSetup(strategy="fsdp", gpus_per_node=8, activation_checkpointing=True,
                                           offload="optimizer+params"))
     assert on_gpu["weights"] > 0 and on_gpu["optimizer"] > 0 and on_gpu.host_offload_bytes == 0
     assert offloaded["weights"] == offloaded["grads"] == offloaded["optimizer"] == 0
     assert offloaded.host_offload_bytes == spec.num_params * 16 // 8
     assert offloaded["comm_buffers"] == on_gpu["comm_buffers"]  # layers are still gathered on the GPU
-    qlora = estimate(spec, TrainSetup(strategy="fsdp", world_size=2, method="qlora", offload="optimizer+params"))
+    qlora = estimate(spec, TrainSetup(strategy="fsdp", gpus_per_node=2, method="qlora", offload="optimizer+params"))
     assert qlora["frozen_weights"] == 0 and qlora.host_offload_bytes > qlora_base_bytes(spec) / 2
 
 
@@ -218,6 +218,6 @@ def test_optimizer_in_backward_keeps_one_gradient_not_all():
 def test_qlora_base_is_sharded_under_fsdp():
     spec = load_model_spec("70b")
     ddp = estimate(spec, TrainSetup(method="qlora", precision="bf16"))
-    fsdp = estimate(spec, TrainSetup(strategy="fsdp", world_size=4, method="qlora", precision="bf16"))
+    fsdp = estimate(spec, TrainSetup(strategy="fsdp", gpus_per_node=4, method="qlora", precision="bf16"))
     assert ddp["frozen_weights"] == int(qlora_base_bytes(spec))
     assert fsdp["frozen_weights"] == int(qlora_base_bytes(spec) / 4)

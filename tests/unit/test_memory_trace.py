@@ -59,7 +59,7 @@ def test_fsdp_estimate_agrees_with_a_fake_process_group_trace_at_scale(world, me
     """FSDP2 on a fake process group in this process: the analytic per-rank peak within 5% of FSDPMemTracker's,
     with the model's own full-logits loss (the chunked loss's trace is test_chunked_loss_trace_...)."""
     spec = load_model_spec("tinyllama-1.1b", FSDP_MODEL)
-    setup = TrainSetup(strategy="fsdp", world_size=world, method=method, activation_checkpointing=checkpointing,
+    setup = TrainSetup(strategy="fsdp", gpus_per_node=world, method=method, activation_checkpointing=checkpointing,
                        micro_batch=2, seq_len=2048, device="cpu", loss_chunk_tokens=0)
     traced = traced_step_peak(spec, setup, spec.layers)
     assert estimate(spec, setup).peak_bytes == pytest.approx(traced, rel=0.05)
@@ -70,7 +70,7 @@ def test_chunked_loss_trace_drops_by_the_logits_the_estimate_drops(strategy, wor
     """MemTracker on fake tensors: with the loss in 512-token chunks the traced peak of a step whose peak is
     the loss falls by the estimator's logits saving (within 5%), and the estimate stays within 5% of the trace."""
     spec = load_model_spec("tinyllama-1.1b", FSDP_MODEL)
-    setups = [TrainSetup(strategy=strategy, world_size=world, micro_batch=2, seq_len=2048, device="cpu",
+    setups = [TrainSetup(strategy=strategy, gpus_per_node=world, micro_batch=2, seq_len=2048, device="cpu",
                          precision="bf16", loss_chunk_tokens=chunk) for chunk in (0, 512)]
     (plain, chunked), (full, small) = ([traced_step_peak(spec, s, spec.layers) for s in setups],
                                        [estimate(spec, s) for s in setups])
@@ -83,6 +83,6 @@ def test_fsdp_trace_shrinks_with_the_world_and_leaves_no_process_group():
     import torch.distributed as dist
 
     spec = load_model_spec("tinyllama-1.1b", FSDP_MODEL)
-    peaks = [traced_step_peak(spec, TrainSetup(strategy="fsdp", world_size=w, micro_batch=1, seq_len=512), 1)
+    peaks = [traced_step_peak(spec, TrainSetup(strategy="fsdp", gpus_per_node=w, micro_batch=1, seq_len=512), 1)
              for w in (2, 16)]
     assert peaks[0] > peaks[1] and not dist.is_initialized()

@@ -42,7 +42,7 @@ def test_decay_actually_skips_the_bias_in_a_step():
         model.weight.fill_(1.0)
         model.bias.fill_(1.0)
     training = TrainingConfig(learning_rate=0.1, weight_decay=0.5, optim="adamw_torch")
-    optimizer = build_optimizer(model, training)
+    optimizer = build_optimizer(model, training.optim, training)
     model.weight.grad = torch.zeros_like(model.weight)
     model.bias.grad = torch.zeros_like(model.bias)
     optimizer.step()
@@ -54,7 +54,7 @@ def test_decay_actually_skips_the_bias_in_a_step():
 def test_warmup_then_decay_matches_the_formula(kind):
     model = nn.Linear(2, 2)
     training = TrainingConfig(learning_rate=1.0, lr_scheduler_type=kind, warmup_ratio=0.1, optim="adamw_torch")
-    optimizer = build_optimizer(model, training)
+    optimizer = build_optimizer(model, training.optim, training)
     scheduler = build_scheduler(optimizer, training, total_steps=100)
     lrs = []
     for _ in range(100):
@@ -72,3 +72,20 @@ def test_warmup_steps_win_over_ratio():
 
     assert warmup_steps(TrainingConfig(warmup_steps=7, warmup_ratio=0.5), 100) == 7
     assert warmup_steps(TrainingConfig(warmup_ratio=0.05), 100) == 5
+
+
+def test_the_engine_steps_with_the_plans_optimizer_not_the_configs():
+    """The planner sized the Plan's optimizer (its states differ by kind); a rank builds that one."""
+    import torch.distributed as dist
+
+    from launcher.plan import Plan
+    from launcher.train.engines import build_engine
+    from tiny_lm import tiny_llama
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        plan = Plan(model="m", device="cpu", precision="fp32", optimizer="sgd")
+        engine = build_engine(tiny_llama(64), plan, TrainingConfig(optim="adamw_torch"), torch.device("cpu"), {})
+        assert type(engine.optimizer) is torch.optim.SGD
+    finally:
+        dist.destroy_process_group()

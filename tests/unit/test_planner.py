@@ -158,3 +158,4 @@ def test_optimizer_in_backward_is_planned_for_one_process_only():
     assert plan.memory["grads"] < make_plan(PlanRequest(model="1.1b", gpu="H100", global_batch=8), CPU_BOX).memory["grads"]
     with pytest.raises(LaunchError, match="optimizer_in_backward steps each weight"):
         make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=2, optimizer_in_backward=True), CPU_BOX)
+

@@ -64,6 +64,16 @@ def test_forced_accumulation_and_optimizer_reach_the_plan(tmp_path, tiny_config,
     assert plan["optimizer"] == "adafactor"  # the run's own optimizer, whose memory the plan estimated
 
 
+def test_a_flag_that_overrides_the_config_says_so_in_one_sentence(tmp_path, tiny_config, capsys):
+    out_dir = tmp_path / "out"
+    code, _, err = run_cli(capsys, tiny_config, "--output-dir", out_dir, "--dry-run", "parallel.strategy=zero2",
+                           "--strategy", "ddp", "--max-steps", "3")  # the config's max_steps is 3 already
+    assert code == 0
+    assert err.splitlines() == [f"llaunch: --strategy ddp overrides parallel.strategy: zero2 set by {tiny_config} "
+                                f"or its overrides."]
+    assert yaml.safe_load((out_dir / "plan.yaml").read_text())["strategy"] == "ddp"
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.train_files=missing.txt", "does not exist"),
     ("training.max_steps=many", "training.max_steps must be an integer"),

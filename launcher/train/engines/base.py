@@ -72,7 +72,7 @@ class TorchEngine(Engine):
         self.device = device
         self.module = model
         self.wrapped = self.wrap(model, plan, device)
-        self.optimizer = build_optimizer(self.module, training)
+        self.optimizer = build_optimizer(self.module, plan.optimizer, training)
         self._grad_squares = self._step_in_backward() if plan.optimizer_in_backward else None
         dtype = AUTOCAST_DTYPES.get(plan.precision)
         self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and self.uses_autocast \

@@ -44,12 +44,12 @@ class DeepSpeedEngine(Engine):
                  overrides: dict):
         import deepspeed
 
-        self.stage = int(plan.strategy[-1])
+        self.stage = plan.zero_stage
         self.config = render_ds_config(plan, training, model.config.hidden_size, overrides)
         if "optimizer" in self.config:  # offload: DeepSpeed's CPU Adam, built from the config
             client_optimizer, params = None, decay_groups(model, training.weight_decay)
         else:
-            client_optimizer, params = build_optimizer(model, training), None
+            client_optimizer, params = build_optimizer(model, plan.optimizer, training), None
         self.engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=client_optimizer, model_parameters=params, config=self.config,
         )
