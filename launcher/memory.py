@@ -12,6 +12,7 @@ Each term's size is its own rule in launcher/memory_sizes.py; this module adds t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from launcher.models import ModelSpec
@@ -46,19 +47,30 @@ class MemoryBreakdown:
     trainable_params: int
     frozen_params: int
     host_offload_bytes: int = 0  # per rank, in CPU RAM: what ZeRO-Offload moved off the GPU
+    # Per rank, in CUDA unified memory (a paged optimizer's states): on the GPU while it has room, paged to host
+    # RAM when it runs short. Only their working set is in the terms and the peak.
+    paged_bytes: int = 0
     at_peak: dict[str, int] = field(default_factory=dict)  # what is alive at the peak, by term; sums to reserved_bytes
 
     def __getitem__(self, name: str) -> int:
         return next(t.bytes for t in self.terms if t.name == name)
 
+    def paged_to_host(self, limit_bytes: int) -> int:
+        """The paged optimizer states a GPU of `limit_bytes` cannot keep: beyond the working set in the peak,
+        what the rest of the card does not hold lives in host RAM and pages in for each step."""
+        if not self.paged_bytes:
+            return 0
+        return max(0, self.paged_bytes - self["optimizer"] - max(0, limit_bytes - self.reserved_bytes))
+
     def to_dict(self) -> dict[str, int]:
         data = {t.name: t.bytes for t in self.terms}
         data.update(peak_bytes=self.peak_bytes, reserved_bytes=self.reserved_bytes,
-                    host_offload_bytes=self.host_offload_bytes)
+                    host_offload_bytes=self.host_offload_bytes, paged_bytes=self.paged_bytes)
         return data
 
 
 MODEL_STATES = ("frozen_weights", "weights", "optimizer")  # alive for the whole run
+PAGED_OPTIMIZERS = ("paged_adamw_8bit",)  # states in CUDA unified memory (bitsandbytes' paged optimizers)
 
 
 def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
@@ -67,8 +79,9 @@ def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
     split = sizes.shards(setup, group)
     trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if setup.trains_adapters else spec.num_params
     terms = model_state_terms(spec, setup, trainable, split, group)
+    paged = page_optimizer_states(spec, setup, terms)
     terms += step_terms(spec, setup, trainable / split["optimizer"], world)
-    return peak_breakdown(spec, setup, terms, trainable, world)
+    return dataclasses.replace(peak_breakdown(spec, setup, terms, trainable, world), paged_bytes=paged)
 
 
 def model_state_terms(spec: ModelSpec, setup: TrainSetup, trainable: int, split: dict[str, int],
@@ -128,6 +141,22 @@ def optimizer_term(spec: ModelSpec, setup: TrainSetup, trainable: int, split: in
                  else f"{setup.optimizer}: {state_bytes} B/param of state")
                 + (f" + {master_bytes} B fp32 master copy" if master_bytes else "") + per_rank
                 + (", offloaded to CPU" if setup.offloads else ""))
+
+
+def page_optimizer_states(spec: ModelSpec, setup: TrainSetup, terms: list[Term]) -> int:
+    """bitsandbytes' paged optimizers keep each large tensor's states in CUDA unified memory, outside the caching
+    allocator, and prefetch only the states of the tensor being stepped: when the GPU runs short the driver
+    pages the others to host RAM. So the GPU must hold one tensor's states (the optimizer term becomes that
+    working set); the whole returned bytes may live in host RAM (the planner charges their PCIe traffic).
+    DeepSpeed's fp32 master copy is not paged, so only the torch engines' plans are treated so."""
+    if setup.optimizer not in PAGED_OPTIMIZERS or setup.device != "cuda" or setup.offloads or setup.is_deepspeed:
+        return 0
+    term = next(t for t in terms if t.name == "optimizer")
+    state_bytes, _ = sizes.optimizer_bytes_per_param(setup.optimizer, setup.precision, False, False)
+    paged, term.bytes = term.bytes, min(term.bytes, sizes.largest_trainable_elements(spec, setup) * state_bytes)
+    term.reason += (f"; in CUDA unified memory: on the GPU here only the largest tensor's, the rest paged to host "
+                    f"RAM when the GPU runs short")
+    return paged
 
 
 def activation_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int, str]:

@@ -72,10 +72,16 @@ class Candidate:
     time_terms: dict[str, float]
 
     host_limit_bytes: int = 0
+    paged_to_host_bytes: int = 0  # a paged optimizer's states that the GPU cannot keep (MemoryBreakdown.paged_to_host)
+
+    @property
+    def host_bytes(self) -> int:
+        """Host RAM per rank for what lives off the GPU: offloaded states and paged-out optimizer states."""
+        return self.memory.host_offload_bytes + self.paged_to_host_bytes
 
     @property
     def fits(self) -> bool:
-        host_ok = self.memory.host_offload_bytes <= self.host_limit_bytes or not self.memory.host_offload_bytes
+        host_ok = self.host_bytes <= self.host_limit_bytes or not self.host_bytes
         return self.memory.reserved_bytes <= self.limit_bytes and host_ok
 
     @property
@@ -200,7 +206,9 @@ def _accumulation(request: PlanRequest, micro: int, world: int) -> int | None:
 def _evaluate(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> Candidate:
     memory = estimate(spec, setup)
     limit = int(hw.gpu_mem_bytes * HEADROOM)
+    paged_to_host = memory.paged_to_host(limit)
     terms = step_time.step_time_terms(spec, setup, hw, facts)
+    terms["offload_s"] += step_time.paging_seconds(paged_to_host, facts)
     step = terms["compute_s"] + terms["exposed_comm_s"] + terms["offload_s"]
     tokens = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps * setup.world_size
     peak = facts.peak_flops[setup.flops_key]
@@ -208,7 +216,7 @@ def _evaluate(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> Candid
     mfu = model_flops / (step * peak * setup.world_size) if step > 0 else 0.0
     host_limit = int(hw.ram_bytes * HEADROOM / max(1, hw.gpus_per_node))
     return Candidate(setup=setup, memory=memory, limit_bytes=limit, step_time_s=step, tokens_per_s=tokens / step,
-                     mfu=mfu, time_terms=terms, host_limit_bytes=host_limit)
+                     mfu=mfu, time_terms=terms, host_limit_bytes=host_limit, paged_to_host_bytes=paged_to_host)
 
 
 def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candidate | None:
@@ -259,6 +267,9 @@ def _reasons(spec: ModelSpec, chosen: Candidate, candidates: list[Candidate]) ->
     if s.device == "cpu":
         reasons.append("no GPU visible: running on CPU in fp32 with gloo, one process per requested GPU slot.")
         return reasons
+    if chosen.paged_to_host_bytes:
+        reasons.append(f"{s.optimizer} keeps {format_bytes(chosen.paged_to_host_bytes)} of optimizer state in host "
+                       f"RAM, paged in for each step ({chosen.time_terms['offload_s']:.2f} s of PCIe per step).")
     fitting = [c for c in candidates if c.fits]
     others = [c for c in fitting if c is not chosen]
     if others:
@@ -294,7 +305,7 @@ def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidate
     best = min(candidates, key=lambda c: c.memory.reserved_bytes)
     unit = "process" if best.setup.device == "cpu" else "GPU"
     if best.memory.reserved_bytes <= best.limit_bytes:  # fits the card; the CPU offload target is too small
-        base = (f"{spec.name} does not fit: {best.label} needs {format_bytes(best.memory.host_offload_bytes)} of host "
+        base = (f"{spec.name} does not fit: {best.label} needs {format_bytes(best.host_bytes)} of host "
                 f"RAM per {unit} for offload but {format_bytes(best.host_limit_bytes)} is available")
     else:
         base = (f"{spec.name} does not fit: the smallest candidate ({best.label}) needs "
@@ -316,6 +327,14 @@ def _changes(request: PlanRequest, hw: Hardware):
     if request.micro_batch and request.micro_batch > 1:
         yield "use --micro-batch 1", {"request": {"micro_batch": 1, "global_batch": None, "global_batch_tokens": None}}
     fixed = request.fixed()
+    if (hw.has_gpu and hw.nodes * hw.gpus_per_node == 1 and fixed.method == "full" and not fixed.optimizer_in_backward
+            and request.strategy in (None, "ddp") and request.offload in (None, "none")):
+        # torchtune's single-GPU full fine-tune: bf16 weights, 8-bit states paged to host RAM, each weight
+        # stepped as its gradient is ready (no full set of gradients)
+        yield ("train in bf16 with paged 8-bit AdamW stepped in backward (--precision bf16 --optimizer "
+               "paged_adamw_8bit --optimizer-in-backward)",
+               {"request": {"precision": "bf16", "optimizer": "paged_adamw_8bit", "optimizer_in_backward": True,
+                            "gradient_accumulation_steps": None, "global_batch": None, "global_batch_tokens": None}})
     if hw.has_gpu and request.offload in (None, "none"):
         if request.strategy in (None, "zero3"):
             yield "add --strategy zero3 --offload optimizer+params", {"request": {"strategy": "zero3", "offload": "optimizer+params"}}

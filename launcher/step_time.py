@@ -73,6 +73,12 @@ def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, fact
     return volume * ring / link_bytes_per_s(hw, facts)
 
 
+def paging_seconds(paged_to_host_bytes: int, facts) -> float:
+    """A paged optimizer's states that live in host RAM come in for the step and go out again for the next
+    forward: twice over PCIe (fault-driven migration is slower than a copy; not measured here)."""
+    return 2 * paged_to_host_bytes / facts.pcie_bytes_per_s
+
+
 def offload_seconds(spec: ModelSpec, setup: TrainSetup, facts) -> float:
     """ZeRO-Offload: the trained weights' gradients down and weights up over PCIe, Adam on the CPU; parameter
     offload (ZeRO-Infinity, FSDP2's CPUOffloadPolicy) also streams every weight shard up for forward and backward."""

@@ -146,8 +146,13 @@ def test_gradient_accumulation_keeps_gradients_alive_through_the_next_forward():
 def test_optimizer_choice_changes_state_bytes():
     spec = load_model_spec("tinyllama-1.1b")
     P = spec.num_params
-    for name in ("adamw_bnb_8bit", "paged_adamw_8bit"):
-        assert estimate(spec, TrainSetup(optimizer=name))["optimizer"] == 2 * P
+    assert estimate(spec, TrainSetup(optimizer="adamw_bnb_8bit"))["optimizer"] == 2 * P
+    paged = estimate(spec, TrainSetup(optimizer="paged_adamw_8bit"))
+    # The same 2 B/param, in CUDA unified memory: only the largest tensor's (the 32000 x 2048 embedding) must
+    # stay on the GPU; on CPU nothing is paged.
+    assert paged.paged_bytes == 2 * P and paged["optimizer"] == 2 * 32000 * 2048
+    on_cpu = estimate(spec, TrainSetup(optimizer="paged_adamw_8bit", device="cpu"))
+    assert (on_cpu.paged_bytes, on_cpu["optimizer"]) == (0, 2 * P)
     assert estimate(spec, TrainSetup(optimizer="sgd"))["optimizer"] == 4 * P
     assert estimate(spec, TrainSetup(optimizer="adamw_torch"))["optimizer"] == 8 * P
 

@@ -159,3 +159,22 @@ def test_optimizer_in_backward_is_planned_for_one_process_only():
     with pytest.raises(LaunchError, match="optimizer_in_backward steps each weight"):
         make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=2, optimizer_in_backward=True), CPU_BOX)
 
+
+def test_8b_full_finetune_fits_one_24gb_card_with_paged_8bit_states_stepped_in_backward():
+    """torchtune's single-device recipe: bf16 weights, PagedAdamW8bit, optimizer_in_bwd. The paged states live
+    in CUDA unified memory: the GPU holds the stepped tensor's, host RAM the rest (paged in over PCIe)."""
+    card = dict(model="8b", gpus_per_node=1, gpu_mem_bytes=24 * 2**30, strategy="ddp", precision="bf16",
+                optimizer_in_backward=True)
+    plan = make_plan(PlanRequest(**card, optimizer="paged_adamw_8bit"), CPU_BOX)
+    assert (plan.strategy, plan.offload, plan.optimizer_in_backward) == ("ddp", "none", True)
+    assert plan.memory["reserved_bytes"] <= plan.memory["limit_bytes"]
+    assert plan.memory["paged_bytes"] == 2 * plan.params  # 8-bit m and v for every weight
+    assert plan.memory["optimizer"] < 1.1 * 2**30  # on the GPU: the embedding's states, the largest tensor
+    assert any("of optimizer state in host RAM" in reason for reason in plan.reasons)
+    with pytest.raises(LaunchError, match="does not fit"):  # the same 8-bit states, not paged, stay on the GPU
+        make_plan(PlanRequest(**card, optimizer="adamw_bnb_8bit"), CPU_BOX)
+
+
+def test_a_full_finetune_too_big_for_one_card_is_told_the_single_gpu_recipe():
+    with pytest.raises(LaunchError, match=r"--precision bf16 --optimizer paged_adamw_8bit --optimizer-in-backward\)\.$"):
+        make_plan(PlanRequest(model="8b", gpus_per_node=1, gpu_mem_bytes=24 * 2**30, strategy="ddp"), CPU_BOX)
