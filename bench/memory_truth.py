@@ -142,7 +142,7 @@ def optimizer_for(name: str, model):
     from launcher.train.optim import build_optimizer
 
     try:
-        return build_optimizer(model, TrainingConfig(optim=name, learning_rate=1e-4, weight_decay=0.0))
+        return build_optimizer(model, name, TrainingConfig(optim=name, learning_rate=1e-4, weight_decay=0.0))
     except LaunchError as err:
         raise Skipped(str(err)) from None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import TrainConfig, load_train_config
@@ -25,6 +25,7 @@ class Job:
     config: TrainConfig
     plan: Plan
     output_dir: Path
+    notes: list[str] = field(default_factory=list)  # flags that replaced config values, said once DIR is written
 
 
 def prepare_job(
@@ -44,7 +45,7 @@ def prepare_job(
     from launcher.train.modeling import pretrained_dir
     from launcher.train.training_data import load_training_data
 
-    notes: list[str] = []  # a flag that replaced a config value, said once everything has passed
+    notes: list[str] = []
     config = load_train_config(config_path, overrides, flags, notes)
     out = _job_dir(config, output_dir)
     if not config.model.name_or_path:
@@ -63,11 +64,9 @@ def prepare_job(
     # Loading the data here makes a bad SFT line (file:line) or too little text fail before any rank starts.
     load_training_data(config, plan.seq_len).check(plan.global_batch)
 
-    job = Job(config=config, plan=plan, output_dir=out)
+    job = Job(config=config, plan=plan, output_dir=out, notes=notes)
     if write:
         write_job(job)
-    for note in notes:
-        print(note, file=sys.stderr)
     return job
 
 
@@ -101,6 +100,8 @@ def write_job(job: Job, keep_lock: bool = False) -> RunLock | None:
     except BaseException:
         lock.release()
         raise
+    for note in job.notes:  # the job passed every check and is about to start: say what the flags replaced
+        print(note, file=sys.stderr)
     if keep_lock:
         return lock
     lock.release()

@@ -65,6 +65,8 @@ CASES = [
     (f"{RUN} training.save_total_limit=0", "training.save_total_limit must be at least 1"),
     (f"{RUN} data.block_size=1", "data.block_size must be at least 2"),
     (f"{RUN} data.block_size=100000", "fewer than one global batch"),
+    # a flag that replaced a config value is said only once the run starts: a refused run stays one sentence
+    (f"{RUN} parallel.strategy=zero2 --strategy ddp data.block_size=100000", "fewer than one global batch"),
     (f"{RUN} data.vocab_size=0", "data.vocab_size must be at least 1"),
     (f"{RUN} data.max_train_bytes=0", "data.max_train_bytes must be at least 1"),
     (f"{RUN} data.validation_split_percentage=.nan", "validation_split_percentage"),

@@ -203,7 +203,9 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(out)
-        code, _, err = run_cli(capsys, tiny_config, "--output-dir", out, "training.seed=9")
+        # a flag replacing a config value is said only when the run starts, so the refusal stays one sentence
+        code, _, err = run_cli(capsys, tiny_config, "--output-dir", out, "training.seed=9", "parallel.strategy=zero2",
+                               "--strategy", "ddp")
         assert code == 2 and f"is in use by llaunch pid {holder.pid} on " in err and len(err.strip().splitlines()) == 1
         assert snapshot(out) == before
     finally:
