@@ -108,12 +108,18 @@ CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": METHODS, "prec
 COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r")
 
 
+def check_count(value, label: str) -> None:
+    """A count (of sequences, GPUs, steps) is a positive integer."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise LaunchError(f"{label} must be a positive integer, not {value!r}.")
+
+
 def check_knob(name: str, value, label: str) -> None:
     """The one rule for a knob's values, wherever it was written; `label` names it as the user wrote it."""
     if name in CHOICES and value not in CHOICES[name]:
         raise LaunchError(f"{label} {value!r} is not one of {', '.join(CHOICES[name])}.")
-    if name in COUNTS and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise LaunchError(f"{label} must be a positive integer, not {value!r}.")
+    if name in COUNTS:
+        check_count(value, label)
     if name == "loss_chunk_tokens" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
         raise LaunchError(f"{label} must be 0 (full logits) or a positive integer, not {value!r}.")
 
@@ -162,11 +168,11 @@ class TrainSetup(StrategyTraits):
 
     def knobs(self) -> "TrainSetup":
         """Only the knobs (of a Plan, say), for the estimators to vary with dataclasses.replace."""
-        return TrainSetup(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainSetup)})
+        return TrainSetup(**{name: getattr(self, name) for name in KNOBS})
 
     def validate(self, label: str = "plan") -> "TrainSetup":
-        for f in dataclasses.fields(TrainSetup):
-            check_knob(f.name, getattr(self, f.name), f"{label} {f.name}")
+        for name in KNOBS:
+            check_knob(name, getattr(self, name), f"{label} {name}")
         support = ENGINE_SUPPORT[self.strategy]
         if self.optimizer_in_backward and not (support.optimizer_in_backward and self.world_size == 1
                                                and self.gradient_accumulation_steps == 1
@@ -184,6 +190,9 @@ class TrainSetup(StrategyTraits):
             raise LaunchError(f"offload {self.offload!r} is not something {self.strategy} can do; "
                               f"offloading strategies: {able}.")
         return self
+
+
+KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))  # the one list of knob names
 
 
 @dataclass(kw_only=True)

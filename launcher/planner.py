@@ -12,7 +12,7 @@ from launcher import step_time
 from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan import ENGINE_SUPPORT, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_knob
+from launcher.plan import ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_count, check_knob
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
@@ -31,7 +31,7 @@ class _RequestRules:
         for name in ("global_batch", "global_batch_tokens"):
             value = getattr(self, name)
             if value is not None:
-                check_knob("micro_batch", value, "--" + name.replace("_", "-"))  # the same positive-count rule
+                check_count(value, "--" + name.replace("_", "-"))
         if self.gpu_mem_bytes is not None and self.gpu_mem_bytes <= 0:
             raise LaunchError("--gpu-mem must be positive.")
         return self
@@ -47,7 +47,6 @@ class _RequestRules:
         return TrainSetup(**self.forced())
 
 
-KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))
 # What the user asked for: every TrainSetup knob as an optional override (None: the planner chooses it, or the
 # probe says, or TrainSetup's default holds), plus what only a request has. One list of knobs, not two.
 PlanRequest = dataclasses.make_dataclass("PlanRequest", [
@@ -157,7 +156,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
             if offload not in ENGINE_SUPPORT[strategy].offloads or (strategy, offload) == ("zero3", "optimizer"):
                 continue
             for micro in micro_batches:
-                accumulation = _accumulation(request, micro, world)
+                accumulation = _accumulation(request, micro, world, fixed.seq_len)
                 if accumulation is None:
                     continue
                 for ckpt in checkpointing:
@@ -188,11 +187,11 @@ def _default_precision(method: str, facts) -> str:
     return f"amp-{half}"
 
 
-def _accumulation(request: PlanRequest, micro: int, world: int) -> int | None:
+def _accumulation(request: PlanRequest, micro: int, world: int, seq_len: int) -> int | None:
     """Gradient accumulation so that micro x accumulation x world = the global batch; None if it cannot divide."""
     global_batch = request.global_batch
     if request.global_batch_tokens is not None:
-        global_batch = max(1, request.global_batch_tokens // request.fixed().seq_len)
+        global_batch = max(1, request.global_batch_tokens // seq_len)
     if request.gradient_accumulation_steps is not None:
         forced = request.gradient_accumulation_steps
         return forced if global_batch is None or global_batch == micro * world * forced else None
@@ -224,11 +223,12 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     processes = request.gpus_per_node or 1
     world = processes * (request.nodes or 1)
     micro = request.micro_batch or 1
-    accumulation = _accumulation(request, micro, world)
+    fixed = request.fixed()
+    accumulation = _accumulation(request, micro, world, fixed.seq_len)
     if accumulation is None:
         return None
     setup = dataclasses.replace(
-        request.fixed(), strategy=request.strategy or "ddp", offload=request.offload or "none",
+        fixed, strategy=request.strategy or "ddp", offload=request.offload or "none",
         precision=request.precision or "fp32", activation_checkpointing=bool(request.activation_checkpointing),
         micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=request.nodes or 1,
         gpus_per_node=processes, device="cpu")
