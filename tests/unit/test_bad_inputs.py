@@ -188,6 +188,8 @@ CASES = [
     (f"LLAUNCH_FAULT=slow:rank=0,ms=nan {RUN}", "LLAUNCH_FAULT fault 'slow:rank=0,ms=nan' is not one of"),
     (f"LLAUNCH_FAULT=slow:rank=0,ms=inf {RUN}", "LLAUNCH_FAULT fault 'slow:rank=0,ms=inf' is not one of"),
     (f"LLAUNCH_FAULT=crash:rank=0,step=0 {RUN}", "LLAUNCH_FAULT fault 'crash:rank=0,step=0' is not one of"),
+    ("LLAUNCH_FAULT=slow:rank=0,ms=nan submit W/tiny.yaml --cluster local --output-dir W/out --dry-run",
+     "LLAUNCH_FAULT fault 'slow:rank=0,ms=nan' is not one of"),
     # cluster profiles
     ("plan --model tinyllama-1.1b --cluster W/dir.yaml", "cannot read cluster profile"),
     ("plan --model tinyllama-1.1b --cluster W/loop.yaml", "cannot read cluster profile"),
