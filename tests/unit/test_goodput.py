@@ -244,6 +244,14 @@ def test_status_shows_the_goodput_of_a_submitted_job(tmp_path, monkeypatch):
     assert line.startswith("  goodput 36.1% of 1 m 19 s over 2 incarnation(s): queue 0.0 s, restore 2.0 s, lost 5.0 s")
 
 
+def test_status_says_why_a_ledger_it_cannot_read_gives_no_goodput(tmp_path):
+    from launcher.cli.goodput import summary_line
+
+    os.mkfifo(tmp_path / ledger.LEDGER_FILE)  # read as a file, it would block status forever
+    assert summary_line(tmp_path) == f"goodput unknown: {tmp_path / ledger.LEDGER_FILE} is not a regular file; " \
+                                     f"move it away (llaunch keeps a plain file there)."
+
+
 def fake_command(folder, name, output, status=0):
     script = folder / name
     script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{output}\nEOF\nexit {status}\n")
