@@ -142,8 +142,8 @@ def check_event(record) -> dict:
         value = record.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int if name in INTEGER_FIELDS else (int, float)) \
                 or not 0 <= value <= LARGEST:  # NaN compares false
-            kind = "an integer" if name in INTEGER_FIELDS else "a number"
-            raise ValueError(f"{name!r} is {value!r}, not {kind} from 0 to {LARGEST:.0e}")
+            what = "an integer" if name in INTEGER_FIELDS else "a number"
+            raise ValueError(f"{name!r} is {value!r}, not {what} from 0 to {LARGEST:.0e}")
     for name in TEXT_FIELDS:
         if not isinstance(record.get(name, ""), str):
             raise ValueError(f"{name!r} is {record[name]!r}, not text")
