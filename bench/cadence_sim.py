@@ -7,7 +7,7 @@ Each trial draws one failure sequence (a Poisson process on wall time, mean MTBF
 it. A start costs R (startup and restore; failures strike then too), a save blocks for C, and a failure sends
 the job back to its last checkpoint. `auto` is llaunch's own rule (launcher.goodput.plan_interval), fed what the
 ledger would hold: the measured C and R and the failures so far; `auto+history` also gets the running time and
-failures of 20 earlier jobs and of the earlier trials, as launcher.goodput.cluster_history gives it.
+failures of 20 earlier jobs and of the earlier trials, as launcher.history.cluster_history gives it.
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from cluster.jobs import records_dir
+from launcher.ledger import LARGEST, read_records
 
 # Each kind of evidence and how much it says about the host: hard = the host is very likely bad by itself.
 SEVERITY = {"hang": "hard", "xid": "hard", "doctor": "hard", "straggler": "soft", "signal_death": "soft"}
@@ -31,6 +32,28 @@ class NodeEvent:
     time: float = field(default_factory=time.time)
     job_id: str = ""
     detail: str = ""
+
+    @classmethod
+    def from_record(cls, record) -> "NodeEvent":
+        """A ledger line's event, or ValueError saying what is wrong with it: an event without its time would
+        be dated now at every read, and its host quarantined forever."""
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        unknown = sorted(set(record) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}")
+        for name in ("host", "kind", "time"):
+            if name not in record:
+                raise ValueError(f"no {name!r}")
+        for name in ("host", "kind", "job_id", "detail"):
+            if not isinstance(record.get(name, ""), str):
+                raise ValueError(f"{name!r} is {record[name]!r}, not text")
+        if record["kind"] not in SEVERITY:
+            raise ValueError(f"kind {record['kind']!r} is not one of {', '.join(SEVERITY)}")
+        value = record["time"]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= LARGEST:
+            raise ValueError(f"'time' is {value!r}, not a time in seconds since the epoch")
+        return cls(**record)
 
     @property
     def hard(self) -> bool:
@@ -69,20 +92,10 @@ class NodeLedger:
             os.close(fd)
 
     def events(self) -> list[NodeEvent]:
-        """Every event; a line cut short by a crash, or of a kind this version does not know, is skipped."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        events = []
-        for line in lines:
-            try:
-                event = NodeEvent(**json.loads(line))
-            except (ValueError, TypeError):
-                continue
-            if event.kind in SEVERITY:
-                events.append(event)
-        return events
+        """Every event; a damaged line (cut short by a crash, not JSON, a field of the wrong type, no time) or
+        one of a kind this version does not know is skipped with a warning (launcher.ledger.read_records).
+        LaunchError when the ledger is not a regular file or cannot be read."""
+        return read_records(self.path, NodeEvent.from_record)
 
 
 def quarantined(events: list[NodeEvent], policy: QuarantinePolicy, now: float | None = None) -> list[str]:

@@ -72,13 +72,16 @@ class ClusterProfile:
         def number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-        for name in ("nodes", "cpus_per_task"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        def integer(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("nodes", "cpus_per_task", "dist_timeout_s"):  # 0 s: every collective times out at once
+            if not integer(getattr(self, name)) or getattr(self, name) < 1:
                 refuse(name, "a positive integer")
-        if self.min_nodes is not None and (not isinstance(self.min_nodes, int) or not 1 <= self.min_nodes <= self.nodes):
+        if self.min_nodes is not None and (not integer(self.min_nodes) or not 1 <= self.min_nodes <= self.nodes):
             refuse("min_nodes", f"an integer from 1 to the job's nodes ({self.nodes})")
-        for name in ("gpus_per_node", "max_requeues", "max_restarts", "signal_delay_s", "dist_timeout_s"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+        for name in ("gpus_per_node", "max_requeues", "max_restarts", "signal_delay_s"):
+            if not integer(getattr(self, name)) or getattr(self, name) < 0:
                 refuse(name, "a non-negative integer")
         for name in ("partition", "account", "qos", "constraint"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
@@ -94,8 +97,13 @@ class ClusterProfile:
             refuse("doctor", "true or false")
         if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
             refuse("setup", "a list of shell lines, e.g. [\"module load cuda\"]")
+        try:
+            minutes = self.time_minutes
+        except LaunchError:
+            refuse("time", "[D-]HH:MM:SS with minutes and seconds below 60 (and hours below 24 after a day count), "
+                           "e.g. 04:00:00")
         # SLURM may send the warning up to 60 s before signal_delay_s says (its event resolution).
-        if self.time_minutes * 60 <= self.signal_delay_s + 60:
+        if minutes * 60 <= self.signal_delay_s + 60:
             least = (self.signal_delay_s + 60) // 60 + 2
             refuse("time", f"longer than the preemption warning (signal_delay_s {self.signal_delay_s} s, which SLURM "
                            f"may send up to 60 s early), e.g. {least // 60:02d}:{least % 60:02d}:00")
@@ -105,9 +113,10 @@ class ClusterProfile:
 def time_to_minutes(text: str) -> int:
     """SLURM's [D-]HH:MM:SS as whole minutes (rounded up), the unit submitit takes."""
     match = _TIME.match(str(text))
-    if not match:
-        raise LaunchError(f"time {text!r} is not HH:MM:SS or D-HH:MM:SS; write e.g. --time 04:00:00.")
-    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups()) if match else (0, 0, 0, 0)
+    if not match or minutes > 59 or seconds > 59 or (match.group(1) is not None and hours > 23):
+        raise LaunchError(f"time {text!r} is not HH:MM:SS or D-HH:MM:SS (minutes and seconds below 60, hours below "
+                          f"24 after a day count); write e.g. --time 04:00:00.")
     return days * 24 * 60 + hours * 60 + minutes + (1 if seconds else 0)
 
 
@@ -119,21 +128,25 @@ def profile_names() -> list[str]:
 def load_profile(name_or_path: str = DEFAULT_PROFILE) -> ClusterProfile:
     """A shipped profile by name, or any profile YAML by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        text = path.read_text() if path.exists() else None
-    else:
-        entry = resources.files("cluster").joinpath("profiles", f"{name_or_path}.yaml")
-        text = entry.read_text() if entry.is_file() else None
-    if text is None:
+    entry = path if path.suffix in (".yaml", ".yml") else resources.files("cluster").joinpath("profiles", f"{name_or_path}.yaml")
+    try:
+        data = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
         raise LaunchError(
             f"cluster profile {name_or_path!r} not found; use one of {', '.join(profile_names())} or a path to a YAML file."
-        )
-    try:
-        data = yaml.safe_load(text) or {}
+        ) from None
+    except UnicodeDecodeError:
+        raise LaunchError(f"cluster profile {name_or_path} is not UTF-8 text; pass a profile YAML.") from None
+    except (OSError, ValueError) as err:  # a directory, an unreadable file, a NUL in the path
+        raise LaunchError(f"cannot read cluster profile {name_or_path} ({err.strerror or err}); pass a profile "
+                          f"YAML.") from None
     except yaml.YAMLError as err:
         raise LaunchError(f"cluster profile {name_or_path} is not valid YAML ({err.__class__.__name__}).") from None
+    if not isinstance(data, dict):
+        raise LaunchError(f"cluster profile {name_or_path} must be a mapping of keys to values, like "
+                          f"cluster/profiles/local.yaml.")
     known = {f.name for f in dataclasses.fields(ClusterProfile)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise LaunchError(f"cluster profile {name_or_path} has unknown key(s) {', '.join(unknown)}.")
     return ClusterProfile(**data).validate()

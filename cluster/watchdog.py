@@ -70,6 +70,9 @@ class WatchdogConfig:
             except (KeyError, ValueError):
                 raise LaunchError(f"{WATCHDOG_ENV} entry {pair!r} is not key=number with key one of "
                                   f"{', '.join(names)} (or set it to off).") from None
+            if not 0 < values[key] <= 1e9:  # nan too: 0 kills a healthy run as hung, nan never sees a hang
+                raise LaunchError(f"{WATCHDOG_ENV} entry {pair!r} must be a positive number up to 1e9 (or set "
+                                  f"{WATCHDOG_ENV}=off).")
         return cls(**values)
 
 

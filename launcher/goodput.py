@@ -17,11 +17,7 @@ hang detection latency). Meta's ETTR model (arXiv 2410.21680) projects the ratio
 from __future__ import annotations
 
 import math
-import os
-import socket
 from dataclasses import asdict, dataclass, field
-
-from pathlib import Path
 
 from launcher import ledger as L
 
@@ -42,7 +38,6 @@ OWN_CATEGORY = {
 # 1000 node-days (arXiv 2410.21680), so one node fails about every 150 days.
 PRIOR_NODE_MTBF_S = 150 * 86400.0
 DEFAULT_OVERHEAD_CAP = 0.05
-HISTORY_JOBS = 20  # earlier jobs of the same cluster whose failures count towards the MTBF
 FINISHED = "finished"
 
 
@@ -219,7 +214,7 @@ def analyse(events: list[dict]) -> Report:
     running = wall - seconds["queue"] - seconds["down"]
     nodes = max((inc.nodes for inc in incarnations), default=1)
     saves = [float(e["seconds"]) for e in events if e["kind"] == L.SAVE and e.get("ok", True) and "seconds" in e]
-    background = [float(e["seconds"]) for e in events if e["kind"] == L.SAVE_BACKGROUND]
+    background = [float(e["seconds"]) for e in events if e["kind"] == L.SAVE_BACKGROUND and "seconds" in e]
     restarts = [_restart_cost(pieces, inc.lane) for inc in incarnations[1:]] or \
                [_restart_cost(pieces, inc.lane) for inc in incarnations[:1]]
     trained_steps = sum(max(0, (inc.last_step or 0) - (inc.restored_step or 0)) for inc in incarnations)
@@ -298,47 +293,16 @@ def ettr(nodes_factor: float, interval_s: float, save_cost_s: float, restart_cos
 def estimate_mtbf(running_s: float, failures: int, nodes: int, history: tuple[float, int] = (0.0, 0),
                   prior_node_mtbf_s: float = PRIOR_NODE_MTBF_S) -> tuple[float, str]:
     """The job's MTBF and where it came from: measured once this job or the cluster's earlier ones (`history`:
-    their node-seconds running and failures) saw a failure, else the prior per-node rate over the job's nodes
-    (never below the failure-free time already seen)."""
+    their node-seconds running and failures) saw a failure (at least a second: failures before any running time
+    leave no rate to divide by), else the prior per-node rate over the job's nodes (never below the
+    failure-free time already seen)."""
     past_node_s, past_failures = history
     if failures + past_failures:
         earlier = f", {past_failures} in {past_node_s / 3600:.2g} node-hours of earlier jobs" if past_node_s else ""
-        return ((running_s + past_node_s / max(1, nodes)) / (failures + past_failures),
+        return (max(1.0, (running_s + past_node_s / max(1, nodes)) / (failures + past_failures)),
                 f"measured: {failures} failure(s) in {running_s:.0f} s running{earlier}")
     prior = prior_node_mtbf_s / max(1, nodes)
     return max(prior, running_s), f"prior: {prior_node_mtbf_s / 86400:.0f} node-days per failure over {nodes} node(s)"
-
-
-def history_file() -> Path:
-    """The list of job directories that ran on this cluster (SLURM's cluster name, or this host)."""
-    from cluster.jobs import records_dir
-
-    cluster = os.environ.get("SLURM_CLUSTER_NAME") or f"local-{socket.gethostname()}"
-    return records_dir().parent / "history" / f"{cluster}.txt"
-
-
-def cluster_history(job_dir: str | Path) -> tuple[float, int]:
-    """Node-seconds running and failures of the last HISTORY_JOBS other jobs on this cluster, from their
-    ledgers; registers this job in the list for the jobs after it (best effort: no list, no history)."""
-    path, me = history_file(), str(Path(job_dir).resolve())
-    try:
-        listed = path.read_text().splitlines()
-    except OSError:
-        listed = []
-    if me not in listed:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
-                handle.write(me + "\n")
-        except OSError:
-            pass
-    node_s, failures = 0.0, 0
-    for other in [p for p in listed if p and p != me][-HISTORY_JOBS:]:
-        events = L.read(other)
-        if events:
-            report = analyse(events)
-            node_s, failures = node_s + report.running_s * report.nodes, failures + report.failures
-    return node_s, failures
 
 
 @dataclass

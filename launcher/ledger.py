@@ -3,8 +3,10 @@
 The launcher (`llaunch run`, `llaunch submit`, the node task), rank 0 and the watchdog append to the same
 file. Each event is one `write` on a descriptor opened with O_APPEND and is fsynced, so lines from several
 processes never interleave and an event is on disk before the process goes on; a `kill -9` can at most tear
-the last line, which the reader skips. The ledger is evidence, never a reason to stop: a failed append warns
-once and training goes on. `launcher.goodput` turns the events into where the job's time went.
+the last line. The ledger is evidence, never a reason to stop: a failed append warns once and training goes
+on, and the reader skips a damaged line (torn, not JSON, a field of the wrong type) with a warning, so one bad
+line never stops a run, a submit or `llaunch goodput`. `launcher.goodput` turns the events into where the
+job's time went.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO, Callable, TypeVar
 
 import psutil
 
-from launcher.errors import EXIT_USER_ERROR
+from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.signals import REQUEUE_EXIT_CODE
+
+Record = TypeVar("Record")
 
 LEDGER_FILE = "events.jsonl"
 # Set by whoever starts an incarnation (llaunch run, the node task) for the processes it starts; a rank
@@ -53,6 +59,13 @@ CADENCE = "cadence"            # the auto checkpoint interval and its inputs
 
 USER_ERROR = "user error"
 
+# The fields readers compute with, and what each must be where present: a number in [0, LARGEST] (epoch times,
+# durations, counts; the bound keeps every sum of them finite), an integer among those, or text.
+LARGEST = 1e12
+NUMBER_FIELDS = ("t", "seconds", "start_t", "submit_t", "warning_s")
+INTEGER_FIELDS = ("step", "tokens", "nodes")
+TEXT_FIELDS = ("kind", "inc", "cause")
+
 _warned = False
 
 
@@ -75,9 +88,12 @@ def append(job_dir: str | Path, kind: str, *, t: float | None = None, inc: str |
              "pid": os.getpid(), "kind": kind, **fields}
     line = (json.dumps(event, default=str) + "\n").encode()
     try:
-        fd = os.open(Path(job_dir) / LEDGER_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(Path(job_dir) / LEDGER_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
         try:
-            size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a FIFO would block the writer once its buffer is full
+                raise OSError(0, "not a regular file")
+            size = info.st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 # The line a killed writer tore stays one bad line of its own (a write still under way elsewhere
                 # can look torn too; that costs a blank line, which the reader skips).
@@ -111,21 +127,89 @@ def exit_cause(code: int) -> str:
 
 
 def read(job_dir: str | Path) -> list[dict]:
-    """Every complete event, in time order; a torn or foreign line (a kill -9 mid-write) is skipped."""
-    path = Path(job_dir) / LEDGER_FILE
-    try:
-        lines = path.read_bytes().splitlines()
-    except FileNotFoundError:
+    """Every complete event, in time order; a damaged line is skipped with a warning (read_records)."""
+    return sorted(read_records(Path(job_dir) / LEDGER_FILE, check_event), key=lambda e: e["t"])
+
+
+def check_event(record) -> dict:
+    """One ledger line's event as it is, or ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    for name in ("t", "kind"):
+        if name not in record:
+            raise ValueError(f"no {name!r}")
+    for name in NUMBER_FIELDS + INTEGER_FIELDS:
+        value = record.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int if name in INTEGER_FIELDS else (int, float)) \
+                or not 0 <= value <= LARGEST:  # NaN compares false
+            what = "an integer" if name in INTEGER_FIELDS else "a number"
+            raise ValueError(f"{name!r} is {value!r}, not {what} from 0 to {LARGEST:.0e}")
+    for name in TEXT_FIELDS:
+        if not isinstance(record.get(name, ""), str):
+            raise ValueError(f"{name!r} is {record[name]!r}, not text")
+    if not isinstance(record.get("ok", True), bool):
+        raise ValueError(f"'ok' is {record['ok']!r}, not true or false")
+    return record
+
+
+def read_records(path: Path, check: Callable[[object], Record]) -> list[Record]:
+    """The records of an append-only JSON-lines file (this ledger, the node ledger): each line through `check`,
+    which raises ValueError to say what is wrong with it. A damaged line is skipped and the skipped lines are
+    named in one warning; a last line without its newline is a write still under way (or torn by a kill, which
+    the next append closes) and is skipped silently. No file: no records. LaunchError when the path is not a
+    regular file (a FIFO would block the reader forever) or cannot be read."""
+    handle = open_regular(path)
+    if handle is None:
         return []
-    events = []
-    for line in lines:
+    with handle:
         try:
-            event = json.loads(line)
-        except ValueError:
+            records, damaged, reasons = _parse_lines(handle, check)
+        except OSError as err:
+            raise LaunchError(f"cannot read {path} ({err.strerror or err}); move it away.") from None
+    if damaged:
+        more = "; ..." if damaged > len(reasons) else ""
+        print(f"llaunch: warning: skipped {damaged} damaged line(s) of {path} ({'; '.join(reasons)}{more})",
+              file=sys.stderr, flush=True)
+    return records
+
+
+def open_regular(path: Path) -> BinaryIO | None:
+    """`path` open for reading, or None when it does not exist; LaunchError when it cannot be opened or is not a
+    regular file (a FIFO would block its reader forever, a directory is no list of lines)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        raise LaunchError(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); move it away or fix "
+                          f"its permissions.") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LaunchError(f"{path} is not a regular file; move it away (llaunch keeps a plain file there).")
+    return os.fdopen(fd, "rb")
+
+
+def _parse_lines(lines, check: Callable[[object], Record]) -> tuple[list[Record], int, list[str]]:
+    """The records of the complete lines, how many lines were damaged and what is wrong with the first three."""
+    records, damaged, reasons = [], 0, []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or not line.endswith(b"\n"):
             continue
-        if isinstance(event, dict) and isinstance(event.get("t"), (int, float)) and isinstance(event.get("kind"), str):
-            events.append(event)
-    return sorted(events, key=lambda e: e["t"])
+        try:
+            records.append(check(json.loads(line)))
+        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON (or nested too deep), not a record
+            damaged += 1
+            if len(reasons) < 3:
+                reasons.append(f"line {number}: {_reason(err)}")
+    return records, damaged, reasons
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(err, (json.JSONDecodeError, RecursionError)):
+        return "not JSON"
+    return str(err)
 
 
 class RankLedger:

@@ -56,7 +56,10 @@ def summary_line(directory: Path) -> str | None:
     """One line for `llaunch status`, or None when the job has no ledger yet."""
     from launcher import goodput, ledger
 
-    events = ledger.read(directory)
+    try:
+        events = ledger.read(directory)
+    except LaunchError as err:
+        return f"goodput unknown: {err}"
     if not events:
         return None
     report = goodput.analyse(events)
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     what_if = {name: goodput.what_if(report, interval, WHAT_IF) for name, interval in cadences.items() if interval}
     if args.json:
         print(json.dumps({**report.to_dict(), "suggested": vars(suggested) if suggested else None,
-                          "what_if_ettr": what_if}, indent=1, default=str))
+                          "what_if_ettr": what_if}, indent=1, default=str, allow_nan=False))
     else:
         print("\n".join(describe(directory, report, suggested, cadences, what_if)))
     if args.plot:
@@ -99,7 +102,7 @@ def describe(directory, report, suggested, cadences, what_if) -> list[str]:
             lines.append(f"  {category:<11} {_duration(seconds):>9}  {seconds / report.wall_s:6.1%}")
     if report.steps_lost:
         lines.append(f"  progress lost: {report.steps_lost} step(s) done again after failures")
-    mtbf = f"{_duration(report.mtbf_s)} measured" if report.mtbf_s else "not measured yet (no failure)"
+    mtbf = f"{_duration(report.mtbf_s)} measured" if report.mtbf_s is not None else "not measured yet (no failure)"
     background = f" (+ {_seconds(report.save_background_s)} in the background)" if report.save_background_s else ""
     lines.append(f"  MTBF {mtbf}; save cost {_seconds(report.save_cost_s)} blocking{background}; restart cost "
                  f"{_seconds(report.restart_cost_s)}; step {_seconds(report.step_time_s)}")

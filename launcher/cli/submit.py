@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from cluster.submission import job_name
     from launcher.flag_overrides import flag_overrides
     from launcher.job import prepare_job
+    from launcher.train.faults import faults_from_env
 
+    faults_from_env()  # a bad LLAUNCH_FAULT is refused here, not by every rank of the job
     profile = load_profile(args.cluster).replace(
         nodes=args.nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
         qos=args.qos, time=args.time, constraint=args.constraint, max_requeues=args.max_requeues,

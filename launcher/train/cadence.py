@@ -1,20 +1,23 @@
 """When to save under `save_strategy: auto` or `save_interval_s`: a time interval turned into a step, agreed by all.
 
 Rank 0 measures the step time and the blocking save cost, reads the restart cost and the failures from the
-job's ledger and from those of the cluster's earlier jobs (launcher.goodput.cluster_history), picks the
-interval (launcher.goodput.plan_interval, or save_interval_s as given) and broadcasts the step of the next
-save, so every rank saves at the same step and none saves alone. It plans again after every save and at the
-start of every incarnation, that is after every failure. A save that fails here is not fatal: the run goes on
-and tries again one interval later.
+job's ledger and from those of the cluster's earlier jobs (launcher.history), picks the interval
+(launcher.goodput.plan_interval, or save_interval_s as given) and broadcasts the step of the next save, so
+every rank saves at the same step and none saves alone. It plans again after every save and at the start of
+every incarnation, that is after every failure. Each incarnation reads the ledgers once, at its first plan: a
+week-long job's ledger holds hundreds of MB, and its saves must cost what its first ones did. A save that
+fails here is not fatal: the run goes on and tries again one interval later; a ledger that cannot be read
+counts as an empty one.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch.distributed as dist
 
-from launcher import goodput, ledger
+from launcher import goodput, history, ledger
 from launcher.errors import LaunchError
 
 # Changes smaller than this do not repeat the log line (the interval is replanned after every save).
@@ -51,6 +54,7 @@ class SaveCadence:
         self.save_cost_s: float | None = None
         self.logged_interval: float | None = None
         self.history: tuple[float, int] | None = None  # the cluster's earlier jobs, read once per incarnation
+        self.so_far: tuple[goodput.Report, float] | None = None  # this job's ledger, read once, and when
 
     def step_end(self, step: int, save, wait) -> None:
         """At every step boundary on every rank: save when the agreed step has come, plan the next one."""
@@ -100,9 +104,27 @@ class SaveCadence:
         """Rank 0: the interval in seconds, the sentence that explains it and its inputs."""
         if not self.auto:
             return float(self.fixed_s), f"checkpoint every {self.fixed_s:g} s (save_interval_s)", {"interval_s": self.fixed_s}
-        report = goodput.analyse(ledger.read(self.job_dir))
+        report, running_s = self._job_so_far()
         save_cost = self.save_cost_s if self.save_cost_s is not None else report.save_cost_s
         if self.history is None:
-            self.history = goodput.cluster_history(self.job_dir)
-        return goodput.plan_interval(step_time, save_cost, report.restart_cost_s, report.running_s, report.failures,
+            self.history = history.cluster_history(self.job_dir)
+        return goodput.plan_interval(step_time, save_cost, report.restart_cost_s, running_s, report.failures,
                                      self.nodes, self.overhead_cap, self.history, report.warning_s)
+
+    def _job_so_far(self) -> tuple[goodput.Report, float]:
+        """This job's report from its ledger, read at the incarnation's first plan, and its running time now:
+        the report's, plus the time since the read, which this incarnation spent running (goodput counts
+        queue and down time out of it, and neither happens while its ranks live). Restarts, failures and the
+        preemption warning change only between incarnations."""
+        if self.so_far is None:
+            try:
+                events = ledger.read(self.job_dir)
+            except LaunchError as err:
+                print(f"llaunch: warning: {err} The checkpoint cadence goes on without this job's history.",
+                      file=sys.stderr, flush=True)
+                events = []
+            report = goodput.analyse(events)
+            report.pieces = []  # a long job's timeline: not kept for the incarnation's lifetime
+            self.so_far = (report, time.time())
+        report, read_at = self.so_far
+        return report, report.running_s + max(0.0, time.time() - read_at)

@@ -26,6 +26,7 @@ from launcher.errors import LaunchError
 FAULT_ENV = "LLAUNCH_FAULT"
 KINDS = {"hang": ("rank", "step"), "slow": ("rank", "ms"), "crash": ("rank", "step")}
 HANG_HOW = ("sleep", "sigstop", "spin")
+MAX_SLOW_MS = 3_600_000.0  # an hour per step: beyond it time.sleep overflows long before a drill needs it
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,13 @@ def parse_faults(text: str) -> list[Fault]:
                 raise ValueError
             fault = Fault(kind, int(values["rank"]), int(values.get("step", 0)), float(values.get("ms", 0)),
                           values.get("how", "sleep"))
-            if fault.how not in HANG_HOW:
+            if fault.how not in HANG_HOW or fault.rank < 0 or ("step" in values and fault.step < 1) \
+                    or not 0 <= fault.ms <= MAX_SLOW_MS:  # nan compares false
                 raise ValueError
         except ValueError:
             raise LaunchError(f"{FAULT_ENV} fault {item!r} is not one of hang:rank=R,step=S[,how=sleep|sigstop|spin], "
-                              f"slow:rank=R,ms=M, crash:rank=R,step=S; see docs/faults.md.") from None
+                              f"slow:rank=R,ms=M, crash:rank=R,step=S with R >= 0, S >= 1 and M from 0 to "
+                              f"{MAX_SLOW_MS:.0f} milliseconds; see docs/faults.md.") from None
         faults.append(fault)
     return faults
 

@@ -1,6 +1,7 @@
 """Goodput end to end on CPU: a `llaunch run` whose rank is killed with SIGKILL after a save, then resumed on two
 ranks that save by time (save_interval_s, the step rank 0 broadcast); the ledger accounts for the wall time and
-for exactly the steps the second run did again. About 40 s on an idle 2-core machine."""
+for exactly the steps the second run did again. About 40 s on an idle 2-core machine. And a rerun under
+save_strategy auto whose ledger holds a wrong-typed line plans and saves as if the line were not there."""
 
 from __future__ import annotations
 
@@ -84,3 +85,28 @@ def test_killed_and_resumed_run_reports_the_steps_it_lost_and_where_its_wall_tim
     timed = [e["step"] for e in events if e["kind"] == ledger.SAVE and e["inc"] == report.incarnations[1].id]
     assert len(timed) >= 2  # both ranks saved at the steps rank 0 chose, each checkpoint complete:
     assert set(timed) <= {info.step for info in list_checkpoints(out) if info.complete}
+
+
+@pytest.mark.timeout(300)
+def test_a_wrong_typed_ledger_line_does_not_stop_an_auto_rerun_from_planning_and_saving(tmp_path, capfd):
+    """Rank 0 reads the ledger at its first cadence plan (step 2): a wrong-typed line there stopped every rerun
+    before its first save. About 25 s on an idle 2-core machine (two start-ups)."""
+    config = tiny_run_config(tmp_path, training={"max_steps": 6, "global_batch_size": 4, "save_strategy": "auto",
+                                                 "report_to": []})
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(out)]
+    crashed = subprocess.run(command, cwd=REPO, env={**os.environ, "LLAUNCH_FAULT": "crash:rank=0,step=2"})
+    assert crashed.returncode != 0
+    capfd.readouterr()
+    with open(out / ledger.LEDGER_FILE, "a") as handle:
+        handle.write('{"t": 1, "kind": "save", "seconds": "slow", "step": 3}\n')
+    assert subprocess.run(command, cwd=REPO).returncode == 0
+    printed = capfd.readouterr()
+    assert f"skipped 1 damaged line(s) of {out / ledger.LEDGER_FILE}" in printed.err
+    assert "first checkpoint after" in printed.out
+    events = ledger.read(out)
+    report = goodput.analyse(events)
+    assert [inc.cause for inc in report.incarnations] == ["failed", "finished"]
+    rerun = report.incarnations[1].id
+    assert [e["step"] for e in events if e["kind"] == ledger.CADENCE and e["inc"] == rerun] == [2]
+    assert (out / "final").is_dir() and max(trained_steps(out)) == 6

@@ -1,13 +1,18 @@
 """Every command x every class of bad input: one `llaunch: error:` sentence, exit 2, nothing created or changed.
 
 The classes: path arguments (missing, a file for a directory and the reverse, under a file, a run's own
-directory, the same path twice, unwritable: /sys takes no new entries even as root), numbers (zero, negative, nan, inf, huge), file formats (empty, binary,
-truncated, not UTF-8) and checkpoints or models that are damaged. Each case runs the real CLI in-process.
+directory, the same path twice, unwritable: /sys takes no new entries even as root; a FIFO or a directory where a file
+belongs), numbers (zero, negative, nan, inf, huge; in flags, configs, cluster profiles and LLAUNCH_* variables), file
+formats (empty, binary, truncated, not UTF-8) and checkpoints or models that are damaged. Each case runs the real CLI
+in-process.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +21,8 @@ from examples import arithmetic
 from launcher.cli import main
 from launcher.train.sft import format_prompt
 from tests.tiny_run import tiny_run_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 # (command line with W = the workspace, message fragment)
 RUN = "run W/tiny.yaml --output-dir W/out --dry-run"
@@ -167,6 +174,29 @@ CASES = [
     ("goodput W/afile", "is not a directory"),
     ("goodput W", "has no event ledger"),
     ("goodput W --plot W/afile/t.png", "lies under the file"),
+    ("goodput W/fifo-ledger", "events.jsonl is not a regular file"),  # a FIFO would block the reader forever
+    ("goodput W/dir-ledger", "events.jsonl is not a regular file"),
+    ("goodput W/loop-ledger", "cannot read"),  # unreadable (as root too): a symlink to itself
+    # environment variables (NAME=value before the command)
+    (f"LLAUNCH_WATCHDOG=poll_s=0 {RUN}", "LLAUNCH_WATCHDOG entry 'poll_s=0' must be a positive number"),
+    (f"LLAUNCH_WATCHDOG=floor_s=-30 {RUN}", "LLAUNCH_WATCHDOG entry 'floor_s=-30' must be a positive number"),
+    (f"LLAUNCH_WATCHDOG=first_step_s=nan {RUN}", "LLAUNCH_WATCHDOG entry 'first_step_s=nan' must be a positive"),
+    (f"LLAUNCH_WATCHDOG=k=inf {RUN}", "LLAUNCH_WATCHDOG entry 'k=inf' must be a positive number"),
+    (f"LLAUNCH_WATCHDOG=window=-1 {RUN}", "LLAUNCH_WATCHDOG entry 'window=-1' must be a positive number"),
+    (f"LLAUNCH_WATCHDOG=grace_s=1e400 {RUN}", "LLAUNCH_WATCHDOG entry 'grace_s=1e400' must be a positive number"),
+    (f"LLAUNCH_FAULT=slow:rank=0,ms=-100 {RUN}", "LLAUNCH_FAULT fault 'slow:rank=0,ms=-100' is not one of"),
+    (f"LLAUNCH_FAULT=slow:rank=0,ms=nan {RUN}", "LLAUNCH_FAULT fault 'slow:rank=0,ms=nan' is not one of"),
+    (f"LLAUNCH_FAULT=slow:rank=0,ms=inf {RUN}", "LLAUNCH_FAULT fault 'slow:rank=0,ms=inf' is not one of"),
+    (f"LLAUNCH_FAULT=crash:rank=0,step=0 {RUN}", "LLAUNCH_FAULT fault 'crash:rank=0,step=0' is not one of"),
+    ("LLAUNCH_FAULT=slow:rank=0,ms=nan submit W/tiny.yaml --cluster local --output-dir W/out --dry-run",
+     "LLAUNCH_FAULT fault 'slow:rank=0,ms=nan' is not one of"),
+    # cluster profiles
+    ("plan --model tinyllama-1.1b --cluster W/dir.yaml", "cannot read cluster profile"),
+    ("plan --model tinyllama-1.1b --cluster W/loop.yaml", "cannot read cluster profile"),
+    ("plan --model tinyllama-1.1b --cluster W/latin1-profile.yaml", "is not UTF-8 text"),
+    ("plan --model tinyllama-1.1b --cluster W/list-profile.yaml", "must be a mapping of keys to values"),
+    ("plan --model tinyllama-1.1b --cluster W/time-profile.yaml", "time must be [D-]HH:MM:SS with minutes and"),
+    ("plan --model tinyllama-1.1b --cluster W/timeout-profile.yaml", "dist_timeout_s must be a positive integer"),
 ]
 
 
@@ -202,19 +232,34 @@ def workspace(tmp_path_factory):
     (done / "final").mkdir()
     (done / "checkpoints" / "step-1").mkdir(parents=True)
     (done / "checkpoints" / "step-1" / "manifest.json").write_text('{"format": 1, "step": 1}')
+    for name in ("fifo-ledger", "dir-ledger", "loop-ledger"):
+        (w / name).mkdir()
+    os.mkfifo(w / "fifo-ledger" / "events.jsonl")
+    (w / "dir-ledger" / "events.jsonl").mkdir()
+    (w / "loop-ledger" / "events.jsonl").symlink_to("events.jsonl")
+    (w / "dir.yaml").mkdir()
+    (w / "loop.yaml").symlink_to("loop.yaml")
+    profile = yaml.safe_load((REPO / "cluster" / "profiles" / "local.yaml").read_text())
+    latin1 = yaml.safe_dump({**profile, "gpu_name": "caf\u00e9"}, allow_unicode=True).encode("latin-1")
+    (w / "latin1-profile.yaml").write_bytes(latin1)
+    (w / "list-profile.yaml").write_text("- local\n")
+    (w / "time-profile.yaml").write_text(yaml.safe_dump({**profile, "time": "99:99:99"}))
+    (w / "timeout-profile.yaml").write_text(yaml.safe_dump({**profile, "dist_timeout_s": 0}))
     return w
 
 
 def snapshot(root):
-    return {str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes() if p.is_file() else None)
+    return {str(p.relative_to(root)): (p.lstat().st_mode, p.read_bytes() if p.is_file() else None)
             for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("command, message", CASES, ids=[c for c, _ in CASES])
-def test_bad_input_is_one_sentence_exit_2_and_nothing_written(workspace, capsys, command, message):
+def test_bad_input_is_one_sentence_exit_2_and_nothing_written(workspace, capsys, monkeypatch, command, message):
     before = snapshot(workspace)
     argv = [str(workspace) + arg[1:] if arg == "W" or arg.startswith("W/") else arg for arg in shlex.split(command)]
     argv = [arg.replace("=W/", f"={workspace}/") for arg in argv]
+    while re.match(r"[A-Z_]+=", argv[0]):  # the environment the command runs in
+        monkeypatch.setenv(*argv.pop(0).split("=", 1))
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err

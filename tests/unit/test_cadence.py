@@ -3,9 +3,12 @@ goes on, and auto takes C, R and the failures from the ledgers (this job's and t
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
-from launcher import goodput, ledger
+from launcher import goodput, history, ledger
 from launcher.config import TrainingConfig
 from launcher.errors import LaunchError
 from launcher.train import cadence as cadence_module
@@ -65,7 +68,7 @@ def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, 
     for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"}), (50, "launch", {}),
                             (100, "exit", {"cause": "failed"})):
         ledger.append(other, kind, t=t, inc=str(t // 50), **fields)
-    goodput.cluster_history(other)  # registers it
+    history.cluster_history(other)  # registers it
     job = tmp_path / "job"
     job.mkdir()
     ledger.append(job, ledger.LAUNCH, t=clock.now - 10, inc="a")
@@ -88,6 +91,82 @@ def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, 
                                                                                      auto["mtbf_s"]))
     assert auto["optimal_s"] < 8 and auto["interval_s"] == pytest.approx(8)  # 0.4 s saves at most 5 % of the time
     assert saves[0] == 22 and saves[1] - saves[0] == round(auto["interval_s"] / 0.5)
+
+
+def write_long_ledger(job, now: float, windows: int) -> None:
+    """A long job's ledger: one incarnation that trained `windows` step windows and failed, then the one that
+    is starting now (written at once: appending them one by one would fsync each)."""
+    events = [{"t": 0.0, "kind": "launch", "inc": "a"}, {"t": 10.0, "kind": "first_step", "inc": "a", "step": 1}]
+    events += [{"t": 10.0 + i, "kind": "steps", "inc": "a", "step": 1 + i, "tokens": 64 * i} for i in range(1, windows)]
+    events += [{"t": 10.0 + windows, "kind": "exit", "inc": "a", "code": 1, "cause": "failed"},
+               {"t": now - 10, "kind": "launch", "inc": "b"}, {"t": now, "kind": "first_step", "inc": "b", "step": 1}]
+    (job / ledger.LEDGER_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the_first_did(tmp_path, clock,
+                                                                                          monkeypatch):
+    job = tmp_path / "job"
+    job.mkdir()
+    write_long_ledger(job, clock.now, windows=5_000)
+    size = (job / ledger.LEDGER_FILE).stat().st_size
+    bytes_read, planned = [], []
+    read, plan = ledger.read_records, goodput.plan_interval
+    monkeypatch.setattr(ledger, "read_records", lambda path, check: bytes_read.append(path.stat().st_size) or
+                        read(path, check))
+    monkeypatch.setattr(goodput, "plan_interval", lambda *args: planned.append((clock.now, args[3])) or plan(*args))
+    saves = []
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, ledger.RankLedger(job, 0))
+    run_steps(cadence, clock, 400, save=lambda: saves.append(cadence.next_step))
+    assert len(saves) > 20 and bytes_read == [size]  # once, not once per save
+    (first_at, first_running), (last_at, last_running) = planned[0], planned[-1]
+    whole = goodput.analyse(ledger.read(job))  # read again for the check: what the cadence started from
+    assert first_running == pytest.approx(whole.running_s, abs=1.0)  # the first step, before the first plan
+    assert last_running - first_running == pytest.approx(last_at - first_at)  # running since, in memory
+
+
+def add_line(path, line: str) -> None:
+    with path.open("a") as handle:
+        handle.write(line + "\n")
+
+
+def replace(path, make) -> None:
+    path.unlink()
+    make(path)
+
+
+LEDGER = ledger.LEDGER_FILE
+# (what is broken, how) before an auto run's first plan: none of them may stop it from saving
+BROKEN_LEDGERS = [
+    ("this job's ledger has a wrong-typed line",
+     lambda job, other: add_line(job / LEDGER, '{"t": 999, "kind": "save", "seconds": "slow"}'), "damaged line"),
+    ("an earlier job's ledger has a wrong-typed line",
+     lambda job, other: add_line(other / LEDGER, '{"t": 60, "kind": "restore", "step": "x"}'), "damaged line"),
+    ("an earlier job's ledger is a FIFO", lambda job, other: replace(other / LEDGER, os.mkfifo), "not a regular"),
+    ("an earlier job's ledger is a directory", lambda job, other: replace(other / LEDGER, os.mkdir), "not a regular"),
+    ("this job's ledger is a FIFO", lambda job, other: replace(job / LEDGER, os.mkfifo), "not a regular file"),
+    ("the cluster's list of jobs is a FIFO",
+     lambda job, other: replace(history.history_file(), os.mkfifo), "not a regular file"),
+]
+
+
+@pytest.mark.parametrize("what, damage, warning", BROKEN_LEDGERS, ids=[what for what, _, _ in BROKEN_LEDGERS])
+@pytest.mark.timeout(60)
+def test_a_damaged_ledger_never_stops_auto_from_saving(tmp_path, clock, capsys, what, damage, warning):
+    other = tmp_path / "earlier"
+    other.mkdir()
+    for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"})):
+        ledger.append(other, kind, t=t, inc="x", **fields)
+    history.cluster_history(other)  # registers it
+    job = tmp_path / "job"
+    job.mkdir()
+    ledger.append(job, ledger.LAUNCH, t=clock.now - 10, inc="a")
+    ledger.append(job, ledger.FIRST_STEP, t=clock.now, inc="a", step=1)
+    damage(job, other)
+    saves = []
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, ledger.RankLedger(job, 0))
+    run_steps(cadence, clock, 60, save=lambda: saves.append(cadence.next_step))
+    assert len(saves) >= 2
+    assert warning in capsys.readouterr().err
 
 
 def test_an_async_save_records_its_background_time_once_published(tmp_path):

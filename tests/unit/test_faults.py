@@ -15,7 +15,9 @@ def test_documented_forms():
 
 
 @pytest.mark.parametrize("text", ["hang:rank=1", "freeze:rank=1,step=2", "slow:rank=1,ms=fast",
-                                  "hang:rank=1,step=2,how=nap", "crash:rank=1,step=2,ms=3", "slow:rank=1,ms"])
+                                  "hang:rank=1,step=2,how=nap", "crash:rank=1,step=2,ms=3", "slow:rank=1,ms",
+                                  "slow:rank=1,ms=-100", "slow:rank=1,ms=nan", "slow:rank=1,ms=inf",
+                                  "slow:rank=1,ms=1e300", "hang:rank=-1,step=2", "crash:rank=1,step=0"])
 def test_malformed_faults_are_one_sentence(text):
     with pytest.raises(LaunchError, match="LLAUNCH_FAULT fault .* see docs/faults.md"):
         parse_faults(text)

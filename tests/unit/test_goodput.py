@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from launcher import goodput, ledger
+from launcher.cli import main
 from launcher.goodput import CATEGORIES
 
 
@@ -31,6 +32,65 @@ def test_reader_skips_a_torn_last_line_and_lines_of_other_shapes(tmp_path):
     assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch"]
     ledger.append(tmp_path, ledger.EXIT)  # and appending goes on after it
     assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch", "exit"]
+
+
+# (a damaged line, what the warning says about it): wrong types, numbers JSON cannot hold, torn, not UTF-8
+DAMAGED_LINES = [
+    (b'{"t": 3, "kind": "save", "seconds": "slow"}', "'seconds' is 'slow', not a number from 0 to 1e+12"),
+    (b'{"t": Infinity, "kind": "save"}', "'t' is inf, not a number"),
+    (b'{"t": 3, "kind": "save", "seconds": NaN}', "'seconds' is nan, not a number"),
+    (b'{"t": 3, "kind": "save", "seconds": 1e999}', "'seconds' is inf, not a number"),
+    (b'{"t": 1e300, "kind": "launch"}', "'t' is 1e+300, not a number"),  # an infinite wall time once summed
+    (b'{"t": -5, "kind": "launch"}', "'t' is -5, not a number"),
+    (b'{"t": 3, "kind": "restore", "step": "4"}', "'step' is '4', not an integer"),
+    (b'{"t": 3, "kind": "steps", "step": 2.5}', "'step' is 2.5, not an integer"),
+    (b'{"t": 3, "kind": "steps", "step": 100000000000000000000000}', "'step' is 100000000000000000000000, not"),
+    (b'{"t": 3, "kind": "launch", "nodes": true}', "'nodes' is True, not an integer"),
+    (b'{"t": 3, "kind": "submit", "warning_s": [90]}', "'warning_s' is [90], not a number"),
+    (b'{"t": 3, "kind": 7}', "'kind' is 7, not text"),
+    (b'{"t": 3, "kind": "exit", "cause": {"code": 1}}', "'cause' is {'code': 1}, not text"),
+    (b'{"t": 3, "kind": "save", "ok": "yes"}', "'ok' is 'yes', not true or false"),
+    (b'{"kind": "save"}', "no 't'"),
+    (b'[1, 2]', "not a JSON object"),
+    (b'{"t": 3, "kind": "sa', "not JSON"),  # torn by a kill -9, closed by the next append
+    (b'\xff\xfe{"t": 3, "kind": "save"}', "not UTF-8"),
+    (b"[" * 100_000, "not JSON"),  # nested deeper than the parser goes
+]
+
+
+@pytest.mark.parametrize("line, why", DAMAGED_LINES, ids=[why for _, why in DAMAGED_LINES])
+def test_a_damaged_line_is_skipped_with_a_warning_and_goodput_still_answers(tmp_path, capsys, line, why):
+    ledger.append(tmp_path, ledger.LAUNCH, t=1.0, inc="a")
+    with open(tmp_path / ledger.LEDGER_FILE, "ab") as f:
+        f.write(line + b"\n")
+    ledger.append(tmp_path, ledger.EXIT, t=5.0, inc="a", code=1, cause="failed")
+    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch", "exit"]
+    err = capsys.readouterr().err
+    assert f"warning: skipped 1 damaged line(s) of {tmp_path / ledger.LEDGER_FILE} (line 2: {why}" in err, err
+    assert main(["goodput", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out, parse_constant=lambda name: pytest.fail(f"--json printed {name}"))
+    assert report["wall_s"] == 4.0 and report["failures"] == 1 and "skipped 1 damaged line(s)" in err
+
+
+def test_a_line_still_being_written_is_skipped_without_a_warning(tmp_path, capsys):
+    ledger.append(tmp_path, ledger.LAUNCH, t=1.0)
+    with open(tmp_path / ledger.LEDGER_FILE, "ab") as f:
+        f.write(b'{"t": 2, "kind": "exit", "co')  # another process's write, not finished yet
+    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch"] and capsys.readouterr().err == ""
+
+
+def test_extreme_but_valid_figures_give_a_finite_report(tmp_path, capsys):
+    """The largest times and durations the reader lets through, failures before any running time, a save of
+    the same instant: every figure stays finite, so --json is valid JSON."""
+    for t, kind, fields in ((0, "submit", {"warning_s": 1e12}), (0, "launch", {"nodes": 10**12}),
+                            (0, "save", {"seconds": 1e12, "step": 10**12}), (0, "exit", {"cause": "failed"}),
+                            (1e12, "launch", {}), (1e12, "first_step", {"step": 0}),
+                            (1e12, "save_background", {}), (1e12, "exit", {"cause": "SIGKILL"})):
+        ledger.append(tmp_path, kind, t=t, inc=str(t), **fields)
+    assert main(["goodput", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"--json printed {name}"))
+    assert report["failures"] == 2 and report["mtbf_s"] == 0.0
 
 
 def test_a_ledger_that_cannot_be_written_warns_once_and_never_raises(tmp_path, capsys, monkeypatch):
@@ -182,6 +242,14 @@ def test_status_shows_the_goodput_of_a_submitted_job(tmp_path, monkeypatch):
         ledger.append(out, e["kind"], **{k: v for k, v in e.items() if k != "kind"})
     line = next(line for line in describe("42") if line.startswith("  goodput"))
     assert line.startswith("  goodput 36.1% of 1 m 19 s over 2 incarnation(s): queue 0.0 s, restore 2.0 s, lost 5.0 s")
+
+
+def test_status_says_why_a_ledger_it_cannot_read_gives_no_goodput(tmp_path):
+    from launcher.cli.goodput import summary_line
+
+    os.mkfifo(tmp_path / ledger.LEDGER_FILE)  # read as a file, it would block status forever
+    assert summary_line(tmp_path) == f"goodput unknown: {tmp_path / ledger.LEDGER_FILE} is not a regular file; " \
+                                     f"move it away (llaunch keeps a plain file there)."
 
 
 def fake_command(folder, name, output, status=0):

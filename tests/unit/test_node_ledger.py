@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission, quarantined
+from launcher.errors import LaunchError
 
 DAY = 24 * 3600.0
 NOW = 1_000 * DAY
@@ -48,6 +49,51 @@ def test_ledger_appends_and_skips_a_torn_line(tmp_path, monkeypatch):
     assert [(e.host, e.kind) for e in ledger.events()] == [("a", "hang"), ("c", "straggler")]
     with pytest.raises(ValueError, match="unknown node event kind"):
         ledger.append(ev("a", "gremlins"))
+
+
+# (a damaged line, what the warning says about it)
+DAMAGED_LINES = [
+    (b"garbage", "not JSON"),
+    (b'\xe9t\xe9 {"host": "x"}', "not UTF-8"),
+    (b'{"host": "b", "kind": "hang"}', "no 'time'"),  # dated now at every read, it would quarantine b forever
+    (b'{"host": "b", "kind": "hang", "time": "yesterday"}', "'time' is 'yesterday', not a time"),
+    (b'{"host": "b", "kind": "hang", "time": NaN}', "'time' is nan, not a time"),
+    (b'{"host": "b", "kind": "hang", "time": true}', "'time' is True, not a time"),
+    (b'{"host": 7, "kind": "hang", "time": 1}', "'host' is 7, not text"),
+    (b'{"host": "b", "kind": ["hang"], "time": 1}', "'kind' is ['hang'], not text"),
+    (b'{"host": "b", "kind": "gremlins", "time": 1}', "kind 'gremlins' is not one of hang, xid"),
+    (b'{"host": "b", "kind": "hang", "time": 1, "colour": "red"}', "unknown field(s) 'colour'"),
+    (b'["b", "hang"]', "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize("line, why", DAMAGED_LINES, ids=[why for _, why in DAMAGED_LINES])
+def test_a_damaged_line_is_skipped_with_a_warning_and_submit_goes_on(tmp_path, monkeypatch, capsys, line, why):
+    import subprocess
+    from types import SimpleNamespace
+
+    from cluster import executor
+    from cluster.profile import ClusterProfile
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kwargs: SimpleNamespace(returncode=0, stdout="a\nb\nc\n"))
+    ledger = NodeLedger.for_profile("site")
+    ledger.append(NodeEvent("a", "hang"))
+    with ledger.path.open("ab") as f:
+        f.write(line + b"\n")
+    assert [e.host for e in ledger.events()] == ["a"]
+    assert f"warning: skipped 1 damaged line(s) of {ledger.path} (line 2: {why}" in capsys.readouterr().err
+    assert executor.quarantined_nodes(ClusterProfile(name="site", nodes=1), {}) == ["a"]  # what submit asks first
+
+
+def test_a_node_ledger_that_is_not_a_file_is_one_sentence(tmp_path, monkeypatch):
+    from cluster import executor
+    from cluster.profile import ClusterProfile
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
+    NodeLedger.for_profile("site").path.mkdir(parents=True)
+    with pytest.raises(LaunchError, match=r"ledger/site.jsonl is not a regular file; move it away"):
+        executor.quarantined_nodes(ClusterProfile(name="site", nodes=1), {})
 
 
 def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -148,6 +149,10 @@ def test_shipped_profiles_load_and_flags_override_them():
     ("setup", "module load x", "setup must be a list of shell lines"),
     ("time", "00:00:30", "time must be longer than the preemption warning (signal_delay_s 90 s"),
     ("partition", 7, "partition must be a name"),
+    ("time", "99:99:99", "time must be [D-]HH:MM:SS with minutes and seconds below 60"),
+    ("time", "1-25:00:00", "time must be [D-]HH:MM:SS with minutes and seconds below 60"),
+    ("dist_timeout_s", 0, "dist_timeout_s must be a positive integer"),  # every collective would time out
+    ("nodes", True, "nodes must be a positive integer"),
 ])
 def test_profile_fields_are_checked_by_type_and_named(tmp_path, field, value, message):
     data = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster/profiles/local.yaml").read_text())
@@ -158,7 +163,7 @@ def test_profile_fields_are_checked_by_type_and_named(tmp_path, field, value, me
         data[field] = value
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(LaunchError, match=message.replace("(", r"\(")):
+    with pytest.raises(LaunchError, match=re.escape(message)):
         load_profile(str(path))
 
 

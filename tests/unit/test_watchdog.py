@@ -104,6 +104,10 @@ def test_config_from_env():
     for bad in ("floor=3", "floor_s=soon", "floor_s"):
         with pytest.raises(LaunchError, match="LLAUNCH_WATCHDOG entry"):
             WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": bad})
+    # 0 or less kills a healthy run as hung (poll_s=0 busy-loops), nan or inf never sees a hang
+    for bad in ("poll_s=0", "floor_s=-1", "first_step_s=nan", "checkpoint_s=inf", "k=0", "window=-1", "grace_s=1e10"):
+        with pytest.raises(LaunchError, match=f"LLAUNCH_WATCHDOG entry '{bad}' must be a positive number up to 1e9"):
+            WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": bad})
 
 
 @pytest.mark.parametrize("how", ["sigstop", "spin"])
