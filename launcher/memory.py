@@ -164,7 +164,7 @@ def activation_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int, str]
     tokens = setup.micro_batch * setup.seq_len
     per_layer = sizes.layer_activation_bytes(spec, setup)
     recompute = per_layer * tokens  # one layer's saved tensors, alive while that layer is differentiated
-    if setup.activation_checkpointing:
+    if setup.full_recompute:
         kept = spec.layers * tokens * spec.hidden * sizes.residual_bytes(setup)
         return kept, kept + recompute, (f"checkpointed: each layer's input kept; one layer ({per_layer} B/token) "
                                         "recomputed in backward")
@@ -190,7 +190,7 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
         terms.append(Term("logits_loss", tokens * spec.vocab * sizes.LOGITS_BYTES_PER_ELEMENT, "loss at the start of "
                           "backward: fp32 log-softmax saved, its incoming gradient and its own gradient"))
     copies = sizes.low_precision_copy_bytes(spec, setup,
-                                            per_layer_only=setup.activation_checkpointing and setup.trains_adapters)
+                                            per_layer_only=setup.full_recompute and setup.trains_adapters)
     terms.append(Term("weight_copies", copies, "bf16 casts of fp32 matmul weights that autograd keeps for backward (autocast)"))
     terms.append(Term("comm_buffers", sizes.communication_bytes(spec, setup, world),
                       sizes.COMM_REASONS.get(setup.strategy, "")))
@@ -218,7 +218,7 @@ def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], traina
                     "weight_copies": size["weight_copies"], "comm_buffers": forward_comm,
                     "grads": grads if grads_alive_in_forward else 0},
         "backward": {"grads": grads, "activations": backward_activations, "comm_buffers": transient_comm,
-                     "weight_copies": 0 if setup.activation_checkpointing else size["weight_copies"]},
+                     "weight_copies": 0 if setup.full_recompute else size["weight_copies"]},
         "optimizer_step": {"grads": grads, "optimizer_scratch": size["optimizer_scratch"]},
     }
     phases = {name: sum(alive.values()) for name, alive in phase_terms.items()}

@@ -12,7 +12,8 @@ from launcher import step_time
 from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan import ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_count, check_knob
+from launcher.plan import (ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_count, check_knob,
+                           recompute_mode)
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
@@ -25,6 +26,8 @@ class _RequestRules:
     """PlanRequest's methods (its fields are generated below from TrainSetup's)."""
 
     def validate(self) -> "PlanRequest":
+        if self.activation_checkpointing is not None:
+            self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
         for name, value in self.forced().items():
             flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
             check_knob(name, value, flag)
@@ -87,7 +90,7 @@ class Candidate:
     def label(self) -> str:
         s = self.setup
         off = f"+off:{s.offload}" if s.offloads else ""
-        return f"{s.strategy}{off} mb={s.micro_batch} ga={s.gradient_accumulation_steps} ckpt={'on' if s.activation_checkpointing else 'off'}"
+        return f"{s.strategy}{off} mb={s.micro_batch} ga={s.gradient_accumulation_steps} ckpt={s.activation_checkpointing}"
 
 
 def hardware_for(request: PlanRequest, probed: Hardware) -> Hardware:
@@ -145,7 +148,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
                and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)
                and (not fixed.optimizer_in_backward or ENGINE_SUPPORT[s].optimizer_in_backward)]
     strategies = [request.strategy] if request.strategy else (weighed if world > 1 else ["ddp"])
-    checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else [False, True]
+    checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else ["none", "full"]
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
     out = []
     for offload in _offloads(request, world):
@@ -167,7 +170,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
                     out.append(_evaluate(spec, setup, hw, facts))
         if any(c.fits for c in out) and request.offload is None:
             break  # offload only when nothing fits without it: it always costs time
-    out.sort(key=lambda c: (not c.fits, -c.tokens_per_s, STRATEGY_ORDER[c.setup.strategy], c.setup.activation_checkpointing))
+    out.sort(key=lambda c: (not c.fits, -c.tokens_per_s, STRATEGY_ORDER[c.setup.strategy], c.setup.recomputes))
     return out
 
 
@@ -229,7 +232,7 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
         return None
     setup = dataclasses.replace(
         fixed, strategy=request.strategy or "ddp", offload=request.offload or "none",
-        precision=request.precision or "fp32", activation_checkpointing=bool(request.activation_checkpointing),
+        precision=request.precision or "fp32", activation_checkpointing=request.activation_checkpointing or "none",
         micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=request.nodes or 1,
         gpus_per_node=processes, device="cpu")
     memory = estimate(spec, setup)
@@ -282,7 +285,7 @@ def _reasons(spec: ModelSpec, chosen: Candidate, candidates: list[Candidate]) ->
     if simpler:
         best = min(simpler, key=lambda c: c.memory.reserved_bytes)
         reasons.append(f"{best.setup.strategy} does not fit: it needs {format_bytes(best.memory.reserved_bytes)} per GPU.")
-    elif s.activation_checkpointing:
+    elif s.recomputes:
         reasons.append("activation checkpointing is on: without it the activations do not fit (or run slower at a smaller micro-batch).")
     if s.offloads:
         reasons.append(f"offload {s.offload}: nothing fits in GPU memory without it.")
@@ -322,7 +325,7 @@ def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidate
 
 
 def _changes(request: PlanRequest, hw: Hardware):
-    if request.activation_checkpointing is False:
+    if request.activation_checkpointing == "none":
         yield "turn on --activation-checkpointing", {"request": {"activation_checkpointing": None}}
     if request.micro_batch and request.micro_batch > 1:
         yield "use --micro-batch 1", {"request": {"micro_batch": 1, "global_batch": None, "global_batch_tokens": None}}

@@ -21,7 +21,7 @@ def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> 
     tokens_per_rank = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps
     # 2 FLOPs/param/token forward, 4 backward (input + weight grads); LoRA's frozen base skips weight grads;
     # checkpointing runs the forward twice.
-    passes = (2 + (2 if setup.trains_adapters else 4)) + (2 if setup.activation_checkpointing else 0)
+    passes = (2 + (2 if setup.trains_adapters else 4)) + (2 if setup.full_recompute else 0)
     micro_tokens = setup.micro_batch * setup.seq_len
     efficiency = MATMUL_EFFICIENCY * micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)  # small matmuls under-fill the GPU
     flops = spec.flops_per_token(setup.seq_len) * tokens_per_rank * passes / 6

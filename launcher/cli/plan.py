@@ -241,7 +241,7 @@ def print_sizing(spec, request, rows) -> None:
         table.add_row(
             row.gpu, row.method, str(row.gpus), str(plan.nodes),
             plan.strategy + (f"+off:{plan.offload}" if plan.offloads else ""),
-            f"{plan.micro_batch} x {plan.gradient_accumulation_steps}", "on" if plan.activation_checkpointing else "off",
+            f"{plan.micro_batch} x {plan.gradient_accumulation_steps}", plan.activation_checkpointing,
             f"{plan.memory['reserved_bytes'] / 2**30:.1f}/{plan.memory['limit_bytes'] / 2**30:.1f}",
             f"{plan.predicted['tokens_per_s']:,.0f}",
         )
@@ -310,7 +310,7 @@ def print_table(spec, plan, candidates) -> None:
         weights = m["weights"] + (m["frozen_weights"] if any(t.name == "frozen_weights" for t in m.terms) else 0)
         table.add_row(
             s.strategy + (f"+off:{s.offload}" if s.offloads else ""), str(s.micro_batch), str(s.gradient_accumulation_steps),
-            "on" if s.activation_checkpointing else "off", gib(weights), gib(m["grads"]),
+            s.activation_checkpointing, gib(weights), gib(m["grads"]),
             gib(m["optimizer"] + m["optimizer_scratch"]), gib(m["activations"]), gib(m["logits_loss"]),
             gib(m["comm_buffers"]), gib(m["context_reserve"]), gib(m.peak_bytes),
             f"{gib(m.reserved_bytes)}/{gib(c.limit_bytes)}", "yes" if c.fits else "no",
@@ -322,7 +322,7 @@ def print_table(spec, plan, candidates) -> None:
     console.print(f"[bold]chosen:[/bold] {plan.strategy}"
                   + (f" + offload {plan.offload}" if plan.offloads else "")
                   + f", micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}, "
-                  f"checkpointing {'on' if plan.activation_checkpointing else 'off'}, {plan.precision}, {plan.method}; "
+                  f"recompute {plan.activation_checkpointing}, {plan.precision}, {plan.method}; "
                   f"peak {format_bytes(plan.memory['peak_bytes'])}")
     for reason in plan.reasons:
         console.print(f"  why: {reason}")

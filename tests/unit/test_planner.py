@@ -118,7 +118,7 @@ def test_impossible_plan_names_the_smallest_change():
 def test_forced_knobs_are_kept():
     plan = make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=2, strategy="zero2", micro_batch=2,
                                  activation_checkpointing=True, precision="bf16"), CPU_BOX)
-    assert (plan.strategy, plan.micro_batch, plan.activation_checkpointing, plan.precision) == ("zero2", 2, True, "bf16")
+    assert (plan.strategy, plan.micro_batch, plan.activation_checkpointing, plan.precision) == ("zero2", 2, "full", "bf16")
 
 
 def test_bad_requests_are_one_sentence():
