@@ -32,6 +32,9 @@ class ParallelDims:
     pp_schedule: str = "1f1b"
     pp_microbatches: int = 1
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B's v)
+    # With tp: the norms and residual stream split along the sequence too (Korthikanti et al. 2022; torchtitan's
+    # TP plan always does); off, they are replicated on the tp ranks (Megatron-LM without --sequence-parallel).
+    sequence_parallel: bool = True
 
     @property
     def dp(self) -> int:
@@ -126,10 +129,9 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
     if spec.kv_heads % dims.tp and dims.tp % spec.kv_heads:
         raise LaunchError(f"{spec.name}'s {spec.kv_heads} KV heads can be neither split over nor replicated across "
                           f"tp {dims.tp}; choose a tp that divides or is a multiple of {spec.kv_heads}.")
-    if spec.layers % dims.stages:
-        raise LaunchError(f"{spec.name}'s {spec.layers} layers do not split into {dims.stages} pipeline stages "
-                          f"(pp {dims.pp} x {dims.pp_virtual_stages} virtual); choose a pp that divides "
-                          f"{spec.layers}.")
+    if spec.layers < dims.stages:
+        raise LaunchError(f"{spec.name}'s {spec.layers} layers do not fill {dims.stages} pipeline stages "
+                          f"(pp {dims.pp} x {dims.pp_virtual_stages} virtual); choose at most {spec.layers} stages.")
     experts = spec.experts
     if dims.ep_enabled and (experts < 2 or experts % dims.ep):
         what = f"{experts} experts, which ep {dims.ep} does not divide" if experts > 1 else "no experts"

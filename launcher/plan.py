@@ -17,6 +17,7 @@ from launcher.files import write_text_atomic
 from launcher.parallel import PP_SCHEDULES, RECOMPUTES, ParallelDims, check_layout
 
 STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")  # hsdp: FSDP2 sharded in a node, replicated across nodes
+STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when the planner's times tie
 FSDP_STRATEGIES = ("fsdp", "hsdp")  # run by the FSDP2 engine
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")  # run by the DeepSpeed engine at that ZeRO stage
 OFFLOADS = ("none", "optimizer", "optimizer+params")
@@ -120,7 +121,7 @@ CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": METHODS, "prec
            "pp_schedule": PP_SCHEDULES}
 COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r",
           "tp", "pp", "cp", "ep", "pp_virtual_stages")
-LAYOUT_KNOBS = ("tp", "pp", "cp", "ep", "pp_schedule", "pp_virtual_stages")  # the parallelism record's own knobs
+LAYOUT_KNOBS = ("tp", "pp", "cp", "ep", "pp_schedule", "pp_virtual_stages", "sequence_parallel")  # the parallelism record's own knobs
 
 
 def recompute_mode(value):
@@ -173,6 +174,7 @@ class TrainSetup(StrategyTraits):
     ep: int = 1  # expert parallel (MoE)
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
+    sequence_parallel: bool = True  # with tp > 1 (ParallelDims.sequence_parallel)
 
     def __post_init__(self):
         self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
@@ -192,7 +194,7 @@ class TrainSetup(StrategyTraits):
             shard = math.gcd(dp, max(1, self.gpus_per_node // (self.tp * self.cp)))
         return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep,
                             pp_schedule=self.pp_schedule, pp_microbatches=self.gradient_accumulation_steps,
-                            pp_virtual_stages=self.pp_virtual_stages)
+                            pp_virtual_stages=self.pp_virtual_stages, sequence_parallel=self.sequence_parallel)
 
     @property
     def device_mesh(self) -> tuple[int, ...]:

@@ -41,7 +41,7 @@ SPEC_405B = load_model_spec("405b")  # 126 layers, 128 heads, 8 KV heads
     (ParallelDims(tp=8, pp=16, dp_replicate=63), 8192, 8, 8192, "covers 8064 ranks, not the 8192"),
     (ParallelDims(tp=3, dp_replicate=1), 8, 8, 8192, "does not divide the 8 GPUs"),
     (ParallelDims(tp=16, dp_replicate=1), 16, 8, 8192, "spans more than the 8 GPUs of a node"),
-    (ParallelDims(tp=8, pp=4, dp_replicate=1), 32, 8, 8192, "126 layers do not split into 4 pipeline stages"),
+    (ParallelDims(pp=128, dp_replicate=1), 128, 8, 8192, "126 layers do not fill 128 pipeline stages"),
     (ParallelDims(tp=8, pp=2, dp_replicate=1, pp_schedule="interleaved-1f1b", pp_virtual_stages=2,
                   pp_microbatches=3), 16, 8, 8192, "not a multiple of pp 2"),
     (ParallelDims(pp=2, dp_replicate=1, pp_virtual_stages=2), 2, 8, 8192, "need --pp-schedule interleaved-1f1b"),
@@ -75,7 +75,8 @@ def test_a_plan_round_trips_its_record_and_an_older_plan_loads_as_data_parallel(
     plan.validate()
     data = yaml.safe_load(plan.to_yaml())
     assert data["parallel"] == {"dp_replicate": 64, "dp_shard": 1, "tp": 8, "pp": 2, "cp": 1, "ep": 1,
-                                "pp_schedule": "1f1b", "pp_microbatches": 4, "pp_virtual_stages": 1}
+                                "pp_schedule": "1f1b", "pp_microbatches": 4, "pp_virtual_stages": 1,
+                                "sequence_parallel": True}
     assert Plan.from_dict(data).parallel == plan.parallel
     older = {k: v for k, v in data.items() if k != "parallel"}
     older["activation_checkpointing"] = True  # plans before the recompute modes wrote a boolean
