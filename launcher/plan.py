@@ -45,6 +45,10 @@ class EngineSupport:
     # Each parameter's optimizer step runs as its gradient is ready (torchtune's optimizer_in_bwd), in a single
     # unwrapped process: no gradient all-reduce or shard to wait for.
     optimizer_in_backward: bool = False
+    # The model-parallel dimensions its ranks run (tp, pp, cp, ep): none yet (issue 31), so `llaunch run` and
+    # `submit` refuse a layout that `llaunch plan` may recommend at scale.
+    layouts: tuple[str, ...] = ()
+    recomputes: tuple[str, ...] = ("none", "full")  # activation checkpointing modes (RECOMPUTES) it runs
 
 
 _TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, chunked_loss=True)
@@ -238,6 +242,20 @@ class TrainSetup(StrategyTraits):
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))  # the one list of knob names
+
+
+def check_runnable(setup: TrainSetup) -> None:
+    """What `llaunch run` and `submit` refuse before any process starts: a layout or recompute mode the
+    strategy's engine does not declare (ENGINE_SUPPORT)."""
+    support, dims = ENGINE_SUPPORT[setup.strategy], setup.parallel
+    used = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled), ("cp", dims.cp_enabled),
+                                  ("ep", dims.ep_enabled)) if on and name not in support.layouts]
+    if used:
+        raise LaunchError(f"this plan's layout {dims.label()} uses {' and '.join(used)}, which the {setup.strategy} "
+                          f"engine cannot run yet; plan without --tp / --pp / --cp / --ep to train it with llaunch.")
+    if setup.activation_checkpointing not in support.recomputes:
+        raise LaunchError(f"{setup.activation_checkpointing} activation checkpointing is not something the "
+                          f"{setup.strategy} engine runs; use {' or '.join(support.recomputes)}.")
 
 
 @dataclass(kw_only=True)

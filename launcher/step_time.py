@@ -10,8 +10,15 @@ from launcher.memory_sizes import qlora_base_bytes
 from launcher.models import ModelSpec
 from launcher.plan import TrainSetup
 
-MATMUL_EFFICIENCY = 0.35  # achieved / peak FLOP/s of an eager HF Llama step on H100, large micro-batches (bench/)
-HALF_EFFICIENCY_TOKENS = 3900  # tokens per micro-batch at which half of that is reached (H100, TinyLlama-1.1B)
+# Achieved / peak FLOP/s of a training step's compute at large matmuls, as good implementations reach it: 0.35 was
+# measured for llaunch's own eager HF Llama step on one H100 (bench/results/throughput-h100.json); the published
+# runs of bench/published_layouts.py (Llama 3, Megatron-LM, BLOOM, torchtitan; 18 rows) measured a median 1.77 x
+# what that predicted, so 0.35 x 1.77. llaunch's eager loop runs below it (torch.compile closes part of the gap).
+MATMUL_EFFICIENCY = 0.62
+# Half of that is reached at 3,900 tokens per micro-batch on TinyLlama-1.1B (H100), whose decoder layer holds
+# 44.0M matmul weights: a GEMM fills the GPU by its work (tokens x weights it multiplies), so a layer of W weights
+# (on one tp rank: W / tp) reaches half at 3,900 x 44.0M / W tokens.
+HALF_EFFICIENCY_WORK = 3900 * 44.0e6
 LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth for large messages
 BACKWARD_OVERLAP = 0.6  # share of compute that gradient/parameter collectives hide behind (backward is 2/3)
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512, ZeRO-Offload paper fig. 9)
@@ -26,8 +33,8 @@ def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> 
     # full recompute runs the forward twice, selective (every other matmul recomputed) half of it again.
     recompute = {"none": 0, "selective": 1, "full": 2}[setup.activation_checkpointing]
     passes = (2 + (2 if setup.trains_adapters else 4)) + recompute
-    micro_tokens = setup.micro_batch * setup.seq_len // dims.cp
-    efficiency = MATMUL_EFFICIENCY * micro_tokens / (micro_tokens + HALF_EFFICIENCY_TOKENS)  # small matmuls under-fill the GPU
+    work = setup.micro_batch * setup.seq_len // dims.cp * spec.block_linear_params / spec.layers / dims.tp
+    efficiency = MATMUL_EFFICIENCY * work / (work + HALF_EFFICIENCY_WORK)  # small matmuls under-fill the GPU
     flops = spec.flops_per_token(setup.seq_len) * tokens_per_replica * passes / 6 / dims.model_parallel
     compute = flops / (facts.peak_flops[setup.flops_key] * efficiency)
     comm = communication_seconds(spec, setup, hw, facts)
