@@ -85,3 +85,22 @@ def test_a_plan_round_trips_its_record_and_an_older_plan_loads_as_data_parallel(
     data["parallel"]["dp_replicate"] = 32
     with pytest.raises(LaunchError, match="does not match its strategy zero1"):
         Plan.from_dict(data)
+
+
+def test_run_and_submit_plan_only_what_the_engines_run():
+    """`llaunch plan` may recommend tp x pp at scale; the request `run` / `submit` make (job.make_job_plan) does
+    not, and a plan with a layout the engines do not declare is refused in one sentence."""
+    from launcher.hardware import Hardware
+    from launcher.planner import PlanRequest, make_plan
+    from launcher.plan import check_runnable
+
+    request = dict(model="405b", gpu="H100", gpus_per_node=8, nodes=1024, seq_len=8192, global_batch=8192)
+    free = make_plan(PlanRequest(**request), Hardware())
+    runnable = make_plan(PlanRequest(**request, runnable_only=True), Hardware())
+    assert not free.parallel.pure_data_parallel
+    assert runnable.parallel.pure_data_parallel and runnable.activation_checkpointing != "selective"
+    check_runnable(runnable)
+    with pytest.raises(LaunchError, match=r"uses tp and pp, which the zero1 engine cannot run yet"):
+        check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8, pp=2))
+    with pytest.raises(LaunchError, match="selective activation checkpointing is not something the fsdp engine runs"):
+        check_runnable(TrainSetup(strategy="fsdp", activation_checkpointing="selective"))
