@@ -28,7 +28,7 @@ def plan_reasons(chosen, candidates: list) -> list[str]:
         reasons.append(f"fastest that fits: {chosen.tokens_per_s:,.0f} tokens/s vs {runner_up.tokens_per_s:,.0f} "
                        f"for {runner_up.label}.")
     if not s.parallel.pure_data_parallel:
-        reasons.append(_layout_reason(chosen, fitting))
+        reasons.append(_layout_reason(chosen, candidates))
     if s.strategy == "hsdp":
         reasons.append(_hsdp_reason(chosen, candidates))
     simpler = [c for c in candidates if not c.fits and STRATEGY_ORDER[c.setup.strategy] < STRATEGY_ORDER[s.strategy]]
@@ -42,12 +42,21 @@ def plan_reasons(chosen, candidates: list) -> list[str]:
     return reasons[:3]
 
 
-def _layout_reason(chosen, fitting: list) -> str:
-    """Why tp / pp / cp over data parallelism alone, and that the ranks cannot run it yet."""
-    plain = [c for c in fitting if c.setup.parallel.pure_data_parallel]
-    why = (f"{chosen.setup.parallel.label()}: data parallelism alone reaches {plain[0].tokens_per_s:,.0f} tokens/s at "
-           f"best ({plain[0].label})" if plain else
-           f"{chosen.setup.parallel.label()}: data parallelism alone does not fit")
+def _layout_reason(chosen, candidates: list) -> str:
+    """Why tp / pp / cp over data parallelism alone (slower, too big, or the batch does not split over that many
+    ranks), and that the ranks cannot run it yet."""
+    plain = [c for c in candidates if c.setup.parallel.pure_data_parallel]
+    fitting = [c for c in plain if c.fits]
+    layout = chosen.setup.parallel.label()
+    if fitting:
+        why = f"{layout}: data parallelism alone reaches {fitting[0].tokens_per_s:,.0f} tokens/s at best ({fitting[0].label})"
+    elif plain:
+        smallest = min(plain, key=lambda c: c.memory.reserved_bytes)
+        why = (f"{layout}: data parallelism alone needs {format_bytes(smallest.memory.reserved_bytes)} per GPU at "
+               f"best ({smallest.label})")
+    else:
+        why = (f"{layout}: the global batch of {chosen.setup.global_batch} sequences does not split over "
+               f"{chosen.setup.world_size} data-parallel ranks")
     return why + "; `llaunch run` and `submit` cannot run tp / pp / cp / ep yet (issue 31)."
 
 

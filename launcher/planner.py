@@ -98,7 +98,7 @@ class Candidate:
     def label(self) -> str:
         s = self.setup
         off = f"+off:{s.offload}" if s.offloads else ""
-        layout = "" if s.parallel.pure_data_parallel else f" [{s.parallel.label()}]"
+        layout = "" if s.parallel.pure_data_parallel else f" {s.parallel.label()}"
         return f"{s.strategy}{off}{layout} mb={s.micro_batch} ga={s.gradient_accumulation_steps} ckpt={s.activation_checkpointing}"
 
 

@@ -311,6 +311,7 @@ def is_chosen(candidate, plan) -> bool:
 
 def print_table(spec, plan, candidates) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from launcher.units import format_bytes
@@ -336,10 +337,10 @@ def print_table(spec, plan, candidates) -> None:
         )
     console = Console(width=max(Console().width, 195))  # the table is wide; never squeeze it into 80 columns
     console.print(table)
-    console.print(f"[bold]chosen:[/bold] {plan.strategy} [{plan.parallel.label()}]"
+    console.print(f"[bold]chosen:[/bold] {plan.strategy} {escape(plan.parallel.label())}"
                   + (f" + offload {plan.offload}" if plan.offloads else "")
                   + f", micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}, "
                   f"recompute {plan.activation_checkpointing}, {plan.precision}, {plan.method}; "
                   f"peak {format_bytes(plan.memory['peak_bytes'])}")
     for reason in plan.reasons:
-        console.print(f"  why: {reason}")
+        console.print(f"  why: {escape(reason)}")
