@@ -41,16 +41,7 @@ def add_parser(subparsers) -> None:
                        help="recompute in backward: none, selective (op-level SAC) or full (alone: full)")
     knobs.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
                        const="none", help="same as --activation-checkpointing none")
-    layout = p.add_argument_group("layout (default: the planner chooses; `llaunch run` runs data parallelism only)")
-    for flag, what in (("--tp", "tensor (+ sequence) parallel ranks, within a node"), ("--pp", "pipeline stages"),
-                       ("--cp", "context parallel ranks (the sequence split)"), ("--ep", "expert parallel ranks (MoE)"),
-                       ("--pp-virtual-stages", "model chunks per pipeline rank (interleaved 1F1B)")):
-        layout.add_argument(flag, type=int, help=what)
-    layout.add_argument("--pp-schedule", choices=PP_SCHEDULES)
-    layout.add_argument("--pp-microbatches", type=int,
-                        help="micro-batches each pipeline runs per step (the data-parallel part's accumulation)")
-    layout.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false", default=None,
-                        help="with --tp: replicate the norms' activations (Megatron-LM without --sequence-parallel)")
+    _add_layout_flags(p)
     knobs.add_argument("--method", choices=METHODS, help="default: full (without GPUs to plan for: full, lora and qlora side by side)")
     knobs.add_argument("--lora-r", type=int, default=LORA_R)
     knobs.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list (q_proj,v_proj)")
@@ -69,6 +60,20 @@ def add_parser(subparsers) -> None:
                         "described, memory per GPU against GPU count per strategy)")
     p.add_argument("-o", "--output", help="write the Plan YAML that `llaunch run` and `submit` read")
     p.set_defaults(run=run)
+
+
+def _add_layout_flags(p) -> None:
+    """The parallelism record's knobs (launcher.parallel.ParallelDims); --strategy names its data-parallel part."""
+    layout = p.add_argument_group("layout (default: the planner chooses; `llaunch run` runs data parallelism only)")
+    for flag, what in (("--tp", "tensor (+ sequence) parallel ranks, within a node"), ("--pp", "pipeline stages"),
+                       ("--cp", "context parallel ranks (the sequence split)"), ("--ep", "expert parallel ranks (MoE)"),
+                       ("--pp-virtual-stages", "model chunks per pipeline rank (interleaved 1F1B)")):
+        layout.add_argument(flag, type=int, help=what)
+    layout.add_argument("--pp-schedule", choices=PP_SCHEDULES)
+    layout.add_argument("--pp-microbatches", type=int,
+                        help="micro-batches each pipeline runs per step (the data-parallel part's accumulation)")
+    layout.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false", default=None,
+                        help="with --tp: replicate the norms' activations (Megatron-LM without --sequence-parallel)")
 
 
 def request_from_args(args):
@@ -272,6 +277,9 @@ def print_sizing(spec, request, rows) -> None:
 def add_trace(plan, request) -> dict:
     """Trace one real step with the plan's knobs and put the estimate for exactly that setup beside it: FSDP at
     the plan's world size on a fake process group; the other strategies on one unsharded rank."""
+    if not plan.parallel.pure_data_parallel:
+        raise LaunchError(f"--trace traces data parallelism only, and this plan uses {plan.parallel.label()}; drop "
+                          "--trace, or force a data-parallel plan (--tp 1 --pp 1 --cp 1).")
     from launcher.memory import estimate
     from launcher.memory_trace import trace_peak
     from launcher.models import load_model_spec
