@@ -164,28 +164,28 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
         pure = model_parallel == 1 and not request.ep
         base = dataclasses.replace(fixed, precision=precision, nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
                                    device="cuda", **layout)
-        out += _candidates(spec, request, hw, facts, base, strategies if pure or request.strategy else
-                           [s for s in LAYOUT_STRATEGIES if s in weighed], world // model_parallel, pure)
+        chosen = strategies if pure or request.strategy else [s for s in LAYOUT_STRATEGIES if s in weighed]
+        # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each where
+        # it can run this method.
+        offloading = [s for s in ("zero2", "zero3", "fsdp") if s in weighed]
+        out += _candidates(spec, request, hw, facts, base, (chosen, offloading), world // model_parallel, pure)
     out.sort(key=lambda c: (not c.fits, -c.tokens_per_s / (1 + LAYOUT_MARGIN * (not c.setup.parallel.pure_data_parallel)),
                             STRATEGY_ORDER[c.setup.strategy], c.setup.parallel.model_parallel,
                             RECOMPUTES.index(c.setup.activation_checkpointing)))
     return out
 
 
-def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base: TrainSetup, strategies: list[str],
-                data_parallel: int, pure: bool) -> list[Candidate]:
+def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base: TrainSetup,
+                strategies: tuple[list[str], list[str]], data_parallel: int, pure: bool) -> list[Candidate]:
     """One layout's candidates: strategy x offload x micro-batch x recompute. Offload is weighed for pure data
     parallelism only; selective recompute (which the ranks cannot run yet) only where tp / pp / cp are (which
     they cannot run either), so a data-parallel plan stays one `llaunch run` runs."""
     modes = ["none", "full"] if pure else list(RECOMPUTES)
     checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else modes
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
-    out = []
+    out, (plain, offloading) = [], strategies
     for offload in _offloads(request, data_parallel) if pure else [request.offload or "none"]:
-        # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each
-        # where it can run this method.
-        offloading = [s for s in ("zero2", "zero3", "fsdp") if s in strategies or not request.strategy]
-        for strategy in strategies if offload == "none" or request.strategy else offloading:
+        for strategy in plain if offload == "none" or request.strategy else offloading:
             if offload not in ENGINE_SUPPORT[strategy].offloads or (strategy, offload) == ("zero3", "optimizer"):
                 continue
             for micro in micro_batches:
