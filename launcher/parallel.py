@@ -71,6 +71,11 @@ class ParallelDims:
         return self.dp_shard > 1
 
     @property
+    def dp_hybrid(self) -> bool:
+        """Sharded within a group and replicated across groups (HSDP): gradients all-reduce across the replicas."""
+        return self.dp_replicate > 1 and self.dp_shard > 1
+
+    @property
     def pure_data_parallel(self) -> bool:
         """Only data parallelism: what the ranks' engines run today."""
         return not (self.tp_enabled or self.pp_enabled or self.cp_enabled or self.ep_enabled)

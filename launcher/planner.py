@@ -131,8 +131,10 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     candidates = rank_candidates(spec, request, hw)
     if not candidates:
         world = hw.nodes * hw.gpus_per_node
-        raise LaunchError(f"the global batch cannot be split into micro-batch x gradient accumulation x {world} "
-                          f"rank(s) with the sizes given; choose a global batch that is a multiple of them.")
+        ranks = world // ((request.tp or 1) * (request.pp or 1) * (request.cp or 1))
+        what = f"{ranks} data-parallel rank(s) (the {world} GPUs over tp x pp x cp)" if ranks != world else f"{world} rank(s)"
+        raise LaunchError(f"the global batch cannot be split into micro-batch x gradient accumulation x {what} "
+                          f"with the sizes given; choose a global batch that is a multiple of them.")
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise LaunchError(_nothing_fits(spec, request, hw, candidates))

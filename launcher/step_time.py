@@ -82,7 +82,7 @@ def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, fact
         weights = share * (qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * param_bytes)
         gathers = 2 * weights * micro_steps  # all-gather params for forward and backward
         volume = gathers + trainable * grad_bytes * micro_steps
-    if setup.strategy == "hsdp":
+    if dims.dp_hybrid:
         # Gathers and reduce-scatters run inside the node; only each rank's reduced gradient shard is
         # all-reduced across nodes, once per optimizer step (no sync while accumulating).
         gpus, replicas = dims.dp_shard, dims.dp_replicate

@@ -29,6 +29,8 @@ def test_predicates_and_global_batch_count_data_parallel_ranks_only():
                        gradient_accumulation_steps=8)
     dims = setup.parallel
     assert dims.tp_enabled and dims.pp_enabled and not dims.cp_enabled and not dims.pure_data_parallel
+    assert TrainSetup(strategy="hsdp", nodes=4, gpus_per_node=8).parallel.dp_hybrid
+    assert not TrainSetup(strategy="hsdp", nodes=1, gpus_per_node=8).parallel.dp_hybrid  # one node: FSDP's mesh
     assert dims.pp_microbatches == 8 and dims.dp == 2
     assert setup.global_batch == 2 * 8 * 2
     assert TrainSetup(nodes=2, gpus_per_node=8).parallel.pure_data_parallel
