@@ -345,7 +345,8 @@ def print_table(spec, plan, candidates) -> None:
         )
     console = Console(width=max(Console().width, 195))  # the table is wide; never squeeze it into 80 columns
     console.print(table)
-    console.print(f"[bold]chosen:[/bold] {plan.strategy} {escape(plan.parallel.label())}"
+    layout = "" if plan.parallel.pure_data_parallel else " " + escape(plan.parallel.label())
+    console.print(f"[bold]chosen:[/bold] {plan.strategy}{layout}"
                   + (f" + offload {plan.offload}" if plan.offloads else "")
                   + f", micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}, "
                   f"recompute {plan.activation_checkpointing}, {plan.precision}, {plan.method}; "
