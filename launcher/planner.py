@@ -147,6 +147,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
     if not hw.has_gpu:
+        if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep")):
+            raise LaunchError("a CPU plan runs data parallelism only; drop --tp / --pp / --cp / --ep, or describe GPUs "
+                              "with --gpu and --gpus.")
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
