@@ -136,3 +136,15 @@ def test_search_finds_what_brute_force_finds(model, overrides, gpus, nodes, batc
     best = _brute_force(spec, request, hw)
     assert max(c.tokens_per_s for c in searched) == pytest.approx(best.tokens_per_s)
     assert make_plan(request, Hardware()).predicted["tokens_per_s"] > 0
+
+
+def test_tensor_parallel_time_follows_the_gpus_nvlink():
+    """H800 is an H100 with NVLink cut from 900 to 400 GB/s (bidirectional): its tp collectives take 2.25 x as long;
+    L40S has no NVLink, so they cross PCIe."""
+    s = setup(tp=8)
+    seconds = {}
+    for gpu in ("H100", "H800", "L40S"):
+        hw = hardware_for(PlanRequest(gpu=gpu, gpus_per_node=8), Hardware())
+        seconds[gpu] = st.tensor_parallel_seconds(SPEC, s, hw, hw.facts)
+    assert seconds["H800"] == pytest.approx(seconds["H100"] * 450 / 200)
+    assert seconds["L40S"] == pytest.approx(seconds["H100"] * 450 / 32)
