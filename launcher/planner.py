@@ -12,11 +12,11 @@ from launcher import step_time
 from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan_reasons import plan_reasons
 from launcher.layouts import LAYOUT_STRATEGIES, check_forced, layouts
 from launcher.parallel import RECOMPUTES
-from launcher.plan import (ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup, check_count, check_knob,
-                           recompute_mode)
+from launcher.plan import (ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup, check_count,
+                           check_knob, recompute_mode)
+from launcher.plan_reasons import plan_reasons
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
@@ -166,7 +166,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     out = []
     for layout in layouts(spec, request, world, hw.gpus_per_node) if not request.runnable_only else [{}]:
         model_parallel = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1)
-        pure = model_parallel == 1 and not request.ep
+        pure = model_parallel == 1 and (request.ep or 1) == 1
         base = dataclasses.replace(fixed, precision=precision, nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
                                    device="cuda", **layout)
         chosen = strategies if pure or request.strategy else [s for s in LAYOUT_STRATEGIES if s in weighed]
