@@ -14,7 +14,7 @@ from pathlib import Path
 
 from launcher.config import TrainConfig, load_train_config
 from launcher.errors import LaunchError
-from launcher.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, Plan
+from launcher.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, Plan, check_runnable
 from launcher.run_lock import LOCK_FILE, RunLock
 
 PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
@@ -61,6 +61,7 @@ def prepare_job(
                      if config.data.dataset_format == "text" and model_dir is None else None)
     plan = make_job_plan(config, trained_vocab, nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
     _check_strategy(config, plan.strategy)
+    check_runnable(plan)
     # Loading the data here makes a bad SFT line (file:line) or too little text fail before any rank starts.
     load_training_data(config, plan.seq_len).check(plan.global_batch)
 
@@ -142,6 +143,7 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
         optimizer=training.optim,
         loss_chunk_tokens=training.loss_chunk_tokens,
         optimizer_in_backward=training.optimizer_in_backward,
+        runnable_only=True,  # only what the ranks' engines run (launcher.plan.check_runnable)
     )
     if config.data.block_size is not None:
         request.seq_len = config.data.block_size

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from launcher.models import ModelSpec
-from launcher import memory_sizes as sizes
+from launcher import memory_layout as layout, memory_sizes as sizes
 from launcher.plan import TrainSetup
 
 GiB = 1024**3
@@ -74,14 +74,24 @@ PAGED_OPTIMIZERS = ("paged_adamw_8bit",)  # states in CUDA unified memory (bitsa
 
 
 def estimate(spec: ModelSpec, setup: TrainSetup) -> MemoryBreakdown:
-    """Every term of one rank's memory, and the peak: the model states plus the largest phase of the step."""
+    """Every term of one rank's memory, and the peak: the model states plus the largest phase of the step; under
+    pipeline parallelism the larger of the first stage's and the last stage's (launcher.memory_layout)."""
+    return max((estimate_stage(spec, setup, stage) for stage in layout.stages(setup)), key=lambda m: m.reserved_bytes)
+
+
+def estimate_stage(spec: ModelSpec, setup: TrainSetup, stage: str) -> MemoryBreakdown:
     world, group = max(1, setup.world_size), sizes.shard_group(setup)
     split = sizes.shards(setup, group)
     trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if setup.trains_adapters else spec.num_params
+    fraction = layout.local_param_fraction(spec, setup, stage)
     terms = model_state_terms(spec, setup, trainable, split, group)
+    if fraction < 1:  # tp x pp: this rank's share of every weight, gradient and optimizer state
+        for term in terms:
+            term.bytes = int(term.bytes * fraction)
+            term.reason += f"; this {stage}-stage tp x pp rank holds {fraction:.3%} of the model"
     paged = page_optimizer_states(spec, setup, terms)
-    terms += step_terms(spec, setup, trainable / split["optimizer"], world)
-    return dataclasses.replace(peak_breakdown(spec, setup, terms, trainable, world), paged_bytes=paged)
+    terms += step_terms(spec, setup, trainable * fraction / split["optimizer"], world, stage)
+    return dataclasses.replace(peak_breakdown(spec, setup, terms, trainable, world, stage), paged_bytes=paged)
 
 
 def model_state_terms(spec: ModelSpec, setup: TrainSetup, trainable: int, split: dict[str, int],
@@ -159,27 +169,19 @@ def page_optimizer_states(spec: ModelSpec, setup: TrainSetup, terms: list[Term])
     return paged
 
 
-def activation_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[int, int, str]:
-    """Activations saved at the end of the forward, those alive while backward differentiates a layer, and why."""
-    tokens = setup.micro_batch * setup.seq_len
-    per_layer = sizes.layer_activation_bytes(spec, setup)
-    recompute = per_layer * tokens  # one layer's saved tensors, alive while that layer is differentiated
-    if setup.activation_checkpointing:
-        kept = spec.layers * tokens * spec.hidden * sizes.residual_bytes(setup)
-        return kept, kept + recompute, (f"checkpointed: each layer's input kept; one layer ({per_layer} B/token) "
-                                        "recomputed in backward")
-    return (spec.layers * per_layer * tokens, recompute,
-            f"{per_layer} B/token/layer saved for backward (norms, attention q/k/v/out, MLP, linear inputs)")
-
-
-def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, world: int) -> list[Term]:
+def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, world: int, stage: str) -> list[Term]:
     """What one step adds on top of the model states: activations, logits and loss, weight casts, communication
     buffers and the optimizer's scratch."""
-    tokens = setup.micro_batch * setup.seq_len
-    saved, _, reason = activation_bytes(spec, setup)
-    terms = [Term("activations", saved, reason)]
+    tokens = layout.local_tokens(setup)
+    saved, _, reason = layout.layout_activation_bytes(spec, setup, stage)
+    terms = [Term("activations", saved, reason + " (norms, attention q/k/v/out, MLP, linear inputs)")]
     logit_rows = sizes.logits_tokens(setup)
-    if logit_rows < tokens:
+    if not setup.parallel.pure_data_parallel:
+        share = layout.logits_share(setup, stage)
+        terms.append(Term("logits_loss", int(tokens * spec.vocab * share * sizes.LOGITS_BYTES_PER_ELEMENT),
+                          "vocab-parallel loss on the last stage: the micro-batch's logits over vocab / tp, fp32 "
+                          "softmax and gradient" if share else "no LM head on this pipeline stage"))
+    elif logit_rows < tokens:
         # The chunked loss's own gradient of a trained LM head accumulates over the chunks beside them.
         head_bytes = 2 if sizes.compute_mode(setup) == "half" else 4
         head_grad = 0 if setup.trains_adapters else spec.vocab * spec.hidden * head_bytes
@@ -190,17 +192,32 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
         terms.append(Term("logits_loss", tokens * spec.vocab * sizes.LOGITS_BYTES_PER_ELEMENT, "loss at the start of "
                           "backward: fp32 log-softmax saved, its incoming gradient and its own gradient"))
     copies = sizes.low_precision_copy_bytes(spec, setup,
-                                            per_layer_only=setup.activation_checkpointing and setup.trains_adapters)
-    terms.append(Term("weight_copies", copies, "bf16 casts of fp32 matmul weights that autograd keeps for backward (autocast)"))
-    terms.append(Term("comm_buffers", sizes.communication_bytes(spec, setup, world),
-                      sizes.COMM_REASONS.get(setup.strategy, "")))
+                                            per_layer_only=setup.full_recompute and setup.trains_adapters)
+    fraction = layout.local_param_fraction(spec, setup, stage)
+    terms.append(Term("weight_copies", int(copies * fraction),
+                      "bf16 casts of fp32 matmul weights that autograd keeps for backward (autocast)"))
+    terms.append(communication_term(spec, setup, world, fraction))
     stepped = sizes.largest_trainable_elements(spec, setup) if setup.optimizer_in_backward else trainable_per_rank
     scratch = 0 if setup.offloads else sizes.step_scratch_bytes(spec, setup, stepped, sizes.gradient_element_bytes(setup))
     terms.append(Term("optimizer_scratch", int(scratch), sizes.SCRATCH_REASONS[setup.optimizer]))
     return terms
 
 
-def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], trainable: int, world: int) -> MemoryBreakdown:
+def communication_term(spec: ModelSpec, setup: TrainSetup, world: int, fraction: float) -> Term:
+    """The data-parallel engine's buffers for this rank's share of the model (DDP's buckets hold its gradients,
+    FSDP / ZeRO-3 gather its tp shard of a layer), plus sequence parallel's gathered input, the pipeline's
+    send / receive buffers and context parallel's K, V chunks (launcher.memory_layout)."""
+    data_parallel = sizes.communication_bytes(spec, setup, world)
+    if setup.parallel.pure_data_parallel:
+        return Term("comm_buffers", data_parallel, sizes.COMM_REASONS.get(setup.strategy, ""))
+    scale = fraction if setup.strategy == "ddp" else 1 / setup.parallel.tp
+    extra = layout.tp_buffer_bytes(spec, setup) + layout.cp_buffer_bytes(spec, setup)
+    return Term("comm_buffers", int(data_parallel * scale) + extra, sizes.COMM_REASONS.get(setup.strategy, "")
+                + "; + the layout's gathered sequence, pipeline send / receive and ring-attention K, V buffers")
+
+
+def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], trainable: int, world: int,
+                   stage: str = "first") -> MemoryBreakdown:
     """The model states (and DDP's buckets, allocated once at wrap time) plus the largest phase: the end of the
     forward, the backward of one layer, or the optimizer step; then the context and the allocator's slack."""
     size = {t.name: t.bytes for t in terms}
@@ -210,15 +227,16 @@ def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], traina
     transient_comm = comm - ddp_buckets
     # FSDP2 gathers parameters for forward and backward alike; only backward adds a layer's unsharded fp32
     # gradients before their reduce-scatter (counted in comm_buffers, the larger of the two).
-    forward_comm = comm - sizes.fsdp_gradient_buffer_bytes(spec, setup, world) if setup.is_fsdp else transient_comm
+    gradient_buffer = sizes.fsdp_gradient_buffer_bytes(spec, setup, world) // setup.parallel.tp
+    forward_comm = comm - gradient_buffer if setup.is_fsdp else transient_comm
     grads_alive_in_forward = setup.gradient_accumulation_steps > 1  # accumulating: the next forward runs on top of them
-    _, backward_activations, _ = activation_bytes(spec, setup)
+    _, backward_activations, _ = layout.layout_activation_bytes(spec, setup, stage)
     phase_terms = {
         "forward": {"activations": size["activations"], "logits_loss": size["logits_loss"],
                     "weight_copies": size["weight_copies"], "comm_buffers": forward_comm,
                     "grads": grads if grads_alive_in_forward else 0},
         "backward": {"grads": grads, "activations": backward_activations, "comm_buffers": transient_comm,
-                     "weight_copies": 0 if setup.activation_checkpointing else size["weight_copies"]},
+                     "weight_copies": 0 if setup.full_recompute else size["weight_copies"]},
         "optimizer_step": {"grads": grads, "optimizer_scratch": size["optimizer_scratch"]},
     }
     phases = {name: sum(alive.values()) for name, alive in phase_terms.items()}

@@ -21,9 +21,10 @@ def bytes_per_weight(precision: str) -> int:
 
 
 def shard_group(setup: TrainSetup) -> int:
-    """How many ranks split the model states: HSDP's shard group is one node's GPUs, everyone else's the world."""
-    world = max(1, setup.world_size)
-    return max(1, world // max(1, setup.nodes)) if setup.strategy == "hsdp" else world
+    """How many ranks split the model states: the parallelism record's dp_shard for the strategies that shard
+    the weights (HSDP: one node's GPUs, less tp x cp), its whole data-parallel group for ZeRO-1/2's states."""
+    dims = setup.parallel
+    return dims.dp_shard if setup.shards_params else dims.dp
 
 
 def shards(setup: TrainSetup, group: int) -> dict[str, int]:

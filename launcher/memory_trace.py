@@ -56,7 +56,7 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     with FakeTensorMode():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=traced_attention(setup.attention))
         model.config.use_cache = False
-        if setup.activation_checkpointing:
+        if setup.full_recompute:
             enable_activation_checkpointing(model)
         use_chunked_loss(model, setup.loss_chunk_tokens)  # as engines.build_engine does for DDP and FSDP
         optimizer = traced_optimizer(setup.optimizer, model.parameters())
@@ -139,7 +139,7 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=traced_attention(setup.attention))
     model.config.use_cache = False
-    if setup.activation_checkpointing:
+    if setup.full_recompute:
         enable_activation_checkpointing(model)
     model = apply_finetune_method(model, FinetuneConfig(method=setup.method, r=setup.lora_r, lora_dropout=0.0,
                                                         target_modules=list(setup.lora_targets)))

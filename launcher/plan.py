@@ -6,6 +6,7 @@ Everything a rank needs to know about parallelism, batch and precision is here; 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import yaml
 
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
+from launcher.parallel import PP_SCHEDULES, RECOMPUTES, ParallelDims, check_layout
 
 STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")  # hsdp: FSDP2 sharded in a node, replicated across nodes
+STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when the planner's times tie
 FSDP_STRATEGIES = ("fsdp", "hsdp")  # run by the FSDP2 engine
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")  # run by the DeepSpeed engine at that ZeRO stage
 OFFLOADS = ("none", "optimizer", "optimizer+params")
@@ -42,6 +45,10 @@ class EngineSupport:
     # Each parameter's optimizer step runs as its gradient is ready (torchtune's optimizer_in_bwd), in a single
     # unwrapped process: no gradient all-reduce or shard to wait for.
     optimizer_in_backward: bool = False
+    # The model-parallel dimensions its ranks run (tp, pp, cp, ep): none yet (issue 31), so `llaunch run` and
+    # `submit` refuse a layout that `llaunch plan` may recommend at scale.
+    layouts: tuple[str, ...] = ()
+    recomputes: tuple[str, ...] = ("none", "full")  # activation checkpointing modes (RECOMPUTES) it runs
 
 
 _TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, chunked_loss=True)
@@ -98,14 +105,32 @@ class StrategyTraits:
         return self.offload != "none"
 
     @property
+    def recomputes(self) -> bool:
+        """Some activations are recomputed in backward (selective: attention's core; full: every layer)."""
+        return self.activation_checkpointing != "none"
+
+    @property
+    def full_recompute(self) -> bool:
+        """Every layer keeps only its input and runs its forward again in backward (what the ranks run today)."""
+        return self.activation_checkpointing == "full"
+
+    @property
     def flops_key(self) -> str:
         """The GPU peak (launcher/data/gpus.json) the matmuls run at: fp32 runs as TF32, amp-fp16 as fp16."""
         return {"fp32": "tf32", "amp-fp16": "fp16"}.get(self.precision, "bf16")
 
 
 CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": METHODS, "precision": PRECISIONS,
-           "optimizer": OPTIMIZERS, "attention": ATTENTIONS, "device": DEVICES}
-COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r")
+           "optimizer": OPTIMIZERS, "attention": ATTENTIONS, "device": DEVICES, "activation_checkpointing": RECOMPUTES,
+           "pp_schedule": PP_SCHEDULES}
+COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r",
+          "tp", "pp", "cp", "ep", "pp_virtual_stages")
+LAYOUT_KNOBS = ("tp", "pp", "cp", "ep", "pp_schedule", "pp_virtual_stages", "sequence_parallel")  # the parallelism record's own knobs
+
+
+def recompute_mode(value):
+    """Activation checkpointing as a mode: a config's or an older plan's true / false mean full / none."""
+    return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 def check_count(value, label: str) -> None:
@@ -136,7 +161,7 @@ class TrainSetup(StrategyTraits):
     precision: str = "amp-bf16"
     optimizer: str = "adamw_torch_fused"
     attention: str = "sdpa"
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # RECOMPUTES; true / false (older plans, configs) mean full / none
     lora_r: int = LORA_R
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     micro_batch: int = 1
@@ -147,10 +172,33 @@ class TrainSetup(StrategyTraits):
     device: str = "cuda"
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
     optimizer_in_backward: bool = False
+    tp: int = 1  # tensor (and sequence) parallel ranks, inside a node
+    pp: int = 1  # pipeline stages' ranks
+    cp: int = 1  # context parallel: the sequence split over this many ranks
+    ep: int = 1  # expert parallel (MoE)
+    pp_schedule: str = "1f1b"
+    pp_virtual_stages: int = 1
+    sequence_parallel: bool = True  # with tp > 1 (ParallelDims.sequence_parallel)
+
+    def __post_init__(self):
+        self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+    @property
+    def parallel(self) -> ParallelDims:
+        """The parallelism record: tp / pp / cp / ep as set, and the ranks left over as data parallel, sharded
+        (dp_shard) by the strategies that shard the weights, inside a node's remaining GPUs for HSDP."""
+        model_parallel = self.tp * self.pp * self.cp
+        dp = max(1, self.world_size // model_parallel)
+        shard = dp if self.shards_params else 1
+        if self.strategy == "hsdp":
+            shard = math.gcd(dp, max(1, self.gpus_per_node // (self.tp * self.cp)))
+        return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep,
+                            pp_schedule=self.pp_schedule, pp_microbatches=self.gradient_accumulation_steps,
+                            pp_virtual_stages=self.pp_virtual_stages, sequence_parallel=self.sequence_parallel)
 
     @property
     def device_mesh(self) -> tuple[int, ...]:
@@ -159,8 +207,8 @@ class TrainSetup(StrategyTraits):
 
     @property
     def global_batch(self) -> int:
-        """Sequences per optimizer step across all ranks."""
-        return self.micro_batch * self.gradient_accumulation_steps * self.world_size
+        """Sequences per optimizer step: each data-parallel rank's micro-batches (tp / pp / cp ranks share theirs)."""
+        return self.micro_batch * self.gradient_accumulation_steps * self.parallel.dp
 
     @property
     def global_batch_tokens(self) -> int:
@@ -173,6 +221,7 @@ class TrainSetup(StrategyTraits):
     def validate(self, label: str = "plan") -> "TrainSetup":
         for name in KNOBS:
             check_knob(name, getattr(self, name), f"{label} {name}")
+        check_layout(self.parallel, self.world_size, self.gpus_per_node, cross_node=True)
         support = ENGINE_SUPPORT[self.strategy]
         if self.optimizer_in_backward and not (support.optimizer_in_backward and self.world_size == 1
                                                and self.gradient_accumulation_steps == 1
@@ -195,6 +244,20 @@ class TrainSetup(StrategyTraits):
 KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))  # the one list of knob names
 
 
+def check_runnable(setup: TrainSetup) -> None:
+    """What `llaunch run` and `submit` refuse before any process starts: a layout or recompute mode the
+    strategy's engine does not declare (ENGINE_SUPPORT)."""
+    support, dims = ENGINE_SUPPORT[setup.strategy], setup.parallel
+    used = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled), ("cp", dims.cp_enabled),
+                                  ("ep", dims.ep_enabled)) if on and name not in support.layouts]
+    if used:
+        raise LaunchError(f"this plan's layout {dims.label()} uses {' and '.join(used)}, which the {setup.strategy} "
+                          f"engine cannot run yet; plan without --tp / --pp / --cp / --ep to train it with llaunch.")
+    if setup.activation_checkpointing not in support.recomputes:
+        raise LaunchError(f"{setup.activation_checkpointing} activation checkpointing is not something the "
+                          f"{setup.strategy} engine runs; use {' or '.join(support.recomputes)}.")
+
+
 @dataclass(kw_only=True)
 class Plan(TrainSetup):
     """One chosen (or forced) way to run a job: its knobs, the hardware they were planned for, and the
@@ -210,7 +273,7 @@ class Plan(TrainSetup):
 
     def on_nodes(self, nodes: int) -> "Plan":
         """This plan on `nodes` nodes with the same global batch: accumulation grows as nodes drop (--min-nodes)."""
-        per_step = self.micro_batch * nodes * self.gpus_per_node
+        per_step = self.micro_batch * nodes * self.gpus_per_node // self.parallel.model_parallel
         if self.global_batch % per_step:
             raise LaunchError(f"the global batch of {self.global_batch} does not split into micro-batches of "
                               f"{self.micro_batch} over {nodes} node(s); choose --min-nodes so that every node count "
@@ -218,20 +281,38 @@ class Plan(TrainSetup):
         return dataclasses.replace(self, nodes=nodes, gradient_accumulation_steps=self.global_batch // per_step)
 
     def to_dict(self) -> dict:
-        """The model first, then the knobs, the hardware and the figures."""
-        return {"model": self.model, "params": self.params, **dataclasses.asdict(self)}
+        """The model first, then the knobs with the parallelism record as one mapping, the hardware and the figures."""
+        data = {"model": self.model, "params": self.params, **dataclasses.asdict(self)}
+        for name in LAYOUT_KNOBS:
+            data.pop(name)
+        return {**data, "parallel": self.parallel.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         if not isinstance(data, dict):
             raise LaunchError("a plan must be a YAML mapping; write one with `llaunch plan -o plan.yaml`.")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"parallel"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise LaunchError(f"plan has unknown key(s) {', '.join(unknown)}; regenerate it with `llaunch plan`.")
         if "model" not in data:
             raise LaunchError("plan names no model; regenerate it with `llaunch plan`.")
-        return cls(**data).validate()
+        return cls._with_layout(data)
+
+    @classmethod
+    def _with_layout(cls, data: dict) -> "Plan":
+        """A plan from its mapping; one written before the parallelism record is pure data parallel."""
+        data = dict(data)
+        layout = data.pop("parallel", None) or {}
+        if not isinstance(layout, dict) or set(layout) - set(ParallelDims.__dataclass_fields__):
+            raise LaunchError("plan's parallel mapping has unknown keys; regenerate it with `llaunch plan`.")
+        plan = cls(**data, **{k: v for k, v in layout.items() if k in LAYOUT_KNOBS}).validate()
+        stored = {k: v for k, v in layout.items() if k not in LAYOUT_KNOBS}
+        derived = plan.parallel.to_dict()
+        if any(derived[k] != v for k, v in stored.items()):
+            raise LaunchError(f"plan's parallel mapping {stored} does not match its strategy {plan.strategy} on "
+                              f"{plan.world_size} GPUs ({plan.parallel.label()}); regenerate it with `llaunch plan`.")
+        return plan
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -12,19 +12,27 @@ from launcher import step_time
 from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan import ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_count, check_knob
+from launcher.layouts import LAYOUT_STRATEGIES, check_forced, layouts
+from launcher.parallel import RECOMPUTES
+from launcher.plan import (ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup, check_count,
+                           check_knob, recompute_mode)
+from launcher.plan_reasons import plan_reasons
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
 CPU_FLOPS_PER_CORE = 20e9  # fp32 FLOP/s per core for CPU plans (order of magnitude; CPU plans are for tests)
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
-STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when times tie
+# A layout with tp / pp / cp is recommended over data parallelism only when the step-time model rates it this much
+# faster: its collectives are the model's least certain terms, and data parallelism is what `llaunch run` runs.
+LAYOUT_MARGIN = 0.10
 
 
 class _RequestRules:
     """PlanRequest's methods (its fields are generated below from TrainSetup's)."""
 
     def validate(self) -> "PlanRequest":
+        if self.activation_checkpointing is not None:
+            self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
         for name, value in self.forced().items():
             flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
             check_knob(name, value, flag)
@@ -56,6 +64,9 @@ PlanRequest = dataclasses.make_dataclass("PlanRequest", [
     ("gpu_mem_bytes", "int | None", field(default=None)),
     ("global_batch", "int | None", field(default=None)),
     ("global_batch_tokens", "int | None", field(default=None)),
+    # Planning for `llaunch run` / `submit`: only what the ranks' engines run (pure data parallel, no selective
+    # recompute); `llaunch plan` itself weighs every layout.
+    ("runnable_only", bool, field(default=False)),
     *[(f.name, f"{f.type} | None", field(default=None)) for f in dataclasses.fields(TrainSetup)],
 ], bases=(_RequestRules,), namespace={"__module__": __name__})
 
@@ -87,7 +98,8 @@ class Candidate:
     def label(self) -> str:
         s = self.setup
         off = f"+off:{s.offload}" if s.offloads else ""
-        return f"{s.strategy}{off} mb={s.micro_batch} ga={s.gradient_accumulation_steps} ckpt={'on' if s.activation_checkpointing else 'off'}"
+        layout = "" if s.parallel.pure_data_parallel else f" {s.parallel.label()}"
+        return f"{s.strategy}{off}{layout} mb={s.micro_batch} ga={s.gradient_accumulation_steps} ckpt={s.activation_checkpointing}"
 
 
 def hardware_for(request: PlanRequest, probed: Hardware) -> Hardware:
@@ -119,8 +131,10 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     candidates = rank_candidates(spec, request, hw)
     if not candidates:
         world = hw.nodes * hw.gpus_per_node
-        raise LaunchError(f"the global batch cannot be split into micro-batch x gradient accumulation x {world} "
-                          f"rank(s) with the sizes given; choose a global batch that is a multiple of them.")
+        ranks = world // ((request.tp or 1) * (request.pp or 1) * (request.cp or 1))
+        what = f"{ranks} data-parallel rank(s) (the {world} GPUs over tp x pp x cp)" if ranks != world else f"{world} rank(s)"
+        raise LaunchError(f"the global batch cannot be split into micro-batch x gradient accumulation x {what} "
+                          f"with the sizes given; choose a global batch that is a multiple of them.")
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise LaunchError(_nothing_fits(spec, request, hw, candidates))
@@ -133,6 +147,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
     if not hw.has_gpu:
+        if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep")):
+            raise LaunchError("a CPU plan runs data parallelism only; drop --tp / --pp / --cp / --ep, or describe GPUs "
+                              "with --gpu and --gpus.")
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
@@ -145,30 +162,53 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
                and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)
                and (not fixed.optimizer_in_backward or ENGINE_SUPPORT[s].optimizer_in_backward)]
     strategies = [request.strategy] if request.strategy else (weighed if world > 1 else ["ddp"])
-    checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else [False, True]
-    micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
+    check_forced(spec, request, world, hw.gpus_per_node)
     out = []
-    for offload in _offloads(request, world):
-        # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each
-        # where it can run this method.
+    for layout in layouts(spec, request, world, hw.gpus_per_node) if not request.runnable_only else [{}]:
+        model_parallel = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1)
+        pure = model_parallel == 1 and (request.ep or 1) == 1
+        base = dataclasses.replace(fixed, precision=precision, nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
+                                   device="cuda", **layout)
+        chosen = strategies if pure or request.strategy else [s for s in LAYOUT_STRATEGIES if s in weighed]
+        # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each where
+        # it can run this method.
         offloading = [s for s in ("zero2", "zero3", "fsdp") if s in weighed]
-        for strategy in strategies if offload == "none" or request.strategy else offloading:
+        out += _candidates(spec, request, hw, facts, base, (chosen, offloading), world // model_parallel, pure)
+    out.sort(key=lambda c: (not c.fits, -c.tokens_per_s / (1 + LAYOUT_MARGIN * (not c.setup.parallel.pure_data_parallel)),
+                            STRATEGY_ORDER[c.setup.strategy], c.setup.parallel.model_parallel,
+                            RECOMPUTES.index(c.setup.activation_checkpointing)))
+    return out
+
+
+def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base: TrainSetup,
+                strategies: tuple[list[str], list[str]], data_parallel: int, pure: bool) -> list[Candidate]:
+    """One layout's candidates: strategy x offload x micro-batch x recompute. Offload is weighed for pure data
+    parallelism only; selective recompute (which the ranks cannot run yet) only where tp / pp / cp are (which
+    they cannot run either), so a data-parallel plan stays one `llaunch run` runs."""
+    modes = ["none", "full"] if pure else list(RECOMPUTES)
+    checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else modes
+    micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
+    out, (plain, offloading) = [], strategies
+    for offload in _offloads(request, data_parallel) if pure else [request.offload or "none"]:
+        for strategy in plain if offload == "none" or request.strategy else offloading:
             if offload not in ENGINE_SUPPORT[strategy].offloads or (strategy, offload) == ("zero3", "optimizer"):
                 continue
             for micro in micro_batches:
-                accumulation = _accumulation(request, micro, world, fixed.seq_len)
-                if accumulation is None:
+                accumulation = _accumulation(request, micro, data_parallel, base.seq_len)
+                if accumulation is None or not _microbatches_fit(base, accumulation):
                     continue
                 for ckpt in checkpointing:
-                    setup = dataclasses.replace(
-                        fixed, strategy=strategy, offload=offload, precision=precision, activation_checkpointing=ckpt,
-                        micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=hw.nodes,
-                        gpus_per_node=hw.gpus_per_node, device="cuda")
+                    setup = dataclasses.replace(base, strategy=strategy, offload=offload, activation_checkpointing=ckpt,
+                                                micro_batch=micro, gradient_accumulation_steps=accumulation)
                     out.append(_evaluate(spec, setup, hw, facts))
         if any(c.fits for c in out) and request.offload is None:
             break  # offload only when nothing fits without it: it always costs time
-    out.sort(key=lambda c: (not c.fits, -c.tokens_per_s, STRATEGY_ORDER[c.setup.strategy], c.setup.activation_checkpointing))
     return out
+
+
+def _microbatches_fit(base: TrainSetup, accumulation: int) -> bool:
+    """Interleaved 1F1B runs its microbatches in rounds of pp."""
+    return base.pp_schedule != "interleaved-1f1b" or base.pp == 1 or accumulation % base.pp == 0
 
 
 def _offloads(request: PlanRequest, world: int) -> list[str]:
@@ -208,8 +248,8 @@ def _evaluate(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> Candid
     paged_to_host = memory.paged_to_host(limit)
     terms = step_time.step_time_terms(spec, setup, hw, facts)
     terms["offload_s"] += step_time.paging_seconds(paged_to_host, facts)
-    step = terms["compute_s"] + terms["exposed_comm_s"] + terms["offload_s"]
-    tokens = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps * setup.world_size
+    step = terms["compute_s"] + terms["exposed_comm_s"] + terms["bubble_s"] + terms["offload_s"]
+    tokens = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps * setup.parallel.dp
     peak = facts.peak_flops[setup.flops_key]
     model_flops = spec.flops_per_token(setup.seq_len) * tokens
     mfu = model_flops / (step * peak * setup.world_size) if step > 0 else 0.0
@@ -229,7 +269,7 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
         return None
     setup = dataclasses.replace(
         fixed, strategy=request.strategy or "ddp", offload=request.offload or "none",
-        precision=request.precision or "fp32", activation_checkpointing=bool(request.activation_checkpointing),
+        precision=request.precision or "fp32", activation_checkpointing=request.activation_checkpointing or "none",
         micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=request.nodes or 1,
         gpus_per_node=processes, device="cpu")
     memory = estimate(spec, setup)
@@ -240,7 +280,8 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     tokens = micro * setup.seq_len * setup.gradient_accumulation_steps * world
     # On CPU "offloaded" state stays in the same RAM: together with the rest it must fit the process's share.
     return Candidate(setup=setup, memory=memory, limit_bytes=limit, step_time_s=step, tokens_per_s=tokens / step,
-                     mfu=0.0, time_terms={"compute_s": step, "comm_s": 0.0, "exposed_comm_s": 0.0, "offload_s": 0.0},
+                     mfu=0.0, time_terms={"compute_s": step, "comm_s": 0.0, "exposed_comm_s": 0.0, "bubble_s": 0.0,
+                                          "offload_s": 0.0},
                      host_limit_bytes=max(0, limit - memory.reserved_bytes))
 
 
@@ -254,50 +295,9 @@ def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candid
         gpu_mem_bytes=0 if cpu else hw.gpu_mem_bytes, memory=memory,
         predicted={"step_time_s": round(chosen.step_time_s, 6), "tokens_per_s": round(chosen.tokens_per_s, 1),
                    "mfu": round(chosen.mfu, 4)},
-        reasons=_reasons(spec, chosen, candidates),
+        reasons=plan_reasons(chosen, candidates),
     )
     return plan.validate()
-
-
-def _reasons(spec: ModelSpec, chosen: Candidate, candidates: list[Candidate]) -> list[str]:
-    s, m = chosen.setup, chosen.memory
-    where = "host RAM per process" if s.device == "cpu" else "the GPU limit"
-    reasons = [f"peak {format_bytes(m.peak_bytes)} allocated ({m.peak_phase} phase), {format_bytes(m.reserved_bytes)} "
-               f"reserved, within {format_bytes(chosen.limit_bytes)} ({where})."]
-    if s.device == "cpu":
-        reasons.append("no GPU visible: running on CPU in fp32 with gloo, one process per requested GPU slot.")
-        return reasons
-    if chosen.paged_to_host_bytes:
-        reasons.append(f"{s.optimizer} keeps {format_bytes(chosen.paged_to_host_bytes)} of optimizer state in host "
-                       f"RAM, paged in for each step ({chosen.time_terms['offload_s']:.2f} s of PCIe per step).")
-    fitting = [c for c in candidates if c.fits]
-    others = [c for c in fitting if c is not chosen]
-    if others:
-        runner_up = others[0]
-        reasons.append(f"fastest that fits: {chosen.tokens_per_s:,.0f} tokens/s vs {runner_up.tokens_per_s:,.0f} "
-                       f"for {runner_up.label}.")
-    if s.strategy == "hsdp":
-        reasons.append(_hsdp_reason(chosen, candidates))
-    simpler = [c for c in candidates if not c.fits and STRATEGY_ORDER[c.setup.strategy] < STRATEGY_ORDER[s.strategy]]
-    if simpler:
-        best = min(simpler, key=lambda c: c.memory.reserved_bytes)
-        reasons.append(f"{best.setup.strategy} does not fit: it needs {format_bytes(best.memory.reserved_bytes)} per GPU.")
-    elif s.activation_checkpointing:
-        reasons.append("activation checkpointing is on: without it the activations do not fit (or run slower at a smaller micro-batch).")
-    if s.offloads:
-        reasons.append(f"offload {s.offload}: nothing fits in GPU memory without it.")
-    return reasons[:3]
-
-
-def _hsdp_reason(chosen: Candidate, candidates: list[Candidate]) -> str:
-    """Why HSDP: its collectives mostly stay on the node's links; FSDP's ring at the same knobs crosses the network."""
-    s = chosen.setup
-    why = (f"hsdp shards over the {s.world_size // s.nodes} GPUs of a node and replicates across {s.nodes} nodes: "
-           f"only gradient shards cross the network ({chosen.time_terms['comm_s']:.3f} s of collectives per step")
-    same = [c for c in candidates if c.setup == dataclasses.replace(s, strategy="fsdp")]
-    if same:
-        why += f" vs {same[0].time_terms['comm_s']:.3f} s for fsdp"
-    return why + ")."
 
 
 def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidates: list[Candidate]) -> str:
@@ -322,7 +322,7 @@ def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidate
 
 
 def _changes(request: PlanRequest, hw: Hardware):
-    if request.activation_checkpointing is False:
+    if request.activation_checkpointing == "none":
         yield "turn on --activation-checkpointing", {"request": {"activation_checkpointing": None}}
     if request.micro_batch and request.micro_batch > 1:
         yield "use --micro-batch 1", {"request": {"micro_batch": 1, "global_batch": None, "global_batch_tokens": None}}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from launcher.hardware import Hardware
 from launcher.models import load_model_spec
-from launcher.plan import METHODS, Plan
+from launcher.plan import METHODS, Plan, recompute_mode
 from launcher.planner import PlanRequest, hardware_for, make_plan, rank_candidates
 
 COMMON_GPUS = ("H100-SXM", "H200", "A100-80GB", "A100-40GB", "L40S", "RTX-4090")
@@ -59,11 +59,12 @@ def fewest_gpus(request: PlanRequest) -> Plan | None:
 
 def _fewest(request: PlanRequest) -> Plan | None:
     """Counts are scanned with the cheapest candidates only (micro-batch 1, checkpointing on, unless forced);
-    the first that fits is planned in full."""
+    the first that fits is planned in full, as data parallelism: what `llaunch run` takes."""
     spec = load_model_spec(request.model, request.model_overrides)
+    request = dataclasses.replace(request, runnable_only=True)
     smallest = dataclasses.replace(
         request, micro_batch=request.micro_batch or 1,
-        activation_checkpointing=True if request.activation_checkpointing is None else request.activation_checkpointing)
+        activation_checkpointing=recompute_mode(request.activation_checkpointing) or "full")
     for count in _counts(request):
         shape = {"gpus_per_node": min(count, GPUS_PER_NODE), "nodes": max(1, count // GPUS_PER_NODE)}
         trial = dataclasses.replace(smallest, **shape)
@@ -86,7 +87,8 @@ def memory_curves(request: PlanRequest, methods: tuple[str, ...] = METHODS) -> d
     curves: dict[str, dict[str, list[tuple[int, int]]]] = {}
     for method in methods:
         smallest = dataclasses.replace(request, method=method, gpu=COMMON_GPUS[0], micro_batch=request.micro_batch or 1,
-                                       activation_checkpointing=True, offload="none", strategy=None)
+                                       activation_checkpointing="full", offload="none", strategy=None,
+                                       runnable_only=True)
         by_strategy: dict[str, list[tuple[int, int]]] = {}
         for count in GPU_COUNTS:
             trial = dataclasses.replace(smallest, gpus_per_node=min(count, GPUS_PER_NODE),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.files import check_file_target
+from launcher.parallel import PP_SCHEDULES, RECOMPUTES
 from launcher.plan import ATTENTIONS, DEVICES, LORA_R, LOSS_CHUNK_TOKENS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES
 
 TABLE_ROWS = 14
@@ -37,7 +37,11 @@ def add_parser(subparsers) -> None:
     knobs.add_argument("--global-batch", help="sequences per optimizer step, or tokens with a 'tok' suffix (524288tok)")
     knobs.add_argument("--seq-len", type=int, default=2048)
     knobs.add_argument("--precision", choices=PRECISIONS)
-    knobs.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    knobs.add_argument("--activation-checkpointing", nargs="?", const="full", choices=RECOMPUTES, default=None,
+                       help="recompute in backward: none, selective (op-level SAC) or full (alone: full)")
+    knobs.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
+                       const="none", help="same as --activation-checkpointing none")
+    _add_layout_flags(p)
     knobs.add_argument("--method", choices=METHODS, help="default: full (without GPUs to plan for: full, lora and qlora side by side)")
     knobs.add_argument("--lora-r", type=int, default=LORA_R)
     knobs.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list (q_proj,v_proj)")
@@ -56,6 +60,20 @@ def add_parser(subparsers) -> None:
                         "described, memory per GPU against GPU count per strategy)")
     p.add_argument("-o", "--output", help="write the Plan YAML that `llaunch run` and `submit` read")
     p.set_defaults(run=run)
+
+
+def _add_layout_flags(p) -> None:
+    """The parallelism record's knobs (launcher.parallel.ParallelDims); --strategy names its data-parallel part."""
+    layout = p.add_argument_group("layout (default: the planner chooses; `llaunch run` runs data parallelism only)")
+    for flag, what in (("--tp", "tensor (+ sequence) parallel ranks, within a node"), ("--pp", "pipeline stages"),
+                       ("--cp", "context parallel ranks (the sequence split)"), ("--ep", "expert parallel ranks (MoE)"),
+                       ("--pp-virtual-stages", "model chunks per pipeline rank (interleaved 1F1B)")):
+        layout.add_argument(flag, type=int, help=what)
+    layout.add_argument("--pp-schedule", choices=PP_SCHEDULES)
+    layout.add_argument("--pp-microbatches", type=int,
+                        help="micro-batches each pipeline runs per step (the data-parallel part's accumulation)")
+    layout.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false", default=None,
+                        help="with --tp: replicate the norms' activations (Megatron-LM without --sequence-parallel)")
 
 
 def request_from_args(args):
@@ -87,7 +105,9 @@ def request_from_args(args):
         activation_checkpointing=args.activation_checkpointing, method=args.method or "full", lora_r=args.lora_r,
         lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()], optimizer=args.optimizer,
         attention=args.attention, loss_chunk_tokens=args.loss_chunk_tokens,
-        optimizer_in_backward=args.optimizer_in_backward,
+        optimizer_in_backward=args.optimizer_in_backward, tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep,
+        pp_schedule=args.pp_schedule, pp_virtual_stages=args.pp_virtual_stages,
+        gradient_accumulation_steps=args.pp_microbatches, sequence_parallel=args.sequence_parallel,
     ).validate()
 
 
@@ -133,7 +153,7 @@ def run(args) -> int:
     if args.output:
         plan.save(args.output)
     if args.json:
-        print(json.dumps({**plan.to_dict(), **({"trace": trace} if trace else {})}, indent=2))
+        print(json.dumps({**plan.to_dict(), **({"trace": trace} if trace else {})}, indent=2))  # parallel: the layout
         return 0
     print(f"hardware from {source}")
     print_table(spec, plan, candidates)
@@ -241,7 +261,7 @@ def print_sizing(spec, request, rows) -> None:
         table.add_row(
             row.gpu, row.method, str(row.gpus), str(plan.nodes),
             plan.strategy + (f"+off:{plan.offload}" if plan.offloads else ""),
-            f"{plan.micro_batch} x {plan.gradient_accumulation_steps}", "on" if plan.activation_checkpointing else "off",
+            f"{plan.micro_batch} x {plan.gradient_accumulation_steps}", plan.activation_checkpointing,
             f"{plan.memory['reserved_bytes'] / 2**30:.1f}/{plan.memory['limit_bytes'] / 2**30:.1f}",
             f"{plan.predicted['tokens_per_s']:,.0f}",
         )
@@ -257,6 +277,9 @@ def print_sizing(spec, request, rows) -> None:
 def add_trace(plan, request) -> dict:
     """Trace one real step with the plan's knobs and put the estimate for exactly that setup beside it: FSDP at
     the plan's world size on a fake process group; the other strategies on one unsharded rank."""
+    if not plan.parallel.pure_data_parallel:
+        raise LaunchError(f"--trace traces data parallelism only, and this plan uses {plan.parallel.label()}; drop "
+                          "--trace, or force a data-parallel plan (--tp 1 --pp 1 --cp 1).")
     from launcher.memory import estimate
     from launcher.memory_trace import trace_peak
     from launcher.models import load_model_spec
@@ -289,19 +312,21 @@ def shown_candidates(candidates):
 
 def is_chosen(candidate, plan) -> bool:
     s = candidate.setup
-    return (s.strategy, s.offload, s.micro_batch, s.activation_checkpointing, s.gradient_accumulation_steps) == (
-        plan.strategy, plan.offload, plan.micro_batch, plan.activation_checkpointing, plan.gradient_accumulation_steps)
+    return (s.strategy, s.offload, s.micro_batch, s.activation_checkpointing, s.gradient_accumulation_steps,
+            s.parallel) == (plan.strategy, plan.offload, plan.micro_batch, plan.activation_checkpointing,
+                            plan.gradient_accumulation_steps, plan.parallel)
 
 
 def print_table(spec, plan, candidates) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from launcher.units import format_bytes
 
     gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731 - one-line column formatter
     table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params on {_where(plan)} (GiB per rank)")
-    for column in ("strategy", "mb", "ga", "ckpt", "weights", "grads", "optim", "activ", "logits",
+    for column in ("strategy", "layout", "mb", "ga", "ckpt", "weights", "grads", "optim", "activ", "logits",
                    "comm", "ctx+rsv", "peak", "reserved/limit", "fits", "step s", "tok/s", "MFU"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)
     for c in shown_candidates(candidates):
@@ -309,20 +334,22 @@ def print_table(spec, plan, candidates) -> None:
         chosen = is_chosen(c, plan)
         weights = m["weights"] + (m["frozen_weights"] if any(t.name == "frozen_weights" for t in m.terms) else 0)
         table.add_row(
-            s.strategy + (f"+off:{s.offload}" if s.offloads else ""), str(s.micro_batch), str(s.gradient_accumulation_steps),
-            "on" if s.activation_checkpointing else "off", gib(weights), gib(m["grads"]),
+            s.strategy + (f"+off:{s.offload}" if s.offloads else ""), s.parallel.label(), str(s.micro_batch),
+            str(s.gradient_accumulation_steps),
+            s.activation_checkpointing, gib(weights), gib(m["grads"]),
             gib(m["optimizer"] + m["optimizer_scratch"]), gib(m["activations"]), gib(m["logits_loss"]),
             gib(m["comm_buffers"]), gib(m["context_reserve"]), gib(m.peak_bytes),
             f"{gib(m.reserved_bytes)}/{gib(c.limit_bytes)}", "yes" if c.fits else "no",
             f"{c.step_time_s:.3g}", f"{c.tokens_per_s:,.0f}", f"{c.mfu:.0%}",
             style="bold green" if chosen else ("dim" if not c.fits else None),
         )
-    console = Console(width=max(Console().width, 170))  # the table is wide; never squeeze it into 80 columns
+    console = Console(width=max(Console().width, 195))  # the table is wide; never squeeze it into 80 columns
     console.print(table)
-    console.print(f"[bold]chosen:[/bold] {plan.strategy}"
+    layout = "" if plan.parallel.pure_data_parallel else " " + escape(plan.parallel.label())
+    console.print(f"[bold]chosen:[/bold] {plan.strategy}{layout}"
                   + (f" + offload {plan.offload}" if plan.offloads else "")
                   + f", micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}, "
-                  f"checkpointing {'on' if plan.activation_checkpointing else 'off'}, {plan.precision}, {plan.method}; "
+                  f"recompute {plan.activation_checkpointing}, {plan.precision}, {plan.method}; "
                   f"peak {format_bytes(plan.memory['peak_bytes'])}")
     for reason in plan.reasons:
-        console.print(f"  why: {reason}")
+        console.print(f"  why: {escape(reason)}")

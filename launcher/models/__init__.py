@@ -56,6 +56,12 @@ class ModelSpec:
         return self.vocab * self.hidden + positions
 
     @property
+    def experts(self) -> int:
+        """Routed experts per MoE layer (Mixtral's num_local_experts, DeepSeek's n_routed_experts); 0 if dense."""
+        c = self.hf_config
+        return int(c.get("num_local_experts") or c.get("n_routed_experts") or c.get("num_experts") or 0)
+
+    @property
     def lm_head_params(self) -> int:
         return 0 if self.tied_embeddings else self.vocab * self.hidden
 

@@ -62,7 +62,7 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantizati
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # meta ranks: rank 0 has the values
     net.config.use_cache = False
-    if plan.activation_checkpointing:
+    if plan.full_recompute:
         enable_activation_checkpointing(net)
     if plan.precision == "bf16" and quantization_config is None:
         net.to(torch.bfloat16)

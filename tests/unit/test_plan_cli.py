@@ -94,3 +94,50 @@ def test_output_into_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, err
     assert err == ""
+
+
+LLAMA3_ARGS = ["--model", "405b", "--gpus", "8", "--nodes", "1024", "--gpu", "H100", "--seq-len", "8192",
+               "--global-batch", "16777216tok"]
+
+
+def test_plan_recommends_tp_x_pp_x_dp_for_405b_on_8192_gpus_and_says_run_cannot_run_it(capsys):
+    """The issue's done-when command: a TP x PP x DP layout, its record in --json, and the reason why."""
+    assert main(["plan", *LLAMA3_ARGS, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    layout = plan["parallel"]
+    assert layout["tp"] == 8 and layout["pp"] > 1 and layout["dp_replicate"] * layout["dp_shard"] > 1
+    assert layout["tp"] * layout["pp"] * layout["cp"] * layout["dp_replicate"] * layout["dp_shard"] == 8192
+    assert plan["predicted"]["mfu"] > 0.3 and plan["memory"]["reserved_bytes"] <= plan["memory"]["limit_bytes"]
+    assert any("cannot run tp / pp / cp / ep yet" in reason for reason in plan["reasons"])
+
+
+def test_forced_layout_composes_with_the_data_parallel_strategy(capsys):
+    argv = ["plan", "--model", "70b", "--gpus", "8", "--nodes", "4", "--gpu", "H100", "--seq-len", "4096",
+            "--global-batch", "64", "--tp", "8", "--pp", "4", "--strategy", "fsdp", "--pp-schedule", "1f1b",
+            "--activation-checkpointing", "selective", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["strategy"] == "fsdp" and plan["activation_checkpointing"] == "selective"
+    assert plan["parallel"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 8, "pp": 4, "cp": 1, "ep": 1,
+                                "pp_schedule": "1f1b", "pp_microbatches": plan["gradient_accumulation_steps"],
+                                "pp_virtual_stages": 1, "sequence_parallel": True}
+    assert main(argv[:-1]) == 0  # the table shows the layout of each candidate
+    assert "tp8 pp4(1f1b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    (["--tp", "3"], "tp 3 x pp 1 x cp 1 = 3 does not divide the 16 GPUs"),
+    (["--pp", "128", "--nodes", "32"], "126 layers do not fill 128 pipeline stages"),
+    (["--ep", "2"], "has no experts"),
+    (["--pp-schedule", "1f1b", "--pp-virtual-stages", "2", "--pp", "2"], "need --pp-schedule interleaved-1f1b"),
+])
+def test_a_bad_layout_is_one_sentence_and_exit_2(flags, sentence, capsys):
+    assert main(["plan", "--model", "405b", "--gpus", "8", "--nodes", "2", "--gpu", "H100", *flags]) == 2
+    err = capsys.readouterr().err
+    assert sentence in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bare_and_negated_activation_checkpointing_keep_their_meaning(capsys):
+    for flag, mode in (("--activation-checkpointing", "full"), ("--no-activation-checkpointing", "none")):
+        assert main(["plan", "--model", "tinyllama-1.1b", "--gpu", "H100", flag, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["activation_checkpointing"] == mode

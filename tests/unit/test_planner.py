@@ -61,7 +61,8 @@ def test_ddp_is_chosen_when_it_fits_and_is_fastest():
 def test_slow_network_makes_sharding_pay_for_its_traffic():
     """Across 16 nodes the extra all-gathers of ZeRO-3 cost more than ZeRO-1's sharded optimizer saves."""
     request = PlanRequest(model="8b", gpu="H100", gpus_per_node=8, nodes=16, micro_batch=1, activation_checkpointing=False)
-    candidates = {c.setup.strategy: c for c in rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))}
+    candidates = {c.setup.strategy: c for c in rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))
+                  if c.setup.parallel.pure_data_parallel}
     assert candidates["zero3"].time_terms["comm_s"] > candidates["zero1"].time_terms["comm_s"]
 
 
@@ -72,7 +73,8 @@ def test_hsdp_is_chosen_across_nodes_when_it_fits_and_its_gathers_stay_on_nvlink
     plan = make_plan(request, CPU_BOX)
     assert plan.strategy == "hsdp" and plan.device_mesh == (4, 8)
     assert any(r.startswith("hsdp shards over the 8 GPUs of a node") and "for fsdp" in r for r in plan.reasons)
-    by = {c.setup.strategy: c for c in rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))}
+    by = {c.setup.strategy: c for c in rank_candidates(load_model_spec("8b"), request, hardware_for(request, CPU_BOX))
+          if c.setup.parallel.pure_data_parallel}
     assert by["hsdp"].time_terms["comm_s"] < by["fsdp"].time_terms["comm_s"] / 3
     assert by["fsdp"].memory.reserved_bytes < by["hsdp"].memory.reserved_bytes  # what HSDP pays for it
 
@@ -118,7 +120,7 @@ def test_impossible_plan_names_the_smallest_change():
 def test_forced_knobs_are_kept():
     plan = make_plan(PlanRequest(model="1.1b", gpu="H100", gpus_per_node=2, strategy="zero2", micro_batch=2,
                                  activation_checkpointing=True, precision="bf16"), CPU_BOX)
-    assert (plan.strategy, plan.micro_batch, plan.activation_checkpointing, plan.precision) == ("zero2", 2, True, "bf16")
+    assert (plan.strategy, plan.micro_batch, plan.activation_checkpointing, plan.precision) == ("zero2", 2, "full", "bf16")
 
 
 def test_bad_requests_are_one_sentence():

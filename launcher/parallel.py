@@ -1,0 +1,149 @@
+"""The parallelism record: how a job's ranks split the work, validated in one place.
+
+Like torchtitan's ParallelDims: data parallel (dp_replicate x dp_shard), tensor parallel with sequence parallel
+(tp), pipeline parallel (pp, its schedule and microbatches), context parallel (cp) and expert parallel (ep).
+The strategy names describe the data-parallel part (ddp / zero1 / zero2 replicate the weights, fsdp / zero3
+shard them, hsdp shards inside a replica); the other dimensions compose with any of them. A plan without
+tp / pp / cp / ep (every plan written before this record) is pure data parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from launcher.errors import LaunchError
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")  # torch.distributed.pipelining's ScheduleGPipe, 1F1B, Interleaved1F1B
+RECOMPUTES = ("none", "selective", "full")  # activation recompute: none, attention's core only (Korthikanti 2022), every layer
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """dp_replicate x dp_shard x cp x tp x pp ranks = the world; ep splits the experts over the dp_shard x cp ranks
+    (torchtitan borrows it from them), so it is not a factor of the world. pp_microbatches is the number of
+    micro-batches each pipeline runs per optimizer step (the gradient accumulation of the data-parallel part)."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    pp_schedule: str = "1f1b"
+    pp_microbatches: int = 1
+    pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B's v)
+    # With tp: the norms and residual stream split along the sequence too (Korthikanti et al. 2022; torchtitan's
+    # TP plan always does); off, they are replicated on the tp ranks (Megatron-LM without --sequence-parallel).
+    sequence_parallel: bool = True
+
+    @property
+    def dp(self) -> int:
+        """Ranks that see different data and average their gradients."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cp * self.tp * self.pp
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks that hold one copy of the model between them: tp x pp x cp."""
+        return self.tp * self.pp * self.cp
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
+    @property
+    def dp_shard_enabled(self) -> bool:
+        return self.dp_shard > 1
+
+    @property
+    def dp_hybrid(self) -> bool:
+        """Sharded within a group and replicated across groups (HSDP): gradients all-reduce across the replicas."""
+        return self.dp_replicate > 1 and self.dp_shard > 1
+
+    @property
+    def pure_data_parallel(self) -> bool:
+        """Only data parallelism: what the ranks' engines run today."""
+        return not (self.tp_enabled or self.pp_enabled or self.cp_enabled or self.ep_enabled)
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages of the model: pp x virtual stages per rank."""
+        return self.pp * self.pp_virtual_stages
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        """tp8 pp16(1f1b x 32) dp64, the dimensions in use."""
+        parts = [f"tp{self.tp}"] if self.tp_enabled else []
+        if self.pp_enabled:
+            v = f" v{self.pp_virtual_stages}" if self.pp_virtual_stages > 1 else ""
+            parts.append(f"pp{self.pp}({self.pp_schedule}{v} x{self.pp_microbatches})")
+        parts += [f"cp{self.cp}"] if self.cp_enabled else []
+        parts += [f"ep{self.ep}"] if self.ep_enabled else []
+        dp = f"dp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 and self.dp_shard > 1 else f"dp{self.dp}"
+        return " ".join(parts + [dp])
+
+
+def check_layout(dims: ParallelDims, world: int, gpus_per_node: int, *, spec=None, seq_len: int = 0,
+                 cross_node: bool = False) -> ParallelDims:
+    """The one rule for a layout; LaunchError names the first thing that breaks it. `spec` (a ModelSpec) adds
+    the model's own divisibility rules; `cross_node` allows tp x cp beyond one node (forced by the user)."""
+    if dims.pp_schedule not in PP_SCHEDULES:
+        raise LaunchError(f"--pp-schedule {dims.pp_schedule!r} is not one of {', '.join(PP_SCHEDULES)}.")
+    if world % dims.model_parallel:
+        raise LaunchError(f"tp {dims.tp} x pp {dims.pp} x cp {dims.cp} = {dims.model_parallel} does not divide the "
+                          f"{world} GPUs; choose sizes whose product divides the GPU count.")
+    if dims.world_size != world:
+        raise LaunchError(f"the layout {dims.label()} covers {dims.world_size} ranks, not the {world} GPUs; "
+                          f"regenerate the plan with `llaunch plan`.")
+    if dims.tp * dims.cp > gpus_per_node and not cross_node:
+        raise LaunchError(f"tp {dims.tp} x cp {dims.cp} spans more than the {gpus_per_node} GPUs of a node, so its "
+                          f"per-layer collectives would cross the network; use tp x cp <= {gpus_per_node}.")
+    if dims.pp_schedule != "interleaved-1f1b" and dims.pp_virtual_stages != 1:
+        raise LaunchError(f"virtual pipeline stages need --pp-schedule interleaved-1f1b, not {dims.pp_schedule}.")
+    if dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b" and dims.pp_microbatches % dims.pp:
+        raise LaunchError(f"interleaved 1F1B runs microbatches in rounds of pp: {dims.pp_microbatches} "
+                          f"microbatches is not a multiple of pp {dims.pp}; choose --pp-microbatches accordingly.")
+    if spec is not None:
+        _check_model(dims, spec, seq_len)
+    return dims
+
+
+def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
+    """What the model's shapes allow: heads over tp (KV heads too, or fewer replicated), layers over the
+    pipeline stages, experts over ep, the sequence over 2 x cp (load-balanced causal ring attention)."""
+    if spec.heads % dims.tp:
+        raise LaunchError(f"{spec.name} has {spec.heads} attention heads, which tp {dims.tp} does not divide; "
+                          f"choose a tp that divides {spec.heads}.")
+    if spec.kv_heads % dims.tp and dims.tp % spec.kv_heads:
+        raise LaunchError(f"{spec.name}'s {spec.kv_heads} KV heads can be neither split over nor replicated across "
+                          f"tp {dims.tp}; choose a tp that divides or is a multiple of {spec.kv_heads}.")
+    if spec.layers < dims.stages:
+        raise LaunchError(f"{spec.name}'s {spec.layers} layers do not fill {dims.stages} pipeline stages "
+                          f"(pp {dims.pp} x {dims.pp_virtual_stages} virtual); choose at most {spec.layers} stages.")
+    experts = spec.experts
+    if dims.ep_enabled and (experts < 2 or experts % dims.ep):
+        what = f"{experts} experts, which ep {dims.ep} does not divide" if experts > 1 else "no experts"
+        raise LaunchError(f"{spec.name} has {what}; use --ep 1 for a dense model or an ep that divides the experts.")
+    if dims.ep_enabled and (dims.dp_shard * dims.cp) % dims.ep:
+        raise LaunchError(f"ep {dims.ep} borrows its ranks from dp_shard x cp = {dims.dp_shard * dims.cp}, which it "
+                          f"does not divide; choose an ep that divides it.")
+    if dims.cp_enabled and seq_len % (2 * dims.cp):
+        raise LaunchError(f"--seq-len {seq_len} does not split into 2 x cp = {2 * dims.cp} equal chunks; choose a "
+                          f"sequence length that is a multiple of {2 * dims.cp}.")

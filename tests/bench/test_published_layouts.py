@@ -1,0 +1,28 @@
+"""bench/published_layouts.py: llaunch's predictions beside published at-scale runs, held to issue 30's rule:
+at least 80 % of the rows within [0.55, 1.05] of the published memory (where published) and 25 % of the MFU."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import published_layouts  # noqa: E402
+
+
+def test_at_least_80_percent_of_published_rows_are_within_the_bands():
+    results = [published_layouts.compare(row) for row in published_layouts.ROWS]
+    assert published_layouts.within_bands(results) >= 0.8, [r["name"] for r in results if not r["mfu_ok"]]
+
+
+def test_llama3_405b_layout_predicts_mfu_within_25_percent_of_the_published_043():
+    llama3 = next(row for row in published_layouts.ROWS if row.name.startswith("Llama 3 405B, 8K, 8,192"))
+    result = published_layouts.compare(llama3)
+    assert result["layout"].startswith("zero1 tp8 pp16") and result["layout"].endswith("dp64")
+    assert abs(result["mfu"] / 0.43 - 1) <= 0.25
+
+
+def test_the_script_prints_the_table():
+    out = subprocess.run([sys.executable, str(Path(published_layouts.__file__))], capture_output=True, text=True,
+                         check=True).stdout
+    assert "Megatron GPT 1T" in out and "within the bands:" in out

@@ -1,0 +1,150 @@
+"""Each memory and step-time term of a layout against its published formula (launcher/memory_layout.py and
+launcher/step_time_layout.py), and the planner's search against brute force."""
+
+import dataclasses
+import itertools
+
+import pytest
+
+from launcher import memory_layout as mem, step_time_layout as st
+from launcher.hardware import Hardware
+from launcher.memory import estimate, estimate_stage
+from launcher.memory_sizes import layer_activation_bytes, residual_bytes
+from launcher.models import load_model_spec
+from launcher.plan import TrainSetup
+from launcher.planner import PlanRequest, _evaluate, hardware_for, make_plan, rank_candidates
+
+SPEC = load_model_spec("8b")  # 32 layers, 32 heads, 8 KV heads, hidden 4096
+BASE = dict(strategy="zero1", nodes=2, gpus_per_node=8, precision="bf16", seq_len=4096, micro_batch=1)
+
+
+def setup(**knobs):
+    return TrainSetup(**{**BASE, **knobs})
+
+
+def test_tensor_parallel_activations_follow_korthikanti_table_2():
+    """TP + SP: sbh/t (34 + ...) -> every saved tensor / t; TP alone: the norm region (10 sbh) stays whole."""
+    whole = layer_activation_bytes(SPEC, setup())
+    with_sp = mem.layer_bytes_per_token(SPEC, setup(tp=4))
+    without_sp = mem.layer_bytes_per_token(SPEC, setup(tp=4, sequence_parallel=False))
+    replicated = mem.replicated_bytes_per_token(SPEC, setup())
+    assert with_sp == whole / 4
+    assert without_sp == replicated + (whole - replicated) / 4
+    assert with_sp < without_sp < whole
+
+
+def test_full_recompute_keeps_each_layer_input_split_by_sequence_parallel():
+    tokens = 4096
+    saved, alive, _ = mem.layout_activation_bytes(SPEC, setup(tp=4, activation_checkpointing="full"), "first")
+    assert saved == SPEC.layers * tokens * SPEC.hidden * residual_bytes(setup()) // 4
+    assert alive - saved == int(layer_activation_bytes(SPEC, setup()) / 4 * tokens)  # one layer recomputed
+
+
+def test_selective_saves_less_than_none_and_more_than_full():
+    per = {mode: mem.layer_bytes_per_token(SPEC, setup(activation_checkpointing=mode))
+           for mode in ("none", "selective")}
+    assert SPEC.hidden * 2 < per["selective"] < per["none"] / 2
+
+
+@pytest.mark.parametrize("schedule, virtual, microbatches, first, last", [
+    ("gpipe", 1, 16, 16, 16),  # GPipe: every microbatch's activations before the first backward
+    ("1f1b", 1, 16, 4, 1),  # 1F1B: pp on the first stage, one on the last
+    ("1f1b", 1, 2, 2, 1),  # fewer microbatches than stages
+    ("interleaved-1f1b", 2, 16, 4 * (1 + 3 / 8), 1),  # p (1 + (p - 1) / (p v))
+])
+def test_pipeline_microbatches_in_flight_by_schedule(schedule, virtual, microbatches, first, last):
+    s = setup(pp=4, pp_schedule=schedule, pp_virtual_stages=virtual, gradient_accumulation_steps=microbatches)
+    assert mem.inflight_microbatches(s, "first") == pytest.approx(first)
+    assert mem.inflight_microbatches(s, "last") == pytest.approx(last)
+
+
+def test_pipeline_stages_hold_their_layers_and_ends():
+    s = setup(pp=4, tp=2)
+    blocks = SPEC.num_params - SPEC.embedding_params - SPEC.lm_head_params
+    first = mem.local_param_fraction(SPEC, s, "first") * SPEC.num_params * 2
+    last = mem.local_param_fraction(SPEC, s, "last") * SPEC.num_params * 2
+    assert first == pytest.approx(blocks / 4 + SPEC.embedding_params)
+    assert last == pytest.approx(blocks / 4 + SPEC.lm_head_params)
+    assert mem.logits_share(s, "first") == 0 and mem.logits_share(s, "last") == 1 / 2  # vocab-parallel loss
+    s = dataclasses.replace(s, gradient_accumulation_steps=8)
+    stages = [estimate_stage(SPEC, s, stage) for stage in ("first", "last")]
+    assert stages[0]["activations"] > stages[1]["activations"]  # 4 microbatches in flight against 1
+    assert stages[1]["logits_loss"] > stages[0]["logits_loss"] == 0
+    assert estimate(SPEC, s).reserved_bytes == max(m.reserved_bytes for m in stages)
+
+
+def test_context_parallel_splits_the_sequence_and_holds_kv_chunks():
+    plain, split = setup(), setup(cp=4)
+    assert mem.local_tokens(split) == mem.local_tokens(plain) // 4
+    assert mem.cp_buffer_bytes(SPEC, plain) == 0
+    assert mem.cp_buffer_bytes(SPEC, split) == 8 * 1024 * SPEC.kv_heads * SPEC.head_dim * 2
+    assert estimate(SPEC, split)["activations"] == estimate(SPEC, plain)["activations"] // 4
+
+
+def test_pipeline_bubble_and_tensor_parallel_collectives():
+    assert st.bubble_fraction(setup(pp=4, gradient_accumulation_steps=12)) == pytest.approx(3 / 12)
+    assert st.bubble_fraction(setup(pp=4, gradient_accumulation_steps=12, pp_schedule="interleaved-1f1b",
+                                    pp_virtual_stages=2)) == pytest.approx(3 / 24)
+    hw = hardware_for(PlanRequest(gpu="H100", gpus_per_node=8), Hardware())
+    s = setup(tp=4, gradient_accumulation_steps=2)
+    size = 4096 * SPEC.hidden * 2
+    expected = SPEC.layers * 2 * 8 * size * 3 / 4 / (hw.facts.nvlink_bytes_per_s * st.LINK_EFFICIENCY)
+    assert st.tensor_parallel_seconds(SPEC, s, hw, hw.facts) == pytest.approx(expected)
+    full = st.tensor_parallel_seconds(SPEC, dataclasses.replace(s, activation_checkpointing="full"), hw, hw.facts)
+    assert full == pytest.approx(expected * 12 / 8)  # the recomputed forward's 4 collectives per layer again
+    assert st.tensor_parallel_seconds(SPEC, setup(), hw, hw.facts) == 0
+
+
+def _brute_force(spec, request, hw):
+    """Every layout, strategy, micro-batch and recompute, without the search's pruning."""
+    facts, world = hw.facts, hw.nodes * hw.gpus_per_node
+    best = None
+    for tp, pp, strategy, micro, mode, (schedule, v) in itertools.product(
+            (1, 2, 4, 8), range(1, spec.layers + 1), ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp"), (1, 2, 4, 8, 16, 32),
+            ("none", "selective", "full"), (("1f1b", 1), ("interleaved-1f1b", 2))):
+        if world % (tp * pp) or (pp == 1 and v > 1) or spec.layers < 2 * pp or spec.heads % tp:
+            continue
+        dp = world // (tp * pp)
+        if request.global_batch % (micro * dp):
+            continue
+        ga = request.global_batch // (micro * dp)
+        pure = tp * pp == 1
+        if (v > 1 and ga % pp) or (pure and mode == "selective") or (not pure and strategy not in ("zero1", "fsdp")):
+            continue
+        s = TrainSetup(strategy=strategy, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v, micro_batch=micro,
+                       gradient_accumulation_steps=ga, activation_checkpointing=mode, nodes=hw.nodes,
+                       gpus_per_node=hw.gpus_per_node, seq_len=request.seq_len, precision="amp-bf16", offload="none")
+        c = _evaluate(spec, s, hw, facts)
+        if c.fits and (best is None or c.tokens_per_s > best.tokens_per_s):
+            best = c
+    return best
+
+
+@pytest.mark.parametrize("model, overrides, gpus, nodes, batch", [
+    ("8b", {"num_hidden_layers": 8}, 8, 1, 64),
+    ("70b", {"num_hidden_layers": 8}, 8, 2, 32),
+    ("70b", {}, 8, 4, 64),  # tp2 x pp4 (interleaved) x dp4 wins here
+])
+def test_search_finds_what_brute_force_finds(model, overrides, gpus, nodes, batch):
+    """The planner's pruned search never misses a candidate its own model rates faster (by the layout margin's
+    rule: a layout must beat data parallelism by LAYOUT_MARGIN)."""
+    request = PlanRequest(model=model, model_overrides=overrides, gpu="H100", gpus_per_node=gpus, nodes=nodes,
+                          global_batch=batch, seq_len=4096, offload="none")
+    spec = load_model_spec(model, overrides)
+    hw = hardware_for(request, Hardware())
+    searched = [c for c in rank_candidates(spec, request, hw) if c.fits]
+    best = _brute_force(spec, request, hw)
+    assert max(c.tokens_per_s for c in searched) == pytest.approx(best.tokens_per_s)
+    assert make_plan(request, Hardware()).predicted["tokens_per_s"] > 0
+
+
+def test_tensor_parallel_time_follows_the_gpus_nvlink():
+    """H800 is an H100 with NVLink cut from 900 to 400 GB/s (bidirectional): its tp collectives take 2.25 x as long;
+    L40S has no NVLink, so they cross PCIe."""
+    s = setup(tp=8)
+    seconds = {}
+    for gpu in ("H100", "H800", "L40S"):
+        hw = hardware_for(PlanRequest(gpu=gpu, gpus_per_node=8), Hardware())
+        seconds[gpu] = st.tensor_parallel_seconds(SPEC, s, hw, hw.facts)
+    assert seconds["H800"] == pytest.approx(seconds["H100"] * 450 / 200)
+    assert seconds["L40S"] == pytest.approx(seconds["H100"] * 450 / 32)
