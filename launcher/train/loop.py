@@ -304,7 +304,7 @@ class Trainer:
         """Resume from --resume-from, else the newest complete checkpoint in the job dir (unless --no-resume)."""
         training = self.config.training
         started = time.time()
-        path = resolve_resumeon_every_rank(self.job_dir, training.resume_from_checkpoint,
+        path = resolve_resume_on_every_rank(self.job_dir, training.resume_from_checkpoint,
                                             training.ignore_checkpoints, training.overwrite_output_dir)
         if path is None:
             return
