@@ -32,7 +32,12 @@ CASES = [
     ("run W/tiny.yaml --output-dir W/afile/out", "under the file"),
     ("run W/tiny.yaml --output-dir W", "not a llaunch run directory"),
     ("run W/tiny.yaml --output-dir W --overwrite", "not a llaunch run directory"),
-    ("run W/tiny.yaml --output-dir W/done", "already holds a finished run"),
+    ("run W/tiny.yaml --output-dir W/done", "already holds a finished run and no checkpoint to continue it from"),
+    # --overwrite would remove the checkpoint it is to resume from: refused before anything is removed
+    ("run W/tiny.yaml --output-dir W/done --overwrite --resume-from W/done/checkpoints/step-1",
+     "which --overwrite would remove first"),
+    # the run lock as a symbolic link: the link and its target stay as they are
+    (f"{RUN.replace('W/out', 'W/linked')}", "is a symbolic link"),
     ("run W/tiny.yaml --output-dir /sys/llaunch-out", "cannot create"),  # sysfs: no new entries, even as root
     (f"{RUN} --resume-from W/afile", "not a complete llaunch checkpoint"),
     (f"{RUN} --resume-from W/nowhere", "not a complete llaunch checkpoint"),
@@ -202,6 +207,8 @@ def workspace(tmp_path_factory):
     (done / "final").mkdir()
     (done / "checkpoints" / "step-1").mkdir(parents=True)
     (done / "checkpoints" / "step-1" / "manifest.json").write_text('{"format": 1, "step": 1}')
+    (w / "linked").mkdir()
+    (w / "linked" / ".llaunch.lock").symlink_to(w / "afile")
     return w
 
 
