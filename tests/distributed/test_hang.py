@@ -59,4 +59,5 @@ def test_slow_then_hung_rank_is_flagged_caught_dumped_and_named(tmp_path):
     assert all(0 not in r["stragglers"] for r in records)
     checkpoints = list_checkpoints(out, checksums=True)
     assert [c.step for c in checkpoints] == [2, 4, 6] and all(c.complete for c in checkpoints)
-    assert set(Path("/dev/shm").glob("llaunch-beacons-*")) == shm_before  # the launcher removed its beacons
+    # the launcher removed its beacons (and maybe stale ones a killed launcher left: launcher.beacon)
+    assert not set(Path("/dev/shm").glob("llaunch-beacons-*")) - shm_before
