@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from pathlib import Path
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
@@ -153,44 +152,12 @@ class _DropWorkerFailures(logging.Filter):
         return "(exitcode: " not in record.getMessage()
 
 
-class _FirstExit(threading.Thread):
-    """The pid of the agent's first child to exit. torchrun polls its workers every 0.1 s and then reports each
-    failed one with a timestamp in whole seconds, so a peer that the first failure took down (a gloo "connection
-    closed by peer") can look as early; this looks every 10 ms, without reaping (WNOWAIT) what torchrun reaps."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.pid: int | None = None
-
-    def run(self) -> None:
-        import os
-        import time
-
-        while self.pid is None:
-            try:
-                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:  # no children (yet)
-                found = None
-            if found is not None:
-                self.pid = found.si_pid
-            time.sleep(0.01)
-
-
-def _first_failure(err, first_pid: int | None):
-    """(global rank, ProcessFailure) of the rank that failed first. Ranks dead of SIGTERM are the ones the agent
-    stopped once it saw the failure (unless every failed rank died so); among the others, the first to exit,
-    else torchrun's earliest."""
-    import signal
-
-    failures = {rank: f for rank, f in err.failures.items() if f.exitcode != -signal.SIGTERM} or err.failures
-    by_pid = [(rank, failure) for rank, failure in failures.items() if failure.pid == first_pid]
-    return by_pid[0] if by_pid else min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-
-
 def _say_rank_failed(rank: int, exitcode: int) -> None:
     import signal
 
-    how = f"was killed by {signal.Signals(-exitcode).name}" if exitcode < 0 else f"exited with code {exitcode}"
+    how = f"exited with code {exitcode}"
+    if exitcode < 0:
+        how = f"was killed by {signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f'signal {-exitcode}'}"
     print(f"llaunch: rank {rank} failed first: it {how}; its error is in the output above, the other ranks were "
           f"stopped.", file=sys.stderr)
 
@@ -205,12 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun_main
 
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropWorkerFailures())
-    first_exit = _FirstExit()
-    first_exit.start()
     try:
         torchrun_main(argv)
     except ChildFailedError as err:
-        rank, failure = _first_failure(err, first_exit.pid)
+        rank, failure = err.get_first_failure()  # torchrun's earliest; on a tie, the first it saw
         if failure.exitcode in EXPLAINED_EXIT_CODES:
             return failure.exitcode
         _say_rank_failed(rank, failure.exitcode)
