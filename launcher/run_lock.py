@@ -70,8 +70,9 @@ def _open(run_dir: Path, create_dir: bool) -> int:
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise LaunchError(f"{path} is a symbolic link, and llaunch locks only a file of its own there (the link "
-                              f"and its target were left alone); remove the link, or choose another --output-dir.") from None
+            raise LaunchError(f"{path} is a symbolic link, and llaunch locks only a file of its own there (the "
+                              f"link and its target were left alone); remove the link, or choose another "
+                              f"--output-dir.") from None
         raise LaunchError(f"cannot create {path} ({err.strerror or err}); choose a writable --output-dir.") from None
 
 

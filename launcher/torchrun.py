@@ -16,7 +16,8 @@ from pathlib import Path
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.plan import Plan
-from launcher.signals import HANG_EXIT_CODE, REQUEUE_EXIT_CODE, STOP_SIGNALS, SUPERVISOR_ENV, die_with_supervisor, signal_ranks
+from launcher.signals import (HANG_EXIT_CODE, REQUEUE_EXIT_CODE, STOP_SIGNALS, SUPERVISOR_ENV, die_with_supervisor,
+                              signal_ranks)
 
 ENTRYPOINT = "launcher.train"
 TORCHRUN_MODULE = "launcher.torchrun"
@@ -157,7 +158,8 @@ def _say_rank_failed(rank: int, exitcode: int) -> None:
 
     how = f"exited with code {exitcode}"
     if exitcode < 0:
-        how = f"was killed by {signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f'signal {-exitcode}'}"
+        known = -exitcode in signal.valid_signals()
+        how = f"was killed by {signal.Signals(-exitcode).name if known else f'signal {-exitcode}'}"
     print(f"llaunch: rank {rank} failed first: it {how}; its error is in the output above, the other ranks were "
           f"stopped.", file=sys.stderr)
 
