@@ -18,10 +18,14 @@ import enum
 import faulthandler
 import mmap
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
+from launcher.files import write_text_atomic
 from launcher.signals import STACK_DUMP_SIGNAL
 
 # The launcher passes the beacon folder to the ranks in this variable; without it a rank writes no beacon.
@@ -78,13 +82,36 @@ def unregister_stack_dump(file) -> None:
     file.close()
 
 
+BEACON_FOLDER_PREFIX = "llaunch-beacons-"
+OWNER_FILE = "owner"  # in a beacon folder: "PID START_TIME" of the launcher that made it
+
+
 def beacon_folder(job_dir: str | Path, key: str) -> Path:
     """A new folder for one launch's beacons: in /dev/shm (memory, never on a shared file system) when the node
-    has it, else in the job dir. `key` tells launches apart (the launcher's pid, the SLURM job id)."""
+    has it, else in the job dir. `key` tells launches apart (the launcher's pid, the SLURM job id). Folders a
+    launcher that is gone left there (a SIGKILL gives it no time to remove its own) are removed first."""
     root = SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else Path(job_dir)
-    folder = root / f"llaunch-beacons-{key}"
+    reap_beacon_folders(root)
+    folder = root / f"{BEACON_FOLDER_PREFIX}{key}"
     folder.mkdir(parents=True, exist_ok=True)
+    me = psutil.Process()
+    write_text_atomic(folder / OWNER_FILE, f"{me.pid} {me.create_time()!r}")
     return folder
+
+
+def reap_beacon_folders(root: Path) -> None:
+    """Remove the beacon folders under `root` whose launcher is gone: only folders llaunch made (their owner
+    file says so), and never one whose launcher still runs (the pid's start time tells a reused pid apart)."""
+    for folder in root.glob(f"{BEACON_FOLDER_PREFIX}*"):
+        try:
+            pid, started = (folder / OWNER_FILE).read_text().split()
+            alive = psutil.Process(int(pid)).create_time() == float(started)
+        except psutil.NoSuchProcess:
+            alive = False
+        except (OSError, ValueError, psutil.Error):
+            continue  # not one llaunch made, or one it cannot judge: left alone
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class BeaconWriter:

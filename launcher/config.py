@@ -20,6 +20,7 @@ from launcher.errors import LaunchError
 from launcher.config_values import check_choice, check_numbers, check_type, reject_unknown
 from launcher.files import write_text_atomic
 from launcher.plan import CHOICES, LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
+from launcher.signals import DEFAULT_SIGNALS
 
 
 @dataclass
@@ -95,7 +96,7 @@ class TrainingConfig:
     metric_for_best_model: str = "eval_loss"
     greater_is_better: bool = False
     async_save: bool = False  # DDP/FSDP: the step blocks only for the copy to host memory; files written behind
-    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+    preemption_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])

@@ -79,12 +79,27 @@ def _job_dir(config: TrainConfig, output_dir: str | Path | None) -> Path:
         raise LaunchError("no output directory; pass --output-dir DIR or set training.output_dir.")
     out = Path(output_dir or training.output_dir).expanduser().resolve()
     training.output_dir = str(out)
-    _check_output_dir(out, training.overwrite_output_dir)
-    if training.resume_from_checkpoint or (training.ignore_checkpoints and not training.overwrite_output_dir):
+    _check_output_dir(out)
+    resume_from = training.resume_from_checkpoint
+    if training.overwrite_output_dir and resume_from and out in Path(resume_from).expanduser().resolve().parents:
+        raise LaunchError(f"--resume-from {resume_from} lies in {out}, which --overwrite would remove first; drop "
+                          f"--overwrite to resume there, or copy the checkpoint out of it first.")
+    if resume_from or (training.ignore_checkpoints and not training.overwrite_output_dir):
         from launcher.checkpoint_store import resolve_resume
 
-        resolve_resume(out, training.resume_from_checkpoint, training.ignore_checkpoints, overwrite=False)
+        resolve_resume(out, resume_from, training.ignore_checkpoints, overwrite=False)
+    if not training.overwrite_output_dir and (out / FINAL_DIR).exists() and not _extendable(out, training):
+        raise LaunchError(f"{out} already holds a finished run and no checkpoint to continue it from; pass "
+                          f"--overwrite to train it again, or choose another --output-dir.")
     return out
+
+
+def _extendable(out: Path, training) -> bool:
+    """A finished run goes on (more max_steps) from --resume-from or its newest complete checkpoint."""
+    from launcher.checkpoint_store import list_checkpoints
+
+    return not training.ignore_checkpoints and bool(
+        training.resume_from_checkpoint or any(info.complete for info in list_checkpoints(out)))
 
 
 def write_job(job: Job, keep_lock: bool = False) -> RunLock | None:
@@ -167,7 +182,7 @@ def _check_strategy(config: TrainConfig, strategy: str | None) -> None:
                           "drop it or use --strategy fsdp.")
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
+def _check_output_dir(out: Path) -> None:
     """An output directory is new, empty, or a llaunch run: a run never writes into (or removes) anything else."""
     if out.exists() and not out.is_dir():
         raise LaunchError(f"output directory {out} is a file; choose another --output-dir.")
@@ -178,8 +193,6 @@ def _check_output_dir(out: Path, overwrite: bool) -> None:
         raise LaunchError(f"{out} already holds files and is not a llaunch run directory (no {PLAN_FILE} and "
                           f"{CONFIG_FILE}), so llaunch will neither write into nor remove it; choose a new "
                           f"or empty --output-dir.")
-    if not overwrite and (out / FINAL_DIR).exists():
-        raise LaunchError(f"{out} already holds a finished run; pass --overwrite or choose another --output-dir.")
 
 
 def _entries(out: Path) -> list[Path]:

@@ -14,7 +14,10 @@ including while a module is half imported.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -27,8 +30,13 @@ REQUEUE_EXIT_CODE = 75
 # Like coreutils timeout(1): the launcher's watchdog saw a rank stop making progress, dumped the stacks and
 # killed the ranks (cluster.watchdog; the evidence is in the job dir's hangs/ folder).
 HANG_EXIT_CODE = 124
-DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) stop a run like SIGTERM: save, then stop.
+DEFAULT_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+STOP_SIGNALS = tuple(signal.Signals[name] for name in DEFAULT_SIGNALS)
+# The pid of the process that started this one (`llaunch run` for torchrun's agent, the agent for a rank):
+# set by that process for its child, which must not outlive it (die_with_supervisor).
+SUPERVISOR_ENV = "LLAUNCH_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # A rank registers faulthandler on this one at start: its Python stacks, even while it holds the GIL or sits
 # in a C call. A real-time signal no library here uses, and none of the stop signals.
 STACK_DUMP_SIGNAL = signal.SIGRTMIN + 4
@@ -40,7 +48,7 @@ def parse_signals(names) -> tuple[signal.Signals, ...]:
         key = str(name).upper()
         key = key if key.startswith("SIG") else "SIG" + key
         if not hasattr(signal.Signals, key):
-            raise LaunchError(f"{name!r} is not a signal name; use SIGTERM, SIGUSR1 or SIGUSR2.")
+            raise LaunchError(f"{name!r} is not a signal name; use some of {', '.join(DEFAULT_SIGNALS)}.")
         parsed.append(signal.Signals[key])
     return tuple(parsed)
 
@@ -83,6 +91,23 @@ def ignore_stop_signals() -> None:
     cleanly (torchrun then reports the rank as killed by that signal)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def die_with_supervisor() -> None:
+    """First thing in torchrun's agent and in each rank that SUPERVISOR_ENV names a supervisor for: the kernel
+    sends this process SIGKILL when its supervisor ends, however it ends (SIGKILL, the OOM killer, a crash),
+    so no rank trains on unsupervised beside the rerun that follows. SIGKILL, because a supervisor that is
+    gone can neither wait for a save nor stop a hung rank; checkpoints are published by rename, so the rerun
+    resumes from the newest complete one. The kernel ties the request to the thread that started us, which is
+    the supervisor's main thread (llaunch starts torchrun there, torchrun its workers). A supervisor that died
+    before the request was in place has made us someone else's child already: then we end at once.
+    Linux only; elsewhere (a laptop's dry run) a no-op."""
+    expected = os.environ.get(SUPERVISOR_ENV, "")
+    if not expected.isdigit() or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def signal_ranks(torchrun_pid: int, signum: int) -> None:

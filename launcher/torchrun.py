@@ -1,10 +1,11 @@
 """The torchrun command for one node of a job: pure (argv, env), so `--dry-run`, SLURM and tests share it.
 
-`python -m launcher.torchrun ARGS` is torchrun itself (same arguments, same agent) with one difference: a
+`python -m launcher.torchrun ARGS` is torchrun itself (same arguments, same agent) with these differences: a
 rank that already said why it stopped (a LaunchError's sentence and exit 2, a preemption's checkpoint and
-exit 75) ends the launch with that code, without torchrun's ChildFailedError traceback burying the sentence.
-A signal that stops torchrun itself (SIGTERM, SIGINT) is one line and exit 128 + signal, not its
-SignalException traceback. Any other failure is reported by torchrun exactly as usual.
+exit 75) ends the launch with that code, without torchrun's ChildFailedError traceback burying the sentence;
+a rank that crashed ends it with one sentence naming the rank that failed first and how (exit 1); a signal
+that stops torchrun itself (SIGTERM, SIGINT, SIGHUP, SIGQUIT) is one line and exit 128 + signal, not its
+SignalException traceback. The agent and its ranks end with the process that started them (SUPERVISOR_ENV).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.plan import Plan
-from launcher.signals import HANG_EXIT_CODE, REQUEUE_EXIT_CODE, signal_ranks
+from launcher.signals import (HANG_EXIT_CODE, REQUEUE_EXIT_CODE, STOP_SIGNALS, SUPERVISOR_ENV, die_with_supervisor,
+                              signal_ranks)
 
 ENTRYPOINT = "launcher.train"
 TORCHRUN_MODULE = "launcher.torchrun"
@@ -63,11 +65,13 @@ def build_torchrun_argv(
 
 
 def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0, watchdog=None) -> int:
-    """Run torchrun in its own process group and forward SIGINT/SIGTERM (and SIGUSR1/2 to the ranks) to it.
+    """Run torchrun in its own process group and forward SIGINT, SIGTERM, SIGHUP, SIGQUIT (and SIGUSR1/2 to the
+    ranks) to it.
 
     torchrun passes the signal on to its workers and waits for them; a second signal (or a torchrun that
-    outlives `grace_s`) kills the whole group. Returns torchrun's exit code, 128 + SIGINT after Ctrl-C, or
-    REQUEUE_EXIT_CODE after a preemption signal (the ranks saved a checkpoint). With a cluster.watchdog
+    outlives `grace_s`) kills the whole group. torchrun and its ranks end with this process however it ends
+    (SUPERVISOR_ENV, launcher.signals.die_with_supervisor). Returns torchrun's exit code, 128 + SIGINT after
+    Ctrl-C, or REQUEUE_EXIT_CODE after a preemption signal (the ranks saved a checkpoint). With a cluster.watchdog
     Watchdog, a hang is dumped and the group killed: HANG_EXIT_CODE.
     """
     import os
@@ -75,7 +79,7 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0, wa
     import subprocess
     import time
 
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    proc = subprocess.Popen(argv, env={**env, SUPERVISOR_ENV: str(os.getpid())}, start_new_session=True)
     received: list[int] = []
     signalled_at: list[float] = []
 
@@ -91,13 +95,13 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0, wa
         except ProcessLookupError:
             pass
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, *STOP_SIGNALS)}
     try:
         code, hang = _wait_for_torchrun(proc, signalled_at, grace_s, watchdog)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        try:  # no orphans: anything left in torchrun's group dies with it
+        try:  # no orphans: torchrun's group dies, and its ranks with it (die_with_supervisor)
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
@@ -136,28 +140,48 @@ def _wait_for_torchrun(proc, signalled_at: list[float], grace_s: float, watchdog
 
 
 EXPLAINED_EXIT_CODES = (EXIT_USER_ERROR, REQUEUE_EXIT_CODE)
+# A rank that crashed (any other exit code, or a signal) ends the launch with this: not a user error (2), not a
+# preemption (75) nor a hang (124), and not 128 + N, which says the launcher itself was signalled.
+RANK_FAILED_EXIT_CODE = 1
 
 
-class _DropExplainedFailures(logging.Filter):
-    """torchrun's agent logs "failed (exitcode: N) local_rank: ..." for every non-zero rank exit."""
+class _DropWorkerFailures(logging.Filter):
+    """torchrun's agent logs "failed (exitcode: N) local_rank: ..." for every non-zero rank exit; main() says
+    which rank failed first, in one sentence."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f"(exitcode: {code})" in record.getMessage() for code in EXPLAINED_EXIT_CODES)
+        return "(exitcode: " not in record.getMessage()
+
+
+def _say_rank_failed(rank: int, exitcode: int) -> None:
+    import signal
+
+    how = f"exited with code {exitcode}"
+    if exitcode < 0:
+        known = -exitcode in signal.valid_signals()
+        how = f"was killed by {signal.Signals(-exitcode).name if known else f'signal {-exitcode}'}"
+    print(f"llaunch: rank {rank} failed first: it {how}; its error is in the output above, the other ranks were "
+          f"stopped.", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    die_with_supervisor()  # before torch is imported: `llaunch run` may be gone already
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())  # the ranks, in turn, end with this agent
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropExplainedFailures())
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropWorkerFailures())
     try:
         torchrun_main(argv)
     except ChildFailedError as err:
-        _, failure = err.get_first_failure()
+        rank, failure = err.get_first_failure()  # torchrun's earliest; on a tie, the first it saw
         if failure.exitcode in EXPLAINED_EXIT_CODES:
             return failure.exitcode
-        raise
+        _say_rank_failed(rank, failure.exitcode)
+        return RANK_FAILED_EXIT_CODE
     except SignalException as err:  # SIGTERM / SIGINT: the agent already passed it on to the ranks and waited
         print(f"llaunch: stopped by {err.sigval.name}", file=sys.stderr)
         return 128 + err.sigval

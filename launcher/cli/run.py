@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
 from launcher.flag_overrides import flag_overrides
 from launcher.plan import STRATEGIES
@@ -80,6 +81,7 @@ def run(args) -> int:
           f"micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}; output in {job.output_dir}")
     try:
         code = run_torchrun(argv, {**os.environ, **env}, watchdog=watchdog)
+        code = 0 if code and _finished(job.output_dir, incarnation) else code
         ledger.append(job.output_dir, ledger.EXIT, inc=incarnation, code=code, cause=ledger.exit_cause(code))
         return code
     finally:
@@ -88,7 +90,17 @@ def run(args) -> int:
             watchdog.close()
 
 
-def _python() -> str:
-    import sys
+def _finished(job_dir, incarnation: str) -> bool:
+    """The ranks of this launch wrote final/: a stop signal (or anything else) that came after that ended a
+    complete run, which is not to be requeued, not a preemption and not a failure."""
+    from launcher import ledger
 
+    if not any(e["kind"] == ledger.FINAL_SAVED and e.get("inc") == incarnation for e in ledger.read(job_dir)):
+        return False
+    print(f"llaunch: the run had finished (final model saved) when it was stopped; {job_dir} is complete.",
+          file=sys.stderr)
+    return True
+
+
+def _python() -> str:
     return sys.executable

@@ -7,12 +7,13 @@ import os
 import sys
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
-from launcher.signals import StopSignals, ignore_stop_signals
+from launcher.signals import StopSignals, die_with_supervisor, ignore_stop_signals
 from launcher.torchrun import RANK_STARTS
 
 
 def main(argv: list[str] | None = None) -> int:
-    # First thing, before torch is imported: a rank inherits SIG_IGN for the stop signals from its launcher,
+    die_with_supervisor()  # a rank never outlives the torchrun agent that started it
+    # Then, before torch is imported: a rank inherits SIG_IGN for the stop signals from its launcher,
     # and a preemption that came while the model is being built would otherwise be dropped.
     early_signals = StopSignals().install()
     parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__)

@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from launcher.errors import LaunchError
+
 
 def init_distributed(host_collectives: bool = False) -> tuple[torch.device, int, int]:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU); a bare `python -m` run is a world of one.
@@ -34,6 +36,23 @@ def init_distributed(host_collectives: bool = False) -> tuple[torch.device, int,
         device = torch.device("cpu")
         dist.init_process_group("gloo", **group_kwargs)
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def on_every_rank(take, world_size: int):
+    """take() on this rank (a lock: None or something with release()); a LaunchError on any rank is raised on
+    every rank, so none waits for the others in a collective, and what this rank took is given back."""
+    result, error = None, ""
+    try:
+        result = take()
+    except LaunchError as err:
+        error = str(err)
+    errors = [""] * world_size
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        if result is not None:
+            result.release()
+        raise LaunchError(next(filter(None, errors)))
+    return result
 
 
 def _free_port() -> int:

@@ -38,7 +38,7 @@ from launcher.train.adapters import apply_finetune_method, as_planned, quantizat
 from launcher.train.cadence import SaveCadence
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
 from launcher.train.data import StepSampler, rank_micro_batches
-from launcher.train.distributed import init_distributed
+from launcher.train.distributed import init_distributed, on_every_rank
 from launcher.train.engines import build_engine, model_construction
 from launcher.train.final_model import write_final_model
 from launcher.train.fingerprint import Fingerprint, array_digest, files_digest
@@ -293,16 +293,12 @@ class Trainer:
                                  data=data, global_batch=self.plan.global_batch, schedule=schedule)
 
     def take_run_lock(self) -> None:
-        """Rank 0 locks the job dir unless the `llaunch run` that started us holds it; every rank learns a refusal."""
-        error = [""]
-        if self.rank == 0 and os.environ.get(HELD_BY_LAUNCHER_ENV) != str(self.job_dir.resolve()):
-            try:
-                self.run_lock = RunLock.acquire(self.job_dir)
-            except LaunchError as err:
-                error[0] = str(err)
-        dist.broadcast_object_list(error, src=0)
-        if error[0]:
-            raise LaunchError(error[0])
+        """Rank 0 locks the job dir unless the `llaunch run` that started us holds it; then every other rank joins
+        the lock, which is so held while any rank lives (launcher.run_lock). Every rank learns a refusal."""
+        acquire = self.rank == 0 and os.environ.get(HELD_BY_LAUNCHER_ENV) != str(self.job_dir.resolve())
+        self.run_lock = on_every_rank(lambda: RunLock.acquire(self.job_dir) if acquire else None, self.world_size)
+        joined = on_every_rank(lambda: None if acquire else RunLock.join(self.job_dir, self.rank), self.world_size)
+        self.run_lock = self.run_lock or joined
 
     def restore(self) -> None:
         """Resume from --resume-from, else the newest complete checkpoint in the job dir (unless --no-resume)."""
@@ -393,3 +389,4 @@ class Trainer:
             self.run_lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+

@@ -13,8 +13,8 @@ import pytest
 pytestmark = pytest.mark.dist
 
 
-def _launch(*rank_argv: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nproc-per-node", "1", *rank_argv]
+def _launch(*rank_argv: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    argv = [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nproc-per-node", str(nproc), *rank_argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
@@ -26,12 +26,30 @@ def test_a_rank_that_explains_its_error_ends_the_launch_with_its_sentence_and_ex
     assert "exitcode" not in done.stderr
 
 
-def test_a_crashing_rank_keeps_torchruns_failure_report(tmp_path):
+CRASH_ON_RANK_1 = """
+import os, sys, time
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+dist.barrier()
+if dist.get_rank() == 1:
+    {crash}
+while True:  # rank 0 waits for its peer: the crash reaches it as a collateral gloo error
+    dist.all_reduce(torch.ones(1))
+"""
+
+
+@pytest.mark.parametrize("crash, how", [("raise RuntimeError('rank crashed')", "exited with code 1"),
+                                        ("os._exit(3)", "exited with code 3"),
+                                        ("os.kill(os.getpid(), 9)", "was killed by SIGKILL")])
+def test_a_crashing_rank_ends_the_launch_in_one_sentence_naming_the_rank_that_failed_first(tmp_path, crash, how):
+    """Not torchrun's ChildFailedError banner, and not the peer whose collective broke because of the crash."""
     script = tmp_path / "crash.py"
-    script.write_text("raise RuntimeError('rank crashed')\n")
-    done = _launch(str(script))
-    assert done.returncode == 1
-    assert "RuntimeError: rank crashed" in done.stderr and "ChildFailedError" in done.stderr
+    script.write_text(CRASH_ON_RANK_1.format(crash=crash))
+    done = _launch(str(script), nproc=2)
+    assert done.returncode == 1, done.stderr[-4000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"llaunch: rank 1 failed first: it {how}; its error is in the "
+                                                     f"output above, the other ranks were stopped.")
+    assert "ChildFailedError" not in done.stderr and "exitcode" not in done.stderr
 
 
 def test_sigterm_to_torchrun_is_one_line_not_its_signal_traceback(tmp_path):

@@ -39,7 +39,12 @@ CASES = [
     ("run W/tiny.yaml --output-dir W/afile/out", "under the file"),
     ("run W/tiny.yaml --output-dir W", "not a llaunch run directory"),
     ("run W/tiny.yaml --output-dir W --overwrite", "not a llaunch run directory"),
-    ("run W/tiny.yaml --output-dir W/done", "already holds a finished run"),
+    ("run W/tiny.yaml --output-dir W/done", "already holds a finished run and no checkpoint to continue it from"),
+    # --overwrite would remove the checkpoint it is to resume from: refused before anything is removed
+    ("run W/tiny.yaml --output-dir W/done --overwrite --resume-from W/done/checkpoints/step-1",
+     "which --overwrite would remove first"),
+    # the run lock as a symbolic link: the link and its target stay as they are
+    (f"{RUN.replace('W/out', 'W/linked')}", "is a symbolic link"),
     ("run W/tiny.yaml --output-dir /sys/llaunch-out", "cannot create"),  # sysfs: no new entries, even as root
     (f"{RUN} --resume-from W/afile", "not a complete llaunch checkpoint"),
     (f"{RUN} --resume-from W/nowhere", "not a complete llaunch checkpoint"),
@@ -251,6 +256,8 @@ def workspace(tmp_path_factory):
     (w / "list-profile.yaml").write_text("- local\n")
     (w / "time-profile.yaml").write_text(yaml.safe_dump({**profile, "time": "99:99:99"}))
     (w / "timeout-profile.yaml").write_text(yaml.safe_dump({**profile, "dist_timeout_s": 0}))
+    (w / "linked").mkdir()
+    (w / "linked" / ".llaunch.lock").symlink_to(w / "afile")
     return w
 
 

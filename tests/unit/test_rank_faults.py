@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,16 +45,20 @@ def test_full_disk_in_the_final_save_keeps_the_earlier_model_and_no_tmp(tmp_path
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"earlier model"
 
 
-def test_rank_zero_takes_the_run_lock_unless_its_launcher_holds_it(tmp_path, process_group, monkeypatch):
-    """A SLURM job's ranks lock the directory themselves; under `llaunch run` the launcher already does."""
+def test_rank_zero_takes_the_run_lock_unless_its_launcher_holds_it_and_the_ranks_keep_it(tmp_path, process_group,
+                                                                                        monkeypatch):
+    """A SLURM job's ranks lock the directory themselves; under `llaunch run` the launcher already does, and the
+    ranks join its lock: a rerun is refused while a rank lives, even once the launcher is gone."""
     other = RunLock.acquire(tmp_path)
-    trainer = SimpleNamespace(rank=0, job_dir=tmp_path, run_lock=None)
+    trainer = SimpleNamespace(rank=0, world_size=1, job_dir=tmp_path, run_lock=None)
     with pytest.raises(LaunchError, match="is in use by llaunch pid"):
         Trainer.take_run_lock(trainer)
     monkeypatch.setenv(HELD_BY_LAUNCHER_ENV, str(tmp_path.resolve()))
     Trainer.take_run_lock(trainer)
-    assert trainer.run_lock is None
-    other.release()
+    other.release()  # the launcher is gone; its rank still holds the lock
+    with pytest.raises(LaunchError, match=f"is in use by llaunch pid .* \\(its ranks: pid {os.getpid()}\\)"):
+        RunLock.acquire(tmp_path)
+    trainer.run_lock.release()
     monkeypatch.delenv(HELD_BY_LAUNCHER_ENV)
     Trainer.take_run_lock(trainer)
     assert trainer.run_lock is not None

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cluster.watchdog import HANGS_DIR, Watchdog, WatchdogConfig, attribute, latest_hang
-from launcher.beacon import BeaconWriter, Phase, beacon_path, read_beacon, read_beacons
+from launcher import beacon as beacon_module
+from launcher.beacon import BeaconWriter, Phase, beacon_folder, beacon_path, read_beacon, read_beacons
 from launcher.errors import LaunchError
 from launcher.ledger import read as ledger_events
 
@@ -35,6 +36,24 @@ def test_beacon_round_trip_and_phase_durations(tmp_path):
     assert beacon.ended[Phase.DATA] == 1 and beacon.last_duration[Phase.DATA] == lasted >= 0.02
     assert beacon.age() < 1.0
     writer.close()
+
+
+def test_a_beacon_folder_a_killed_launcher_left_is_removed_by_the_next_launch_and_no_other(tmp_path, monkeypatch):
+    """SIGKILL gives a launcher no time to remove its folder; the next one removes it: only a folder llaunch made
+    (it names its launcher) whose launcher is gone, not one of a live launcher, nor one of a reused pid's."""
+    monkeypatch.setattr(beacon_module, "SHM", tmp_path / "no-shm")  # the folders go into the job dir
+    gone = subprocess.run([sys.executable, "-c", "import os, psutil; p = psutil.Process(); "
+                           "print(p.pid, repr(p.create_time()))"], capture_output=True, text=True, check=True)
+    live = beacon_folder(tmp_path, "live")
+    reused = tmp_path / "llaunch-beacons-reused"  # this very pid, but a process that started at another time
+    for folder, owner in [(tmp_path / "llaunch-beacons-dead", gone.stdout.strip()), (reused, f"{os.getpid()} 1.0"),
+                          (tmp_path / "llaunch-beacons-foreign", None)]:
+        folder.mkdir()
+        if owner is not None:
+            (folder / "owner").write_text(owner)
+    beacon_folder(tmp_path, "next")
+    assert sorted(p.name for p in tmp_path.glob("llaunch-beacons-*")) == [
+        "llaunch-beacons-foreign", "llaunch-beacons-live", "llaunch-beacons-next"]
 
 
 def test_a_torn_write_is_never_read(tmp_path):

@@ -1,0 +1,165 @@
+"""No rank outlives `llaunch run`, however it ends: SIGKILL of the launcher, of its process group (a process
+manager, the OOM killer), of torchrun's agent alone, and SIGHUP (the terminal closed), with 1 and 2 ranks.
+10 s later no rank is alive, and the same command again resumes alone and ends with the weights of a run that
+was never stopped; the killed launcher's beacon folder is gone by then. Also SIGQUIT, and a hung rank with two
+SIGTERMs (the second kills torchrun; the hung rank goes with it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launcher.beacon import BEACON_FOLDER_PREFIX, SHM
+from launcher.signals import REQUEUE_EXIT_CODE
+from tests.tiny_run import tiny_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+SAVE_STEPS, MAX_STEPS = 4, 24
+# Rank 0's steps take 100 ms longer (the same arithmetic, only slower): the run is still training when the
+# test stops it after its first checkpoint.
+SLOW = "slow:rank=0,ms=100"
+
+
+def llaunch_run(config: Path, out: Path, nproc: int, log: Path | None = None, env: dict | None = None,
+                extra: tuple = ()):
+    command = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(out),
+               "--nproc-per-node", str(nproc), *extra]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    if log is None:
+        return subprocess.run(command, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # A session of its own, as a terminal gives a command: the process group the test kills holds the launcher only.
+    return subprocess.Popen(command, env=full_env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    return tiny_run_config(tmp_path_factory.mktemp("tiny"), training={
+        "max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "global_batch_size": 4, "logging_steps": 4,
+        "report_to": []})
+
+
+@pytest.fixture(scope="module")
+def reference(config, tmp_path_factory):
+    """The uninterrupted run's final weights, per number of ranks, computed once."""
+    runs = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in runs:
+            out = tmp_path_factory.mktemp(f"straight-{nproc}") / "out"
+            done = llaunch_run(config, out, nproc)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            runs[nproc] = out / "final" / "model.safetensors"
+        return runs[nproc]
+
+    return get
+
+
+def alive(proc: psutil.Process) -> bool:
+    """Running, as opposed to gone or a zombie waiting for a (container) init to reap it."""
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop(target: str, launcher: subprocess.Popen, agent: psutil.Process) -> None:
+    if target == "launcher":
+        os.kill(launcher.pid, signal.SIGKILL)
+    elif target == "process group":
+        os.killpg(launcher.pid, signal.SIGKILL)
+    elif target == "agent":
+        agent.send_signal(signal.SIGKILL)
+    elif target == "hung rank, two SIGTERMs":  # the hung rank never saves: the second one kills torchrun
+        os.kill(launcher.pid, signal.SIGTERM)
+        time.sleep(1)
+        os.kill(launcher.pid, signal.SIGTERM)
+    else:
+        os.kill(launcher.pid, signal.Signals[target])
+
+
+# (how the launcher is stopped, ranks, what the interrupted run gets besides the slow rank 0)
+CASES = [(target, nproc, "") for target in ("launcher", "process group", "agent", "SIGHUP") for nproc in (1, 2)]
+CASES += [("SIGQUIT", 1, ""), ("hung rank, two SIGTERMs", 2, f";hang:rank=1,step={SAVE_STEPS + 2}")]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("target, nproc, fault", CASES, ids=[f"{t}-{n}" for t, n, _ in CASES])
+def test_no_rank_outlives_its_launcher_and_the_rerun_resumes_alone_to_the_same_weights(tmp_path, config, reference,
+                                                                                      target, nproc, fault):
+    from safetensors.torch import load_file
+
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    launcher = llaunch_run(config, out, nproc, log=log, env={"LLAUNCH_FAULT": SLOW + fault})
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / f"step-{SAVE_STEPS}" / "manifest.json").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        [agent] = psutil.Process(launcher.pid).children()
+        ranks = agent.children()
+        assert len(ranks) == nproc and all(f"--job-dir {out}" in " ".join(r.cmdline()) for r in ranks)
+        stop(target, launcher, agent)
+        code = launcher.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while any(map(alive, [agent, *ranks])) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, [agent, *ranks])), f"alive 10 s after the {target} was stopped:\n" \
+                                                     f"{log.read_text()[-3000:]}"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for proc in psutil.Process().children(recursive=True):
+            proc.kill()
+    if target in ("SIGHUP", "SIGQUIT"):  # handled like SIGTERM: the ranks saved and stopped, asking to be rerun
+        assert code == REQUEUE_EXIT_CODE and f"preempted ({target}): saved step" in log.read_text(), log.read_text()
+
+    rerun = llaunch_run(config, out, nproc)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout
+    final, straight = load_file(out / "final" / "model.safetensors"), load_file(reference(nproc))
+    assert final.keys() == straight.keys() and all((final[k] - straight[k]).abs().max() <= 1e-6 for k in final)
+    assert not (SHM / f"{BEACON_FOLDER_PREFIX}{launcher.pid}").exists()
+
+
+def test_a_finished_run_goes_on_when_asked_for_more_steps(tmp_path, config):
+    """It used to be refused with "pass --overwrite", which then removed the run."""
+    out = tmp_path / "out"
+    first = llaunch_run(config, out, 1, extra=("--max-steps", str(MAX_STEPS // 2)))
+    assert first.returncode == 0 and (out / "final").is_dir(), first.stdout[-3000:] + first.stderr[-3000:]
+    more = llaunch_run(config, out, 1)
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert f"checkpoints/step-{MAX_STEPS // 2} at step {MAX_STEPS // 2}" in more.stdout
+    assert (out / "checkpoints" / f"step-{MAX_STEPS}").is_dir()
+
+
+def test_a_stop_signal_while_the_final_model_is_written_ends_a_finished_run(tmp_path, config):
+    """SIGTERM after the last step: the final model is written, and the run is finished (exit 0, ledgered so),
+    not a preemption to requeue. Rank 0 is held (SIGSTOP) after its loop ended while the signal goes round."""
+    from launcher import goodput, ledger
+
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    launcher = llaunch_run(config, out, 1, log=log)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(e["kind"] == ledger.TRAIN_END for e in ledger.read(out)):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.002)
+        [rank] = psutil.Process(launcher.pid).children()[0].children()
+        rank.suspend()
+        launcher.send_signal(signal.SIGTERM)
+        time.sleep(2)  # the launcher passes it to torchrun, torchrun to the stopped rank
+        rank.resume()
+        assert launcher.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert (out / "final" / "model.safetensors").is_file()
+    assert [inc.cause for inc in goodput.analyse(ledger.read(out)).incarnations] == ["finished"]
