@@ -202,6 +202,7 @@ class Plan(TrainSetup):
 
     model: str
     params: int = 0
+    active_params: int = 0  # what one token uses: a mixture of experts' top-k experts, else params
     gpu_name: str = ""
     gpu_mem_bytes: int = 0
     memory: dict[str, int] = field(default_factory=dict)
@@ -219,7 +220,8 @@ class Plan(TrainSetup):
 
     def to_dict(self) -> dict:
         """The model first, then the knobs, the hardware and the figures."""
-        return {"model": self.model, "params": self.params, **dataclasses.asdict(self)}
+        return {"model": self.model, "params": self.params, "active_params": self.active_params,
+                **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
