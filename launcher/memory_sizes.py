@@ -74,8 +74,9 @@ def host_offload_bytes(spec: ModelSpec, setup: TrainSetup, trainable: int, world
 
 
 def qlora_base_bytes(spec: ModelSpec) -> float:
-    """QLoRA (Dettmers et al. 2023): block linears as NF4 with double-quantized scales; the rest in bf16."""
-    quantized = spec.block_linear_params
+    """QLoRA (Dettmers et al. 2023): block linears as NF4 with double-quantized scales; the rest (routed
+    experts too) in bf16."""
+    quantized = spec.quantized_params
     return quantized * QLORA_BITS_PER_PARAM / 8 + (spec.num_params - quantized) * 2
 
 

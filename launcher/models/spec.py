@@ -162,8 +162,14 @@ class ModelSpec:
         return sum(n * sum(i * o for _, i, o in linears) for n, linears in self.layer_groups()) + self.expert_matrix_params
 
     @property
+    def quantized_params(self) -> int:
+        """What QLoRA's bitsandbytes replaces: nn.Linear weights of the blocks. transformers 5 quantizes nn.Linear
+        modules only (integrations/bitsandbytes.py), so routed experts, 3-D parameters, stay in bf16."""
+        return self.block_linear_params - self.expert_matrix_params
+
+    @property
     def linear_params(self) -> int:
-        """Weights of every matmul in the blocks plus the LM head: what autocast copies and QLoRA quantizes."""
+        """Weights of every matmul in the blocks plus the LM head: what autocast copies to bf16."""
         return self.block_linear_params + self.vocab * self.hidden
 
     @property

@@ -38,9 +38,13 @@ def test_the_table_title_says_total_and_active(capsys):
     assert "qwen3-8b: 8.19B params on 1x1 H100" in out and "active" not in out
 
 
-def test_qwen3_30b_a3b_qlora_fits_one_24gb_card(capsys):
+def test_qwen3_30b_a3b_qlora_fits_one_24gb_card_with_its_bf16_experts_in_host_memory(capsys):
+    """bitsandbytes quantizes nn.Linear modules only: the 3-D expert parameters (29.0B) stay bf16, so the base
+    is 58 GB, not 16, and FSDP's CPU offload holds it."""
     plan = _plan(capsys, "--model", "qwen3-30b-a3b", "--gpus", "1", "--gpu-mem", "24GiB", "--method", "qlora")
     assert (plan["method"], plan["params"], plan["active_params"]) == ("qlora", 30_532_122_624, 3_353_032_704)
+    assert (plan["strategy"], plan["offload"]) == ("fsdp", "optimizer+params")
+    assert plan["memory"]["host_offload_bytes"] > 2 * load_model_spec("qwen3-30b-a3b").expert_matrix_params
     assert plan["memory"]["reserved_bytes"] <= plan["memory"]["limit_bytes"]
 
 
