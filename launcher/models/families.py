@@ -107,16 +107,25 @@ def _attention(c: dict, fam: Family, h: int, heads: int, kv: int, d: int, mla: M
     return linears, extra
 
 
+def _first(c: dict, *keys: str):
+    """The value under the first key present: config.json spells a count as the model's own name for it
+    (num_experts, n_routed_experts), a config class's to_dict() (the ranks' spec) as its attribute_map target."""
+    for key in keys:
+        if key in c:
+            return c[key]
+    raise KeyError(keys[0])
+
+
 def _moe_spec(c: dict, layers: int) -> MoESpec | None:
     """The experts of a mixtral / qwen3_moe / deepseek_v3 / gpt_oss config, each read as its config class does."""
     kind = c["model_type"]
     if kind in ("mixtral", "gpt_oss"):
-        return MoESpec(experts=int(c["num_local_experts"]), experts_per_token=int(c["num_experts_per_tok"]),
+        return MoESpec(experts=int(_first(c, "num_local_experts", "num_experts")), experts_per_token=int(c["num_experts_per_tok"]),
                        expert_ffn=int(c["intermediate_size"]), layers=tuple(range(layers)),
                        router="softmax", biases=kind == "gpt_oss",
                        lora_names=("gate", "w1", "w3", "w2") if kind == "mixtral" else ())
     if kind == "qwen3_moe":
-        experts, step = int(c["num_experts"]), int(c.get("decoder_sparse_step", 1))
+        experts, step = int(_first(c, "num_experts", "num_local_experts")), int(c.get("decoder_sparse_step", 1))
         dense = set(c.get("mlp_only_layers") or [])
         moe_layers = tuple(i for i in range(layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
         return MoESpec(experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
@@ -124,7 +133,7 @@ def _moe_spec(c: dict, layers: int) -> MoESpec | None:
                        lora_names=("gate", *MLP_NAMES))
     if kind == "deepseek_v3":
         first_moe = int(c.get("first_k_dense_replace", 0))
-        return MoESpec(experts=int(c["n_routed_experts"]), experts_per_token=int(c["num_experts_per_tok"]),
+        return MoESpec(experts=int(_first(c, "n_routed_experts", "num_local_experts")), experts_per_token=int(c["num_experts_per_tok"]),
                        expert_ffn=int(c["moe_intermediate_size"]), layers=tuple(range(first_moe, layers)),
                        shared_experts=int(c.get("n_shared_experts") or 0), router="sigmoid",
                        lora_names=("gate", *MLP_NAMES))

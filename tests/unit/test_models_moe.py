@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from launcher.errors import LaunchError
-from launcher.models import _catalog, count_params_on_meta, load_model_spec
+from launcher.models import _catalog, count_params_on_meta, load_model_spec, spec_from_config
 
 # Each architecture cut in depth only (every width as published), keeping one layer of each kind it has.
 SHRUNK = {
@@ -40,6 +40,9 @@ def test_total_active_and_lora_counts_equal_the_meta_device_model(name):
     spec = load_model_spec(name, SHRUNK[name])
     total, model = count_params_on_meta(spec.hf_config)
     assert spec.num_params == total
+    built = spec_from_config(name, model.config.to_dict())  # what the ranks compute MFU with
+    assert (built.num_params, built.active_params, built.flops_per_token(512)) == (
+        total, spec.active_params, spec.flops_per_token(512))
     experts = sum(p.numel() for key, p in model.named_parameters() if ".experts." in key)
     moe = spec.moe
     idle = experts * (moe.experts - moe.experts_per_token) // moe.experts if moe else 0
