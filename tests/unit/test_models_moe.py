@@ -133,3 +133,9 @@ def test_lora_targets_of_an_moe_name_what_peft_can_adapt():
         spec.lora_params(8, ["q_proj"])  # MLA has q_a_proj / q_b_proj
     attention_only = spec.lora_params(8, ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"])
     assert spec.lora_params(8, ["all-linear"]) > 50 * attention_only  # the experts' adapters dominate
+
+
+def test_a_config_json_with_impossible_latent_attention_is_one_sentence(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**_catalog()["deepseek-v3"]["hf_config"], "v_head_dim": 0}))
+    with pytest.raises(LaunchError, match="latent attention sizes must be positive"):
+        load_model_spec(str(tmp_path))
