@@ -66,8 +66,8 @@ PUBLISHED = sorted(n for n, e in _catalog().items() if "published" in e)
 def test_counts_are_within_half_a_percent_of_the_published_figures(name):
     """Within 0.5 %, or within one unit of the figure's last digit where it is printed coarser than that
     (Qwen's "3.3B activated" for 3.35B). gpt-oss's card and DeepSeek's README leave the input embedding out
-    of the active count (active_without); Gemma 3's report gives the non-embedding parameters of the text
-    decoder (the 4B-27B vision tower is not part of the spec)."""
+    of the active count (active_without); non-embedding figures (Qwen3's model cards, Gemma 3's report for the
+    text decoder: the 4B-27B vision tower is not part of the spec) leave out the embedding and an untied head."""
     spec, published = load_model_spec(name), _catalog()[name]["published"]
     embedding = spec.vocab * spec.hidden
     ours = {"total": spec.num_params, "non_embedding": spec.num_params - embedding - spec.lm_head_params,
