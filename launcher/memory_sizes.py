@@ -75,8 +75,9 @@ def host_offload_bytes(spec: ModelSpec, setup: TrainSetup, trainable: int, world
 
 
 def qlora_base_bytes(spec: ModelSpec) -> float:
-    """QLoRA (Dettmers et al. 2023): block linears as NF4 with double-quantized scales; the rest in bf16."""
-    quantized = spec.block_linear_params
+    """QLoRA (Dettmers et al. 2023): block linears as NF4 with double-quantized scales; the rest (routed
+    experts too) in bf16."""
+    quantized = spec.quantized_params
     return quantized * QLORA_BITS_PER_PARAM / 8 + (spec.num_params - quantized) * 2
 
 
@@ -143,7 +144,7 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     qd, kvd = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     lora = setup.trains_adapters
     names = {n for n, _, _ in spec.layer_linears}
-    inputs = {n: i for n, i, _ in spec.layer_linears}
+    inputs = spec.lora_inputs()
     # RMSNorm saves its fp32 input (for the variance) and, when its weight trains, the normalized tensor.
     total = 2 * (4 * h + (0 if lora else resid * h))
     # Attention (SDPA flash / mem-efficient) saves q, k, v, its output (which o_proj reads in place) and a logsumexp.

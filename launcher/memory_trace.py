@@ -43,14 +43,14 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.models import LLAMA_LIKE
+    from launcher.models import GPT2_LIKE
     from launcher.train.chunked_loss import use_chunked_loss
     from launcher.train.modeling import enable_activation_checkpointing
 
     if setup.trains_adapters:  # PEFT moves adapters with Module.to(), which cannot swap fake parameters
         raise LaunchError("--trace supports full fine-tuning only (PEFT cannot wrap a fake-tensor model); drop --trace.")
 
-    depth_key = "num_hidden_layers" if spec.model_type in LLAMA_LIKE or "num_hidden_layers" in spec.hf_config else "n_layer"
+    depth_key = "n_layer" if spec.model_type in GPT2_LIKE else "num_hidden_layers"
     config = AutoConfig.for_model(**{**spec.hf_config, depth_key: layers})
     dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32  # set at build: fake params cannot .to()
     with FakeTensorMode():
@@ -126,14 +126,14 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher.config import FinetuneConfig
-    from launcher.models import LLAMA_LIKE
+    from launcher.models import GPT2_LIKE
     from launcher.train.adapters import apply_finetune_method
     from launcher.train.chunked_loss import use_chunked_loss
     from launcher.train.modeling import enable_activation_checkpointing
 
     if setup.method == "qlora":
         raise LaunchError("--trace cannot build bitsandbytes' 4-bit layers on fake tensors; drop --trace for QLoRA.")
-    depth_key = "num_hidden_layers" if spec.model_type in LLAMA_LIKE or "num_hidden_layers" in spec.hf_config else "n_layer"
+    depth_key = "n_layer" if spec.model_type in GPT2_LIKE else "num_hidden_layers"
     config = AutoConfig.for_model(**{**spec.hf_config, depth_key: layers})
     dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
     with torch.device("meta"):

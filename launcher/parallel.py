@@ -137,7 +137,7 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
     if spec.layers < dims.stages:
         raise LaunchError(f"{spec.name}'s {spec.layers} layers do not fill {dims.stages} pipeline stages "
                           f"(pp {dims.pp} x {dims.pp_virtual_stages} virtual); choose at most {spec.layers} stages.")
-    experts = spec.experts
+    experts = spec.moe.experts if spec.moe else 0
     if dims.ep_enabled and (experts < 2 or experts % dims.ep):
         what = f"{experts} experts, which ep {dims.ep} does not divide" if experts > 1 else "no experts"
         raise LaunchError(f"{spec.name} has {what}; use --ep 1 for a dense model or an ep that divides the experts.")

@@ -265,6 +265,7 @@ class Plan(TrainSetup):
 
     model: str
     params: int = 0
+    active_params: int = 0  # what one token uses: a mixture of experts' top-k experts, else params
     gpu_name: str = ""
     gpu_mem_bytes: int = 0
     memory: dict[str, int] = field(default_factory=dict)
@@ -282,7 +283,8 @@ class Plan(TrainSetup):
 
     def to_dict(self) -> dict:
         """The model first, then the knobs with the parallelism record as one mapping, the hardware and the figures."""
-        data = {"model": self.model, "params": self.params, **dataclasses.asdict(self)}
+        data = {"model": self.model, "params": self.params, "active_params": self.active_params,
+                **dataclasses.asdict(self)}
         for name in LAYOUT_KNOBS:
             data.pop(name)
         return {**data, "parallel": self.parallel.to_dict()}

@@ -291,7 +291,8 @@ def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candid
     memory = chosen.memory.to_dict()
     memory["limit_bytes"] = chosen.limit_bytes
     plan = Plan(
-        **dataclasses.asdict(s), model=request.model, params=spec.num_params, gpu_name="" if cpu else hw.gpu_name,
+        **dataclasses.asdict(s), model=request.model, params=spec.num_params,
+        active_params=spec.active_params, gpu_name="" if cpu else hw.gpu_name,
         gpu_mem_bytes=0 if cpu else hw.gpu_mem_bytes, memory=memory,
         predicted={"step_time_s": round(chosen.step_time_s, 6), "tokens_per_s": round(chosen.tokens_per_s, 1),
                    "mfu": round(chosen.mfu, 4)},

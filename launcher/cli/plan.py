@@ -233,10 +233,10 @@ def what_it_takes(args, request) -> int:
         from launcher.plan_plot import plot_sizing
         from launcher.sizing import COMMON_GPUS, memory_curves
 
-        plot_sizing(args.plot, f"{spec.name} ({spec.num_params / 1e9:.3g}B), sequence {request.fixed().seq_len}: "
+        plot_sizing(args.plot, f"{spec.name} ({params_text(spec)}), sequence {request.fixed().seq_len}: "
                     "memory per GPU against GPU count", memory_curves(request, methods), rows, COMMON_GPUS)
     if args.json:
-        print(json.dumps({"model": spec.name, "params": spec.num_params,
+        print(json.dumps({"model": spec.name, "params": spec.num_params, "active_params": spec.active_params,
                           "what_it_takes": [r.to_dict() for r in rows]}, indent=2))
         return 0
     print_sizing(spec, request, rows)
@@ -245,11 +245,17 @@ def what_it_takes(args, request) -> int:
     return 0
 
 
+def params_text(spec) -> str:
+    """"46.7B params (12.9B active)" for a mixture of experts, "8.03B params" for a dense model."""
+    active = f" ({spec.active_params / 1e9:.3g}B active)" if spec.active_params != spec.num_params else ""
+    return f"{spec.num_params / 1e9:.3g}B params{active}"
+
+
 def print_sizing(spec, request, rows) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params, sequence {request.fixed().seq_len}: "
+    table = Table(title=f"{spec.name}: {params_text(spec)}, sequence {request.fixed().seq_len}: "
                         f"the fewest GPUs that fit (no GPU here or named)")
     for column in ("GPU", "method", "GPUs", "nodes", "strategy", "mb x ga", "ckpt", "peak/limit GiB", "tok/s"):
         table.add_column(column, justify="left" if column in ("GPU", "method", "strategy") else "right", no_wrap=True)
@@ -325,7 +331,7 @@ def print_table(spec, plan, candidates) -> None:
     from launcher.units import format_bytes
 
     gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731 - one-line column formatter
-    table = Table(title=f"{spec.name}: {spec.num_params / 1e9:.3g}B params on {_where(plan)} (GiB per rank)")
+    table = Table(title=f"{spec.name}: {params_text(spec)} on {_where(plan)} (GiB per rank)")
     for column in ("strategy", "layout", "mb", "ga", "ckpt", "weights", "grads", "optim", "activ", "logits",
                    "comm", "ctx+rsv", "peak", "reserved/limit", "fits", "step s", "tok/s", "MFU"):
         table.add_column(column, justify="left" if column == "strategy" else "right", no_wrap=True)

@@ -1,8 +1,10 @@
 """Model specs: the architecture facts the estimator and planner need, from an alias, catalog, HF cache or path.
 
-Catalog entries are published config.json facts (JSON files in catalog/, each with its source). Their
-parameter count is analytic so that `llaunch plan --model 70b` never imports torch; anything else is
-instantiated on the meta device (accelerate's init_empty_weights) and counted exactly.
+Catalog entries are published config.json facts (JSON files in catalog/, each with its source). Every model
+type in families.py (dense Llama / Mistral / Qwen2-3 / Gemma 3, the Mixtral / Qwen3-MoE / DeepSeek-V3 / gpt-oss
+mixtures of experts, GPT-2) is counted analytically, catalog entry or local config.json, so that
+`llaunch plan --model 70b` never imports torch; anything else is instantiated on the meta device (accelerate's
+init_empty_weights) and counted exactly.
 """
 
 from __future__ import annotations
@@ -11,90 +13,17 @@ import difflib
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.models.families import FAMILIES, decoder_spec, gpt2_spec
+from launcher.models.spec import GPT2_LIKE, MLASpec, ModelSpec, MoESpec
+
+__all__ = ["MLASpec", "ModelSpec", "MoESpec", "count_params_on_meta", "load_model_spec", "spec_from_config"]
 
 CATALOG_DIR = Path(__file__).with_name("catalog")
 CONFIG_KEYS_FILE = Path(__file__).parents[1] / "data" / "config_keys.json"
-# Families whose parameter count and layer shapes we compute analytically (tested equal to the meta count).
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
-GPT2_LIKE = ("gpt2",)
-
-
-@dataclass
-class ModelSpec:
-    """What a decoder-only LM is, in the numbers that decide memory and FLOPs."""
-
-    name: str
-    hf_config: dict
-    num_params: int
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    tied_embeddings: bool
-    max_position: int = 0
-    source: str = ""
-    published_params: int | None = None
-    # Per-layer linear layers as (name, in_features, out_features); PEFT target names for LoRA.
-    layer_linears: list[tuple[str, int, int]] = field(default_factory=list)
-
-    @property
-    def model_type(self) -> str:
-        return self.hf_config["model_type"]
-
-    @property
-    def embedding_params(self) -> int:
-        """Token embedding (+ learned positions for GPT-2): looked up, never multiplied."""
-        positions = self.max_position * self.hidden if self.model_type in GPT2_LIKE else 0
-        return self.vocab * self.hidden + positions
-
-    @property
-    def experts(self) -> int:
-        """Routed experts per MoE layer (Mixtral's num_local_experts, DeepSeek's n_routed_experts); 0 if dense."""
-        c = self.hf_config
-        return int(c.get("num_local_experts") or c.get("n_routed_experts") or c.get("num_experts") or 0)
-
-    @property
-    def lm_head_params(self) -> int:
-        return 0 if self.tied_embeddings else self.vocab * self.hidden
-
-    @property
-    def linear_params(self) -> int:
-        """Weights of every matmul in the blocks plus the LM head: what autocast copies and QLoRA quantizes."""
-        blocks = self.layers * sum(i * o for _, i, o in self.layer_linears)
-        return blocks + self.vocab * self.hidden
-
-    @property
-    def block_linear_params(self) -> int:
-        return self.layers * sum(i * o for _, i, o in self.layer_linears)
-
-    def lora_params(self, r: int, targets: list[str]) -> int:
-        """Trainable adapter parameters: r * (in + out) for each targeted linear in each block."""
-        names = self.lora_target_names(targets)
-        return self.layers * sum(r * (i + o) for n, i, o in self.layer_linears if n in names)
-
-    def lora_target_names(self, targets: list[str]) -> set[str]:
-        known = {n for n, _, _ in self.layer_linears}
-        if list(targets) == ["all-linear"]:
-            return known
-        unknown = [t for t in targets if t not in known]
-        if unknown:
-            raise LaunchError(
-                f"LoRA target(s) {', '.join(unknown)} are not linear layers of {self.name}; "
-                f"use all-linear or some of {', '.join(sorted(known))}."
-            )
-        return set(targets)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x matmul params + causal attention 6 * layers * seq * hidden (PaLM, app. B)."""
-        return 6.0 * self.linear_params + 6.0 * self.layers * seq_len * self.heads * self.head_dim
 
 
 def load_model_spec(name_or_path: str, overrides: dict | None = None) -> ModelSpec:
@@ -106,7 +35,7 @@ def load_model_spec(name_or_path: str, overrides: dict | None = None) -> ModelSp
         config = _overridden(entry["name"], entry["hf_config"], overrides)
         spec = spec_from_config(entry["name"], config, source=entry["source"])
         if not overrides:
-            spec.published_params = entry["published_params"]
+            spec.published_params = entry.get("published_params")
         return spec
     config_path = _find_config_json(key)
     if config_path is None:
@@ -222,53 +151,11 @@ def spec_from_config(name: str, config: dict, source: str = "") -> ModelSpec:
     """The spec of a Hugging Face config dict (the ranks pass their built model's, so MFU uses the planner's
     FLOPs rule)."""
     model_type = config.get("model_type")
-    if model_type in LLAMA_LIKE:
-        return _llama_like_spec(name, config, source)
+    if model_type in FAMILIES:
+        return decoder_spec(name, config, source)
     if model_type in GPT2_LIKE:
-        return _gpt2_spec(name, config, source)
+        return gpt2_spec(name, config, source)
     return _meta_device_spec(name, config, source)
-
-
-def _llama_like_spec(name: str, c: dict, source: str) -> ModelSpec:
-    try:
-        h, f, layers = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_hidden_layers"])
-        heads, vocab = int(c["num_attention_heads"]), int(c["vocab_size"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise LaunchError(f"model config for {name} lacks a usable {err}; add it to config.json or --model-override.") from None
-    kv = int(c.get("num_key_value_heads") or heads)
-    if heads % kv:
-        raise LaunchError(f"{name}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}; override both.")
-    head_dim = int(c.get("head_dim") or h // heads)
-    linears = [
-        ("q_proj", h, heads * head_dim), ("k_proj", h, kv * head_dim), ("v_proj", h, kv * head_dim),
-        ("o_proj", heads * head_dim, h), ("gate_proj", h, f), ("up_proj", h, f), ("down_proj", f, h),
-    ]
-    qkv_bias = c["model_type"] == "qwen2" or bool(c.get("attention_bias"))
-    per_layer = sum(i * o for _, i, o in linears) + 2 * h
-    per_layer += (heads + 2 * kv) * head_dim if qkv_bias else 0
-    per_layer += h if c.get("attention_bias") else 0  # o_proj bias
-    per_layer += (2 * f + h) if c.get("mlp_bias") else 0
-    tied = bool(c.get("tie_word_embeddings", False))
-    params = vocab * h + layers * per_layer + h + (0 if tied else vocab * h)
-    return ModelSpec(
-        name=name, hf_config=c, num_params=params, layers=layers, hidden=h, heads=heads, kv_heads=kv,
-        head_dim=head_dim, ffn=f, vocab=vocab, tied_embeddings=tied,
-        max_position=int(c.get("max_position_embeddings", 0)), source=source, layer_linears=linears,
-    )
-
-
-def _gpt2_spec(name: str, c: dict, source: str) -> ModelSpec:
-    h, layers, heads, vocab = int(c["n_embd"]), int(c["n_layer"]), int(c["n_head"]), int(c["vocab_size"])
-    f = int(c.get("n_inner") or 4 * h)
-    positions = int(c["n_positions"])
-    linears = [("c_attn", h, 3 * h), ("attn.c_proj", h, h), ("c_fc", h, f), ("mlp.c_proj", f, h)]
-    per_layer = sum(i * o for _, i, o in linears) + 3 * h + h + f + h + 4 * h  # biases + two LayerNorms
-    params = vocab * h + positions * h + layers * per_layer + 2 * h
-    return ModelSpec(
-        name=name, hf_config=c, num_params=params, layers=layers, hidden=h, heads=heads, kv_heads=heads,
-        head_dim=h // heads, ffn=f, vocab=vocab, tied_embeddings=True, max_position=positions, source=source,
-        layer_linears=linears,
-    )
 
 
 def count_params_on_meta(hf_config: dict) -> tuple[int, "object"]:

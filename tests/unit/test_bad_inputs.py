@@ -107,6 +107,8 @@ CASES = [
     ("plan --model tinyllama-1.1b --model-override hidden_size=0", "must be a positive integer"),
     ("plan --model tinyllama-1.1b --model-override hidden_size=nan", "must be a positive integer"),
     ("plan --model tinyllama-1.1b --model-override model_type=bert", "another kind of model"),
+    ("plan --model mixtral-8x7b --model-override num_experts_per_tok=9", "must be between 1 and the 8 routed experts"),
+    ("plan --model deepseek-v3 --model-override kv_lora_rank=0", "must be a positive integer"),
     ("plan --model tinyllama-1.1b --micro-batch 0", "--micro-batch must be a positive integer"),
     ("plan --model tinyllama-1.1b --seq-len -1", "--seq-len must be a positive integer"),
     ("plan --model tinyllama-1.1b --gpus 0", "--gpus must be a positive integer"),
