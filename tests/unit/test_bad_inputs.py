@@ -7,6 +7,7 @@ truncated, not UTF-8) and checkpoints or models that are damaged. Each case runs
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -132,6 +133,9 @@ CASES = [
     ("export W/done/checkpoints/step-1 --to W/afile", "already exists"),
     ("export W/done/checkpoints/step-1 --to W", "already exists"),
     ("export W/done/checkpoints/step-1 --to W/afile/x", "lies under the file"),
+    ("export W/adapter --to W/x --merge", "its base model is not a local directory"),  # a random-init base
+    ("export W/adapter --to W/x", "its base model is not a local directory"),
+    ("export W/adapter-of-model --to W/x", "add --merge to fold it into its base"),
     # generate
     ("generate --model W/nowhere --prompt hi", "not a model directory"),
     ("generate --model W/afile --prompt hi", "not a model directory"),
@@ -197,6 +201,9 @@ def workspace(tmp_path_factory):
            "data": {"dataset_format": "alpaca", "train_files": ["latin1.jsonl"], "block_size": 64},
            "finetune": {"method": "lora", "r": 4}, "training": {"max_steps": 2, "per_device_train_batch_size": 2}}
     (w / "sft.yaml").write_text(yaml.safe_dump(sft))
+    for name, base in (("adapter", None), ("adapter-of-model", str(w / "model"))):  # a LoRA run's final/
+        (w / name).mkdir()
+        (w / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
     done = w / "done"  # a finished run with a checkpoint whose manifest is damaged
     assert main(["run", str(w / "tiny.yaml"), "--output-dir", str(done), "--dry-run"]) == 0
     (done / "final").mkdir()

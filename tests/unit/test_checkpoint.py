@@ -324,6 +324,22 @@ def test_export_writes_a_hugging_face_model_from_a_dcp_checkpoint(tmp_path):
     assert main(["export", str(path), "--to", str(tmp_path / "hf2"), "--merge"]) == 2  # no adapters to merge
 
 
+class BaseDirAsTokenizer:
+    """What checkpoints held under tokenizer/ before the tokenizer was saved alone: an SFT run's whole base
+    directory, its tokenizer beside its config and weights (here another model's), which export must not copy."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def save_pretrained(self, directory):
+        from transformers import LlamaForCausalLM
+
+        from examples.arithmetic import char_tokenizer
+
+        char_tokenizer(["0123456789 +="]).save_pretrained(directory)
+        LlamaForCausalLM(self.config).save_pretrained(directory)
+
+
 def test_export_of_a_lora_checkpoint_writes_the_adapter_or_merges_it(tmp_path):
     import json as _json
 
@@ -344,7 +360,7 @@ def test_export_of_a_lora_checkpoint_writes_the_adapter_or_merges_it(tmp_path):
     adapter = _json.dumps(model.peft_config["default"].to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
     path = Checkpointer(tmp_path, strategy="ddp").save(
         1, engine, {}, documents={"model_config.json": config.to_json_string(use_diff=False),
-                                  "adapter_config.json": adapter})
+                                  "adapter_config.json": adapter}, tokenizer=BaseDirAsTokenizer(config))
     assert export_checkpoint(path, tmp_path / "adapter").name == "adapter_model.safetensors"
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     export_checkpoint(path, tmp_path / "merged", merge=True)
