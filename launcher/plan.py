@@ -184,12 +184,16 @@ class TrainSetup(StrategyTraits):
             able = ", ".join(s for s, can in ENGINE_SUPPORT.items() if can.quantized_base)
             raise LaunchError(f"QLoRA's 4-bit base runs under {able}, not {self.strategy}; choose one of them, "
                               f"or use finetune.method lora with {self.strategy}.")
-        if self.offload not in support.offloads:
-            able = ", ".join(f"{s} ({'/'.join(o for o in can.offloads if o != 'none')})"
-                             for s, can in ENGINE_SUPPORT.items() if len(can.offloads) > 1)
-            raise LaunchError(f"offload {self.offload!r} is not something {self.strategy} can do; "
-                              f"offloading strategies: {able}.")
+        check_offload(self.strategy, self.offload)
         return self
+
+
+def check_offload(strategy: str, offload: str) -> None:
+    """The one rule for what a strategy can keep in host memory (ENGINE_SUPPORT), naming the ones that can."""
+    if offload not in ENGINE_SUPPORT[strategy].offloads:
+        able = ", ".join(f"{s} ({'/'.join(o for o in can.offloads if o != 'none')})"
+                         for s, can in ENGINE_SUPPORT.items() if len(can.offloads) > 1)
+        raise LaunchError(f"offload {offload!r} is not something {strategy} can do; offloading strategies: {able}.")
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))  # the one list of knob names

@@ -12,13 +12,15 @@ from launcher import step_time
 from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan import ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_count, check_knob
+from launcher.plan import (ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_count, check_knob,
+                           check_offload)
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
 CPU_FLOPS_PER_CORE = 20e9  # fp32 FLOP/s per core for CPU plans (order of magnitude; CPU plans are for tests)
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when times tie
+OFFLOADING = ("zero2", "zero3", "fsdp")  # weighed for an offload: ZeRO-2 the optimizer, ZeRO-3 and FSDP parameters too
 
 
 class _RequestRules:
@@ -116,15 +118,30 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     request.validate()
     spec = load_model_spec(request.model, request.model_overrides)
     hw = hardware_for(request, hardware)
+    _check_forced_offload(request)
     candidates = rank_candidates(spec, request, hw)
     if not candidates:
-        world = hw.nodes * hw.gpus_per_node
+        world = (hw.nodes * hw.gpus_per_node) if hw.has_gpu else (request.nodes or 1) * (request.gpus_per_node or 1)
         raise LaunchError(f"the global batch cannot be split into micro-batch x gradient accumulation x {world} "
                           f"rank(s) with the sizes given; choose a global batch that is a multiple of them.")
+    candidates[0].setup.validate()  # a forced knob this hardware cannot run: its own rule says why, not a fit
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise LaunchError(_nothing_fits(spec, request, hw, candidates))
     return _to_plan(spec, request, hw, fitting[0], candidates)
+
+
+def _check_forced_offload(request: PlanRequest) -> None:
+    """A forced offload that the forced strategy, or every strategy able to step in backward, cannot do."""
+    offload = request.offload
+    if offload in (None, "none"):
+        return
+    if request.strategy:
+        check_offload(request.strategy, offload)
+    if request.optimizer_in_backward and not any(can.optimizer_in_backward and offload in can.offloads
+                                                 for can in ENGINE_SUPPORT.values()):
+        raise LaunchError("optimizer_in_backward steps each weight on the GPU as its gradient is ready, so nothing "
+                          "is offloaded; drop --offload, or drop --optimizer-in-backward to offload the optimizer.")
 
 
 def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list[Candidate]:
@@ -151,9 +168,11 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     for offload in _offloads(request, world):
         # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each
         # where it can run this method.
-        offloading = [s for s in ("zero2", "zero3", "fsdp") if s in weighed]
+        offloading = [s for s in OFFLOADING if s in weighed]
         for strategy in strategies if offload == "none" or request.strategy else offloading:
-            if offload not in ENGINE_SUPPORT[strategy].offloads or (strategy, offload) == ("zero3", "optimizer"):
+            # ZeRO-3 offloading only its optimizer is weighed when asked for: chosen, ZeRO-2 does that for less.
+            unasked = (strategy, offload) == ("zero3", "optimizer") and not request.strategy
+            if offload not in ENGINE_SUPPORT[strategy].offloads or unasked:
                 continue
             for micro in micro_batches:
                 accumulation = _accumulation(request, micro, world, fixed.seq_len)
@@ -227,8 +246,13 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     accumulation = _accumulation(request, micro, world, fixed.seq_len)
     if accumulation is None:
         return None
+    offload = request.offload or "none"
+    # a forced offload with the strategy left open: the first that can do it and run this method
+    able = [s for s in OFFLOADING if offload in ENGINE_SUPPORT[s].offloads
+            and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)]
+    strategy = request.strategy or ("ddp" if offload == "none" or not able else able[0])
     setup = dataclasses.replace(
-        fixed, strategy=request.strategy or "ddp", offload=request.offload or "none",
+        fixed, strategy=strategy, offload=offload,
         precision=request.precision or "fp32", activation_checkpointing=bool(request.activation_checkpointing),
         micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=request.nodes or 1,
         gpus_per_node=processes, device="cpu")
@@ -314,11 +338,20 @@ def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidate
         trial = dataclasses.replace(request, **tweak.get("request", {}))
         trial_hw = dataclasses.replace(hw, **tweak.get("hardware", {}))
         try:
-            if any(c.fits for c in rank_candidates(spec, trial, trial_hw)):
+            if any(c.fits and _accepted(c.setup) for c in rank_candidates(spec, trial, trial_hw)):
                 return f"{base}; {change}."
         except LaunchError:
             continue
     return f"{base}; no single change (more GPUs, offload, LoRA/QLoRA, shorter sequence) makes it fit."
+
+
+def _accepted(setup: TrainSetup) -> bool:
+    """Advice names only a change whose plan the rules accept (Plan.validate), not one merely fitting."""
+    try:
+        setup.validate()
+    except LaunchError:
+        return False
+    return True
 
 
 def _changes(request: PlanRequest, hw: Hardware):

@@ -65,6 +65,7 @@ CASES = [
     (f"{RUN} model.attn_implementation=flash_attention_9", "model.attn_implementation 'flash_attention_9' is not one of"),
     (f"{RUN} training.save_total_limit=0", "training.save_total_limit must be at least 1"),
     (f"{RUN} data.block_size=1", "data.block_size must be at least 2"),
+    (f"{RUN} training.gradient_accumulation_steps=1 training.global_batch_size=6", "accumulation x 1 rank(s)"),
     (f"{RUN} data.block_size=100000", "fewer than one global batch"),
     # a flag that replaced a config value is said only once the run starts: a refused run stays one sentence
     (f"{RUN} parallel.strategy=zero2 --strategy ddp data.block_size=100000", "fewer than one global batch"),
@@ -106,6 +107,10 @@ CASES = [
     ("plan --model W/bin.dat", "is not valid JSON"),
     ("plan --model W/empty", "is not valid JSON"),
     ("plan --model W/nowhere", "unknown model"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 2 --strategy ddp --offload optimizer", "not something ddp can do"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 2 --optimizer-in-backward --offload optimizer",
+     "nothing is offloaded; drop --offload"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 2 --optimizer-in-backward", "use 1 GPU, --strategy ddp"),
     # datasplit
     ("datasplit W/bin.dat --train-output W/a --eval-output W/b", "not UTF-8"),
     ("datasplit W/nul.jsonl --train-output W/a --eval-output W/b", "binary"),
