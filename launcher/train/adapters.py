@@ -112,14 +112,15 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, state_dict: dict) -> None:
-    """`model.save_pretrained` from the full state dict gathered across ranks (only an adapter, for a PEFT model).
+def save_pretrained(model: torch.nn.Module, directory: str | Path, state_dict: dict | None = None) -> None:
+    """`model.save_pretrained`, from the full state dict gathered across ranks when the engine shards parameters
+    (for a PEFT model only the adapter: adapter_config.json + adapter_model.safetensors).
 
     PEFT saves a prompt-learning adapter (prefix tuning) by running its prompt encoder rather than reading the
     state dict, and a sharding engine (FSDP2) holds that encoder's weights in shards: it runs here on a copy
     loaded from `state_dict`, put in place for the save."""
     encoders = getattr(model, "prompt_encoder", None)
-    if not encoders:
+    if not encoders or state_dict is None:
         model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         return
     sharded = encoders["default"]
