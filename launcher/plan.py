@@ -18,7 +18,8 @@ STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")  # hsdp: FSDP2 s
 FSDP_STRATEGIES = ("fsdp", "hsdp")  # run by the FSDP2 engine
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")  # run by the DeepSpeed engine at that ZeRO stage
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora")  # what `llaunch plan` and the sizing table put side by side
+PREFIX = "prefix"  # prefix tuning: planned with a full fine-tune's memory and time, an upper bound
 LORA_METHODS = ("lora", "qlora")  # a frozen base (4-bit for QLoRA) and trained low-rank adapters
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd", "adafactor")  # HF names
@@ -103,7 +104,7 @@ class StrategyTraits:
         return {"fp32": "tf32", "amp-fp16": "fp16"}.get(self.precision, "bf16")
 
 
-CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": METHODS, "precision": PRECISIONS,
+CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": (*METHODS, PREFIX), "precision": PRECISIONS,
            "optimizer": OPTIMIZERS, "attention": ATTENTIONS, "device": DEVICES}
 COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r")
 

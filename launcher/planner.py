@@ -12,8 +12,8 @@ from launcher import step_time
 from launcher.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
-from launcher.plan import (ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, Plan, TrainSetup, check_count, check_knob,
-                           check_offload)
+from launcher.plan import (ENGINE_SUPPORT, KNOBS, LORA_METHODS, OFFLOADS, PREFIX, STRATEGIES, Plan, TrainSetup,
+                           check_count, check_knob, check_offload)
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
@@ -201,7 +201,7 @@ def _offloads(request: PlanRequest, world: int) -> list[str]:
 def _default_precision(method: str, facts) -> str:
     """Full fine-tunes keep fp32 master weights (amp); adapters train over a bf16 base like PEFT recipes do."""
     half = "bf16" if facts.peak_flops["bf16"] > 0 else "fp16"
-    if method != "full":
+    if method in LORA_METHODS:
         return "bf16" if half == "bf16" else "amp-fp16"
     return f"amp-{half}"
 
@@ -288,6 +288,8 @@ def _reasons(spec: ModelSpec, chosen: Candidate, candidates: list[Candidate]) ->
     where = "host RAM per process" if s.device == "cpu" else "the GPU limit"
     reasons = [f"peak {format_bytes(m.peak_bytes)} allocated ({m.peak_phase} phase), {format_bytes(m.reserved_bytes)} "
                f"reserved, within {format_bytes(chosen.limit_bytes)} ({where})."]
+    if s.method == PREFIX:
+        reasons.append("prefix tuning is sized as a full fine-tune: an upper bound, as only the prefix trains.")
     if s.device == "cpu":
         reasons.append("no GPU visible: running on CPU in fp32 with gloo, one process per requested GPU slot.")
         return reasons

@@ -43,7 +43,7 @@ def quantization_config(cfg: FinetuneConfig):
 
 def as_planned(cfg: FinetuneConfig, plan) -> FinetuneConfig:
     """The fine-tune a rank runs: the Plan's method, LoRA rank and targets (what the planner sized), the
-    config's other PEFT keys. Prefix tuning, which the planner sizes as a full fine-tune, stays the config's."""
+    config's other PEFT keys. Prefix tuning stays the config's (plans written before it was recorded say full)."""
     if cfg.method == "prefix":
         return cfg
     return dataclasses.replace(cfg, method=plan.method, r=plan.lora_r, target_modules=list(plan.lora_targets))

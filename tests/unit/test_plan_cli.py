@@ -138,3 +138,23 @@ def test_a_run_that_forces_an_offload_on_cpu_gets_a_strategy_that_can_do_it(tmp_
     assert main(["run", str(tiny_run_config(tmp_path)), "--output-dir", str(out), "--dry-run",
                  "parallel.offload=optimizer"]) == 0
     assert (Plan.load(out / "plan.yaml").strategy, Plan.load(out / "plan.yaml").offload) == ("zero2", "optimizer")
+
+
+def test_prefix_tuning_is_planned_and_recorded_as_prefix_sized_as_full(tmp_path):
+    import yaml
+
+    from tests.tiny_run import tiny_run_config
+
+    config = tiny_run_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["finetune"] = {"method": "prefix", "num_virtual_tokens": 4}
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 0
+    plan = Plan.load(tmp_path / "out" / "plan.yaml")
+    assert plan.method == "prefix" and any("sized as a full fine-tune" in reason for reason in plan.reasons)
+    config.write_text(yaml.safe_dump({**data, "finetune": {"method": "full"}}))
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "full"), "--dry-run"]) == 0
+    assert plan.memory == Plan.load(tmp_path / "full" / "plan.yaml").memory
+    old = yaml.safe_load((tmp_path / "out" / "plan.yaml").read_text())  # written before: prefix recorded as full
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**old, "method": "full"}))
+    assert Plan.load(tmp_path / "old.yaml").method == "full"
