@@ -18,6 +18,8 @@ def run(args) -> int:
     import shutil
     from pathlib import Path
 
+    from safetensors import SafetensorError
+
     from launcher.checkpoint_store import MANIFEST
     from launcher.errors import LaunchError
     from launcher.train.adapters import is_adapter_dir, merge_adapter
@@ -44,9 +46,9 @@ def run(args) -> int:
         if to.exists():
             to.rmdir()
         partial.rename(to)
-    except OSError as err:
-        raise LaunchError(f"could not write the model to {to} ({err.strerror or err}); free space or fix "
-                          f"permissions.") from None
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        raise LaunchError(f"could not write the model to {to} ({getattr(err, 'strerror', None) or err}); free "
+                          f"space or fix permissions.") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {to / written.name}")

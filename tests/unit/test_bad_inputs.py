@@ -19,6 +19,7 @@ from launcher.train.sft import format_prompt
 from tests.tiny_run import tiny_run_config
 
 # (command line with W = the workspace, message fragment)
+LONG_NAME, LONG_PATH = "n" * 300, "/".join(["p" * 200] * 21)  # over NAME_MAX (255), over PATH_MAX (4096)
 RUN = "run W/tiny.yaml --output-dir W/out --dry-run"
 SFT = "run W/sft.yaml --output-dir W/out --dry-run"
 CASES = [
@@ -176,6 +177,20 @@ CASES = [
     ("goodput W/afile", "is not a directory"),
     ("goodput W", "has no event ledger"),
     ("goodput W --plot W/afile/t.png", "lies under the file"),
+    # a cache that is a file or takes no new entries, a name over 255 bytes, a path over PATH_MAX, /proc
+    (f"{RUN} data.cache_dir=W/afile", "cannot write the token cache in"),
+    (f"{RUN} data.cache_dir=/sys/llaunch-cache", "cannot write the token cache in"),
+    (f"run W/tiny.yaml --output-dir W/{LONG_NAME} --dry-run", "is too long"),
+    (f"run W/tiny.yaml --output-dir W/{LONG_PATH} --dry-run", "is too long"),
+    (f"run W/{LONG_NAME}.yaml --output-dir W/out --dry-run", "File name too long"),
+    (f"run W/{LONG_PATH}.yaml --output-dir W/out --dry-run", "File name too long"),
+    (f"export W/done/checkpoints/step-1 --to W/{LONG_NAME}", "is too long"),
+    (f"export W/done/checkpoints/step-1 --to W/{LONG_PATH}", "is too long"),
+    (f"plan --model tinyllama-1.1b --gpu H100 --plot W/{LONG_NAME}.png", "is too long"),
+    (f"plan --model tinyllama-1.1b --gpu H100 --plot W/{LONG_PATH}.png", "is too long"),
+    (f"goodput W/ledger --plot W/{LONG_NAME}.png", "is too long"),
+    ("plan --model tinyllama-1.1b --gpu H100 --plot /proc/llaunch.png", "choose another path"),
+    ("goodput W/ledger --plot /proc/llaunch.png", "choose another path"),
 ]
 
 
@@ -209,6 +224,11 @@ def workspace(tmp_path_factory):
     for name, base in (("adapter", None), ("adapter-of-model", str(w / "model"))):  # a LoRA run's final/
         (w / name).mkdir()
         (w / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+    (w / "ledger").mkdir()  # a run's event ledger, as `llaunch run` writes it
+    (w / "ledger" / "events.jsonl").write_text(
+        '{"t": 100.0, "inc": "h.1.100", "host": "h", "pid": 1, "kind": "launch", "nodes": 1, "how": "llaunch run"}\n'
+        '{"t": 101.0, "inc": "h.1.100", "host": "h", "pid": 2, "kind": "first_step", "step": 1, "tokens": 64}\n'
+        '{"t": 110.0, "inc": "h.1.100", "host": "h", "pid": 2, "kind": "process_exit", "code": 0}\n')
     done = w / "done"  # a finished run with a checkpoint whose manifest is damaged
     assert main(["run", str(w / "tiny.yaml"), "--output-dir", str(done), "--dry-run"]) == 0
     (done / "final").mkdir()
@@ -232,3 +252,14 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_written(workspace, capsys,
     assert code == 2, err
     assert err.startswith("llaunch: error: ") and err.count("\n") == 1 and message in err, err
     assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("cache", ["W/afile", "/sys/llaunch-cache"])  # a file; a place that takes no new entries
+def test_an_unusable_llaunch_cache_is_one_sentence(workspace, capsys, monkeypatch, cache):
+    before = snapshot(workspace)
+    monkeypatch.setenv("LLAUNCH_CACHE", cache.replace("W", str(workspace), 1))
+    argv = ["run", str(workspace / "tiny.yaml"), "--output-dir", str(workspace / "out"), "--dry-run", "data.cache_dir=null"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llaunch: error: cannot write the token cache in ") and "LLAUNCH_CACHE" in err, err
+    assert err.count("\n") == 1 and snapshot(workspace) == before
