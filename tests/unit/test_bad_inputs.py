@@ -223,7 +223,8 @@ def workspace(tmp_path_factory):
     (w / "sft.yaml").write_text(yaml.safe_dump(sft))
     for name, base in (("adapter", None), ("adapter-of-model", str(w / "model"))):  # a LoRA run's final/
         (w / name).mkdir()
-        (w / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": base}))
+        adapter = {"peft_type": "LORA", "base_model_name_or_path": base}
+        (w / name / "adapter_config.json").write_text(json.dumps(adapter))
     (w / "ledger").mkdir()  # a run's event ledger, as `llaunch run` writes it
     (w / "ledger" / "events.jsonl").write_text(
         '{"t": 100.0, "inc": "h.1.100", "host": "h", "pid": 1, "kind": "launch", "nodes": 1, "how": "llaunch run"}\n'
@@ -258,7 +259,8 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_written(workspace, capsys,
 def test_an_unusable_llaunch_cache_is_one_sentence(workspace, capsys, monkeypatch, cache):
     before = snapshot(workspace)
     monkeypatch.setenv("LLAUNCH_CACHE", cache.replace("W", str(workspace), 1))
-    argv = ["run", str(workspace / "tiny.yaml"), "--output-dir", str(workspace / "out"), "--dry-run", "data.cache_dir=null"]
+    argv = ["run", str(workspace / "tiny.yaml"), "--output-dir", str(workspace / "out"), "--dry-run",
+            "data.cache_dir=null"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("llaunch: error: cannot write the token cache in ") and "LLAUNCH_CACHE" in err, err

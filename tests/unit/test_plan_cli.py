@@ -102,8 +102,8 @@ H100x2 = "plan --model tinyllama-1.1b --gpu H100 --gpus 2"
 ADVICE = [
     (f"{H100x2} --strategy ddp --offload optimizer", "offload 'optimizer' is not something ddp can do",
      f"{H100x2} --strategy zero2 --offload optimizer"),
-    ("plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward --offload optimizer", "nothing is offloaded; drop --offload",
-     "plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward"),
+    ("plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward --offload optimizer",
+     "nothing is offloaded; drop --offload", "plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward"),
     ("plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward", "use 1 GPU, --strategy ddp",
      "plan --model 8b --gpu H100 --gpus 1 --strategy ddp --optimizer-in-backward"),
     ("plan --model 8b --gpu H100 --gpus 1 --strategy ddp --optimizer-in-backward", "does not fit",
