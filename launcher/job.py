@@ -152,7 +152,7 @@ def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | N
         precision=config.requested_precision,
         activation_checkpointing=training.gradient_checkpointing,
         attention=config.model.attn_implementation or "sdpa",
-        method="full" if config.finetune.method == "prefix" else config.finetune.method,
+        method=config.finetune.method,
         lora_r=config.finetune.r,
         lora_targets=config.finetune.target_modules,
         optimizer=training.optim,

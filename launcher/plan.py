@@ -21,7 +21,8 @@ STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when 
 FSDP_STRATEGIES = ("fsdp", "hsdp")  # run by the FSDP2 engine
 DEEPSPEED_STRATEGIES = ("zero1", "zero2", "zero3")  # run by the DeepSpeed engine at that ZeRO stage
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-METHODS = ("full", "lora", "qlora")
+METHODS = ("full", "lora", "qlora")  # what `llaunch plan` and the sizing table put side by side
+PREFIX = "prefix"  # prefix tuning: planned with a full fine-tune's memory and time, an upper bound
 LORA_METHODS = ("lora", "qlora")  # a frozen base (4-bit for QLoRA) and trained low-rank adapters
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd", "adafactor")  # HF names
@@ -120,7 +121,7 @@ class StrategyTraits:
         return {"fp32": "tf32", "amp-fp16": "fp16"}.get(self.precision, "bf16")
 
 
-CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": METHODS, "precision": PRECISIONS,
+CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": (*METHODS, PREFIX), "precision": PRECISIONS,
            "optimizer": OPTIMIZERS, "attention": ATTENTIONS, "device": DEVICES, "activation_checkpointing": RECOMPUTES,
            "pp_schedule": PP_SCHEDULES}
 COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r",
@@ -233,12 +234,16 @@ class TrainSetup(StrategyTraits):
             able = ", ".join(s for s, can in ENGINE_SUPPORT.items() if can.quantized_base)
             raise LaunchError(f"QLoRA's 4-bit base runs under {able}, not {self.strategy}; choose one of them, "
                               f"or use finetune.method lora with {self.strategy}.")
-        if self.offload not in support.offloads:
-            able = ", ".join(f"{s} ({'/'.join(o for o in can.offloads if o != 'none')})"
-                             for s, can in ENGINE_SUPPORT.items() if len(can.offloads) > 1)
-            raise LaunchError(f"offload {self.offload!r} is not something {self.strategy} can do; "
-                              f"offloading strategies: {able}.")
+        check_offload(self.strategy, self.offload)
         return self
+
+
+def check_offload(strategy: str, offload: str) -> None:
+    """The one rule for what a strategy can keep in host memory (ENGINE_SUPPORT), naming the ones that can."""
+    if offload not in ENGINE_SUPPORT[strategy].offloads:
+        able = ", ".join(f"{s} ({'/'.join(o for o in can.offloads if o != 'none')})"
+                         for s, can in ENGINE_SUPPORT.items() if len(can.offloads) > 1)
+        raise LaunchError(f"offload {offload!r} is not something {strategy} can do; offloading strategies: {able}.")
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))  # the one list of knob names

@@ -7,6 +7,7 @@ common cards' limits as lines to read the crossing points off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend is chosen first
 
+from launcher.errors import LaunchError  # noqa: E402
 from launcher.hardware import require_gpu_name  # noqa: E402
 
 GiB = 2**30
@@ -121,7 +123,10 @@ def _save(fig, path: str | Path, description: str) -> Path:
     try:
         fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight", metadata={"Description": description})
         os.replace(tmp, path)
+    except OSError as err:  # e.g. a directory that takes no new files (/proc), a full disk
+        raise LaunchError(f"cannot write {path} ({err.strerror or err}); choose another path.") from None
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from launcher.plan import STRATEGY_ORDER
+from launcher.plan import PREFIX, STRATEGY_ORDER
 from launcher.units import format_bytes
 
 
@@ -15,6 +15,8 @@ def plan_reasons(chosen, candidates: list) -> list[str]:
     where = "host RAM per process" if s.device == "cpu" else "the GPU limit"
     reasons = [f"peak {format_bytes(m.peak_bytes)} allocated ({m.peak_phase} phase), {format_bytes(m.reserved_bytes)} "
                f"reserved, within {format_bytes(chosen.limit_bytes)} ({where})."]
+    if s.method == PREFIX:
+        reasons.append("prefix tuning is sized as a full fine-tune: an upper bound, as only the prefix trains.")
     if s.device == "cpu":
         reasons.append("no GPU visible: running on CPU in fp32 with gloo, one process per requested GPU slot.")
         return reasons

@@ -14,7 +14,8 @@ from launcher.memory import MemoryBreakdown, estimate
 from launcher.models import ModelSpec, load_model_spec
 from launcher.layouts import LAYOUT_STRATEGIES, check_forced, layouts
 from launcher.parallel import RECOMPUTES
-from launcher.plan import (ENGINE_SUPPORT, KNOBS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup, check_count,
+from launcher.plan import (ENGINE_SUPPORT, KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup,
+                           check_count, check_offload,
                            check_knob, recompute_mode)
 from launcher.plan_reasons import plan_reasons
 from launcher.units import format_bytes
@@ -22,6 +23,7 @@ from launcher.units import format_bytes
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
 CPU_FLOPS_PER_CORE = 20e9  # fp32 FLOP/s per core for CPU plans (order of magnitude; CPU plans are for tests)
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+OFFLOADING = ("zero2", "zero3", "fsdp")  # weighed for an offload: ZeRO-2 the optimizer, ZeRO-3 and FSDP parameters too
 # A layout with tp / pp / cp is recommended over data parallelism only when the step-time model rates it this much
 # faster: its collectives are the model's least certain terms, and data parallelism is what `llaunch run` runs.
 LAYOUT_MARGIN = 0.10
@@ -128,17 +130,32 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     request.validate()
     spec = load_model_spec(request.model, request.model_overrides)
     hw = hardware_for(request, hardware)
+    _check_forced_offload(request)
     candidates = rank_candidates(spec, request, hw)
     if not candidates:
-        world = hw.nodes * hw.gpus_per_node
+        world = (hw.nodes * hw.gpus_per_node) if hw.has_gpu else (request.nodes or 1) * (request.gpus_per_node or 1)
         ranks = world // ((request.tp or 1) * (request.pp or 1) * (request.cp or 1))
         what = f"{ranks} data-parallel rank(s) (the {world} GPUs over tp x pp x cp)" if ranks != world else f"{world} rank(s)"
         raise LaunchError(f"the global batch cannot be split into micro-batch x gradient accumulation x {what} "
                           f"with the sizes given; choose a global batch that is a multiple of them.")
+    candidates[0].setup.validate()  # a forced knob this hardware cannot run: its own rule says why, not a fit
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         raise LaunchError(_nothing_fits(spec, request, hw, candidates))
     return _to_plan(spec, request, hw, fitting[0], candidates)
+
+
+def _check_forced_offload(request: PlanRequest) -> None:
+    """A forced offload that the forced strategy, or every strategy able to step in backward, cannot do."""
+    offload = request.offload
+    if offload in (None, "none"):
+        return
+    if request.strategy:
+        check_offload(request.strategy, offload)
+    if request.optimizer_in_backward and not any(can.optimizer_in_backward and offload in can.offloads
+                                                 for can in ENGINE_SUPPORT.values()):
+        raise LaunchError("optimizer_in_backward steps each weight on the GPU as its gradient is ready, so nothing "
+                          "is offloaded; drop --offload, or drop --optimizer-in-backward to offload the optimizer.")
 
 
 def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list[Candidate]:
@@ -172,7 +189,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
         chosen = strategies if pure or request.strategy else [s for s in LAYOUT_STRATEGIES if s in weighed]
         # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each where
         # it can run this method.
-        offloading = [s for s in ("zero2", "zero3", "fsdp") if s in weighed]
+        offloading = [s for s in OFFLOADING if s in weighed]
         out += _candidates(spec, request, hw, facts, base, (chosen, offloading), world // model_parallel, pure)
     out.sort(key=lambda c: (not c.fits, -c.tokens_per_s / (1 + LAYOUT_MARGIN * (not c.setup.parallel.pure_data_parallel)),
                             STRATEGY_ORDER[c.setup.strategy], c.setup.parallel.model_parallel,
@@ -191,7 +208,9 @@ def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base
     out, (plain, offloading) = [], strategies
     for offload in _offloads(request, data_parallel) if pure else [request.offload or "none"]:
         for strategy in plain if offload == "none" or request.strategy else offloading:
-            if offload not in ENGINE_SUPPORT[strategy].offloads or (strategy, offload) == ("zero3", "optimizer"):
+            # ZeRO-3 offloading only its optimizer is weighed when asked for: chosen, ZeRO-2 does that for less.
+            unasked = (strategy, offload) == ("zero3", "optimizer") and not request.strategy
+            if offload not in ENGINE_SUPPORT[strategy].offloads or unasked:
                 continue
             for micro in micro_batches:
                 accumulation = _accumulation(request, micro, data_parallel, base.seq_len)
@@ -222,7 +241,7 @@ def _offloads(request: PlanRequest, world: int) -> list[str]:
 def _default_precision(method: str, facts) -> str:
     """Full fine-tunes keep fp32 master weights (amp); adapters train over a bf16 base like PEFT recipes do."""
     half = "bf16" if facts.peak_flops["bf16"] > 0 else "fp16"
-    if method != "full":
+    if method in LORA_METHODS:
         return "bf16" if half == "bf16" else "amp-fp16"
     return f"amp-{half}"
 
@@ -267,8 +286,13 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     accumulation = _accumulation(request, micro, world, fixed.seq_len)
     if accumulation is None:
         return None
+    offload = request.offload or "none"
+    # a forced offload with the strategy left open: the first that can do it and run this method
+    able = [s for s in OFFLOADING if offload in ENGINE_SUPPORT[s].offloads
+            and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)]
+    strategy = request.strategy or ("ddp" if offload == "none" or not able else able[0])
     setup = dataclasses.replace(
-        fixed, strategy=request.strategy or "ddp", offload=request.offload or "none",
+        fixed, strategy=strategy, offload=offload,
         precision=request.precision or "fp32", activation_checkpointing=request.activation_checkpointing or "none",
         micro_batch=micro, gradient_accumulation_steps=accumulation, nodes=request.nodes or 1,
         gpus_per_node=processes, device="cpu")
@@ -315,11 +339,20 @@ def _nothing_fits(spec: ModelSpec, request: PlanRequest, hw: Hardware, candidate
         trial = dataclasses.replace(request, **tweak.get("request", {}))
         trial_hw = dataclasses.replace(hw, **tweak.get("hardware", {}))
         try:
-            if any(c.fits for c in rank_candidates(spec, trial, trial_hw)):
+            if any(c.fits and _accepted(c.setup) for c in rank_candidates(spec, trial, trial_hw)):
                 return f"{base}; {change}."
         except LaunchError:
             continue
     return f"{base}; no single change (more GPUs, offload, LoRA/QLoRA, shorter sequence) makes it fit."
+
+
+def _accepted(setup: TrainSetup) -> bool:
+    """Advice names only a change whose plan the rules accept (Plan.validate), not one merely fitting."""
+    try:
+        setup.validate()
+    except LaunchError:
+        return False
+    return True
 
 
 def _changes(request: PlanRequest, hw: Hardware):

@@ -7,6 +7,7 @@ Subcommand modules import heavy libraries (torch, transformers) inside run(), so
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import pkgutil
@@ -15,6 +16,8 @@ import time
 
 from launcher import __version__
 from launcher.errors import EXIT_USER_ERROR, LaunchError
+
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on one path component and on a whole path, in bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,3 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `llaunch status | head`: the reader left; say nothing more, as cat would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        # a path the user gave (or one llaunch derives from it) that the file system refuses: any command, any step
+        name = os.fsdecode(err.filename or "")
+        shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(os.fsencode(name))} bytes)"
+        print(f"llaunch: error: the path {shown} is too long ({err.strerror}: at most {NAME_MAX} bytes a name and "
+              f"{PATH_MAX} in all); choose a shorter one.", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -18,6 +18,9 @@ def run(args) -> int:
     import shutil
     from pathlib import Path
 
+    from safetensors import SafetensorError
+
+    from launcher.checkpoint_store import MANIFEST
     from launcher.errors import LaunchError
     from launcher.train.adapters import is_adapter_dir, merge_adapter
     from launcher.train.export import export_checkpoint
@@ -29,23 +32,42 @@ def run(args) -> int:
     under = next((p for p in to.parents if p.exists()), None)
     if under is not None and not under.is_dir():
         raise LaunchError(f"--to {to} lies under the file {under}; choose another directory.")
-    if is_adapter_dir(args.checkpoint) and not args.merge:  # a LoRA run's OUTPUT/final: the adapter alone
-        raise LaunchError(f"{args.checkpoint} is already an adapter folder; add --merge to fold it into its base.")
+    adapter_only = is_adapter_dir(args.checkpoint) and not (Path(args.checkpoint) / MANIFEST).exists()
+    if adapter_only:  # a LoRA run's OUTPUT/final: the adapter alone, merged into the base it names
+        check_adapter_base(Path(args.checkpoint), args.merge)
     # Written beside --to and renamed into place when complete: a failure leaves no half-exported model.
     partial = to.with_name(f".{to.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        if is_adapter_dir(args.checkpoint):
+        if adapter_only:
             written = merge_adapter(args.checkpoint, partial) / "model.safetensors"
         else:
-            written = export_checkpoint(args.checkpoint, partial, merge=args.merge)
+            written = export_checkpoint(args.checkpoint, partial, merge=args.merge, destination=to)
         if to.exists():
             to.rmdir()
         partial.rename(to)
-    except OSError as err:
-        raise LaunchError(f"could not write the model to {to} ({err.strerror or err}); free space or fix "
-                          f"permissions.") from None
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        raise LaunchError(f"could not write the model to {to} ({getattr(err, 'strerror', None) or err}); free "
+                          f"space or fix permissions.") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {to / written.name}")
     return 0
+
+
+def check_adapter_base(adapter, merge: bool) -> None:
+    """An adapter folder exports only merged, and only onto the local base it names: a random-init base was
+    never saved beside the adapter, only in the run's checkpoints, which export either way."""
+    from launcher.config import ModelConfig
+    from launcher.errors import LaunchError
+    from launcher.train.adapters import base_model_path
+    from launcher.train.modeling import pretrained_dir
+
+    checkpoints = f"{adapter.absolute().parent}/checkpoints/step-N"
+    if pretrained_dir(ModelConfig(name_or_path=base_model_path(adapter))) is None:
+        raise LaunchError(f"{adapter} holds only a LoRA adapter and its base model is not a local directory (a "
+                          f"random-init base lives only in the run's checkpoints); export {checkpoints} instead, "
+                          f"with or without --merge.")
+    if not merge:
+        raise LaunchError(f"{adapter} is already an adapter folder (`llaunch generate --model {adapter}` loads it); "
+                          f"add --merge to fold it into its base, or export {checkpoints} for the adapter alone.")

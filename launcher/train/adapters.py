@@ -43,7 +43,7 @@ def quantization_config(cfg: FinetuneConfig):
 
 def as_planned(cfg: FinetuneConfig, plan) -> FinetuneConfig:
     """The fine-tune a rank runs: the Plan's method, LoRA rank and targets (what the planner sized), the
-    config's other PEFT keys. Prefix tuning, which the planner sizes as a full fine-tune, stays the config's."""
+    config's other PEFT keys. Prefix tuning stays the config's (plans written before it was recorded say full)."""
     if cfg.method == "prefix":
         return cfg
     return dataclasses.replace(cfg, method=plan.method, r=plan.lora_r, target_modules=list(plan.lora_targets))
@@ -81,10 +81,22 @@ def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.
     try:
         with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated: not the user's concern
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            return get_peft_model(model, peft_config(cfg))
+            peft_model = get_peft_model(model, peft_config(cfg))
     except ValueError as err:
         # PEFT names the module it could not find; the user fixes target_modules / modules_to_save.
         raise LaunchError(f"finetune settings do not fit {type(model).__name__}: {err}") from None
+    unregister_word_embeddings(peft_model)
+    return peft_model
+
+
+def unregister_word_embeddings(model: torch.nn.Module) -> None:
+    """Prompt-learning PEFT models (prefix tuning) register the base's input embedding a second time, as
+    `word_embeddings`. FSDP2's state-dict loading (torch.distributed.checkpoint) names each module once and then
+    misses that second name; kept as a plain attribute, PEFT still reaches it and every state dict (checkpoints,
+    the FSDP broadcast from rank 0) holds the weight once, under the base model's name."""
+    embeddings = model._modules.pop("word_embeddings", None)
+    if embeddings is not None:
+        object.__setattr__(model, "word_embeddings", embeddings)
 
 
 def keep_4bit_storage_as_trained(model: torch.nn.Module) -> None:
@@ -100,11 +112,26 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def save_adapter(model: torch.nn.Module, directory: str | Path, state_dict: dict | None = None) -> None:
-    """Only the adapter (adapter_config.json + adapter_model.safetensors, megabytes not gigabytes).
+def save_pretrained(model: torch.nn.Module, directory: str | Path, state_dict: dict | None = None) -> None:
+    """`model.save_pretrained`, from the full state dict gathered across ranks when the engine shards parameters
+    (for a PEFT model only the adapter: adapter_config.json + adapter_model.safetensors).
 
-    `state_dict` is the full gathered state when the engine shards parameters (FSDP/ZeRO-3)."""
-    model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    PEFT saves a prompt-learning adapter (prefix tuning) by running its prompt encoder rather than reading the
+    state dict, and a sharding engine (FSDP2) holds that encoder's weights in shards: it runs here on a copy
+    loaded from `state_dict`, put in place for the save."""
+    encoders = getattr(model, "prompt_encoder", None)
+    if not encoders or state_dict is None:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        return
+    sharded = encoders["default"]
+    prefix = "prompt_encoder.default."
+    whole = type(sharded)(model.peft_config["default"])
+    whole.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+    encoders["default"] = whole
+    try:
+        model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    finally:
+        encoders["default"] = sharded
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path, dtype=torch.float32) -> torch.nn.Module:

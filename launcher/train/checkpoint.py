@@ -146,19 +146,20 @@ class Checkpointer:
 
     def save(self, step: int, engine, state: dict, *, fingerprint: Fingerprint | None = None,
              metrics: dict | None = None, documents: dict[str, str] | None = None,
-             tokenizer_dir: str | Path | None = None) -> Path:
+             tokenizer=None) -> Path:
         """Write checkpoint `step`; returns its final path (published now, or by `wait()` when async).
 
         `state` is this rank's resumable state (train state, sampler, scheduler, scaler, early stopping);
         RNG streams are added here. `documents` (name -> text: plan.yaml, config.yaml, model_config.json)
-        and `tokenizer_dir` are written by rank 0 for export and inspection.
+        and the `tokenizer` (its own files only: an SFT run's tokenizer comes from the base model's directory,
+        whose weights a checkpoint must not repeat) are written by rank 0 for export and inspection.
         """
         self.wait()
         final = self.root / step_dir_name(step)
         partial = self.root / f".{step_dir_name(step)}.partial"
         # The folder exists (and the disk has room) before any rank writes into it.
         self._all_or_none(final.name, lambda: self._open_partial(step, partial), on_rank0_only=True)
-        self._all_or_none(final.name, lambda: self._write_rank_files(partial, state, documents, tokenizer_dir),
+        self._all_or_none(final.name, lambda: self._write_rank_files(partial, state, documents, tokenizer),
                           partial)
         try:
             future = engine.save_state(partial / ENGINE_DIR, async_save=self.async_save)
@@ -210,7 +211,7 @@ class Checkpointer:
             raise self._write_failed(step_dir_name(step), err.strerror or err) from None
 
     def _write_rank_files(self, partial: Path, state: dict, documents: dict[str, str] | None,
-                          tokenizer_dir: str | Path | None) -> None:
+                          tokenizer) -> None:
         """This rank's state with its RNG streams; rank 0 adds the documents and the tokenizer."""
         rank = _rank()
         with open(partial / f"rank-{rank}.pt", "wb") as f:
@@ -220,8 +221,8 @@ class Checkpointer:
         if rank == 0:
             for name, text in (documents or {}).items():
                 _write_durable(partial / name, text.encode())
-            if tokenizer_dir:
-                shutil.copytree(tokenizer_dir, partial / "tokenizer")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(partial / "tokenizer")
 
     def wait(self) -> None:
         """Join a background save; re-raise its failure as one sentence.

@@ -145,8 +145,11 @@ def build_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedC
     texts = read_texts(files, config.max_train_bytes)
     if not texts:
         raise LaunchError(f"the data files ({len(files)} of them) hold no text; point data.train_files at text.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    except OSError as err:
+        raise _cache_unwritable(final.parent, err) from None
     try:
         tokenizer = _train_bpe(texts, config.vocab_size) if source.startswith("bpe:") else _load_tokenizer(source)
         tokenizer.save_pretrained(work / "tokenizer")
@@ -165,10 +168,17 @@ def build_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedC
             work.rename(final)  # atomic: a concurrent builder that won the race leaves its copy in place
         except OSError:
             shutil.rmtree(work, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk while the tokens are written
+            raise _cache_unwritable(final.parent, err) from None
         raise
     return TokenizedCorpus(final)
+
+
+def _cache_unwritable(directory: Path, err: OSError) -> LaunchError:
+    return LaunchError(f"cannot write the token cache in {directory} ({err.strerror or err}); set data.cache_dir "
+                       f"or LLAUNCH_CACHE to a writable directory with free space.")
 
 
 def _train_bpe(texts: list[str], vocab_size: int):

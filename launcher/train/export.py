@@ -7,17 +7,21 @@ optimizer state is never loaded); DeepSpeed ZeRO checkpoints go through DeepSpee
 from __future__ import annotations
 
 import json
-import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
 from launcher.errors import LaunchError
 from launcher.checkpoint_store import ENGINE_DIR, verified_manifest
+from launcher.config import ModelConfig
 from launcher.plan import DEEPSPEED_STRATEGIES
+from launcher.train.adapters import ADAPTER_CONFIG
+from launcher.train.modeling import pretrained_dir
 from launcher.train.trusted_pickle import check_dcp_metadata
 
 MODEL_KEY = "model"  # engines save DCP state as {"model": ..., "optimizer": ...}
+BASE_DIR = "base"  # an exported adapter's random-init base, beside it
 
 
 def _load_dcp_model_state(engine_dir: Path) -> dict[str, torch.Tensor]:
@@ -57,37 +61,66 @@ def load_model_state(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], d
     return _load_dcp_model_state(engine_dir), manifest
 
 
-def export_checkpoint(checkpoint: str | Path, to: str | Path, merge: bool = False) -> Path:
+def export_checkpoint(checkpoint: str | Path, to: str | Path, merge: bool = False,
+                      destination: str | Path | None = None) -> Path:
     """Write `to/model.safetensors` (+ config.json and tokenizer when the checkpoint has them).
 
-    A LoRA run's checkpoint exports as its adapter (adapter_model.safetensors), or with `merge` as the base
-    model with the adapter folded into its weights.
+    A LoRA run's checkpoint exports as its adapter in PEFT's format (see `_save_adapter`), or with `merge` as
+    the base model with the adapter folded into its weights. `destination` is where `to` will be renamed to
+    once complete (an adapter records its base's final path); by default `to` itself.
     """
     from safetensors.torch import save_file
 
     checkpoint, to = Path(checkpoint), Path(to)
     state, manifest = load_model_state(checkpoint)
     config_file = checkpoint / "model_config.json"
-    adapter_file = checkpoint / "adapter_config.json"
+    adapter_file = checkpoint / ADAPTER_CONFIG
     if merge and not adapter_file.exists():
         raise LaunchError(f"checkpoint {checkpoint} has no LoRA adapters to merge; drop --merge.")
     to.mkdir(parents=True, exist_ok=True)
+    written = to / "model.safetensors"
     if config_file.exists():
-        model = _build_hf_model(json.loads(config_file.read_text()), state,
-                                json.loads(adapter_file.read_text()) if adapter_file.exists() else None, merge)
-        model.save_pretrained(to, safe_serialization=True)
-        if adapter_file.exists() and not merge:
-            return to / "adapter_model.safetensors"
+        adapter = json.loads(adapter_file.read_text()) if adapter_file.exists() else None
+        model = _build_hf_model(json.loads(config_file.read_text()), state, adapter)
+        if adapter is None or merge:
+            (model.merge_and_unload() if adapter else model).save_pretrained(to, safe_serialization=True)
+        else:
+            written = _save_adapter(model, to, Path(destination or to))
     else:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(to / "model.safetensors"),
-                  metadata={"step": str(manifest["step"])})
-    tokenizer = checkpoint / "tokenizer"
-    if tokenizer.is_dir():
-        shutil.copytree(tokenizer, to, dirs_exist_ok=True)
-    return to / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(written), metadata={"step": str(manifest["step"])})
+    _save_tokenizer(checkpoint / "tokenizer", to)
+    return written
 
 
-def _build_hf_model(config: dict, state: dict[str, torch.Tensor], adapter: dict | None, merge: bool):
+def _save_tokenizer(source: Path, to: Path) -> None:
+    """The tokenizer's own files: checkpoints older than Checkpointer's `tokenizer` argument hold an SFT run's
+    whole base directory under tokenizer/, whose weights and config must not overwrite the exported ones."""
+    from transformers import AutoTokenizer
+
+    if source.is_dir():
+        AutoTokenizer.from_pretrained(source).save_pretrained(to)
+
+
+def _save_adapter(model, to: Path, destination: Path) -> Path:
+    """The adapter alone (adapter_config.json + adapter_model.safetensors) and what loading it needs: its
+    base_model_name_or_path is the local base it was trained on when that still holds weights; a random-init
+    base (or one since removed) exists only in the checkpoint, so it is written to `base/` beside the adapter
+    and recorded by its absolute path, which PEFT's AutoPeftModelForCausalLM and `llaunch generate` read."""
+    config = model.peft_config["default"]
+    recorded = config.base_model_name_or_path or ""
+    if pretrained_dir(ModelConfig(name_or_path=recorded)) is None:
+        config.base_model_name_or_path = str((destination / BASE_DIR).absolute())
+        with warnings.catch_warnings():  # PEFT looks for the base's config.json, written next
+            warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+            model.save_pretrained(to, safe_serialization=True)
+        model.base_model.delete_adapter("default")  # unload() then gives back the frozen modules, not their copies
+        model.unload().save_pretrained(to / BASE_DIR, safe_serialization=True)
+    else:
+        model.save_pretrained(to, safe_serialization=True)
+    return to / "adapter_model.safetensors"
+
+
+def _build_hf_model(config: dict, state: dict[str, torch.Tensor], adapter: dict | None):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,8 +138,6 @@ def _build_hf_model(config: dict, state: dict[str, torch.Tensor], adapter: dict 
         raise LaunchError(f"checkpoint weights do not match its model config ({len(missing)} missing, "
                           f"{len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]}); it cannot be exported.")
     model.tie_weights()
-    if adapter is not None and merge:
-        model = model.merge_and_unload()
     return model
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from launcher.errors import LaunchError
+from launcher.train.adapters import save_pretrained
 from launcher.train.checkpoint import error_summary
 from launcher.train.modeling import tied_parameter_names
 
@@ -24,7 +25,7 @@ def write_final_model(engine, tokenizer, final: Path, rank: int) -> None:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             engine.module.config.use_cache = True
-            engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            save_pretrained(engine.module, tmp, state)
             tokenizer.save_pretrained(tmp)
             if final.exists():
                 shutil.rmtree(old, ignore_errors=True)

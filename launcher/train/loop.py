@@ -353,7 +353,7 @@ class Trainer:
                                                           default=lambda v: sorted(v) if isinstance(v, set) else str(v))
         started = time.time()
         self.checkpointer.save(step, self.engine, state, fingerprint=self.fingerprint, metrics=metrics,
-                               documents=documents, tokenizer_dir=self.data.tokenizer_dir)
+                               documents=documents, tokenizer=self.tokenizer)
         self.events.append(ledger.SAVE, step=step, seconds=time.time() - started)
 
     # ----- logging and output -------------------------------------------------------------------------

@@ -216,6 +216,24 @@ def lora_run(root: Path, out: Path, strategy: str, method: str = "lora", *overri
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
+def test_prefix_tuning_runs_under_fsdp_on_one_and_two_ranks_as_under_ddp(sft_data, tmp_path):
+    """PEFT registers the base's input embedding a second time in a prefix-tuning model, and saves the prefix by
+    running its prompt encoder: FSDP2 must build, shard and save it all the same (same losses, same prefix)."""
+    import torch
+    from safetensors.torch import load_file
+
+    one_rank = ("--nproc-per-node", "1", "training.gradient_accumulation_steps=2")
+    runs = {"ddp": ("ddp",), "fsdp": ("fsdp",), "ddp-1": ("ddp", *one_rank), "fsdp-1": ("fsdp", *one_rank)}
+    losses = {name: lora_run(sft_data, tmp_path / name, args[0], "prefix", "finetune.num_virtual_tokens=4",
+                             "data.packing=false", *args[1:])
+              for name, args in runs.items()}
+    assert len(losses["ddp"]) == 4 and losses["ddp"][-1] < losses["ddp"][0]
+    for name, reference in (("fsdp", "ddp"), ("fsdp-1", "ddp-1")):
+        assert losses[name] == pytest.approx(losses[reference], rel=1e-4), name
+        want, got = (load_file(tmp_path / run / "final" / "adapter_model.safetensors") for run in (reference, name))
+        assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-5) for k in want), name
+
+
 def test_lora_runs_to_the_same_losses_under_ddp_fsdp_and_zero3(sft_data, tmp_path):
     """LoRA is a PEFT wrapper around the model: FSDP must still find and shard its decoder layers."""
     losses = {strategy: lora_run(sft_data, tmp_path / strategy, strategy) for strategy in ("ddp", "fsdp", "zero3")}

@@ -42,7 +42,7 @@ def test_lora_trains_only_adapter_weights_and_reloads_to_the_same_outputs(tmp_pa
     assert all(torch.equal(frozen[k], base_now[k]) for k in frozen)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    adapters.save_adapter(model, tmp_path / "adapter")
+    adapters.save_pretrained(model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 0.5 * (base_dir / "model.safetensors").stat().st_size
@@ -79,7 +79,7 @@ def test_merged_lora_export_matches_the_adapter(tmp_path):
     ids = train_a_bit(model)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
-    adapters.save_adapter(model, tmp_path / "adapter")
+    adapters.save_pretrained(model, tmp_path / "adapter")
     adapters.merge_adapter(tmp_path / "adapter", tmp_path / "merged", base=base_dir)
     from transformers import AutoModelForCausalLM
 

@@ -9,6 +9,7 @@ in-process.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -25,6 +26,7 @@ from tests.tiny_run import tiny_run_config
 REPO = Path(__file__).resolve().parents[2]
 
 # (command line with W = the workspace, message fragment)
+LONG_NAME, LONG_PATH = "n" * 300, "/".join(["p" * 200] * 21)  # over NAME_MAX (255), over PATH_MAX (4096)
 RUN = "run W/tiny.yaml --output-dir W/out --dry-run"
 SFT = "run W/sft.yaml --output-dir W/out --dry-run"
 CASES = [
@@ -76,6 +78,7 @@ CASES = [
     (f"{RUN} model.attn_implementation=flash_attention_9", "model.attn_implementation 'flash_attention_9' is not one of"),
     (f"{RUN} training.save_total_limit=0", "training.save_total_limit must be at least 1"),
     (f"{RUN} data.block_size=1", "data.block_size must be at least 2"),
+    (f"{RUN} training.gradient_accumulation_steps=1 training.global_batch_size=6", "accumulation x 1 rank(s)"),
     (f"{RUN} data.block_size=100000", "fewer than one global batch"),
     # a flag that replaced a config value is said only once the run starts: a refused run stays one sentence
     (f"{RUN} parallel.strategy=zero2 --strategy ddp data.block_size=100000", "fewer than one global batch"),
@@ -125,6 +128,10 @@ CASES = [
     ("plan --model W/bin.dat", "is not valid JSON"),
     ("plan --model W/empty", "is not valid JSON"),
     ("plan --model W/nowhere", "unknown model"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 2 --strategy ddp --offload optimizer", "not something ddp can do"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 2 --optimizer-in-backward --offload optimizer",
+     "nothing is offloaded; drop --offload"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 2 --optimizer-in-backward", "use 1 GPU, --strategy ddp"),
     # datasplit
     ("datasplit W/bin.dat --train-output W/a --eval-output W/b", "not UTF-8"),
     ("datasplit W/nul.jsonl --train-output W/a --eval-output W/b", "binary"),
@@ -152,6 +159,9 @@ CASES = [
     ("export W/done/checkpoints/step-1 --to W/afile", "already exists"),
     ("export W/done/checkpoints/step-1 --to W", "already exists"),
     ("export W/done/checkpoints/step-1 --to W/afile/x", "lies under the file"),
+    ("export W/adapter --to W/x --merge", "its base model is not a local directory"),  # a random-init base
+    ("export W/adapter --to W/x", "its base model is not a local directory"),
+    ("export W/adapter-of-model --to W/x", "add --merge to fold it into its base"),
     # generate
     ("generate --model W/nowhere --prompt hi", "not a model directory"),
     ("generate --model W/afile --prompt hi", "not a model directory"),
@@ -210,6 +220,20 @@ CASES = [
     ("plan --model tinyllama-1.1b --cluster W/list-profile.yaml", "must be a mapping of keys to values"),
     ("plan --model tinyllama-1.1b --cluster W/time-profile.yaml", "time must be [D-]HH:MM:SS with minutes and"),
     ("plan --model tinyllama-1.1b --cluster W/timeout-profile.yaml", "dist_timeout_s must be a positive integer"),
+    # a cache that is a file or takes no new entries, a name over 255 bytes, a path over PATH_MAX, /proc
+    (f"{RUN} data.cache_dir=W/afile", "cannot write the token cache in"),
+    (f"{RUN} data.cache_dir=/sys/llaunch-cache", "cannot write the token cache in"),
+    (f"run W/tiny.yaml --output-dir W/{LONG_NAME} --dry-run", "is too long"),
+    (f"run W/tiny.yaml --output-dir W/{LONG_PATH} --dry-run", "is too long"),
+    (f"run W/{LONG_NAME}.yaml --output-dir W/out --dry-run", "File name too long"),
+    (f"run W/{LONG_PATH}.yaml --output-dir W/out --dry-run", "File name too long"),
+    (f"export W/done/checkpoints/step-1 --to W/{LONG_NAME}", "is too long"),
+    (f"export W/done/checkpoints/step-1 --to W/{LONG_PATH}", "is too long"),
+    (f"plan --model tinyllama-1.1b --gpu H100 --plot W/{LONG_NAME}.png", "is too long"),
+    (f"plan --model tinyllama-1.1b --gpu H100 --plot W/{LONG_PATH}.png", "is too long"),
+    (f"goodput W/ledger --plot W/{LONG_NAME}.png", "is too long"),
+    ("plan --model tinyllama-1.1b --gpu H100 --plot /proc/llaunch.png", "choose another path"),
+    ("goodput W/ledger --plot /proc/llaunch.png", "choose another path"),
 ]
 
 
@@ -240,6 +264,15 @@ def workspace(tmp_path_factory):
            "data": {"dataset_format": "alpaca", "train_files": ["latin1.jsonl"], "block_size": 64},
            "finetune": {"method": "lora", "r": 4}, "training": {"max_steps": 2, "per_device_train_batch_size": 2}}
     (w / "sft.yaml").write_text(yaml.safe_dump(sft))
+    for name, base in (("adapter", None), ("adapter-of-model", str(w / "model"))):  # a LoRA run's final/
+        (w / name).mkdir()
+        adapter = {"peft_type": "LORA", "base_model_name_or_path": base}
+        (w / name / "adapter_config.json").write_text(json.dumps(adapter))
+    (w / "ledger").mkdir()  # a run's event ledger, as `llaunch run` writes it
+    (w / "ledger" / "events.jsonl").write_text(
+        '{"t": 100.0, "inc": "h.1.100", "host": "h", "pid": 1, "kind": "launch", "nodes": 1, "how": "llaunch run"}\n'
+        '{"t": 101.0, "inc": "h.1.100", "host": "h", "pid": 2, "kind": "first_step", "step": 1, "tokens": 64}\n'
+        '{"t": 110.0, "inc": "h.1.100", "host": "h", "pid": 2, "kind": "process_exit", "code": 0}\n')
     done = w / "done"  # a finished run with a checkpoint whose manifest is damaged
     assert main(["run", str(w / "tiny.yaml"), "--output-dir", str(done), "--dry-run"]) == 0
     (done / "final").mkdir()
@@ -280,3 +313,15 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_written(workspace, capsys,
     assert code == 2, err
     assert err.startswith("llaunch: error: ") and err.count("\n") == 1 and message in err, err
     assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("cache", ["W/afile", "/sys/llaunch-cache"])  # a file; a place that takes no new entries
+def test_an_unusable_llaunch_cache_is_one_sentence(workspace, capsys, monkeypatch, cache):
+    before = snapshot(workspace)
+    monkeypatch.setenv("LLAUNCH_CACHE", cache.replace("W", str(workspace), 1))
+    argv = ["run", str(workspace / "tiny.yaml"), "--output-dir", str(workspace / "out"), "--dry-run",
+            "data.cache_dir=null"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llaunch: error: cannot write the token cache in ") and "LLAUNCH_CACHE" in err, err
+    assert err.count("\n") == 1 and snapshot(workspace) == before

@@ -324,6 +324,54 @@ def test_export_writes_a_hugging_face_model_from_a_dcp_checkpoint(tmp_path):
     assert main(["export", str(path), "--to", str(tmp_path / "hf2"), "--merge"]) == 2  # no adapters to merge
 
 
+def test_export_onto_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path):
+    """The disk fills while the weights are written (a file-size limit makes the write fail as ENOSPC would,
+    without root): exit 2, one sentence, and neither --to nor its partial folder stays."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    engine = TinyEngine()
+    engine.module = LlamaForCausalLM(config)
+    engine.optimizer = torch.optim.AdamW(engine.module.parameters())
+    path = Checkpointer(tmp_path / "run", strategy="ddp").save(
+        1, engine, {}, documents={"model_config.json": config.to_json_string(use_diff=False)})
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 << 10, 32 << 10))
+
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "launcher", "export", str(path), "--to", str(out / "hf")],
+                         capture_output=True, text=True, preexec_fn=small_disk, env=os.environ, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]  # after the libraries' warnings
+    assert last.startswith("llaunch: error: could not write the model to") and "Traceback" not in run.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+class BaseDirAsTokenizer:
+    """What checkpoints held under tokenizer/ before the tokenizer was saved alone: an SFT run's whole base
+    directory, its tokenizer beside its config and weights (here another model's), which export must not copy."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def save_pretrained(self, directory):
+        from transformers import LlamaForCausalLM
+
+        from examples.arithmetic import char_tokenizer
+
+        char_tokenizer(["0123456789 +="]).save_pretrained(directory)
+        LlamaForCausalLM(self.config).save_pretrained(directory)
+
+
 def test_export_of_a_lora_checkpoint_writes_the_adapter_or_merges_it(tmp_path):
     import json as _json
 
@@ -344,7 +392,7 @@ def test_export_of_a_lora_checkpoint_writes_the_adapter_or_merges_it(tmp_path):
     adapter = _json.dumps(model.peft_config["default"].to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
     path = Checkpointer(tmp_path, strategy="ddp").save(
         1, engine, {}, documents={"model_config.json": config.to_json_string(use_diff=False),
-                                  "adapter_config.json": adapter})
+                                  "adapter_config.json": adapter}, tokenizer=BaseDirAsTokenizer(config))
     assert export_checkpoint(path, tmp_path / "adapter").name == "adapter_model.safetensors"
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     export_checkpoint(path, tmp_path / "merged", merge=True)

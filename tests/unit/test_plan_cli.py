@@ -141,3 +141,67 @@ def test_bare_and_negated_activation_checkpointing_keep_their_meaning(capsys):
     for flag, mode in (("--activation-checkpointing", "full"), ("--no-activation-checkpointing", "none")):
         assert main(["plan", "--model", "tinyllama-1.1b", "--gpu", "H100", flag, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["activation_checkpointing"] == mode
+
+
+# (refused plan, the real reason it names, the command its advice leads to): that command is accepted, or is
+# itself a refused row whose advice is followed in turn. Each advised flag appears in the sentence.
+H100x2 = "plan --model tinyllama-1.1b --gpu H100 --gpus 2"
+ADVICE = [
+    (f"{H100x2} --strategy ddp --offload optimizer", "offload 'optimizer' is not something ddp can do",
+     f"{H100x2} --strategy zero2 --offload optimizer"),
+    ("plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward --offload optimizer",
+     "nothing is offloaded; drop --offload", "plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward"),
+    ("plan --model 8b --gpu H100 --gpus 2 --optimizer-in-backward", "use 1 GPU, --strategy ddp",
+     "plan --model 8b --gpu H100 --gpus 1 --strategy ddp --optimizer-in-backward"),
+    ("plan --model 8b --gpu H100 --gpus 1 --strategy ddp --optimizer-in-backward", "does not fit",
+     "plan --model 8b --gpu H100 --gpus 1 --strategy ddp --optimizer-in-backward --method lora"),
+]
+
+
+@pytest.mark.parametrize("refused, reason, advised", ADVICE, ids=[row[0] for row in ADVICE])
+def test_a_refused_plan_names_its_reason_and_advice_that_is_accepted(refused, reason, advised, capsys):
+    assert main(refused.split()) == 2
+    err = capsys.readouterr().err
+    assert reason in err and err.count("\n") == 1, err
+    advice = err.split(";")[-1]
+    added = [flag for flag in advised.split() if flag.startswith("--") and flag not in refused.split()]
+    assert all(flag in advice for flag in added), (added, err)
+    code = main(advised.split())
+    assert code == 0 or advised in [row[0] for row in ADVICE], capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [f"{H100x2} --strategy zero3 --offload optimizer", f"{H100x2} --offload optimizer",
+                                  "plan --model tinyllama-1.1b --gpus 2 --offload optimizer"])
+def test_a_forced_offload_is_planned_with_a_strategy_that_can_do_it(argv, capsys):
+    assert main([*argv.split(), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["offload"] == "optimizer" and plan["strategy"] in ("zero2", "zero3"), plan["strategy"]
+
+
+def test_a_run_that_forces_an_offload_on_cpu_gets_a_strategy_that_can_do_it(tmp_path):
+    from tests.tiny_run import tiny_run_config
+
+    out = tmp_path / "out"
+    assert main(["run", str(tiny_run_config(tmp_path)), "--output-dir", str(out), "--dry-run",
+                 "parallel.offload=optimizer"]) == 0
+    assert (Plan.load(out / "plan.yaml").strategy, Plan.load(out / "plan.yaml").offload) == ("zero2", "optimizer")
+
+
+def test_prefix_tuning_is_planned_and_recorded_as_prefix_sized_as_full(tmp_path):
+    import yaml
+
+    from tests.tiny_run import tiny_run_config
+
+    config = tiny_run_config(tmp_path)
+    data = yaml.safe_load(config.read_text())
+    data["finetune"] = {"method": "prefix", "num_virtual_tokens": 4}
+    config.write_text(yaml.safe_dump(data))
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 0
+    plan = Plan.load(tmp_path / "out" / "plan.yaml")
+    assert plan.method == "prefix" and any("sized as a full fine-tune" in reason for reason in plan.reasons)
+    config.write_text(yaml.safe_dump({**data, "finetune": {"method": "full"}}))
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "full"), "--dry-run"]) == 0
+    assert plan.memory == Plan.load(tmp_path / "full" / "plan.yaml").memory
+    old = yaml.safe_load((tmp_path / "out" / "plan.yaml").read_text())  # written before: prefix recorded as full
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**old, "method": "full"}))
+    assert Plan.load(tmp_path / "old.yaml").method == "full"
