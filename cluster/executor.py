@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import submitit
 
-from cluster import job_events
+from cluster import job_events, rank_exits
 from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, parse_scontrol_job
 from cluster.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission
@@ -36,12 +36,13 @@ from cluster.submission import node_command, rendezvous_port, slurm_parameters
 from cluster.watchdog import Watchdog, WatchdogConfig, hang_culprit, kill_ranks, report_hang
 from launcher.checkpoint_store import list_checkpoints
 from launcher.ledger import INCARNATION_ENV
-from launcher.errors import LaunchError
+from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.job import PLAN_FILE
 from launcher.plan import Plan
 from launcher.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
 
 FORWARD_POLL_S = 0.2
+RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
 
 
 class TrainingError(RuntimeError):
@@ -162,8 +163,10 @@ class NodeTask(submitit.helpers.Checkpointable):
             return self._after_hang(hang, grace_s, job_env, len(hosts), submitit_handlers[signal.SIGUSR2])
         if code == 0:
             return f"training finished on node {job_env.node}"
-        if stop is None:
+        if stop is None and code == EXIT_USER_ERROR:  # a rank said why in one sentence: the job's, not the node's
             raise TrainingError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
+        if stop is None:
+            return self._after_rank_failure(code, job_env, len(hosts), submitit_handlers[signal.SIGUSR2])
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
         if stop != "SIGUSR2":
@@ -178,10 +181,14 @@ class NodeTask(submitit.helpers.Checkpointable):
         its sentence (and a hard event in the node ledger, so the next submission keeps the host out)."""
         report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
                            job_env.job_id, rendezvous_port(job_env.job_id))
+        if report.failed and self._received:  # cancelled while the checks ran: the user's, not the node's
+            raise TrainingError(f"{NODE_TASK_SIGNALLED}{signal.Signals(self._received[0]).name} during the "
+                                f"doctor's checks, before torchrun started")
         if report.failed:
-            if self.ledger:
+            fault = report.host_fault  # a taken port or a full shared dir is the job's: no node is to blame
+            if self.ledger and fault is not None:
                 NodeLedger(self.ledger).append(NodeEvent(report.host, "doctor", job_id=job_env.job_id,
-                                                         detail=report.failure_sentence()))
+                                                         detail=f"{fault.name}: {fault.sentence}"))
             raise TrainingError(report.failure_sentence())
         return report
 
@@ -205,7 +212,9 @@ class NodeTask(submitit.helpers.Checkpointable):
         torchrun = subprocess.Popen(argv, env=env, preexec_fn=ignore_stop_signals)
         forwarded: set[tuple[int, int]] = set()
         hang = None
+        ranks = rank_exits.RankWatch(node_name(job_env.hostname), job_env.node)
         while torchrun.poll() is None:
+            ranks.poll(torchrun.pid)
             forward_stop_signals(torchrun.pid, set(self._received), forwarded)
             if watchdog and hang is None and not self._received:
                 hang = watchdog.check()
@@ -213,6 +222,8 @@ class NodeTask(submitit.helpers.Checkpointable):
                     kill_ranks(torchrun.pid)
             time.sleep(FORWARD_POLL_S)
         ignore_stop_signals()
+        if torchrun.returncode != 0:
+            ranks.save(self.job_dir, env[INCARNATION_ENV])
         if not watchdog:
             return torchrun.returncode, None, 0.0
         if hang is None and torchrun.returncode != 0:  # ranks that died because another node's watchdog killed its own
@@ -221,13 +232,30 @@ class NodeTask(submitit.helpers.Checkpointable):
         watchdog.close()
         return torchrun.returncode, hang, watchdog.config.grace_s
 
+    def _after_rank_failure(self, code: int, job_env, nodes: int, submitit_handler) -> str:
+        """A rank died without a sentence (killed by the OOM killer, a lost GPU, a crash): a node failure. The
+        first node names the rank that failed first, records its host in the node ledger and requeues the
+        job within --max-requeues; the loop guard stops a crash that recurs before the next checkpoint."""
+        if job_env.global_rank != 0:
+            return f"node {job_env.node}: torchrun exited with code {code}; the first node decides about the requeue"
+        attempt = job_events.attempt_id(job_env.job_id, self.requeues)
+        first = rank_exits.first_failure(rank_exits.wait_for_nodes(self.job_dir, attempt, nodes, RANK_EXITS_WAIT_S))
+        if first is not None and self.ledger:
+            NodeLedger(self.ledger).append(NodeEvent(first.host, "rank_failed", job_id=job_env.job_id,
+                                                     detail=f"rank {first.rank} ended first"))
+        cause = rank_exits.describe(first) if first else f"a rank failed (torchrun exited with code {code})"
+        print(f"[llaunch] {cause}", flush=True)
+        return self._requeue(submitit_handler, job_env, "a rank failure", cause,
+                             exclude=first.host if first else None, min_nodes=self.min_nodes or nodes)
+
     def _after_hang(self, hang, grace_s: float, job_env, nodes: int, submitit_handler) -> str:
         """Report the hang; the first node requeues the job without the culprit's host where it can."""
-        sentence = report_hang(hang, self.ledger, job_env.job_id)
-        print(f"[llaunch] {sentence}", flush=True)
-        if job_env.global_rank != 0:
+        if job_env.global_rank != 0:  # the first node alone reports it: one node-ledger event per hang
+            sentence = Watchdog.describe(hang)
+            print(f"[llaunch] {sentence}", flush=True)
             return f"node {job_env.node}: {sentence}; the first node decides about the requeue"
         culprit = hang_culprit(hang, wait_s=grace_s + 5)  # another node may still write it
+        print(f"[llaunch] {report_hang(hang, self.ledger, job_env.job_id)}", flush=True)
         return self._requeue(submitit_handler, job_env, "a hang", f"hang on {culprit or 'no single node'}",
                              exclude=culprit, min_nodes=self.min_nodes or nodes)
 
@@ -306,6 +334,11 @@ def forward_stop_signals(torchrun_pid: int, received: set[int], forwarded: set[t
                     rank.send_signal(signum)
 
 
+def node_name(hostname: str) -> str:
+    """SLURM's name for this node (what --exclude takes; two slurmd on one host differ by it)."""
+    return os.environ.get("SLURMD_NODENAME") or hostname
+
+
 def _gpus_on_node() -> int:
     import torch
 
@@ -331,6 +364,10 @@ def quarantined_nodes(profile: ClusterProfile, env: dict[str, str]) -> list[str]
     return exclude_for_next_submission(events, QuarantinePolicy(), nodes, profile.min_nodes or profile.nodes)
 
 
+def exclusion_sentence(profile: ClusterProfile, exclude: list[str]) -> str:
+    return f"keeping {', '.join(exclude)} out of this job (node ledger {NodeLedger.for_profile(profile.name).path})"
+
+
 def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
     """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
     if env.get("SLURM_CONF"):
@@ -342,8 +379,7 @@ def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str
     exclude = quarantined_nodes(profile, env)
     if exclude:
         executor.update_parameters(exclude=",".join(exclude))
-        print(f"llaunch: keeping {', '.join(exclude)} out of this job (node ledger "
-              f"{NodeLedger.for_profile(profile.name).path})", flush=True)
+        print(f"llaunch: {exclusion_sentence(profile, exclude)}", flush=True)
     task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
                     ledger=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
                     min_nodes=profile.min_nodes)

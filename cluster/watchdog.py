@@ -3,7 +3,9 @@ NodeTask): outside the ranks, so a rank that holds the GIL, sits in a C call or 
 
 Every `poll_s` it reads the local ranks' progress beacons (launcher.beacon). A rank that stays in one phase
 longer than that phase's timeout is a hang: `k` x the rolling p99 of the phase's durations, at least
-`floor_s`; the first step and a phase never seen to end before get `first_step_s`, checkpoint saves and
+`floor_s`; the first step and a phase never seen to end before get `first_step_s` (or, once an earlier
+launch into the job dir measured the phase, `k` x the longest it took there, compile and warm-up included:
+a hang that recurs at the first step after a requeue is seen as fast as any other), checkpoint saves and
 loads `checkpoint_s`. Then, in order: every local rank's Python stacks (py-spy when installed and allowed,
 else the faulthandler the rank registered on launcher.signals.STACK_DUMP_SIGNAL), the last beacon of every
 rank, a request that the other nodes' watchdogs dump theirs into the same folder, and the evidence record
@@ -39,6 +41,7 @@ WATCHDOG_ENV = "LLAUNCH_WATCHDOG"
 HANGS_DIR = "hangs"  # in the job dir: one folder per detected hang
 EVIDENCE_FILE = "evidence.json"
 DUMP_REQUEST = "dump-request.json"  # the detecting node asks every other node to dump into the same folder
+PHASES_FILE = "watchdog-phases.json"  # in the job dir: the longest each phase took in the latest launch
 CHECKPOINT_PHASES = (Phase.SAVE, Phase.LOAD)
 # How far along a step each phase is: a resume loads before its first step, evaluation and saving follow it.
 STEP_ORDER = (Phase.START, Phase.LOAD, Phase.DATA, Phase.COMPUTE, Phase.SYNC, Phase.EVAL, Phase.SAVE, Phase.DONE)
@@ -139,6 +142,8 @@ class Watchdog:
             lambda: collections.deque(maxlen=config.window))
         self._ended: dict[tuple[int, Phase], int] = {}
         self._first_step: dict[int, int] = {}
+        self._longest: dict[str, float] = {}  # phase name -> the longest duration seen in this launch
+        self._measured = measured_phases(self.job_dir)  # ... and in the earlier launches into this job dir
         self._started_wall = time.time()
         self._answered: set[Path] = set()
         self._next_check = 0.0
@@ -167,7 +172,10 @@ class Watchdog:
         first = self._first_step.setdefault(beacon.rank, beacon.step)  # the first step this launch runs
         samples = self.durations[phase]
         if beacon.step <= first or not samples:
-            return self.config.first_step_s
+            measured = self._measured.get(phase.name)
+            if measured is None:
+                return self.config.first_step_s
+            return min(self.config.first_step_s, max(self.config.floor_s, self.config.k * measured))
         return max(self.config.floor_s, self.config.k * p99(samples))
 
     def poll(self, now: float | None = None) -> Hang | None:
@@ -179,6 +187,7 @@ class Watchdog:
                 ended = beacon.ended[phase]
                 if ended > self._ended.get((beacon.rank, phase), 0):
                     self.durations[phase].append(beacon.last_duration[phase])
+                    self._longest[phase.name] = max(self._longest.get(phase.name, 0.0), beacon.last_duration[phase])
                     self._ended[beacon.rank, phase] = ended
         timeouts = {rank: self.timeout(b) for rank, b in beacons.items()}
         stuck = tuple(rank for rank, b in beacons.items() if b.age(now) > timeouts[rank])
@@ -306,8 +315,22 @@ class Watchdog:
     kill_ranks = staticmethod(kill_ranks)
 
     def close(self) -> None:
-        """Remove the beacon folder this watchdog created."""
+        """Keep the phases' longest durations for the next launch; remove the beacon folder this watchdog created."""
+        if self._longest:
+            write_text_atomic(self.job_dir / PHASES_FILE, json.dumps({**self._measured, **self._longest}))
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def measured_phases(job_dir: Path) -> dict[str, float]:
+    """The longest duration of each phase an earlier launch measured ({} without one, or an unreadable file)."""
+    try:
+        data = json.loads((Path(job_dir) / PHASES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: float(value) for name, value in data.items() if name in Phase.__members__
+            and isinstance(value, (int, float)) and 0 < value < float("inf")}
 
 
 def attribute(views: list[dict]) -> dict:

@@ -338,9 +338,7 @@ class Trainer:
                                name=self.preemption.received.name if self.preemption.received else "another rank")
             self.should_stop = True
             if self.rank == 0:
-                print(f"preempted ({self.preemption.received.name if self.preemption.received else 'another rank'}"
-                      f"): saved step {self.state.global_step}, exiting with {REQUEUE_EXIT_CODE} to be requeued",
-                      flush=True)
+                print(self.preemption.stop_sentence(self.state.global_step), flush=True)
 
     def save_checkpoint(self) -> None:
         self.progress.enter(Phase.SAVE)

@@ -135,7 +135,7 @@ def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, ti
             proc.kill()
     out = log.read_text()
     assert proc.returncode == REQUEUE_EXIT_CODE, out[-4000:]
-    assert "preempted (SIGTERM): saved step " in out, out[-4000:]
+    assert "stopped by SIGTERM: saved step " in out, out[-4000:]
     stopped_at = int(out.split("saved step ")[1].split(",")[0])
     assert 20 <= stopped_at < 40
     assert not final(tmp_path / "run").exists()

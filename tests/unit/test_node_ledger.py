@@ -17,7 +17,7 @@ def ev(host, kind, days_ago=0.0):
 
 
 def test_one_hard_or_two_soft_events_quarantine_a_host():
-    events = [ev("a", "hang"), ev("b", "straggler"), ev("c", "straggler"), ev("c", "signal_death", 1)]
+    events = [ev("a", "hang"), ev("b", "straggler"), ev("c", "straggler"), ev("c", "rank_failed", 1)]
     assert quarantined(events, POLICY, NOW) == ["a", "c"]
 
 

@@ -1,0 +1,120 @@
+"""Which rank failed first in an attempt of a SLURM job, torch-free.
+
+When one rank dies (the OOM killer, a lost GPU, an exception), its peers on every node fail a moment later
+with collateral errors (gloo's "Connection closed by peer", DistNetworkError) that say nothing about the
+cause. Each node's task watches its local ranks while torchrun runs (psutil: torchrun's children and the
+RANK in their environment) and writes when each one ended into JOB_DIR/rank-exits/ATTEMPT/node-N.json; the
+rank that ended first over all nodes is the one that failed first. Torchrun's and the ranks' own output are
+not read: this module is the one home of that judgement, for the requeue (which node to blame) and for
+`llaunch status` (which rank to name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from launcher.files import write_text_atomic
+from launcher.signals import ranks_of
+
+EXITS_DIR = "rank-exits"
+
+
+@dataclass(frozen=True)
+class RankExit:
+    rank: int
+    host: str
+    node: int
+    ended_t: float  # wall-clock time the node task first saw the rank gone (within its poll interval)
+
+
+class RankWatch:
+    """In a node task's poll loop: learns each local rank's pid as it starts and notes when it is gone."""
+
+    def __init__(self, host: str, node: int):
+        self.host, self.node = host, node
+        self._ranks: dict[int, tuple[int, psutil.Process]] = {}  # pid -> (global rank, process)
+        self._ended: dict[int, float] = {}  # global rank -> wall time seen gone
+
+    def poll(self, torchrun_pid: int) -> None:
+        for proc in ranks_of(torchrun_pid):
+            if proc.pid not in self._ranks:
+                with contextlib.suppress(psutil.Error, ValueError, KeyError):  # not yet exec'd, or just gone
+                    self._ranks[proc.pid] = (int(proc.environ()["RANK"]), proc)
+        now = time.time()
+        for rank, proc in self._ranks.values():
+            if rank not in self._ended and not _alive(proc):
+                self._ended[rank] = now
+
+    def exits(self) -> list[RankExit]:
+        """Every local rank's end; one still alive (torchrun has just exited) ends now."""
+        now = time.time()
+        return [RankExit(rank, self.host, self.node, self._ended.get(rank, now)) for rank, _ in self._ranks.values()]
+
+    def save(self, job_dir: str | Path, attempt: str) -> None:
+        path = exits_path(job_dir, attempt, self.node)
+        write_text_atomic(path, json.dumps([vars(e) for e in self.exits()], indent=1))
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def exits_path(job_dir: str | Path, attempt: str, node: int) -> Path:
+    return Path(job_dir) / EXITS_DIR / attempt / f"node-{node}.json"
+
+
+def newest_attempt(job_dir: str | Path) -> str | None:
+    """The attempt ("JOB.REQUEUES") whose ranks' ends were recorded last, None when none was."""
+    records = sorted((Path(job_dir) / EXITS_DIR).glob("*/node-*.json"), key=lambda p: p.stat().st_mtime)
+    return records[-1].parent.name if records else None
+
+
+def read_exits(job_dir: str | Path, attempt: str) -> list[RankExit]:
+    """The ranks' ends of `attempt` on every node that recorded them; an unreadable file is skipped."""
+    root = Path(job_dir) / EXITS_DIR
+    found = []
+    for path in sorted((root / attempt).glob("node-*.json")):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            found += [RankExit(int(e["rank"]), str(e["host"]), int(e["node"]), float(e["ended_t"]))
+                      for e in json.loads(path.read_text())]
+    return found
+
+
+def first_failure(exits: list[RankExit]) -> RankExit | None:
+    """The rank that ended first, when it ended before every other (None for a tie or no record: nothing
+    tells the cause from what followed it)."""
+    ordered = sorted(exits, key=lambda e: e.ended_t)
+    if not ordered or (len(ordered) > 1 and ordered[1].ended_t <= ordered[0].ended_t):
+        return None
+    return ordered[0]
+
+
+def wait_for_nodes(job_dir: str | Path, attempt: str, nodes: int, wait_s: float) -> list[RankExit]:
+    """Every node's record of `attempt`, waiting up to `wait_s` for the nodes still writing theirs."""
+    deadline = time.monotonic() + wait_s
+    while len(list((Path(job_dir) / EXITS_DIR / attempt).glob("node-*.json"))) < nodes and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return read_exits(job_dir, attempt)
+
+
+def describe(failure: RankExit) -> str:
+    return f"rank {failure.rank} on {failure.host} failed first"
+
+
+def latest_failure(job_dir: str | Path) -> str | None:
+    """What `llaunch status` says about the newest attempt that ended with a failed rank (None: none did)."""
+    attempt = newest_attempt(job_dir)
+    first = first_failure(read_exits(job_dir, attempt)) if attempt else None
+    if first is None:
+        return None
+    number = int(attempt.rsplit(".", 1)[-1]) + 1 if attempt.rsplit(".", 1)[-1].isdigit() else attempt
+    return f"{describe(first)} in attempt {number} (its peers' errors followed from it)"
