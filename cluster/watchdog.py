@@ -3,10 +3,9 @@ NodeTask): outside the ranks, so a rank that holds the GIL, sits in a C call or 
 
 Every `poll_s` it reads the local ranks' progress beacons (launcher.beacon). A rank that stays in one phase
 longer than that phase's timeout is a hang: `k` x the rolling p99 of the phase's durations, at least
-`floor_s`; the first step and a phase never seen to end before get `first_step_s` (or, once an earlier
-launch into the job dir measured the phase, `k` x the longest it took there, compile and warm-up included:
-a hang that recurs at the first step after a requeue is seen as fast as any other), checkpoint saves and
-loads `checkpoint_s`. Then, in order: every local rank's Python stacks (py-spy when installed and allowed,
+`floor_s`; the first step and a phase never seen to end get `first_step_s` (or `k` x the longest an earlier
+launch into the job dir measured, compile included: a hang at a requeue's first step is seen as fast),
+checkpoint saves and loads `checkpoint_s`. Then, in order: every local rank's Python stacks (py-spy when installed and allowed,
 else the faulthandler the rank registered on launcher.signals.STACK_DUMP_SIGNAL), the last beacon of every
 rank, a request that the other nodes' watchdogs dump theirs into the same folder, and the evidence record
 naming the rank that is behind. The caller then kills the ranks and exits with HANG_EXIT_CODE.
@@ -18,6 +17,7 @@ e.g. LLAUNCH_WATCHDOG=floor_s=30,first_step_s=300.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,7 +41,7 @@ WATCHDOG_ENV = "LLAUNCH_WATCHDOG"
 HANGS_DIR = "hangs"  # in the job dir: one folder per detected hang
 EVIDENCE_FILE = "evidence.json"
 DUMP_REQUEST = "dump-request.json"  # the detecting node asks every other node to dump into the same folder
-PHASES_FILE = "watchdog-phases.json"  # in the job dir: the longest each phase took in the latest launch
+PHASES_FILE = "watchdog-phases-{host}.json"  # in the job dir, per node: the longest each phase took lately
 CHECKPOINT_PHASES = (Phase.SAVE, Phase.LOAD)
 # How far along a step each phase is: a resume loads before its first step, evaluation and saving follow it.
 STEP_ORDER = (Phase.START, Phase.LOAD, Phase.DATA, Phase.COMPUTE, Phase.SYNC, Phase.EVAL, Phase.SAVE, Phase.DONE)
@@ -172,9 +172,7 @@ class Watchdog:
         first = self._first_step.setdefault(beacon.rank, beacon.step)  # the first step this launch runs
         samples = self.durations[phase]
         if beacon.step <= first or not samples:
-            measured = self._measured.get(phase.name)
-            if measured is None:
-                return self.config.first_step_s
+            measured = self._measured.get(phase.name, float("inf"))  # by an earlier launch, compile included
             return min(self.config.first_step_s, max(self.config.floor_s, self.config.k * measured))
         return max(self.config.floor_s, self.config.k * p99(samples))
 
@@ -316,21 +314,25 @@ class Watchdog:
 
     def close(self) -> None:
         """Keep the phases' longest durations for the next launch; remove the beacon folder this watchdog created."""
-        if self._longest:
-            write_text_atomic(self.job_dir / PHASES_FILE, json.dumps({**self._measured, **self._longest}))
+        if self._longest:  # optional: a failed write costs the next launch only its quicker first-step timeout
+            with contextlib.suppress(LaunchError, OSError):
+                write_text_atomic(self.job_dir / PHASES_FILE.format(host=self.host),
+                                  json.dumps({**self._measured, **self._longest}))
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def measured_phases(job_dir: Path) -> dict[str, float]:
-    """The longest duration of each phase an earlier launch measured ({} without one, or an unreadable file)."""
-    try:
-        data = json.loads((Path(job_dir) / PHASES_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {name: float(value) for name, value in data.items() if name in Phase.__members__
-            and isinstance(value, (int, float)) and 0 < value < float("inf")}
+    """The longest each phase took in an earlier launch, over its nodes ({} without one; bad files skipped)."""
+    longest: dict[str, float] = {}
+    for path in Path(job_dir).glob(PHASES_FILE.format(host="*")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name, value in data.items() if isinstance(data, dict) else ():
+            if name in Phase.__members__ and isinstance(value, (int, float)) and 0 < value < float("inf"):
+                longest[name] = max(longest.get(name, 0.0), float(value))
+    return longest
 
 
 def attribute(views: list[dict]) -> dict:

@@ -76,3 +76,21 @@ def test_submitted_job_whose_doctor_fails_never_starts_torchrun(slurm_cluster, t
     assert "error: doctor: software failed on n2: torch 0.0.0 here but" in status, status
     [event] = NodeLedger.for_profile("local").events()
     assert (event.kind, event.host, event.job_id) == ("doctor", "n2", job_id)
+
+
+def test_a_doctor_failure_that_is_the_jobs_blames_no_node(slurm_cluster, tmp_path, monkeypatch):
+    """The rendezvous port taken on the first node (which fails every node's all-reduce too) and too little
+    space on the shared dir: the job fails with the doctor's sentence, and the node ledger stays empty."""
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    faults = {"LLAUNCH_DOCTOR_FAULT_PORT": "1", "LLAUNCH_DOCTOR_FAULT_MIN_FREE_BYTES": str(10**18)}
+    result = llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "2", "--output-dir", str(tmp_path / "out"),
+                     "--max-steps", "4", env=faults)
+    job_id = job_id_of(result)
+    env = load_record(job_id).env()
+    state = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 120, "the job to fail", job_id)
+    assert state.state == "FAILED" and state.restarts == 0
+    status = llaunch("status", job_id).stdout
+    assert "error: doctor: rendezvous failed on n1: port " in status or "error: doctor: space failed on " in status, status
+    logs = logs_of(job_id) + llaunch("logs", job_id, "--rank", "1").stdout
+    assert "space       FAIL" in logs and "allreduce   FAIL" in logs, logs[-3000:]
+    assert NodeLedger.for_profile("local").events() == []
