@@ -76,6 +76,10 @@ def test_submitted_job_whose_doctor_fails_never_starts_torchrun(slurm_cluster, t
     assert "error: doctor: software failed on n2: torch 0.0.0 here but" in status, status
     [event] = NodeLedger.for_profile("local").events()
     assert (event.kind, event.host, event.job_id) == ("doctor", "n2", job_id)
+    # The next submission keeps n2 out, and --dry-run shows it (one node spared of two for a 1-node job).
+    dry = llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "1", "--output-dir", str(tmp_path / "next"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH --exclude=n2" in dry.stdout and "# keeping n2 out of this job (node ledger " in dry.stdout
 
 
 def test_a_doctor_failure_that_is_the_jobs_blames_no_node(slurm_cluster, tmp_path, monkeypatch):

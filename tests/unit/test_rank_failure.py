@@ -145,3 +145,35 @@ def test_rank_exits_records_are_read_back_and_a_damaged_one_is_skipped(tmp_path)
     (folder / "node-1.json").write_text(json.dumps([{"rank": 1, "host": "n2", "node": 1, "ended_t": 19.0}]))
     (folder / "node-2.json").write_text("{torn")
     assert latest_failure(tmp_path) == "rank 1 on n2 failed first in attempt 2 (its peers' errors followed from it)"
+
+
+@pytest.mark.parametrize("global_rank", [0, 1])
+def test_a_hang_is_one_node_ledger_event_written_by_the_first_node_alone(tmp_path, global_rank):
+    """Every node's task sees the hang; only the first node's records the culprit, once."""
+    from cluster import executor
+
+    folder = tmp_path / "hangs" / "20261206-200000"
+    folder.mkdir(parents=True)
+    (folder / "evidence.json").write_text(json.dumps({"culprit": {"rank": 1, "host": "n2"}, "why": "in data of step 21"}))
+    ledger = tmp_path / "ledger.jsonl"
+    task = executor.NodeTask(str(tmp_path), max_requeues=0, max_restarts=0, dist_timeout_s=60, ledger=str(ledger))
+    job_env = SimpleNamespace(job_id="79", node=global_rank, hostname=f"n{global_rank + 1}", global_rank=global_rank)
+    if global_rank:
+        assert "the first node decides" in task._after_hang(folder, 0.0, job_env, 2, None)
+    else:
+        with pytest.raises(executor.TrainingError, match="stopped by a hang and not requeued"):
+            task._after_hang(folder, 0.0, job_env, 2, None)
+    assert [(e.kind, e.host) for e in NodeLedger(ledger).events()] == ([] if global_rank else [("hang", "n2")])
+
+
+@pytest.mark.parametrize("signum, words", [
+    (signal.SIGUSR2, "preempted (SIGUSR2): saved step 23, exiting with 75 to be requeued"),
+    (signal.SIGTERM, "stopped by SIGTERM: saved step 23, exiting with 75 (a preempted job is requeued and resumes "
+                     "there, a cancelled one ends)"),
+])
+def test_the_stop_line_promises_a_requeue_only_after_slurms_warning_signals(signum, words):
+    from launcher.train.preemption import PreemptionHandler
+
+    handler = PreemptionHandler()
+    handler.received = signal.Signals(signum)
+    assert handler.stop_sentence(23) == words
