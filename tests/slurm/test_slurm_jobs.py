@@ -94,8 +94,10 @@ def idle(env: dict[str, str]) -> bool:
 
 def release(job_id: str, env: dict[str, str]) -> None:
     """Start a requeued job now instead of after its BeginTime, once the nodes have cleaned up the first run
-    and a second has passed: slurmd refuses a credential issued in the same second its predecessor was revoked
-    ("Job credential revoked")."""
+    (a --nodes=1-2 job released earlier starts on the one idle node) and two seconds have passed: slurmd
+    refuses a credential issued in the same second its predecessor was revoked ("Job credential revoked"), and
+    the requeue revoked it before the job showed PENDING. The README's recipe, StartTime=now+2, keeps the
+    same rule without watching the nodes."""
     wait_until(lambda: idle(env), 60, "idle nodes", job_id)
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
