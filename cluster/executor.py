@@ -6,9 +6,10 @@ forwards what it got to each rank once that rank has its handler installed (a ra
 the same request, see launcher.signals), so a signal that came while torchrun or the ranks were starting
 is not lost. torchrun itself ignores them (SIG_IGN before exec, and --signals-to-handle without SIGTERM),
 because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a SIGTERM, in the middle of
-their checkpoint. When the ranks have saved and exited, or the watchdog killed hung ones, the first node's
-task applies cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue;
-after a hang the requeued job excludes the culprit's host.
+their checkpoint. When the ranks have saved and exited, the watchdog killed hung ones, or a rank (or another
+node's task) died without a sentence (a node failure, cluster.rank_exits), the first node's task applies
+cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue; the
+requeued job excludes the culprit's host where it can spare it (cluster.exclusion).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import submitit
 
 from cluster import job_events, rank_exits
 from cluster.doctor.node import preflight
-from cluster.jobs import NODE_TASK_SIGNALLED, parse_scontrol_job
-from cluster.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission
+from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
+from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
+                               quarantined_nodes)
+from cluster.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import node_command, rendezvous_port, slurm_parameters
@@ -91,14 +94,6 @@ def check_partition(profile: ClusterProfile, env: dict[str, str]) -> None:
                           f"give a shorter --time or another --partition.")
 
 
-def node_hostnames(nodelist: str) -> list[str]:
-    """Expand a compressed SLURM node list (n[1-3,7], gpu-a[01-02]) the way SLURM itself does."""
-    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0 or not result.stdout.strip():
-        raise RuntimeError(f"scontrol show hostnames {nodelist!r} failed: {result.stderr.strip()}")
-    return result.stdout.split()
-
-
 def node_address(node: str) -> str:
     """The address other nodes reach `node` at: SLURM's NodeAddr (equal to the name on most clusters)."""
     result = subprocess.run(["scontrol", "--oneliner", "show", "node", node], capture_output=True, text=True, timeout=30)
@@ -148,12 +143,11 @@ class NodeTask(submitit.helpers.Checkpointable):
         hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
         plan = check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0, self.min_nodes)
         print(f"[llaunch] attempt {self.requeues + 1}", file=sys.stderr, flush=True)  # where status reads errors from
-        doctor_env = {}
-        if self.doctor:  # every incarnation, before torchrun: a broken node ends it with one sentence
-            report = self._preflight(job_env, hosts)
-            if report.peers_failed:  # that node's own error ends the job and says why
-                return f"no torchrun on node {job_env.node}: {report.peers_failed} other node(s) failed the doctor"
-            doctor_env = report.env
+        if job_env.global_rank == 0:  # before the doctor: an attempt that ends there is an incarnation too
+            job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
+        doctor_env = self._doctor(job_env, hosts) if self.doctor else {}
+        if doctor_env is None:  # that node's own error ends the job and says why
+            return f"no torchrun on node {job_env.node}: another node failed the doctor"
         code, hang, grace_s = self._train(plan, hosts, job_env, doctor_env)
         stop = signal.Signals(self._received[0]).name if self._received else None
         if job_env.global_rank == 0:
@@ -166,15 +160,36 @@ class NodeTask(submitit.helpers.Checkpointable):
         if stop is None and code == EXIT_USER_ERROR:  # a rank said why in one sentence: the job's, not the node's
             raise TrainingError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
         if stop is None:
-            return self._after_rank_failure(code, job_env, len(hosts), submitit_handlers[signal.SIGUSR2])
+            return self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2])
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
+        if stop == "SIGTERM" and job_running(job_env.job_id):  # not a cancel: srun ended the step because
+            return self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2],  # another
+                                            task_died=True)  # node's task died (SIGKILL, the OOM killer)
         if stop != "SIGUSR2":
             # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
             raise TrainingError(f"{NODE_TASK_SIGNALLED}{stop} with the newest checkpoint at step "
                                 f"{latest_step(self.job_dir)}; a preempted job comes back through SLURM, a cancelled "
                                 f"one ends here")
         return self._requeue(submitit_handlers[signal.SIGUSR2], job_env, stop, f"{stop} received")
+
+    def _doctor(self, job_env, hosts: list[str]) -> dict[str, str] | None:
+        """Every incarnation, before torchrun: a broken node ends it with one sentence. Returns the environment
+        the doctor adds, None when another node failed; the first node ends the attempt in the job's ledger."""
+        try:
+            report = self._preflight(job_env, hosts)
+        except TrainingError:
+            self._ended_in_doctor(job_env)
+            raise
+        if report.peers_failed:
+            self._ended_in_doctor(job_env)
+            return None
+        return report.env
+
+    def _ended_in_doctor(self, job_env) -> None:
+        if job_env.global_rank == 0:
+            stop = signal.Signals(self._received[0]).name if self._received else None
+            job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, 1, stop, cause=stop or "doctor")
 
     def _preflight(self, job_env, hosts: list[str]):
         """The doctor's checks of this node against the others; this node's own failure ends the attempt with
@@ -202,8 +217,6 @@ class NodeTask(submitit.helpers.Checkpointable):
         )
         env = {**os.environ, **extra_env, **doctor_env,
                INCARNATION_ENV: job_events.attempt_id(job_env.job_id, self.requeues)}
-        if job_env.global_rank == 0:
-            job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
         watchdog = Watchdog.create(Path(self.job_dir), f"{job_env.job_id}-{job_env.node}", WatchdogConfig.from_env(env),
                                    nodes=len(hosts), incarnation=env[INCARNATION_ENV])
         env.update(watchdog.rank_env() if watchdog else {})
@@ -232,21 +245,23 @@ class NodeTask(submitit.helpers.Checkpointable):
         watchdog.close()
         return torchrun.returncode, hang, watchdog.config.grace_s
 
-    def _after_rank_failure(self, code: int, job_env, nodes: int, submitit_handler) -> str:
-        """A rank died without a sentence (killed by the OOM killer, a lost GPU, a crash): a node failure. The
-        first node names the rank that failed first, records its host in the node ledger and requeues the
-        job within --max-requeues; the loop guard stops a crash that recurs before the next checkpoint."""
+    def _after_rank_failure(self, code: int, job_env, hosts: list[str], submitit_handler,
+                            task_died: bool = False) -> str:
+        """A rank died without a sentence (killed by the OOM killer, a lost GPU, a crash), or another node's task
+        did (`task_died`): a node failure. The first node names the rank that failed first (or the node whose
+        task left no record), records its host in the node ledger and requeues the job within --max-requeues;
+        the loop guard stops a crash that recurs before the next checkpoint."""
         if job_env.global_rank != 0:
             return f"node {job_env.node}: torchrun exited with code {code}; the first node decides about the requeue"
         attempt = job_events.attempt_id(job_env.job_id, self.requeues)
-        first = rank_exits.first_failure(rank_exits.wait_for_nodes(self.job_dir, attempt, nodes, RANK_EXITS_WAIT_S))
-        if first is not None and self.ledger:
-            NodeLedger(self.ledger).append(NodeEvent(first.host, "rank_failed", job_id=job_env.job_id,
-                                                     detail=f"rank {first.rank} ended first"))
-        cause = rank_exits.describe(first) if first else f"a rank failed (torchrun exited with code {code})"
+        exits = rank_exits.wait_for_nodes(self.job_dir, attempt, len(hosts), RANK_EXITS_WAIT_S)
+        found = rank_exits.culprit(exits, hosts, task_died)
+        if found is not None and self.ledger:
+            NodeLedger(self.ledger).append(NodeEvent(found[0], "rank_failed", job_id=job_env.job_id, detail=found[1]))
+        cause = found[1] if found else f"a rank failed (torchrun exited with code {code})"
         print(f"[llaunch] {cause}", flush=True)
-        return self._requeue(submitit_handler, job_env, "a rank failure", cause,
-                             exclude=first.host if first else None, min_nodes=self.min_nodes or nodes)
+        return self._requeue(submitit_handler, job_env, "a node failure", cause, exclude=found[0] if found else None,
+                             min_nodes=self.min_nodes or len(hosts))
 
     def _after_hang(self, hang, grace_s: float, job_env, nodes: int, submitit_handler) -> str:
         """Report the hang; the first node requeues the job without the culprit's host where it can."""
@@ -291,38 +306,6 @@ class NodeTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(nxt)
 
 
-def node_can_be_spared(host: str, job_id: str, min_nodes: int) -> bool:
-    """Whether the job can run without `host`: the partition's other nodes, less those the job already
-    excludes, still number at least `min_nodes` (else the requeued job would wait forever)."""
-    partition = os.environ.get("SLURM_JOB_PARTITION")
-    argv = ["sinfo", "--noheader", "--Node", "--format=%N"] + (["--partition", partition] if partition else [])
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    nodes = set(result.stdout.split()) if result.returncode == 0 else set()
-    return len(nodes - {host} - set(excluded_nodes(job_id))) >= min_nodes
-
-
-def excluded_nodes(job_id: str) -> list[str]:
-    """The job's ExcNodeList, expanded."""
-    result = subprocess.run(["scontrol", "--oneliner", "show", "job", str(job_id)], capture_output=True, text=True,
-                            timeout=30)
-    listed = parse_scontrol_job(result.stdout).get("ExcNodeList", "(null)") if result.returncode == 0 else "(null)"
-    return node_hostnames(listed) if listed not in ("", "(null)") else []
-
-
-def exclude_from_requeued_job(job_id: str, hosts: list[str]) -> None:
-    """Add `hosts` to the ExcNodeList of the job just requeued. SLURM 22.05 refuses that update on a running
-    job ("no longer pending execution") but takes it once `scontrol requeue` has made the job pending again,
-    while its nodes still clean up (COMPLETING) and this task, which ignores SIGTERM by then, still runs."""
-    listed = ",".join(sorted({*excluded_nodes(job_id), *hosts}))
-    result = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={listed}"], capture_output=True,
-                            text=True, timeout=30)
-    if result.returncode == 0:
-        print(f"[llaunch] the requeued job excludes {listed}", flush=True)
-    else:
-        print(f"[llaunch] warning: could not exclude {listed} from the requeued job: {result.stderr.strip()}",
-              flush=True)
-
-
 def forward_stop_signals(torchrun_pid: int, received: set[int], forwarded: set[tuple[int, int]]) -> None:
     """Send each received stop signal once to each of torchrun's ranks that handles it by now; `forwarded`
     remembers (pid, signal) across calls."""
@@ -332,6 +315,14 @@ def forward_stop_signals(torchrun_pid: int, received: set[int], forwarded: set[t
                 forwarded.add((rank.pid, signum))
                 with contextlib.suppress(psutil.NoSuchProcess):
                     rank.send_signal(signum)
+
+
+def job_running(job_id: str) -> bool:
+    """Whether SLURM still runs the job (a cancelled, timed-out or preempted one is not)."""
+    try:
+        return job_state(job_id, dict(os.environ)).state == "RUNNING"
+    except (LaunchError, OSError, subprocess.SubprocessError):
+        return False
 
 
 def node_name(hostname: str) -> str:
@@ -350,22 +341,6 @@ def latest_step(job_dir: str) -> int | None:
     checksums when they resume), or None when there is none yet."""
     complete = [info.step for info in list_checkpoints(job_dir) if info.complete]
     return max(complete) if complete else None
-
-
-def quarantined_nodes(profile: ClusterProfile, env: dict[str, str]) -> list[str]:
-    """The hosts the profile's node ledger keeps out of the next job, never more than the partition can spare
-    (cluster.node_ledger); [] when sinfo cannot list the partition's nodes."""
-    events = NodeLedger.for_profile(profile.name).events()
-    if not events:
-        return []
-    argv = ["sinfo", "--noheader", "--Node", "--format=%N"] + (["--partition", profile.partition] if profile.partition else [])
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
-    nodes = sorted(set(result.stdout.split())) if result.returncode == 0 else []
-    return exclude_for_next_submission(events, QuarantinePolicy(), nodes, profile.min_nodes or profile.nodes)
-
-
-def exclusion_sentence(profile: ClusterProfile, exclude: list[str]) -> str:
-    return f"keeping {', '.join(exclude)} out of this job (node ledger {NodeLedger.for_profile(profile.name).path})"
 
 
 def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:

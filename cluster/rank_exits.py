@@ -110,6 +110,19 @@ def describe(failure: RankExit) -> str:
     return f"rank {failure.rank} on {failure.host} failed first"
 
 
+def culprit(exits: list[RankExit], hosts: list[str], task_died: bool = False) -> tuple[str, str] | None:
+    """The host to blame and why: the rank that failed first; or, when SLURM ended the step because a node's
+    task died (`task_died`: the other nodes' ranks then only stopped), the one node that left no record.
+    None when nothing singles one out."""
+    first = None if task_died else first_failure(exits)
+    if first is not None:
+        return first.host, describe(first)
+    silent = sorted(set(range(len(hosts))) - {e.node for e in exits})
+    if task_died and len(silent) == 1:
+        return hosts[silent[0]], f"the node task on {hosts[silent[0]]} died"
+    return None
+
+
 def latest_failure(job_dir: str | Path) -> str | None:
     """What `llaunch status` says about the newest attempt that ended with a failed rank (None: none did)."""
     attempt = newest_attempt(job_dir)

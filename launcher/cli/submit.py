@@ -73,7 +73,7 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
     import sys
     from pathlib import Path
 
-    from cluster.executor import exclusion_sentence, quarantined_nodes
+    from cluster.exclusion import exclusion_sentence, quarantined_nodes
     from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters
     from launcher.job import PLAN_FILE
 

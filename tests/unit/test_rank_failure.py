@@ -66,10 +66,10 @@ def test_a_killed_rank_requeues_the_job_and_blames_the_node_of_the_rank_that_fai
         with pytest.raises(SystemExit):
             task()
     else:
-        with pytest.raises(executor.TrainingError, match="stopped by a rank failure and not requeued: already"):
+        with pytest.raises(executor.TrainingError, match="stopped by a node failure and not requeued: already"):
             task()
     [event] = NodeLedger(tmp_path / "ledger.jsonl").events()
-    assert (event.kind, event.host, event.job_id, event.detail) == ("rank_failed", "h0", "78", "rank 1 ended first")
+    assert (event.kind, event.host, event.job_id, event.detail) == ("rank_failed", "h0", "78", "rank 1 on h0 failed first")
     assert latest_failure(tmp_path) == ("rank 1 on h0 failed first in attempt 1 (its peers' errors followed "
                                         "from it)")
     requeues = [e for e in ledger_events(tmp_path) if e["kind"] == "requeue"]
@@ -177,3 +177,31 @@ def test_the_stop_line_promises_a_requeue_only_after_slurms_warning_signals(sign
     handler = PreemptionHandler()
     handler.received = signal.Signals(signum)
     assert handler.stop_sentence(23) == words
+
+
+def test_when_a_node_task_died_its_node_is_the_culprit_not_the_ranks_that_stopped():
+    """srun ended the step because node 1's task died: node 0's ranks only stopped (SIGTERM), so the one node
+    that left no record is to blame; without a task death a lone record names its rank."""
+    from cluster.rank_exits import culprit
+
+    stopped = [RankExit(0, "n1", 0, 10.0)]
+    assert culprit(stopped, ["n1", "n2"], task_died=True) == ("n2", "the node task on n2 died")
+    assert culprit(stopped, ["n1", "n2"]) == ("n1", "rank 0 on n1 failed first")
+    assert culprit([], ["n1", "n2"], task_died=True) is None  # two silent nodes: nothing singles one out
+
+
+@pytest.mark.parametrize("received, cause", [([], "doctor"), ([signal.SIGTERM], "SIGTERM")])
+def test_an_attempt_that_ends_in_its_doctor_ends_its_incarnation_in_the_jobs_ledger(tmp_path, monkeypatch, received,
+                                                                                     cause):
+    """So goodput counts its time (an incarnation without events was dropped)."""
+    from cluster import executor
+
+    report = NodeReport(0, "n1", "9", checks=[Check("software", FAIL, "torch 0.0.0 here")])
+    monkeypatch.setattr(executor, "preflight", lambda *a: report)
+    monkeypatch.setattr(executor, "node_address", lambda node: node)
+    task = executor.NodeTask(str(tmp_path), 3, 0, 60)
+    task._received = list(received)
+    with pytest.raises(executor.TrainingError):
+        task._doctor(SimpleNamespace(node=0, job_id="9", global_rank=0), ["n1", "n2"])
+    [ended] = ledger_events(tmp_path)
+    assert (ended["kind"], ended["inc"], ended["cause"]) == ("exit", "9.0", cause)
