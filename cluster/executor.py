@@ -254,8 +254,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         if job_env.global_rank != 0:
             return f"node {job_env.node}: torchrun exited with code {code}; the first node decides about the requeue"
         attempt = job_events.attempt_id(job_env.job_id, self.requeues)
-        exits = rank_exits.wait_for_nodes(self.job_dir, attempt, len(hosts), RANK_EXITS_WAIT_S)
-        found = rank_exits.culprit(exits, hosts, task_died)
+        found = rank_exits.judge(self.job_dir, attempt, hosts, task_died, RANK_EXITS_WAIT_S)
         if found is not None and self.ledger:
             NodeLedger(self.ledger).append(NodeEvent(found[0], "rank_failed", job_id=job_env.job_id, detail=found[1]))
         cause = found[1] if found else f"a rank failed (torchrun exited with code {code})"

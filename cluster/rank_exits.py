@@ -4,9 +4,11 @@ When one rank dies (the OOM killer, a lost GPU, an exception), its peers on ever
 with collateral errors (gloo's "Connection closed by peer", DistNetworkError) that say nothing about the
 cause. Each node's task watches its local ranks while torchrun runs (psutil: torchrun's children and the
 RANK in their environment) and writes when each one ended into JOB_DIR/rank-exits/ATTEMPT/node-N.json; the
-rank that ended first over all nodes is the one that failed first. Torchrun's and the ranks' own output are
-not read: this module is the one home of that judgement, for the requeue (which node to blame) and for
-`llaunch status` (which rank to name).
+rank that ended first over all nodes is the one that failed first (when a node's task itself died, SLURM
+stops the other nodes' ranks: then the node that left no record is the culprit). The first node's task
+keeps its judgement beside the records (culprit.json). Torchrun's and the ranks' own output are not read:
+this module is the one home of that judgement, for the requeue (which node to blame) and for `llaunch
+status` (which rank to name).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from launcher.files import write_text_atomic
 from launcher.signals import ranks_of
 
 EXITS_DIR = "rank-exits"
+VERDICT_FILE = "culprit.json"  # beside an attempt's records: the first node's judgement
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,6 @@ def exits_path(job_dir: str | Path, attempt: str, node: int) -> Path:
     return Path(job_dir) / EXITS_DIR / attempt / f"node-{node}.json"
 
 
-def newest_attempt(job_dir: str | Path) -> str | None:
-    """The attempt ("JOB.REQUEUES") whose ranks' ends were recorded last, None when none was."""
-    records = sorted((Path(job_dir) / EXITS_DIR).glob("*/node-*.json"), key=lambda p: p.stat().st_mtime)
-    return records[-1].parent.name if records else None
-
 
 def read_exits(job_dir: str | Path, attempt: str) -> list[RankExit]:
     """The ranks' ends of `attempt` on every node that recorded them; an unreadable file is skipped."""
@@ -123,11 +121,26 @@ def culprit(exits: list[RankExit], hosts: list[str], task_died: bool = False) ->
     return None
 
 
+def judge(job_dir: str | Path, attempt: str, hosts: list[str], task_died: bool,
+          wait_s: float) -> tuple[str, str] | None:
+    """On the first node, once `attempt` failed: the culprit from every node's record (waiting up to `wait_s`
+    for them), kept beside the records for `llaunch status`."""
+    found = culprit(wait_for_nodes(job_dir, attempt, len(hosts), wait_s), hosts, task_died)
+    if found is not None:
+        write_text_atomic(Path(job_dir) / EXITS_DIR / attempt / VERDICT_FILE, json.dumps({"host": found[0],
+                                                                                          "why": found[1]}))
+    return found
+
+
 def latest_failure(job_dir: str | Path) -> str | None:
-    """What `llaunch status` says about the newest attempt that ended with a failed rank (None: none did)."""
-    attempt = newest_attempt(job_dir)
-    first = first_failure(read_exits(job_dir, attempt)) if attempt else None
-    if first is None:
+    """What `llaunch status` says about the newest attempt that failed with a culprit (None: none did)."""
+    verdicts = sorted((Path(job_dir) / EXITS_DIR).glob(f"*/{VERDICT_FILE}"), key=lambda p: p.stat().st_mtime)
+    if not verdicts:
         return None
-    number = int(attempt.rsplit(".", 1)[-1]) + 1 if attempt.rsplit(".", 1)[-1].isdigit() else attempt
-    return f"{describe(first)} in attempt {number} (its peers' errors followed from it)"
+    try:
+        why = json.loads(verdicts[-1].read_text())["why"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    requeues = verdicts[-1].parent.name.rsplit(".", 1)[-1]  # the attempt is JOB.REQUEUES
+    attempt = int(requeues) + 1 if requeues.isdigit() else requeues
+    return f"attempt {attempt}: {why}; the other ranks' errors followed from it"

@@ -395,7 +395,7 @@ def test_a_sigkilled_rank_requeues_the_job_which_resumes_from_the_newest_checkpo
     worst = max(float((straight[k].float() - resumed[k].float()).abs().max()) for k in straight)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
     status = llaunch("status", job_id).stdout
-    assert f"rank 1 on {host} failed first in attempt 1" in status, status
+    assert f"attempt 1: rank 1 on {host} failed first; the other ranks' errors followed from it" in status, status
     assert f"step {MAX_STEPS}  loss " in status and f"saved: step {MAX_STEPS}" in status, status
     events = [e for e in NodeLedger.for_profile("local").events() if e.job_id == job_id]
     assert [(e.kind, e.host) for e in events] == [("rank_failed", host)]

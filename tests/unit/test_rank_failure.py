@@ -16,7 +16,7 @@ from cluster.doctor.checks import FAIL, OK, Check
 from cluster.doctor.node import NodeReport
 from cluster.jobs import last_error
 from cluster.node_ledger import NodeLedger
-from cluster.rank_exits import RankExit, first_failure, latest_failure
+from cluster.rank_exits import RankExit, first_failure, judge, latest_failure
 from launcher.ledger import read as ledger_events
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,8 +70,7 @@ def test_a_killed_rank_requeues_the_job_and_blames_the_node_of_the_rank_that_fai
             task()
     [event] = NodeLedger(tmp_path / "ledger.jsonl").events()
     assert (event.kind, event.host, event.job_id, event.detail) == ("rank_failed", "h0", "78", "rank 1 on h0 failed first")
-    assert latest_failure(tmp_path) == ("rank 1 on h0 failed first in attempt 1 (its peers' errors followed "
-                                        "from it)")
+    assert latest_failure(tmp_path) == "attempt 1: rank 1 on h0 failed first; the other ranks' errors followed from it"
     requeues = [e for e in ledger_events(tmp_path) if e["kind"] == "requeue"]
     assert [e["reason"] for e in requeues] == [
         "rank 1 on h0 failed first; requeue 1/1 resumes from the start (no checkpoint yet)"][:max_requeues]
@@ -144,7 +143,8 @@ def test_rank_exits_records_are_read_back_and_a_damaged_one_is_skipped(tmp_path)
     (folder / "node-0.json").write_text(json.dumps([{"rank": 0, "host": "n1", "node": 0, "ended_t": 20.0}]))
     (folder / "node-1.json").write_text(json.dumps([{"rank": 1, "host": "n2", "node": 1, "ended_t": 19.0}]))
     (folder / "node-2.json").write_text("{torn")
-    assert latest_failure(tmp_path) == "rank 1 on n2 failed first in attempt 2 (its peers' errors followed from it)"
+    assert judge(tmp_path, "5.1", ["n1", "n2", "n3"], task_died=False, wait_s=0) == ("n2", "rank 1 on n2 failed first")
+    assert latest_failure(tmp_path) == "attempt 2: rank 1 on n2 failed first; the other ranks' errors followed from it"
 
 
 @pytest.mark.parametrize("global_rank", [0, 1])
