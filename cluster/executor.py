@@ -163,9 +163,12 @@ class NodeTask(submitit.helpers.Checkpointable):
             return self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2])
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
-        if stop == "SIGTERM" and job_running(job_env.job_id):  # not a cancel: srun ended the step because
-            return self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2],  # another
-                                            task_died=True)  # node's task died (SIGKILL, the OOM killer)
+        if stop == "SIGTERM" and code != EXIT_USER_ERROR and job_running(job_env.job_id):
+            # not a cancel: srun ended the step because another node's task ended badly; a node failure when
+            # that task died (SIGKILL, the OOM killer) without leaving its record, else its own error says why
+            requeued = self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2], task_died=True)
+            if requeued is not None:
+                return requeued
         if stop != "SIGUSR2":
             # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
             raise TrainingError(f"{NODE_TASK_SIGNALLED}{stop} with the newest checkpoint at step "
@@ -246,15 +249,18 @@ class NodeTask(submitit.helpers.Checkpointable):
         return torchrun.returncode, hang, watchdog.config.grace_s
 
     def _after_rank_failure(self, code: int, job_env, hosts: list[str], submitit_handler,
-                            task_died: bool = False) -> str:
+                            task_died: bool = False) -> str | None:
         """A rank died without a sentence (killed by the OOM killer, a lost GPU, a crash), or another node's task
         did (`task_died`): a node failure. The first node names the rank that failed first (or the node whose
         task left no record), records its host in the node ledger and requeues the job within --max-requeues;
-        the loop guard stops a crash that recurs before the next checkpoint."""
+        the loop guard stops a crash that recurs before the next checkpoint. None when `task_died` finds no
+        such node."""
         if job_env.global_rank != 0:
             return f"node {job_env.node}: torchrun exited with code {code}; the first node decides about the requeue"
         attempt = job_events.attempt_id(job_env.job_id, self.requeues)
         found = rank_exits.judge(self.job_dir, attempt, hosts, task_died, RANK_EXITS_WAIT_S)
+        if found is None and task_died:
+            return None  # every node's task left its record: none died
         if found is not None and self.ledger:
             NodeLedger(self.ledger).append(NodeEvent(found[0], "rank_failed", job_id=job_env.job_id, detail=found[1]))
         cause = found[1] if found else f"a rank failed (torchrun exited with code {code})"

@@ -101,9 +101,11 @@ def test_a_doctor_failure_that_is_the_jobs_blames_no_node(slurm_cluster, tmp_pat
     assert "space       FAIL" in logs and "allreduce   FAIL" in logs, logs[-3000:]
     goodput = json.loads(llaunch("goodput", job_id, "--json").stdout)  # the attempt that ended in its doctor
     assert [inc["cause"] for inc in goodput["incarnations"]] == ["doctor"], goodput["incarnations"]
-    # `llaunch cancel` a second after submit, while the doctor's checks run: the user's, no node's either.
+    # `llaunch cancel` while the doctor's checks run (held there by the taken port's all-reduce timeout): what
+    # fails during a cancel may be the cancel's doing, so no node is blamed (not even for n2's software).
+    faults = {"LLAUNCH_DOCTOR_FAULT_PORT": "1", "LLAUNCH_DOCTOR_FAULT_VERSION": "1:torch=0.0.0"}
     cancelled = job_id_of(llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "2", "--output-dir",
-                                  str(tmp_path / "cancelled"), "--max-steps", "4"))
+                                  str(tmp_path / "cancelled"), "--max-steps", "4", env=faults))
     wait_until(lambda: job_state(cancelled, env).state == "RUNNING", 60, "the job to start", cancelled)
     assert llaunch("cancel", cancelled).returncode == 0
     state = wait_until(lambda: (s := job_state(cancelled, env)).finished and s, 90, "the job to end", cancelled)

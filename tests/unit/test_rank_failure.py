@@ -188,6 +188,8 @@ def test_when_a_node_task_died_its_node_is_the_culprit_not_the_ranks_that_stoppe
     assert culprit(stopped, ["n1", "n2"], task_died=True) == ("n2", "the node task on n2 died")
     assert culprit(stopped, ["n1", "n2"]) == ("n1", "rank 0 on n1 failed first")
     assert culprit([], ["n1", "n2"], task_died=True) is None  # two silent nodes: nothing singles one out
+    # node 1's task ended on purpose (its rank's LaunchError, a TrainingError) after leaving its record: no death
+    assert culprit(stopped + [RankExit(1, "n2", 1, 9.0)], ["n1", "n2"], task_died=True) is None
 
 
 @pytest.mark.parametrize("received, cause", [([], "doctor"), ([signal.SIGTERM], "SIGTERM")])
