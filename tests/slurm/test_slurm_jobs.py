@@ -397,8 +397,8 @@ def test_a_sigkilled_rank_requeues_the_job_which_resumes_from_the_newest_checkpo
     status = llaunch("status", job_id).stdout
     assert f"attempt 1: rank 1 on {host} failed first; the other ranks' errors followed from it" in status, status
     assert f"step {MAX_STEPS}  loss " in status and f"saved: step {MAX_STEPS}" in status, status
-    events = [e for e in NodeLedger.for_profile("local").events() if e.job_id == job_id]
-    assert [(e.kind, e.host) for e in events] == [("rank_failed", host)]
+    events = NodeLedger.for_profile("local").events()  # a loaded node may add a straggler event beside it
+    assert [e.host for e in events if e.job_id == job_id and e.kind == "rank_failed"] == [host], events
 
 
 def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fast(config, tmp_path, monkeypatch):
@@ -426,7 +426,8 @@ def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fas
     assert max(records[1]["timeouts_s"].values()) < 60, records[1]["timeouts_s"]
     status = llaunch("status", job_id).stdout
     assert "no progress since the last requeue" in status and "hang: rank 1 on " in status, status
-    assert [e.kind for e in NodeLedger.for_profile("local").events()] == ["hang", "hang"]
+    hangs = [e for e in NodeLedger.for_profile("local").events() if e.kind == "hang"]  # beside stragglers, if any
+    assert len(hangs) == 2 and {e.host for e in hangs} == {records[0]["culprit"]["host"]}, hangs
 
 
 def test_cluster_down_ends_the_jobs_before_it_stops(straight_run, config, tmp_path):
