@@ -6,9 +6,10 @@ forwards what it got to each rank once that rank has its handler installed (a ra
 the same request, see launcher.signals), so a signal that came while torchrun or the ranks were starting
 is not lost. torchrun itself ignores them (SIG_IGN before exec, and --signals-to-handle without SIGTERM),
 because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a SIGTERM, in the middle of
-their checkpoint. When the ranks have saved and exited, or the watchdog killed hung ones, the first node's
-task applies cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue;
-after a hang the requeued job excludes the culprit's host.
+their checkpoint. When the ranks have saved and exited, the watchdog killed hung ones, or a rank (or another
+node's task) died without a sentence (a node failure, cluster.rank_exits), the first node's task applies
+cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue; the
+requeued job excludes the culprit's host where it can spare it (cluster.exclusion).
 """
 
 from __future__ import annotations
@@ -26,22 +27,25 @@ from pathlib import Path
 import psutil
 import submitit
 
-from cluster import job_events
+from cluster import job_events, rank_exits
 from cluster.doctor.node import preflight
-from cluster.jobs import NODE_TASK_SIGNALLED, parse_scontrol_job
-from cluster.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission
+from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
+from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
+                               quarantined_nodes)
+from cluster.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import node_command, rendezvous_port, slurm_parameters
 from cluster.watchdog import Watchdog, WatchdogConfig, hang_culprit, kill_ranks, report_hang
 from launcher.checkpoint_store import list_checkpoints
 from launcher.ledger import INCARNATION_ENV
-from launcher.errors import LaunchError
+from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.job import PLAN_FILE
 from launcher.plan import Plan
-from launcher.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
+from launcher.signals import STOP_SIGNALS, SUPERVISOR_ENV, catches, ignore_stop_signals, ranks_of
 
 FORWARD_POLL_S = 0.2
+RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
 
 
 class TrainingError(RuntimeError):
@@ -88,14 +92,6 @@ def check_partition(profile: ClusterProfile, env: dict[str, str]) -> None:
     if max_time not in ("UNLIMITED", "INFINITE") and profile.time_minutes > time_to_minutes(max_time):
         raise LaunchError(f"--time {profile.time} is longer than partition {name} allows ({max_time}); "
                           f"give a shorter --time or another --partition.")
-
-
-def node_hostnames(nodelist: str) -> list[str]:
-    """Expand a compressed SLURM node list (n[1-3,7], gpu-a[01-02]) the way SLURM itself does."""
-    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0 or not result.stdout.strip():
-        raise RuntimeError(f"scontrol show hostnames {nodelist!r} failed: {result.stderr.strip()}")
-    return result.stdout.split()
 
 
 def node_address(node: str) -> str:
@@ -147,12 +143,11 @@ class NodeTask(submitit.helpers.Checkpointable):
         hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
         plan = check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0, self.min_nodes)
         print(f"[llaunch] attempt {self.requeues + 1}", file=sys.stderr, flush=True)  # where status reads errors from
-        doctor_env = {}
-        if self.doctor:  # every incarnation, before torchrun: a broken node ends it with one sentence
-            report = self._preflight(job_env, hosts)
-            if report.peers_failed:  # that node's own error ends the job and says why
-                return f"no torchrun on node {job_env.node}: {report.peers_failed} other node(s) failed the doctor"
-            doctor_env = report.env
+        if job_env.global_rank == 0:  # before the doctor: an attempt that ends there is an incarnation too
+            job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
+        doctor_env = self._doctor(job_env, hosts) if self.doctor else {}
+        if doctor_env is None:  # that node's own error ends the job and says why
+            return f"no torchrun on node {job_env.node}: another node failed the doctor"
         code, hang, grace_s = self._train(plan, hosts, job_env, doctor_env)
         stop = signal.Signals(self._received[0]).name if self._received else None
         if job_env.global_rank == 0:
@@ -162,10 +157,18 @@ class NodeTask(submitit.helpers.Checkpointable):
             return self._after_hang(hang, grace_s, job_env, len(hosts), submitit_handlers[signal.SIGUSR2])
         if code == 0:
             return f"training finished on node {job_env.node}"
-        if stop is None:
+        if stop is None and code == EXIT_USER_ERROR:  # a rank said why in one sentence: the job's, not the node's
             raise TrainingError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
+        if stop is None:
+            return self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2])
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
+        if stop == "SIGTERM" and code != EXIT_USER_ERROR and job_running(job_env.job_id):
+            # not a cancel: srun ended the step because another node's task ended badly; a node failure when
+            # that task died (SIGKILL, the OOM killer) without leaving its record, else its own error says why
+            requeued = self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2], task_died=True)
+            if requeued is not None:
+                return requeued
         if stop != "SIGUSR2":
             # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
             raise TrainingError(f"{NODE_TASK_SIGNALLED}{stop} with the newest checkpoint at step "
@@ -173,15 +176,37 @@ class NodeTask(submitit.helpers.Checkpointable):
                                 f"one ends here")
         return self._requeue(submitit_handlers[signal.SIGUSR2], job_env, stop, f"{stop} received")
 
+    def _doctor(self, job_env, hosts: list[str]) -> dict[str, str] | None:
+        """Every incarnation, before torchrun: a broken node ends it with one sentence. Returns the environment
+        the doctor adds, None when another node failed; the first node ends the attempt in the job's ledger."""
+        try:
+            report = self._preflight(job_env, hosts)
+        except TrainingError:
+            self._ended_in_doctor(job_env)
+            raise
+        if report.peers_failed:
+            self._ended_in_doctor(job_env)
+            return None
+        return report.env
+
+    def _ended_in_doctor(self, job_env) -> None:
+        if job_env.global_rank == 0:
+            stop = signal.Signals(self._received[0]).name if self._received else None
+            job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, 1, stop, cause=stop or "doctor")
+
     def _preflight(self, job_env, hosts: list[str]):
         """The doctor's checks of this node against the others; this node's own failure ends the attempt with
         its sentence (and a hard event in the node ledger, so the next submission keeps the host out)."""
         report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
                            job_env.job_id, rendezvous_port(job_env.job_id))
+        if report.failed and self._received:  # cancelled while the checks ran: the user's, not the node's
+            raise TrainingError(f"{NODE_TASK_SIGNALLED}{signal.Signals(self._received[0]).name} during the "
+                                f"doctor's checks, before torchrun started")
         if report.failed:
-            if self.ledger:
+            fault = report.host_fault  # a taken port or a full shared dir is the job's: no node is to blame
+            if self.ledger and fault is not None:
                 NodeLedger(self.ledger).append(NodeEvent(report.host, "doctor", job_id=job_env.job_id,
-                                                         detail=report.failure_sentence()))
+                                                         detail=f"{fault.name}: {fault.sentence}"))
             raise TrainingError(report.failure_sentence())
         return report
 
@@ -193,10 +218,8 @@ class NodeTask(submitit.helpers.Checkpointable):
             job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
             cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
         )
-        env = {**os.environ, **extra_env, **doctor_env,
+        env = {**os.environ, **extra_env, **doctor_env, SUPERVISOR_ENV: str(os.getpid()),  # the agent ends with us
                INCARNATION_ENV: job_events.attempt_id(job_env.job_id, self.requeues)}
-        if job_env.global_rank == 0:
-            job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
         watchdog = Watchdog.create(Path(self.job_dir), f"{job_env.job_id}-{job_env.node}", WatchdogConfig.from_env(env),
                                    nodes=len(hosts), incarnation=env[INCARNATION_ENV])
         env.update(watchdog.rank_env() if watchdog else {})
@@ -205,7 +228,9 @@ class NodeTask(submitit.helpers.Checkpointable):
         torchrun = subprocess.Popen(argv, env=env, preexec_fn=ignore_stop_signals)
         forwarded: set[tuple[int, int]] = set()
         hang = None
+        ranks = rank_exits.RankWatch(node_name(job_env.hostname), job_env.node)
         while torchrun.poll() is None:
+            ranks.poll(torchrun.pid)
             forward_stop_signals(torchrun.pid, set(self._received), forwarded)
             if watchdog and hang is None and not self._received:
                 hang = watchdog.check()
@@ -213,6 +238,8 @@ class NodeTask(submitit.helpers.Checkpointable):
                     kill_ranks(torchrun.pid)
             time.sleep(FORWARD_POLL_S)
         ignore_stop_signals()
+        if torchrun.returncode != 0:
+            ranks.save(self.job_dir, env[INCARNATION_ENV])
         if not watchdog:
             return torchrun.returncode, None, 0.0
         if hang is None and torchrun.returncode != 0:  # ranks that died because another node's watchdog killed its own
@@ -221,13 +248,34 @@ class NodeTask(submitit.helpers.Checkpointable):
         watchdog.close()
         return torchrun.returncode, hang, watchdog.config.grace_s
 
+    def _after_rank_failure(self, code: int, job_env, hosts: list[str], submitit_handler,
+                            task_died: bool = False) -> str | None:
+        """A rank died without a sentence (killed by the OOM killer, a lost GPU, a crash), or another node's task
+        did (`task_died`): a node failure. The first node names the rank that failed first (or the node whose
+        task left no record), records its host in the node ledger and requeues the job within --max-requeues;
+        the loop guard stops a crash that recurs before the next checkpoint. None when `task_died` finds no
+        such node."""
+        if job_env.global_rank != 0:
+            return f"node {job_env.node}: torchrun exited with code {code}; the first node decides about the requeue"
+        attempt = job_events.attempt_id(job_env.job_id, self.requeues)
+        found = rank_exits.judge(self.job_dir, attempt, hosts, task_died, RANK_EXITS_WAIT_S)
+        if found is None and task_died:
+            return None  # every node's task left its record: none died
+        if found is not None and self.ledger:
+            NodeLedger(self.ledger).append(NodeEvent(found[0], "rank_failed", job_id=job_env.job_id, detail=found[1]))
+        cause = found[1] if found else f"a rank failed (torchrun exited with code {code})"
+        print(f"[llaunch] {cause}", flush=True)
+        return self._requeue(submitit_handler, job_env, "a node failure", cause, exclude=found[0] if found else None,
+                             min_nodes=self.min_nodes or len(hosts))
+
     def _after_hang(self, hang, grace_s: float, job_env, nodes: int, submitit_handler) -> str:
         """Report the hang; the first node requeues the job without the culprit's host where it can."""
-        sentence = report_hang(hang, self.ledger, job_env.job_id)
-        print(f"[llaunch] {sentence}", flush=True)
-        if job_env.global_rank != 0:
+        if job_env.global_rank != 0:  # the first node alone reports it: one node-ledger event per hang
+            sentence = Watchdog.describe(hang)
+            print(f"[llaunch] {sentence}", flush=True)
             return f"node {job_env.node}: {sentence}; the first node decides about the requeue"
         culprit = hang_culprit(hang, wait_s=grace_s + 5)  # another node may still write it
+        print(f"[llaunch] {report_hang(hang, self.ledger, job_env.job_id)}", flush=True)
         return self._requeue(submitit_handler, job_env, "a hang", f"hang on {culprit or 'no single node'}",
                              exclude=culprit, min_nodes=self.min_nodes or nodes)
 
@@ -263,38 +311,6 @@ class NodeTask(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(nxt)
 
 
-def node_can_be_spared(host: str, job_id: str, min_nodes: int) -> bool:
-    """Whether the job can run without `host`: the partition's other nodes, less those the job already
-    excludes, still number at least `min_nodes` (else the requeued job would wait forever)."""
-    partition = os.environ.get("SLURM_JOB_PARTITION")
-    argv = ["sinfo", "--noheader", "--Node", "--format=%N"] + (["--partition", partition] if partition else [])
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    nodes = set(result.stdout.split()) if result.returncode == 0 else set()
-    return len(nodes - {host} - set(excluded_nodes(job_id))) >= min_nodes
-
-
-def excluded_nodes(job_id: str) -> list[str]:
-    """The job's ExcNodeList, expanded."""
-    result = subprocess.run(["scontrol", "--oneliner", "show", "job", str(job_id)], capture_output=True, text=True,
-                            timeout=30)
-    listed = parse_scontrol_job(result.stdout).get("ExcNodeList", "(null)") if result.returncode == 0 else "(null)"
-    return node_hostnames(listed) if listed not in ("", "(null)") else []
-
-
-def exclude_from_requeued_job(job_id: str, hosts: list[str]) -> None:
-    """Add `hosts` to the ExcNodeList of the job just requeued. SLURM 22.05 refuses that update on a running
-    job ("no longer pending execution") but takes it once `scontrol requeue` has made the job pending again,
-    while its nodes still clean up (COMPLETING) and this task, which ignores SIGTERM by then, still runs."""
-    listed = ",".join(sorted({*excluded_nodes(job_id), *hosts}))
-    result = subprocess.run(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={listed}"], capture_output=True,
-                            text=True, timeout=30)
-    if result.returncode == 0:
-        print(f"[llaunch] the requeued job excludes {listed}", flush=True)
-    else:
-        print(f"[llaunch] warning: could not exclude {listed} from the requeued job: {result.stderr.strip()}",
-              flush=True)
-
-
 def forward_stop_signals(torchrun_pid: int, received: set[int], forwarded: set[tuple[int, int]]) -> None:
     """Send each received stop signal once to each of torchrun's ranks that handles it by now; `forwarded`
     remembers (pid, signal) across calls."""
@@ -304,6 +320,19 @@ def forward_stop_signals(torchrun_pid: int, received: set[int], forwarded: set[t
                 forwarded.add((rank.pid, signum))
                 with contextlib.suppress(psutil.NoSuchProcess):
                     rank.send_signal(signum)
+
+
+def job_running(job_id: str) -> bool:
+    """Whether SLURM still runs the job (a cancelled, timed-out or preempted one is not)."""
+    try:
+        return job_state(job_id, dict(os.environ)).state == "RUNNING"
+    except (LaunchError, OSError, subprocess.SubprocessError):
+        return False
+
+
+def node_name(hostname: str) -> str:
+    """SLURM's name for this node (what --exclude takes; two slurmd on one host differ by it)."""
+    return os.environ.get("SLURMD_NODENAME") or hostname
 
 
 def _gpus_on_node() -> int:
@@ -319,18 +348,6 @@ def latest_step(job_dir: str) -> int | None:
     return max(complete) if complete else None
 
 
-def quarantined_nodes(profile: ClusterProfile, env: dict[str, str]) -> list[str]:
-    """The hosts the profile's node ledger keeps out of the next job, never more than the partition can spare
-    (cluster.node_ledger); [] when sinfo cannot list the partition's nodes."""
-    events = NodeLedger.for_profile(profile.name).events()
-    if not events:
-        return []
-    argv = ["sinfo", "--noheader", "--Node", "--format=%N"] + (["--partition", profile.partition] if profile.partition else [])
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
-    nodes = sorted(set(result.stdout.split())) if result.returncode == 0 else []
-    return exclude_for_next_submission(events, QuarantinePolicy(), nodes, profile.min_nodes or profile.nodes)
-
-
 def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
     """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
     if env.get("SLURM_CONF"):
@@ -342,8 +359,7 @@ def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str
     exclude = quarantined_nodes(profile, env)
     if exclude:
         executor.update_parameters(exclude=",".join(exclude))
-        print(f"llaunch: keeping {', '.join(exclude)} out of this job (node ledger "
-              f"{NodeLedger.for_profile(profile.name).path})", flush=True)
+        print(f"llaunch: {exclusion_sentence(profile, exclude)}", flush=True)
     task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
                     ledger=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
                     min_nodes=profile.min_nodes)

@@ -175,6 +175,9 @@ def last_metrics(output_dir: str | Path) -> dict | None:
 # Lines that only report that a rank failed, or what followed from it (torchrun's agent, the node task
 # passing on torchrun's exit code); the rank's own error says why.
 _WRAPPER_ERRORS = ("ChildFailedError", "RendezvousConnectionError", "RendezvousClosedError", "RendezvousError")
+# ... and what a surviving peer raises when another rank died: collateral, never the cause.
+_COLLATERAL_ERRORS = ("DistNetworkError",)
+_COLLATERAL_MESSAGES = ("Connection closed by peer", "Connection reset by peer")
 _NODE_TASK_ERROR = "TrainingError"  # the node task's own reason (not requeued, stopped by, allocation) ...
 _NODE_TASK_WRAPPER = "torchrun exited with code"  # ... unless it only passes on torchrun's failure
 # ... or only reports a signal: when one node's rank fails, SLURM ends the step with SIGTERM on the others, so
@@ -213,7 +216,8 @@ def last_error(paths: list[Path]) -> str | None:
             name, message = (part.strip() for part in text.split(":", 1))
             if text.startswith("llaunch: error:"):
                 sentences.append(text)
-            elif any(w in name for w in _WRAPPER_ERRORS) or message.startswith(_NODE_TASK_WRAPPER):
+            elif any(w in name for w in _WRAPPER_ERRORS + _COLLATERAL_ERRORS) or message.startswith(_NODE_TASK_WRAPPER) \
+                    or any(m in message for m in _COLLATERAL_MESSAGES):
                 wrappers.append(text)
             elif _NODE_TASK_ERROR in name and message.startswith(NODE_TASK_SIGNALLED):
                 signalled.append(message)

@@ -3,7 +3,7 @@ submission keeps out.
 
 One append-only JSON-lines file per cluster profile (LLAUNCH_HOME/ledger/PROFILE.jsonl): an event is
 appended and flushed to disk by whoever saw it (the watchdog's hang culprit, a doctor failure, a straggler,
-an ECC/XID error, a rank killed by a signal) and never rewritten; old events stop counting, they are not
+an ECC/XID error, the rank that failed first) and never rewritten; old events stop counting, they are not
 removed. The policy reads the whole file: a host is quarantined after `hard_events` hard or `soft_events`
 soft events within `window_s`, and the exclude list for the next submission holds at most as many hosts as
 the partition can spare beyond the nodes the job needs, the worst first (most hard events, then most
@@ -22,7 +22,7 @@ from cluster.jobs import records_dir
 from launcher.ledger import LARGEST, read_records
 
 # Each kind of evidence and how much it says about the host: hard = the host is very likely bad by itself.
-SEVERITY = {"hang": "hard", "xid": "hard", "doctor": "hard", "straggler": "soft", "signal_death": "soft"}
+SEVERITY = {"hang": "hard", "xid": "hard", "doctor": "hard", "straggler": "soft", "rank_failed": "soft"}
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,20 @@ NodeTask): outside the ranks, so a rank that holds the GIL, sits in a C call or 
 
 Every `poll_s` it reads the local ranks' progress beacons (launcher.beacon). A rank that stays in one phase
 longer than that phase's timeout is a hang: `k` x the rolling p99 of the phase's durations, at least
-`floor_s`; the first step and a phase never seen to end before get `first_step_s`, checkpoint saves and
-loads `checkpoint_s`. Then, in order: every local rank's Python stacks (py-spy when installed and allowed,
+`floor_s`; the first step and a phase never seen to end get `first_step_s` (or `k` x the longest an earlier
+launch into the job dir measured, compile included: a hang at a requeue's first step is seen as fast),
+checkpoint saves and loads `checkpoint_s`. Then, in order: every local rank's Python stacks (py-spy when installed and allowed,
 else the faulthandler the rank registered on launcher.signals.STACK_DUMP_SIGNAL), the last beacon of every
 rank, a request that the other nodes' watchdogs dump theirs into the same folder, and the evidence record
 naming the rank that is behind. The caller then kills the ranks and exits with HANG_EXIT_CODE.
 
-Configured by LLAUNCH_WATCHDOG, comma-separated key=value pairs of WatchdogConfig ("off" disables it),
-e.g. LLAUNCH_WATCHDOG=floor_s=30,first_step_s=300.
+Configured by cluster.watchdog_config.WatchdogConfig (LLAUNCH_WATCHDOG).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
+import contextlib
 import json
 import os
 import shutil
@@ -29,51 +29,21 @@ from pathlib import Path
 
 from cluster.jobs import last_metrics
 from cluster.node_ledger import NodeEvent, NodeLedger
+from cluster.watchdog_config import WatchdogConfig
 from launcher import ledger
 from launcher.beacon import BEACON_DIR_ENV, Beacon, Phase, beacon_folder, read_beacons, stacks_path
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
 from launcher.signals import STACK_DUMP_SIGNAL, catches, ranks_of
 
-WATCHDOG_ENV = "LLAUNCH_WATCHDOG"
 HANGS_DIR = "hangs"  # in the job dir: one folder per detected hang
 EVIDENCE_FILE = "evidence.json"
 DUMP_REQUEST = "dump-request.json"  # the detecting node asks every other node to dump into the same folder
+PHASES_FILE = "watchdog-phases-{host}.json"  # in the job dir, per node: the longest each phase took lately
 CHECKPOINT_PHASES = (Phase.SAVE, Phase.LOAD)
 # How far along a step each phase is: a resume loads before its first step, evaluation and saving follow it.
 STEP_ORDER = (Phase.START, Phase.LOAD, Phase.DATA, Phase.COMPUTE, Phase.SYNC, Phase.EVAL, Phase.SAVE, Phase.DONE)
 UNWATCHED_PHASES = (Phase.DONE,)
-
-
-@dataclass
-class WatchdogConfig:
-    poll_s: float = 1.0
-    k: float = 10.0  # timeout = k x the rolling p99 of the phase's durations ...
-    floor_s: float = 120.0  # ... but never less than this
-    first_step_s: float = 900.0  # start-up, the first step (compilation, warm-up), a phase not seen to end yet
-    checkpoint_s: float = 1800.0  # checkpoint save / load
-    window: int = 500  # phase durations kept per phase for the p99
-    grace_s: float = 10.0  # how long the stack dumps may take before the ranks are killed
-    enabled: bool = True
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "WatchdogConfig":
-        text = (os.environ if env is None else env).get(WATCHDOG_ENV, "").strip()
-        if text.lower() == "off":
-            return cls(enabled=False)
-        values = {}
-        names = {f.name: f.type for f in dataclasses.fields(cls) if f.name != "enabled"}
-        for pair in filter(None, (p.strip() for p in text.split(","))):
-            key, _, value = pair.partition("=")
-            try:
-                values[key] = int(value) if names[key] == "int" else float(value)
-            except (KeyError, ValueError):
-                raise LaunchError(f"{WATCHDOG_ENV} entry {pair!r} is not key=number with key one of "
-                                  f"{', '.join(names)} (or set it to off).") from None
-            if not 0 < values[key] <= 1e9:  # nan too: 0 kills a healthy run as hung, nan never sees a hang
-                raise LaunchError(f"{WATCHDOG_ENV} entry {pair!r} must be a positive number up to 1e9 (or set "
-                                  f"{WATCHDOG_ENV}=off).")
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -142,6 +112,8 @@ class Watchdog:
             lambda: collections.deque(maxlen=config.window))
         self._ended: dict[tuple[int, Phase], int] = {}
         self._first_step: dict[int, int] = {}
+        self._longest: dict[str, float] = {}  # phase name -> the longest duration seen in this launch
+        self._measured = measured_phases(self.job_dir)  # ... and in the earlier launches into this job dir
         self._started_wall = time.time()
         self._answered: set[Path] = set()
         self._next_check = 0.0
@@ -170,7 +142,8 @@ class Watchdog:
         first = self._first_step.setdefault(beacon.rank, beacon.step)  # the first step this launch runs
         samples = self.durations[phase]
         if beacon.step <= first or not samples:
-            return self.config.first_step_s
+            measured = self._measured.get(phase.name, float("inf"))  # by an earlier launch, compile included
+            return min(self.config.first_step_s, max(self.config.floor_s, self.config.k * measured))
         return max(self.config.floor_s, self.config.k * p99(samples))
 
     def poll(self, now: float | None = None) -> Hang | None:
@@ -182,6 +155,7 @@ class Watchdog:
                 ended = beacon.ended[phase]
                 if ended > self._ended.get((beacon.rank, phase), 0):
                     self.durations[phase].append(beacon.last_duration[phase])
+                    self._longest[phase.name] = max(self._longest.get(phase.name, 0.0), beacon.last_duration[phase])
                     self._ended[beacon.rank, phase] = ended
         timeouts = {rank: self.timeout(b) for rank, b in beacons.items()}
         stuck = tuple(rank for rank, b in beacons.items() if b.age(now) > timeouts[rank])
@@ -309,8 +283,26 @@ class Watchdog:
     kill_ranks = staticmethod(kill_ranks)
 
     def close(self) -> None:
-        """Remove the beacon folder this watchdog created."""
+        """Keep the phases' longest durations for the next launch; remove the beacon folder this watchdog created."""
+        if self._longest:  # optional: a failed write costs the next launch only its quicker first-step timeout
+            with contextlib.suppress(LaunchError, OSError):
+                write_text_atomic(self.job_dir / PHASES_FILE.format(host=self.host),
+                                  json.dumps({**self._measured, **self._longest}))
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def measured_phases(job_dir: Path) -> dict[str, float]:
+    """The longest each phase took in an earlier launch, over its nodes ({} without one; bad files skipped)."""
+    longest: dict[str, float] = {}
+    for path in Path(job_dir).glob(PHASES_FILE.format(host="*")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name, value in data.items() if isinstance(data, dict) else ():
+            if name in Phase.__members__ and isinstance(value, (int, float)) and 0 < value < float("inf"):
+                longest[name] = max(longest.get(name, 0.0), float(value))
+    return longest
 
 
 def attribute(views: list[dict]) -> dict:

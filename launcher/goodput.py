@@ -204,6 +204,10 @@ class _TimelineBuilder:
 def analyse(events: list[dict]) -> Report:
     """The goodput report of one job's events."""
     pieces, incarnations = timeline(events)
+    last = incarnations[-1] if incarnations else None
+    if last and last.cause not in (None, FINISHED) and not last.saved_on_signal:  # no later one redoes its unsaved steps
+        saved = max([e["step"] for e in events if e["kind"] == L.SAVE and e.get("inc") == last.id], default=last.restored_step or 0)
+        pieces = [part for p in pieces for part in (_split(p, saved) if p.lane == last.lane and p.category == PRODUCTIVE else [p])]
     seconds = {name: 0.0 for name in CATEGORIES}
     for piece in pieces:
         seconds[piece.category] += piece.seconds

@@ -12,6 +12,11 @@ OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 CLOCK_SKEW_WARN_S = 1.0
 IFNAME_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 GPU_MEMORY_TOLERANCE = 0.98  # NVML's total is a little under the marketed size the plan may carry
+# The checks whose failure is the host's own (its software, GPUs, mount of the shared dir, network interfaces,
+# clock): only these go into the node ledger. A taken rendezvous port and too little space on the shared dir
+# are the job's; a failed all-reduce cannot tell which side of the pair is at fault (a taken port on the first
+# node fails it on every node).
+HOST_CHECKS = ("software", "gpus", "storage", "interfaces", "clock")
 
 
 @dataclass

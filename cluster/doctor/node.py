@@ -73,6 +73,11 @@ class NodeReport:
     def failed(self) -> Check | None:
         return next((c for c in self.checks if c.status == FAIL), None)
 
+    @property
+    def host_fault(self) -> Check | None:
+        """The first failed check that blames this host itself (checks.HOST_CHECKS), for the node ledger."""
+        return next((c for c in self.checks if c.status == FAIL and c.name in checks.HOST_CHECKS), None)
+
     def lines(self) -> list[str]:
         return [f"{self.host:<10} {c.name:<11} {c.status:<4}  {c.sentence}" for c in self.checks]
 

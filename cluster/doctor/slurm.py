@@ -14,7 +14,8 @@ import submitit
 
 from cluster.doctor.checks import FAIL, Check
 from cluster.doctor.node import NodeContext, NodeReport, results_path, run_node
-from cluster.executor import node_address, node_hostnames
+from cluster.exclusion import node_hostnames
+from cluster.executor import node_address
 from cluster.jobs import cancel, job_state, refuse_never_starting
 from cluster.profile import ClusterProfile
 from cluster.submission import rendezvous_port, slurm_parameters

@@ -19,6 +19,7 @@ def add_parser(subparsers) -> None:
 def describe(job_id: str | None) -> list[str]:
     """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
     from cluster.jobs import job_state, last_error, last_metrics, load_record
+    from cluster.rank_exits import latest_failure
     from cluster.watchdog import latest_hang
     from launcher.cli.goodput import summary_line
 
@@ -31,8 +32,11 @@ def describe(job_id: str | None) -> list[str]:
     if state.reason and not state.finished:
         lines.append(f"  waiting: {state.reason}")
     metrics = last_metrics(record.output_dir)
+    saved = _newest_checkpoint(record.output_dir)
+    if metrics or saved is not None:
+        lines.append((f"  step {metrics['step']}  loss {float(metrics['loss']):.4f}  " if metrics else "  ")
+                     + (f"saved: step {saved}" if saved is not None else "saved: no checkpoint yet"))
     if metrics:
-        lines.append(f"  step {metrics['step']}  loss {float(metrics['loss']):.4f}")
         if metrics.get("stragglers"):
             lines.append(f"  stragglers: rank(s) {', '.join(map(str, metrics['stragglers']))} (busy s per rank "
                          f"{metrics['busy_s']})")
@@ -42,6 +46,9 @@ def describe(job_id: str | None) -> list[str]:
     hang = latest_hang(record.output_dir)
     if hang:
         lines.append(f"  {hang}")
+    failure = latest_failure(record.output_dir)
+    if failure:
+        lines.append(f"  {failure}")
     if state.state in FAILED_STATES:
         error = last_error(record.log_paths())
         if error:
@@ -49,6 +56,14 @@ def describe(job_id: str | None) -> list[str]:
     lines.append(f"  output: {record.output_dir}")
     lines.append(f"  logs:   llaunch logs {record.job_id}   ({record.log_folder})")
     return lines
+
+
+def _newest_checkpoint(output_dir: str) -> int | None:
+    """The step of the newest complete checkpoint: what a requeue or rerun resumes from."""
+    from launcher.checkpoint_store import list_checkpoints
+
+    steps = [info.step for info in list_checkpoints(output_dir) if info.complete]
+    return max(steps) if steps else None
 
 
 def run(args: argparse.Namespace) -> int:

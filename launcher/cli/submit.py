@@ -61,23 +61,35 @@ def run(args: argparse.Namespace) -> int:
         job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch
     name = job_name(f"llaunch-{Path(args.config).stem}")
     if args.dry_run:  # writes nothing: the job dir may belong to a running job that rereads it on requeue
-        _print_dry_run(job, profile, name)
+        _print_dry_run(job, profile, name, env)
         return 0
     record = _submit(job, profile, name, env)
     return _wait(record) if args.wait else 0
 
 
-def _print_dry_run(job, profile, name: str) -> None:
-    """The sbatch script, each node's command and the plan, as `submit` would write and run them."""
+def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
+    """The sbatch script (with the hosts the node ledger keeps out), each node's command and the plan, as
+    `submit` would write and run them."""
+    import shutil
+    import subprocess
     import sys
     from pathlib import Path
 
+    from cluster.exclusion import exclusion_sentence, quarantined_nodes
     from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters
     from launcher.job import PLAN_FILE
 
     job_dir = Path(job.output_dir).resolve()
+    parameters = slurm_parameters(profile, name)
+    try:  # sinfo says which quarantined hosts the partition can spare; without SLURM there is nothing to keep out
+        exclude = quarantined_nodes(profile, env) if shutil.which("sinfo") else []
+    except (OSError, subprocess.SubprocessError):
+        exclude = []
+    if exclude:
+        parameters["exclude"] = ",".join(exclude)
+        print(f"# {exclusion_sentence(profile, exclude)}")
     print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
-    print(render_sbatch(slurm_parameters(profile, name), job_dir / "slurm", sys.executable))
+    print(render_sbatch(parameters, job_dir / "slurm", sys.executable))
     argv, extra_env = node_command(job.plan, job_dir, rdzv_host="FIRST_NODE", rdzv_port="RDZV_PORT",
                                    job_id="JOB_ID", max_restarts=profile.max_restarts,
                                    dist_timeout_s=profile.dist_timeout_s, cpus_per_node=profile.cpus_per_task,

@@ -42,7 +42,7 @@ from launcher.train.distributed import init_distributed, on_every_rank
 from launcher.train.engines import build_engine, model_construction
 from launcher.train.final_model import write_final_model
 from launcher.train.fingerprint import Fingerprint, array_digest, files_digest
-from launcher.train.metrics import MetricsWriter, Throughput, memory_stats, peak_flops
+from launcher.train.metrics import LossWindow, MetricsWriter, Throughput, memory_stats, peak_flops
 from launcher.train.modeling import build_model, compile_layers, model_architecture, parameter_elements
 from launcher.train.optim import build_scheduler
 from launcher.train.preemption import PreemptionHandler
@@ -157,6 +157,7 @@ class Trainer:
     def train(self) -> int:
         """Run to total_steps (or early stop); returns the process exit code (REQUEUE_EXIT_CODE if preempted)."""
         self.take_run_lock()
+        self.loss_window = LossWindow(self.device)
         self.restore()
         if self.rank == 0:
             self.metrics = MetricsWriter(self.job_dir, self.total_steps, self.state.global_step,
@@ -166,19 +167,14 @@ class Trainer:
                   f"global batch {self.plan.global_batch} x {self.plan.seq_len} tokens)", flush=True)
         self.throughput = throughput = Throughput(self.flops_per_token, peak_flops(self.plan, self.device,
                                                                                   self.world_size))
-        loss_sum = torch.zeros((), device=self.device)
-        window_steps = 0
         self.engine.train()
         try:
             while self.state.global_step < self.total_steps and not self.should_stop:
                 lr = self.scheduler.get_last_lr()[0]
-                loss_sum += self.train_step()
-                window_steps += 1
+                self.loss_window.add(self.train_step())
                 throughput.add(self.plan.global_batch_tokens)
                 if self._log_due():
-                    self._log_train(loss_sum, window_steps, lr, throughput)
-                    loss_sum.zero_()
-                    window_steps = 0
+                    self._log_train(self.loss_window.take(), lr, throughput)
                 self.events.step_end(self.state.global_step, self.state.tokens_seen, self._log_due())
                 self.on_step_end()
             self.events.append(ledger.TRAIN_END, step=self.state.global_step,
@@ -312,6 +308,9 @@ class Trainer:
         saved = self.checkpointer.load(path, self.engine, self.fingerprint)
         self.state = TrainState.from_dict(saved["train_state"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        window = saved.get("loss_window")  # None in a checkpoint of an older llaunch
+        if window is not None and window["world"] == self.world_size:  # other ranks summed other samples
+            self.loss_window.load_state_dict(window)
         scaler = getattr(self.engine, "scaler", None)
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
@@ -334,15 +333,14 @@ class Trainer:
                                name=self.preemption.received.name if self.preemption.received else "another rank")
             self.should_stop = True
             if self.rank == 0:
-                print(f"preempted ({self.preemption.received.name if self.preemption.received else 'another rank'}"
-                      f"): saved step {self.state.global_step}, exiting with {REQUEUE_EXIT_CODE} to be requeued",
-                      flush=True)
+                print(self.preemption.stop_sentence(self.state.global_step), flush=True)
 
     def save_checkpoint(self) -> None:
         self.progress.enter(Phase.SAVE)
         scaler = getattr(self.engine, "scaler", None)
         state = {"train_state": self.state.to_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None}
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "loss_window": {**self.loss_window.state_dict(), "world": self.world_size}}
         step = self.state.global_step
         metrics = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
         documents = {PLAN_FILE: self.plan.to_yaml(), CONFIG_FILE: (self.job_dir / CONFIG_FILE).read_text(),
@@ -357,8 +355,7 @@ class Trainer:
         self.events.append(ledger.SAVE, step=step, seconds=time.time() - started)
 
     # ----- logging and output -------------------------------------------------------------------------
-    def _log_train(self, loss_sum: torch.Tensor, window_steps: int, lr: float, throughput: Throughput) -> None:
-        loss = loss_sum / window_steps
+    def _log_train(self, loss: torch.Tensor, lr: float, throughput: Throughput) -> None:
         dist.all_reduce(loss)
         grad_norm = self.last_grad_norm
         record = {

@@ -37,6 +37,31 @@ class Throughput:
         return out
 
 
+class LossWindow:
+    """This rank's training loss summed over the steps since the last report, kept on the device (no host sync
+    per step). A checkpoint carries it in the rank's state, so a run resumed in mid-window logs the loss the
+    uninterrupted run logs."""
+
+    def __init__(self, device: torch.device):
+        self.sum, self.steps = torch.zeros((), device=device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss
+        self.steps += 1
+
+    def take(self) -> torch.Tensor:
+        """The window's mean, and a new window."""
+        mean = self.sum / self.steps
+        self.sum, self.steps = torch.zeros_like(self.sum), 0
+        return mean
+
+    def state_dict(self) -> dict:
+        return {"sum": self.sum.detach().cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sum, self.steps = state["sum"].to(self.sum.device), int(state["steps"])
+
+
 def memory_stats(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from launcher.signals import DEFAULT_SIGNALS, StopSignals
+from launcher.signals import DEFAULT_SIGNALS, REQUEUE_EXIT_CODE, StopSignals
 
 
 class PreemptionHandler(StopSignals):
@@ -33,3 +33,13 @@ class PreemptionHandler(StopSignals):
                 self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
+
+    def stop_sentence(self, step: int) -> str:
+        """What rank 0 prints after the stop checkpoint. SIGUSR1/2 are the time-limit and preemption warnings
+        (SLURM's --signal), after which the job requeues; SIGTERM is also what `scancel` sends, so its words
+        promise no requeue."""
+        name = self.received.name if self.received is not None else "another rank"
+        if name in ("SIGUSR1", "SIGUSR2"):
+            return f"preempted ({name}): saved step {step}, exiting with {REQUEUE_EXIT_CODE} to be requeued"
+        return (f"stopped by {name}: saved step {step}, exiting with {REQUEUE_EXIT_CODE} (a preempted job is "
+                f"requeued and resumes there, a cancelled one ends)")

@@ -8,6 +8,7 @@ eval, between writing shards and publishing). "Exact" means final safetensors di
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -105,6 +106,12 @@ def tiny_config(tmp_path_factory, word_text):
     return config
 
 
+def logged_losses(output) -> dict[int, float]:
+    """The training loss metrics.jsonl logged at each step (a resumed run's later line for a step wins)."""
+    rows = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
 def llaunch_run(config, output, strategy, *extra, log=None):
     """The user's command, exactly: `llaunch run CONFIG --output-dir OUT --strategy S [key=value]`.
 
@@ -135,7 +142,7 @@ def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, ti
             proc.kill()
     out = log.read_text()
     assert proc.returncode == REQUEUE_EXIT_CODE, out[-4000:]
-    assert "preempted (SIGTERM): saved step " in out, out[-4000:]
+    assert "stopped by SIGTERM: saved step " in out, out[-4000:]
     stopped_at = int(out.split("saved step ")[1].split(",")[0])
     assert 20 <= stopped_at < 40
     assert not final(tmp_path / "run").exists()
@@ -144,6 +151,11 @@ def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, ti
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert f"checkpoints/step-{stopped_at} at step {stopped_at}" in resumed.stdout
     assert max_diff(final(tmp_path / "run"), final(tmp_path / "straight")) <= 1e-6
+    # The step window the stop cut (logging every 10 steps) resumed with its sums: the same logged losses.
+    straight_losses, resumed_losses = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "run")
+    after = [step for step in straight_losses if step > stopped_at]
+    assert after and all(resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-6, abs=0) for step in after), \
+        (stopped_at, straight_losses, resumed_losses)
 
     # `llaunch export` turns this strategy's sharded step-40 checkpoint into the same Hugging Face weights.
     from launcher.train.export import export_checkpoint

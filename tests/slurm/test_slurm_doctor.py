@@ -3,6 +3,7 @@ node, check and exit code within a minute, and a submitted job whose doctor fail
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -76,3 +77,38 @@ def test_submitted_job_whose_doctor_fails_never_starts_torchrun(slurm_cluster, t
     assert "error: doctor: software failed on n2: torch 0.0.0 here but" in status, status
     [event] = NodeLedger.for_profile("local").events()
     assert (event.kind, event.host, event.job_id) == ("doctor", "n2", job_id)
+    # The next submission keeps n2 out, and --dry-run shows it (one node spared of two for a 1-node job).
+    dry = llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "1", "--output-dir", str(tmp_path / "next"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "#SBATCH --exclude=n2" in dry.stdout and "# keeping n2 out of this job (node ledger " in dry.stdout
+
+
+def test_a_doctor_failure_that_is_the_jobs_blames_no_node(slurm_cluster, tmp_path, monkeypatch):
+    """The rendezvous port taken on the first node (which fails every node's all-reduce too) and too little
+    space on the shared dir: the job fails with the doctor's sentence; a job cancelled while its doctor runs
+    ends; the node ledger stays empty."""
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    faults = {"LLAUNCH_DOCTOR_FAULT_PORT": "1", "LLAUNCH_DOCTOR_FAULT_MIN_FREE_BYTES": str(10**18)}
+    result = llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "2", "--output-dir", str(tmp_path / "out"),
+                     "--max-steps", "4", env=faults)
+    job_id = job_id_of(result)
+    env = load_record(job_id).env()
+    state = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 120, "the job to fail", job_id)
+    assert state.state == "FAILED" and state.restarts == 0
+    status = llaunch("status", job_id).stdout
+    assert "error: doctor: rendezvous failed on n1: port " in status or "error: doctor: space failed on " in status, status
+    logs = logs_of(job_id) + llaunch("logs", job_id, "--rank", "1").stdout
+    assert "space       FAIL" in logs and "allreduce   FAIL" in logs, logs[-3000:]
+    goodput = json.loads(llaunch("goodput", job_id, "--json").stdout)  # the attempt that ended in its doctor
+    assert [inc["cause"] for inc in goodput["incarnations"]] == ["doctor"], goodput["incarnations"]
+    # `llaunch cancel` while the doctor's checks run (held there by the taken port's all-reduce timeout): what
+    # fails during a cancel may be the cancel's doing, so no node is blamed (not even for n2's software).
+    faults = {"LLAUNCH_DOCTOR_FAULT_PORT": "1", "LLAUNCH_DOCTOR_FAULT_VERSION": "1:torch=0.0.0"}
+    cancelled = job_id_of(llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "2", "--output-dir",
+                                  str(tmp_path / "cancelled"), "--max-steps", "4", env=faults))
+    wait_until(lambda: job_state(cancelled, env).state == "RUNNING", 60, "the job to start", cancelled)
+    assert llaunch("cancel", cancelled).returncode == 0
+    state = wait_until(lambda: (s := job_state(cancelled, env)).finished and s, 90, "the job to end", cancelled)
+    logs = logs_of(cancelled) + llaunch("logs", cancelled, "--rank", "1").stdout
+    assert state.state == "CANCELLED" and "stopped by SIGTERM during the doctor's checks" in logs, logs[-3000:]
+    assert NodeLedger.for_profile("local").events() == []

@@ -11,6 +11,7 @@ before it stops the daemons.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -93,8 +94,10 @@ def idle(env: dict[str, str]) -> bool:
 
 def release(job_id: str, env: dict[str, str]) -> None:
     """Start a requeued job now instead of after its BeginTime, once the nodes have cleaned up the first run
-    and a second has passed: slurmd refuses a credential issued in the same second its predecessor was revoked
-    ("Job credential revoked")."""
+    (a --nodes=1-2 job released earlier starts on the one idle node) and two seconds have passed: slurmd
+    refuses a credential issued in the same second its predecessor was revoked ("Job credential revoked"), and
+    the requeue revoked it before the job showed PENDING. The README's recipe, StartTime=now+2, keeps the
+    same rule without watching the nodes."""
     wait_until(lambda: idle(env), 60, "idle nodes", job_id)
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
@@ -353,6 +356,80 @@ def test_submit_without_a_reachable_slurm_is_one_sentence(slurm_cluster, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sigkilled_rank_requeues_the_job_which_resumes_from_the_newest_checkpoint(straight_run, config, tmp_path):
+    """As the OOM killer or a lost GPU does: rank 1 is SIGKILLed after the step-20 checkpoint. Its peer fails
+    with gloo's collateral error; the job is requeued (a node failure), resumes from step 20 and ends with the
+    uninterrupted weights; `status` names rank 1 as the rank that failed first, and the node ledger holds one
+    event, for rank 1's host."""
+    import psutil
+
+    from cluster.node_ledger import NodeLedger
+    from launcher.checkpoint_store import list_checkpoints
+
+    out = tmp_path / "killed"
+    job_id = job_id_of(submit(out, config=config))
+    env = load_record(job_id).env()
+    wait_until(lambda: any(i.complete and i.step == SAVE_STEPS for i in list_checkpoints(out)), 240,
+               f"the step-{SAVE_STEPS} checkpoint", job_id)
+
+    def rank_1() -> psutil.Process | None:
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if "launcher.train" in (proc.info["cmdline"] or []) and str(out) in " ".join(proc.info["cmdline"]) \
+                        and proc.environ().get("RANK") == "1":
+                    return proc
+        return None
+
+    victim = wait_until(rank_1, 30, "rank 1", job_id)
+    host = victim.environ()["SLURMD_NODENAME"]
+    victim.kill()
+    wait_until(lambda: (s := job_state(job_id, env)).restarts >= 1 and s.state == "PENDING", 120,
+               "the job to requeue itself", job_id)
+    release(job_id, env)
+    end = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 240, "the requeued job to end", job_id)
+    assert end.state == "COMPLETED" and end.restarts == 1, logs_of(job_id)[-4000:]
+    logs = logs_of(job_id) + llaunch("logs", job_id, "--rank", "1").stdout
+    assert f"requeue: rank 1 on {host} failed first; requeue 1/3 resumes from step {SAVE_STEPS}" in logs, logs[-4000:]
+    assert f"resumed from {out.resolve() / 'checkpoints' / f'step-{SAVE_STEPS}'} at step {SAVE_STEPS}" in logs
+    straight, resumed = final_weights(straight_run), final_weights(out)
+    worst = max(float((straight[k].float() - resumed[k].float()).abs().max()) for k in straight)
+    assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
+    status = llaunch("status", job_id).stdout
+    assert f"attempt 1: rank 1 on {host} failed first; the other ranks' errors followed from it" in status, status
+    assert f"step {MAX_STEPS}  loss " in status and f"saved: step {MAX_STEPS}" in status, status
+    events = NodeLedger.for_profile("local").events()  # a loaded node may add a straggler event beside it
+    assert [e.host for e in events if e.job_id == job_id and e.kind == "rank_failed"] == [host], events
+
+
+def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fast(config, tmp_path, monkeypatch):
+    """Rank 1 hangs at step 21 in every incarnation: right after the step-20 checkpoint, then at the first step
+    of the requeued one. The second is caught by what the first incarnation measured (within a minute), not by
+    first_step_s (900 s), and the loop guard ends the job (no progress since the requeue). One node-ledger
+    event per hang. A home of its own: the hang quarantines the culprit's host for the other tests."""
+    from cluster.node_ledger import NodeLedger
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    faults = {"LLAUNCH_FAULT": f"hang:rank=1,step={SAVE_STEPS + 1}", "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
+    out = tmp_path / "hangs-twice"
+    job_id = job_id_of(submit(out, config=config, env=faults))
+    env = load_record(job_id).env()
+    wait_until(lambda: (s := job_state(job_id, env)).restarts >= 1 and s.state == "PENDING", 240,
+               "the hung job to requeue itself", job_id)
+    release(job_id, env)
+    released = time.monotonic()
+    end = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 120, "the second hang to end the job",
+                     job_id)
+    assert end.state == "FAILED" and end.restarts == 1, logs_of(job_id)[-4000:]
+    assert time.monotonic() - released < 90
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("hangs/*/evidence.json"))]
+    assert len(records) == 2 and all(r["culprit"]["rank"] == 1 for r in records), records
+    assert max(records[1]["timeouts_s"].values()) < 60, records[1]["timeouts_s"]
+    status = llaunch("status", job_id).stdout
+    assert "no progress since the last requeue" in status and "hang: rank 1 on " in status, status
+    hangs = [e for e in NodeLedger.for_profile("local").events() if e.kind == "hang"]  # beside stragglers, if any
+    assert len(hangs) == 2 and {e.host for e in hangs} == {records[0]["culprit"]["host"]}, hangs
+
+
 def test_cluster_down_ends_the_jobs_before_it_stops(straight_run, config, tmp_path):
     """Last in this file: slurmd's job steps outlive slurmd, so `down` must end the jobs first."""
     import psutil
@@ -374,3 +451,4 @@ def test_cluster_down_ends_the_jobs_before_it_stops(straight_run, config, tmp_pa
                     if p.info["name"] == "slurmstepd" and p.info["status"] != psutil.STATUS_ZOMBIE]
     finally:
         assert llaunch("cluster", "up").returncode == 0  # as the session found it
+

@@ -289,3 +289,13 @@ def test_a_relaunch_whose_start_time_sorts_before_the_previous_exit_still_counts
     assert abs(report.steps_lost - 5) <= 1  # 21..25, killed right after step 25
     assert [i.cause for i in goodput.timeline(events)[1]] == ["failed", "finished"]
     assert abs(sum(report.seconds.values()) - report.wall_s) < 1e-6
+
+
+def test_the_unsaved_steps_of_a_last_incarnation_that_failed_are_lost_though_none_redoes_them():
+    """The job ends with the killed incarnation (no requeue): steps 21..25 after its step-20 save are lost."""
+    events = [e for e in killed_and_resumed() if e["inc"] == "a"]
+    report = goodput.analyse(events)
+    assert report.seconds["lost"] == pytest.approx(4.5 + 0.5)
+    assert report.seconds["productive"] == pytest.approx(31.5 - 7 - 4.5 - 1.5 - 0.5)
+    finished = [e for e in events if e["kind"] != "exit"] + [event(31.5, "exit", code=0, cause="finished")]
+    assert goodput.analyse(finished).seconds["lost"] == 0

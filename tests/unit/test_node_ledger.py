@@ -18,7 +18,7 @@ def ev(host, kind, days_ago=0.0):
 
 
 def test_one_hard_or_two_soft_events_quarantine_a_host():
-    events = [ev("a", "hang"), ev("b", "straggler"), ev("c", "straggler"), ev("c", "signal_death", 1)]
+    events = [ev("a", "hang"), ev("b", "straggler"), ev("c", "straggler"), ev("c", "rank_failed", 1)]
     assert quarantined(events, POLICY, NOW) == ["a", "c"]
 
 
@@ -101,7 +101,7 @@ def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tm
     import time
     from types import SimpleNamespace
 
-    from cluster import executor
+    from cluster import exclusion
     from cluster.profile import ClusterProfile
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
@@ -113,13 +113,13 @@ def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tm
         return SimpleNamespace(returncode=0, stdout="n1\nn2\nn3\nn2\n")
 
     monkeypatch.setattr(subprocess, "run", sinfo)
-    assert executor.quarantined_nodes(profile, {}) == [] and calls == []  # an empty ledger asks nothing
+    assert exclusion.quarantined_nodes(profile, {}) == [] and calls == []  # an empty ledger asks nothing
     ledger = NodeLedger.for_profile("site")
     ledger.append(NodeEvent("n2", "hang", time=time.time() - 60))
     ledger.append(NodeEvent("n3", "xid", time=time.time()))
-    assert executor.quarantined_nodes(profile, {}) == ["n3"]  # 3 nodes, 2 needed: one to spare, the newest
+    assert exclusion.quarantined_nodes(profile, {}) == ["n3"]  # 3 nodes, 2 needed: one to spare, the newest
     assert calls[-1][-2:] == ["--partition", "gpu"]
-    assert executor.quarantined_nodes(ClusterProfile(name="site", partition="gpu", nodes=3), {}) == []
+    assert exclusion.quarantined_nodes(ClusterProfile(name="site", partition="gpu", nodes=3), {}) == []
 
 
 def test_a_node_that_fails_the_doctor_is_a_hard_event_and_kept_out_of_the_next_submission(tmp_path, monkeypatch,

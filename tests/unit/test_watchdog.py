@@ -270,3 +270,31 @@ def test_a_nodes_flagged_stragglers_go_into_the_ledger_once_per_attempt(tmp_path
     dog.report_stragglers(str(ledger), "9")
     [event] = NodeLedger(ledger).events()
     assert (event.host, event.kind, event.detail) == ("n2", "straggler", "rank(s) [3] flagged at step 50")
+
+
+def test_a_launchs_first_step_is_timed_by_what_the_earlier_launch_into_the_job_dir_measured(tmp_path):
+    """After a requeue the first step gets k x the longest its phase took before (at least floor_s), not
+    first_step_s: a hang that recurs there is seen as fast as any other."""
+    from cluster.watchdog import PHASES_FILE, measured_phases
+
+    job = tmp_path / "job"
+    job.mkdir()
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder in (before, after):
+        folder.mkdir()
+    fresh = Watchdog(after, job, CONFIG, host="h0")
+    writer = BeaconWriter(beacon_path(after, 0))
+    writer.enter(Phase.DATA, 21)
+    assert fresh.timeout(read_beacon(beacon_path(after, 0), 0)) == CONFIG.first_step_s  # nothing measured yet
+    earlier = Watchdog(before, job, CONFIG, host="h1")
+    first = BeaconWriter(beacon_path(before, 0))
+    first.enter(Phase.DATA, 1)
+    time.sleep(0.3)  # a slow first data phase (warm-up)
+    first.enter(Phase.COMPUTE, 1)
+    earlier.poll()
+    earlier.close()
+    (job / PHASES_FILE.format(host="h2")).write_text("{torn")  # another node's damaged record is skipped
+    measured = measured_phases(job)["DATA"]
+    assert 0.3 <= measured < 5
+    requeued = Watchdog(after, job, CONFIG, host="h0")
+    assert requeued.timeout(read_beacon(beacon_path(after, 0), 0)) == max(CONFIG.floor_s, CONFIG.k * measured)
