@@ -59,7 +59,7 @@ def _layout_reason(chosen, candidates: list) -> str:
     else:
         why = (f"{layout}: the global batch of {chosen.setup.global_batch} sequences does not split over "
                f"{chosen.setup.world_size} data-parallel ranks")
-    return why + "; `llaunch run` and `submit` cannot run tp / pp / cp / ep yet (issue 31)."
+    return why + "; `llaunch run` and `submit` cannot run tp / pp / cp / ep yet."
 
 
 def _hsdp_reason(chosen, candidates: list) -> str:
