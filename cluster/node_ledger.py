@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -76,11 +77,20 @@ class NodeLedger:
         return cls(records_dir().parent / "ledger" / f"{profile_name}.jsonl")  # beside the job records
 
     def append(self, event: NodeEvent) -> None:
-        """One line, written in one call and synced: concurrent writers on other nodes never interleave."""
+        """One line, written in one call and synced: concurrent writers on other nodes never interleave. The
+        ledger is advice for the next submission: one that cannot be written (a directory, a full disk) is
+        warned about, and the job that saw the event goes on."""
         if event.kind not in SEVERITY:
             raise ValueError(f"unknown node event kind {event.kind!r}")
+        try:
+            self._write((json.dumps(asdict(event), sort_keys=True) + "\n").encode())
+        except OSError as err:
+            print(f"warning: could not record {event.kind} on {event.host} in the node ledger {self.path} "
+                  f"({err.strerror or err}); move it away or free space so the next submission can use it.",
+                  file=sys.stderr, flush=True)
+
+    def _write(self, line: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(asdict(event), sort_keys=True) + "\n").encode()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size

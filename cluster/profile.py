@@ -129,6 +129,9 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> ClusterProfile:
     """A shipped profile by name, or any profile YAML by path."""
     path = Path(name_or_path)
     entry = path if path.suffix in (".yaml", ".yml") else resources.files("cluster").joinpath("profiles", f"{name_or_path}.yaml")
+    if isinstance(entry, Path) and entry.exists() and not (entry.is_file() or entry.is_dir()):
+        raise LaunchError(f"cluster profile {name_or_path} is not a regular file (a FIFO or a device would block "
+                          f"or never end); pass a profile YAML.")
     try:
         data = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:

@@ -11,6 +11,22 @@ import torch.distributed as dist
 from launcher.errors import LaunchError
 
 
+def collective_timeout(env) -> datetime.timedelta | None:
+    """`llaunch submit` sets LLAUNCH_DIST_TIMEOUT_S (the profile's dist_timeout_s) so that a collective waiting on
+    a lost node fails the job in minutes (torch's default is 10 min for NCCL, 30 for gloo); None: torch's."""
+    text = env.get("LLAUNCH_DIST_TIMEOUT_S", "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 1 <= seconds <= 1e7:  # nan too: no collective could ever finish, or none would ever time out
+        raise LaunchError(f"LLAUNCH_DIST_TIMEOUT_S={text!r} must be a number of seconds from 1 to 1e7; unset it "
+                          f"(torch's default) or fix the cluster profile's dist_timeout_s.")
+    return datetime.timedelta(seconds=seconds)
+
+
 def init_distributed(host_collectives: bool = False) -> tuple[torch.device, int, int]:
     """Join torchrun's process group (NCCL on GPU, gloo on CPU); a bare `python -m` run is a world of one.
     host_collectives: gloo for CPU tensors beside NCCL (FSDP2 CPU offload reduces norms of host shards)."""
@@ -23,10 +39,7 @@ def init_distributed(host_collectives: bool = False) -> tuple[torch.device, int,
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
-    # `llaunch submit` sets LLAUNCH_DIST_TIMEOUT_S so that a collective waiting on a lost node fails the job
-    # in minutes (torch's default is 10 min for NCCL, 30 for gloo).
-    timeout = os.environ.get("LLAUNCH_DIST_TIMEOUT_S")
-    group_kwargs = {"timeout": datetime.timedelta(seconds=float(timeout))} if timeout else {}
+    group_kwargs = {"timeout": timeout} if (timeout := collective_timeout(os.environ)) else {}
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

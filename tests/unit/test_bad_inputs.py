@@ -215,6 +215,7 @@ CASES = [
      "LLAUNCH_FAULT fault 'slow:rank=0,ms=nan' is not one of"),
     # cluster profiles
     ("plan --model tinyllama-1.1b --cluster W/dir.yaml", "cannot read cluster profile"),
+    ("plan --model tinyllama-1.1b --cluster W/fifo.yaml", "is not a regular file"),  # would block the reader
     ("plan --model tinyllama-1.1b --cluster W/loop.yaml", "cannot read cluster profile"),
     ("plan --model tinyllama-1.1b --cluster W/latin1-profile.yaml", "is not UTF-8 text"),
     ("plan --model tinyllama-1.1b --cluster W/list-profile.yaml", "must be a mapping of keys to values"),
@@ -284,6 +285,7 @@ def workspace(tmp_path_factory):
     (w / "dir-ledger" / "events.jsonl").mkdir()
     (w / "loop-ledger" / "events.jsonl").symlink_to("events.jsonl")
     (w / "dir.yaml").mkdir()
+    os.mkfifo(w / "fifo.yaml")
     (w / "loop.yaml").symlink_to("loop.yaml")
     profile = yaml.safe_load((REPO / "cluster" / "profiles" / "local.yaml").read_text())
     latin1 = yaml.safe_dump({**profile, "gpu_name": "caf\u00e9"}, allow_unicode=True).encode("latin-1")

@@ -147,3 +147,12 @@ def test_a_node_that_fails_the_doctor_is_a_hard_event_and_kept_out_of_the_next_s
     [event] = NodeLedger(ledger).events()
     assert (event.host, event.kind, event.job_id, event.hard) == ("n2", "doctor", "77", True)
     assert exclude_for_next_submission([event], QuarantinePolicy(), ["n1", "n2", "n3"], 2) == ["n2"]
+
+
+def test_a_node_ledger_that_cannot_be_written_is_a_warning_not_a_failed_job(tmp_path, capsys):
+    """The node task records what it saw; a ledger it cannot write (a directory here) must not end the job."""
+    ledger = NodeLedger(tmp_path / "site.jsonl")
+    ledger.path.mkdir()
+    ledger.append(NodeEvent("n2", "hang", job_id="7", detail="rank 1"))
+    err = capsys.readouterr().err
+    assert f"could not record hang on n2 in the node ledger {ledger.path}" in err and err.count("\n") == 1
