@@ -1,0 +1,187 @@
+"""`llaunch plan --trace` for a tensor / pipeline parallel layout: one rank's peak, traced on fake tensors.
+
+As launcher/memory_trace.py does for FSDP, a fake process group (backend "fake") at the layout's world size
+makes every collective a no-op of the right shape, and the HF model is built on the meta device, cut in depth.
+Tensor parallel is torch.distributed.tensor.parallel's DTensor plan as torchtitan's parallelize_llama applies
+it: q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, the embedding row-wise by vocabulary, the LM head
+column-wise with the vocab-parallel loss (loss_parallel), and with sequence parallel the norms SequenceParallel
+and the residual stream split along the sequence. A pipeline stage is the cut model's first stage (embedding
+and its layers) or last stage (its layers, final norm, LM head and loss), stepped as the schedule steps it:
+the number of microbatches the schedule keeps in flight there (launcher.memory_layout.inflight_microbatches)
+run their forwards first, then their backwards with the gradient a next stage would send; the first stage's
+input is tokens, the last stage's a received hidden-state buffer. MemTracker gives the rank's peak.
+
+LOSS_PARALLEL_TRACE: torch's loss_parallel runs the log-softmax and its backward through DTensor's sharding
+propagation, which on fake tensors allocates global-shaped (tokens x whole vocabulary) fp32 tensors that
+MemTracker counts (1000 MiB at tp 2, 4 and 8 alike for 4096 tokens x 32000) and no GPU rank ever holds. The trace
+therefore computes the loss on the rank's local vocab / t logits: the same tensors per element as the
+vocab-parallel loss (its max and sum all-reduces are one number per token).
+"""
+
+from __future__ import annotations
+
+import math
+
+from launcher.errors import LaunchError
+from launcher.memory_layout import inflight_microbatches
+from launcher.models import ModelSpec
+from launcher.plan import TrainSetup
+
+TRACEABLE = "tp and pp with one data-parallel replica"
+
+
+def check_traceable(setup: TrainSetup) -> None:
+    """What this trace builds: tp and pp (1F1B / GPipe) of full fine-tuning, without data parallelism or recompute
+    modes torch applies per op; the LaunchError names the first thing outside that."""
+    dims = setup.parallel
+    reason = ("cp and ep have no fake-tensor trace yet" if dims.cp_enabled or dims.ep_enabled
+              else "a data-parallel dimension beside tp x pp has no trace yet" if dims.dp > 1
+              else "interleaved 1F1B keeps a fractional microbatch count in flight" if (
+                  dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b")
+              else "selective recompute is an op-level policy the trace does not apply"
+              if setup.activation_checkpointing == "selective"
+              else "only full fine-tuning is traced under a layout" if setup.method != "full" else "")
+    if reason:
+        raise LaunchError(f"--trace of the layout {dims.label()} cannot run: {reason}; trace {TRACEABLE} "
+                          f"(e.g. --gpus {dims.tp * dims.pp} --tp {dims.tp} --pp {dims.pp}), or drop --trace.")
+
+
+def trace_layout_peak(spec: ModelSpec, setup: TrainSetup, stage: str) -> tuple[int, dict[int, int]]:
+    """The stage's peak at its full local depth, scaled linearly from 1 and 2 layers, and the traced peaks."""
+    by_depth = {d: traced_layout_peak(spec, setup, d, stage) for d in (1, 2)}
+    local = -(-spec.layers // setup.parallel.pp)
+    return int(by_depth[1] + (local - 1) * (by_depth[2] - by_depth[1])), by_depth
+
+
+def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: str) -> int:
+    """Peak bytes of one tp rank of `stage` with `layers` decoder layers: two optimizer steps, each of the
+    schedule's in-flight microbatches (forwards, then backwards), on a fake process group of the layout's size."""
+    import torch
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from launcher.memory_trace import _meta_model, traced_optimizer
+
+    check_traceable(setup)
+    if dist.is_initialized():  # a real job's process group: never replace it with a fake one
+        raise LaunchError("--trace of a layout runs on a fake process group and cannot run inside a distributed job.")
+    dims = setup.parallel
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=setup.world_size)
+    try:
+        mesh = init_device_mesh("cpu", (dims.pp, dims.tp), mesh_dim_names=("pp", "tp"))
+        model = cut_stage(_meta_model(spec, setup, layers), setup, stage)
+        if dims.tp_enabled:
+            parallelize(model, mesh["tp"], dims.sequence_parallel)
+        with FakeTensorMode(allow_non_fake_inputs=True):  # the meta weights become fake CPU tensors here
+            model.to_empty(device="cpu")
+            optimizer = traced_optimizer(setup.optimizer, list(model.parameters()), dtensors=dims.tp_enabled)
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer)
+            with tracker:
+                for _ in range(2):  # the second step has optimizer states: the steady state
+                    pipeline_step(model, setup, stage)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    tracker.reset_mod_stats()
+            return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    finally:
+        dist.destroy_process_group()
+
+
+def cut_stage(model, setup: TrainSetup, stage: str):
+    """Keep what `stage` holds: the embedding on the first stage, the final norm and LM head on the last."""
+    import torch
+
+    if setup.parallel.pp_enabled and stage != "first":
+        model.model.embed_tokens = None
+    if setup.parallel.pp_enabled and stage != "last":
+        model.model.norm, model.lm_head = torch.nn.Identity(), None
+    return model
+
+
+def parallelize(model, mesh, sequence_parallel: bool) -> None:
+    """torchtitan's parallelize_llama TP plan, on the HF module names (the decoder layer passes hidden_states
+    to self_attn by keyword, to the MLP by position)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    residual = Shard(1) if sequence_parallel else Replicate()
+    inner, plan = model.model, {}
+    if inner.embed_tokens is not None:
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.lm_head is not None:
+        plan["model.norm"] = SequenceParallel() if sequence_parallel else None
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, mesh, {name: style for name, style in plan.items() if style is not None})
+    for layer in inner.layers:
+        block = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+        block |= {f"mlp.{n}": ColwiseParallel() for n in ("gate_proj", "up_proj")}
+        block |= {"self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+                  "mlp.down_proj": RowwiseParallel(output_layouts=residual)}
+        if sequence_parallel:
+            block |= {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                      "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                      desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+                      "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
+        parallelize_module(layer, mesh, block)
+
+
+def pipeline_step(model, setup: TrainSetup, stage: str) -> None:
+    """The schedule's in-flight microbatches on this stage: their forwards, then their backwards (1F1B's warm-up
+    and first backward, GPipe's all-forward-all-backward)."""
+    import torch
+
+    last = stage == "last" or not setup.parallel.pp_enabled
+    outputs = _Forwards(model)(setup, stage, math.ceil(inflight_microbatches(setup, stage)))
+    for output in outputs:
+        torch.autograd.backward(output, None if last else torch.empty_like(output))  # the next stage's gradient
+
+
+def _forwards_module():
+    import torch
+
+    class Forwards(torch.nn.Module):
+        """One module call per step for MemTracker, which allows a root module one forward per iteration."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, setup: TrainSetup, stage: str, count: int):
+            return [stage_forward(self.model, setup, stage) for _ in range(count)]
+
+    return Forwards
+
+
+def _Forwards(model):
+    return _forwards_module()(model)
+
+
+def stage_forward(model, setup: TrainSetup, stage: str):
+    """LlamaForCausalLM's forward, layer by layer, from this stage's input to its output (the loss on the last).
+    The traced attention ignores the mask (its memory is the GPU kernel's); positions are the whole sequence's."""
+    import torch
+    import torch.nn.functional as F
+
+    inner, dims = model.model, setup.parallel
+    tokens = torch.randint(0, model.config.vocab_size, (setup.micro_batch, setup.seq_len))
+    positions = torch.arange(setup.seq_len).unsqueeze(0)
+    if inner.embed_tokens is not None:
+        hidden = inner.embed_tokens(tokens)
+    else:  # the receive buffer of the previous stage's send (split along the sequence under sequence parallel)
+        local = setup.seq_len // dims.tp if dims.sequence_parallel else setup.seq_len
+        dtype = next(inner.layers.parameters()).dtype
+        hidden = torch.empty(setup.micro_batch, local, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    cos_sin = inner.rotary_emb(hidden, position_ids=positions)
+    for layer in inner.layers:
+        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+    if model.lm_head is None:
+        return hidden
+    logits = model.lm_head(inner.norm(hidden))
+    if dims.tp_enabled:  # the vocab-parallel loss on this rank's vocab / t logits (LOSS_PARALLEL_TRACE)
+        logits = logits.to_local()
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten() % logits.shape[-1])
