@@ -177,10 +177,10 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
     terms = [Term("activations", saved, reason + " (norms, attention q/k/v/out, MLP, linear inputs)")]
     logit_rows = sizes.logits_tokens(setup)
     if not setup.parallel.pure_data_parallel:
-        share = layout.logits_share(setup, stage)
-        terms.append(Term("logits_loss", int(tokens * spec.vocab * share * sizes.LOGITS_BYTES_PER_ELEMENT),
+        terms.append(Term("logits_loss", layout.head_loss_bytes(spec, setup, stage),
                           "vocab-parallel loss on the last stage: the micro-batch's logits over vocab / tp, fp32 "
-                          "softmax and gradient" if share else "no LM head on this pipeline stage"))
+                          "softmax and gradient, the final norm's and head's inputs"
+                          if layout.logits_share(setup, stage) else "no LM head on this pipeline stage"))
     elif logit_rows < tokens:
         # The chunked loss's own gradient of a trained LM head accumulates over the chunks beside them.
         head_bytes = 2 if sizes.compute_mode(setup) == "half" else 4

@@ -78,17 +78,25 @@ def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: s
         with FakeTensorMode(allow_non_fake_inputs=True):  # the meta weights become fake CPU tensors here
             model.to_empty(device="cpu")
             optimizer = traced_optimizer(setup.optimizer, list(model.parameters()), dtensors=dims.tp_enabled)
+            # One step untracked first: DTensor caches each op's sharding, and before that its propagation runs
+            # global-shaped fake ops that MemTracker would count (+150 MiB at tp 8 for TinyLlama) and no GPU holds.
+            _step(model, setup, stage, optimizer, None)
             tracker = MemTracker()
             tracker.track_external(model, optimizer)
             with tracker:
-                for _ in range(2):  # the second step has optimizer states: the steady state
-                    pipeline_step(model, setup, stage)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    tracker.reset_mod_stats()
+                for _ in range(2):  # steady state: optimizer states exist, then the step repeats
+                    _step(model, setup, stage, optimizer, tracker)
             return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
     finally:
         dist.destroy_process_group()
+
+
+def _step(model, setup: TrainSetup, stage: str, optimizer, tracker) -> None:
+    pipeline_step(model, setup, stage, tracker)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if tracker is not None:
+        tracker.reset_mod_stats()
 
 
 def cut_stage(model, setup: TrainSetup, stage: str):
@@ -130,35 +138,28 @@ def parallelize(model, mesh, sequence_parallel: bool) -> None:
         parallelize_module(layer, mesh, block)
 
 
-def pipeline_step(model, setup: TrainSetup, stage: str) -> None:
-    """The schedule's in-flight microbatches on this stage: their forwards, then their backwards (1F1B's warm-up
-    and first backward, GPipe's all-forward-all-backward)."""
+def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
+    """The schedule's order on this stage: as many forwards as it keeps in flight, then one backward and one
+    forward at a time (1F1B's steady state, where earlier microbatches' gradients are alive), then the last
+    backwards; GPipe keeps all microbatches in flight, so all forwards, then all backwards. MemTracker allows a
+    module one forward per iteration, so its per-module statistics restart with each microbatch (its peak stays)."""
     import torch
 
     last = stage == "last" or not setup.parallel.pp_enabled
-    outputs = _Forwards(model)(setup, stage, math.ceil(inflight_microbatches(setup, stage)))
-    for output in outputs:
+    total = setup.parallel.pp_microbatches if setup.parallel.pp_enabled else 1
+    inflight = math.ceil(inflight_microbatches(setup, stage))
+
+    def forward():
+        if tracker is not None:
+            tracker.reset_mod_stats()
+        return stage_forward(model, setup, stage)
+
+    outputs = [forward() for _ in range(inflight)]
+    for done in range(total):
+        output = outputs.pop(0)
         torch.autograd.backward(output, None if last else torch.empty_like(output))  # the next stage's gradient
-
-
-def _forwards_module():
-    import torch
-
-    class Forwards(torch.nn.Module):
-        """One module call per step for MemTracker, which allows a root module one forward per iteration."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, setup: TrainSetup, stage: str, count: int):
-            return [stage_forward(self.model, setup, stage) for _ in range(count)]
-
-    return Forwards
-
-
-def _Forwards(model):
-    return _forwards_module()(model)
+        if done + inflight < total:
+            outputs.append(forward())
 
 
 def stage_forward(model, setup: TrainSetup, stage: str):
