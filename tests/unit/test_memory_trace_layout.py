@@ -1,0 +1,49 @@
+"""The layout estimator's terms held against MemTracker tracing one rank of a tp / pp layout on fake tensors, on a
+fake process group at the layout's world size (launcher/memory_trace_layout.py)."""
+
+import pytest
+
+from launcher.errors import LaunchError
+from launcher.memory import estimate_stage
+from launcher.memory_trace_layout import check_traceable, traced_layout_peak
+from launcher.models import load_model_spec
+from launcher.plan import TrainSetup
+
+# TinyLlama's width cut to 2 layers, with 8 KV heads so that tp 8 splits them (4 would be replicated).
+SPEC = load_model_spec("tinyllama-1.1b", {"num_hidden_layers": 2, "num_key_value_heads": 8})
+
+
+def layout(**knobs) -> TrainSetup:
+    world = knobs.get("tp", 1) * knobs.get("pp", 1)
+    return TrainSetup(strategy="ddp", gpus_per_node=world, precision="bf16", micro_batch=2, seq_len=2048,
+                      device="cpu", **knobs)
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_tensor_parallel_estimate_agrees_with_a_dtensor_trace(tp, sequence_parallel):
+    """Korthikanti's activations per layer under torch's TP (the gathered column-parallel inputs saved whole
+    with sequence parallel), the vocab-parallel logits, the final norm's and head's inputs: within 5 %."""
+    setup = layout(tp=tp, sequence_parallel=sequence_parallel)
+    traced = traced_layout_peak(SPEC, setup, SPEC.layers, "first")
+    assert estimate_stage(SPEC, setup, "first").peak_bytes == pytest.approx(traced, rel=0.05)
+
+
+@pytest.mark.parametrize("stage", ["first", "last"])
+def test_pipeline_stage_estimate_agrees_with_a_gpipe_trace(stage):
+    """GPipe keeps all 4 microbatches in flight on both stages: the first stage's embedding and layers, the last
+    stage's layers, head and a saved log-softmax per microbatch, within 5 %."""
+    setup = layout(pp=2, pp_schedule="gpipe", gradient_accumulation_steps=4)
+    traced = traced_layout_peak(SPEC, setup, SPEC.layers // 2, stage)
+    assert estimate_stage(SPEC, setup, stage).peak_bytes == pytest.approx(traced, rel=0.05)
+
+
+@pytest.mark.parametrize("knobs, words", [
+    (dict(cp=2), "cp and ep have no fake-tensor trace"),
+    (dict(tp=2, gpus_per_node=4), "a data-parallel dimension"),
+    (dict(tp=2, method="lora"), "only full fine-tuning"),
+])
+def test_what_the_layout_trace_cannot_build_is_refused_in_one_sentence(knobs, words):
+    setup = TrainSetup(**{"gpus_per_node": knobs.get("tp", 1) * knobs.get("cp", 1), **knobs})
+    with pytest.raises(LaunchError, match=words):
+        check_traceable(setup)
