@@ -152,7 +152,8 @@ def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
     def forward():
         if tracker is not None:
             tracker.reset_mod_stats()
-        return stage_forward(model, setup, stage)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision.startswith("amp")):
+            return stage_forward(model, setup, stage)
 
     outputs = [forward() for _ in range(inflight)]
     for done in range(total):
