@@ -229,7 +229,7 @@ def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], traina
     # gradients before their reduce-scatter (counted in comm_buffers, the larger of the two).
     gradient_buffer = sizes.fsdp_gradient_buffer_bytes(spec, setup, world) // setup.parallel.tp
     forward_comm = comm - gradient_buffer if setup.is_fsdp else transient_comm
-    grads_alive_in_forward = setup.gradient_accumulation_steps > 1  # accumulating: the next forward runs on top of them
+    grads_alive_in_forward = layout.grads_alive_in_forward(setup, stage)
     _, backward_activations, _ = layout.layout_activation_bytes(spec, setup, stage)
     phase_terms = {
         "forward": {"activations": size["activations"], "logits_loss": size["logits_loss"],

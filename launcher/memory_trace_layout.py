@@ -27,23 +27,27 @@ from launcher.memory_layout import inflight_microbatches
 from launcher.models import ModelSpec
 from launcher.plan import TrainSetup
 
-TRACEABLE = "tp and pp with one data-parallel replica"
-
-
 def check_traceable(setup: TrainSetup) -> None:
-    """What this trace builds: tp and pp (1F1B / GPipe) of full fine-tuning, without data parallelism or recompute
-    modes torch applies per op; the LaunchError names the first thing outside that."""
+    """What this trace builds: tp and pp (1F1B / GPipe) of full fine-tuning in one tp x pp replica; LaunchError
+    names the first thing outside that, and what to do."""
     dims = setup.parallel
-    reason = ("cp and ep have no fake-tensor trace yet" if dims.cp_enabled or dims.ep_enabled
-              else "a data-parallel dimension beside tp x pp has no trace yet" if dims.dp > 1
-              else "interleaved 1F1B keeps a fractional microbatch count in flight" if (
-                  dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b")
-              else "selective recompute is an op-level policy the trace does not apply"
-              if setup.activation_checkpointing == "selective"
-              else "only full fine-tuning is traced under a layout" if setup.method != "full" else "")
-    if reason:
-        raise LaunchError(f"--trace of the layout {dims.label()} cannot run: {reason}; trace {TRACEABLE} "
-                          f"(e.g. --gpus {dims.tp * dims.pp} --tp {dims.tp} --pp {dims.pp}), or drop --trace.")
+    refusals = (
+        (dims.cp_enabled or dims.ep_enabled, "--trace has no fake-tensor trace of cp or ep yet; drop --trace, or "
+                                             "plan with --cp 1 --ep 1."),
+        (dims.dp > 1, f"the layout trace builds one tp x pp replica without a data-parallel dimension; trace it "
+                      f"at tp x pp = {dims.tp * dims.pp} ranks."),
+        (dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b",
+         "--trace cannot step interleaved 1F1B (a fractional number of microbatches in flight); plan with "
+         "--pp-schedule 1f1b or gpipe, or drop --trace."),
+        (setup.activation_checkpointing == "selective", "--trace does not apply selective recompute's op-level "
+                                                        "policy; plan with --activation-checkpointing none or full, "
+                                                        "or drop --trace."),
+        (setup.method != "full", "--trace of a tp / pp layout traces full fine-tuning only; drop --trace for "
+                                 "LoRA and QLoRA."),
+    )
+    for refused, sentence in refusals:
+        if refused:
+            raise LaunchError(sentence)
 
 
 def trace_layout_peak(spec: ModelSpec, setup: TrainSetup, stage: str) -> tuple[int, dict[int, int]]:

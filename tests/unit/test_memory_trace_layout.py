@@ -1,9 +1,13 @@
 """The layout estimator's terms held against MemTracker tracing one rank of a tp / pp layout on fake tensors, on a
 fake process group at the layout's world size (launcher/memory_trace_layout.py)."""
 
+import json
+
 import pytest
 
+from launcher.cli import main
 from launcher.errors import LaunchError
+from launcher.hardware import Hardware
 from launcher.memory import estimate_stage
 from launcher.memory_trace_layout import check_traceable, traced_layout_peak
 from launcher.models import load_model_spec
@@ -39,11 +43,28 @@ def test_pipeline_stage_estimate_agrees_with_a_gpipe_trace(stage):
 
 
 @pytest.mark.parametrize("knobs, words", [
-    (dict(cp=2), "cp and ep have no fake-tensor trace"),
-    (dict(tp=2, gpus_per_node=4), "a data-parallel dimension"),
-    (dict(tp=2, method="lora"), "only full fine-tuning"),
+    (dict(cp=2), "no fake-tensor trace of cp or ep"),
+    (dict(tp=2, gpus_per_node=4), "without a data-parallel dimension"),
+    (dict(tp=2, method="lora"), "full fine-tuning only"),
 ])
 def test_what_the_layout_trace_cannot_build_is_refused_in_one_sentence(knobs, words):
     setup = TrainSetup(**{"gpus_per_node": knobs.get("tp", 1) * knobs.get("cp", 1), **knobs})
     with pytest.raises(LaunchError, match=words):
         check_traceable(setup)
+
+
+def test_plan_trace_of_a_tp_pp_layout_puts_the_estimate_beside_the_trace(monkeypatch, tmp_path, capsys):
+    """`llaunch plan --tp 2 --pp 2 --trace --json` on a 4-layer TinyLlama: one 4-rank tp x pp replica traced (the
+    higher of its first and last stage), beside the estimate for that stage of that replica, within 5 %."""
+    monkeypatch.setattr("launcher.hardware.probe", lambda: Hardware(cpu_cores=2, ram_bytes=24 * 2**30))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo: the GPUs are the flags'
+    argv = ["plan", "--model", "tinyllama-1.1b", "--model-override", "num_hidden_layers=4", "--gpu", "H100",
+            "--gpus", "8", "--tp", "2", "--pp", "2", "--pp-schedule", "gpipe", "--micro-batch", "2",
+            "--global-batch", "16", "--seq-len", "1024", "--trace", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    trace = plan["trace"]
+    assert (trace["world_size"], trace["stage"], sorted(trace["by_depth"])) == (4, "last", ["1", "2"])
+    assert plan["parallel"]["tp"] == 2 and plan["parallel"]["pp"] == 2
+    assert trace["estimate_bytes"] == pytest.approx(trace["peak_bytes"], rel=0.05)
+    assert any("4-rank tp x pp replica" in reason for reason in plan["reasons"])
