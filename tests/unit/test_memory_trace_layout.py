@@ -33,6 +33,18 @@ def test_tensor_parallel_estimate_agrees_with_a_dtensor_trace(tp, sequence_paral
     assert estimate_stage(SPEC, setup, "first").peak_bytes == pytest.approx(traced, rel=0.05)
 
 
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_one_layer_adds_what_the_estimate_adds_under_tensor_parallel(tp, sequence_parallel):
+    """The activation term alone: what a second decoder layer adds to the traced peak (its saved activations,
+    weights and optimizer states on this tp rank) against what it adds to the estimate, within 5 %."""
+    setup = layout(tp=tp, sequence_parallel=sequence_parallel)
+    traced = [traced_layout_peak(SPEC, setup, depth, "first") for depth in (1, 2)]
+    cut = [load_model_spec("tinyllama-1.1b", {"num_hidden_layers": depth, "num_key_value_heads": 8}) for depth in (1, 2)]
+    estimated = [estimate_stage(spec, setup, "first").peak_bytes for spec in cut]
+    assert estimated[1] - estimated[0] == pytest.approx(traced[1] - traced[0], rel=0.05)
+
+
 @pytest.mark.parametrize("stage", ["first", "last"])
 def test_pipeline_stage_estimate_agrees_with_a_gpipe_trace(stage):
     """GPipe keeps all 4 microbatches in flight on both stages: the first stage's embedding and layers, the last
