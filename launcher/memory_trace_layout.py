@@ -6,10 +6,10 @@ Tensor parallel is torch.distributed.tensor.parallel's DTensor plan as torchtita
 it: q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, the embedding row-wise by vocabulary, the LM head
 column-wise with the vocab-parallel loss (loss_parallel), and with sequence parallel the norms SequenceParallel
 and the residual stream split along the sequence. A pipeline stage is the cut model's first stage (embedding
-and its layers) or last stage (its layers, final norm, LM head and loss), stepped as the schedule steps it:
-the number of microbatches the schedule keeps in flight there (launcher.memory_layout.inflight_microbatches)
-run their forwards first, then their backwards with the gradient a next stage would send; the first stage's
-input is tokens, the last stage's a received hidden-state buffer. MemTracker gives the rank's peak.
+and its layers) or last stage (its layers, final norm, LM head and loss), stepped in the schedule's order:
+as many forwards as it keeps in flight there (launcher.memory_layout.inflight_microbatches), then one backward
+(with the gradient a next stage would send) and one forward at a time, then the last backwards. The first
+stage's input is tokens, the last stage's a received hidden-state buffer. MemTracker gives the rank's peak.
 
 LOSS_PARALLEL_TRACE: torch's loss_parallel runs the log-softmax and its backward through DTensor's sharding
 propagation, which on fake tensors allocates global-shaped (tokens x whole vocabulary) fp32 tensors that
@@ -26,6 +26,7 @@ from launcher.errors import LaunchError
 from launcher.memory_layout import inflight_microbatches
 from launcher.models import ModelSpec
 from launcher.plan import TrainSetup
+
 
 def check_traceable(setup: TrainSetup) -> None:
     """What this trace builds: tp and pp (1F1B / GPipe) of full fine-tuning in one tp x pp replica; LaunchError
@@ -58,8 +59,8 @@ def trace_layout_peak(spec: ModelSpec, setup: TrainSetup, stage: str) -> tuple[i
 
 
 def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: str) -> int:
-    """Peak bytes of one tp rank of `stage` with `layers` decoder layers: two optimizer steps, each of the
-    schedule's in-flight microbatches (forwards, then backwards), on a fake process group of the layout's size."""
+    """Peak bytes of one tp rank of `stage` with `layers` decoder layers over two optimizer steps of the
+    schedule's microbatches (pipeline_step), on a fake process group of the layout's size."""
     import torch
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode

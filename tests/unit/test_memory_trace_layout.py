@@ -14,7 +14,8 @@ from launcher.models import load_model_spec
 from launcher.plan import TrainSetup
 
 # TinyLlama's width cut to 2 layers, with 8 KV heads so that tp 8 splits them (4 would be replicated).
-SPEC = load_model_spec("tinyllama-1.1b", {"num_hidden_layers": 2, "num_key_value_heads": 8})
+CUT = {"num_hidden_layers": 2, "num_key_value_heads": 8}
+SPEC = load_model_spec("tinyllama-1.1b", CUT)
 
 
 def layout(**knobs) -> TrainSetup:
@@ -40,7 +41,7 @@ def test_one_layer_adds_what_the_estimate_adds_under_tensor_parallel(tp, sequenc
     weights and optimizer states on this tp rank) against what it adds to the estimate, within 5 %."""
     setup = layout(tp=tp, sequence_parallel=sequence_parallel)
     traced = [traced_layout_peak(SPEC, setup, depth, "first") for depth in (1, 2)]
-    cut = [load_model_spec("tinyllama-1.1b", {"num_hidden_layers": depth, "num_key_value_heads": 8}) for depth in (1, 2)]
+    cut = [load_model_spec("tinyllama-1.1b", {**CUT, "num_hidden_layers": depth}) for depth in (1, 2)]
     estimated = [estimate_stage(spec, setup, "first").peak_bytes for spec in cut]
     assert estimated[1] - estimated[0] == pytest.approx(traced[1] - traced[0], rel=0.05)
 
