@@ -73,7 +73,7 @@ def test_plan_trace_of_a_tp_pp_layout_puts_the_estimate_beside_the_trace(monkeyp
     monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo: the GPUs are the flags'
     argv = ["plan", "--model", "tinyllama-1.1b", "--model-override", "num_hidden_layers=4", "--gpu", "H100",
             "--gpus", "8", "--tp", "2", "--pp", "2", "--pp-schedule", "gpipe", "--micro-batch", "2",
-            "--global-batch", "16", "--seq-len", "1024", "--trace", "--json"]
+            "--global-batch", "8", "--seq-len", "512", "--trace", "--json"]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     trace = plan["trace"]
