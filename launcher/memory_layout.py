@@ -4,7 +4,9 @@ Sources, term by term:
 - Activations per layer: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
   Models", Table 2: sbh(34 + 5as/h) per layer unparallelised; sbh(10 + 24/t + 5as/(ht)) with tensor parallel
   (the 10: the norms' inputs and the two linear inputs they feed, replicated on the t ranks); sbh/t (34 + 5as/h)
-  with tensor + sequence parallel; selective recompute drops the 5as/h attention-score term; full recompute
+  with tensor + sequence parallel, except under torch's DTensor sequence parallel the all-gathered inputs of the
+  column-parallel blocks, which autograd saves whole (gathered_bytes_per_token, measured by
+  launcher/memory_trace_layout.py); selective recompute drops the 5as/h attention-score term; full recompute
   keeps the layer's 2sbh input. Here the 34 is launcher.memory_sizes.layer_activation_bytes, counted tensor by
   tensor for the HF Llama block under SDPA / flash attention, which never stores the a x s x s scores: the
   5as/h term is absent from the start (the kernel recomputes the scores in its backward), so Korthikanti's
