@@ -164,8 +164,8 @@ def page_optimizer_states(spec: ModelSpec, setup: TrainSetup, terms: list[Term])
     term = next(t for t in terms if t.name == "optimizer")
     state_bytes, _ = sizes.optimizer_bytes_per_param(setup.optimizer, setup.precision, False, False)
     paged, term.bytes = term.bytes, min(term.bytes, sizes.largest_trainable_elements(spec, setup) * state_bytes)
-    term.reason += (f"; in CUDA unified memory: on the GPU here only the largest tensor's, the rest paged to host "
-                    f"RAM when the GPU runs short")
+    term.reason += ("; in CUDA unified memory: on the GPU here only the largest tensor's, the rest paged to host "
+                    "RAM when the GPU runs short")
     return paged
 
 
@@ -177,10 +177,10 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
     terms = [Term("activations", saved, reason + " (norms, attention q/k/v/out, MLP, linear inputs)")]
     logit_rows = sizes.logits_tokens(setup)
     if not setup.parallel.pure_data_parallel:
-        share = layout.logits_share(setup, stage)
-        terms.append(Term("logits_loss", int(tokens * spec.vocab * share * sizes.LOGITS_BYTES_PER_ELEMENT),
+        terms.append(Term("logits_loss", layout.head_loss_bytes(spec, setup, stage),
                           "vocab-parallel loss on the last stage: the micro-batch's logits over vocab / tp, fp32 "
-                          "softmax and gradient" if share else "no LM head on this pipeline stage"))
+                          "softmax and gradient, the final norm's and head's inputs"
+                          if layout.logits_share(setup, stage) else "no LM head on this pipeline stage"))
     elif logit_rows < tokens:
         # The chunked loss's own gradient of a trained LM head accumulates over the chunks beside them.
         head_bytes = 2 if sizes.compute_mode(setup) == "half" else 4
@@ -229,7 +229,7 @@ def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], traina
     # gradients before their reduce-scatter (counted in comm_buffers, the larger of the two).
     gradient_buffer = sizes.fsdp_gradient_buffer_bytes(spec, setup, world) // setup.parallel.tp
     forward_comm = comm - gradient_buffer if setup.is_fsdp else transient_comm
-    grads_alive_in_forward = setup.gradient_accumulation_steps > 1  # accumulating: the next forward runs on top of them
+    grads_alive_in_forward = layout.grads_alive_in_forward(setup, stage)
     _, backward_activations, _ = layout.layout_activation_bytes(spec, setup, stage)
     phase_terms = {
         "forward": {"activations": size["activations"], "logits_loss": size["logits_loss"],

@@ -4,7 +4,9 @@ Sources, term by term:
 - Activations per layer: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
   Models", Table 2: sbh(34 + 5as/h) per layer unparallelised; sbh(10 + 24/t + 5as/(ht)) with tensor parallel
   (the 10: the norms' inputs and the two linear inputs they feed, replicated on the t ranks); sbh/t (34 + 5as/h)
-  with tensor + sequence parallel; selective recompute drops the 5as/h attention-score term; full recompute
+  with tensor + sequence parallel, except under torch's DTensor sequence parallel the all-gathered inputs of the
+  column-parallel blocks, which autograd saves whole (gathered_bytes_per_token, measured by
+  launcher/memory_trace_layout.py); selective recompute drops the 5as/h attention-score term; full recompute
   keeps the layer's 2sbh input. Here the 34 is launcher.memory_sizes.layer_activation_bytes, counted tensor by
   tensor for the HF Llama block under SDPA / flash attention, which never stores the a x s x s scores: the
   5as/h term is absent from the start (the kernel recomputes the scores in its backward), so Korthikanti's
@@ -83,17 +85,28 @@ def layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, mode: str = "") ->
     per_layer = (selective_bytes_per_token(spec, setup) if (mode or setup.activation_checkpointing) == "selective"
                  else sizes.layer_activation_bytes(spec, setup))
     t = setup.parallel.tp
-    if t == 1 or setup.parallel.sequence_parallel:
-        return per_layer / t
-    replicated = replicated_bytes_per_token(spec, setup)
+    if t == 1:
+        return per_layer
+    replicated = (gathered_bytes_per_token(spec, setup) if setup.parallel.sequence_parallel
+                  else replicated_bytes_per_token(spec, setup))
     return replicated + (per_layer - replicated) / t
+
+
+def gathered_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Under torch's sequence parallel, what stays whole: the all-gathered norm output each column-parallel block
+    reads (q/k/v's and gate/up's input). DTensor's autograd saves the Replicate input of ColwiseParallel for the
+    weight gradient, where Megatron-LM keeps the 1/t shard and gathers it again in backward (Korthikanti's sbh/t).
+    Traced on fake tensors at tp 2, 4 and 8 (tests/unit/test_memory_trace_layout.py): what a layer adds to the
+    estimate was 5-14 % under what it adds to the trace with these tensors / t, within 1 % with them whole."""
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    return act * spec.hidden * len(sizes.NORM_READER_GROUPS)
 
 
 def selective_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     """torchtitan's op-level SAC (module docstring): the layer's input, SDPA's output and logsumexp, and half of
     the matmul outputs (q, k, v, o, gate, up, down: every other one is saved)."""
     act = 4 if sizes.compute_mode(setup) == "fp32" else 2
-    qd, kvd = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
+    qd = spec.heads * spec.head_dim
     matmul_outputs = sum(o for _, _, o in spec.layer_linears)
     return int(spec.hidden * sizes.residual_bytes(setup) + act * qd + 4 * spec.heads + act * matmul_outputs / 2)
 
@@ -148,3 +161,34 @@ def logits_share(setup: TrainSetup, stage: str) -> float:
     if setup.parallel.pp_enabled and stage != "last":
         return 0.0
     return 1.0 / setup.parallel.tp
+
+
+SAVED_LOG_SOFTMAX_BYTES = 4  # the fp32 log-softmax the loss keeps for backward, per logit
+
+
+def head_loss_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int:
+    """The last stage's LM head and loss at the start of a microbatch's backward: its logits over vocab / t
+    (memory_sizes.LOGITS_BYTES_PER_ELEMENT), and what the final RMSNorm and the head save (the norm's fp32 input and
+    normalized output, / t under sequence parallel; the head's input, gathered whole by ColwiseParallel). GPipe
+    runs every microbatch's forward, loss included, before the first backward: the others keep their saved
+    log-softmax and head inputs. Both were missing before the fake-tensor traces (test_memory_trace_layout.py):
+    with them the 2-layer TinyLlama's last GPipe stage (4 microbatches) went from 31 % under the trace to
+    within 3 %, tp 2-8 without sequence parallel from 3-9 % under to within 1 %."""
+    share = logits_share(setup, stage)
+    if not share:
+        return 0
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    split = setup.parallel.tp if setup.parallel.sequence_parallel else 1
+    head_input = spec.hidden * ((4 + act) / split + act)
+    inflight = inflight_microbatches(setup, stage)
+    per_logit = sizes.LOGITS_BYTES_PER_ELEMENT + SAVED_LOG_SOFTMAX_BYTES * (inflight - 1)
+    return int(local_tokens(setup) * (spec.vocab * share * per_logit + head_input * inflight))
+
+
+def grads_alive_in_forward(setup: TrainSetup, stage: str) -> bool:
+    """Accumulating, the next microbatch's forward runs on top of the gradients, except on GPipe's last stage:
+    every forward there precedes the first backward, whose loss is the peak, before any gradient exists (the
+    fake-tensor trace shows none at that peak; counting them put the estimate 5 % over it at tp 2 x pp 2)."""
+    dims = setup.parallel
+    gpipe_last = dims.pp_enabled and dims.pp_schedule == "gpipe" and stage == "last"
+    return setup.gradient_accumulation_steps > 1 and not gpipe_last

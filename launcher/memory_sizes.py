@@ -197,8 +197,8 @@ COMM_REASONS = {
 
 def communication_bytes(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
     """Buffers collectives need on top of the model states; bucket sizes are those ds_configs/ renders (HF's rule)."""
-    if world == 1 and not setup.is_deepspeed:
-        return 0  # a single process is never wrapped
+    if (world == 1 or setup.parallel.dp == 1) and not setup.is_deepspeed:
+        return 0  # no data-parallel peer (one process, or one tp x pp replica): never wrapped
     lora = setup.trains_adapters
     trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if lora else spec.num_params
     layer = spec.num_params // max(1, spec.layers)

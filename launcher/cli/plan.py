@@ -284,8 +284,7 @@ def add_trace(plan, request) -> dict:
     """Trace one real step with the plan's knobs and put the estimate for exactly that setup beside it: FSDP at
     the plan's world size on a fake process group; the other strategies on one unsharded rank."""
     if not plan.parallel.pure_data_parallel:
-        raise LaunchError(f"--trace traces data parallelism only, and this plan uses {plan.parallel.label()}; drop "
-                          "--trace, or force a data-parallel plan (--tp 1 --pp 1 --cp 1).")
+        return add_layout_trace(plan, request)
     from launcher.memory import estimate
     from launcher.memory_trace import trace_peak
     from launcher.models import load_model_spec
@@ -304,6 +303,35 @@ def add_trace(plan, request) -> dict:
                         f"estimate {format_bytes(estimated)} ({(estimated - traced.peak_bytes) / traced.peak_bytes:+.1%}).")
     return {"peak_bytes": traced.peak_bytes, "estimate_bytes": estimated, "strategy": setup.strategy,
             "world_size": world, "by_depth": traced.by_depth}
+
+
+def add_layout_trace(plan, request) -> dict:
+    """Trace one tp x pp replica of the plan's layout (its first and last pipeline stage) on a fake process group
+    of tp x pp ranks, and put the estimate for exactly that replica beside it: the data-parallel part, which the
+    layout trace does not build, is left out of both (the traced peak is the stage whose trace is higher)."""
+    from launcher.memory import estimate_stage
+    from launcher.memory_layout import stages
+    from launcher.memory_sizes import compute_mode
+    from launcher.memory_trace_layout import check_traceable, trace_layout_peak
+    from launcher.models import load_model_spec
+    from launcher.units import format_bytes
+
+    dims, knobs = plan.parallel, plan.knobs()
+    # The sharding engines (FSDP, ZeRO) compute in bf16 / fp16 whatever they keep: so does the traced replica.
+    precision = "bf16" if compute_mode(knobs) == "half" and knobs.precision != "fp32" else knobs.precision
+    setup = dataclasses.replace(knobs, strategy="ddp", nodes=1, gpus_per_node=dims.tp * dims.pp, precision=precision,
+                                offload="none", optimizer_in_backward=False)
+    check_traceable(setup)
+    spec = load_model_spec(request.model, request.model_overrides)
+    traced = {stage: trace_layout_peak(spec, setup, stage) for stage in stages(setup)}
+    stage = max(traced, key=lambda name: traced[name][0])
+    peak, by_depth = traced[stage]
+    estimated = estimate_stage(spec, setup, stage).peak_bytes
+    plan.reasons.append(f"trace (MemTracker, fake tensors, one {dims.tp * dims.pp}-rank tp x pp replica of "
+                        f"{dims.label()}, {stage} stage): peak {format_bytes(peak)} vs estimate "
+                        f"{format_bytes(estimated)} ({(estimated - peak) / peak:+.1%}).")
+    return {"peak_bytes": peak, "estimate_bytes": estimated, "strategy": setup.strategy,
+            "world_size": setup.world_size, "stage": stage, "by_depth": by_depth}
 
 
 def shown_candidates(candidates):

@@ -121,7 +121,7 @@ CASES = [
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 3", "does not divide the 8 GPUs"),
     ("plan --model gpt2 --device cpu --gpus 2 --tp 2", "a CPU plan runs data parallelism only"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 2 --pp 1 --global-batch 6", "x 4 data-parallel rank(s)"),
-    ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 2 --trace", "--trace traces data parallelism only"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --cp 2 --trace", "no fake-tensor trace of cp or ep"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 0", "--tp must be a positive integer"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --pp-microbatches 0", "must be a positive integer"),
     ("plan --model tinyllama-1.1b --global-batch 0", "--global-batch"),

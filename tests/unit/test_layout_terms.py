@@ -23,12 +23,15 @@ def setup(**knobs):
 
 
 def test_tensor_parallel_activations_follow_korthikanti_table_2():
-    """TP + SP: sbh/t (34 + ...) -> every saved tensor / t; TP alone: the norm region (10 sbh) stays whole."""
+    """TP + SP: sbh/t (34 + ...) -> every saved tensor / t but the all-gathered inputs of the column-parallel
+    blocks, which torch's DTensor saves whole; TP alone: the norm region (10 sbh) stays whole."""
     whole = layer_activation_bytes(SPEC, setup())
     with_sp = mem.layer_bytes_per_token(SPEC, setup(tp=4))
     without_sp = mem.layer_bytes_per_token(SPEC, setup(tp=4, sequence_parallel=False))
     replicated = mem.replicated_bytes_per_token(SPEC, setup())
-    assert with_sp == whole / 4
+    gathered = mem.gathered_bytes_per_token(SPEC, setup())
+    assert gathered == 2 * SPEC.hidden * 2  # q/k/v's and gate/up's bf16 input
+    assert with_sp == gathered + (whole - gathered) / 4
     assert without_sp == replicated + (whole - replicated) / 4
     assert with_sp < without_sp < whole
 
@@ -37,7 +40,7 @@ def test_full_recompute_keeps_each_layer_input_split_by_sequence_parallel():
     tokens = 4096
     saved, alive, _ = mem.layout_activation_bytes(SPEC, setup(tp=4, activation_checkpointing="full"), "first")
     assert saved == SPEC.layers * tokens * SPEC.hidden * residual_bytes(setup()) // 4
-    assert alive - saved == int(layer_activation_bytes(SPEC, setup()) / 4 * tokens)  # one layer recomputed
+    assert alive - saved == int(mem.layer_bytes_per_token(SPEC, setup(tp=4), "none") * tokens)  # one layer recomputed
 
 
 def test_selective_saves_less_than_none_and_more_than_full():
