@@ -28,7 +28,6 @@ import torch.distributed as dist
 from launcher import ledger
 from launcher.beacon import Phase
 from launcher.config import TrainConfig
-from launcher.errors import LaunchError
 from launcher.job import CONFIG_FILE, FINAL_DIR, PLAN_FILE
 from launcher.models import spec_from_config
 from launcher.plan import Plan
