@@ -103,7 +103,7 @@ class Trainer:
         self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
         self.scheduler = build_scheduler(self.engine.optimizer, training, self.total_steps)
         self.events.append(ledger.MODEL_BUILT)
-        self.state = TrainState()
+        self.state, self.loss_window = TrainState(), LossWindow(self.device)  # both go into each checkpoint
         self.should_stop = False
         self.metrics = None
         self.throughput: Throughput | None = None
@@ -156,7 +156,6 @@ class Trainer:
     def train(self) -> int:
         """Run to total_steps (or early stop); returns the process exit code (REQUEUE_EXIT_CODE if preempted)."""
         self.take_run_lock()
-        self.loss_window = LossWindow(self.device)
         self.restore()
         if self.rank == 0:
             self.metrics = MetricsWriter(self.job_dir, self.total_steps, self.state.global_step,

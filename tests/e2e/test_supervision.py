@@ -119,7 +119,7 @@ def test_no_rank_outlives_its_launcher_and_the_rerun_resumes_alone_to_the_same_w
         for proc in psutil.Process().children(recursive=True):
             proc.kill()
     if target in ("SIGHUP", "SIGQUIT"):  # handled like SIGTERM: the ranks saved and stopped, asking to be rerun
-        assert code == REQUEUE_EXIT_CODE and f"preempted ({target}): saved step" in log.read_text(), log.read_text()
+        assert code == REQUEUE_EXIT_CODE and f"stopped by {target}: saved step" in log.read_text(), log.read_text()
 
     rerun = llaunch_run(config, out, nproc)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

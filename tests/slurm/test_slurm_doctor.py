@@ -106,7 +106,8 @@ def test_a_doctor_failure_that_is_the_jobs_blames_no_node(slurm_cluster, tmp_pat
     faults = {"LLAUNCH_DOCTOR_FAULT_PORT": "1", "LLAUNCH_DOCTOR_FAULT_VERSION": "1:torch=0.0.0"}
     cancelled = job_id_of(llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "2", "--output-dir",
                                   str(tmp_path / "cancelled"), "--max-steps", "4", env=faults))
-    wait_until(lambda: job_state(cancelled, env).state == "RUNNING", 60, "the job to start", cancelled)
+    # a cancel before the node task holds its handlers would end it unheard: wait for its first line
+    wait_until(lambda: "[llaunch] attempt 1" in logs_of(cancelled), 60, "the node task to start", cancelled)
     assert llaunch("cancel", cancelled).returncode == 0
     state = wait_until(lambda: (s := job_state(cancelled, env)).finished and s, 90, "the job to end", cancelled)
     logs = logs_of(cancelled) + llaunch("logs", cancelled, "--rank", "1").stdout

@@ -427,7 +427,7 @@ def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fas
     status = llaunch("status", job_id).stdout
     assert "no progress since the last requeue" in status and "hang: rank 1 on " in status, status
     hangs = [e for e in NodeLedger.for_profile("local").events() if e.kind == "hang"]  # beside stragglers, if any
-    assert len(hangs) == 2 and {e.host for e in hangs} == {records[0]["culprit"]["host"]}, hangs
+    assert sorted(e.host for e in hangs) == sorted(r["culprit"]["host"] for r in records), (hangs, records)
 
 
 def test_cluster_down_ends_the_jobs_before_it_stops(straight_run, config, tmp_path):
