@@ -5,9 +5,9 @@ fixed interval: pure Python, times scaled down (1 s steps), so it runs in CI.
 
 Each trial draws one failure sequence (a Poisson process on wall time, mean MTBF) and runs every policy against
 it. A start costs R (startup and restore; failures strike then too), a save blocks for C, and a failure sends
-the job back to its last checkpoint. `auto` is llaunch's own rule (launcher.goodput.plan_interval), fed what the
+the job back to its last checkpoint. `auto` is llaunch's own rule (launcher.observe.goodput.plan_interval), fed what the
 ledger would hold: the measured C and R and the failures so far; `auto+history` also gets the running time and
-failures of 20 earlier jobs and of the earlier trials, as launcher.history.cluster_history gives it.
+failures of 20 earlier jobs and of the earlier trials, as launcher.observe.history.cluster_history gives it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.goodput import plan_interval  # noqa: E402
+from launcher.observe.goodput import plan_interval  # noqa: E402
 
 STEPS, STEP_S, SAVE_S, RESTART_S = 200, 1.0, 0.35, 5.0
 POLICIES = ("auto", "auto+history", "fixed 10 s", "fixed 120 s")

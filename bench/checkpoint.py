@@ -34,7 +34,7 @@ def measure(shapes: Shapes, root: Path, resume: bool = True) -> dict:
     real Trainer (a world of one)."""
     import torch
 
-    from launcher.job import prepare_job
+    from launcher.jobdir.prepare import prepare_job
     from launcher.train.loop import Trainer
 
     root.mkdir(parents=True, exist_ok=True)

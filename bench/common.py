@@ -110,7 +110,7 @@ def random_pretrained(base: str, overrides: dict, directory: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.models import load_model_spec
+    from launcher.planning.models import load_model_spec
 
     if (directory / "config.json").exists():
         return directory

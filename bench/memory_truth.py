@@ -4,7 +4,7 @@ Each config runs in a fresh subprocess: random-init Llama on the GPU, sdpa atten
 activation checkpointing when on, PEFT LoRA (r=16, all-linear) when asked, torch AdamW (foreach), 4 steps of
 `loss = model(input_ids=x, labels=x).loss; loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)`,
 amp-* under torch.autocast with fp32 weights, bf16 with the model cast to bf16 (as launcher/train/modeling.py does).
-It prints torch.cuda.max_memory_allocated beside launcher.memory's peak_bytes, and per-phase peaks.
+It prints torch.cuda.max_memory_allocated beside launcher.planning.memory's peak_bytes, and per-phase peaks.
 
     PYTHONPATH=. python bench/memory_truth.py --out bench/results/memory-h100.json
     PYTHONPATH=. python bench/memory_truth.py --matrix gpu-check --out bench/results/memory-h200.json
@@ -84,9 +84,9 @@ CONFIG_KEYS = ("size", "precision", "method", "micro_batch", "checkpointing", "o
 
 def predict(size: str, precision: str, method: str, micro: int, ckpt: bool, optimizer: str = "adamw_torch",
             seq: int = SEQ) -> dict:
-    from launcher.memory import estimate
-    from launcher.plan import TrainSetup
-    from launcher.models import load_model_spec
+    from launcher.planning.memory import estimate
+    from launcher.planning.plan import TrainSetup
+    from launcher.planning.models import load_model_spec
 
     base, overrides = SIZES[size]
     spec = load_model_spec(base, overrides)
@@ -103,7 +103,7 @@ def build(size: str, precision: str, method: str, ckpt: bool, work: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher.config import FinetuneConfig
-    from launcher.models import load_model_spec
+    from launcher.planning.models import load_model_spec
     from launcher.train.adapters import apply_finetune_method, quantization_config
     from launcher.train.modeling import enable_activation_checkpointing
 

@@ -34,7 +34,7 @@ class PlannerShapes:
 
 def hardware(smoke: bool):
     """This machine as the planner sees it; --smoke: one H200 from the datasheet."""
-    from launcher.hardware import Hardware, probe
+    from launcher.planning.hardware import Hardware, probe
 
     if smoke:
         return Hardware(gpu_name_override="H200", gpus_per_node_override=1, ram_bytes=128 * 2**30)
@@ -42,8 +42,8 @@ def hardware(smoke: bool):
 
 
 def measure(shapes: PlannerShapes, work: Path, save=lambda result: None) -> dict:
-    from launcher.models import load_model_spec
-    from launcher.planner import PlanRequest, rank_candidates
+    from launcher.planning.models import load_model_spec
+    from launcher.planning.planner import PlanRequest, rank_candidates
 
     base, overrides = memory_truth.SIZES[shapes.size]
     hw = hardware(shapes.smoke)

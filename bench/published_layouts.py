@@ -5,7 +5,7 @@ model, GPUs, layout, micro-batch, sequence, recompute, precision, and what was r
 tokens/s per GPU, memory per GPU), with its source. llaunch's side is the planner's estimate for that exact
 layout (`rank_candidates` with every knob forced), whether or not it fits the card.
 
-Conventions. MFU here is model FLOPs (launcher.models.ModelSpec.flops_per_token: 6 x matmul params + causal
+Conventions. MFU here is model FLOPs (launcher.planning.models.ModelSpec.flops_per_token: 6 x matmul params + causal
 attention, no recompute) / (time x peak). Megatron-LM (Narayanan et al. 2021) and BLOOM report hardware FLOPs
 with full recompute (their 96 B s l h^2 formula counts 4 passes, ours 3): their utilization x 3/4 is the
 model-FLOPs figure compared. torchtitan reports tokens/s per GPU; it is turned into MFU by the same FLOPs rule.
@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.hardware import Hardware  # noqa: E402
-from launcher.models import load_model_spec  # noqa: E402
-from launcher.planner import PlanRequest, hardware_for, rank_candidates  # noqa: E402
+from launcher.planning.hardware import Hardware  # noqa: E402
+from launcher.planning.models import load_model_spec  # noqa: E402
+from launcher.planning.planner import PlanRequest, hardware_for, rank_candidates  # noqa: E402
 
 LLAMA3 = "https://arxiv.org/abs/2407.21783 (The Llama 3 Herd of Models, Table 4)"
 MEGATRON = "https://arxiv.org/abs/2104.04473 (Narayanan et al. 2021, Table 1; github.com/NVIDIA/Megatron-LM README)"

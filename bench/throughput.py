@@ -39,7 +39,7 @@ def run_llaunch(config: Path, out: Path, shapes: Shapes) -> dict:
         cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(out), "--overwrite"]
         subprocess.run(cmd, check=True, cwd=REPO)
     else:
-        from launcher.job import prepare_job
+        from launcher.jobdir.prepare import prepare_job
         from launcher.train.loop import Trainer
 
         job = prepare_job(config, ["training.overwrite_output_dir=true"], output_dir=out)
@@ -122,7 +122,7 @@ def compare(shapes: Shapes, work: Path, compile_layers: bool, save=lambda result
     `save(result)` once the first two are in and again after the third."""
     import torch
 
-    from launcher.models import load_model_spec
+    from launcher.planning.models import load_model_spec
 
     work.mkdir(parents=True, exist_ok=True)
     job = work / "llaunch"

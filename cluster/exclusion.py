@@ -9,7 +9,7 @@ import os
 import subprocess
 
 from cluster.jobs import parse_scontrol_job
-from cluster.node_ledger import NodeLedger, QuarantinePolicy, exclude_for_next_submission
+from launcher.observe.node_ledger import NodeLedger, QuarantinePolicy, exclude_for_next_submission
 from cluster.profile import ClusterProfile
 
 
@@ -55,7 +55,7 @@ def exclude_from_requeued_job(job_id: str, hosts: list[str]) -> None:
 
 def quarantined_nodes(profile: ClusterProfile, env: dict[str, str]) -> list[str]:
     """The hosts the profile's node ledger keeps out of the next job, never more than the partition can spare
-    (cluster.node_ledger); [] when sinfo cannot list the partition's nodes."""
+    (launcher.observe.node_ledger); [] when sinfo cannot list the partition's nodes."""
     events = NodeLedger.for_profile(profile.name).events()
     if not events:
         return []

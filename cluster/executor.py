@@ -3,7 +3,7 @@
 Each node's task finds the rendezvous host, checks the allocation against the plan, and runs torchrun.
 Preemption signals reach the ranks twice over: SLURM signals every process of the step, and the task
 forwards what it got to each rank once that rank has its handler installed (a rank treats every copy as
-the same request, see launcher.signals), so a signal that came while torchrun or the ranks were starting
+the same request, see launcher.runtime.signals), so a signal that came while torchrun or the ranks were starting
 is not lost. torchrun itself ignores them (SIG_IGN before exec, and --signals-to-handle without SIGTERM),
 because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a SIGTERM, in the middle of
 their checkpoint. When the ranks have saved and exited, the watchdog killed hung ones, or a rank (or another
@@ -32,17 +32,17 @@ from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
 from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
                                quarantined_nodes)
-from cluster.node_ledger import NodeEvent, NodeLedger
+from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import node_command, rendezvous_port, slurm_parameters
-from cluster.watchdog import Watchdog, WatchdogConfig, hang_culprit, kill_ranks, report_hang
-from launcher.checkpoint_store import list_checkpoints
-from launcher.ledger import INCARNATION_ENV
+from launcher.runtime.watchdog import Watchdog, WatchdogConfig, hang_culprit, kill_ranks, report_hang
+from launcher.jobdir.checkpoint_store import list_checkpoints
+from launcher.observe.event_ledger import INCARNATION_ENV
 from launcher.errors import EXIT_USER_ERROR, LaunchError
-from launcher.job import PLAN_FILE
-from launcher.plan import Plan
-from launcher.signals import STOP_SIGNALS, SUPERVISOR_ENV, catches, ignore_stop_signals, ranks_of
+from launcher.jobdir.prepare import PLAN_FILE
+from launcher.planning.plan import Plan
+from launcher.runtime.signals import STOP_SIGNALS, SUPERVISOR_ENV, catches, ignore_stop_signals, ranks_of
 
 FORWARD_POLL_S = 0.2
 RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
@@ -128,7 +128,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         self.dist_timeout_s = dist_timeout_s
         self.requeues = requeues
         self.step_at_last_requeue = step_at_last_requeue
-        self.ledger = ledger  # the cluster profile's node ledger (cluster.node_ledger): hang culprits, doctor failures
+        self.ledger = ledger  # the cluster profile's node ledger (launcher.observe.node_ledger): hang culprits, doctor failures
         self.doctor = doctor
         self.min_nodes = min_nodes  # the fewest nodes the job may run on (None: all it asked for)
 

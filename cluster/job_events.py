@@ -1,4 +1,4 @@
-"""What the node task adds to the job's event ledger (launcher.ledger): each attempt's start with SLURM's
+"""What the node task adds to the job's event ledger (launcher.observe.event_ledger): each attempt's start with SLURM's
 queue wait, its end, and its requeue. Only the first node's task writes, so each event is there once."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from cluster.jobs import parse_scontrol_job
-from launcher import ledger
+from launcher.observe import event_ledger
 
 
 def attempt_id(job_id: str, requeues: int) -> str:
@@ -42,23 +42,23 @@ def queue_times(job_id: str) -> dict:
 
 
 def attempt_started(job_dir: str, job_id: str, requeues: int, nodes: int) -> None:
-    ledger.append(job_dir, ledger.LAUNCH, inc=attempt_id(job_id, requeues), nodes=nodes, job_id=job_id,
+    event_ledger.append(job_dir, event_ledger.LAUNCH, inc=attempt_id(job_id, requeues), nodes=nodes, job_id=job_id,
                   attempt=requeues + 1, how="slurm", **queue_times(job_id))
 
 
 def attempt_ended(job_dir: str, job_id: str, requeues: int, code: int, stop: str | None,
                   cause: str | None = None) -> None:
     """`cause`: what ended the attempt when the exit code does not say (the watchdog killed hung ranks)."""
-    cause = cause or (ledger.exit_cause(code) if code == 0 or stop is None else stop)
-    ledger.append(job_dir, ledger.EXIT, inc=attempt_id(job_id, requeues), code=code, cause=cause, signal=stop)
+    cause = cause or (event_ledger.exit_cause(code) if code == 0 or stop is None else stop)
+    event_ledger.append(job_dir, event_ledger.EXIT, inc=attempt_id(job_id, requeues), code=code, cause=cause, signal=stop)
 
 
 def requeued(job_dir: str, job_id: str, requeues: int, reason: str) -> None:
-    ledger.append(job_dir, ledger.REQUEUE, inc=attempt_id(job_id, requeues), reason=reason)
+    event_ledger.append(job_dir, event_ledger.REQUEUE, inc=attempt_id(job_id, requeues), reason=reason)
 
 
 def submitted(job_dir, job_id: str, nodes: int, warning_s: float, t: float) -> None:
     """`t`: when sbatch was called, so the event precedes the job's start however fast it began; `warning_s`:
     how long before its time limit SLURM signals it (what a save on that signal must fit in)."""
-    ledger.append(job_dir, ledger.SUBMIT, t=t, inc=attempt_id(job_id, 0), job_id=job_id, nodes=nodes,
+    event_ledger.append(job_dir, event_ledger.SUBMIT, t=t, inc=attempt_id(job_id, 0), job_id=job_id, nodes=nodes,
                   warning_s=warning_s)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
-from launcher.torchrun import RANK_STARTS
+from launcher.runtime.torchrun import RANK_STARTS
 
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",

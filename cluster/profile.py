@@ -49,7 +49,7 @@ class ClusterProfile:
 
     def hardware(self):
         """The nodes the planner plans for under this profile: its GPUs and RAM, not the login node's."""
-        from launcher.hardware import Hardware, gpu_node
+        from launcher.planning.hardware import Hardware, gpu_node
 
         ram = int(self.node_ram_gb * 2**30)
         if self.gpus_per_node:

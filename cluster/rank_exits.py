@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from launcher.files import write_text_atomic
-from launcher.signals import ranks_of
+from launcher.runtime.signals import ranks_of
 
 EXITS_DIR = "rank-exits"
 VERDICT_FILE = "culprit.json"  # beside an attempt's records: the first node's judgement

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cluster.profile import ClusterProfile
 from launcher.errors import LaunchError
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 
 RDZV_PORT_BASE = 20000
 RDZV_PORT_SPAN = 10000  # ports 20000-29999: below Linux's ephemeral range, clear of SLURM's 6817/6818
@@ -102,7 +102,7 @@ def node_command(
     the time limit: NCCL's watchdog aborts a stuck collective, and the training entrypoint passes
     LLAUNCH_DIST_TIMEOUT_S to init_process_group (which is what bounds gloo).
     """
-    from launcher.torchrun import TORCHRUN_MODULE, build_torchrun_argv
+    from launcher.runtime.torchrun import TORCHRUN_MODULE, build_torchrun_argv
 
     argv, env = build_torchrun_argv(
         plan,

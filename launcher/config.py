@@ -19,13 +19,13 @@ import yaml
 from launcher.errors import LaunchError
 from launcher.config_values import check_choice, check_numbers, check_type, reject_unknown
 from launcher.files import write_text_atomic
-from launcher.plan import CHOICES, LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
-from launcher.signals import DEFAULT_SIGNALS
+from launcher.planning.plan import CHOICES, LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
+from launcher.runtime.signals import DEFAULT_SIGNALS
 
 
 @dataclass
 class ModelConfig:
-    """Which model to train: a catalog name/alias for `launcher.models`, or a local Hugging Face directory."""
+    """Which model to train: a catalog name/alias for `launcher.planning.models`, or a local Hugging Face directory."""
 
     name_or_path: str = ""
     # Changes to the architecture (e.g. {num_hidden_layers: 4}); only for random-init models.
@@ -66,7 +66,7 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
-    optim: str = "adamw_torch_fused"  # one of launcher.plan.OPTIMIZERS (HF names)
+    optim: str = "adamw_torch_fused"  # one of launcher.planning.plan.OPTIMIZERS (HF names)
     lr_scheduler_type: str = "cosine"
     lr_scheduler_kwargs: dict = field(default_factory=dict)  # e.g. {num_cycles: 2}, {step_size: 100, gamma: 0.5}
     group_by_length: bool = False  # SFT without packing: batches of similar length, padded to the longest

@@ -25,8 +25,8 @@ from cluster.doctor import checks, exchange, probes
 from cluster.doctor.checks import FAIL, Check
 from cluster.doctor.faults import Faults
 from launcher.files import write_text_atomic
-from launcher.job import CONFIG_FILE, PLAN_FILE
-from launcher.plan import Plan
+from launcher.jobdir.prepare import CONFIG_FILE, PLAN_FILE
+from launcher.planning.plan import Plan
 
 RESULTS_DIR = "doctor"
 NONCE_FILE = ".llaunch-doctor-nonce"
@@ -229,7 +229,7 @@ def _reach(ctx: NodeContext, peers: list[int], own: list[str]) -> dict[str, list
 
 
 def _space(ctx: NodeContext, storage_dir: Path, faults: Faults) -> Check:
-    from launcher.memory_sizes import checkpoint_bytes
+    from launcher.planning.memory_sizes import checkpoint_bytes
 
     need, why = 0, "no plan given"
     files = FILES_PER_CHECKPOINT
@@ -288,7 +288,7 @@ def job_facts(config, plan: Plan) -> tuple[int, int]:
         keep = 1
     trainable = plan.params
     if plan.trains_adapters:
-        from launcher.models import load_model_spec
+        from launcher.planning.models import load_model_spec
 
         trainable = load_model_spec(plan.model, config.model.overrides).lora_params(plan.lora_r, plan.lora_targets)
     return keep, trainable

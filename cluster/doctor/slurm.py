@@ -20,7 +20,7 @@ from cluster.jobs import cancel, job_state, refuse_never_starting
 from cluster.profile import ClusterProfile
 from cluster.submission import rendezvous_port, slurm_parameters
 from launcher.errors import LaunchError
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 
 JOB_NAME = "llaunch-doctor"
 TIME_LIMIT_MIN = 3

@@ -22,7 +22,7 @@ def run(args) -> int:
     from rich.table import Table
 
     from launcher.errors import LaunchError
-    from launcher.checkpoint_store import CHECKPOINTS_DIR, best_checkpoint, list_checkpoints
+    from launcher.jobdir.checkpoint_store import CHECKPOINTS_DIR, best_checkpoint, list_checkpoints
 
     if not Path(args.output_dir).is_dir():
         raise LaunchError(f"{args.output_dir} does not exist; pass the --output-dir of a run.")

@@ -70,7 +70,7 @@ def _job_facts(args: argparse.Namespace, profile):
     if not args.config:
         return None, Path(args.output_dir or "llaunch-doctor").resolve(), 1, 0
     from cluster.doctor.node import job_facts
-    from launcher.job import prepare_job
+    from launcher.jobdir.prepare import prepare_job
 
     job = prepare_job(args.config, output_dir=args.output_dir, write=False,
                       **({"nodes": profile.nodes, "gpus_per_node": profile.gpus_per_node or None,

@@ -20,7 +20,7 @@ def run(args) -> int:
 
     from safetensors import SafetensorError
 
-    from launcher.checkpoint_store import MANIFEST
+    from launcher.jobdir.checkpoint_store import MANIFEST
     from launcher.errors import LaunchError
     from launcher.train.adapters import is_adapter_dir, merge_adapter
     from launcher.train.export import export_checkpoint

@@ -33,18 +33,19 @@ def job_dir(job: str) -> Path:
 
 
 def load_report(directory: Path):
-    from launcher import goodput, ledger
+    from launcher.observe import goodput
+    from launcher.observe import event_ledger
 
-    events = ledger.read(directory)
+    events = event_ledger.read(directory)
     if not events:
-        raise LaunchError(f"{directory} has no event ledger ({ledger.LEDGER_FILE}); it has not started yet, or an "
+        raise LaunchError(f"{directory} has no event ledger ({event_ledger.LEDGER_FILE}); it has not started yet, or an "
                           f"llaunch without goodput ran it.")
     return goodput.analyse(events)
 
 
 def suggestion(report):
     """The interval the measurements ask for (None until a save was measured)."""
-    from launcher import goodput
+    from launcher.observe import goodput
 
     if report.save_cost_s is None:
         return None
@@ -54,10 +55,11 @@ def suggestion(report):
 
 def summary_line(directory: Path) -> str | None:
     """One line for `llaunch status`, or None when the job has no ledger yet."""
-    from launcher import goodput, ledger
+    from launcher.observe import goodput
+    from launcher.observe import event_ledger
 
     try:
-        events = ledger.read(directory)
+        events = event_ledger.read(directory)
     except LaunchError as err:
         return f"goodput unknown: {err}"
     if not events:
@@ -69,7 +71,7 @@ def summary_line(directory: Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher import goodput
+    from launcher.observe import goodput
 
     directory = job_dir(args.job)
     if args.plot:
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("\n".join(describe(directory, report, suggested, cadences, what_if)))
     if args.plot:
-        from launcher.goodput_plot import plot_timeline
+        from launcher.observe.goodput_plot import plot_timeline
 
         plot_timeline(args.plot, f"{directory}: goodput {report.goodput:.1%} of {_duration(report.wall_s)}", report)
         print(f"wrote {args.plot}")

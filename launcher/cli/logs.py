@@ -18,8 +18,8 @@ def add_parser(subparsers) -> None:
 
 
 def _procs_per_node(output_dir: str) -> int:
-    from launcher.job import PLAN_FILE
-    from launcher.plan import Plan
+    from launcher.jobdir.prepare import PLAN_FILE
+    from launcher.planning.plan import Plan
 
     plan_path = Path(output_dir) / PLAN_FILE
     return Plan.load(plan_path).gpus_per_node if plan_path.exists() else 1

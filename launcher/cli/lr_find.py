@@ -32,7 +32,7 @@ def run(args) -> int:
 
     from launcher.errors import LaunchError
     from launcher.files import write_text_atomic
-    from launcher.job import is_run_dir, prepare_job
+    from launcher.jobdir.prepare import is_run_dir, prepare_job
     from launcher.train import lr_find
 
     out = Path(args.output_dir).expanduser().resolve()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.files import check_file_target
-from launcher.parallel import PP_SCHEDULES, RECOMPUTES
-from launcher.plan import ATTENTIONS, DEVICES, LORA_R, LOSS_CHUNK_TOKENS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES
+from launcher.planning.parallel import PP_SCHEDULES, RECOMPUTES
+from launcher.planning.plan import ATTENTIONS, DEVICES, LORA_R, LOSS_CHUNK_TOKENS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES
 
 TABLE_ROWS = 14
 GPUS_PER_NODE = 8  # what --nodes K without --gpus means when no GPUs are visible: nodes of eight
@@ -63,7 +63,7 @@ def add_parser(subparsers) -> None:
 
 
 def _add_layout_flags(p) -> None:
-    """The parallelism record's knobs (launcher.parallel.ParallelDims); --strategy names its data-parallel part."""
+    """The parallelism record's knobs (launcher.planning.parallel.ParallelDims); --strategy names its data-parallel part."""
     layout = p.add_argument_group("layout (default: the planner chooses; `llaunch run` runs data parallelism only)")
     for flag, what in (("--tp", "tensor (+ sequence) parallel ranks, within a node"), ("--pp", "pipeline stages"),
                        ("--cp", "context parallel ranks (the sequence split)"), ("--ep", "expert parallel ranks (MoE)"),
@@ -78,7 +78,7 @@ def _add_layout_flags(p) -> None:
 
 def request_from_args(args):
     """Flags -> PlanRequest, with each malformed value named in one sentence."""
-    from launcher.planner import PlanRequest
+    from launcher.planning.planner import PlanRequest
     from launcher.units import parse_bytes
 
     overrides = {}
@@ -119,15 +119,15 @@ def _json_value(text: str):
 
 
 def run(args) -> int:
-    from launcher.hardware import probe
-    from launcher.models import load_model_spec
-    from launcher.planner import hardware_for, make_plan, rank_candidates
+    from launcher.planning.hardware import probe
+    from launcher.planning.models import load_model_spec
+    from launcher.planning.planner import hardware_for, make_plan, rank_candidates
 
     request = request_from_args(args)
     if args.output:  # before the planning, not after it
         check_file_target(Path(args.output), "-o")
         if Path(args.output).is_file():
-            from launcher.plan import Plan
+            from launcher.planning.plan import Plan
 
             try:
                 Plan.load(args.output)
@@ -145,7 +145,7 @@ def run(args) -> int:
     spec = load_model_spec(request.model, request.model_overrides)
     candidates = rank_candidates(spec, request, hardware_for(request, hardware))
     if args.plot:
-        from launcher.plan_plot import plot_candidates
+        from launcher.planning.plan_plot import plot_candidates
 
         shown = shown_candidates(candidates)
         chosen = next(c.label for c in candidates if is_chosen(c, plan))
@@ -183,7 +183,7 @@ def planning_target(args, request, probed):
     node's SLURM partition, else the hardware flags describe the nodes (flags override each field of the first
     two). A CPU plan without --device cpu would answer a question nobody asked: what 70B takes on a laptop.
     """
-    from launcher.hardware import DEFAULT_GPU, gpu_node, login_node_partition
+    from launcher.planning.hardware import DEFAULT_GPU, gpu_node, login_node_partition
 
     flags = [name for name, value in (("--gpu", args.gpu), ("--gpu-mem", args.gpu_mem)) if value is not None]
     if args.device == "cpu":
@@ -219,9 +219,9 @@ def planning_target(args, request, probed):
 
 def what_it_takes(args, request) -> int:
     """No GPUs to plan for: the fewest of each common GPU that fit, per method, as one table (or JSON)."""
-    from launcher.models import load_model_spec
-    from launcher.plan import METHODS
-    from launcher.sizing import what_it_takes as size
+    from launcher.planning.models import load_model_spec
+    from launcher.planning.plan import METHODS
+    from launcher.planning.sizing import what_it_takes as size
 
     if args.output or args.trace:
         raise LaunchError("-o and --trace need one plan, and no GPUs are described; add e.g. --gpu H100 --gpus 8, "
@@ -230,8 +230,8 @@ def what_it_takes(args, request) -> int:
     methods = (args.method,) if args.method else METHODS
     rows = size(request, methods=methods)
     if args.plot:
-        from launcher.plan_plot import plot_sizing
-        from launcher.sizing import COMMON_GPUS, memory_curves
+        from launcher.planning.plan_plot import plot_sizing
+        from launcher.planning.sizing import COMMON_GPUS, memory_curves
 
         plot_sizing(args.plot, f"{spec.name} ({params_text(spec)}), sequence {request.fixed().seq_len}: "
                     "memory per GPU against GPU count", memory_curves(request, methods), rows, COMMON_GPUS)
@@ -285,9 +285,9 @@ def add_trace(plan, request) -> dict:
     the plan's world size on a fake process group; the other strategies on one unsharded rank."""
     if not plan.parallel.pure_data_parallel:
         return add_layout_trace(plan, request)
-    from launcher.memory import estimate
-    from launcher.memory_trace import trace_peak
-    from launcher.models import load_model_spec
+    from launcher.planning.memory import estimate
+    from launcher.planning.memory_trace import trace_peak
+    from launcher.planning.models import load_model_spec
     from launcher.units import format_bytes
 
     spec = load_model_spec(request.model, request.model_overrides)
@@ -309,11 +309,11 @@ def add_layout_trace(plan, request) -> dict:
     """Trace one tp x pp replica of the plan's layout (its first and last pipeline stage) on a fake process group
     of tp x pp ranks, and put the estimate for exactly that replica beside it: the data-parallel part, which the
     layout trace does not build, is left out of both (the traced peak is the stage whose trace is higher)."""
-    from launcher.memory import estimate_stage
-    from launcher.memory_layout import stages
-    from launcher.memory_sizes import compute_mode
-    from launcher.memory_trace_layout import check_traceable, trace_layout_peak
-    from launcher.models import load_model_spec
+    from launcher.planning.memory import estimate_stage
+    from launcher.planning.memory_layout import stages
+    from launcher.planning.memory_sizes import compute_mode
+    from launcher.planning.memory_trace_layout import check_traceable, trace_layout_peak
+    from launcher.planning.models import load_model_spec
     from launcher.units import format_bytes
 
     dims, knobs = plan.parallel, plan.knobs()

@@ -12,7 +12,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from launcher.hardware import probe
+    from launcher.planning.hardware import probe
     from launcher.units import format_bytes
 
     hw = probe()
@@ -33,7 +33,7 @@ def run(args) -> int:
         console.print(table)
         facts = hw.facts
         console.print(f"datasheet: {facts.key}, {facts.peak_flops['bf16'] / 1e12:.0f} TFLOP/s bf16 ({facts.source})"
-                      if facts else "datasheet: this GPU is not in launcher/data/gpus.json; plans use --gpu to name one.")
+                      if facts else "datasheet: this GPU is not in launcher/planning/data/gpus.json; plans use --gpu to name one.")
     else:
         console.print(f"no NVIDIA GPU visible on {hw.hostname}: {hw.nvml_error or 'NVML found no device'}; plans run on CPU.")
     console.print(f"CPU: {hw.cpu_cores} cores; RAM: {format_bytes(hw.ram_bytes)} total, "

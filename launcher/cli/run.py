@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from launcher.flag_overrides import flag_overrides
-from launcher.plan import STRATEGIES
+from launcher.planning.plan import STRATEGIES
 
 
 def add_parser(subparsers) -> None:
@@ -47,11 +47,11 @@ def parse_rest(args) -> argparse.Namespace:
 def run(args) -> int:
     import os
 
-    from cluster.watchdog import Watchdog, WatchdogConfig
-    from launcher import ledger
-    from launcher.job import is_run_dir, prepare_job, write_job
-    from launcher.run_lock import HELD_BY_LAUNCHER_ENV
-    from launcher.torchrun import build_torchrun_argv, run_torchrun
+    from launcher.runtime.watchdog import Watchdog, WatchdogConfig
+    from launcher.observe import event_ledger
+    from launcher.jobdir.prepare import is_run_dir, prepare_job, write_job
+    from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV
+    from launcher.runtime.torchrun import build_torchrun_argv, run_torchrun
     from launcher.train.faults import faults_from_env
 
     args = parse_rest(args)
@@ -71,8 +71,8 @@ def run(args) -> int:
         return 0
     lock = write_job(job, keep_lock=True)  # held until this process ends: the ranks need not take it
     env[HELD_BY_LAUNCHER_ENV] = str(job.output_dir)
-    env[ledger.INCARNATION_ENV] = incarnation = ledger.new_incarnation_id()
-    ledger.append(job.output_dir, ledger.LAUNCH, t=args.started_at, inc=incarnation, nodes=1,
+    env[event_ledger.INCARNATION_ENV] = incarnation = event_ledger.new_incarnation_id()
+    event_ledger.append(job.output_dir, event_ledger.LAUNCH, t=args.started_at, inc=incarnation, nodes=1,
                   how="llaunch run")  # from the command's start: reading and planning the job is start-up
     watchdog = Watchdog.create(job.output_dir, str(os.getpid()), watchdog_config, incarnation=incarnation)
     env.update(watchdog.rank_env() if watchdog else {})
@@ -82,7 +82,7 @@ def run(args) -> int:
     try:
         code = run_torchrun(argv, {**os.environ, **env}, watchdog=watchdog)
         code = 0 if code and _finished(job.output_dir, incarnation) else code
-        ledger.append(job.output_dir, ledger.EXIT, inc=incarnation, code=code, cause=ledger.exit_cause(code))
+        event_ledger.append(job.output_dir, event_ledger.EXIT, inc=incarnation, code=code, cause=event_ledger.exit_cause(code))
         return code
     finally:
         lock.release()
@@ -93,9 +93,9 @@ def run(args) -> int:
 def _finished(job_dir, incarnation: str) -> bool:
     """The ranks of this launch wrote final/: a stop signal (or anything else) that came after that ended a
     complete run, which is not to be requeued, not a preemption and not a failure."""
-    from launcher import ledger
+    from launcher.observe import event_ledger
 
-    if not any(e["kind"] == ledger.FINAL_SAVED and e.get("inc") == incarnation for e in ledger.read(job_dir)):
+    if not any(e["kind"] == event_ledger.FINAL_SAVED and e.get("inc") == incarnation for e in event_ledger.read(job_dir)):
         return False
     print(f"llaunch: the run had finished (final model saved) when it was stopped; {job_dir} is complete.",
           file=sys.stderr)

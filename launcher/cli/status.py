@@ -20,7 +20,7 @@ def describe(job_id: str | None) -> list[str]:
     """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
     from cluster.jobs import job_state, last_error, last_metrics, load_record
     from cluster.rank_exits import latest_failure
-    from cluster.watchdog import latest_hang
+    from launcher.runtime.watchdog import latest_hang
     from launcher.cli.goodput import summary_line
 
     record = load_record(job_id)
@@ -60,7 +60,7 @@ def describe(job_id: str | None) -> list[str]:
 
 def _newest_checkpoint(output_dir: str) -> int | None:
     """The step of the newest complete checkpoint: what a requeue or rerun resumes from."""
-    from launcher.checkpoint_store import list_checkpoints
+    from launcher.jobdir.checkpoint_store import list_checkpoints
 
     steps = [info.step for info in list_checkpoints(output_dir) if info.complete]
     return max(steps) if steps else None

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from cluster.profile import load_profile
     from cluster.submission import job_name
     from launcher.flag_overrides import flag_overrides
-    from launcher.job import prepare_job
+    from launcher.jobdir.prepare import prepare_job
     from launcher.train.faults import faults_from_env
 
     faults_from_env()  # a bad LLAUNCH_FAULT is refused here, not by every rank of the job
@@ -77,7 +77,7 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
 
     from cluster.exclusion import exclusion_sentence, quarantined_nodes
     from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters
-    from launcher.job import PLAN_FILE
+    from launcher.jobdir.prepare import PLAN_FILE
 
     job_dir = Path(job.output_dir).resolve()
     parameters = slurm_parameters(profile, name)
@@ -110,7 +110,7 @@ def _submit(job, profile, name: str, env: dict[str, str]):
     from cluster.executor import submit
     from cluster.jobs import JobRecord, active_job_in
     from launcher.errors import LaunchError
-    from launcher.job import PLAN_FILE, write_job
+    from launcher.jobdir.prepare import PLAN_FILE, write_job
 
     job_dir = Path(job.output_dir).resolve()
     active = active_job_in(job_dir / "slurm", env)

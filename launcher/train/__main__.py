@@ -7,8 +7,8 @@ import os
 import sys
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
-from launcher.signals import StopSignals, die_with_supervisor, ignore_stop_signals
-from launcher.torchrun import RANK_STARTS
+from launcher.runtime.signals import StopSignals, die_with_supervisor, ignore_stop_signals
+from launcher.runtime.torchrun import RANK_STARTS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import torch
 
 from launcher.config import FinetuneConfig
 from launcher.errors import LaunchError
-from launcher.plan import LORA_METHODS
+from launcher.planning.plan import LORA_METHODS
 
 ADAPTER_CONFIG = "adapter_config.json"
 

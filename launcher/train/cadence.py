@@ -1,8 +1,8 @@
 """When to save under `save_strategy: auto` or `save_interval_s`: a time interval turned into a step, agreed by all.
 
 Rank 0 measures the step time and the blocking save cost, reads the restart cost and the failures from the
-job's ledger and from those of the cluster's earlier jobs (launcher.history), picks the interval
-(launcher.goodput.plan_interval, or save_interval_s as given) and broadcasts the step of the next save, so
+job's ledger and from those of the cluster's earlier jobs (launcher.observe.history), picks the interval
+(launcher.observe.goodput.plan_interval, or save_interval_s as given) and broadcasts the step of the next save, so
 every rank saves at the same step and none saves alone. It plans again after every save and at the start of
 every incarnation, that is after every failure. Each incarnation reads the ledgers once, at its first plan: a
 week-long job's ledger holds hundreds of MB, and its saves must cost what its first ones did. A save that
@@ -17,7 +17,11 @@ import time
 
 import torch.distributed as dist
 
-from launcher import goodput, history, ledger
+from launcher.observe import goodput
+
+from launcher.observe import history
+
+from launcher.observe import event_ledger
 from launcher.errors import LaunchError
 
 # Changes smaller than this do not repeat the log line (the interval is replanned after every save).
@@ -42,7 +46,7 @@ def _broadcast(value):
 
 
 class SaveCadence:
-    def __init__(self, job_dir, training, rank: int, nodes: int, events: ledger.RankLedger):
+    def __init__(self, job_dir, training, rank: int, nodes: int, events: event_ledger.RankLedger):
         self.job_dir = job_dir
         self.auto = training.save_strategy == "auto"
         self.fixed_s = training.save_interval_s
@@ -69,7 +73,7 @@ class SaveCadence:
             started = time.time()
             error = _agree(self._attempt(wait)) or _agree(self._attempt(save))
             if error:
-                self.events.append(ledger.SAVE, step=step, ok=False, error=error)
+                self.events.append(event_ledger.SAVE, step=step, ok=False, error=error)
             else:
                 self.save_cost_s = time.time() - started
             self._plan(step, step_time, failed=error)
@@ -96,7 +100,7 @@ class SaveCadence:
                 self.logged_interval = interval
                 print(f"llaunch: {text} = every {steps} step(s) of {step_time:.3g} s; next at step {decision}",
                       flush=True)
-                self.events.append(ledger.CADENCE, step=step, steps=steps, step_time_s=step_time, **inputs)
+                self.events.append(event_ledger.CADENCE, step=step, steps=steps, step_time_s=step_time, **inputs)
         self.next_step = _broadcast(decision)
         self.mark = (step, time.time())
 
@@ -118,7 +122,7 @@ class SaveCadence:
         preemption warning change only between incarnations."""
         if self.so_far is None:
             try:
-                events = ledger.read(self.job_dir)
+                events = event_ledger.read(self.job_dir)
             except LaunchError as err:
                 print(f"llaunch: warning: {err} The checkpoint cadence goes on without this job's history.",
                       file=sys.stderr, flush=True)

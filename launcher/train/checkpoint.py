@@ -11,7 +11,7 @@ Layout of one checkpoint:
     step-N/rank-R.pt      per-rank state: RNG streams, train state, sampler, scheduler, scaler, early stop
     step-N/plan.yaml, config.yaml, model_config.json, tokenizer/   what export and resume need
     step-N/manifest.json  written last: the checkpoint is complete when it exists and matches the files
-launcher/checkpoint_store.py reads this layout as files (listing, manifests, which one to resume from).
+launcher/jobdir/checkpoint_store.py reads this layout as files (listing, manifests, which one to resume from).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from launcher import ledger
-from launcher.checkpoint_store import (
+from launcher.observe import event_ledger
+from launcher.jobdir.checkpoint_store import (
     CHECKPOINTS_DIR, ENGINE_DIR, MANIFEST, MANIFEST_FORMAT, best_checkpoint, list_checkpoints, read_manifest,
     resolve_resume, sha256_all, step_dir_name,
 )
@@ -258,7 +258,7 @@ class Checkpointer:
         # DCP's coordinator (rank 0) finishes only after every rank reported its writes, so rank 0 may publish.
         if _rank() == 0:
             self._publish(partial, final, manifest)
-            ledger.append(self.root.parent, ledger.SAVE_BACKGROUND, step=manifest["step"],
+            event_ledger.append(self.root.parent, event_ledger.SAVE_BACKGROUND, step=manifest["step"],
                           seconds=time.time() - self._async_started)
 
     def _publish(self, partial: Path, final: Path, manifest: dict) -> None:

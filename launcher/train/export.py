@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from launcher.errors import LaunchError
-from launcher.checkpoint_store import ENGINE_DIR, verified_manifest
+from launcher.jobdir.checkpoint_store import ENGINE_DIR, verified_manifest
 from launcher.config import ModelConfig
-from launcher.plan import DEEPSPEED_STRATEGIES
+from launcher.planning.plan import DEEPSPEED_STRATEGIES
 from launcher.train.adapters import ADAPTER_CONFIG
 from launcher.train.modeling import pretrained_dir
 from launcher.train.trusted_pickle import check_dcp_metadata

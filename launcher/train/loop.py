@@ -25,14 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher import ledger
-from launcher.beacon import Phase
+from launcher.observe import event_ledger
+from launcher.runtime.beacon import Phase
 from launcher.config import TrainConfig
-from launcher.job import CONFIG_FILE, FINAL_DIR, PLAN_FILE
-from launcher.models import spec_from_config
-from launcher.plan import Plan
-from launcher.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
-from launcher.signals import REQUEUE_EXIT_CODE, StopSignals
+from launcher.jobdir.prepare import CONFIG_FILE, FINAL_DIR, PLAN_FILE
+from launcher.planning.models import spec_from_config
+from launcher.planning.plan import Plan
+from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
+from launcher.runtime.signals import REQUEUE_EXIT_CODE, StopSignals
 from launcher.train.adapters import apply_finetune_method, as_planned, quantization_config
 from launcher.train.cadence import SaveCadence
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
@@ -79,7 +79,7 @@ class Trainer:
         self.device, self.rank, self.world_size = init_distributed(host_collectives=self.plan.offloads)
         if self.world_size != self.plan.world_size:  # a --min-nodes job on fewer nodes: same global batch
             self.plan = self.plan.on_nodes(self.world_size // self.plan.gpus_per_node)
-        self.events = ledger.RankLedger(self.job_dir, self.rank)
+        self.events = event_ledger.RankLedger(self.job_dir, self.rank)
         self.events.started()
         self.progress = Progress.start(self.rank, self.world_size)  # beacon, stack dumps, busy time, faults
         training = self.config.training
@@ -102,7 +102,7 @@ class Trainer:
         self.flops_per_token = spec.flops_per_token(self.plan.seq_len)  # the planner's rule, for MFU
         self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
         self.scheduler = build_scheduler(self.engine.optimizer, training, self.total_steps)
-        self.events.append(ledger.MODEL_BUILT)
+        self.events.append(event_ledger.MODEL_BUILT)
         self.state, self.loss_window = TrainState(), LossWindow(self.device)  # both go into each checkpoint
         self.should_stop = False
         self.metrics = None
@@ -175,7 +175,7 @@ class Trainer:
                     self._log_train(self.loss_window.take(), lr, throughput)
                 self.events.step_end(self.state.global_step, self.state.tokens_seen, self._log_due())
                 self.on_step_end()
-            self.events.append(ledger.TRAIN_END, step=self.state.global_step,
+            self.events.append(event_ledger.TRAIN_END, step=self.state.global_step,
                                cause="preempted" if self.preempted else "early stop" if self.should_stop else "finished")
             self.progress.enter(Phase.SAVE)
             self.checkpointer.wait()
@@ -254,7 +254,7 @@ class Trainer:
         """Evaluate, log, and update the best metric / early-stopping patience in TrainState."""
         started = time.time()
         result = self.evaluate()
-        self.events.append(ledger.EVAL, step=self.state.global_step, seconds=time.time() - started)
+        self.events.append(event_ledger.EVAL, step=self.state.global_step, seconds=time.time() - started)
         self.last_eval = (self.state.global_step, result)
         training = self.config.training
         key = training.metric_for_best_model
@@ -288,7 +288,7 @@ class Trainer:
 
     def take_run_lock(self) -> None:
         """Rank 0 locks the job dir unless the `llaunch run` that started us holds it; then every other rank joins
-        the lock, which is so held while any rank lives (launcher.run_lock). Every rank learns a refusal."""
+        the lock, which is so held while any rank lives (launcher.jobdir.run_lock). Every rank learns a refusal."""
         acquire = self.rank == 0 and os.environ.get(HELD_BY_LAUNCHER_ENV) != str(self.job_dir.resolve())
         self.run_lock = on_every_rank(lambda: RunLock.acquire(self.job_dir) if acquire else None, self.world_size)
         joined = on_every_rank(lambda: None if acquire else RunLock.join(self.job_dir, self.rank), self.world_size)
@@ -312,7 +312,7 @@ class Trainer:
         scaler = getattr(self.engine, "scaler", None)
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        self.events.append(ledger.RESTORE, step=self.state.global_step, seconds=time.time() - started)
+        self.events.append(event_ledger.RESTORE, step=self.state.global_step, seconds=time.time() - started)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.state.global_step}", flush=True)
 
@@ -327,7 +327,7 @@ class Trainer:
         elif self.preempted or due():
             self.save_checkpoint()
         if self.preempted:
-            self.events.append(ledger.SIGNAL, step=self.state.global_step,
+            self.events.append(event_ledger.SIGNAL, step=self.state.global_step,
                                name=self.preemption.received.name if self.preemption.received else "another rank")
             self.should_stop = True
             if self.rank == 0:
@@ -350,7 +350,7 @@ class Trainer:
         started = time.time()
         self.checkpointer.save(step, self.engine, state, fingerprint=self.fingerprint, metrics=metrics,
                                documents=documents, tokenizer=self.tokenizer)
-        self.events.append(ledger.SAVE, step=step, seconds=time.time() - started)
+        self.events.append(event_ledger.SAVE, step=step, seconds=time.time() - started)
 
     # ----- logging and output -------------------------------------------------------------------------
     def _log_train(self, loss: torch.Tensor, lr: float, throughput: Throughput) -> None:
@@ -373,7 +373,7 @@ class Trainer:
     def save_final(self) -> None:
         started = time.time()
         write_final_model(self.engine, self.tokenizer, self.job_dir / FINAL_DIR, self.rank)
-        self.events.append(ledger.FINAL_SAVED, seconds=time.time() - started)
+        self.events.append(event_ledger.FINAL_SAVED, seconds=time.time() - started)
 
     def close(self) -> None:
         """Give back what the Trainer took: its signal handlers (lr-find runs it inside the CLI's process), the

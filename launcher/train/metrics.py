@@ -123,10 +123,10 @@ def _format(record: dict) -> str:
 
 
 def peak_flops(plan, device: torch.device, world_size: int) -> float | None:
-    """Dense peak of all GPUs together in the compute precision, from launcher/data/gpus.json; None on CPU."""
+    """Dense peak of all GPUs together in the compute precision, from launcher/planning/data/gpus.json; None on CPU."""
     if device.type != "cuda":
         return None
-    from launcher.hardware import gpu_facts
+    from launcher.planning.hardware import gpu_facts
 
     facts = gpu_facts(plan.gpu_name or torch.cuda.get_device_name(device))
     if facts is None:

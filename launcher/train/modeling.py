@@ -8,7 +8,7 @@ import torch
 
 from launcher.config import ModelConfig
 from launcher.errors import LaunchError
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 
 ATTENTION_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -25,7 +25,7 @@ def pretrained_dir(model: ModelConfig) -> Path | None:
 
 def architecture_config(model: ModelConfig, vocab_size: int | None) -> dict:
     """The full HF config dict for a random-init model; vocab follows the tokenizer when we trained one."""
-    from launcher.models import load_model_spec
+    from launcher.planning.models import load_model_spec
 
     overrides = dict(model.overrides)
     if vocab_size is not None:

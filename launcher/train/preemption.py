@@ -1,7 +1,7 @@
 """Preemption: a signal only sets a flag; at the next step boundary every rank agrees to save and stop.
 
 Saving inside a signal handler would run collectives at an arbitrary point of the step and leave the
-other ranks waiting forever; so the handler records the request (launcher.signals) and `should_stop()`
+other ranks waiting forever; so the handler records the request (launcher.runtime.signals) and `should_stop()`
 turns it into one decision shared by all ranks (one all-reduce), taken where the loop is between
 optimizer steps.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from launcher.signals import DEFAULT_SIGNALS, REQUEUE_EXIT_CODE, StopSignals
+from launcher.runtime.signals import DEFAULT_SIGNALS, REQUEUE_EXIT_CODE, StopSignals
 
 
 class PreemptionHandler(StopSignals):

@@ -1,4 +1,4 @@
-"""The rank's side of hang and straggler detection: its progress beacon (launcher.beacon), a faulthandler
+"""The rank's side of hang and straggler detection: its progress beacon (launcher.runtime.beacon), a faulthandler
 that writes its stacks when the launcher asks, the busy time per step the straggler score compares, and
 injected faults (launcher.train.faults).
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from launcher.beacon import (BEACON_DIR_ENV, BeaconWriter, Phase, beacon_path, register_stack_dump,
+from launcher.runtime.beacon import (BEACON_DIR_ENV, BeaconWriter, Phase, beacon_path, register_stack_dump,
                              unregister_stack_dump)
-from launcher.straggler import StragglerTracker
+from launcher.observe.straggler import StragglerTracker
 from launcher.train.faults import FaultInjector
 
 BUSY_PHASES = (Phase.DATA, Phase.COMPUTE)

@@ -1,7 +1,7 @@
 """The one interface between the training loop and its data, and the one function that builds it.
 
 Pretraining text (launcher/train/data.py: PackedText) and SFT JSONL (launcher/train/sft.py: SFTCorpus) both
-implement it, so the loop never asks which kind it has. `llaunch run` (launcher/job.py) builds it once to
+implement it, so the loop never asks which kind it has. `llaunch run` (launcher/jobdir/prepare.py) builds it once to
 check the data before any rank starts, which also fills the token cache the ranks then read.
 """
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.config import ModelConfig, TrainingConfig
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 from launcher.train.engines import model_construction
 from launcher.train.distributed import init_distributed
 from launcher.train.modeling import build_model, model_architecture, parameter_elements

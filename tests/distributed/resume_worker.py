@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from launcher.config import TrainingConfig
 from launcher.errors import LaunchError
-from launcher.plan import Plan
-from launcher.signals import REQUEUE_EXIT_CODE
+from launcher.planning.plan import Plan
+from launcher.runtime.signals import REQUEUE_EXIT_CODE
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
 from launcher.train.engines import build_engine
 from launcher.train.fingerprint import Fingerprint

@@ -52,7 +52,7 @@ def test_same_seed_same_losses_under_every_engine(engine_runs, run):
 
 
 def test_engines_run_the_chunked_loss_and_fsdp_offloads_as_declared(engine_runs):
-    """launcher.plan.ENGINE_SUPPORT: every engine but ZeRO-3 computes the loss in chunks; plan.offload reaches
+    """launcher.planning.plan.ENGINE_SUPPORT: every engine but ZeRO-3 computes the loss in chunks; plan.offload reaches
     FSDP2 as its CPUOffloadPolicy (on this CPU-only machine the losses cannot tell them apart)."""
     out, _ = engine_runs
     facts = json.loads((out / "facts.json").read_text())

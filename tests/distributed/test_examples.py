@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from launcher.errors import LaunchError
-from launcher.job import prepare_job
-from launcher.plan import STRATEGIES
+from launcher.jobdir.prepare import prepare_job
+from launcher.planning.plan import STRATEGIES
 from tests.tiny_run import TINY_LLAMA
 
 # The first test pays for training the whole matrix (2-3 minutes idle, 8 under heavy load).

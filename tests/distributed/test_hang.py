@@ -16,8 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher import goodput, ledger
-from launcher.signals import HANG_EXIT_CODE
+from launcher.observe import goodput
+
+from launcher.observe import event_ledger
+from launcher.runtime.signals import HANG_EXIT_CODE
 from launcher.train.checkpoint import list_checkpoints
 from tests.tiny_run import tiny_run_config
 
@@ -51,7 +53,7 @@ def test_slow_then_hung_rank_is_flagged_caught_dumped_and_named(tmp_path):
     print(f"hang detected {latency:.2f} s after it began (timeout {timeout} s, poll {POLL_S} s); run took {took:.0f} s")
     assert timeout <= latency <= timeout + 2 * POLL_S
     assert "in injected_hang" in (folder / "stacks-rank-1.txt").read_text()
-    report = goodput.analyse(ledger.read(out))  # the stall is goodput's hang time, not training
+    report = goodput.analyse(event_ledger.read(out))  # the stall is goodput's hang time, not training
     assert abs(report.seconds["hang"] - latency) < 1.0, report.seconds
     assert "in train_step" in (folder / "stacks-rank-0.txt").read_text()
 

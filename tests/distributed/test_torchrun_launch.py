@@ -1,4 +1,4 @@
-"""torchrun as llaunch starts it (launcher.torchrun), with real processes: what a user sees when a rank
+"""torchrun as llaunch starts it (launcher.runtime.torchrun), with real processes: what a user sees when a rank
 explains its error, crashes, or torchrun is stopped by a signal."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.dist
 
 
 def _launch(*rank_argv: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nproc-per-node", str(nproc), *rank_argv]
+    argv = [sys.executable, "-m", "launcher.runtime.torchrun", "--standalone", "--nproc-per-node", str(nproc), *rank_argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120)
 
 
@@ -56,7 +56,7 @@ def test_sigterm_to_torchrun_is_one_line_not_its_signal_traceback(tmp_path):
     script = tmp_path / "sleep.py"
     script.write_text("import pathlib, sys, time\npathlib.Path(sys.argv[1]).touch()\ntime.sleep(60)\n")
     started = tmp_path / "started"
-    proc = subprocess.Popen([sys.executable, "-m", "launcher.torchrun", "--standalone", "--nproc-per-node", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.runtime.torchrun", "--standalone", "--nproc-per-node", "1",
                              str(script), str(started)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not started.exists():

@@ -1,4 +1,4 @@
-"""launcher.memory's model-state terms for ZeRO-1/2/3 against what DeepSpeed allocates on each of 2 gloo ranks."""
+"""launcher.planning.memory's model-state terms for ZeRO-1/2/3 against what DeepSpeed allocates on each of 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.memory import estimate
-from launcher.plan import TrainSetup
-from launcher.models import load_model_spec
+from launcher.planning.memory import estimate
+from launcher.planning.plan import TrainSetup
+from launcher.planning.models import load_model_spec
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("zero_states_worker.py")

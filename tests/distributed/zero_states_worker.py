@@ -1,5 +1,5 @@
 """Under torchrun: for each ZeRO stage, build the real Trainer on a small Llama, run one step and write the bytes
-DeepSpeed holds on this rank for each model state (test_zero_states.py compares them with launcher.memory)."""
+DeepSpeed holds on this rank for each model state (test_zero_states.py compares them with launcher.planning.memory)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import goodput, ledger
-from launcher.checkpoint_store import list_checkpoints
+from launcher.observe import goodput
+
+from launcher.observe import event_ledger
+from launcher.jobdir.checkpoint_store import list_checkpoints
 from launcher.cli import main
 from tests.tiny_run import tiny_run_config
 
@@ -53,7 +55,7 @@ def test_killed_and_resumed_run_reports_the_steps_it_lost_and_where_its_wall_tim
     while max(trained_steps(out), default=0) < KILL_AFTER:
         assert time.monotonic() < deadline and first.poll() is None, "the first run never reached the kill step"
         time.sleep(0.005)
-    rank = next(e["pid"] for e in ledger.read(out) if e["kind"] == ledger.PROCESS_START)
+    rank = next(e["pid"] for e in event_ledger.read(out) if e["kind"] == event_ledger.PROCESS_START)
     os.kill(rank, signal.SIGKILL)
     assert first.wait(60) != 0
     killed_at = max(trained_steps(out))
@@ -64,7 +66,7 @@ def test_killed_and_resumed_run_reports_the_steps_it_lost_and_where_its_wall_tim
     ended = time.time()
     assert "checkpoint every 0.15 s (save_interval_s)" in capfd.readouterr().out
 
-    report = goodput.analyse(ledger.read(out))
+    report = goodput.analyse(event_ledger.read(out))
     assert abs(report.steps_lost - (killed_at - saved)) <= 1
     assert abs(sum(report.seconds.values()) - report.wall_s) <= 0.02 * report.wall_s
     # The ledger starts at the launcher's first event: the interpreter's start-up and imports before it (up
@@ -81,8 +83,8 @@ def test_killed_and_resumed_run_reports_the_steps_it_lost_and_where_its_wall_tim
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert {piece.lane for piece in report.pieces} == {0, 1}
 
-    events = ledger.read(out)
-    timed = [e["step"] for e in events if e["kind"] == ledger.SAVE and e["inc"] == report.incarnations[1].id]
+    events = event_ledger.read(out)
+    timed = [e["step"] for e in events if e["kind"] == event_ledger.SAVE and e["inc"] == report.incarnations[1].id]
     assert len(timed) >= 2  # both ranks saved at the steps rank 0 chose, each checkpoint complete:
     assert set(timed) <= {info.step for info in list_checkpoints(out) if info.complete}
 
@@ -98,15 +100,15 @@ def test_a_wrong_typed_ledger_line_does_not_stop_an_auto_rerun_from_planning_and
     crashed = subprocess.run(command, cwd=REPO, env={**os.environ, "LLAUNCH_FAULT": "crash:rank=0,step=2"})
     assert crashed.returncode != 0
     capfd.readouterr()
-    with open(out / ledger.LEDGER_FILE, "a") as handle:
+    with open(out / event_ledger.LEDGER_FILE, "a") as handle:
         handle.write('{"t": 1, "kind": "save", "seconds": "slow", "step": 3}\n')
     assert subprocess.run(command, cwd=REPO).returncode == 0
     printed = capfd.readouterr()
-    assert f"skipped 1 damaged line(s) of {out / ledger.LEDGER_FILE}" in printed.err
+    assert f"skipped 1 damaged line(s) of {out / event_ledger.LEDGER_FILE}" in printed.err
     assert "first checkpoint after" in printed.out
-    events = ledger.read(out)
+    events = event_ledger.read(out)
     report = goodput.analyse(events)
     assert [inc.cause for inc in report.incarnations] == ["failed", "finished"]
     rerun = report.incarnations[1].id
-    assert [e["step"] for e in events if e["kind"] == ledger.CADENCE and e["inc"] == rerun] == [2]
+    assert [e["step"] for e in events if e["kind"] == event_ledger.CADENCE and e["inc"] == rerun] == [2]
     assert (out / "final").is_dir() and max(trained_steps(out)) == 6

@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.beacon import BEACON_FOLDER_PREFIX, SHM
-from launcher.signals import REQUEUE_EXIT_CODE
+from launcher.runtime.beacon import BEACON_FOLDER_PREFIX, SHM
+from launcher.runtime.signals import REQUEUE_EXIT_CODE
 from tests.tiny_run import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,13 +143,14 @@ def test_a_finished_run_goes_on_when_asked_for_more_steps(tmp_path, config):
 def test_a_stop_signal_while_the_final_model_is_written_ends_a_finished_run(tmp_path, config):
     """SIGTERM after the last step: the final model is written, and the run is finished (exit 0, ledgered so),
     not a preemption to requeue. Rank 0 is held (SIGSTOP) after its loop ended while the signal goes round."""
-    from launcher import goodput, ledger
+    from launcher.observe import goodput
+    from launcher.observe import event_ledger
 
     out, log = tmp_path / "out", tmp_path / "run.log"
     launcher = llaunch_run(config, out, 1, log=log)
     try:
         deadline = time.monotonic() + 180
-        while not any(e["kind"] == ledger.TRAIN_END for e in ledger.read(out)):
+        while not any(e["kind"] == event_ledger.TRAIN_END for e in event_ledger.read(out)):
             assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.002)
         [rank] = psutil.Process(launcher.pid).children()[0].children()
@@ -162,4 +163,4 @@ def test_a_stop_signal_while_the_final_model_is_written_ends_a_finished_run(tmp_
         if launcher.poll() is None:
             launcher.kill()
     assert (out / "final" / "model.safetensors").is_file()
-    assert [inc.cause for inc in goodput.analyse(ledger.read(out)).incarnations] == ["finished"]
+    assert [inc.cause for inc in goodput.analyse(event_ledger.read(out)).incarnations] == ["finished"]

@@ -11,7 +11,7 @@ import pytest
 from test_slurm_jobs import QUICKSTART, TINY, job_id_of, llaunch, logs_of, wait_until
 
 from cluster.jobs import job_state, load_record
-from cluster.node_ledger import NodeLedger
+from launcher.observe.node_ledger import NodeLedger
 from launcher.errors import EXIT_CHECK_FAILED
 
 pytestmark = pytest.mark.slurm
@@ -72,7 +72,7 @@ def test_submitted_job_whose_doctor_fails_never_starts_torchrun(slurm_cluster, t
     state = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 90, "the job to fail", job_id)
     assert state.state == "FAILED" and state.restarts == 0
     logs = logs_of(job_id) + llaunch("logs", job_id, "--rank", "1").stdout
-    assert "launcher.torchrun" not in logs and "rank 0 of 2 starts" not in logs
+    assert "launcher.runtime.torchrun" not in logs and "rank 0 of 2 starts" not in logs
     status = llaunch("status", job_id).stdout
     assert "error: doctor: software failed on n2: torch 0.0.0 here but" in status, status
     [event] = NodeLedger.for_profile("local").events()

@@ -107,7 +107,7 @@ def submit_on_both_nodes(parent: Path, *extra: str, config: Path, env: dict[str,
     """A job of --nodes=1-2 that started on both nodes, and its output directory. Submit leaves a quarantined
     host out of such a job (it can spare it), so no earlier test may have put one in this session's node
     ledger; and both nodes must be idle, or slurmctld starts it on the one that is."""
-    from cluster.node_ledger import NodeLedger, QuarantinePolicy, quarantined
+    from launcher.observe.node_ledger import NodeLedger, QuarantinePolicy, quarantined
 
     held = quarantined(NodeLedger.for_profile("local").events(), QuarantinePolicy())
     assert not held, f"an earlier test's node-ledger events quarantine {held}"
@@ -174,7 +174,7 @@ def test_cluster_up_again_reports_the_running_cluster(slurm_cluster):
 
 
 def test_preempted_job_saves_at_the_signal_requeues_once_and_ends_with_the_same_weights(straight_run, config, tmp_path):
-    from launcher.checkpoint_store import list_checkpoints
+    from launcher.jobdir.checkpoint_store import list_checkpoints
 
     out = tmp_path / "preempted"
     job_id = job_id_of(submit(out, config=config))
@@ -223,12 +223,12 @@ def test_preempted_job_saves_at_the_signal_requeues_once_and_ends_with_the_same_
 def assert_goodput_counts_the_requeue(out: Path, job_id: str, step: int, status: str) -> None:
     """Both incarnations are in the job's ledger, and goodput counts the wait in the queue after the requeue
     (at least the idle-nodes wait and the two seconds before the release) and the restore."""
-    from launcher import ledger
+    from launcher.observe import event_ledger
 
-    events = ledger.read(out)
-    launches = [e for e in events if e["kind"] == ledger.LAUNCH]
+    events = event_ledger.read(out)
+    launches = [e for e in events if e["kind"] == event_ledger.LAUNCH]
     assert [(e["inc"], e["attempt"]) for e in launches] == [(f"{job_id}.0", 1), (f"{job_id}.1", 2)], launches
-    requeued_at = next(e["t"] for e in events if e["kind"] == ledger.REQUEUE)
+    requeued_at = next(e["t"] for e in events if e["kind"] == event_ledger.REQUEUE)
     assert launches[1]["seconds"] >= 2 and launches[1]["submit_t"] >= requeued_at - 1, launches[1]
     result = llaunch("goodput", job_id, "--json")
     assert result.returncode == 0, result.stderr
@@ -321,7 +321,7 @@ def test_job_that_raises_is_not_requeued_and_status_shows_the_error(straight_run
 
 
 def test_cancel_sends_sigterm_to_the_ranks_which_checkpoint_and_the_job_stays_cancelled(straight_run, config, tmp_path):
-    from launcher.checkpoint_store import list_checkpoints
+    from launcher.jobdir.checkpoint_store import list_checkpoints
 
     out = tmp_path / "cancelled"
     job_id = job_id_of(submit(out, config=config))
@@ -363,8 +363,8 @@ def test_a_sigkilled_rank_requeues_the_job_which_resumes_from_the_newest_checkpo
     event, for rank 1's host."""
     import psutil
 
-    from cluster.node_ledger import NodeLedger
-    from launcher.checkpoint_store import list_checkpoints
+    from launcher.observe.node_ledger import NodeLedger
+    from launcher.jobdir.checkpoint_store import list_checkpoints
 
     out = tmp_path / "killed"
     job_id = job_id_of(submit(out, config=config))
@@ -406,7 +406,7 @@ def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fas
     of the requeued one. The second is caught by what the first incarnation measured (within a minute), not by
     first_step_s (900 s), and the loop guard ends the job (no progress since the requeue). One node-ledger
     event per hang. A home of its own: the hang quarantines the culprit's host for the other tests."""
-    from cluster.node_ledger import NodeLedger
+    from launcher.observe.node_ledger import NodeLedger
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
     faults = {"LLAUNCH_FAULT": f"hang:rank=1,step={SAVE_STEPS + 1}", "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from launcher.signals import STOP_SIGNALS
+from launcher.runtime.signals import STOP_SIGNALS
 
 
 @pytest.fixture

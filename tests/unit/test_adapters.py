@@ -130,7 +130,7 @@ def test_unknown_target_module_is_one_sentence(tmp_path):
 
 
 def test_a_rank_fine_tunes_as_planned_and_keeps_the_configs_other_peft_keys():
-    from launcher.plan import Plan
+    from launcher.planning.plan import Plan
 
     plan = Plan(model="m", method="lora", lora_r=4, lora_targets=["q_proj"])
     cfg = FinetuneConfig(method="lora", r=16, lora_dropout=0.1)

@@ -8,7 +8,11 @@ import os
 
 import pytest
 
-from launcher import goodput, history, ledger
+from launcher.observe import goodput
+
+from launcher.observe import history
+
+from launcher.observe import event_ledger
 from launcher.config import TrainingConfig
 from launcher.errors import LaunchError
 from launcher.train import cadence as cadence_module
@@ -40,10 +44,10 @@ def run_steps(cadence, clock, steps, save, step_s=0.5):
 
 def test_save_interval_s_becomes_a_step_and_saves_come_every_interval(tmp_path, clock):
     saved = []
-    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, ledger.RankLedger(tmp_path, 0))
+    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, event_ledger.RankLedger(tmp_path, 0))
     run_steps(cadence, clock, 20, save=lambda: saved.append(cadence.next_step))
     assert saved == [6, 10, 14, 18]  # planned at step 2 from one 0.5 s step: every 4 steps
-    assert [e["kind"] for e in ledger.read(tmp_path)] == ["cadence"]  # the unchanged interval is logged once
+    assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["cadence"]  # the unchanged interval is logged once
 
 
 def test_a_failed_save_is_reported_and_tried_again_one_interval_later(tmp_path, clock, capsys):
@@ -53,12 +57,12 @@ def test_a_failed_save_is_reported_and_tried_again_one_interval_later(tmp_path, 
         attempts.append(cadence.next_step)
         raise LaunchError("could not write checkpoint step-6 (No space left on device)")
 
-    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, ledger.RankLedger(tmp_path, 0))
+    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, event_ledger.RankLedger(tmp_path, 0))
     run_steps(cadence, clock, 11, save=failing_save)
     assert attempts == [6, 10]
     assert "checkpoint at step 6 failed (could not write checkpoint step-6 (No space left on device)); training " \
            "goes on and tries again at step 10" in capsys.readouterr().out
-    failed = [e for e in ledger.read(tmp_path) if e["kind"] == "save"]
+    failed = [e for e in event_ledger.read(tmp_path) if e["kind"] == "save"]
     assert [(e["step"], e["ok"]) for e in failed] == [(6, False), (10, False)]
 
 
@@ -67,14 +71,14 @@ def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, 
     other.mkdir()
     for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"}), (50, "launch", {}),
                             (100, "exit", {"cause": "failed"})):
-        ledger.append(other, kind, t=t, inc=str(t // 50), **fields)
+        event_ledger.append(other, kind, t=t, inc=str(t // 50), **fields)
     history.cluster_history(other)  # registers it
     job = tmp_path / "job"
     job.mkdir()
-    ledger.append(job, ledger.LAUNCH, t=clock.now - 10, inc="a")
-    ledger.append(job, ledger.FIRST_STEP, t=clock.now, inc="a", step=1)  # a start cost 10 s
+    event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
+    event_ledger.append(job, event_ledger.FIRST_STEP, t=clock.now, inc="a", step=1)  # a start cost 10 s
     saves = []
-    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, ledger.RankLedger(job, 0))
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
 
     def save():
         clock.now += 0.4  # a blocking save of 0.4 s
@@ -83,7 +87,7 @@ def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, 
     run_steps(cadence, clock, 60, save=save)
     out = capsys.readouterr().out
     assert "first checkpoint after 10.0 s, what a start costs (no save measured yet)" in out
-    plans = [e for e in ledger.read(job) if e["kind"] == "cadence"]
+    plans = [e for e in event_ledger.read(job) if e["kind"] == "cadence"]
     auto = plans[-1]
     assert auto["save_cost_s"] == pytest.approx(0.4) and auto["restart_cost_s"] == pytest.approx(10, abs=1)
     assert "2 in 0.025 node-hours of earlier jobs" in auto["mtbf_source"]
@@ -100,7 +104,7 @@ def write_long_ledger(job, now: float, windows: int) -> None:
     events += [{"t": 10.0 + i, "kind": "steps", "inc": "a", "step": 1 + i, "tokens": 64 * i} for i in range(1, windows)]
     events += [{"t": 10.0 + windows, "kind": "exit", "inc": "a", "code": 1, "cause": "failed"},
                {"t": now - 10, "kind": "launch", "inc": "b"}, {"t": now, "kind": "first_step", "inc": "b", "step": 1}]
-    (job / ledger.LEDGER_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+    (job / event_ledger.LEDGER_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
 def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the_first_did(tmp_path, clock,
@@ -108,18 +112,18 @@ def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the
     job = tmp_path / "job"
     job.mkdir()
     write_long_ledger(job, clock.now, windows=5_000)
-    size = (job / ledger.LEDGER_FILE).stat().st_size
+    size = (job / event_ledger.LEDGER_FILE).stat().st_size
     bytes_read, planned = [], []
-    read, plan = ledger.read_records, goodput.plan_interval
-    monkeypatch.setattr(ledger, "read_records", lambda path, check: bytes_read.append(path.stat().st_size) or
+    read, plan = event_ledger.read_records, goodput.plan_interval
+    monkeypatch.setattr(event_ledger, "read_records", lambda path, check: bytes_read.append(path.stat().st_size) or
                         read(path, check))
     monkeypatch.setattr(goodput, "plan_interval", lambda *args: planned.append((clock.now, args[3])) or plan(*args))
     saves = []
-    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, ledger.RankLedger(job, 0))
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
     run_steps(cadence, clock, 400, save=lambda: saves.append(cadence.next_step))
     assert len(saves) > 20 and bytes_read == [size]  # once, not once per save
     (first_at, first_running), (last_at, last_running) = planned[0], planned[-1]
-    whole = goodput.analyse(ledger.read(job))  # read again for the check: what the cadence started from
+    whole = goodput.analyse(event_ledger.read(job))  # read again for the check: what the cadence started from
     assert first_running == pytest.approx(whole.running_s, abs=1.0)  # the first step, before the first plan
     assert last_running - first_running == pytest.approx(last_at - first_at)  # running since, in memory
 
@@ -134,7 +138,7 @@ def replace(path, make) -> None:
     make(path)
 
 
-LEDGER = ledger.LEDGER_FILE
+LEDGER = event_ledger.LEDGER_FILE
 # (what is broken, how) before an auto run's first plan: none of them may stop it from saving
 BROKEN_LEDGERS = [
     ("this job's ledger has a wrong-typed line",
@@ -155,15 +159,15 @@ def test_a_damaged_ledger_never_stops_auto_from_saving(tmp_path, clock, capsys, 
     other = tmp_path / "earlier"
     other.mkdir()
     for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"})):
-        ledger.append(other, kind, t=t, inc="x", **fields)
+        event_ledger.append(other, kind, t=t, inc="x", **fields)
     history.cluster_history(other)  # registers it
     job = tmp_path / "job"
     job.mkdir()
-    ledger.append(job, ledger.LAUNCH, t=clock.now - 10, inc="a")
-    ledger.append(job, ledger.FIRST_STEP, t=clock.now, inc="a", step=1)
+    event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
+    event_ledger.append(job, event_ledger.FIRST_STEP, t=clock.now, inc="a", step=1)
     damage(job, other)
     saves = []
-    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, ledger.RankLedger(job, 0))
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
     run_steps(cadence, clock, 60, save=lambda: saves.append(cadence.next_step))
     assert len(saves) >= 2
     assert warning in capsys.readouterr().err
@@ -185,6 +189,6 @@ def test_an_async_save_records_its_background_time_once_published(tmp_path):
     checkpointer = Checkpointer(tmp_path, strategy="ddp", async_save=True)
     checkpointer.save(3, AsyncEngine(), {"train_state": {}})
     checkpointer.wait()
-    (background,) = [e for e in ledger.read(tmp_path) if e["kind"] == ledger.SAVE_BACKGROUND]
+    (background,) = [e for e in event_ledger.read(tmp_path) if e["kind"] == event_ledger.SAVE_BACKGROUND]
     assert background["step"] == 3 and background["seconds"] >= 0
     assert (tmp_path / "checkpoints" / "step-3" / "manifest.json").exists()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.checkpoint_store import file_sha256, find_latest_complete, list_checkpoints, resolve_resume
+from launcher.jobdir.checkpoint_store import file_sha256, find_latest_complete, list_checkpoints, resolve_resume
 from launcher.errors import LaunchError
 from launcher.train import checkpoint as ckpt
 from launcher.train.checkpoint import Checkpointer

@@ -130,9 +130,9 @@ def test_fault_hooks_are_off_by_default_and_parsed_from_the_environment():
 
 def test_checkpoint_size_comes_from_the_estimator_and_keep_from_the_config():
     from launcher.config import TrainConfig
-    from launcher.memory_sizes import checkpoint_bytes
-    from launcher.plan import TrainSetup
-    from launcher.plan import Plan
+    from launcher.planning.memory_sizes import checkpoint_bytes
+    from launcher.planning.plan import TrainSetup
+    from launcher.planning.plan import Plan
 
     params = 7 * 10**9
     assert checkpoint_bytes(params, params, TrainSetup()) == 12 * params  # fp32 weights + AdamW m, v

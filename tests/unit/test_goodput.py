@@ -10,28 +10,30 @@ import sys
 
 import pytest
 
-from launcher import goodput, ledger
+from launcher.observe import goodput
+
+from launcher.observe import event_ledger
 from launcher.cli import main
-from launcher.goodput import CATEGORIES
+from launcher.observe.goodput import CATEGORIES
 
 
 def test_append_writes_one_fsynced_line_per_event_with_who_and_when(tmp_path, monkeypatch):
-    monkeypatch.setenv(ledger.INCARNATION_ENV, "job.0")
-    ledger.append(tmp_path, ledger.SAVE, step=10, seconds=1.5)
-    ledger.append(tmp_path, ledger.EXIT, t=5.0, code=0, cause="finished")
-    first, second = ledger.read(tmp_path)
+    monkeypatch.setenv(event_ledger.INCARNATION_ENV, "job.0")
+    event_ledger.append(tmp_path, event_ledger.SAVE, step=10, seconds=1.5)
+    event_ledger.append(tmp_path, event_ledger.EXIT, t=5.0, code=0, cause="finished")
+    first, second = event_ledger.read(tmp_path)
     assert first == {"t": 5.0, "inc": "job.0", "host": first["host"], "pid": os.getpid(), "kind": "exit",
                      "code": 0, "cause": "finished"}
     assert second["kind"] == "save" and second["step"] == 10 and second["seconds"] == 1.5
 
 
 def test_reader_skips_a_torn_last_line_and_lines_of_other_shapes(tmp_path):
-    ledger.append(tmp_path, ledger.LAUNCH)
-    with open(tmp_path / ledger.LEDGER_FILE, "ab") as f:
+    event_ledger.append(tmp_path, event_ledger.LAUNCH)
+    with open(tmp_path / event_ledger.LEDGER_FILE, "ab") as f:
         f.write(b'[1, 2]\n{"t": 3, "kind": "save", "st')  # what kill -9 in the middle of a write leaves
-    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch"]
-    ledger.append(tmp_path, ledger.EXIT)  # and appending goes on after it
-    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch", "exit"]
+    assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["launch"]
+    event_ledger.append(tmp_path, event_ledger.EXIT)  # and appending goes on after it
+    assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["launch", "exit"]
 
 
 # (a damaged line, what the warning says about it): wrong types, numbers JSON cannot hold, torn, not UTF-8
@@ -60,13 +62,13 @@ DAMAGED_LINES = [
 
 @pytest.mark.parametrize("line, why", DAMAGED_LINES, ids=[why for _, why in DAMAGED_LINES])
 def test_a_damaged_line_is_skipped_with_a_warning_and_goodput_still_answers(tmp_path, capsys, line, why):
-    ledger.append(tmp_path, ledger.LAUNCH, t=1.0, inc="a")
-    with open(tmp_path / ledger.LEDGER_FILE, "ab") as f:
+    event_ledger.append(tmp_path, event_ledger.LAUNCH, t=1.0, inc="a")
+    with open(tmp_path / event_ledger.LEDGER_FILE, "ab") as f:
         f.write(line + b"\n")
-    ledger.append(tmp_path, ledger.EXIT, t=5.0, inc="a", code=1, cause="failed")
-    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch", "exit"]
+    event_ledger.append(tmp_path, event_ledger.EXIT, t=5.0, inc="a", code=1, cause="failed")
+    assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["launch", "exit"]
     err = capsys.readouterr().err
-    assert f"warning: skipped 1 damaged line(s) of {tmp_path / ledger.LEDGER_FILE} (line 2: {why}" in err, err
+    assert f"warning: skipped 1 damaged line(s) of {tmp_path / event_ledger.LEDGER_FILE} (line 2: {why}" in err, err
     assert main(["goodput", str(tmp_path), "--json"]) == 0
     out, err = capsys.readouterr()
     report = json.loads(out, parse_constant=lambda name: pytest.fail(f"--json printed {name}"))
@@ -74,10 +76,10 @@ def test_a_damaged_line_is_skipped_with_a_warning_and_goodput_still_answers(tmp_
 
 
 def test_a_line_still_being_written_is_skipped_without_a_warning(tmp_path, capsys):
-    ledger.append(tmp_path, ledger.LAUNCH, t=1.0)
-    with open(tmp_path / ledger.LEDGER_FILE, "ab") as f:
+    event_ledger.append(tmp_path, event_ledger.LAUNCH, t=1.0)
+    with open(tmp_path / event_ledger.LEDGER_FILE, "ab") as f:
         f.write(b'{"t": 2, "kind": "exit", "co')  # another process's write, not finished yet
-    assert [e["kind"] for e in ledger.read(tmp_path)] == ["launch"] and capsys.readouterr().err == ""
+    assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["launch"] and capsys.readouterr().err == ""
 
 
 def test_extreme_but_valid_figures_give_a_finite_report(tmp_path, capsys):
@@ -87,25 +89,25 @@ def test_extreme_but_valid_figures_give_a_finite_report(tmp_path, capsys):
                             (0, "save", {"seconds": 1e12, "step": 10**12}), (0, "exit", {"cause": "failed"}),
                             (1e12, "launch", {}), (1e12, "first_step", {"step": 0}),
                             (1e12, "save_background", {}), (1e12, "exit", {"cause": "SIGKILL"})):
-        ledger.append(tmp_path, kind, t=t, inc=str(t), **fields)
+        event_ledger.append(tmp_path, kind, t=t, inc=str(t), **fields)
     assert main(["goodput", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"--json printed {name}"))
     assert report["failures"] == 2 and report["mtbf_s"] == 0.0
 
 
 def test_a_ledger_that_cannot_be_written_warns_once_and_never_raises(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ledger, "_warned", False)
-    ledger.append(tmp_path / "missing", ledger.LAUNCH)
-    ledger.append(tmp_path / "missing", ledger.EXIT)
+    monkeypatch.setattr(event_ledger, "_warned", False)
+    event_ledger.append(tmp_path / "missing", event_ledger.LAUNCH)
+    event_ledger.append(tmp_path / "missing", event_ledger.EXIT)
     assert capsys.readouterr().err.count("cannot append to the event ledger") == 1
 
 
 def test_appends_of_concurrent_processes_never_interleave(tmp_path):
-    code = ("import sys; from launcher import ledger\n"
-            "for i in range(100): ledger.append(sys.argv[1], 'steps', step=i, pad='x' * 3000)")
+    code = ("import sys; from launcher.observe import event_ledger\n"
+            "for i in range(100): event_ledger.append(sys.argv[1], 'steps', step=i, pad='x' * 3000)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(3)]
     assert all(p.wait(60) == 0 for p in procs)
-    lines = [line for line in (tmp_path / ledger.LEDGER_FILE).read_text().splitlines() if line]  # blank: see append
+    lines = [line for line in (tmp_path / event_ledger.LEDGER_FILE).read_text().splitlines() if line]  # blank: see append
     assert len(lines) == 300 and all(json.loads(line)["kind"] == "steps" for line in lines)
 
 
@@ -172,7 +174,7 @@ def test_requeued_job_counts_its_queue_wait_and_the_lanes_follow_the_incarnation
 
 
 def test_exit_causes_and_which_of_them_are_failures():
-    assert [ledger.exit_cause(code) for code in (0, 75, 2, -9, 137, 1)] == \
+    assert [event_ledger.exit_cause(code) for code in (0, 75, 2, -9, 137, 1)] == \
         ["finished", "preempted", "user error", "SIGKILL", "SIGKILL", "failed"]
     events = [event(0, "launch"), event(5, "exit", cause="user error"), event(10, "launch", inc="b"),
               event(20, "exit", inc="b", cause="failed")]
@@ -239,7 +241,7 @@ def test_status_shows_the_goodput_of_a_submitted_job(tmp_path, monkeypatch):
     jobs.JobRecord("42", "tiny", str(out), str(out / "slurm"), nodes=2, cluster="local").save()
     assert not any(line.startswith("  goodput") for line in describe("42"))  # no ledger yet: nothing to say
     for e in killed_and_resumed():
-        ledger.append(out, e["kind"], **{k: v for k, v in e.items() if k != "kind"})
+        event_ledger.append(out, e["kind"], **{k: v for k, v in e.items() if k != "kind"})
     line = next(line for line in describe("42") if line.startswith("  goodput"))
     assert line.startswith("  goodput 36.1% of 1 m 19 s over 2 incarnation(s): queue 0.0 s, restore 2.0 s, lost 5.0 s")
 
@@ -247,8 +249,8 @@ def test_status_shows_the_goodput_of_a_submitted_job(tmp_path, monkeypatch):
 def test_status_says_why_a_ledger_it_cannot_read_gives_no_goodput(tmp_path):
     from launcher.cli.goodput import summary_line
 
-    os.mkfifo(tmp_path / ledger.LEDGER_FILE)  # read as a file, it would block status forever
-    assert summary_line(tmp_path) == f"goodput unknown: {tmp_path / ledger.LEDGER_FILE} is not a regular file; " \
+    os.mkfifo(tmp_path / event_ledger.LEDGER_FILE)  # read as a file, it would block status forever
+    assert summary_line(tmp_path) == f"goodput unknown: {tmp_path / event_ledger.LEDGER_FILE} is not a regular file; " \
                                      f"move it away (llaunch keeps a plain file there)."
 
 

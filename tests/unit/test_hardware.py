@@ -1,7 +1,7 @@
 """Hardware probe and GPU facts: no GPU is a normal answer; flags describe a cluster we are not on."""
 
-from launcher.hardware import Hardware, gpu_facts, probe
-from launcher.planner import PlanRequest, hardware_for
+from launcher.planning.hardware import Hardware, gpu_facts, probe
+from launcher.planning.planner import PlanRequest, hardware_for
 
 
 def test_probe_without_nvml_is_a_cpu_machine(monkeypatch):

@@ -1,18 +1,20 @@
-"""Each memory and step-time term of a layout against its published formula (launcher/memory_layout.py and
-launcher/step_time_layout.py), and the planner's search against brute force."""
+"""Each memory and step-time term of a layout against its published formula (launcher/planning/memory_layout.py and
+launcher/planning/step_time_layout.py), and the planner's search against brute force."""
 
 import dataclasses
 import itertools
 
 import pytest
 
-from launcher import memory_layout as mem, step_time_layout as st
-from launcher.hardware import Hardware
-from launcher.memory import estimate, estimate_stage
-from launcher.memory_sizes import layer_activation_bytes, residual_bytes
-from launcher.models import load_model_spec
-from launcher.plan import TrainSetup
-from launcher.planner import PlanRequest, _evaluate, hardware_for, make_plan, rank_candidates
+from launcher.planning import memory_layout as mem
+
+from launcher.planning import step_time_layout as st
+from launcher.planning.hardware import Hardware
+from launcher.planning.memory import estimate, estimate_stage
+from launcher.planning.memory_sizes import layer_activation_bytes, residual_bytes
+from launcher.planning.models import load_model_spec
+from launcher.planning.plan import TrainSetup
+from launcher.planning.planner import PlanRequest, _evaluate, hardware_for, make_plan, rank_candidates
 
 SPEC = load_model_spec("8b")  # 32 layers, 32 heads, 8 KV heads, hidden 4096
 BASE = dict(strategy="zero1", nodes=2, gpus_per_node=8, precision="bf16", seq_len=4096, micro_batch=1)

@@ -2,10 +2,10 @@
 
 import pytest
 
-from launcher.memory import estimate
-from launcher.memory_sizes import layer_activation_bytes, qlora_base_bytes
-from launcher.plan import TrainSetup
-from launcher.models import load_model_spec
+from launcher.planning.memory import estimate
+from launcher.planning.memory_sizes import layer_activation_bytes, qlora_base_bytes
+from launcher.planning.plan import TrainSetup
+from launcher.planning.models import load_model_spec
 
 GB = 1e9
 

@@ -3,10 +3,10 @@
 import pytest
 
 from launcher.errors import LaunchError
-from launcher.memory import estimate
-from launcher.plan import TrainSetup
-from launcher.memory_trace import trace_peak, traced_step_peak
-from launcher.models import load_model_spec
+from launcher.planning.memory import estimate
+from launcher.planning.plan import TrainSetup
+from launcher.planning.memory_trace import trace_peak, traced_step_peak
+from launcher.planning.models import load_model_spec
 
 SMALL_LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab_size": 2000}

@@ -1,5 +1,5 @@
 """The layout estimator's terms held against MemTracker tracing one rank of a tp / pp layout on fake tensors, on a
-fake process group at the layout's world size (launcher/memory_trace_layout.py)."""
+fake process group at the layout's world size (launcher/planning/memory_trace_layout.py)."""
 
 import json
 
@@ -7,11 +7,11 @@ import pytest
 
 from launcher.cli import main
 from launcher.errors import LaunchError
-from launcher.hardware import Hardware
-from launcher.memory import estimate_stage
-from launcher.memory_trace_layout import check_traceable, traced_layout_peak
-from launcher.models import load_model_spec
-from launcher.plan import TrainSetup
+from launcher.planning.hardware import Hardware
+from launcher.planning.memory import estimate_stage
+from launcher.planning.memory_trace_layout import check_traceable, traced_layout_peak
+from launcher.planning.models import load_model_spec
+from launcher.planning.plan import TrainSetup
 
 # TinyLlama's width cut to 2 layers, with 8 KV heads so that tp 8 splits them (4 would be replicated).
 CUT = {"num_hidden_layers": 2, "num_key_value_heads": 8}
@@ -69,7 +69,7 @@ def test_what_the_layout_trace_cannot_build_is_refused_in_one_sentence(knobs, wo
 def test_plan_trace_of_a_tp_pp_layout_puts_the_estimate_beside_the_trace(monkeypatch, tmp_path, capsys):
     """`llaunch plan --tp 2 --pp 2 --trace --json` on a 4-layer TinyLlama: one 4-rank tp x pp replica traced (the
     higher of its first and last stage), beside the estimate for that stage of that replica, within 5 %."""
-    monkeypatch.setattr("launcher.hardware.probe", lambda: Hardware(cpu_cores=2, ram_bytes=24 * 2**30))
+    monkeypatch.setattr("launcher.planning.hardware.probe", lambda: Hardware(cpu_cores=2, ram_bytes=24 * 2**30))
     monkeypatch.setenv("PATH", str(tmp_path))  # no sinfo: the GPUs are the flags'
     argv = ["plan", "--model", "tinyllama-1.1b", "--model-override", "num_hidden_layers=4", "--gpu", "H100",
             "--gpus", "8", "--tp", "2", "--pp", "2", "--pp-schedule", "gpipe", "--micro-batch", "2",

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from launcher.errors import LaunchError
-from launcher.models import _catalog, count_params_on_meta, load_model_spec
+from launcher.planning.models import _catalog, count_params_on_meta, load_model_spec
 
 
 @pytest.mark.parametrize("name", sorted(n for n, e in _catalog().items() if e.get("published_params")))
@@ -89,7 +89,7 @@ def test_an_empty_build_reads_no_weights_and_keeps_real_buffers(tmp_path):
     import torch
 
     from launcher.config import ModelConfig
-    from launcher.plan import Plan
+    from launcher.planning.plan import Plan
     from launcher.train.modeling import build_model
     from tiny_lm import tiny_llama, tiny_tokenizer
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from launcher.errors import LaunchError
-from launcher.models import _catalog, count_params_on_meta, load_model_spec, spec_from_config
+from launcher.planning.models import _catalog, count_params_on_meta, load_model_spec, spec_from_config
 
 # Each architecture cut in depth only (every width as published), keeping one layer of each kind it has.
 SHRUNK = {
@@ -107,7 +107,7 @@ def test_a_local_moe_config_json_is_read_into_the_same_spec_without_torch(tmp_pa
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(_catalog()[name]["hf_config"]))
     dirs = [str(tmp_path / name) for name in ("deepseek-v3", "qwen3-30b-a3b", "gpt-oss-20b")]
-    code = ("import sys; from launcher.models import load_model_spec; "
+    code = ("import sys; from launcher.planning.models import load_model_spec; "
             f"specs = [load_model_spec(d) for d in {dirs!r}]; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "print([(s.num_params, s.active_params, s.moe.experts) for s in specs])")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission, quarantined
+from launcher.observe.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission, quarantined
 from launcher.errors import LaunchError
 
 DAY = 24 * 3600.0

@@ -78,7 +78,7 @@ def test_the_engine_steps_with_the_plans_optimizer_not_the_configs():
     """The planner sized the Plan's optimizer (its states differ by kind); a rank builds that one."""
     import torch.distributed as dist
 
-    from launcher.plan import Plan
+    from launcher.planning.plan import Plan
     from launcher.train.engines import build_engine
     from tiny_lm import tiny_llama
 

@@ -4,9 +4,9 @@ import pytest
 import yaml
 
 from launcher.errors import LaunchError
-from launcher.models import load_model_spec
-from launcher.parallel import ParallelDims, check_layout
-from launcher.plan import Plan, TrainSetup
+from launcher.planning.models import load_model_spec
+from launcher.planning.parallel import ParallelDims, check_layout
+from launcher.planning.plan import Plan, TrainSetup
 
 
 @pytest.mark.parametrize("strategy, nodes, gpus, tp, pp, expected", [
@@ -92,9 +92,9 @@ def test_a_plan_round_trips_its_record_and_an_older_plan_loads_as_data_parallel(
 def test_run_and_submit_plan_only_what_the_engines_run():
     """`llaunch plan` may recommend tp x pp at scale; the request `run` / `submit` make (job.make_job_plan) does
     not, and a plan with a layout the engines do not declare is refused in one sentence."""
-    from launcher.hardware import Hardware
-    from launcher.planner import PlanRequest, make_plan
-    from launcher.plan import check_runnable
+    from launcher.planning.hardware import Hardware
+    from launcher.planning.planner import PlanRequest, make_plan
+    from launcher.planning.plan import check_runnable
 
     request = dict(model="405b", gpu="H100", gpus_per_node=8, nodes=1024, seq_len=8192, global_batch=8192)
     free = make_plan(PlanRequest(**request), Hardware())

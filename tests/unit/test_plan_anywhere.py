@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from launcher.hardware import Hardware, login_node_partition, parse_sinfo, pick_partition
+from launcher.planning.hardware import Hardware, login_node_partition, parse_sinfo, pick_partition
 
 NO_GPU = Hardware(cpu_cores=2, ram_bytes=24 * 2**30, ram_available_bytes=20 * 2**30, hostname="laptop")
 # `sinfo --noheader --format "%P|%G|%f|%D|%m|%c"` as sites print it (types, sockets, mixed nodes, CPU partitions).
@@ -26,7 +26,7 @@ small|gpu:4|gpu,rtx|5|256000|32
 @pytest.fixture
 def no_gpu(monkeypatch, tmp_path):
     """This machine as a laptop: no GPU, no SLURM (a PATH without sinfo); fake_sinfo() adds one."""
-    monkeypatch.setattr("launcher.hardware.probe", lambda: NO_GPU)
+    monkeypatch.setattr("launcher.planning.hardware.probe", lambda: NO_GPU)
     monkeypatch.setenv("PATH", str(tmp_path))
     return tmp_path
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from launcher.cli import main
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 
 
 def test_plan_json_has_peak_reserved_and_every_component(capsys):

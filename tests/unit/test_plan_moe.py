@@ -7,8 +7,8 @@ import json
 import pytest
 
 from launcher.cli import main
-from launcher.hardware import gpu_facts
-from launcher.models import load_model_spec
+from launcher.planning.hardware import gpu_facts
+from launcher.planning.models import load_model_spec
 
 
 def _plan(capsys, *argv) -> dict:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import LaunchError
-from launcher.hardware import Hardware
-from launcher.planner import PlanRequest, make_plan, rank_candidates, hardware_for
-from launcher.models import load_model_spec
+from launcher.planning.hardware import Hardware
+from launcher.planning.planner import PlanRequest, make_plan, rank_candidates, hardware_for
+from launcher.planning.models import load_model_spec
 
 GOLDEN = Path(__file__).parent / "golden" / "plans"
 CPU_BOX = Hardware(cpu_cores=2, ram_bytes=24 * 2**30, ram_available_bytes=20 * 2**30, hostname="ci")
@@ -44,7 +44,7 @@ def test_405b_qlora_fits_8x80gb_with_its_4bit_base_sharded():
     plan = make_plan(PlanRequest(model="405b", gpu="A100-80GB", gpus_per_node=8, method="qlora"), CPU_BOX)
     assert plan.strategy == "fsdp"
     spec = load_model_spec("405b")
-    from launcher.memory_sizes import qlora_base_bytes
+    from launcher.planning.memory_sizes import qlora_base_bytes
 
     assert plan.memory["frozen_weights"] == int(qlora_base_bytes(spec) / 8)
     assert plan.memory["reserved_bytes"] <= plan.memory["limit_bytes"]

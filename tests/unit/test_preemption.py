@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from launcher.errors import LaunchError
-from launcher.signals import StopSignals, catches, parse_signals, signal_ranks
+from launcher.runtime.signals import StopSignals, catches, parse_signals, signal_ranks
 from launcher.train.preemption import PreemptionHandler
 
 
@@ -40,7 +40,7 @@ def test_a_copy_seconds_later_is_the_same_request_not_an_exit():
     """SLURM's copy and the node task's forwarded one can arrive seconds apart under load."""
     script = textwrap.dedent("""
         import os, signal, time
-        from launcher.signals import StopSignals
+        from launcher.runtime.signals import StopSignals
         handler = StopSignals().install()
         os.kill(os.getpid(), signal.SIGUSR2)
         time.sleep(1.5)

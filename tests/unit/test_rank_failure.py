@@ -15,9 +15,9 @@ import pytest
 from cluster.doctor.checks import FAIL, OK, Check
 from cluster.doctor.node import NodeReport
 from cluster.jobs import last_error
-from cluster.node_ledger import NodeLedger
+from launcher.observe.node_ledger import NodeLedger
 from cluster.rank_exits import RankExit, first_failure, judge, latest_failure
-from launcher.ledger import read as ledger_events
+from launcher.observe.event_ledger import read as ledger_events
 
 REPO = Path(__file__).resolve().parents[2]
 # A stand-in torchrun with two ranks on this node: rank 1 is SIGKILLed (as by the OOM killer) after a moment,

@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from launcher.errors import LaunchError
-from launcher.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
+from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
 from launcher.train.distributed import init_distributed
 from launcher.train.final_model import write_final_model
 from launcher.train.loop import Trainer

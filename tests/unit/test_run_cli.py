@@ -15,7 +15,7 @@ import yaml
 
 from launcher.cli import main
 from launcher.errors import LaunchError
-from launcher.run_lock import RunLock
+from launcher.jobdir.run_lock import RunLock
 from tests.tiny_run import tiny_run_config
 
 
@@ -35,7 +35,7 @@ def test_dry_run_plans_writes_the_job_and_prints_torchrun(tmp_path, tiny_config,
     code, out, _ = run_cli(capsys, tiny_config, "--output-dir", out_dir, "--dry-run", "--strategy", "zero2",
                            "--nproc-per-node", "2", "training.learning_rate=1e-3")
     assert code == 0
-    assert "DS_ACCELERATOR=cpu" in out and "launcher.torchrun --standalone" in out
+    assert "DS_ACCELERATOR=cpu" in out and "launcher.runtime.torchrun --standalone" in out
     assert f"--nproc-per-node 2 --max-restarts 0 -m launcher.train --job-dir {out_dir}" in out
     plan = yaml.safe_load((out_dir / "plan.yaml").read_text())
     assert (plan["strategy"], plan["device"], plan["gpus_per_node"], plan["seq_len"]) == ("zero2", "cpu", 2, 32)
@@ -140,7 +140,7 @@ def test_dry_run_leaves_an_existing_run_as_it_is(tmp_path, tiny_config, capsys):
 
 
 def test_overwrite_removes_an_earlier_run_and_says_what(tmp_path, tiny_config, capsys):
-    from launcher.job import prepare_job
+    from launcher.jobdir.prepare import prepare_job
 
     out = tmp_path / "out"
     prepare_job(tiny_config, output_dir=out)
@@ -169,7 +169,7 @@ def test_ctrl_c_stops_the_whole_process_group(tmp_path, torchrun_handles_sigint)
         time.sleep(120)
     """))
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from launcher.torchrun import run_torchrun; "
+        [sys.executable, "-c", "import sys; from launcher.runtime.torchrun import run_torchrun; "
          f"sys.exit(run_torchrun([sys.executable, {str(fake_torchrun)!r}], {{}}, grace_s=5))"],
         cwd=Path(__file__).resolve().parents[2],
     )
@@ -197,7 +197,7 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path
     out = tmp_path / "out"
     assert run_cli(capsys, tiny_config, "--output-dir", out, "--dry-run")[0] == 0
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from launcher.run_lock import RunLock; lock = RunLock.acquire(sys.argv[1]); "
+        [sys.executable, "-c", "import sys, time; from launcher.jobdir.run_lock import RunLock; lock = RunLock.acquire(sys.argv[1]); "
          "print('locked', flush=True); time.sleep(60)", str(out)],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     try:
@@ -216,7 +216,7 @@ def test_a_second_run_in_the_same_directory_is_refused_naming_the_first(tmp_path
 def test_only_a_caller_that_trains_keeps_the_lock(tmp_path, tiny_config):
     """`llaunch submit` writes DIR under the lock but lets it go: the SLURM job's rank 0 takes it (even while
     `submit --wait` still runs)."""
-    from launcher.job import prepare_job, write_job
+    from launcher.jobdir.prepare import prepare_job, write_job
 
     job = prepare_job(tiny_config, output_dir=tmp_path / "out", write=False)
     assert write_job(job) is None
@@ -230,7 +230,7 @@ def test_only_a_caller_that_trains_keeps_the_lock(tmp_path, tiny_config):
 
 
 def test_a_lock_left_by_a_dead_run_does_not_block(tmp_path):
-    from launcher.run_lock import LOCK_FILE
+    from launcher.jobdir.run_lock import LOCK_FILE
 
     (tmp_path / LOCK_FILE).write_text("llaunch pid 999999 on gone-host since 2020-01-01 00:00 UTC")
     lock = RunLock.acquire(tmp_path)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from launcher.straggler import StragglerTracker, straggler_scores
+from launcher.observe.straggler import StragglerTracker, straggler_scores
 
 
 def jittered(rng, world, base=0.05, jitter=0.2):

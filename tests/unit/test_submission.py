@@ -28,7 +28,7 @@ from cluster.submission import (
     slurm_parameters,
 )
 from launcher.errors import LaunchError
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 
 GOLDEN = Path(__file__).parent / "golden" / "slurm"
 JOB_DIR = "/shared/runs/demo"
@@ -318,7 +318,7 @@ def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, mo
     for line in ("#SBATCH --nodes=3", "#SBATCH --gpus-per-node=8", "#SBATCH --account=my-project",
                  "#SBATCH --time=120", "#SBATCH --signal=USR2@300", "#SBATCH --requeue", "module load cuda/12.4 nccl"):
         assert line in printed, line
-    node_line = next(line for line in printed.splitlines() if "launcher.torchrun" in line)
+    node_line = next(line for line in printed.splitlines() if "launcher.runtime.torchrun" in line)
     words = shlex.split(node_line)
     assert words[words.index("--nnodes") + 1] == "3" and words[words.index("--nproc-per-node") + 1] == "8"
     assert words[words.index("--rdzv-endpoint") + 1] == "FIRST_NODE:RDZV_PORT"

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.watchdog import HANGS_DIR, Watchdog, WatchdogConfig, attribute, latest_hang
-from launcher import beacon as beacon_module
-from launcher.beacon import BeaconWriter, Phase, beacon_folder, beacon_path, read_beacon, read_beacons
+from launcher.runtime.watchdog import HANGS_DIR, Watchdog, WatchdogConfig, attribute, latest_hang
+from launcher.runtime import beacon as beacon_module
+from launcher.runtime.beacon import BeaconWriter, Phase, beacon_folder, beacon_path, read_beacon, read_beacons
 from launcher.errors import LaunchError
-from launcher.ledger import read as ledger_events
+from launcher.observe.event_ledger import read as ledger_events
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = WatchdogConfig(poll_s=0.1, k=10.0, floor_s=2.0, first_step_s=50.0, checkpoint_s=300.0, grace_s=10.0)
@@ -133,8 +133,8 @@ def test_config_from_env():
 def test_stacks_of_a_rank_that_stopped_itself_or_holds_the_gil(tmp_path, how, monkeypatch):
     """faulthandler answers from C: a rank looping without yielding the GIL, or one stopped by SIGSTOP (the
     watchdog sends SIGCONT after the dump signal), still shows where it is."""
-    monkeypatch.setattr("cluster.watchdog.shutil.which", lambda name: None)  # the faulthandler path
-    script = ("import sys; from launcher.beacon import *; from launcher.train.faults import injected_hang; "
+    monkeypatch.setattr("launcher.runtime.watchdog.shutil.which", lambda name: None)  # the faulthandler path
+    script = ("import sys; from launcher.runtime.beacon import *; from launcher.train.faults import injected_hang; "
               "BeaconWriter(beacon_path(sys.argv[1], 0)).enter(Phase.DATA, 3); "
               "stacks = register_stack_dump(sys.argv[1], 0); injected_hang(sys.argv[2])")
     rank = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), how], cwd=REPO,
@@ -206,9 +206,9 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     from types import SimpleNamespace
 
     from cluster import executor
-    from cluster.node_ledger import NodeLedger
+    from launcher.observe.node_ledger import NodeLedger
 
-    rank = ("import os; from launcher.beacon import *; from launcher.train.faults import injected_hang; "
+    rank = ("import os; from launcher.runtime.beacon import *; from launcher.train.faults import injected_hang; "
             "folder = os.environ['LLAUNCH_BEACON_DIR']; BeaconWriter(beacon_path(folder, 0)).enter(Phase.DATA, 1); "
             "stacks = register_stack_dump(folder, 0); injected_hang('sleep')")
     torchrun = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {rank!r}])"
@@ -257,7 +257,7 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
 
 
 def test_a_nodes_flagged_stragglers_go_into_the_ledger_once_per_attempt(tmp_path):
-    from cluster.node_ledger import NodeLedger
+    from launcher.observe.node_ledger import NodeLedger
 
     for rank in (2, 3):  # this node runs ranks 2 and 3
         BeaconWriter(beacon_path(tmp_path, rank))
@@ -275,7 +275,7 @@ def test_a_nodes_flagged_stragglers_go_into_the_ledger_once_per_attempt(tmp_path
 def test_a_launchs_first_step_is_timed_by_what_the_earlier_launch_into_the_job_dir_measured(tmp_path):
     """After a requeue the first step gets k x the longest its phase took before (at least floor_s), not
     first_step_s: a hang that recurs there is seen as fast as any other."""
-    from cluster.watchdog import PHASES_FILE, measured_phases
+    from launcher.runtime.watchdog import PHASES_FILE, measured_phases
 
     job = tmp_path / "job"
     job.mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from launcher.plan import ENGINE_SUPPORT
+from launcher.planning.plan import ENGINE_SUPPORT
 from launcher.train.chunked_loss import use_chunked_loss
 from launcher.train.engines.base import Engine
 
@@ -33,7 +33,7 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
 
 def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> Engine:
     """The engine the plan's strategy names; imports only that engine's library. The model computes its loss in
-    chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.plan.ENGINE_SUPPORT)."""
+    chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT)."""
     if ENGINE_SUPPORT[plan.strategy].chunked_loss:
         use_chunked_loss(model, plan.loss_chunk_tokens)
     if plan.strategy == "ddp":

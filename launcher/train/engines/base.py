@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from launcher.config import TrainingConfig
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 from launcher.train.optim import build_optimizer
 
 AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
@@ -110,7 +110,7 @@ class TorchEngine(Engine):
         return squares
 
     def step(self, max_grad_norm: float, max_grad_value: float = 0.0) -> torch.Tensor:
-        if self._grad_squares is not None:  # the optimizer stepped in backward; clipping is refused (launcher.job)
+        if self._grad_squares is not None:  # the optimizer stepped in backward; clipping is refused (launcher.jobdir.prepare)
             norm = torch.stack(self._grad_squares).sum().sqrt()
             self._grad_squares.clear()
             return norm

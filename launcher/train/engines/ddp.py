@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 from launcher.train.engines.base import TorchEngine
 
 

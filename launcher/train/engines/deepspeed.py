@@ -15,7 +15,7 @@ from torch import nn
 
 from ds_configs import render_ds_config
 from launcher.config import TrainingConfig
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 from launcher.train.engines.base import Engine
 from launcher.train.optim import build_optimizer, decay_groups
 
@@ -70,7 +70,7 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     def step(self, max_grad_norm: float, max_grad_value: float = 0.0) -> torch.Tensor | float:
-        # max_grad_value is refused for ZeRO before launch (launcher.job); the norm comes from the config.
+        # max_grad_value is refused for ZeRO before launch (launcher.jobdir.prepare); the norm comes from the config.
         self.engine.step()  # clips to gradient_clipping from the config, steps, zeroes grads
         norm = self.engine.get_global_grad_norm()  # left on the device: the loop reads it at logging steps
         return norm if norm is not None else float("nan")

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from launcher.plan import Plan
+from launcher.planning.plan import Plan
 from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine
 from launcher.train.modeling import decoder_layers
 
@@ -41,7 +41,7 @@ class FSDPEngine(TorchEngine):
         compute = AUTOCAST_DTYPES.get(plan.precision)
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
         # plan.offload optimizer+params: shards, their gradients and the optimizer states live in host memory
-        # and the optimizer steps there (launcher.plan.ENGINE_SUPPORT: FSDP offloads them only together).
+        # and the optimizer steps there (launcher.planning.plan.ENGINE_SUPPORT: FSDP offloads them only together).
         offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if plan.offloads else OffloadPolicy()
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)

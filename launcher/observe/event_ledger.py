@@ -1,0 +1,246 @@
+"""The job's event ledger: one JSONL line per event in JOB_DIR/events.jsonl, from every process of the job.
+
+The launcher (`llaunch run`, `llaunch submit`, the node task), rank 0 and the watchdog append to the same
+file. Each event is one `write` on a descriptor opened with O_APPEND and is fsynced, so lines from several
+processes never interleave and an event is on disk before the process goes on; a `kill -9` can at most tear
+the last line. The ledger is evidence, never a reason to stop: a failed append warns once and training goes
+on, and the reader skips a damaged line (torn, not JSON, a field of the wrong type) with a warning, so one bad
+line never stops a run, a submit or `llaunch goodput`. `launcher.observe.goodput` turns the events into where the
+job's time went.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable, TypeVar
+
+import psutil
+
+from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.runtime.signals import REQUEUE_EXIT_CODE
+
+Record = TypeVar("Record")
+
+LEDGER_FILE = "events.jsonl"
+# Set by whoever starts an incarnation (llaunch run, the node task) for the processes it starts; a rank
+# started by hand makes up its own.
+INCARNATION_ENV = "LLAUNCH_INCARNATION"
+# A rank writes a step window at each logging step, and at least this often between them.
+STEP_WINDOW_S = 60.0
+
+# Event kinds, by who writes them. Launcher side:
+SUBMIT = "submit"              # llaunch submit: the job went into the queue
+LAUNCH = "launch"              # an incarnation starts (llaunch run, or node 0's task); seconds = its queue wait
+EXIT = "exit"                  # the incarnation ended: code, cause (finished / failed / signal name)
+REQUEUE = "requeue"            # the node task handed the job back to the queue
+SIGNAL = "signal"              # a stop signal reached the launcher or rank 0
+HANG = "hang"                  # the watchdog: seconds = detection latency (time lost before it saw the hang)
+STRAGGLER = "straggler"        # the watchdog: seconds = time the slowest rank cost the others since its last event
+# Rank 0:
+PROCESS_START = "process_start"
+DIST_INIT = "dist_init"
+MODEL_BUILT = "model_built"
+RESTORE = "restore"            # seconds = time to load the checkpoint, step = the step it resumed at
+FIRST_STEP = "first_step"      # the incarnation's first optimizer step is done
+STEPS = "steps"                # a step window: step, tokens
+SAVE = "save"                  # seconds = blocking time of the save, step; ok false when it failed
+SAVE_BACKGROUND = "save_background"  # async_save: seconds from the save's start until it was published
+EVAL = "eval"                  # seconds, step
+TRAIN_END = "train_end"        # the loop ended (cause: finished, preempted, early stop); what follows is shutdown
+FINAL_SAVED = "final_saved"    # seconds to write DIR/final
+CADENCE = "cadence"            # the auto checkpoint interval and its inputs
+
+USER_ERROR = "user error"
+
+# The fields readers compute with, and what each must be where present: a number in [0, LARGEST] (epoch times,
+# durations, counts; the bound keeps every sum of them finite), an integer among those, or text.
+LARGEST = 1e12
+NUMBER_FIELDS = ("t", "seconds", "start_t", "submit_t", "warning_s")
+INTEGER_FIELDS = ("step", "tokens", "nodes")
+TEXT_FIELDS = ("kind", "inc", "cause")
+
+_warned = False
+
+
+def incarnation_id() -> str:
+    """This process's incarnation: the launcher's id, with torchrun's restart count when it restarted the ranks."""
+    base = os.environ.get(INCARNATION_ENV) or new_incarnation_id()
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return base if restart in ("", "0") else f"{base}+{restart}"
+
+
+def new_incarnation_id() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}.{int(time.time())}"
+
+
+def append(job_dir: str | Path, kind: str, *, t: float | None = None, inc: str | None = None, **fields) -> None:
+    """Append one event (wall time, incarnation, host, pid, kind, fields) and fsync it; never raises.
+    `t` and `inc` default to now and this process's incarnation."""
+    global _warned
+    event = {"t": round(time.time() if t is None else t, 3), "inc": inc or incarnation_id(), "host": socket.gethostname(),
+             "pid": os.getpid(), "kind": kind, **fields}
+    line = (json.dumps(event, default=str) + "\n").encode()
+    try:
+        fd = os.open(Path(job_dir) / LEDGER_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a FIFO would block the writer once its buffer is full
+                raise OSError(0, "not a regular file")
+            size = info.st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # The line a killed writer tore stays one bad line of its own (a write still under way elsewhere
+                # can look torn too; that costs a blank line, which the reader skips).
+                line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if not _warned:
+            _warned = True
+            print(f"llaunch: warning: cannot append to the event ledger in {job_dir} ({err.strerror or err}); "
+                  f"training goes on without it", file=sys.stderr, flush=True)
+
+
+def exit_cause(code: int) -> str:
+    """An incarnation's end in a word: finished, preempted (saved and asked to be requeued), user error (the
+    one-sentence kind: a config to fix, not a machine that failed), a signal, failed."""
+    if code == 0:
+        return "finished"
+    if code == REQUEUE_EXIT_CODE:
+        return "preempted"
+    if code == EXIT_USER_ERROR:
+        return USER_ERROR
+    if code < 0 or code > 128:
+        try:
+            return signal.Signals(-code if code < 0 else code - 128).name
+        except ValueError:
+            pass
+    return "failed"
+
+
+def read(job_dir: str | Path) -> list[dict]:
+    """Every complete event, in time order; a damaged line is skipped with a warning (read_records)."""
+    return sorted(read_records(Path(job_dir) / LEDGER_FILE, check_event), key=lambda e: e["t"])
+
+
+def check_event(record) -> dict:
+    """One ledger line's event as it is, or ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    for name in ("t", "kind"):
+        if name not in record:
+            raise ValueError(f"no {name!r}")
+    for name in NUMBER_FIELDS + INTEGER_FIELDS:
+        value = record.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int if name in INTEGER_FIELDS else (int, float)) \
+                or not 0 <= value <= LARGEST:  # NaN compares false
+            what = "an integer" if name in INTEGER_FIELDS else "a number"
+            raise ValueError(f"{name!r} is {value!r}, not {what} from 0 to {LARGEST:.0e}")
+    for name in TEXT_FIELDS:
+        if not isinstance(record.get(name, ""), str):
+            raise ValueError(f"{name!r} is {record[name]!r}, not text")
+    if not isinstance(record.get("ok", True), bool):
+        raise ValueError(f"'ok' is {record['ok']!r}, not true or false")
+    return record
+
+
+def read_records(path: Path, check: Callable[[object], Record]) -> list[Record]:
+    """The records of an append-only JSON-lines file (this ledger, the node ledger): each line through `check`,
+    which raises ValueError to say what is wrong with it. A damaged line is skipped and the skipped lines are
+    named in one warning; a last line without its newline is a write still under way (or torn by a kill, which
+    the next append closes) and is skipped silently. No file: no records. LaunchError when the path is not a
+    regular file (a FIFO would block the reader forever) or cannot be read."""
+    handle = open_regular(path)
+    if handle is None:
+        return []
+    with handle:
+        try:
+            records, damaged, reasons = _parse_lines(handle, check)
+        except OSError as err:
+            raise LaunchError(f"cannot read {path} ({err.strerror or err}); move it away.") from None
+    if damaged:
+        more = "; ..." if damaged > len(reasons) else ""
+        print(f"llaunch: warning: skipped {damaged} damaged line(s) of {path} ({'; '.join(reasons)}{more})",
+              file=sys.stderr, flush=True)
+    return records
+
+
+def open_regular(path: Path) -> BinaryIO | None:
+    """`path` open for reading, or None when it does not exist; LaunchError when it cannot be opened or is not a
+    regular file (a FIFO would block its reader forever, a directory is no list of lines)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        raise LaunchError(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); move it away or fix "
+                          f"its permissions.") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LaunchError(f"{path} is not a regular file; move it away (llaunch keeps a plain file there).")
+    return os.fdopen(fd, "rb")
+
+
+def _parse_lines(lines, check: Callable[[object], Record]) -> tuple[list[Record], int, list[str]]:
+    """The records of the complete lines, how many lines were damaged and what is wrong with the first three."""
+    records, damaged, reasons = [], 0, []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or not line.endswith(b"\n"):
+            continue
+        try:
+            records.append(check(json.loads(line)))
+        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON (or nested too deep), not a record
+            damaged += 1
+            if len(reasons) < 3:
+                reasons.append(f"line {number}: {_reason(err)}")
+    return records, damaged, reasons
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(err, (json.JSONDecodeError, RecursionError)):
+        return "not JSON"
+    return str(err)
+
+
+class RankLedger:
+    """What a rank writes: rank 0 appends, every other rank does nothing (one writer per job, no duplicates)."""
+
+    def __init__(self, job_dir: str | Path, rank: int):
+        self.job_dir = job_dir
+        self.enabled = rank == 0
+        self._first_step_done = False
+        self._last_window = time.time()
+
+    def append(self, kind: str, **fields) -> None:
+        if self.enabled:
+            append(self.job_dir, kind, **fields)
+
+    def started(self) -> None:
+        """The process started (its creation time, so interpreter and torch imports count) and joined the group."""
+        self.append(PROCESS_START, t=psutil.Process().create_time())
+        self.append(DIST_INIT)
+
+    def step_end(self, step: int, tokens: int, log_due: bool) -> None:
+        """At each step boundary: the incarnation's first step, then a window at logging steps or every
+        STEP_WINDOW_S."""
+        if not self.enabled:
+            return
+        now = time.time()
+        if not self._first_step_done:
+            self._first_step_done = True
+            self.append(FIRST_STEP, step=step, tokens=tokens)
+        elif log_due or now - self._last_window >= STEP_WINDOW_S:
+            self.append(STEPS, step=step, tokens=tokens)
+        else:
+            return
+        self._last_window = now

@@ -1,0 +1,73 @@
+"""The cluster's earlier jobs, for the failure rate that `save_strategy: auto` plans with.
+
+LLAUNCH_HOME/history/CLUSTER.txt lists the job directories that planned a cadence on this cluster (SLURM's
+cluster name, or this host), one a line; a new job reads the ledgers of the last HISTORY_JOBS others once
+and adds itself. Best effort: a list or a ledger that cannot be read counts as no history, with a warning,
+and a damaged line of a ledger is skipped (launcher.observe.event_ledger.read); none of them stops the job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from launcher.observe import goodput
+
+from launcher.observe import event_ledger
+from launcher.errors import LaunchError
+
+HISTORY_JOBS = 20  # earlier jobs of the same cluster whose failures count towards the MTBF
+
+
+def history_file() -> Path:
+    """The list of job directories that ran on this cluster (SLURM's cluster name, or this host)."""
+    from cluster.jobs import records_dir
+
+    cluster = os.environ.get("SLURM_CLUSTER_NAME") or f"local-{socket.gethostname()}"
+    return records_dir().parent / "history" / f"{cluster}.txt"
+
+
+def cluster_history(job_dir: str | Path) -> tuple[float, int]:
+    """Node-seconds running and failures of the last HISTORY_JOBS other jobs on this cluster, from their
+    ledgers; registers this job in the list for the jobs after it."""
+    path, me = history_file(), str(Path(job_dir).resolve())
+    try:
+        listed = _listed(path)
+    except LaunchError as err:
+        _warn(f"{err} The checkpoint cadence goes on without the cluster's earlier jobs.")
+        return 0.0, 0
+    if me not in listed:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(me + "\n")
+        except OSError:
+            pass
+    node_s, failures = 0.0, 0
+    for other in [p for p in listed if p and p != me][-HISTORY_JOBS:]:
+        try:
+            events = event_ledger.read(other)
+        except LaunchError as err:
+            _warn(f"{err} Its failures do not count towards this job's checkpoint cadence.")
+            continue
+        if events:
+            report = goodput.analyse(events)
+            node_s, failures = node_s + report.running_s * report.nodes, failures + report.failures
+    return node_s, failures
+
+
+def _listed(path: Path) -> list[str]:
+    handle = event_ledger.open_regular(path)
+    if handle is None:
+        return []
+    with handle:
+        try:
+            return handle.read().decode(errors="replace").splitlines()
+        except OSError as err:
+            raise LaunchError(f"cannot read {path} ({err.strerror or err}).") from None
+
+
+def _warn(sentence: str) -> None:
+    print(f"llaunch: warning: {sentence}", file=sys.stderr, flush=True)

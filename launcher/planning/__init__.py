@@ -1,0 +1,1 @@
+"""Planning, torch-free (only `--trace` loads torch): hardware, model specs, the estimator, step time, the search, the Plan."""

@@ -1,0 +1,78 @@
+"""Which parallel layouts the planner weighs: tp in powers of two within a node that the heads allow, pp over
+the world's divisors that leave each stage two or more layers, cp for long sequences, 1F1B and interleaved
+1F1B; forced dimensions are taken as given. Pruned so that 16,384 GPUs plan in well under two seconds."""
+
+from __future__ import annotations
+
+from launcher.errors import LaunchError
+from launcher.planning.models import ModelSpec
+from launcher.planning.parallel import ParallelDims, check_layout
+
+CP_FROM_SEQ_LEN = 32768  # context parallel is weighed from this sequence length (torchtitan's CP runs start here)
+LAYOUT_STRATEGIES = ("zero1", "fsdp")  # the data-parallel part beside tp / pp: Megatron's distributed optimizer, torchtitan's FSDP
+PIPELINE_SCHEDULES = (("1f1b", 1), ("interleaved-1f1b", 2))  # (schedule, virtual stages) weighed
+
+
+def layouts(spec: ModelSpec, request, world: int, gpus_per_node: int) -> list[dict]:
+    """The layout knobs (tp, pp, cp, pp_schedule, pp_virtual_stages) to weigh, pure data parallel first."""
+    forced = {name: getattr(request, name) for name in ("tp", "pp", "cp", "pp_schedule", "pp_virtual_stages")
+              if getattr(request, name) is not None}
+    out = []
+    for tp in [forced["tp"]] if "tp" in forced else _powers_of_two(gpus_per_node):
+        for cp in [forced["cp"]] if "cp" in forced else _cps(request.seq_len or 2048, gpus_per_node // tp):
+            for pp in [forced["pp"]] if "pp" in forced else _pps(spec, world // (tp * cp) if world % (tp * cp) == 0 else 0):
+                for schedule, virtual in _schedules(forced, pp):
+                    layout = {"tp": tp, "pp": pp, "cp": cp, "pp_schedule": schedule, "pp_virtual_stages": virtual}
+                    if _valid(spec, layout, request, world, gpus_per_node, cross_node=bool(forced)):
+                        out.append(layout)
+    return out
+
+
+def check_forced(spec: ModelSpec, request, world: int, gpus_per_node: int) -> None:
+    """A layout the flags force is refused in one sentence, before any search (forced dimensions may leave the node)."""
+    tp, pp, cp = (getattr(request, name) or 1 for name in ("tp", "pp", "cp"))
+    schedule, virtual = request.pp_schedule or "1f1b", request.pp_virtual_stages or 1
+    model_parallel = tp * pp * cp
+    if world % model_parallel:
+        raise LaunchError(f"tp {tp} x pp {pp} x cp {cp} = {model_parallel} does not divide the {world} GPUs; choose "
+                          f"sizes whose product divides the GPU count.")
+    dims = ParallelDims(dp_replicate=world // model_parallel, tp=tp, pp=pp, cp=cp, ep=request.ep or 1,
+                        pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=pp)
+    if dims.ep_enabled:
+        dims = ParallelDims(**{**dims.to_dict(), "dp_replicate": 1, "dp_shard": dims.dp_replicate})
+    check_layout(dims, world, gpus_per_node, spec=spec, seq_len=request.seq_len or 2048, cross_node=True)
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
+
+
+def _cps(seq_len: int, room: int) -> list[int]:
+    return [c for c in _powers_of_two(max(1, room)) if c == 1 or seq_len >= CP_FROM_SEQ_LEN]
+
+
+def _pps(spec: ModelSpec, ranks: int) -> list[int]:
+    """Divisors of the remaining ranks that leave each stage at least two layers."""
+    if ranks < 1:
+        return []
+    return [p for p in range(1, min(ranks, spec.layers // 2) + 1) if ranks % p == 0] or [1]
+
+
+def _schedules(forced: dict, pp: int) -> list[tuple[str, int]]:
+    if "pp_schedule" in forced:
+        return [(forced["pp_schedule"], forced.get("pp_virtual_stages", 1))]
+    return [("1f1b", 1)] if pp == 1 else list(PIPELINE_SCHEDULES)
+
+
+def _valid(spec: ModelSpec, layout: dict, request, world: int, gpus_per_node: int, cross_node: bool) -> bool:
+    model_parallel = layout["tp"] * layout["pp"] * layout["cp"]
+    if world % model_parallel:
+        return False
+    dims = ParallelDims(dp_replicate=world // model_parallel, tp=layout["tp"], pp=layout["pp"], cp=layout["cp"],
+                        pp_schedule=layout["pp_schedule"], pp_virtual_stages=layout["pp_virtual_stages"],
+                        pp_microbatches=layout["pp"])  # the microbatch count is the candidates' (_microbatches_fit)
+    try:
+        check_layout(dims, world, gpus_per_node, spec=spec, seq_len=request.seq_len or 2048, cross_node=cross_node)
+    except LaunchError:
+        return False
+    return True

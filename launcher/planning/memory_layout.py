@@ -1,0 +1,194 @@
+"""What a layout's model-parallel dimensions (tp with or without sequence parallel, pp, cp) do to one rank's memory.
+
+Sources, term by term:
+- Activations per layer: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+  Models", Table 2: sbh(34 + 5as/h) per layer unparallelised; sbh(10 + 24/t + 5as/(ht)) with tensor parallel
+  (the 10: the norms' inputs and the two linear inputs they feed, replicated on the t ranks); sbh/t (34 + 5as/h)
+  with tensor + sequence parallel, except under torch's DTensor sequence parallel the all-gathered inputs of the
+  column-parallel blocks, which autograd saves whole (gathered_bytes_per_token, measured by
+  launcher/planning/memory_trace_layout.py); selective recompute drops the 5as/h attention-score term; full recompute
+  keeps the layer's 2sbh input. Here the 34 is launcher.planning.memory_sizes.layer_activation_bytes, counted tensor by
+  tensor for the HF Llama block under SDPA / flash attention, which never stores the a x s x s scores: the
+  5as/h term is absent from the start (the kernel recomputes the scores in its backward), so Korthikanti's
+  selective recompute would save nothing here. Selective is therefore what torch does under that name:
+  torchtitan's op-level selective activation checkpointing (torch.utils.checkpoint's SAC policy) saves the
+  outputs of SDPA and of every other matmul and recomputes the rest of the layer (norms, SwiGLU, the other
+  matmuls) from the layer's input.
+- Pipeline: the first stage holds the saved activations of the microbatches in flight (Narayanan et al. 2021,
+  "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", sec. 2.2): all m under
+  GPipe, p under 1F1B, p(1 + (p-1)/(pv)) under interleaved 1F1B with v chunks per rank (Korthikanti sec. 4.2.3);
+  the last stage holds one, plus the final norm, LM head and the loss.
+- Context parallel: each rank holds s/cp tokens of every activation; ring attention keeps the K, V chunk it
+  computes with and the one arriving (double-buffered send / receive), and their gradients in backward
+  (Liu et al. 2023, "Ring Attention"; torch.distributed.tensor.experimental.context_parallel).
+- Vocab-parallel loss under tp: each rank holds the logits of vocab / t (Megatron-LM's vocab-parallel
+  cross-entropy, torchtitan's loss_parallel).
+"""
+
+from __future__ import annotations
+
+from launcher.planning import memory_sizes as sizes
+from launcher.planning.models import ModelSpec
+from launcher.planning.plan import TrainSetup
+
+STAGES = ("first", "last")  # the pipeline stages whose memory differs most (one stage without pp)
+
+
+def stages(setup: TrainSetup) -> tuple[str, ...]:
+    """The stages whose peak must fit: the first and the last under pp, the only one without."""
+    return STAGES if setup.parallel.pp_enabled else ("first",)
+
+
+def local_param_fraction(spec: ModelSpec, setup: TrainSetup, stage: str) -> float:
+    """The share of the model's parameters one tp x pp rank of `stage` holds: its 1/pp of the decoder layers,
+    the embedding on the first stage, the final norm and LM head on the last (a tied head is a second copy
+    there), all split over tp (linears by rows or columns, embedding and head by vocabulary; the norms'
+    weights, replicated under tp, are under 0.01 % of a 7B+ model and counted split)."""
+    dims = setup.parallel
+    if dims.pure_data_parallel or (dims.tp == 1 and dims.pp == 1):
+        return 1.0
+    ends = spec.embedding_params + spec.lm_head_params
+    local = (spec.num_params - ends) / dims.pp
+    if stage == "first" or not dims.pp_enabled:
+        local += spec.embedding_params
+    if stage == "last" or not dims.pp_enabled:
+        local += spec.lm_head_params or (spec.embedding_params if dims.pp_enabled else 0)
+    return local / dims.tp / spec.num_params
+
+
+def inflight_microbatches(setup: TrainSetup, stage: str) -> float:
+    """Microbatches whose activations one rank of `stage` holds at its peak (module docstring: Narayanan 2021)."""
+    dims = setup.parallel
+    m, p, v = dims.pp_microbatches, dims.pp, dims.pp_virtual_stages
+    if not dims.pp_enabled:
+        return 1.0
+    if dims.pp_schedule == "gpipe":
+        return float(m)
+    if stage == "last":
+        return 1.0
+    if dims.pp_schedule == "interleaved-1f1b":
+        return min(float(m), p * (1 + (p - 1) / (p * v)))
+    return float(min(m, p))
+
+
+def replicated_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Korthikanti's "10 sbh": what a layer saves outside its tp-split regions (the norms' saved inputs and
+    outputs, and the norm output each column-parallel block reads), replicated on every tp rank without SP."""
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    h = spec.hidden
+    return 2 * (4 * h + sizes.residual_bytes(setup) * h) + 2 * act * h
+
+
+def layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, mode: str = "") -> float:
+    """One layer's saved activations per token of the local sequence on one tp rank (Korthikanti Table 2), under
+    the setup's recompute mode (or `mode`: "none" for what a layer holds while it is differentiated)."""
+    per_layer = (selective_bytes_per_token(spec, setup) if (mode or setup.activation_checkpointing) == "selective"
+                 else sizes.layer_activation_bytes(spec, setup))
+    t = setup.parallel.tp
+    if t == 1:
+        return per_layer
+    replicated = (gathered_bytes_per_token(spec, setup) if setup.parallel.sequence_parallel
+                  else replicated_bytes_per_token(spec, setup))
+    return replicated + (per_layer - replicated) / t
+
+
+def gathered_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Under torch's sequence parallel, what stays whole: the all-gathered norm output each column-parallel block
+    reads (q/k/v's and gate/up's input). DTensor's autograd saves the Replicate input of ColwiseParallel for the
+    weight gradient, where Megatron-LM keeps the 1/t shard and gathers it again in backward (Korthikanti's sbh/t).
+    Traced on fake tensors at tp 2, 4 and 8 (tests/unit/test_memory_trace_layout.py): what a layer adds to the
+    estimate was 5-14 % under what it adds to the trace with these tensors / t, within 1 % with them whole."""
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    return act * spec.hidden * len(sizes.NORM_READER_GROUPS)
+
+
+def selective_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
+    """torchtitan's op-level SAC (module docstring): the layer's input, SDPA's output and logsumexp, and half of
+    the matmul outputs (q, k, v, o, gate, up, down: every other one is saved)."""
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    qd = spec.heads * spec.head_dim
+    matmul_outputs = sum(o for _, _, o in spec.layer_linears)
+    return int(spec.hidden * sizes.residual_bytes(setup) + act * qd + 4 * spec.heads + act * matmul_outputs / 2)
+
+
+def local_tokens(setup: TrainSetup) -> int:
+    """Tokens of one micro-batch on one rank: context parallel splits the sequence."""
+    return setup.micro_batch * setup.seq_len // setup.parallel.cp
+
+
+def layout_activation_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> tuple[int, int, str]:
+    """Saved activations of `stage` at the end of its forwards, those alive while one layer is differentiated,
+    and why: the local layers x the microbatches in flight x each layer's bytes."""
+    dims = setup.parallel
+    # Uneven splits (Llama 3's 126 layers over 16 stages) give some stages one layer more: the peak is theirs.
+    tokens, layers = local_tokens(setup), -(-spec.layers // dims.pp)
+    inflight = inflight_microbatches(setup, stage)
+    per_layer = layer_bytes_per_token(spec, setup)
+    recompute = int(layer_bytes_per_token(spec, setup, "none") * tokens)  # one layer's tensors, in its backward
+    where = f"{layers} layers x {inflight:g} microbatch(es) in flight ({stage} stage)" if dims.pp_enabled else ""
+    if setup.full_recompute:
+        split = dims.tp if dims.tp_enabled and dims.sequence_parallel else 1
+        kept = int(layers * inflight * tokens * spec.hidden * sizes.residual_bytes(setup) / split)
+        return kept, kept + recompute, (f"checkpointed: each layer's input kept{', ' + where if where else ''}; one "
+                                        f"layer ({per_layer:.0f} B/token) recomputed in backward")
+    saved = int(layers * inflight * per_layer * tokens)
+    mode = " (tp + sequence parallel: / t)" if dims.tp_enabled and dims.sequence_parallel else (
+        " (tp without sequence parallel: norms replicated)" if dims.tp_enabled else "")
+    return saved, recompute, f"{per_layer:.0f} B/token/layer saved for backward{mode}{'; ' + where if where else ''}"
+
+
+def cp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Ring attention's K and V chunks (the one in use and the one arriving), and in backward their gradients."""
+    if not setup.parallel.cp_enabled:
+        return 0
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    return 2 * 2 * 2 * local_tokens(setup) * spec.kv_heads * spec.head_dim * act
+
+
+def tp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Sequence parallel all-gathers a layer's input to the whole local sequence before each column-parallel
+    block (one gathered tensor alive at a time); pipeline p2p sends and receives one microbatch's hidden states."""
+    dims = setup.parallel
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    tokens = local_tokens(setup)
+    gathered = tokens * spec.hidden * act if dims.tp_enabled and dims.sequence_parallel else 0
+    p2p = 2 * tokens * spec.hidden * act // (dims.tp if dims.sequence_parallel else 1) if dims.pp_enabled else 0
+    return gathered + p2p
+
+
+def logits_share(setup: TrainSetup, stage: str) -> float:
+    """The logits one rank holds: none before the last stage, vocab / t under the vocab-parallel loss."""
+    if setup.parallel.pp_enabled and stage != "last":
+        return 0.0
+    return 1.0 / setup.parallel.tp
+
+
+SAVED_LOG_SOFTMAX_BYTES = 4  # the fp32 log-softmax the loss keeps for backward, per logit
+
+
+def head_loss_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int:
+    """The last stage's LM head and loss at the start of a microbatch's backward: its logits over vocab / t
+    (memory_sizes.LOGITS_BYTES_PER_ELEMENT), and what the final RMSNorm and the head save (the norm's fp32 input and
+    normalized output, / t under sequence parallel; the head's input, gathered whole by ColwiseParallel). GPipe
+    runs every microbatch's forward, loss included, before the first backward: the others keep their saved
+    log-softmax and head inputs. Both were missing before the fake-tensor traces (test_memory_trace_layout.py):
+    with them the 2-layer TinyLlama's last GPipe stage (4 microbatches) went from 31 % under the trace to
+    within 3 %, tp 2-8 without sequence parallel from 3-9 % under to within 1 %."""
+    share = logits_share(setup, stage)
+    if not share:
+        return 0
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    split = setup.parallel.tp if setup.parallel.sequence_parallel else 1
+    head_input = spec.hidden * ((4 + act) / split + act)
+    inflight = inflight_microbatches(setup, stage)
+    per_logit = sizes.LOGITS_BYTES_PER_ELEMENT + SAVED_LOG_SOFTMAX_BYTES * (inflight - 1)
+    return int(local_tokens(setup) * (spec.vocab * share * per_logit + head_input * inflight))
+
+
+def grads_alive_in_forward(setup: TrainSetup, stage: str) -> bool:
+    """Accumulating, the next microbatch's forward runs on top of the gradients, except on GPipe's last stage:
+    every forward there precedes the first backward, whose loss is the peak, before any gradient exists (the
+    fake-tensor trace shows none at that peak; counting them put the estimate 5 % over it at tp 2 x pp 2)."""
+    dims = setup.parallel
+    gpipe_last = dims.pp_enabled and dims.pp_schedule == "gpipe" and stage == "last"
+    return setup.gradient_accumulation_steps > 1 and not gpipe_last

@@ -1,0 +1,193 @@
+"""`llaunch plan --trace` for a tensor / pipeline parallel layout: one rank's peak, traced on fake tensors.
+
+As launcher/planning/memory_trace.py does for FSDP, a fake process group (backend "fake") at the layout's world size
+makes every collective a no-op of the right shape, and the HF model is built on the meta device, cut in depth.
+Tensor parallel is torch.distributed.tensor.parallel's DTensor plan as torchtitan's parallelize_llama applies
+it: q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, the embedding row-wise by vocabulary, the LM head
+column-wise with the vocab-parallel loss (loss_parallel), and with sequence parallel the norms SequenceParallel
+and the residual stream split along the sequence. A pipeline stage is the cut model's first stage (embedding
+and its layers) or last stage (its layers, final norm, LM head and loss), stepped in the schedule's order:
+as many forwards as it keeps in flight there (launcher.planning.memory_layout.inflight_microbatches), then one backward
+(with the gradient a next stage would send) and one forward at a time, then the last backwards. The first
+stage's input is tokens, the last stage's a received hidden-state buffer. MemTracker gives the rank's peak.
+
+LOSS_PARALLEL_TRACE: torch's loss_parallel runs the log-softmax and its backward through DTensor's sharding
+propagation, which on fake tensors allocates global-shaped (tokens x whole vocabulary) fp32 tensors that
+MemTracker counts (1000 MiB at tp 2, 4 and 8 alike for 4096 tokens x 32000) and no GPU rank ever holds. The trace
+therefore computes the loss on the rank's local vocab / t logits: the same tensors per element as the
+vocab-parallel loss (its max and sum all-reduces are one number per token).
+"""
+
+from __future__ import annotations
+
+import math
+
+from launcher.errors import LaunchError
+from launcher.planning.memory_layout import inflight_microbatches
+from launcher.planning.models import ModelSpec
+from launcher.planning.plan import TrainSetup
+
+
+def check_traceable(setup: TrainSetup) -> None:
+    """What this trace builds: tp and pp (1F1B / GPipe) of full fine-tuning in one tp x pp replica; LaunchError
+    names the first thing outside that, and what to do."""
+    dims = setup.parallel
+    refusals = (
+        (dims.cp_enabled or dims.ep_enabled, "--trace has no fake-tensor trace of cp or ep yet; drop --trace, or "
+                                             "plan with --cp 1 --ep 1."),
+        (dims.dp > 1, f"the layout trace builds one tp x pp replica without a data-parallel dimension; trace it "
+                      f"at tp x pp = {dims.tp * dims.pp} ranks."),
+        (dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b",
+         "--trace cannot step interleaved 1F1B (a fractional number of microbatches in flight); plan with "
+         "--pp-schedule 1f1b or gpipe, or drop --trace."),
+        (setup.activation_checkpointing == "selective", "--trace does not apply selective recompute's op-level "
+                                                        "policy; plan with --activation-checkpointing none or full, "
+                                                        "or drop --trace."),
+        (setup.method != "full", "--trace of a tp / pp layout traces full fine-tuning only; drop --trace for "
+                                 "LoRA and QLoRA."),
+    )
+    for refused, sentence in refusals:
+        if refused:
+            raise LaunchError(sentence)
+
+
+def trace_layout_peak(spec: ModelSpec, setup: TrainSetup, stage: str) -> tuple[int, dict[int, int]]:
+    """The stage's peak at its full local depth, scaled linearly from 1 and 2 layers, and the traced peaks."""
+    by_depth = {d: traced_layout_peak(spec, setup, d, stage) for d in (1, 2)}
+    local = -(-spec.layers // setup.parallel.pp)
+    return int(by_depth[1] + (local - 1) * (by_depth[2] - by_depth[1])), by_depth
+
+
+def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: str) -> int:
+    """Peak bytes of one tp rank of `stage` with `layers` decoder layers over two optimizer steps of the
+    schedule's microbatches (pipeline_step), on a fake process group of the layout's size."""
+    import torch.distributed as dist
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from launcher.planning.memory_trace import _meta_model, traced_optimizer
+
+    check_traceable(setup)
+    if dist.is_initialized():  # a real job's process group: never replace it with a fake one
+        raise LaunchError("--trace of a layout runs on a fake process group and cannot run inside a distributed job.")
+    dims = setup.parallel
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=setup.world_size)
+    try:
+        mesh = init_device_mesh("cpu", (dims.pp, dims.tp), mesh_dim_names=("pp", "tp"))
+        model = cut_stage(_meta_model(spec, setup, layers), setup, stage)
+        if dims.tp_enabled:
+            parallelize(model, mesh["tp"], dims.sequence_parallel)
+        with FakeTensorMode(allow_non_fake_inputs=True):  # the meta weights become fake CPU tensors here
+            model.to_empty(device="cpu")
+            optimizer = traced_optimizer(setup.optimizer, list(model.parameters()), dtensors=dims.tp_enabled)
+            # One step untracked first: DTensor caches each op's sharding, and before that its propagation runs
+            # global-shaped fake ops that MemTracker would count (+150 MiB at tp 8 for TinyLlama) and no GPU holds.
+            _step(model, setup, stage, optimizer, None)
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer)
+            with tracker:
+                for _ in range(2):  # steady state: optimizer states exist, then the step repeats
+                    _step(model, setup, stage, optimizer, tracker)
+            return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    finally:
+        dist.destroy_process_group()
+
+
+def _step(model, setup: TrainSetup, stage: str, optimizer, tracker) -> None:
+    pipeline_step(model, setup, stage, tracker)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if tracker is not None:
+        tracker.reset_mod_stats()
+
+
+def cut_stage(model, setup: TrainSetup, stage: str):
+    """Keep what `stage` holds: the embedding on the first stage, the final norm and LM head on the last."""
+    import torch
+
+    if setup.parallel.pp_enabled and stage != "first":
+        model.model.embed_tokens = None
+    if setup.parallel.pp_enabled and stage != "last":
+        model.model.norm, model.lm_head = torch.nn.Identity(), None
+    return model
+
+
+def parallelize(model, mesh, sequence_parallel: bool) -> None:
+    """torchtitan's parallelize_llama TP plan, on the HF module names (the decoder layer passes hidden_states
+    to self_attn by keyword, to the MLP by position)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    residual = Shard(1) if sequence_parallel else Replicate()
+    inner, plan = model.model, {}
+    if inner.embed_tokens is not None:
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.lm_head is not None:
+        plan["model.norm"] = SequenceParallel() if sequence_parallel else None
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, mesh, {name: style for name, style in plan.items() if style is not None})
+    for layer in inner.layers:
+        block = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+        block |= {f"mlp.{n}": ColwiseParallel() for n in ("gate_proj", "up_proj")}
+        block |= {"self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+                  "mlp.down_proj": RowwiseParallel(output_layouts=residual)}
+        if sequence_parallel:
+            block |= {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                      "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
+                                                      desired_input_kwarg_layouts={"hidden_states": Replicate()}),
+                      "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
+        parallelize_module(layer, mesh, block)
+
+
+def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
+    """The schedule's order on this stage: as many forwards as it keeps in flight, then one backward and one
+    forward at a time (1F1B's steady state, where earlier microbatches' gradients are alive), then the last
+    backwards; GPipe keeps all microbatches in flight, so all forwards, then all backwards. MemTracker allows a
+    module one forward per iteration, so its per-module statistics restart with each microbatch (its peak stays)."""
+    import torch
+
+    last = stage == "last" or not setup.parallel.pp_enabled
+    total = setup.parallel.pp_microbatches if setup.parallel.pp_enabled else 1
+    inflight = math.ceil(inflight_microbatches(setup, stage))
+
+    def forward():
+        if tracker is not None:
+            tracker.reset_mod_stats()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision.startswith("amp")):
+            return stage_forward(model, setup, stage)
+
+    outputs = [forward() for _ in range(inflight)]
+    for done in range(total):
+        output = outputs.pop(0)
+        torch.autograd.backward(output, None if last else torch.empty_like(output))  # the next stage's gradient
+        if done + inflight < total:
+            outputs.append(forward())
+
+
+def stage_forward(model, setup: TrainSetup, stage: str):
+    """LlamaForCausalLM's forward, layer by layer, from this stage's input to its output (the loss on the last).
+    The traced attention ignores the mask (its memory is the GPU kernel's); positions are the whole sequence's."""
+    import torch
+    import torch.nn.functional as F
+
+    inner, dims = model.model, setup.parallel
+    tokens = torch.randint(0, model.config.vocab_size, (setup.micro_batch, setup.seq_len))
+    positions = torch.arange(setup.seq_len).unsqueeze(0)
+    if inner.embed_tokens is not None:
+        hidden = inner.embed_tokens(tokens)
+    else:  # the receive buffer of the previous stage's send (split along the sequence under sequence parallel)
+        local = setup.seq_len // dims.tp if dims.sequence_parallel else setup.seq_len
+        dtype = next(inner.layers.parameters()).dtype
+        hidden = torch.empty(setup.micro_batch, local, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    cos_sin = inner.rotary_emb(hidden, position_ids=positions)
+    for layer in inner.layers:
+        hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+    if model.lm_head is None:
+        return hidden
+    logits = model.lm_head(inner.norm(hidden))
+    if dims.tp_enabled:  # the vocab-parallel loss on this rank's vocab / t logits (LOSS_PARALLEL_TRACE)
+        logits = logits.to_local()
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten() % logits.shape[-1])
