@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import launcher
 from launcher.config import TrainConfig, load_train_config
 from launcher.corpus import PackedBlocks, TokenizedCorpus, find_corpus
 from launcher.errors import EXIT_USER_ERROR, LaunchError
@@ -85,13 +83,11 @@ def _text_corpus(config: TrainConfig, model_dir: Path | None) -> TokenizedCorpus
 
 
 def prepare_data(config: TrainConfig, seq_len: int | None = None, global_batch: int | None = None) -> dict:
-    """Run `python -m launcher.train.prepare_data` (the same checkout as this process) and return what it
+    """Run `python -m launcher.train.prepare_data` (found as the ranks find `launcher.train`) and return what it
     reports; its user error becomes this process's one sentence. It writes the cache under a temporary name
     and renames it, so a build that fails or is interrupted leaves no cache entry."""
     request = json.dumps({"config": config.to_dict(), "seq_len": seq_len, "global_batch": global_batch})
-    checkout = str(Path(launcher.__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (checkout, os.environ.get("PYTHONPATH"))))}
-    done = subprocess.run([sys.executable, "-m", "launcher.train.prepare_data"], input=request, env=env,
+    done = subprocess.run([sys.executable, "-m", "launcher.train.prepare_data"], input=request,
                           stdout=subprocess.PIPE, text=True)
     if done.returncode not in (0, EXIT_USER_ERROR):
         raise LaunchError(f"preparing the training data failed (python -m launcher.train.prepare_data exited "
