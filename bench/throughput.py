@@ -68,7 +68,7 @@ def run_hf_trainer(job: Path, shapes: Shapes) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from launcher.config import TrainConfig
-    from launcher.train.data import PackedBlocks, find_corpus
+    from launcher.corpus import PackedBlocks, find_corpus
     from launcher.train.modeling import architecture_config
 
     config = TrainConfig.load(job / "config.yaml")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
+from launcher.home import llaunch_home
 from launcher.runtime.torchrun import RANK_STARTS
 
 TERMINAL_STATES = {
@@ -32,7 +33,7 @@ _ERROR_LINE = re.compile(
 
 
 def records_dir() -> Path:
-    return Path(os.environ.get("LLAUNCH_HOME", Path.home() / ".llaunch")) / "jobs"
+    return llaunch_home() / "jobs"
 
 
 @dataclass

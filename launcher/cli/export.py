@@ -58,13 +58,12 @@ def run(args) -> int:
 def check_adapter_base(adapter, merge: bool) -> None:
     """An adapter folder exports only merged, and only onto the local base it names: a random-init base was
     never saved beside the adapter, only in the run's checkpoints, which export either way."""
-    from launcher.config import ModelConfig
     from launcher.errors import LaunchError
     from launcher.train.adapters import base_model_path
-    from launcher.train.modeling import pretrained_dir
+    from launcher.planning.models import pretrained_dir
 
     checkpoints = f"{adapter.absolute().parent}/checkpoints/step-N"
-    if pretrained_dir(ModelConfig(name_or_path=base_model_path(adapter))) is None:
+    if pretrained_dir(base_model_path(adapter)) is None:
         raise LaunchError(f"{adapter} holds only a LoRA adapter and its base model is not a local directory (a "
                           f"random-init base lives only in the run's checkpoints); export {checkpoints} instead, "
                           f"with or without --merge.")

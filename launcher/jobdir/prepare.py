@@ -1,19 +1,25 @@
 """Everything that happens before any process starts: load and check the config, tokenize, plan, write DIR.
 
 Used by `llaunch run` and by the SLURM path alike; it takes plain arguments, never CLI objects. A job
-directory holds plan.yaml and config.yaml (written atomically) and is what every rank reads.
+directory holds plan.yaml and config.yaml (written atomically) and is what every rank reads. Tokenizing needs
+transformers (and so torch): a cold token cache and SFT records are prepared by `python -m
+launcher.train.prepare_data`, run here as a child process, so this process never loads torch.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import TrainConfig, load_train_config
-from launcher.errors import LaunchError
+from launcher.corpus import PackedBlocks, TokenizedCorpus, find_corpus
+from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.planning.models import pretrained_dir
 from launcher.planning.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, Plan, check_runnable
 from launcher.jobdir.run_lock import LOCK_FILE, RunLock
 
@@ -41,34 +47,55 @@ def prepare_job(
 ) -> Job:
     """Load + validate the config (positional overrides, then the CLI's flags: launcher.flag_overrides), build
     the token cache, plan, and (unless write=False) write the job dir."""
-    from launcher.train.data import build_corpus
-    from launcher.train.modeling import pretrained_dir
-    from launcher.train.training_data import load_training_data
-
     notes: list[str] = []
     config = load_train_config(config_path, overrides, flags, notes)
     out = _job_dir(config, output_dir)
     if not config.model.name_or_path:
         raise LaunchError("model.name_or_path is empty; name a catalog model (llaunch plan --list) or a local directory.")
     _check_strategy(config, config.parallel.strategy)
-    model_dir = pretrained_dir(config.model)
-    if config.finetune.method == "qlora":
-        from launcher.train.adapters import quantization_config
-
-        quantization_config(config.finetune)  # no GPU or no bitsandbytes: one sentence, before any rank starts
+    if config.finetune.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise LaunchError("finetune.method qlora needs bitsandbytes; pip install 'llaunch[qlora]'.")
+    model_dir = pretrained_dir(config.model.name_or_path)
+    corpus = _text_corpus(config, model_dir)
     # A model trained from scratch gets the vocabulary of the tokenizer trained on its text (and cached).
-    trained_vocab = (build_corpus(config.data, model_dir).meta["vocab_size"]
-                     if config.data.dataset_format == "text" and model_dir is None else None)
+    trained_vocab = corpus.meta["vocab_size"] if corpus is not None and model_dir is None else None
     plan = make_job_plan(config, trained_vocab, nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
     _check_strategy(config, plan.strategy)
     check_runnable(plan)
-    # Loading the data here makes a bad SFT line (file:line) or too little text fail before any rank starts.
-    load_training_data(config, plan.seq_len).check(plan.global_batch)
+    # Checking the data here makes too little text or a bad SFT line (file:line) fail before any rank starts.
+    if corpus is not None:
+        blocks = PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage)
+        blocks.check(plan.global_batch)
+    else:
+        prepare_data(config, plan.seq_len, plan.global_batch)
 
     job = Job(config=config, plan=plan, output_dir=out, notes=notes)
     if write:
         write_job(job)
     return job
+
+
+def _text_corpus(config: TrainConfig, model_dir: Path | None) -> TokenizedCorpus | None:
+    """The run's token cache (None for SFT data), built by the data helper if it is not cached yet."""
+    if config.data.dataset_format != "text":
+        return None
+    return find_corpus(config.data, model_dir) or TokenizedCorpus(Path(prepare_data(config)["corpus"]))
+
+
+def prepare_data(config: TrainConfig, seq_len: int | None = None, global_batch: int | None = None) -> dict:
+    """Run `python -m launcher.train.prepare_data` (found as the ranks find `launcher.train`) and return what it
+    reports; its user error becomes this process's one sentence. It writes the cache under a temporary name
+    and renames it, so a build that fails or is interrupted leaves no cache entry."""
+    request = json.dumps({"config": config.to_dict(), "seq_len": seq_len, "global_batch": global_batch})
+    done = subprocess.run([sys.executable, "-m", "launcher.train.prepare_data"], input=request,
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode not in (0, EXIT_USER_ERROR):
+        raise LaunchError(f"preparing the training data failed (python -m launcher.train.prepare_data exited "
+                          f"{done.returncode}; its error is above); fix what it names and run again.")
+    report = json.loads(done.stdout.splitlines()[-1])
+    if "error" in report:
+        raise LaunchError(report["error"])
+    return report
 
 
 def _job_dir(config: TrainConfig, output_dir: str | Path | None) -> Path:

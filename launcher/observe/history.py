@@ -13,20 +13,17 @@ import socket
 import sys
 from pathlib import Path
 
-from launcher.observe import goodput
-
-from launcher.observe import event_ledger
 from launcher.errors import LaunchError
+from launcher.home import llaunch_home
+from launcher.observe import event_ledger, goodput
 
 HISTORY_JOBS = 20  # earlier jobs of the same cluster whose failures count towards the MTBF
 
 
 def history_file() -> Path:
     """The list of job directories that ran on this cluster (SLURM's cluster name, or this host)."""
-    from cluster.jobs import records_dir
-
     cluster = os.environ.get("SLURM_CLUSTER_NAME") or f"local-{socket.gethostname()}"
-    return records_dir().parent / "history" / f"{cluster}.txt"
+    return llaunch_home() / "history" / f"{cluster}.txt"
 
 
 def cluster_history(job_dir: str | Path) -> tuple[float, int]:

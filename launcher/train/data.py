@@ -1,66 +1,25 @@
 """Pretraining data: text files -> (trained) tokenizer -> token cache -> packed blocks -> resumable batches.
 
-Tokenizing is done once per (files, sizes, mtimes, tokenizer) and cached on disk, so every rank and every
-later run only memory-maps a `.npy`. Sampling is a seeded permutation per epoch, addressed by
+The cache's layout and the packing are torch-free, in launcher/corpus.py; this side builds the cache (with
+transformers' tokenizers) and reads batches from it. Sampling is a seeded permutation per epoch, addressed by
 (epoch, position), which is all a checkpoint needs to resume on the exact next batch.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from launcher.config import DataConfig
+from launcher.corpus import PackedBlocks, TokenizedCorpus, cache_key, cache_root, collect_text_files, tokenizer_source
 from launcher.errors import LaunchError
 
-CACHE_FORMAT = 1
 EOS_TOKEN = "<|endoftext|>"
-STDLIB = "@stdlib"
-INSTALLED_PACKAGES = {"site-packages", "dist-packages"}
-
-
-def cache_root(config: DataConfig) -> Path:
-    root = config.cache_dir or os.environ.get("LLAUNCH_CACHE") or Path.home() / ".cache" / "llaunch"
-    return Path(root).expanduser() / "datasets"
-
-
-def stdlib_dir() -> Path:
-    """This Python's standard library: text every machine with llaunch has (the quickstart's corpus)."""
-    import sysconfig
-
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-def collect_text_files(config: DataConfig) -> list[Path]:
-    """Every file named or found (by file_pattern) under the named directories, sorted for determinism.
-
-    The entry `@stdlib` names the standard library's directory (installed packages excluded).
-    """
-    if not config.train_files:
-        raise LaunchError("data.train_files is empty; name at least one text file or directory.")
-    files: list[Path] = []
-    for entry in config.train_files:
-        path = stdlib_dir() if entry == STDLIB else Path(entry).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob(config.file_pattern)
-                           if p.is_file() and not INSTALLED_PACKAGES.intersection(p.relative_to(path).parts))
-            if not found:
-                raise LaunchError(f"data directory {path} holds no file matching {config.file_pattern!r}; "
-                                  "set data.file_pattern.")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise LaunchError(f"data path {path} does not exist; fix data.train_files.")
-    return files
 
 
 def read_texts(files: list[Path], max_bytes: int | None) -> list[str]:
@@ -88,53 +47,6 @@ def _decode_text(path: Path) -> str:
     return text
 
 
-def cache_key(config: DataConfig, files: list[Path], tokenizer_source: str) -> str:
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    blob = json.dumps(
-        {"format": CACHE_FORMAT, "files": stats, "max_bytes": config.max_train_bytes, "tokenizer": tokenizer_source},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def tokenizer_source(config: DataConfig, model_dir: str | None) -> str:
-    """Where the tokenizer comes from: the config's, the pretrained model's, or a BPE trained on the data."""
-    if config.tokenizer_name_or_path:
-        return config.tokenizer_name_or_path
-    if model_dir and any(Path(model_dir, f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return str(model_dir)
-    return f"bpe:{config.vocab_size}"
-
-
-@dataclass
-class TokenizedCorpus:
-    """A cache directory holding tokenizer/ and tokens.npy (all documents, each followed by EOS)."""
-
-    path: Path
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / "tokenizer"
-
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
-
-    def tokens(self) -> np.ndarray:
-        return np.load(self.path / "tokens.npy", mmap_mode="r")
-
-    @property
-    def meta(self) -> dict:
-        return json.loads((self.path / "meta.json").read_text())
-
-
-def find_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedCorpus | None:
-    files = collect_text_files(config)
-    path = cache_root(config) / cache_key(config, files, tokenizer_source(config, model_dir))
-    return TokenizedCorpus(path) if (path / "meta.json").exists() else None
-
-
 def build_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedCorpus:
     """Tokenize (training a tokenizer if needed) into the cache, or return the existing cache entry."""
     files = collect_text_files(config)
@@ -151,7 +63,7 @@ def build_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedC
     except OSError as err:
         raise _cache_unwritable(final.parent, err) from None
     try:
-        tokenizer = _train_bpe(texts, config.vocab_size) if source.startswith("bpe:") else _load_tokenizer(source)
+        tokenizer = _train_bpe(texts, config.vocab_size) if source.startswith("bpe:") else load_tokenizer(source)
         tokenizer.save_pretrained(work / "tokenizer")
         if tokenizer.eos_token_id is None:
             raise LaunchError(f"tokenizer {source} has no end-of-text token; use a tokenizer with an eos_token.")
@@ -192,54 +104,12 @@ def _train_bpe(texts: list[str], vocab_size: int):
                                    unk_token=EOS_TOKEN, pad_token=EOS_TOKEN)
 
 
-def _load_tokenizer(source: str):
+def load_tokenizer(source: str | Path):
     from transformers import AutoTokenizer
 
     if not Path(source).exists():
         raise LaunchError(f"tokenizer {source} is not a local directory; llaunch downloads nothing at run time.")
     return AutoTokenizer.from_pretrained(source)
-
-
-@dataclass
-class PackedBlocks:
-    """Fixed-length blocks cut from the token stream; the tail `eval_blocks` are held out for evaluation."""
-
-    tokens: np.ndarray
-    block_size: int
-    validation_split_percentage: float
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.tokens) // self.block_size
-
-    @property
-    def num_eval(self) -> int:
-        if self.validation_split_percentage <= 0 or self.num_blocks < 2:
-            return 0
-        return max(1, round(self.num_blocks * self.validation_split_percentage / 100))
-
-    @property
-    def num_train(self) -> int:
-        return self.num_blocks - self.num_eval
-
-    def train_block(self, index: int) -> np.ndarray:
-        return self._block(index)
-
-    def eval_block(self, index: int) -> np.ndarray:
-        return self._block(self.num_train + index)
-
-    def _block(self, index: int) -> np.ndarray:
-        start = index * self.block_size
-        return np.asarray(self.tokens[start:start + self.block_size], dtype=np.int64)
-
-    def check(self, global_batch: int) -> None:
-        """Fail before launch when the data cannot fill one optimizer step."""
-        if self.num_train < max(1, global_batch):
-            raise LaunchError(
-                f"the data gives {self.num_train} training blocks of {self.block_size} tokens "
-                f"({len(self.tokens)} tokens), fewer than one global batch of {global_batch}; "
-                "add text, or lower data.block_size or the batch size."
-            )
 
 
 class PackedText:
@@ -260,7 +130,7 @@ class PackedText:
         return self.blocks.num_eval
 
     def tokenizer(self):
-        return self.corpus.tokenizer()
+        return load_tokenizer(self.tokenizer_dir)
 
     def check(self, global_batch: int) -> None:
         self.blocks.check(global_batch)

@@ -14,10 +14,9 @@ import torch
 
 from launcher.errors import LaunchError
 from launcher.jobdir.checkpoint_store import ENGINE_DIR, verified_manifest
-from launcher.config import ModelConfig
 from launcher.planning.plan import DEEPSPEED_STRATEGIES
 from launcher.train.adapters import ADAPTER_CONFIG
-from launcher.train.modeling import pretrained_dir
+from launcher.planning.models import pretrained_dir
 from launcher.train.trusted_pickle import check_dcp_metadata
 
 MODEL_KEY = "model"  # engines save DCP state as {"model": ..., "optimizer": ...}
@@ -108,7 +107,7 @@ def _save_adapter(model, to: Path, destination: Path) -> Path:
     and recorded by its absolute path, which PEFT's AutoPeftModelForCausalLM and `llaunch generate` read."""
     config = model.peft_config["default"]
     recorded = config.base_model_name_or_path or ""
-    if pretrained_dir(ModelConfig(name_or_path=recorded)) is None:
+    if pretrained_dir(recorded) is None:
         config.base_model_name_or_path = str((destination / BASE_DIR).absolute())
         with warnings.catch_warnings():  # PEFT looks for the base's config.json, written next
             warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from launcher.config import ModelConfig
 from launcher.errors import LaunchError
+from launcher.planning.models import pretrained_dir
 from launcher.planning.plan import Plan
 
 ATTENTION_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-
-
-def pretrained_dir(model: ModelConfig) -> Path | None:
-    """The local directory holding weights, if the config names one (else the model is random-init)."""
-    path = Path(model.name_or_path).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in WEIGHT_FILES):
-        return path
-    return None
 
 
 def architecture_config(model: ModelConfig, vocab_size: int | None) -> dict:
@@ -46,7 +35,7 @@ def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantizati
 
     attn = ATTENTION_IMPLEMENTATIONS[plan.attention]
     torch.manual_seed(seed)
-    source = pretrained_dir(model)
+    source = pretrained_dir(model.name_or_path)
     if source is not None and model.overrides:
         raise LaunchError("model.overrides changes an architecture; it cannot apply to pretrained weights.")
     if source is None and quantization_config is not None:
@@ -115,7 +104,7 @@ def model_architecture(model: ModelConfig, tokenizer):
     random-initialised with the tokenizer's vocabulary."""
     from transformers import AutoConfig
 
-    source = pretrained_dir(model)
+    source = pretrained_dir(model.name_or_path)
     if source is not None:
         return AutoConfig.from_pretrained(source)
     config = AutoConfig.for_model(**architecture_config(model, len(tokenizer)))

@@ -51,11 +51,12 @@ class TrainingData(Protocol):
 def load_training_data(config: TrainConfig, seq_len: int, build: bool = True) -> TrainingData | None:
     """The run's data for samples of `seq_len` tokens. Tokenized text is cached: with build=False a rank
     only reads the cache and gets None while there is none yet (it waits for the rank that builds it)."""
-    from launcher.train.modeling import pretrained_dir
+    from launcher.planning.models import pretrained_dir
 
-    model_dir = pretrained_dir(config.model)
+    model_dir = pretrained_dir(config.model.name_or_path)
     if config.data.dataset_format == "text":
-        from launcher.train.data import PackedText, build_corpus, find_corpus
+        from launcher.corpus import find_corpus
+        from launcher.train.data import PackedText, build_corpus
 
         corpus = build_corpus(config.data, model_dir) if build else find_corpus(config.data, model_dir)
         return PackedText(corpus, seq_len, config.data.validation_split_percentage) if corpus else None

@@ -7,7 +7,8 @@ import pytest
 
 from launcher.config import DataConfig
 from launcher.errors import LaunchError
-from launcher.train.data import PackedBlocks, StepSampler, build_corpus, find_corpus, rank_micro_batches
+from launcher.corpus import PackedBlocks, find_corpus
+from launcher.train.data import StepSampler, build_corpus, load_tokenizer, rank_micro_batches
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def test_trains_a_bpe_tokenizer_and_caches_the_tokens(tmp_path, corpus_dir):
     config = data_config(tmp_path, [corpus_dir])
     assert find_corpus(config) is None
     corpus = build_corpus(config)
-    tokenizer = corpus.tokenizer()
+    tokenizer = load_tokenizer(corpus.tokenizer_dir)
     assert len(tokenizer) <= 300 and tokenizer.eos_token == "<|endoftext|>"
     tokens = corpus.tokens()
     assert corpus.meta["documents"] == 3  # skip.md is not *.txt
@@ -66,7 +67,7 @@ def test_missing_path_and_empty_data_fail_with_one_sentence(tmp_path):
 
 
 def test_stdlib_entry_finds_python_source(tmp_path):
-    from launcher.train.data import collect_text_files
+    from launcher.corpus import collect_text_files
 
     files = collect_text_files(DataConfig(train_files=["@stdlib"], file_pattern="*.py"))
     names = {f.name for f in files}

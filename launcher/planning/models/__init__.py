@@ -20,10 +20,21 @@ from launcher.errors import LaunchError
 from launcher.planning.models.families import FAMILIES, decoder_spec, gpt2_spec
 from launcher.planning.models.spec import GPT2_LIKE, MLASpec, ModelSpec, MoESpec
 
-__all__ = ["MLASpec", "ModelSpec", "MoESpec", "count_params_on_meta", "load_model_spec", "spec_from_config"]
+__all__ = ["MLASpec", "ModelSpec", "MoESpec", "count_params_on_meta", "load_model_spec", "pretrained_dir",
+           "spec_from_config"]
 
 CATALOG_DIR = Path(__file__).with_name("catalog")
 CONFIG_KEYS_FILE = Path(__file__).parents[1] / "data" / "config_keys.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def pretrained_dir(name_or_path: str) -> Path | None:
+    """The local directory holding weights, if the model is named by one (else it is random-init)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in WEIGHT_FILES):
+        return path
+    return None
 
 
 def load_model_spec(name_or_path: str, overrides: dict | None = None) -> ModelSpec:
