@@ -19,7 +19,8 @@ import yaml
 from launcher.errors import LaunchError
 from launcher.config_values import check_choice, check_numbers, check_type, reject_unknown
 from launcher.files import write_text_atomic
-from launcher.planning.plan import CHOICES, LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
+from launcher.knobs import check_config_knobs
+from launcher.planning.plan import LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
 from launcher.runtime.signals import DEFAULT_SIGNALS
 
 
@@ -30,7 +31,7 @@ class ModelConfig:
     name_or_path: str = ""
     # Changes to the architecture (e.g. {num_hidden_layers: 4}); only for random-init models.
     overrides: dict = field(default_factory=dict)
-    attn_implementation: str | None = None  # sdpa | eager | flash (flash_attention_2); None: planner
+    attn_implementation: str | None = None  # sdpa | eager | flash (flash_attention_2); None: sdpa (launcher.knobs)
 
 
 @dataclass
@@ -84,7 +85,8 @@ class TrainingConfig:
     bf16: bool | None = None  # None: planner picks the precision for the hardware
     fp16: bool | None = None
     tf32: bool | None = None  # None: on where the GPU supports it
-    gradient_checkpointing: bool | None = None  # None: planner decides (activation checkpointing)
+    # Activation checkpointing: none | selective | full (true / false: full / none); None: the planner decides.
+    gradient_checkpointing: bool | str | None = None
     logging_steps: int = 10
     logging_first_step: bool = False
     eval_steps: int | None = None  # None: no evaluation during training, one at the end
@@ -131,11 +133,21 @@ class FinetuneConfig:
 
 @dataclass
 class ParallelConfig:
-    """How to spread the job; None: the planner decides from hardware and memory."""
+    """How to spread the job; None: the planner decides from hardware and memory. Each key is a knob of
+    launcher.knobs, with the same flag in `plan`, `run` and `submit`."""
 
     strategy: str | None = None  # ddp | fsdp | hsdp | zero1 | zero2 | zero3
     offload: str | None = None  # none | optimizer | optimizer+params
     nproc_per_node: int | None = None  # None: all visible GPUs, or one CPU process
+    # The parallelism record's degrees (launcher.planning.parallel); None: the planner's. `llaunch run` and
+    # `submit` run data parallelism only for now, and refuse a layout in one sentence.
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
+    ep: int | None = None
+    pp_schedule: str | None = None
+    pp_virtual_stages: int | None = None
+    sequence_parallel: bool | None = None
     deepspeed: dict = field(default_factory=dict)  # keys merged over the rendered ds_configs template
 
 
@@ -177,17 +189,13 @@ class TrainConfig:
             raise LaunchError(f"training.save_interval_s saves by time and save_strategy {t.save_strategy} decides "
                               f"otherwise; remove one of them.")
         check_choice("training.optim", t.optim, OPTIMIZERS)
-        for key, value, knob in (("parallel.strategy", self.parallel.strategy, "strategy"),
-                                 ("parallel.offload", self.parallel.offload, "offload"),
-                                 ("model.attn_implementation", self.model.attn_implementation, "attention")):
-            if value is not None:  # None: the planner's to choose
-                check_choice(key, value, CHOICES[knob])
         if t.optimizer_in_backward and (t.max_grad_norm > 0 or t.max_grad_value > 0):
             raise LaunchError("training.optimizer_in_backward steps each weight before the gradient norm of the "
                               "whole model exists, so it cannot clip; set training.max_grad_norm: 0 and max_grad_value: 0.")
         if not 0 <= self.data.validation_split_percentage < 100:
             raise LaunchError("data.validation_split_percentage must be in [0, 100).")
         check_numbers(self)
+        check_config_knobs(self)  # the planner's knobs, by the rule the flags follow
         check_choice("data.dataset_format", self.data.dataset_format, ("text", "alpaca", "chat", "jsonl"))
         check_choice("data.on_bad_line", self.data.on_bad_line, ("fail", "skip"))
         f = self.finetune

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from launcher.knobs import LR_FIND, add_knob_flags
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("lr-find", help="learning-rate range test: plot and suggested learning rate",
@@ -22,6 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--end-lr", type=float, default=1.0)
     p.add_argument("--num-steps", type=int, default=200)
     p.add_argument("--smoothing", type=float, default=0.98, help="EMA factor of the smoothed loss")
+    add_knob_flags(p, LR_FIND)
     p.set_defaults(run=run)
 
 
@@ -33,6 +36,7 @@ def run(args) -> int:
     from launcher.errors import LaunchError
     from launcher.files import write_text_atomic
     from launcher.jobdir.prepare import is_run_dir, prepare_job
+    from launcher.knobs import cli_knobs
     from launcher.train import lr_find
 
     out = Path(args.output_dir).expanduser().resolve()
@@ -47,7 +51,7 @@ def run(args) -> int:
     overrides = [*args.overrides, f"training.max_steps={args.num_steps}", "training.save_strategy='no'",
                  "training.eval_steps=null", "training.resume_from_checkpoint=null", "parallel.nproc_per_node=1"]
     with tempfile.TemporaryDirectory(prefix="llaunch-lr-find-") as job_dir:
-        job = prepare_job(args.config, overrides, output_dir=job_dir)
+        job = prepare_job(args.config, overrides, knobs=cli_knobs(args), output_dir=job_dir)
         try:  # before the sweep, not after it
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
