@@ -235,16 +235,17 @@ def _config_value(config, knob: Knob) -> Any:
 
 
 def request_knobs(config, flags: dict[str, Any], notes: list[str], source: str) -> dict[str, Any]:
-    """The one mapping to the planner's request: the config's knobs with the flags' over them; where a flag
-    replaces a value the config set, a sentence saying so goes into `notes`."""
+    """The one mapping to the planner's request: the config's knobs with `flags` (the command line's, and
+    `submit`'s cluster profile's nodes) over them. A flag with a config key was written into the config
+    already (config_overrides; load_train_config says what it replaced); one the config derives from other keys
+    (precision, from training.bf16 / fp16) is said here, into `notes`."""
     knobs = config_knobs(config)
     for field, value in flags.items():
         if value is None:
             continue
-        knob = BY_FIELD.get(field)
-        before = knobs.get(field)
-        if knob is not None and before is not None and before != value:
-            notes.append(f"llaunch: {knob.flag} overrides {knob.config}: {before} set by {source} or its overrides.")
+        knob, before = BY_FIELD.get(field), knobs.get(field)
+        if knob is not None and "." not in (knob.config or ".") and before not in (None, value):
+            notes.append(f"llaunch: {knob.flag} {value} overrides {before}, which {source} or its overrides ask for.")
         knobs[field] = value
     return knobs
 

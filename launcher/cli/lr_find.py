@@ -36,7 +36,7 @@ def run(args) -> int:
     from launcher.errors import LaunchError
     from launcher.files import write_text_atomic
     from launcher.jobdir.prepare import is_run_dir, prepare_job
-    from launcher.knobs import cli_knobs
+    from launcher.knobs import cli_knobs, config_overrides
     from launcher.train import lr_find
 
     out = Path(args.output_dir).expanduser().resolve()
@@ -51,7 +51,8 @@ def run(args) -> int:
     overrides = [*args.overrides, f"training.max_steps={args.num_steps}", "training.save_strategy='no'",
                  "training.eval_steps=null", "training.resume_from_checkpoint=null", "parallel.nproc_per_node=1"]
     with tempfile.TemporaryDirectory(prefix="llaunch-lr-find-") as job_dir:
-        job = prepare_job(args.config, overrides, knobs=cli_knobs(args), output_dir=job_dir)
+        job = prepare_job(args.config, overrides, flags=config_overrides(args), knobs=cli_knobs(args),
+                          output_dir=job_dir)
         try:  # before the sweep, not after it
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
