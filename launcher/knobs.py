@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from launcher.errors import LaunchError
-from launcher.planning.plan import CHOICES, TrainSetup
+from launcher.planning.plan import CHOICES, TrainSetup, check_knob, recompute_mode
 from launcher.units import parse_bytes
 
 PLAN, RUN, SUBMIT, LR_FIND, DOCTOR = "plan", "run", "submit", "lr-find", "doctor"
@@ -25,8 +25,7 @@ PLANNED = (PLAN, RUN, SUBMIT)  # the commands that plan a job (run: on this node
 TRAINED = (*PLANNED, LR_FIND)  # and lr-find, which trains one rank in this process
 DESCRIBED = (PLAN, SUBMIT)  # the commands that plan for nodes described rather than probed
 GROUPS = {
-    "hardware": "hardware (default: this machine's GPUs; without any, these flags, --cluster, the SLURM partition "
-                "seen from a login node, else what the model takes on common GPUs)",
+    "hardware": "hardware (default: the nodes this runs on, or the cluster profile's)",
     "knobs": "knobs (default: the planner chooses, or the config's key, else the default shown)",
     "layout": "layout (default: the planner chooses; `llaunch run` runs data parallelism only)",
     "config": "config shorthands (each sets one train-config key, over the YAML and its overrides)",
@@ -63,14 +62,26 @@ class Knob:
     commands: tuple[str, ...] = PLANNED
     group: str = "knobs"
     type: Callable = str  # what argparse converts the text with
-    parse: Callable | None = None  # (value, flag) -> value in the mapping, so a bad one is a LaunchError
+    # (value, flag) -> value, applied in the mapping so a bad one is a LaunchError; a dict is several request
+    # fields (--global-batch: sequences, or tokens with a 'tok' suffix).
+    parse: Callable | None = None
     switch: bool = False  # a flag without a value: it sets True
     negatable: bool = False  # a boolean flag with its --no- form
     optional: Any = None  # the value of the flag written without one (nargs="?")
     negation: tuple[str, Any] | None = None  # (--no-X flag, the value it sets)
     metavar: str | None = None  # what --help shows for the value (counts: N)
     planner: bool = False  # unset, the planner (or the hardware) chooses it; else TrainSetup's default holds
-    plans: bool = True
+    plans: bool = True  # False: a config shorthand, not a planner knob
+
+    @property
+    def has_yaml_key(self) -> bool:
+        """Its config is a key a YAML sets (section.key), not a TrainConfig property derived from others."""
+        return bool(self.config) and "." in self.config
+
+    @property
+    def value_name(self) -> str | None:
+        """What --help shows for the value: the choices themselves, N for a count, else the field's name."""
+        return None if self.choices else self.metavar or ("N" if self.type is int else self.field.upper())
 
     @property
     def choices(self) -> tuple | None:
@@ -87,7 +98,8 @@ class Knob:
 
     def help_text(self) -> str:
         where = f"; config {self.config}" if self.config else ""
-        default = "the planner chooses" if self.planner else self.default
+        chooser = "what the hardware or the cluster profile has" if self.group == "hardware" else "the planner chooses"
+        default = chooser if self.planner else self.default
         return f"{self.help}{where}" + (f" (default: {default})" if self.plans and default is not None else "")
 
 
@@ -98,7 +110,7 @@ def _count(field: str, flag: str, help: str, **kw) -> Knob:
 KNOBS = (
     _count("gpus_per_node", "--gpus-per-node", "GPUs per node (on CPU: processes); submit: 0 = CPU nodes on gloo",
            config="parallel.nproc_per_node", aliases=("--gpus", "--nproc-per-node"), group="hardware", planner=True),
-    _count("nodes", "--nodes", "number of nodes (submit, doctor: default the cluster profile's)", commands=(*DESCRIBED, DOCTOR), group="hardware", planner=True),
+    _count("nodes", "--nodes", "number of nodes", commands=(*DESCRIBED, DOCTOR), group="hardware", planner=True),
     Knob("gpu", "--gpu", "GPU model for peak FLOP/s and bandwidth (H100, A100-40GB, L40S, ...)", commands=DESCRIBED,
          group="hardware"),
     Knob("gpu_mem_bytes", "--gpu-mem", "memory per GPU, e.g. 80GiB or 40GB", commands=DESCRIBED, group="hardware",
@@ -162,8 +174,9 @@ KNOBS = (
 BY_FIELD = {knob.field: knob for knob in KNOBS}
 
 
-def add_knob_flags(parser, command: str) -> dict[str, Any]:
-    """Add the flags of every knob `command` takes, in the table's groups; each action is marked with its knob
+def add_knob_flags(parser, command: str, titles: dict[str, str] | None = None) -> dict[str, Any]:
+    """Add the flags of every knob `command` takes, in the table's groups (`titles` renames some for the
+    command), and return the groups by name; each action is marked with its knob
     (the test that no command declares a knob by hand reads the mark). No default is given, so a parser with
     argument_default=SUPPRESS (`run`'s flags after CONFIG) leaves what was parsed before alone."""
     groups: dict[str, Any] = {}
@@ -171,7 +184,7 @@ def add_knob_flags(parser, command: str) -> dict[str, Any]:
         if command not in knob.commands:
             continue
         if knob.group not in groups:
-            groups[knob.group] = parser.add_argument_group(GROUPS[knob.group])
+            groups[knob.group] = parser.add_argument_group({**GROUPS, **(titles or {})}[knob.group])
         _add_flag(groups[knob.group], knob)
     return groups
 
@@ -186,8 +199,7 @@ def _add_flag(group, knob: Knob) -> None:
     else:
         extra = {"nargs": "?", "const": knob.optional} if knob.optional is not None else {}
         actions = [group.add_argument(*flags, dest=knob.field, type=knob.type, choices=knob.choices,
-                                      metavar=None if knob.choices else knob.metavar or ("N" if knob.type is int else knob.field.upper()), help=knob.help_text(),
-                                      **extra)]
+                                      metavar=knob.value_name, help=knob.help_text(), **extra)]
     if knob.negation:
         flag, value = knob.negation
         actions.append(group.add_argument(flag, dest=knob.field, action="store_const", const=value,
@@ -244,7 +256,7 @@ def request_knobs(config, flags: dict[str, Any], notes: list[str], source: str) 
         if value is None:
             continue
         knob, before = BY_FIELD.get(field), knobs.get(field)
-        if knob is not None and "." not in (knob.config or ".") and before not in (None, value):
+        if knob is not None and knob.config and not knob.has_yaml_key and before not in (None, value):
             notes.append(f"llaunch: {knob.flag} {value} overrides {before}, which {source} or its overrides ask for.")
         knobs[field] = value
     return knobs
@@ -257,7 +269,7 @@ def config_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
     out = []
     for knob in KNOBS:
         raw = getattr(args, knob.field, None)
-        if raw is None or raw is False and knob.switch or "." not in (knob.config or ""):
+        if raw is None or raw is False and knob.switch or not knob.has_yaml_key:
             continue
         value = knob.parse(raw, knob.flag) if knob.plans and knob.parse else raw
         if isinstance(value, dict):  # the global batch: only a count of sequences has a config key
@@ -269,8 +281,6 @@ def config_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def check_config_knobs(config) -> None:
     """A config's knob values by the same rule as the flags' (launcher.planning.plan.check_knob), named by key."""
-    from launcher.planning.plan import check_knob, recompute_mode
-
     for field, value in config_knobs(config).items():
         knob = BY_FIELD[field]
         check_knob(field, recompute_mode(value) if field == "activation_checkpointing" else value, knob.config)

@@ -11,6 +11,8 @@ from launcher.files import check_file_target
 from launcher.knobs import PLAN, add_knob_flags, cli_knobs
 
 TABLE_ROWS = 14
+HARDWARE = ("hardware (default: this machine's GPUs; without any, these flags, --cluster, the SLURM partition seen "
+            "from a login node, else what the model takes on common GPUs)")
 GPUS_PER_NODE = 8  # what --nodes K without --gpus-per-node means when no GPUs are visible: nodes of eight
 
 
@@ -19,7 +21,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="alias (7b, 70b), catalog name, cached HF id, model dir or config.json")
     p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change an HF config key before counting (e.g. num_hidden_layers=4); repeatable")
-    groups = add_knob_flags(p, PLAN)
+    groups = add_knob_flags(p, PLAN, {"hardware": HARDWARE})
     groups["hardware"].add_argument("--cluster", help="plan for a cluster profile's nodes (as `submit --cluster` does): "
                                     "a name under cluster/profiles or a YAML path")
     groups["hardware"].add_argument("--partition", help="on a SLURM login node: plan for this partition's GPUs "
