@@ -1,7 +1,8 @@
 """The train config: dataclass sections <-> YAML, `section.key=value` overrides, strict validation.
 
 Keys follow Hugging Face TrainingArguments names where one exists, so a user's HF habits carry over.
-`None` means "the planner (or a sensible rule) chooses"; a value set here is respected as forced.
+`None` means "the planner (or a sensible rule) chooses"; a value set here is respected as forced. The keys
+that are planner knobs are rows of launcher.knobs, with their flags; their unset default is TrainSetup's.
 Unknown keys and wrong types fail here, before any process starts.
 """
 
@@ -31,7 +32,7 @@ class ModelConfig:
     name_or_path: str = ""
     # Changes to the architecture (e.g. {num_hidden_layers: 4}); only for random-init models.
     overrides: dict = field(default_factory=dict)
-    attn_implementation: str | None = None  # sdpa | eager | flash (flash_attention_2); None: sdpa (launcher.knobs)
+    attn_implementation: str | None = None  # sdpa | eager | flash (flash_attention_2); None: TrainSetup.attention, sdpa
 
 
 @dataclass
