@@ -262,14 +262,14 @@ def request_knobs(config, flags: dict[str, Any], notes: list[str], source: str) 
     return knobs
 
 
-def config_overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(flag as typed, `key=value`) for each flag the user set that has a train-config key, so the job's
-    config.yaml says what was forced; they win over the YAML and over positional overrides
-    (launcher.config.load_train_config applies them last, and says so)."""
+def config_overrides(args: argparse.Namespace, without: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(flag as typed, `key=value`) for each flag the user set that has a train-config key (but the fields
+    `without`), so the job's config.yaml says what was forced; they win over the YAML and over positional
+    overrides (launcher.config.load_train_config applies them last, and says so)."""
     out = []
     for knob in KNOBS:
         raw = getattr(args, knob.field, None)
-        if raw is None or raw is False and knob.switch or not knob.has_yaml_key:
+        if raw is None or raw is False and knob.switch or not knob.has_yaml_key or knob.field in without:
             continue
         value = knob.parse(raw, knob.flag) if knob.plans and knob.parse else raw
         if isinstance(value, dict):  # the global batch: only a count of sequences has a config key

@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
         slurm_reachable(env)  # before anything is written
         check_partition(profile, env)
     knobs.update(nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None)
-    job = prepare_job(args.config, args.overrides, flags=config_overrides(args), knobs=knobs,
-                      output_dir=args.output_dir, hardware=profile.hardware(), write=False)
+    flags = config_overrides(args, without=("gpus_per_node",))  # the profile's nodes', not parallel.nproc_per_node
+    job = prepare_job(args.config, args.overrides, flags=flags, knobs=knobs, output_dir=args.output_dir,
+                      hardware=profile.hardware(), write=False)
     for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
         job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch
     name = job_name(f"llaunch-{Path(args.config).stem}")

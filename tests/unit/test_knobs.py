@@ -91,7 +91,8 @@ def test_plan_run_dry_run_and_submit_dry_run_make_the_same_plan(tmp_path, capsys
                  "-o", str(tmp_path / "plan.yaml")]) == 0
     assert main(["run", str(config), "--output-dir", str(tmp_path / "run"), "--dry-run", *SHARED]) == 0
     capsys.readouterr()
-    assert main(["submit", str(config), "--cluster", "local", "--nodes", "1", "--output-dir", str(tmp_path / "sub"),
+    assert main(["submit", str(config), "--cluster", "local", "--nodes", "1", "--gpus-per-node", "0",
+                 "--output-dir", str(tmp_path / "sub"),
                  "--dry-run", *SHARED]) == 0
     printed = capsys.readouterr().out
     submitted = Plan.from_dict(yaml.safe_load(printed.split("when submitted):\n", 1)[1].split("# nothing written")[0]))
