@@ -21,7 +21,7 @@ from launcher.errors import LaunchError
 from launcher.config_values import check_choice, check_numbers, check_type, reject_unknown
 from launcher.files import write_text_atomic
 from launcher.knobs import check_config_knobs
-from launcher.planning.plan import LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
+from launcher.planning.plan import LORA_R, LOSS_CHUNK_TOKENS
 from launcher.runtime.signals import DEFAULT_SIGNALS
 
 
@@ -189,7 +189,6 @@ class TrainConfig:
         if t.save_interval_s is not None and t.save_strategy != "steps":
             raise LaunchError(f"training.save_interval_s saves by time and save_strategy {t.save_strategy} decides "
                               f"otherwise; remove one of them.")
-        check_choice("training.optim", t.optim, OPTIMIZERS)
         if t.optimizer_in_backward and (t.max_grad_norm > 0 or t.max_grad_value > 0):
             raise LaunchError("training.optimizer_in_backward steps each weight before the gradient norm of the "
                               "whole model exists, so it cannot clip; set training.max_grad_norm: 0 and max_grad_value: 0.")
@@ -200,12 +199,11 @@ class TrainConfig:
         check_choice("data.dataset_format", self.data.dataset_format, ("text", "alpaca", "chat", "jsonl"))
         check_choice("data.on_bad_line", self.data.on_bad_line, ("fail", "skip"))
         f = self.finetune
-        check_choice("finetune.method", f.method, ("full", "lora", "qlora", "prefix"))
         check_choice("finetune.bias", f.bias, ("none", "all", "lora_only"))
         check_choice("finetune.bnb_4bit_quant_type", f.bnb_4bit_quant_type, ("nf4", "fp4"))
         check_choice("finetune.bnb_4bit_compute_dtype", f.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
-        if f.r < 1 or f.num_virtual_tokens < 1:
-            raise LaunchError("finetune.r and finetune.num_virtual_tokens must be at least 1.")
+        if f.num_virtual_tokens < 1:
+            raise LaunchError("finetune.num_virtual_tokens must be at least 1.")
         if f.method == "prefix" and self.data.packing and self.data.dataset_format != "text":
             # The prefix is a KV cache, and transformers keeps packed examples apart only without one.
             raise LaunchError("finetune.method prefix cannot keep packed examples apart; set data.packing: false.")
