@@ -23,7 +23,7 @@ from launcher.units import parse_bytes
 PLAN, RUN, SUBMIT, LR_FIND, DOCTOR = "plan", "run", "submit", "lr-find", "doctor"
 PLANNED = (PLAN, RUN, SUBMIT)  # the commands that plan a job (run: on this node)
 TRAINED = (*PLANNED, LR_FIND)  # and lr-find, which trains one rank in this process
-DESCRIBED = (PLAN, SUBMIT)  # the commands that plan for nodes described rather than probed
+DESCRIBED = (PLAN, SUBMIT)  # the commands that plan for nodes described (flags, a profile) rather than probed
 GROUPS = {
     "hardware": "hardware (default: the nodes this runs on, or the cluster profile's)",
     "knobs": "knobs (default: the planner chooses, or the config's key, else the default shown)",
@@ -111,9 +111,10 @@ KNOBS = (
     _count("gpus_per_node", "--gpus-per-node", "GPUs per node (on CPU: processes); submit: 0 = CPU nodes on gloo",
            config="parallel.nproc_per_node", aliases=("--gpus", "--nproc-per-node"), group="hardware", planner=True),
     _count("nodes", "--nodes", "number of nodes", commands=(*DESCRIBED, DOCTOR), group="hardware", planner=True),
-    Knob("gpu", "--gpu", "GPU model for peak FLOP/s and bandwidth (H100, A100-40GB, L40S, ...)", commands=DESCRIBED,
+    # The GPU model is probed by `run` and read from the cluster profile by `submit`.
+    Knob("gpu", "--gpu", "GPU model for peak FLOP/s and bandwidth (H100, A100-40GB, L40S, ...)", commands=(PLAN,),
          group="hardware"),
-    Knob("gpu_mem_bytes", "--gpu-mem", "memory per GPU, e.g. 80GiB or 40GB", commands=DESCRIBED, group="hardware",
+    Knob("gpu_mem_bytes", "--gpu-mem", "memory per GPU, e.g. 80GiB or 40GB", commands=(PLAN,), group="hardware",
          parse=parse_bytes, metavar="SIZE"),
     Knob("device", "--device", "cpu: plan N gloo processes on this machine's CPU (what `run` does without a GPU)",
          commands=(PLAN,), group="hardware", planner=True),
