@@ -1,7 +1,8 @@
 """The train config: dataclass sections <-> YAML, `section.key=value` overrides, strict validation.
 
 Keys follow Hugging Face TrainingArguments names where one exists, so a user's HF habits carry over.
-`None` means "the planner (or a sensible rule) chooses"; a value set here is respected as forced.
+`None` means "the planner (or a sensible rule) chooses"; a value set here is respected as forced. The keys
+that are planner knobs are rows of launcher.knobs, with their flags; their unset default is TrainSetup's.
 Unknown keys and wrong types fail here, before any process starts.
 """
 
@@ -19,7 +20,8 @@ import yaml
 from launcher.errors import LaunchError
 from launcher.config_values import check_choice, check_numbers, check_type, reject_unknown
 from launcher.files import write_text_atomic
-from launcher.planning.plan import CHOICES, LORA_R, LOSS_CHUNK_TOKENS, OPTIMIZERS
+from launcher.knobs import check_config_knobs
+from launcher.planning.plan import LORA_R, LOSS_CHUNK_TOKENS
 from launcher.runtime.signals import DEFAULT_SIGNALS
 
 
@@ -30,7 +32,7 @@ class ModelConfig:
     name_or_path: str = ""
     # Changes to the architecture (e.g. {num_hidden_layers: 4}); only for random-init models.
     overrides: dict = field(default_factory=dict)
-    attn_implementation: str | None = None  # sdpa | eager | flash (flash_attention_2); None: planner
+    attn_implementation: str | None = None  # sdpa | eager | flash (flash_attention_2); None: TrainSetup.attention, sdpa
 
 
 @dataclass
@@ -84,7 +86,8 @@ class TrainingConfig:
     bf16: bool | None = None  # None: planner picks the precision for the hardware
     fp16: bool | None = None
     tf32: bool | None = None  # None: on where the GPU supports it
-    gradient_checkpointing: bool | None = None  # None: planner decides (activation checkpointing)
+    # Activation checkpointing: none | selective | full (true / false: full / none); None: the planner decides.
+    gradient_checkpointing: bool | str | None = None
     logging_steps: int = 10
     logging_first_step: bool = False
     eval_steps: int | None = None  # None: no evaluation during training, one at the end
@@ -131,11 +134,21 @@ class FinetuneConfig:
 
 @dataclass
 class ParallelConfig:
-    """How to spread the job; None: the planner decides from hardware and memory."""
+    """How to spread the job; None: the planner decides from hardware and memory. Each key is a knob of
+    launcher.knobs, with the same flag in `plan`, `run` and `submit`."""
 
     strategy: str | None = None  # ddp | fsdp | hsdp | zero1 | zero2 | zero3
     offload: str | None = None  # none | optimizer | optimizer+params
     nproc_per_node: int | None = None  # None: all visible GPUs, or one CPU process
+    # The parallelism record's degrees (launcher.planning.parallel); None: the planner's. `llaunch run` and
+    # `submit` run data parallelism only for now, and refuse a layout in one sentence.
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
+    ep: int | None = None
+    pp_schedule: str | None = None
+    pp_virtual_stages: int | None = None
+    sequence_parallel: bool | None = None
     deepspeed: dict = field(default_factory=dict)  # keys merged over the rendered ds_configs template
 
 
@@ -176,27 +189,21 @@ class TrainConfig:
         if t.save_interval_s is not None and t.save_strategy != "steps":
             raise LaunchError(f"training.save_interval_s saves by time and save_strategy {t.save_strategy} decides "
                               f"otherwise; remove one of them.")
-        check_choice("training.optim", t.optim, OPTIMIZERS)
-        for key, value, knob in (("parallel.strategy", self.parallel.strategy, "strategy"),
-                                 ("parallel.offload", self.parallel.offload, "offload"),
-                                 ("model.attn_implementation", self.model.attn_implementation, "attention")):
-            if value is not None:  # None: the planner's to choose
-                check_choice(key, value, CHOICES[knob])
         if t.optimizer_in_backward and (t.max_grad_norm > 0 or t.max_grad_value > 0):
             raise LaunchError("training.optimizer_in_backward steps each weight before the gradient norm of the "
                               "whole model exists, so it cannot clip; set training.max_grad_norm: 0 and max_grad_value: 0.")
         if not 0 <= self.data.validation_split_percentage < 100:
             raise LaunchError("data.validation_split_percentage must be in [0, 100).")
         check_numbers(self)
+        check_config_knobs(self)  # the planner's knobs, by the rule the flags follow
         check_choice("data.dataset_format", self.data.dataset_format, ("text", "alpaca", "chat", "jsonl"))
         check_choice("data.on_bad_line", self.data.on_bad_line, ("fail", "skip"))
         f = self.finetune
-        check_choice("finetune.method", f.method, ("full", "lora", "qlora", "prefix"))
         check_choice("finetune.bias", f.bias, ("none", "all", "lora_only"))
         check_choice("finetune.bnb_4bit_quant_type", f.bnb_4bit_quant_type, ("nf4", "fp4"))
         check_choice("finetune.bnb_4bit_compute_dtype", f.bnb_4bit_compute_dtype, ("bfloat16", "float16", "float32"))
-        if f.r < 1 or f.num_virtual_tokens < 1:
-            raise LaunchError("finetune.r and finetune.num_virtual_tokens must be at least 1.")
+        if f.num_virtual_tokens < 1:
+            raise LaunchError("finetune.num_virtual_tokens must be at least 1.")
         if f.method == "prefix" and self.data.packing and self.data.dataset_format != "text":
             # The prefix is a KV cache, and transformers keeps packed examples apart only without one.
             raise LaunchError("finetune.method prefix cannot keep packed examples apart; set data.packing: false.")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 
+from launcher.knobs import DOCTOR, add_knob_flags
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("doctor", help="check nodes, network, storage, software and GPUs before a job runs")
     p.add_argument("config", nargs="?", help="train config YAML: checks space, GPUs and config against its plan")
-    p.add_argument("--nodes", type=int, help="run as a SLURM job on this many nodes (profile default with --cluster)")
+    add_knob_flags(p, DOCTOR)  # --nodes: run as a SLURM job on this many nodes (the profile's with --cluster)
     p.add_argument("--cluster", help="cluster profile for the SLURM job (default: local when --nodes is given)")
     p.add_argument("--output-dir", help="job dir to check and write doctor/node-N.json into (default: the "
                                         "config's output_dir, else ./llaunch-doctor)")
@@ -73,7 +75,7 @@ def _job_facts(args: argparse.Namespace, profile):
     from launcher.jobdir.prepare import prepare_job
 
     job = prepare_job(args.config, output_dir=args.output_dir, write=False,
-                      **({"nodes": profile.nodes, "gpus_per_node": profile.gpus_per_node or None,
+                      **({"knobs": {"nodes": profile.nodes, "gpus_per_node": profile.gpus_per_node or None},
                           "hardware": profile.hardware()} if profile else {}))
     return (job.plan, Path(job.output_dir), *job_facts(job.config, job.plan))
 

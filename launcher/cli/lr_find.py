@@ -10,6 +10,10 @@ run's directory, so an LR sweep cannot touch a run's checkpoints or metrics.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from launcher.errors import LaunchError
+from launcher.knobs import LR_FIND, add_knob_flags
 
 
 def add_parser(subparsers) -> None:
@@ -22,32 +26,26 @@ def add_parser(subparsers) -> None:
     p.add_argument("--end-lr", type=float, default=1.0)
     p.add_argument("--num-steps", type=int, default=200)
     p.add_argument("--smoothing", type=float, default=0.98, help="EMA factor of the smoothed loss")
+    add_knob_flags(p, LR_FIND)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    import json
     import tempfile
-    from pathlib import Path
 
-    from launcher.errors import LaunchError
-    from launcher.files import write_text_atomic
-    from launcher.jobdir.prepare import is_run_dir, prepare_job
+    from launcher.jobdir.prepare import prepare_job
+    from launcher.knobs import cli_knobs, config_overrides
     from launcher.train import lr_find
 
-    out = Path(args.output_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise LaunchError(f"lr-find output {out} is a file; choose a directory for lr_find.png and lr_find.json.")
-    if is_run_dir(out):
-        raise LaunchError(f"{out} is a training run's directory; lr-find writes into its own, e.g. "
-                          f"--output-dir {out.parent / 'lr-find'}.")
+    out = _output_dir(args.output_dir)
     lrs = lr_find.sweep_lrs(args.start_lr, args.end_lr, args.num_steps)
     if not 0 <= args.smoothing < 1:
         raise LaunchError(f"--smoothing {args.smoothing} must be in [0, 1).")
     overrides = [*args.overrides, f"training.max_steps={args.num_steps}", "training.save_strategy='no'",
                  "training.eval_steps=null", "training.resume_from_checkpoint=null", "parallel.nproc_per_node=1"]
     with tempfile.TemporaryDirectory(prefix="llaunch-lr-find-") as job_dir:
-        job = prepare_job(args.config, overrides, output_dir=job_dir)
+        job = prepare_job(args.config, overrides, flags=config_overrides(args), knobs=cli_knobs(args),
+                          output_dir=job_dir)
         try:  # before the sweep, not after it
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -64,6 +62,29 @@ def run(args) -> int:
     if not result.lrs:
         raise LaunchError(f"the loss was not finite at the first step (lr {lrs[0]:.1e}); lower --start-lr or "
                           "check the data and model.")
+    return _report(result, lrs, out)
+
+
+def _output_dir(path: str) -> Path:
+    """Where the plot goes: a directory that is not a training run's (an LR sweep never touches a run)."""
+    from launcher.jobdir.prepare import is_run_dir
+
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise LaunchError(f"lr-find output {out} is a file; choose a directory for lr_find.png and lr_find.json.")
+    if is_run_dir(out):
+        raise LaunchError(f"{out} is a training run's directory; lr-find writes into its own, e.g. "
+                          f"--output-dir {out.parent / 'lr-find'}.")
+    return out
+
+
+def _report(result, lrs, out: Path) -> int:
+    """Write the plot and the JSON, print the suggestion; 1 when the sweep shows no clear descent."""
+    import json
+
+    from launcher.files import write_text_atomic
+    from launcher.train import lr_find
+
     lr_find.plot(result, out / "lr_find.png")
     write_text_atomic(out / "lr_find.json", json.dumps(
         {"lrs": result.lrs, "losses": result.losses, "smoothed": result.smoothed,

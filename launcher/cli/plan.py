@@ -8,11 +8,12 @@ from pathlib import Path
 
 from launcher.errors import LaunchError
 from launcher.files import check_file_target
-from launcher.planning.parallel import PP_SCHEDULES, RECOMPUTES
-from launcher.planning.plan import ATTENTIONS, DEVICES, LORA_R, LOSS_CHUNK_TOKENS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, STRATEGIES
+from launcher.knobs import PLAN, add_knob_flags, cli_knobs
 
 TABLE_ROWS = 14
-GPUS_PER_NODE = 8  # what --nodes K without --gpus means when no GPUs are visible: nodes of eight
+HARDWARE = ("hardware (default: this machine's GPUs; without any, these flags, --cluster, the SLURM partition seen "
+            "from a login node, else what the model takes on common GPUs)")
+GPUS_PER_NODE = 8  # what --nodes K without --gpus-per-node means when no GPUs are visible: nodes of eight
 
 
 def add_parser(subparsers) -> None:
@@ -20,38 +21,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="alias (7b, 70b), catalog name, cached HF id, model dir or config.json")
     p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE",
                    help="change an HF config key before counting (e.g. num_hidden_layers=4); repeatable")
-    hw = p.add_argument_group(
-        "hardware (default: this machine's GPUs; without any, these flags, --cluster, the SLURM partition seen "
-        "from a login node, else what the model takes on common GPUs)")
-    hw.add_argument("--gpus", type=int, help="GPUs per node")
-    hw.add_argument("--nodes", type=int, help="number of nodes")
-    hw.add_argument("--gpu", help="GPU model for peak FLOP/s and bandwidth (H100, A100-40GB, L40S, ...)")
-    hw.add_argument("--gpu-mem", help="memory per GPU, e.g. 80GiB or 40GB")
-    hw.add_argument("--cluster", help="plan for a cluster profile's nodes (as `submit --cluster` does): a name under cluster/profiles or a YAML path")
-    hw.add_argument("--partition", help="on a SLURM login node: plan for this partition's GPUs (default: the default partition)")
-    hw.add_argument("--device", choices=DEVICES, help="cpu: plan N gloo processes on this machine's CPU (what `run` does without a GPU)")
-    knobs = p.add_argument_group("knobs (default: the planner chooses)")
-    knobs.add_argument("--strategy", choices=STRATEGIES)
-    knobs.add_argument("--offload", choices=OFFLOADS)
-    knobs.add_argument("--micro-batch", type=int)
-    knobs.add_argument("--global-batch", help="sequences per optimizer step, or tokens with a 'tok' suffix (524288tok)")
-    knobs.add_argument("--seq-len", type=int, default=2048)
-    knobs.add_argument("--precision", choices=PRECISIONS)
-    knobs.add_argument("--activation-checkpointing", nargs="?", const="full", choices=RECOMPUTES, default=None,
-                       help="recompute in backward: none, selective (op-level SAC) or full (alone: full)")
-    knobs.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
-                       const="none", help="same as --activation-checkpointing none")
-    _add_layout_flags(p)
-    knobs.add_argument("--method", choices=METHODS, help="default: full (without GPUs to plan for: full, lora and qlora side by side)")
-    knobs.add_argument("--lora-r", type=int, default=LORA_R)
-    knobs.add_argument("--lora-targets", default="all-linear", help="all-linear or a comma list (q_proj,v_proj)")
-    knobs.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw_torch_fused",
-                       help="training.optim of the run (HF names); its states and step() temporaries differ")
-    knobs.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
-    knobs.add_argument("--optimizer-in-backward", action="store_true",
-                       help="training.optimizer_in_backward: step each weight as its gradient is ready (1 GPU)")
-    knobs.add_argument("--loss-chunk-tokens", type=int, default=LOSS_CHUNK_TOKENS,
-                       help="training.loss_chunk_tokens: the loss's logits this many tokens at a time; 0: all at once")
+    groups = add_knob_flags(p, PLAN, {"hardware": HARDWARE})
+    groups["hardware"].add_argument("--cluster", help="plan for a cluster profile's nodes (as `submit --cluster` does): "
+                                    "a name under cluster/profiles or a YAML path")
+    groups["hardware"].add_argument("--partition", help="on a SLURM login node: plan for this partition's GPUs "
+                                    "(default: the default partition)")
     p.add_argument("--trace", action="store_true",
                    help="also trace one real step of the model cut to 1-2 layers on fake tensors (MemTracker), scaled by depth")
     p.add_argument("--json", action="store_true", help="print the chosen plan as JSON")
@@ -62,24 +36,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _add_layout_flags(p) -> None:
-    """The parallelism record's knobs (launcher.planning.parallel.ParallelDims); --strategy names its data-parallel part."""
-    layout = p.add_argument_group("layout (default: the planner chooses; `llaunch run` runs data parallelism only)")
-    for flag, what in (("--tp", "tensor (+ sequence) parallel ranks, within a node"), ("--pp", "pipeline stages"),
-                       ("--cp", "context parallel ranks (the sequence split)"), ("--ep", "expert parallel ranks (MoE)"),
-                       ("--pp-virtual-stages", "model chunks per pipeline rank (interleaved 1F1B)")):
-        layout.add_argument(flag, type=int, help=what)
-    layout.add_argument("--pp-schedule", choices=PP_SCHEDULES)
-    layout.add_argument("--pp-microbatches", type=int,
-                        help="micro-batches each pipeline runs per step (the data-parallel part's accumulation)")
-    layout.add_argument("--no-sequence-parallel", dest="sequence_parallel", action="store_false", default=None,
-                        help="with --tp: replicate the norms' activations (Megatron-LM without --sequence-parallel)")
-
-
 def request_from_args(args):
     """Flags -> PlanRequest, with each malformed value named in one sentence."""
     from launcher.planning.planner import PlanRequest
-    from launcher.units import parse_bytes
 
     overrides = {}
     for item in args.model_override:
@@ -87,28 +46,7 @@ def request_from_args(args):
         if not sep or not key:
             raise LaunchError(f"--model-override {item!r} must look like KEY=VALUE (e.g. num_hidden_layers=4).")
         overrides[key.strip()] = _json_value(value)
-    global_batch = global_tokens = None
-    if args.global_batch is not None:
-        text = str(args.global_batch).strip().lower()
-        number = text.removesuffix("tokens").removesuffix("tok")
-        if not number.isdigit() or int(number) < 1:
-            raise LaunchError(f"--global-batch {args.global_batch!r} must be a positive count of sequences, or of tokens like 524288tok.")
-        if number != text:
-            global_tokens = int(number)
-        else:
-            global_batch = int(number)
-    return PlanRequest(
-        model=args.model, model_overrides=overrides, nodes=args.nodes, gpus_per_node=args.gpus, gpu=args.gpu,
-        gpu_mem_bytes=parse_bytes(args.gpu_mem, "--gpu-mem") if args.gpu_mem is not None else None,
-        strategy=args.strategy, offload=args.offload, micro_batch=args.micro_batch, global_batch=global_batch,
-        global_batch_tokens=global_tokens, seq_len=args.seq_len, precision=args.precision,
-        activation_checkpointing=args.activation_checkpointing, method=args.method or "full", lora_r=args.lora_r,
-        lora_targets=[t.strip() for t in args.lora_targets.split(",") if t.strip()], optimizer=args.optimizer,
-        attention=args.attention, loss_chunk_tokens=args.loss_chunk_tokens,
-        optimizer_in_backward=args.optimizer_in_backward, tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep,
-        pp_schedule=args.pp_schedule, pp_virtual_stages=args.pp_virtual_stages,
-        gradient_accumulation_steps=args.pp_microbatches, sequence_parallel=args.sequence_parallel,
-    ).validate()
+    return PlanRequest(model=args.model, model_overrides=overrides, **cli_knobs(args)).validate()
 
 
 def _json_value(text: str):
@@ -185,7 +123,7 @@ def planning_target(args, request, probed):
     """
     from launcher.planning.hardware import DEFAULT_GPU, gpu_node, login_node_partition
 
-    flags = [name for name, value in (("--gpu", args.gpu), ("--gpu-mem", args.gpu_mem)) if value is not None]
+    flags = [name for name, value in (("--gpu", args.gpu), ("--gpu-mem", args.gpu_mem_bytes)) if value is not None]
     if args.device == "cpu":
         if flags:
             raise LaunchError(f"--device cpu plans for this machine's CPU; drop {' and '.join(flags)} or --device cpu.")
@@ -210,7 +148,7 @@ def planning_target(args, request, probed):
             return hardware, where
         if args.partition:
             raise LaunchError(f"sinfo shows no GPU nodes in partition {args.partition!r} from here; check the name "
-                              "with sinfo, or describe the GPUs with --gpu and --gpus.")
+                              "with sinfo, or describe the GPUs with --gpu and --gpus-per-node.")
     if flags or request.gpus_per_node or request.nodes:
         nodes = request.nodes or 1
         return gpu_node(DEFAULT_GPU, 1 if nodes == 1 else GPUS_PER_NODE, nodes), f"the flags{assumed}"
@@ -224,7 +162,7 @@ def what_it_takes(args, request) -> int:
     from launcher.planning.sizing import what_it_takes as size
 
     if args.output or args.trace:
-        raise LaunchError("-o and --trace need one plan, and no GPUs are described; add e.g. --gpu H100 --gpus 8, "
+        raise LaunchError("-o and --trace need one plan, and no GPUs are described; add e.g. --gpu H100 --gpus-per-node 8, "
                           "or --cluster NAME.")
     spec = load_model_spec(request.model, request.model_overrides)
     methods = (args.method,) if args.method else METHODS
@@ -276,7 +214,7 @@ def print_sizing(spec, request, rows) -> None:
     if any(row.plan is None and row.tried == 1 for row in rows):
         console.print("Tried on 1 GPU only: DDP replicates the model and a step in backward runs in one process, "
                       "so more GPUs do not make them fit.")
-    console.print("One of them in full: add --gpu NAME --gpus N [--nodes K], or --cluster PROFILE; "
+    console.print("One of them in full: add --gpu NAME --gpus-per-node N [--nodes K], or --cluster PROFILE; "
                   "on a SLURM login node the partition's GPUs are used.")
 
 

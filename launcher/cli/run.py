@@ -6,8 +6,7 @@ import argparse
 import shlex
 import sys
 
-from launcher.flag_overrides import flag_overrides
-from launcher.planning.plan import STRATEGIES
+from launcher.knobs import RUN, add_knob_flags, cli_knobs, config_overrides
 
 
 def add_parser(subparsers) -> None:
@@ -24,16 +23,9 @@ def add_parser(subparsers) -> None:
 
 def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="job directory (default: training.output_dir)")
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
-    p.add_argument("--strategy", choices=STRATEGIES, help="force a strategy")
-    p.add_argument("--nproc-per-node", type=int, help="processes on this node (default: all GPUs, or 1 on CPU)")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command, do not run; writes the plan "
                    "only into a new or empty directory, never changes an existing run")
-    p.add_argument("--overwrite", action="store_true", help="remove an earlier llaunch run in the output directory "
-                   "first (never any other directory)")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if DIR holds checkpoints")
-    p.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint directory")
+    add_knob_flags(p, RUN)
 
 
 def parse_rest(args) -> argparse.Namespace:
@@ -57,7 +49,8 @@ def run(args) -> int:
     args = parse_rest(args)
     watchdog_config = WatchdogConfig.from_env()
     faults_from_env()
-    job = prepare_job(args.config, args.overrides, flags=flag_overrides(args), output_dir=args.output_dir, write=False)
+    job = prepare_job(args.config, args.overrides, flags=config_overrides(args), knobs=cli_knobs(args),
+                      output_dir=args.output_dir, write=False)
     argv, env = build_torchrun_argv(job.plan, job.output_dir, python=_python(), cpus_per_node=len(os.sched_getaffinity(0)))
     command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
     if args.dry_run:  # an existing run is left alone (its ranks reread it); a new directory gets the plan to read

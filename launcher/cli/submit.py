@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from launcher.knobs import SUBMIT, add_knob_flags
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("submit", help="submit a training job to SLURM (multi-node torchrun, auto-requeue)")
@@ -16,10 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override config values, e.g. training.learning_rate=1e-4")
     p.add_argument("--cluster", default="local", help="cluster profile: a name under cluster/profiles or a YAML path (default: local)")
-    p.add_argument("--nodes", type=int, help="number of nodes (profile default)")
     p.add_argument("--min-nodes", type=int, help="the fewest nodes the job may run (and continue) on, with the same "
                                                  "global batch (default: all of --nodes)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node; 0 = CPU nodes on gloo (profile default)")
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
@@ -27,10 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--constraint", help="node features, e.g. h100")
     p.add_argument("--max-requeues", type=int, help="how many preemptions/time limits the job survives")
     p.add_argument("--output-dir", help="where plan, checkpoints, metrics and logs go (default: the config's output_dir)")
-    p.add_argument("--max-steps", type=int, help="override training.max_steps")
-    p.add_argument("--save-steps", type=int, help="override training.save_steps")
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit 0 only if it completed")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each node's torchrun command; submit nothing")
+    add_knob_flags(p, SUBMIT)
     p.set_defaults(run=run)
 
 
@@ -41,21 +40,24 @@ def run(args: argparse.Namespace) -> int:
     from cluster.local import slurm_env
     from cluster.profile import load_profile
     from cluster.submission import job_name
-    from launcher.flag_overrides import flag_overrides
     from launcher.jobdir.prepare import prepare_job
+    from launcher.knobs import cli_knobs, config_overrides
     from launcher.train.faults import faults_from_env
 
     faults_from_env()  # a bad LLAUNCH_FAULT is refused here, not by every rank of the job
+    knobs = cli_knobs(args)  # the nodes and GPUs per node describe the profile's nodes; 0 GPUs: CPU nodes
     profile = load_profile(args.cluster).replace(
-        nodes=args.nodes, min_nodes=args.min_nodes, gpus_per_node=args.gpus_per_node, partition=args.partition, account=args.account,
+        nodes=knobs.pop("nodes", None), min_nodes=args.min_nodes, gpus_per_node=knobs.pop("gpus_per_node", None),
+        partition=args.partition, account=args.account,
         qos=args.qos, time=args.time, constraint=args.constraint, max_requeues=args.max_requeues,
     )
     env = slurm_env(profile.local)
     if not args.dry_run:
         slurm_reachable(env)  # before anything is written
         check_partition(profile, env)
-    job = prepare_job(args.config, args.overrides, flags=flag_overrides(args), output_dir=args.output_dir,
-                      nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None,
+    knobs.update(nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None)
+    flags = config_overrides(args, without=("gpus_per_node",))  # the profile's nodes', not parallel.nproc_per_node
+    job = prepare_job(args.config, args.overrides, flags=flags, knobs=knobs, output_dir=args.output_dir,
                       hardware=profile.hardware(), write=False)
     for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
         job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch

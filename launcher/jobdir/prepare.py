@@ -19,6 +19,7 @@ from pathlib import Path
 from launcher.config import TrainConfig, load_train_config
 from launcher.corpus import PackedBlocks, TokenizedCorpus, find_corpus
 from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.knobs import request_knobs
 from launcher.planning.models import pretrained_dir
 from launcher.planning.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, Plan, check_runnable
 from launcher.jobdir.run_lock import LOCK_FILE, RunLock
@@ -39,27 +40,27 @@ def prepare_job(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     flags: list[tuple[str, str]] | tuple = (),
+    knobs: dict | None = None,
     output_dir: str | Path | None = None,
-    nodes: int | None = None,
-    gpus_per_node: int | None = None,
     hardware=None,
     write: bool = True,
 ) -> Job:
-    """Load + validate the config (positional overrides, then the CLI's flags: launcher.flag_overrides), build
-    the token cache, plan, and (unless write=False) write the job dir."""
+    """Load + validate the config (positional overrides, then the CLI's config shorthands), build the token
+    cache, plan (the CLI's `knobs` over the config's: launcher.knobs), and (unless write=False) write the job dir."""
     notes: list[str] = []
     config = load_train_config(config_path, overrides, flags, notes)
     out = _job_dir(config, output_dir)
     if not config.model.name_or_path:
         raise LaunchError("model.name_or_path is empty; name a catalog model (llaunch plan --list) or a local directory.")
-    _check_strategy(config, config.parallel.strategy)
+    knobs = request_knobs(config, knobs or {}, notes, str(config_path))
+    _check_strategy(config, knobs.get("strategy"))
     if config.finetune.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise LaunchError("finetune.method qlora needs bitsandbytes; pip install 'llaunch[qlora]'.")
     model_dir = pretrained_dir(config.model.name_or_path)
     corpus = _text_corpus(config, model_dir)
     # A model trained from scratch gets the vocabulary of the tokenizer trained on its text (and cached).
     trained_vocab = corpus.meta["vocab_size"] if corpus is not None and model_dir is None else None
-    plan = make_job_plan(config, trained_vocab, nodes=nodes, gpus_per_node=gpus_per_node, hardware=hardware)
+    plan = make_job_plan(config, knobs, trained_vocab, hardware=hardware)
     _check_strategy(config, plan.strategy)
     check_runnable(plan)
     # Checking the data here makes too little text or a bad SFT line (file:line) fail before any rank starts.
@@ -156,39 +157,17 @@ def is_run_dir(path: Path) -> bool:
     return (path / PLAN_FILE).is_file() and (path / CONFIG_FILE).is_file()
 
 
-def make_job_plan(config: TrainConfig, vocab_size: int | None, *, nodes: int | None = None,
-                  gpus_per_node: int | None = None, hardware=None) -> Plan:
-    """Ask the planner, forcing whatever the config sets; None fields are the planner's to choose."""
+def make_job_plan(config: TrainConfig, knobs: dict, vocab_size: int | None, hardware=None) -> Plan:
+    """Ask the planner, forcing the knobs (launcher.knobs.request_knobs: the config's and the flags');
+    the others are the planner's to choose."""
     from launcher.planning.hardware import probe
     from launcher.planning.planner import PlanRequest, make_plan
 
-    training, parallel = config.training, config.parallel
     overrides = dict(config.model.overrides)
     if vocab_size is not None:
         overrides["vocab_size"] = vocab_size
-    request = PlanRequest(
-        model=config.model.name_or_path,
-        model_overrides=overrides,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node or parallel.nproc_per_node,
-        strategy=parallel.strategy,
-        offload=parallel.offload,
-        micro_batch=training.per_device_train_batch_size,
-        global_batch=training.global_batch_size,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        precision=config.requested_precision,
-        activation_checkpointing=training.gradient_checkpointing,
-        attention=config.model.attn_implementation or "sdpa",
-        method=config.finetune.method,
-        lora_r=config.finetune.r,
-        lora_targets=config.finetune.target_modules,
-        optimizer=training.optim,
-        loss_chunk_tokens=training.loss_chunk_tokens,
-        optimizer_in_backward=training.optimizer_in_backward,
-        runnable_only=True,  # only what the ranks' engines run (launcher.planning.plan.check_runnable)
-    )
-    if config.data.block_size is not None:
-        request.seq_len = config.data.block_size
+    request = PlanRequest(model=config.model.name_or_path, model_overrides=overrides, **knobs,
+                          runnable_only=True)  # only what the ranks' engines run (plan.check_runnable)
     return make_plan(request, hardware if hardware is not None else probe())
 
 

@@ -70,7 +70,7 @@ class Hardware:
     ram_available_bytes: int = 0
     hostname: str = ""
     slurm: SlurmAllocation | None = None
-    # Set when flags describe GPUs we cannot see (--gpu/--gpu-mem/--gpus); otherwise from `gpus`.
+    # Set when flags describe GPUs we cannot see (--gpu/--gpu-mem/--gpus-per-node); otherwise from `gpus`.
     gpu_name_override: str = ""
     gpu_mem_override: int = 0
     gpus_per_node_override: int = 0

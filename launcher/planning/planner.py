@@ -5,7 +5,7 @@ that fits with headroom, and say why. Flags force a knob; a None field lets the 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from launcher.errors import LaunchError
 from launcher.planning import step_time
@@ -14,10 +14,10 @@ from launcher.planning.memory import MemoryBreakdown, estimate
 from launcher.planning.models import ModelSpec, load_model_spec
 from launcher.planning.layouts import LAYOUT_STRATEGIES, check_forced, layouts
 from launcher.planning.parallel import RECOMPUTES
-from launcher.planning.plan import (ENGINE_SUPPORT, KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup,
-                           check_count, check_offload,
-                           check_knob, recompute_mode)
+from launcher.planning.plan import (ENGINE_SUPPORT, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup,
+                                    check_offload)
 from launcher.planning.plan_reasons import plan_reasons
+from launcher.planning.request import PlanRequest
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
@@ -27,50 +27,6 @@ OFFLOADING = ("zero2", "zero3", "fsdp")  # weighed for an offload: ZeRO-2 the op
 # A layout with tp / pp / cp is recommended over data parallelism only when the step-time model rates it this much
 # faster: its collectives are the model's least certain terms, and data parallelism is what `llaunch run` runs.
 LAYOUT_MARGIN = 0.10
-
-
-class _RequestRules:
-    """PlanRequest's methods (its fields are generated below from TrainSetup's)."""
-
-    def validate(self) -> "PlanRequest":
-        if self.activation_checkpointing is not None:
-            self.activation_checkpointing = recompute_mode(self.activation_checkpointing)
-        for name, value in self.forced().items():
-            flag = "--gpus" if name == "gpus_per_node" else "--" + name.replace("_", "-")
-            check_knob(name, value, flag)
-        for name in ("global_batch", "global_batch_tokens"):
-            value = getattr(self, name)
-            if value is not None:
-                check_count(value, "--" + name.replace("_", "-"))
-        if self.gpu_mem_bytes is not None and self.gpu_mem_bytes <= 0:
-            raise LaunchError("--gpu-mem must be positive.")
-        return self
-
-    def forced(self) -> dict:
-        """The knobs the user set: {TrainSetup field: value}."""
-        return {name: getattr(self, name) for name in KNOBS if getattr(self, name) is not None}
-
-    def fixed(self) -> TrainSetup:
-        """The knobs as forced and TrainSetup's defaults for the rest. Of those, the planner then chooses
-        strategy, offload, precision, checkpointing, micro-batch and accumulation when they are not forced, and
-        the hardware gives nodes, GPUs per node and device."""
-        return TrainSetup(**self.forced())
-
-
-# What the user asked for: every TrainSetup knob as an optional override (None: the planner chooses it, or the
-# probe says, or TrainSetup's default holds), plus what only a request has. One list of knobs, not two.
-PlanRequest = dataclasses.make_dataclass("PlanRequest", [
-    ("model", str, field(default="1b")),
-    ("model_overrides", dict, field(default_factory=dict)),
-    ("gpu", "str | None", field(default=None)),
-    ("gpu_mem_bytes", "int | None", field(default=None)),
-    ("global_batch", "int | None", field(default=None)),
-    ("global_batch_tokens", "int | None", field(default=None)),
-    # Planning for `llaunch run` / `submit`: only what the ranks' engines run (pure data parallel, no selective
-    # recompute); `llaunch plan` itself weighs every layout.
-    ("runnable_only", bool, field(default=False)),
-    *[(f.name, f"{f.type} | None", field(default=None)) for f in dataclasses.fields(TrainSetup)],
-], bases=(_RequestRules,), namespace={"__module__": __name__})
 
 
 @dataclass
@@ -105,8 +61,8 @@ class Candidate:
 
 
 def hardware_for(request: PlanRequest, probed: Hardware) -> Hardware:
-    """The machine to plan for: the probe (or GPU nodes described elsewhere), with --gpus/--nodes/--gpu/--gpu-mem
-    describing one we are not on. Without GPUs, --gpus alone means that many CPU processes."""
+    """The machine to plan for: the probe (or GPU nodes described elsewhere), with --gpus-per-node/--nodes/--gpu/--gpu-mem
+    describing one we are not on. Without GPUs, --gpus-per-node alone means that many CPU processes."""
     hw = dataclasses.replace(probed)
     named = request.gpu is not None or request.gpu_mem_bytes is not None
     if named and not probed.has_gpu:
@@ -166,7 +122,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     if not hw.has_gpu:
         if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep")):
             raise LaunchError("a CPU plan runs data parallelism only; drop --tp / --pp / --cp / --ep, or describe GPUs "
-                              "with --gpu and --gpus.")
+                              "with --gpu and --gpus-per-node.")
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
@@ -377,7 +333,7 @@ def _changes(request: PlanRequest, hw: Hardware):
     if hw.has_gpu:
         for gpus in (2, 4, 8):
             if gpus > hw.gpus_per_node:
-                yield f"use {gpus} GPUs per node (--gpus {gpus})", {"hardware": {"gpus_per_node_override": gpus}}
+                yield f"use {gpus} GPUs per node (--gpus-per-node {gpus})", {"hardware": {"gpus_per_node_override": gpus}}
         for nodes in (2, 4, 8, 16, 32):
             if nodes > hw.nodes:
                 yield f"use {nodes} nodes of {max(hw.gpus_per_node, 8)} GPUs (--nodes {nodes})", {"hardware": {"nodes": nodes, "gpus_per_node_override": max(hw.gpus_per_node, 8)}}

@@ -114,7 +114,7 @@ CASES = [
     ("plan --model deepseek-v3 --model-override kv_lora_rank=0", "must be a positive integer"),
     ("plan --model tinyllama-1.1b --micro-batch 0", "--micro-batch must be a positive integer"),
     ("plan --model tinyllama-1.1b --seq-len -1", "--seq-len must be a positive integer"),
-    ("plan --model tinyllama-1.1b --gpus 0", "--gpus must be a positive integer"),
+    ("plan --model tinyllama-1.1b --gpus 0", "--gpus-per-node must be a positive integer"),
     ("plan --model tinyllama-1.1b --nodes 0", "--nodes must be a positive integer"),
     ("plan --model tinyllama-1.1b --gpu-mem nanGiB", "is not a size"),
     ("plan --model tinyllama-1.1b --lora-r 0", "--lora-r must be a positive integer"),

@@ -90,7 +90,7 @@ def test_a_plan_round_trips_its_record_and_an_older_plan_loads_as_data_parallel(
 
 
 def test_run_and_submit_plan_only_what_the_engines_run():
-    """`llaunch plan` may recommend tp x pp at scale; the request `run` / `submit` make (job.make_job_plan) does
+    """`llaunch plan` may recommend tp x pp at scale; the request `run` / `submit` make (prepare.make_job_plan) does
     not, and a plan with a layout the engines do not declare is refused in one sentence."""
     from launcher.planning.hardware import Hardware
     from launcher.planning.planner import PlanRequest, make_plan

@@ -50,7 +50,7 @@ def test_plan_writes_a_plan_file_that_run_can_load(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "lama-7b"], "did you mean"),
-    (["--model", "7b", "--gpus", "0"], "--gpus must be a positive integer"),
+    (["--model", "7b", "--gpus", "0"], "--gpus-per-node must be a positive integer"),
     (["--model", "7b", "--gpu-mem", "abc"], "is not a size"),
     (["--model", "405b", "--gpu", "L40S", "--strategy", "ddp"], "does not fit"),
     (["--model", "7b", "--global-batch", "lots"], "--global-batch"),

@@ -124,7 +124,7 @@ def test_forced_knobs_are_kept():
 
 
 def test_bad_requests_are_one_sentence():
-    with pytest.raises(LaunchError, match="--gpus must be a positive integer"):
+    with pytest.raises(LaunchError, match="--gpus-per-node must be a positive integer"):
         make_plan(PlanRequest(model="7b", gpus_per_node=0), CPU_BOX)
     with pytest.raises(LaunchError, match="unknown GPU"):
         make_plan(PlanRequest(model="7b", gpu="GTX 9999"), CPU_BOX)
