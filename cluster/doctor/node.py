@@ -24,6 +24,7 @@ from pathlib import Path
 from cluster.doctor import checks, exchange, probes
 from cluster.doctor.checks import FAIL, Check
 from cluster.doctor.faults import Faults
+from launcher.env import DOCTOR_FAULT
 from launcher.files import write_text_atomic
 from launcher.jobdir.prepare import CONFIG_FILE, PLAN_FILE
 from launcher.planning.plan import Plan
@@ -241,7 +242,7 @@ def _space(ctx: NodeContext, storage_dir: Path, faults: Faults) -> Check:
         why = f"{ctx.keep_checkpoints} checkpoint(s) of {checks.format_bytes(one)} + export {checks.format_bytes(export)}"
         files = (ctx.keep_checkpoints + 1) * (plan.world_size * FILES_PER_RANK + FILES_PER_CHECKPOINT)
     if faults.min_free_bytes > need:
-        need, why = faults.min_free_bytes, f"{faults.min_free_bytes} B from LLAUNCH_DOCTOR_FAULT_MIN_FREE_BYTES"
+        need, why = faults.min_free_bytes, f"{faults.min_free_bytes} B from {DOCTOR_FAULT.name}MIN_FREE_BYTES"
     free, inodes = probes.free_space(storage_dir)
     try:
         bandwidth = probes.write_bandwidth(probes.nearest_existing(storage_dir))

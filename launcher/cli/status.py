@@ -67,7 +67,7 @@ def _newest_checkpoint(output_dir: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.jobs import records_dir
+    from launcher.env import records_dir
 
     if args.job is not None:
         print("\n".join(describe(args.job)))

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     job = prepare_job(args.config, args.overrides, flags=flag_overrides(args), output_dir=args.output_dir,
                       nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None,
                       hardware=profile.hardware(), write=False)
+    profile = _supervision(job.config.supervision, profile, env)
     for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
         job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch
     name = job_name(f"llaunch-{Path(args.config).stem}")
@@ -65,6 +66,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     record = _submit(job, profile, name, env)
     return _wait(record) if args.wait else 0
+
+
+def _supervision(supervision, profile, env: dict[str, str]):
+    """Fold the profile's supervision settings under the config's (the job dir's config.yaml then holds what the
+    nodes use) and check LLAUNCH_WATCHDOG over them here, not on the nodes; returns the profile with the job's
+    collective timeout (the variable's, the config's or the profile's)."""
+    import dataclasses
+    import math
+
+    from launcher.env import dist_timeout_s
+    from launcher.runtime.watchdog_config import WatchdogConfig
+
+    supervision.watchdog = {**profile.watchdog, **supervision.watchdog}
+    WatchdogConfig.resolve(env, supervision.watchdog)
+    timeout = dist_timeout_s(env, supervision.dist_timeout_s, profile.dist_timeout_s)
+    return dataclasses.replace(profile, dist_timeout_s=math.ceil(timeout))
 
 
 def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
@@ -109,6 +126,7 @@ def _submit(job, profile, name: str, env: dict[str, str]):
 
     from cluster.executor import submit
     from cluster.jobs import JobRecord, active_job_in
+    from launcher.env import SLURM_CONF
     from launcher.errors import LaunchError
     from launcher.jobdir.prepare import PLAN_FILE, write_job
 
@@ -121,7 +139,7 @@ def _submit(job, profile, name: str, env: dict[str, str]):
     submitted = submit(job_dir, profile, name, env)
     record = JobRecord(job_id=str(submitted.job_id), name=name, output_dir=str(job_dir),
                        log_folder=str(job_dir / "slurm"), nodes=profile.nodes, cluster=profile.name,
-                       slurm_conf=env.get("SLURM_CONF", ""))
+                       slurm_conf=SLURM_CONF.get(env))
     record.save()
     plan = job.plan
     print(f"submitted job {record.job_id} ({name}): {plan.nodes} node(s) x {plan.gpus_per_node} "

@@ -1,6 +1,6 @@
 """One training process tree per run directory: a lock on DIR/.llaunch.lock that names its holders.
 
-`llaunch run` takes it before it touches DIR and tells its ranks so through HELD_BY_LAUNCHER_ENV; ranks started
+`llaunch run` takes it before it touches DIR and tells its ranks so through launcher.env.RUN_LOCK_HELD; ranks started
 any other way (a SLURM job, `python -m launcher.train`) take it on rank 0. Then every other rank joins it.
 
 It is an flock, so the kernel drops it when its holders die: a crashed run never blocks the next one. A run
@@ -23,7 +23,6 @@ from pathlib import Path
 from launcher.errors import LaunchError
 
 LOCK_FILE = ".llaunch.lock"
-HELD_BY_LAUNCHER_ENV = "LLAUNCH_RUN_LOCK_HELD"  # the run directory whose lock the parent `llaunch run` holds
 
 
 class RunLock:

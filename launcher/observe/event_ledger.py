@@ -23,15 +23,13 @@ from typing import BinaryIO, Callable, TypeVar
 
 import psutil
 
+from launcher import env
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.runtime.signals import REQUEUE_EXIT_CODE
 
 Record = TypeVar("Record")
 
 LEDGER_FILE = "events.jsonl"
-# Set by whoever starts an incarnation (llaunch run, the node task) for the processes it starts; a rank
-# started by hand makes up its own.
-INCARNATION_ENV = "LLAUNCH_INCARNATION"
 # A rank writes a step window at each logging step, and at least this often between them.
 STEP_WINDOW_S = 60.0
 
@@ -71,7 +69,7 @@ _warned = False
 
 def incarnation_id() -> str:
     """This process's incarnation: the launcher's id, with torchrun's restart count when it restarted the ranks."""
-    base = os.environ.get(INCARNATION_ENV) or new_incarnation_id()
+    base = env.INCARNATION.get() or new_incarnation_id()  # a rank started by hand makes up its own
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return base if restart in ("", "0") else f"{base}+{restart}"
 

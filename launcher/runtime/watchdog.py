@@ -10,7 +10,7 @@ else the faulthandler the rank registered on launcher.runtime.signals.STACK_DUMP
 rank, a request that the other nodes' watchdogs dump theirs into the same folder, and the evidence record
 naming the rank that is behind. The caller then kills the ranks and exits with HANG_EXIT_CODE.
 
-Configured by launcher.runtime.watchdog_config.WatchdogConfig (LLAUNCH_WATCHDOG).
+Configured by launcher.runtime.watchdog_config.WatchdogConfig (launcher.env.WATCHDOG).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from cluster.jobs import last_metrics
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from launcher.runtime.watchdog_config import WatchdogConfig
 from launcher.observe import event_ledger
-from launcher.runtime.beacon import BEACON_DIR_ENV, Beacon, Phase, beacon_folder, read_beacons, stacks_path
+from launcher.env import BEACON_DIR
+from launcher.runtime.beacon import Beacon, Phase, beacon_folder, read_beacons, stacks_path
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
 from launcher.runtime.signals import STACK_DUMP_SIGNAL, catches, ranks_of
@@ -121,14 +122,14 @@ class Watchdog:
     @classmethod
     def create(cls, job_dir: Path, key: str, config: WatchdogConfig, nodes: int = 1,
                incarnation: str | None = None) -> "Watchdog | None":
-        """A watchdog with a new beacon folder, or None when LLAUNCH_WATCHDOG=off."""
+        """A watchdog with a new beacon folder, or None when its config turns it off."""
         if not config.enabled:
             return None
         return cls(beacon_folder(job_dir, key), Path(job_dir), config, nodes=nodes, incarnation=incarnation)
 
     def rank_env(self) -> dict[str, str]:
         """What torchrun's environment needs so that its ranks write their beacons where this watchdog reads."""
-        return {BEACON_DIR_ENV: str(self.folder)}
+        return {BEACON_DIR.name: str(self.folder)}
 
     # ----- detection ------------------------------------------------------------------------------------
     def timeout(self, beacon: Beacon) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher import env
 from launcher.config import DataConfig
 from launcher.errors import LaunchError
 
@@ -28,8 +28,7 @@ INSTALLED_PACKAGES = {"site-packages", "dist-packages"}
 
 
 def cache_root(config: DataConfig) -> Path:
-    root = config.cache_dir or os.environ.get("LLAUNCH_CACHE") or Path.home() / ".cache" / "llaunch"
-    return Path(root).expanduser() / "datasets"
+    return env.cache_root(config.cache_dir) / "datasets"
 
 
 def stdlib_dir() -> Path:
@@ -178,7 +177,7 @@ def build_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedC
 
 def _cache_unwritable(directory: Path, err: OSError) -> LaunchError:
     return LaunchError(f"cannot write the token cache in {directory} ({err.strerror or err}); set data.cache_dir "
-                       f"or LLAUNCH_CACHE to a writable directory with free space.")
+                       f"or {env.CACHE.name} to a writable directory with free space.")
 
 
 def _train_bpe(texts: list[str], vocab_size: int):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,8 @@ from launcher.config import TrainConfig
 from launcher.jobdir.prepare import CONFIG_FILE, FINAL_DIR, PLAN_FILE
 from launcher.planning.models import spec_from_config
 from launcher.planning.plan import Plan
-from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
+from launcher import env
+from launcher.jobdir.run_lock import RunLock
 from launcher.runtime.signals import REQUEUE_EXIT_CODE, StopSignals
 from launcher.train.adapters import apply_finetune_method, as_planned, quantization_config
 from launcher.train.cadence import SaveCadence
@@ -289,7 +289,7 @@ class Trainer:
     def take_run_lock(self) -> None:
         """Rank 0 locks the job dir unless the `llaunch run` that started us holds it; then every other rank joins
         the lock, which is so held while any rank lives (launcher.jobdir.run_lock). Every rank learns a refusal."""
-        acquire = self.rank == 0 and os.environ.get(HELD_BY_LAUNCHER_ENV) != str(self.job_dir.resolve())
+        acquire = self.rank == 0 and env.RUN_LOCK_HELD.get() != str(self.job_dir.resolve())
         self.run_lock = on_every_rank(lambda: RunLock.acquire(self.job_dir) if acquire else None, self.world_size)
         joined = on_every_rank(lambda: None if acquire else RunLock.join(self.job_dir, self.rank), self.world_size)
         self.run_lock = self.run_lock or joined

@@ -72,7 +72,7 @@ def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, 
     for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"}), (50, "launch", {}),
                             (100, "exit", {"cause": "failed"})):
         event_ledger.append(other, kind, t=t, inc=str(t // 50), **fields)
-    history.cluster_history(other)  # registers it
+    history.register(other)  # as its launcher did
     job = tmp_path / "job"
     job.mkdir()
     event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
@@ -160,7 +160,7 @@ def test_a_damaged_ledger_never_stops_auto_from_saving(tmp_path, clock, capsys, 
     other.mkdir()
     for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"})):
         event_ledger.append(other, kind, t=t, inc="x", **fields)
-    history.cluster_history(other)  # registers it
+    history.register(other)  # as its launcher did
     job = tmp_path / "job"
     job.mkdir()
     event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
@@ -192,3 +192,16 @@ def test_an_async_save_records_its_background_time_once_published(tmp_path):
     (background,) = [e for e in event_ledger.read(tmp_path) if e["kind"] == event_ledger.SAVE_BACKGROUND]
     assert background["step"] == 3 and background["seconds"] >= 0
     assert (tmp_path / "checkpoints" / "step-3" / "manifest.json").exists()
+
+
+def test_a_rank_under_auto_only_reads_the_clusters_history_and_the_launcher_registers_the_job_once(tmp_path, clock):
+    job = tmp_path / "job"
+    job.mkdir()
+    event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
+    event_ledger.append(job, event_ledger.FIRST_STEP, t=clock.now, inc="a", step=1)
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
+    run_steps(cadence, clock, 30, save=lambda: None)
+    assert cadence.history == (0.0, 0) and not (tmp_path / "home").exists()  # nothing written outside the job dir
+    history.register(job)
+    history.register(job)
+    assert history.history_file().read_text().splitlines() == [str(job.resolve())]

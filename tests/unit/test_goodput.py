@@ -14,11 +14,12 @@ from launcher.observe import goodput
 
 from launcher.observe import event_ledger
 from launcher.cli import main
+from launcher import env
 from launcher.observe.goodput import CATEGORIES
 
 
 def test_append_writes_one_fsynced_line_per_event_with_who_and_when(tmp_path, monkeypatch):
-    monkeypatch.setenv(event_ledger.INCARNATION_ENV, "job.0")
+    monkeypatch.setenv(env.INCARNATION.name, "job.0")
     event_ledger.append(tmp_path, event_ledger.SAVE, step=10, seconds=1.5)
     event_ledger.append(tmp_path, event_ledger.EXIT, t=5.0, code=0, cause="finished")
     first, second = event_ledger.read(tmp_path)

@@ -116,17 +116,17 @@ def test_attribution_names_the_rank_least_far_along(views, culprit, behind):
 
 
 def test_config_from_env():
-    assert WatchdogConfig.from_env({}) == WatchdogConfig()
-    assert WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": "floor_s=3, poll_s=0.5,window=9"}) == \
+    assert WatchdogConfig.resolve({}) == WatchdogConfig()
+    assert WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": "floor_s=3, poll_s=0.5,window=9"}) == \
         WatchdogConfig(floor_s=3.0, poll_s=0.5, window=9)
-    assert not WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": "off"}).enabled
+    assert not WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": "off"}).enabled
     for bad in ("floor=3", "floor_s=soon", "floor_s"):
         with pytest.raises(LaunchError, match="LLAUNCH_WATCHDOG entry"):
-            WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": bad})
+            WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": bad})
     # 0 or less kills a healthy run as hung (poll_s=0 busy-loops), nan or inf never sees a hang
     for bad in ("poll_s=0", "floor_s=-1", "first_step_s=nan", "checkpoint_s=inf", "k=0", "window=-1", "grace_s=1e10"):
         with pytest.raises(LaunchError, match=f"LLAUNCH_WATCHDOG entry '{bad}' must be a positive number up to 1e9"):
-            WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": bad})
+            WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": bad})
 
 
 @pytest.mark.parametrize("how", ["sigstop", "spin"])
@@ -206,6 +206,8 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     from types import SimpleNamespace
 
     from cluster import executor
+    from launcher.config import TrainConfig
+    from launcher.jobdir.prepare import CONFIG_FILE
     from launcher.observe.node_ledger import NodeLedger
 
     rank = ("import os; from launcher.runtime.beacon import *; from launcher.train.faults import injected_hang; "
@@ -226,6 +228,7 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     monkeypatch.setattr(executor, "node_can_be_spared", lambda host, job_id, min_nodes: min_nodes == 1)
     excluded = []
     monkeypatch.setattr(executor, "exclude_from_requeued_job", lambda job_id, hosts: excluded.append((job_id, hosts)))
+    TrainConfig().save(tmp_path / CONFIG_FILE)  # what `llaunch submit` wrote: the watchdog's settings
     ledger = tmp_path / "ledger.jsonl"
     task = executor.NodeTask(str(tmp_path), max_requeues=max_requeues, max_restarts=0, dist_timeout_s=60,
                              ledger=str(ledger), doctor=False, min_nodes=1)  # the doctor has its own tests
