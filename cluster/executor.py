@@ -41,7 +41,7 @@ from launcher.runtime.watchdog import Watchdog, WatchdogConfig, hang_culprit, ki
 from launcher.jobdir.checkpoint_store import list_checkpoints
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.config import TrainConfig
-from launcher.jobdir.prepare import CONFIG_FILE, PLAN_FILE
+from launcher.jobdir.layout import JobDir
 from launcher.planning.plan import Plan
 from launcher.env import INCARNATION, SLURM_CONF, SUPERVISOR_PID, slurm_conf_for_submitit
 from launcher.runtime.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
@@ -141,7 +141,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         # installed, a repeated signal would requeue the job a second time.
         submitit_handlers = {sig: signal.signal(sig, self._on_stop) for sig in STOP_SIGNALS}
         job_env = submitit.JobEnvironment()
-        plan = Plan.load(Path(self.job_dir) / PLAN_FILE)
+        plan = Plan.load(JobDir(self.job_dir).plan)
         hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
         plan = check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0, self.min_nodes)
         print(f"[llaunch] attempt {self.requeues + 1}", file=sys.stderr, flush=True)  # where status reads errors from
@@ -253,7 +253,7 @@ class NodeTask(submitit.helpers.Checkpointable):
 
     def _watchdog_config(self, env: dict[str, str]) -> WatchdogConfig:
         """The variable over the job's config.yaml, into which `llaunch submit` folded the profile's settings."""
-        return WatchdogConfig.resolve(env, TrainConfig.load(Path(self.job_dir) / CONFIG_FILE).supervision.watchdog)
+        return WatchdogConfig.resolve(env, TrainConfig.load(JobDir(self.job_dir).config).supervision.watchdog)
 
     def _after_rank_failure(self, code: int, job_env, hosts: list[str], submitit_handler,
                             task_died: bool = False) -> str | None:
@@ -357,7 +357,7 @@ def latest_step(job_dir: str) -> int | None:
 
 def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
     """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
-    executor = submitit.SlurmExecutor(folder=job_dir / "slurm", max_num_timeout=profile.max_requeues,
+    executor = submitit.SlurmExecutor(folder=JobDir(job_dir).slurm, max_num_timeout=profile.max_requeues,
                                       python=shlex.quote(sys.executable))
     executor.update_parameters(**slurm_parameters(profile, name))
     exclude = quarantined_nodes(profile, env)

@@ -154,21 +154,6 @@ def active_job_in(log_folder: Path, env: dict[str, str]) -> tuple[str, JobState]
     return None
 
 
-def last_metrics(output_dir: str | Path) -> dict | None:
-    """The newest line of OUTPUT/metrics.jsonl that has a training loss."""
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line still being written
-        if isinstance(row, dict) and "loss" in row and "step" in row:
-            return row
-    return None
-
-
 # Lines that only report that a rank failed, or what followed from it (torchrun's agent, the node task
 # passing on torchrun's exit code); the rank's own error says why.
 _WRAPPER_ERRORS = ("ChildFailedError", "RendezvousConnectionError", "RendezvousClosedError", "RendezvousError")

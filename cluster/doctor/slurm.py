@@ -20,6 +20,7 @@ from cluster.jobs import cancel, job_state, refuse_never_starting
 from cluster.profile import ClusterProfile
 from cluster.submission import rendezvous_port, slurm_parameters
 from launcher.env import slurm_conf_for_submitit
+from launcher.jobdir.layout import JobDir
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 
@@ -50,7 +51,7 @@ class DoctorTask:
 
 def run_doctor_job(profile: ClusterProfile, env: dict[str, str], task: DoctorTask) -> list[NodeReport]:
     """Submit the doctor job, wait for it (cancelled after WAIT_S), and read every node's report."""
-    folder = Path(task.job_dir) / "doctor" / "slurm"
+    folder = JobDir(task.job_dir).doctor_logs
     executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
     params = slurm_parameters(profile, JOB_NAME)
     params.update(time=TIME_LIMIT_MIN, signal_delay_s=SIGNAL_DELAY_S, additional_parameters={})  # never requeued

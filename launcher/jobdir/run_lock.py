@@ -21,8 +21,8 @@ import socket
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.jobdir.layout import JobDir
 
-LOCK_FILE = ".llaunch.lock"
 
 
 class RunLock:
@@ -62,7 +62,7 @@ class RunLock:
 
 def _open(run_dir: Path, create_dir: bool) -> int:
     """The lock file, never through a symbolic link (which would make the run write into the link's target)."""
-    path = run_dir / LOCK_FILE
+    path = JobDir(run_dir).lock
     try:
         if create_dir:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,12 +24,12 @@ from typing import BinaryIO, Callable, TypeVar
 import psutil
 
 from launcher import env
+from launcher.jobdir.layout import JobDir
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.runtime.signals import REQUEUE_EXIT_CODE
 
 Record = TypeVar("Record")
 
-LEDGER_FILE = "events.jsonl"
 # A rank writes a step window at each logging step, and at least this often between them.
 STEP_WINDOW_S = 60.0
 
@@ -86,7 +86,7 @@ def append(job_dir: str | Path, kind: str, *, t: float | None = None, inc: str |
              "pid": os.getpid(), "kind": kind, **fields}
     line = (json.dumps(event, default=str) + "\n").encode()
     try:
-        fd = os.open(Path(job_dir) / LEDGER_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        fd = os.open(JobDir(job_dir).events, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):  # a FIFO would block the writer once its buffer is full
@@ -126,7 +126,7 @@ def exit_cause(code: int) -> str:
 
 def read(job_dir: str | Path) -> list[dict]:
     """Every complete event, in time order; a damaged line is skipped with a warning (read_records)."""
-    return sorted(read_records(Path(job_dir) / LEDGER_FILE, check_event), key=lambda e: e["t"])
+    return sorted(read_records(JobDir(job_dir).events, check_event), key=lambda e: e["t"])
 
 
 def check_event(record) -> dict:

@@ -13,6 +13,7 @@ from launcher.observe import goodput
 from launcher.observe import history
 
 from launcher.observe import event_ledger
+from launcher.jobdir.layout import JobDir
 from launcher.config import TrainingConfig
 from launcher.errors import LaunchError
 from launcher.train import cadence as cadence_module
@@ -104,7 +105,7 @@ def write_long_ledger(job, now: float, windows: int) -> None:
     events += [{"t": 10.0 + i, "kind": "steps", "inc": "a", "step": 1 + i, "tokens": 64 * i} for i in range(1, windows)]
     events += [{"t": 10.0 + windows, "kind": "exit", "inc": "a", "code": 1, "cause": "failed"},
                {"t": now - 10, "kind": "launch", "inc": "b"}, {"t": now, "kind": "first_step", "inc": "b", "step": 1}]
-    (job / event_ledger.LEDGER_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+    JobDir(job).events.write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
 def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the_first_did(tmp_path, clock,
@@ -112,7 +113,7 @@ def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the
     job = tmp_path / "job"
     job.mkdir()
     write_long_ledger(job, clock.now, windows=5_000)
-    size = (job / event_ledger.LEDGER_FILE).stat().st_size
+    size = JobDir(job).events.stat().st_size
     bytes_read, planned = [], []
     read, plan = event_ledger.read_records, goodput.plan_interval
     monkeypatch.setattr(event_ledger, "read_records", lambda path, check: bytes_read.append(path.stat().st_size) or
@@ -138,7 +139,7 @@ def replace(path, make) -> None:
     make(path)
 
 
-LEDGER = event_ledger.LEDGER_FILE
+LEDGER = JobDir(".").events.name
 # (what is broken, how) before an auto run's first plan: none of them may stop it from saving
 BROKEN_LEDGERS = [
     ("this job's ledger has a wrong-typed line",
