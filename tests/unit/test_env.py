@@ -148,3 +148,17 @@ def test_submit_folds_the_profiles_watchdog_settings_under_the_configs_into_the_
     supervision = SupervisionConfig(watchdog={"floor_s": 30})
     job_profile = _supervision(supervision, profile, {})
     assert supervision.watchdog == {"floor_s": 30, "grace_s": 20} and job_profile.dist_timeout_s == 600
+
+
+def test_no_launcher_module_outside_the_cli_imports_cluster():
+    """The LLAUNCH_HOME paths and the job dir's readers live on the launcher side: no launcher -> cluster cycle."""
+    imports = []
+    for path in MODULES:
+        parts = path.relative_to(REPO).parts
+        if parts[0] != "launcher" or parts[1] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            imports += [f"{path.relative_to(REPO)}:{node.lineno}" for name in names if name.split(".")[0] == "cluster"]
+    assert not imports, "\n".join(imports)
