@@ -34,6 +34,7 @@ def measure(shapes: Shapes, root: Path, resume: bool = True) -> dict:
     real Trainer (a world of one)."""
     import torch
 
+    from launcher.jobdir.layout import JobDir
     from launcher.jobdir.prepare import prepare_job
     from launcher.train.loop import Trainer
 
@@ -56,7 +57,7 @@ def measure(shapes: Shapes, root: Path, resume: bool = True) -> dict:
     steps_during = [timed(trainer.train_step) for _ in range(3)]
     trainer.checkpointer.wait()
     background = blocked_async + time.perf_counter() - start
-    size = sum(f.stat().st_size for f in (job.output_dir / "checkpoints").rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in JobDir(job.output_dir).checkpoints.rglob("*") if f.is_file())
     saved_step = trainer.state.global_step - 3
 
     result = {

@@ -34,6 +34,8 @@ PEAK_BF16 = 989e12
 def run_llaunch(config: Path, out: Path, shapes: Shapes) -> dict:
     """`llaunch run` as a user types it (or its Trainer in this process); throughput from its metrics.jsonl
     after the warm-up windows."""
+    from launcher.jobdir.layout import JobDir
+
     started = time.perf_counter()
     if shapes.launch == "torchrun":
         cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(out), "--overwrite"]
@@ -52,7 +54,7 @@ def run_llaunch(config: Path, out: Path, shapes: Shapes) -> dict:
             os.environ.clear()
             os.environ.update(environ)
     wall = time.perf_counter() - started
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in JobDir(out).metrics.read_text().splitlines()]
     train = [r for r in records if "loss" in r and r["step"] > shapes.warmup_steps]
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in train)
     peaks = [r["peak_memory_gib"] for r in train if "peak_memory_gib" in r]
@@ -69,9 +71,10 @@ def run_hf_trainer(job: Path, shapes: Shapes) -> dict:
 
     from launcher.config import TrainConfig
     from launcher.corpus import PackedBlocks, find_corpus
+    from launcher.jobdir.layout import JobDir
     from launcher.train.modeling import architecture_config
 
-    config = TrainConfig.load(job / "config.yaml")
+    config = TrainConfig.load(JobDir(job).config)
     corpus = find_corpus(config.data)
     blocks = PackedBlocks(corpus.tokens(), shapes.seq, 0)
 
@@ -122,13 +125,14 @@ def compare(shapes: Shapes, work: Path, compile_layers: bool, save=lambda result
     `save(result)` once the first two are in and again after the third."""
     import torch
 
+    from launcher.jobdir.layout import JobDir
     from launcher.planning.models import load_model_spec
 
     work.mkdir(parents=True, exist_ok=True)
     job = work / "llaunch"
     ours = run_llaunch(write_config(work / "bench.yaml", work / "cache", shapes), job, shapes)
     theirs = run_hf_trainer(job, shapes)
-    vocab = json.loads((job / "final" / "config.json").read_text())["vocab_size"]
+    vocab = json.loads((JobDir(job).final / "config.json").read_text())["vocab_size"]
     flops_per_token = load_model_spec(shapes.model, {**shapes.overrides, "vocab_size": vocab}).flops_per_token(shapes.seq)
     cuda = torch.cuda.is_available()
 

@@ -32,17 +32,19 @@ from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
 from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
                                quarantined_nodes)
+from launcher.observe import history
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import node_command, rendezvous_port, slurm_parameters
 from launcher.runtime.watchdog import Watchdog, WatchdogConfig, hang_culprit, kill_ranks, report_hang
 from launcher.jobdir.checkpoint_store import list_checkpoints
-from launcher.observe.event_ledger import INCARNATION_ENV
 from launcher.errors import EXIT_USER_ERROR, LaunchError
-from launcher.jobdir.prepare import PLAN_FILE
+from launcher.config import TrainConfig
+from launcher.jobdir.layout import JobDir
 from launcher.planning.plan import Plan
-from launcher.runtime.signals import STOP_SIGNALS, SUPERVISOR_ENV, catches, ignore_stop_signals, ranks_of
+from launcher.env import INCARNATION, SLURM_CONF, SUPERVISOR_PID, slurm_conf_for_submitit
+from launcher.runtime.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
 
 FORWARD_POLL_S = 0.2
 RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
@@ -56,9 +58,9 @@ def slurm_reachable(env: dict[str, str]) -> None:
     """Raise the one-sentence error `llaunch submit` prints when there is no SLURM to submit to."""
     if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
         raise LaunchError("SLURM is not installed here (no sbatch); submit from a login node or run `llaunch cluster up`.")
-    conf = env.get("SLURM_CONF")
+    conf = SLURM_CONF.get(env)
     if conf and not Path(conf).is_file():  # scontrol would retry for a minute before saying so
-        raise LaunchError(f"SLURM_CONF points at {conf}, which does not exist; run `llaunch cluster up` "
+        raise LaunchError(f"{SLURM_CONF.name} points at {conf}, which does not exist; run `llaunch cluster up` "
                           f"or export the path of your cluster's slurm.conf.")
     try:
         ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=20)
@@ -67,7 +69,7 @@ def slurm_reachable(env: dict[str, str]) -> None:
     if ping is None or ping.returncode != 0 or "UP" not in ping.stdout:
         raise LaunchError(
             "SLURM is not reachable (slurmctld does not answer); start the local cluster with `llaunch cluster up` "
-            "or point SLURM_CONF at your cluster's slurm.conf."
+            f"or point {SLURM_CONF.name} at your cluster's slurm.conf."
         )
 
 
@@ -139,12 +141,13 @@ class NodeTask(submitit.helpers.Checkpointable):
         # installed, a repeated signal would requeue the job a second time.
         submitit_handlers = {sig: signal.signal(sig, self._on_stop) for sig in STOP_SIGNALS}
         job_env = submitit.JobEnvironment()
-        plan = Plan.load(Path(self.job_dir) / PLAN_FILE)
+        plan = Plan.load(JobDir(self.job_dir).plan)
         hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
         plan = check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0, self.min_nodes)
         print(f"[llaunch] attempt {self.requeues + 1}", file=sys.stderr, flush=True)  # where status reads errors from
         if job_env.global_rank == 0:  # before the doctor: an attempt that ends there is an incarnation too
             job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
+            history.register(self.job_dir)  # the ranks only read the cluster's history
         doctor_env = self._doctor(job_env, hosts) if self.doctor else {}
         if doctor_env is None:  # that node's own error ends the job and says why
             return f"no torchrun on node {job_env.node}: another node failed the doctor"
@@ -218,10 +221,10 @@ class NodeTask(submitit.helpers.Checkpointable):
             job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
             cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
         )
-        env = {**os.environ, **extra_env, **doctor_env, SUPERVISOR_ENV: str(os.getpid()),  # the agent ends with us
-               INCARNATION_ENV: job_events.attempt_id(job_env.job_id, self.requeues)}
-        watchdog = Watchdog.create(Path(self.job_dir), f"{job_env.job_id}-{job_env.node}", WatchdogConfig.from_env(env),
-                                   nodes=len(hosts), incarnation=env[INCARNATION_ENV])
+        env = {**os.environ, **extra_env, **doctor_env, SUPERVISOR_PID.name: str(os.getpid()),  # the agent ends with us
+               INCARNATION.name: job_events.attempt_id(job_env.job_id, self.requeues)}
+        watchdog = Watchdog.create(Path(self.job_dir), f"{job_env.job_id}-{job_env.node}", self._watchdog_config(env),
+                                   nodes=len(hosts), incarnation=env[INCARNATION.name])
         env.update(watchdog.rank_env() if watchdog else {})
         print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
               f"{shlex.join(argv)}", flush=True)
@@ -239,7 +242,7 @@ class NodeTask(submitit.helpers.Checkpointable):
             time.sleep(FORWARD_POLL_S)
         ignore_stop_signals()
         if torchrun.returncode != 0:
-            ranks.save(self.job_dir, env[INCARNATION_ENV])
+            ranks.save(self.job_dir, env[INCARNATION.name])
         if not watchdog:
             return torchrun.returncode, None, 0.0
         if hang is None and torchrun.returncode != 0:  # ranks that died because another node's watchdog killed its own
@@ -247,6 +250,10 @@ class NodeTask(submitit.helpers.Checkpointable):
         watchdog.report_stragglers(self.ledger, job_env.job_id)
         watchdog.close()
         return torchrun.returncode, hang, watchdog.config.grace_s
+
+    def _watchdog_config(self, env: dict[str, str]) -> WatchdogConfig:
+        """The variable over the job's config.yaml, into which `llaunch submit` folded the profile's settings."""
+        return WatchdogConfig.resolve(env, TrainConfig.load(JobDir(self.job_dir).config).supervision.watchdog)
 
     def _after_rank_failure(self, code: int, job_env, hosts: list[str], submitit_handler,
                             task_died: bool = False) -> str | None:
@@ -350,12 +357,9 @@ def latest_step(job_dir: str) -> int | None:
 
 def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
     """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
-    if env.get("SLURM_CONF"):
-        os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # submitit's sbatch inherits our environment
-    executor = submitit.SlurmExecutor(folder=job_dir / "slurm", max_num_timeout=profile.max_requeues,
+    executor = submitit.SlurmExecutor(folder=JobDir(job_dir).slurm, max_num_timeout=profile.max_requeues,
                                       python=shlex.quote(sys.executable))
     executor.update_parameters(**slurm_parameters(profile, name))
-    WatchdogConfig.from_env(env)  # a bad LLAUNCH_WATCHDOG is refused here, not on the nodes
     exclude = quarantined_nodes(profile, env)
     if exclude:
         executor.update_parameters(exclude=",".join(exclude))
@@ -365,7 +369,8 @@ def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str
                     min_nodes=profile.min_nodes)
     submitted_at = time.time()
     try:
-        job = executor.submit(task)
+        with slurm_conf_for_submitit(env):
+            job = executor.submit(task)
         job_events.submitted(job_dir, job.job_id, profile.nodes, profile.signal_delay_s, t=submitted_at)
         return job
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:

@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from launcher.env import SLURM_CONF, records_dir
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
-from launcher.home import llaunch_home
 from launcher.runtime.torchrun import RANK_STARTS
 
 TERMINAL_STATES = {
@@ -30,10 +30,6 @@ _FIELD = re.compile(r"(\w+)=(\S*)")
 _ERROR_LINE = re.compile(
     r"^\s*(?:\[[^\]]*\]:?\s*)?(llaunch: error: .*|[A-Za-z_.]*(?:Error|Exception|Interrupt)\b.*)$"
 )
-
-
-def records_dir() -> Path:
-    return llaunch_home() / "jobs"
 
 
 @dataclass
@@ -54,7 +50,7 @@ class JobRecord:
 
     def env(self) -> dict[str, str]:
         """The environment that reaches the cluster this job went to."""
-        return {**os.environ, "SLURM_CONF": self.slurm_conf} if self.slurm_conf else dict(os.environ)
+        return {**os.environ, SLURM_CONF.name: self.slurm_conf} if self.slurm_conf else dict(os.environ)
 
     def log_paths(self, node: int | None = None) -> list[Path]:
         """The per-node logs submitit's srun writes: <job>_<node>_log.out/.err, appended across requeues."""
@@ -118,7 +114,7 @@ def job_state(job_id: str, env: dict[str, str]) -> JobState:
             reason=fields.get("Reason", "") if fields.get("Reason") != "None" else "",
         )
     if "Invalid job id" not in (result.stderr or "") and result.returncode != 0:
-        raise LaunchError(f"SLURM is not reachable ({(result.stderr or '').strip()}); check SLURM_CONF or run `llaunch cluster up`.")
+        raise LaunchError(f"SLURM is not reachable ({(result.stderr or '').strip()}); check {SLURM_CONF.name} or run `llaunch cluster up`.")
     if shutil.which("sacct"):
         acct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State,NodeList,ExitCode"],
                               env=env, capture_output=True, text=True, timeout=30)
@@ -155,21 +151,6 @@ def active_job_in(log_folder: Path, env: dict[str, str]) -> tuple[str, JobState]
         state = job_state(job_id, env)
         if not state.finished and state.state != "UNKNOWN":
             return job_id, state
-    return None
-
-
-def last_metrics(output_dir: str | Path) -> dict | None:
-    """The newest line of OUTPUT/metrics.jsonl that has a training loss."""
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line still being written
-        if isinstance(row, dict) and "loss" in row and "step" in row:
-            return row
     return None
 
 

@@ -22,16 +22,12 @@ from pathlib import Path
 import psutil
 
 from cluster.jobs import TERMINAL_STATES
+from launcher.env import SLURM_CONF, slurm_dir
 from launcher.errors import LaunchError
 
-DEFAULT_STATE_DIR = "/tmp/llaunch-slurm"
 DAEMONS = ("slurmctld", "slurmd", "munged")
 # scancel sends SIGTERM (the ranks checkpoint) and SIGKILL after KillWait (60 s in dev/slurm.conf).
 JOBS_END_TIMEOUT_S = 120.0
-
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("LLAUNCH_SLURM_DIR", DEFAULT_STATE_DIR))
 
 
 def _pid_alive(pid_file: Path) -> int | None:
@@ -53,7 +49,7 @@ def _pid_alive(pid_file: Path) -> int | None:
 class LocalCluster:
     """A two-node cluster whose nodes are both this host, on private ports (so it never clashes with 6817/6818)."""
 
-    state_dir: Path = field(default_factory=default_state_dir)
+    state_dir: Path = field(default_factory=slurm_dir)
     nodes: int = 2
     cpus_per_node: int = 2
     memory_mb: int = 4000
@@ -81,7 +77,7 @@ class LocalCluster:
 
     def env(self) -> dict[str, str]:
         """The environment SLURM commands need to reach this cluster."""
-        return {**os.environ, "SLURM_CONF": str(self.conf_path)}
+        return {**os.environ, SLURM_CONF.name: str(self.conf_path)}
 
     def is_running(self) -> bool:
         return all(_pid_alive(p) for p in self._pid_files().values())
@@ -214,6 +210,6 @@ def slurm_env(local: bool) -> dict[str, str]:
     """The environment for SLURM commands: a local profile reaches the `llaunch cluster up` cluster unless
     SLURM_CONF already points somewhere."""
     env = dict(os.environ)
-    if local and not env.get("SLURM_CONF"):
-        env["SLURM_CONF"] = str(LocalCluster().conf_path)
+    if local and not SLURM_CONF.get(env):
+        env[SLURM_CONF.name] = str(LocalCluster().conf_path)
     return env

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from launcher.errors import LaunchError
+from launcher.runtime.watchdog_config import check_settings
 
 DEFAULT_PROFILE = "local"
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
@@ -42,6 +43,7 @@ class ClusterProfile:
     dist_timeout_s: int = 300
     setup: list[str] = field(default_factory=list)
     doctor: bool = True  # `llaunch doctor`'s checks before torchrun in every incarnation of a submitted job
+    watchdog: dict = field(default_factory=dict)  # WatchdogConfig keys; a job's supervision.watchdog wins
 
     @property
     def time_minutes(self) -> int:
@@ -93,6 +95,9 @@ class ClusterProfile:
             refuse("gpu_mem_gb", "the memory of one GPU in GB (a positive number when gpus_per_node is set)")
         if self.mem_gb is not None and (not number(self.mem_gb) or self.mem_gb <= 0):
             refuse("mem_gb", "a positive number of GB or null (the partition's default)")
+        if not isinstance(self.watchdog, dict):
+            refuse("watchdog", "a mapping of the watchdog's keys, e.g. {floor_s: 60}")
+        check_settings(self.watchdog, f"cluster profile {self.name!r}: watchdog")
         if not isinstance(self.doctor, bool):
             refuse("doctor", "true or false")
         if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):

@@ -22,9 +22,9 @@ from pathlib import Path
 import psutil
 
 from launcher.files import write_text_atomic
+from launcher.jobdir.layout import JobDir
 from launcher.runtime.signals import ranks_of
 
-EXITS_DIR = "rank-exits"
 VERDICT_FILE = "culprit.json"  # beside an attempt's records: the first node's judgement
 
 
@@ -72,13 +72,13 @@ def _alive(proc: psutil.Process) -> bool:
 
 
 def exits_path(job_dir: str | Path, attempt: str, node: int) -> Path:
-    return Path(job_dir) / EXITS_DIR / attempt / f"node-{node}.json"
+    return JobDir(job_dir).rank_exits / attempt / f"node-{node}.json"
 
 
 
 def read_exits(job_dir: str | Path, attempt: str) -> list[RankExit]:
     """The ranks' ends of `attempt` on every node that recorded them; an unreadable file is skipped."""
-    root = Path(job_dir) / EXITS_DIR
+    root = JobDir(job_dir).rank_exits
     found = []
     for path in sorted((root / attempt).glob("node-*.json")):
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
@@ -99,7 +99,7 @@ def first_failure(exits: list[RankExit]) -> RankExit | None:
 def wait_for_nodes(job_dir: str | Path, attempt: str, nodes: int, wait_s: float) -> list[RankExit]:
     """Every node's record of `attempt`, waiting up to `wait_s` for the nodes still writing theirs."""
     deadline = time.monotonic() + wait_s
-    while len(list((Path(job_dir) / EXITS_DIR / attempt).glob("node-*.json"))) < nodes and time.monotonic() < deadline:
+    while len(list((JobDir(job_dir).rank_exits / attempt).glob("node-*.json"))) < nodes and time.monotonic() < deadline:
         time.sleep(0.2)
     return read_exits(job_dir, attempt)
 
@@ -127,14 +127,14 @@ def judge(job_dir: str | Path, attempt: str, hosts: list[str], task_died: bool,
     for them), kept beside the records for `llaunch status`."""
     found = culprit(wait_for_nodes(job_dir, attempt, len(hosts), wait_s), hosts, task_died)
     if found is not None:
-        write_text_atomic(Path(job_dir) / EXITS_DIR / attempt / VERDICT_FILE, json.dumps({"host": found[0],
+        write_text_atomic(JobDir(job_dir).rank_exits / attempt / VERDICT_FILE, json.dumps({"host": found[0],
                                                                                           "why": found[1]}))
     return found
 
 
 def latest_failure(job_dir: str | Path) -> str | None:
     """What `llaunch status` says about the newest attempt that failed with a culprit (None: none did)."""
-    verdicts = sorted((Path(job_dir) / EXITS_DIR).glob(f"*/{VERDICT_FILE}"), key=lambda p: p.stat().st_mtime)
+    verdicts = sorted(JobDir(job_dir).rank_exits.glob(f"*/{VERDICT_FILE}"), key=lambda p: p.stat().st_mtime)
     if not verdicts:
         return None
     try:

@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from cluster.profile import ClusterProfile
+from launcher.env import DIST_TIMEOUT_S
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 
@@ -100,7 +101,7 @@ def node_command(
 
     The extra environment makes a lost peer fail the job within dist_timeout_s instead of hanging until
     the time limit: NCCL's watchdog aborts a stuck collective, and the training entrypoint passes
-    LLAUNCH_DIST_TIMEOUT_S to init_process_group (which is what bounds gloo).
+    launcher.env.DIST_TIMEOUT_S to init_process_group (which is what bounds gloo).
     """
     from launcher.runtime.torchrun import TORCHRUN_MODULE, build_torchrun_argv
 
@@ -120,7 +121,7 @@ def node_command(
     argv[after:after] = ["--signals-to-handle", TORCHRUN_SIGNALS]
     env = dict(env)
     env.update({
-        "LLAUNCH_DIST_TIMEOUT_S": str(dist_timeout_s),
+        DIST_TIMEOUT_S.name: str(dist_timeout_s),
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
         "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": str(dist_timeout_s),
     })

@@ -23,6 +23,7 @@ from launcher.files import write_text_atomic
 from launcher.knobs import check_config_knobs
 from launcher.planning.plan import LORA_R, LOSS_CHUNK_TOKENS
 from launcher.runtime.signals import DEFAULT_SIGNALS
+from launcher.runtime.watchdog_config import check_settings
 
 
 @dataclass
@@ -153,12 +154,22 @@ class ParallelConfig:
 
 
 @dataclass
+class SupervisionConfig:
+    """How the node runtime watches the ranks. Unset keys take the cluster profile's values, then the defaults;
+    the variables LLAUNCH_DIST_TIMEOUT_S and LLAUNCH_WATCHDOG override both (launcher.env)."""
+
+    dist_timeout_s: int | None = None  # a collective waiting longer fails the job; None: the profile's, else torch's
+    watchdog: dict = field(default_factory=dict)  # WatchdogConfig keys, e.g. {floor_s: 60}; {enabled: false}: off
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -196,6 +207,7 @@ class TrainConfig:
             raise LaunchError("data.validation_split_percentage must be in [0, 100).")
         check_numbers(self)
         check_config_knobs(self)  # the planner's knobs, by the rule the flags follow
+        check_settings(self.supervision.watchdog, "supervision.watchdog")
         check_choice("data.dataset_format", self.data.dataset_format, ("text", "alpaca", "chat", "jsonl"))
         check_choice("data.on_bad_line", self.data.on_bad_line, ("fail", "skip"))
         f = self.finetune
@@ -233,7 +245,7 @@ class TrainConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig,
-             "finetune": FinetuneConfig}
+             "finetune": FinetuneConfig, "supervision": SupervisionConfig}
 
 
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),

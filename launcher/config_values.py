@@ -9,6 +9,7 @@ import types
 import typing
 from typing import Any, Union
 
+from launcher.env import DIST_TIMEOUT_RANGE
 from launcher.errors import LaunchError
 
 # Every float a config can hold and the interval it must lie in (nan and inf never do); "[0, 1)" style.
@@ -56,6 +57,9 @@ def check_numbers(config) -> None:
     for key, seed in (("training.seed", t.seed), ("training.data_seed", t.data_seed)):
         if seed is not None and not 0 <= seed <= _SEED_MAX:
             raise LaunchError(f"{key} must be in [0, {_SEED_MAX}], not {seed}.")
+    timeout, (low, high) = config.supervision.dist_timeout_s, DIST_TIMEOUT_RANGE
+    if timeout is not None and not low <= timeout <= high:
+        raise LaunchError(f"supervision.dist_timeout_s must be from {low} to {high:,.0f} seconds, not {timeout}.")
     if config.data.block_size is not None and config.data.block_size < 2:
         raise LaunchError(f"data.block_size must be at least 2 (a token and the next one), not {config.data.block_size}.")
 

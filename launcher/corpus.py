@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher import env
 from launcher.config import DataConfig
 from launcher.errors import LaunchError
 
@@ -26,8 +27,7 @@ INSTALLED_PACKAGES = {"site-packages", "dist-packages"}
 
 
 def cache_root(config: DataConfig) -> Path:
-    root = config.cache_dir or os.environ.get("LLAUNCH_CACHE") or Path.home() / ".cache" / "llaunch"
-    return Path(root).expanduser() / "datasets"
+    return env.cache_root(config.cache_dir) / "datasets"
 
 
 def stdlib_dir() -> Path:

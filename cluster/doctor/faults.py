@@ -16,9 +16,10 @@ import json
 import os
 from dataclasses import dataclass
 
+from launcher.env import DOCTOR_FAULT
 from launcher.errors import LaunchError
 
-PREFIX = "LLAUNCH_DOCTOR_FAULT_"
+PREFIX = DOCTOR_FAULT.name
 
 
 @dataclass

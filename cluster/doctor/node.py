@@ -24,11 +24,11 @@ from pathlib import Path
 from cluster.doctor import checks, exchange, probes
 from cluster.doctor.checks import FAIL, Check
 from cluster.doctor.faults import Faults
+from launcher.env import DOCTOR_FAULT
 from launcher.files import write_text_atomic
-from launcher.jobdir.prepare import CONFIG_FILE, PLAN_FILE
+from launcher.jobdir.layout import JobDir
 from launcher.planning.plan import Plan
 
-RESULTS_DIR = "doctor"
 NONCE_FILE = ".llaunch-doctor-nonce"
 FETCH_TIMEOUT_S = 15.0  # the other nodes' tasks start within seconds of each other
 ALLREDUCE_TIMEOUT_S = 8.0
@@ -98,7 +98,7 @@ class NodeReport:
 
 
 def results_path(job_dir: Path, node: int) -> Path:
-    return Path(job_dir) / RESULTS_DIR / f"node-{node}.json"
+    return JobDir(job_dir).doctor / f"node-{node}.json"
 
 
 def run_node(ctx: NodeContext, env: dict[str, str] | None = None) -> NodeReport:
@@ -137,7 +137,7 @@ def run_node(ctx: NodeContext, env: dict[str, str] | None = None) -> NodeReport:
 
 def _own_facts(ctx: NodeContext, faults: Faults) -> dict:
     """What this node tells the others: versions (and config hash), interfaces, its NodeAddr."""
-    mine = {**probes.versions(), "config_hash": probes.config_hash(ctx.job_dir, (PLAN_FILE, CONFIG_FILE))}
+    mine = {**probes.versions(), "config_hash": probes.config_hash(JobDir(ctx.job_dir))}
     if faults.version and faults.version[0] == ctx.node:
         mine[faults.version[1]] = faults.version[2]
     loopback = all(probes.is_loopback(a) for a in ctx.addresses)
@@ -241,7 +241,7 @@ def _space(ctx: NodeContext, storage_dir: Path, faults: Faults) -> Check:
         why = f"{ctx.keep_checkpoints} checkpoint(s) of {checks.format_bytes(one)} + export {checks.format_bytes(export)}"
         files = (ctx.keep_checkpoints + 1) * (plan.world_size * FILES_PER_RANK + FILES_PER_CHECKPOINT)
     if faults.min_free_bytes > need:
-        need, why = faults.min_free_bytes, f"{faults.min_free_bytes} B from LLAUNCH_DOCTOR_FAULT_MIN_FREE_BYTES"
+        need, why = faults.min_free_bytes, f"{faults.min_free_bytes} B from {DOCTOR_FAULT.name}MIN_FREE_BYTES"
     free, inodes = probes.free_space(storage_dir)
     try:
         bandwidth = probes.write_bandwidth(probes.nearest_existing(storage_dir))
@@ -299,8 +299,8 @@ def preflight(job_dir: Path, hosts: list[str], addresses: list[str], node: int, 
     """The checks a submitted job's node task runs before torchrun, on the job dir's plan and config."""
     from launcher.config import TrainConfig
 
-    plan = Plan.load(Path(job_dir) / PLAN_FILE)
-    keep, trainable = job_facts(TrainConfig.load(Path(job_dir) / CONFIG_FILE), plan)
+    plan = Plan.load(JobDir(job_dir).plan)
+    keep, trainable = job_facts(TrainConfig.load(JobDir(job_dir).config), plan)
     report = run_node(NodeContext(Path(job_dir), node, hosts, addresses, rdzv_port, job_id=str(job_id), plan=plan,
                                   keep_checkpoints=keep, trainable_params=trainable))
     print("\n".join(f"[llaunch] doctor {line}" for line in report.lines()), flush=True)

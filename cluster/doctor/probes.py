@@ -55,13 +55,13 @@ def versions() -> dict[str, str | None]:
             "deepspeed": _package_version("deepspeed"), "nccl": nccl}
 
 
-def config_hash(job_dir: Path, names: tuple[str, ...]) -> str | None:
-    """sha256 over the job's plan and config as this node reads them; None when the job dir has neither."""
+def config_hash(job_dir) -> str | None:
+    """sha256 over the job's plan and config (a launcher.jobdir.layout.JobDir) as this node reads them; None when
+    the job dir has neither."""
     digest, found = hashlib.sha256(), False
-    for name in names:
-        path = job_dir / name
+    for path in (job_dir.plan, job_dir.config):
         if path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
             found = True
     return digest.hexdigest()[:16] if found else None
 

@@ -19,6 +19,8 @@ from cluster.executor import node_address
 from cluster.jobs import cancel, job_state, refuse_never_starting
 from cluster.profile import ClusterProfile
 from cluster.submission import rendezvous_port, slurm_parameters
+from launcher.env import slurm_conf_for_submitit
+from launcher.jobdir.layout import JobDir
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 
@@ -49,15 +51,14 @@ class DoctorTask:
 
 def run_doctor_job(profile: ClusterProfile, env: dict[str, str], task: DoctorTask) -> list[NodeReport]:
     """Submit the doctor job, wait for it (cancelled after WAIT_S), and read every node's report."""
-    if env.get("SLURM_CONF"):
-        os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # submitit's sbatch inherits our environment
-    folder = Path(task.job_dir) / "doctor" / "slurm"
+    folder = JobDir(task.job_dir).doctor_logs
     executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(sys.executable))
     params = slurm_parameters(profile, JOB_NAME)
     params.update(time=TIME_LIMIT_MIN, signal_delay_s=SIGNAL_DELAY_S, additional_parameters={})  # never requeued
     executor.update_parameters(**params)
     try:
-        job = executor.submit(task)
+        with slurm_conf_for_submitit(env):
+            job = executor.submit(task)
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
         detail = str(err).strip().splitlines()
         raise LaunchError(f"sbatch refused the doctor job ({detail[-1] if detail else err.__class__.__name__}); "

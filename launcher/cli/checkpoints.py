@@ -22,20 +22,21 @@ def run(args) -> int:
     from rich.table import Table
 
     from launcher.errors import LaunchError
-    from launcher.jobdir.checkpoint_store import CHECKPOINTS_DIR, best_checkpoint, list_checkpoints
+    from launcher.jobdir.checkpoint_store import best_checkpoint, list_checkpoints
+    from launcher.jobdir.layout import JobDir
 
     if not Path(args.output_dir).is_dir():
         raise LaunchError(f"{args.output_dir} does not exist; pass the --output-dir of a run.")
     infos = list_checkpoints(args.output_dir, checksums=args.verify)
     console = Console()
     if not infos:
-        console.print(f"no checkpoints under {Path(args.output_dir) / CHECKPOINTS_DIR}")
+        console.print(f"no checkpoints under {JobDir(args.output_dir).checkpoints}")
         return 0
     best = best_checkpoint(infos, args.greater_is_better)
     latest = next((info for info in reversed(infos) if info.complete), None)
     # Without --verify only sizes were compared: a flipped byte still looks complete until its sha256 is read.
     resume_note = "resume point" if args.verify else "resume point (unverified)"
-    table = Table(title=f"checkpoints in {Path(args.output_dir) / CHECKPOINTS_DIR}")
+    table = Table(title=f"checkpoints in {JobDir(args.output_dir).checkpoints}")
     for column in ("step", "created (UTC)", "size", "ranks", "strategy", "complete", "metric", "note"):
         table.add_column(column, justify="right" if column in ("step", "size", "ranks") else "left")
     for info in infos:

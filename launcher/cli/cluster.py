@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from launcher.env import DEFAULT_SLURM_DIR, SLURM_CONF, SLURM_DIR
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("cluster", help="start, stop or show the local two-node SLURM cluster")
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--state-dir", default=None,
-                   help="where slurm.conf, state and logs live (default $LLAUNCH_SLURM_DIR or /tmp/llaunch-slurm)")
+                   help=f"where slurm.conf, state and logs live (default ${SLURM_DIR.name} or {DEFAULT_SLURM_DIR})")
     p.set_defaults(run=run)
 
 
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         print(("started" if started else "already running") + f": local SLURM cluster, {cluster.nodes} nodes "
               f"({', '.join(cluster.node_names)}), partition {cluster.partition}, state in {cluster.state_dir}")
         print(cluster.sinfo().rstrip())
-        print(f"\nFor sinfo/squeue/sbatch in your shell:  export SLURM_CONF={cluster.conf_path}")
+        print(f"\nFor sinfo/squeue/sbatch in your shell:  export {SLURM_CONF.name}={cluster.conf_path}")
         return 0
     if args.action == "down":
         stopped = cluster.down()
@@ -31,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     if not cluster.is_running():
         print(f"the local cluster is not running (state dir {cluster.state_dir}); start it with `llaunch cluster up`.")
         return 1
-    print(f"running: state in {cluster.state_dir}; export SLURM_CONF={cluster.conf_path}")
+    print(f"running: state in {cluster.state_dir}; export {SLURM_CONF.name}={cluster.conf_path}")
     print(cluster.sinfo().rstrip())
     return 0

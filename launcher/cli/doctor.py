@@ -84,10 +84,10 @@ def _results_dir(job_dir):
     """JOB_DIR/doctor, made here, before any node is asked to write there."""
     import os
 
-    from cluster.doctor.node import RESULTS_DIR
+    from launcher.jobdir.layout import JobDir
     from launcher.errors import LaunchError
 
-    results = job_dir / RESULTS_DIR
+    results = JobDir(job_dir).doctor
     try:
         results.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -34,11 +34,12 @@ def job_dir(job: str) -> Path:
 
 def load_report(directory: Path):
     from launcher.observe import goodput
+    from launcher.jobdir.layout import JobDir
     from launcher.observe import event_ledger
 
     events = event_ledger.read(directory)
     if not events:
-        raise LaunchError(f"{directory} has no event ledger ({event_ledger.LEDGER_FILE}); it has not started yet, or an "
+        raise LaunchError(f"{directory} has no event ledger ({JobDir(directory).events.name}); it has not started yet, or an "
                           f"llaunch without goodput ran it.")
     return goodput.analyse(events)
 

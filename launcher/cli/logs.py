@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
@@ -18,10 +17,10 @@ def add_parser(subparsers) -> None:
 
 
 def _procs_per_node(output_dir: str) -> int:
-    from launcher.jobdir.prepare import PLAN_FILE
+    from launcher.jobdir.layout import JobDir
     from launcher.planning.plan import Plan
 
-    plan_path = Path(output_dir) / PLAN_FILE
+    plan_path = JobDir(output_dir).plan
     return Plan.load(plan_path).gpus_per_node if plan_path.exists() else 1
 
 

@@ -39,19 +39,21 @@ def parse_rest(args) -> argparse.Namespace:
 def run(args) -> int:
     import os
 
+    from launcher import env as variables
     from launcher.runtime.watchdog import Watchdog, WatchdogConfig
-    from launcher.observe import event_ledger
+    from launcher.observe import event_ledger, history
     from launcher.jobdir.prepare import is_run_dir, prepare_job, write_job
-    from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV
     from launcher.runtime.torchrun import build_torchrun_argv, run_torchrun
     from launcher.train.faults import faults_from_env
 
     args = parse_rest(args)
-    watchdog_config = WatchdogConfig.from_env()
     faults_from_env()
     job = prepare_job(args.config, args.overrides, flags=config_overrides(args), knobs=cli_knobs(args),
                       output_dir=args.output_dir, write=False)
+    watchdog_config = WatchdogConfig.resolve(config=job.config.supervision.watchdog)
+    timeout = variables.dist_timeout_s(config=job.config.supervision.dist_timeout_s)
     argv, env = build_torchrun_argv(job.plan, job.output_dir, python=_python(), cpus_per_node=len(os.sched_getaffinity(0)))
+    env.update({variables.DIST_TIMEOUT_S.name: f"{timeout:g}"} if timeout else {})
     command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
     if args.dry_run:  # an existing run is left alone (its ranks reread it); a new directory gets the plan to read
         existing = is_run_dir(job.output_dir)
@@ -63,8 +65,9 @@ def run(args) -> int:
                   f"unchanged, nothing removed).")
         return 0
     lock = write_job(job, keep_lock=True)  # held until this process ends: the ranks need not take it
-    env[HELD_BY_LAUNCHER_ENV] = str(job.output_dir)
-    env[event_ledger.INCARNATION_ENV] = incarnation = event_ledger.new_incarnation_id()
+    history.register(job.output_dir)  # the ranks only read the cluster's history
+    env[variables.RUN_LOCK_HELD.name] = str(job.output_dir)
+    env[variables.INCARNATION.name] = incarnation = event_ledger.new_incarnation_id()
     event_ledger.append(job.output_dir, event_ledger.LAUNCH, t=args.started_at, inc=incarnation, nodes=1,
                   how="llaunch run")  # from the command's start: reading and planning the job is start-up
     watchdog = Watchdog.create(job.output_dir, str(os.getpid()), watchdog_config, incarnation=incarnation)

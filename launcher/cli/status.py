@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
 
 def describe(job_id: str | None) -> list[str]:
     """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
-    from cluster.jobs import job_state, last_error, last_metrics, load_record
+    from cluster.jobs import job_state, last_error, load_record
+    from launcher.observe.metrics_file import last_metrics
     from cluster.rank_exits import latest_failure
     from launcher.runtime.watchdog import latest_hang
     from launcher.cli.goodput import summary_line
@@ -67,7 +68,7 @@ def _newest_checkpoint(output_dir: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.jobs import records_dir
+    from launcher.env import records_dir
 
     if args.job is not None:
         print("\n".join(describe(args.job)))

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     flags = config_overrides(args, without=("gpus_per_node",))  # the profile's nodes', not parallel.nproc_per_node
     job = prepare_job(args.config, args.overrides, flags=flags, knobs=knobs, output_dir=args.output_dir,
                       hardware=profile.hardware(), write=False)
+    profile = _supervision(job.config.supervision, profile, env)
     for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
         job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch
     name = job_name(f"llaunch-{Path(args.config).stem}")
@@ -67,6 +68,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     record = _submit(job, profile, name, env)
     return _wait(record) if args.wait else 0
+
+
+def _supervision(supervision, profile, env: dict[str, str]):
+    """Fold the profile's supervision settings under the config's (the job dir's config.yaml then holds what the
+    nodes use) and check LLAUNCH_WATCHDOG over them here, not on the nodes; returns the profile with the job's
+    collective timeout (the variable's, the config's or the profile's)."""
+    import dataclasses
+    import math
+
+    from launcher.env import dist_timeout_s
+    from launcher.runtime.watchdog_config import WatchdogConfig
+
+    supervision.watchdog = {**profile.watchdog, **supervision.watchdog}
+    WatchdogConfig.resolve(env, supervision.watchdog)
+    timeout = dist_timeout_s(env, supervision.dist_timeout_s, profile.dist_timeout_s)
+    return dataclasses.replace(profile, dist_timeout_s=math.ceil(timeout))
 
 
 def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
@@ -79,7 +96,7 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
 
     from cluster.exclusion import exclusion_sentence, quarantined_nodes
     from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters
-    from launcher.jobdir.prepare import PLAN_FILE
+    from launcher.jobdir.layout import JobDir
 
     job_dir = Path(job.output_dir).resolve()
     parameters = slurm_parameters(profile, name)
@@ -91,7 +108,7 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
         parameters["exclude"] = ",".join(exclude)
         print(f"# {exclusion_sentence(profile, exclude)}")
     print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
-    print(render_sbatch(parameters, job_dir / "slurm", sys.executable))
+    print(render_sbatch(parameters, JobDir(job_dir).slurm, sys.executable))
     argv, extra_env = node_command(job.plan, job_dir, rdzv_host="FIRST_NODE", rdzv_port="RDZV_PORT",
                                    job_id="JOB_ID", max_restarts=profile.max_restarts,
                                    dist_timeout_s=profile.dist_timeout_s, cpus_per_node=profile.cpus_per_task,
@@ -99,7 +116,7 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
     print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_JOB_NODELIST\"`,")
     print("# RDZV_PORT = 20000 + JOB_ID % 10000):")
     print(render_node_command(argv, extra_env))
-    print(f"# the plan ({job_dir / PLAN_FILE} when submitted):")
+    print(f"# the plan ({JobDir(job_dir).plan} when submitted):")
     print(job.plan.to_yaml().rstrip())
     print("# nothing written, nothing submitted (--dry-run).")
 
@@ -111,25 +128,27 @@ def _submit(job, profile, name: str, env: dict[str, str]):
 
     from cluster.executor import submit
     from cluster.jobs import JobRecord, active_job_in
+    from launcher.env import SLURM_CONF
     from launcher.errors import LaunchError
-    from launcher.jobdir.prepare import PLAN_FILE, write_job
+    from launcher.jobdir.layout import JobDir
+    from launcher.jobdir.prepare import write_job
 
     job_dir = Path(job.output_dir).resolve()
-    active = active_job_in(job_dir / "slurm", env)
+    active = active_job_in(JobDir(job_dir).slurm, env)
     if active:
         raise LaunchError(f"{job_dir} belongs to job {active[0]}, which is {active[1].state.lower()}; wait for it "
                           f"to end, `llaunch cancel {active[0]}`, or choose another --output-dir.")
     write_job(job)
     submitted = submit(job_dir, profile, name, env)
     record = JobRecord(job_id=str(submitted.job_id), name=name, output_dir=str(job_dir),
-                       log_folder=str(job_dir / "slurm"), nodes=profile.nodes, cluster=profile.name,
-                       slurm_conf=env.get("SLURM_CONF", ""))
+                       log_folder=str(JobDir(job_dir).slurm), nodes=profile.nodes, cluster=profile.name,
+                       slurm_conf=SLURM_CONF.get(env))
     record.save()
     plan = job.plan
     print(f"submitted job {record.job_id} ({name}): {plan.nodes} node(s) x {plan.gpus_per_node} "
           f"{'GPU' if plan.device == 'cuda' else 'process'}(es), {plan.strategy}, "
           f"requeues up to {profile.max_requeues} time(s)")
-    print(f"  plan:   {job_dir / PLAN_FILE}")
+    print(f"  plan:   {JobDir(job_dir).plan}")
     print(f"  logs:   {record.log_paths(0)[0]}  (all nodes: {record.log_folder})")
     print(f"  follow: llaunch status {record.job_id}   llaunch logs {record.job_id} -f   llaunch cancel {record.job_id}")
     return record

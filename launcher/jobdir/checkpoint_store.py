@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.jobdir.layout import JobDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 ENGINE_DIR = "engine"
 MANIFEST_FORMAT = 1
@@ -100,7 +100,7 @@ def check_files(path: Path, manifest: dict, checksums: bool = True) -> str:
 
 def list_checkpoints(output_dir: str | Path, checksums: bool = False) -> list[CheckpointInfo]:
     """Every step-N folder, oldest first, each marked complete only if its manifest matches its files."""
-    root = Path(output_dir) / CHECKPOINTS_DIR
+    root = JobDir(output_dir).checkpoints
     infos = []
     for path in root.glob("step-*") if root.is_dir() else ():
         try:
@@ -143,7 +143,7 @@ def find_latest_complete(output_dir: str | Path) -> Path | None:
         problems.append(f"{info.path.name}: {problem}")
         log.warning("skipping checkpoint %s: %s; trying the previous one", info.path, problem)
     if problems:
-        raise LaunchError(f"every checkpoint under {Path(output_dir) / CHECKPOINTS_DIR} is damaged "
+        raise LaunchError(f"every checkpoint under {JobDir(output_dir).checkpoints} is damaged "
                           f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}) and was left as it "
                           f"is; resume from a good copy with --resume-from, or start over them with --no-resume "
                           f"--overwrite.")

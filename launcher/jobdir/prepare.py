@@ -1,8 +1,8 @@
 """Everything that happens before any process starts: load and check the config, tokenize, plan, write DIR.
 
 Used by `llaunch run` and by the SLURM path alike; it takes plain arguments, never CLI objects. A job
-directory holds plan.yaml and config.yaml (written atomically) and is what every rank reads. Tokenizing needs
-transformers (and so torch): a cold token cache and SFT records are prepared by `python -m
+directory (launcher.jobdir.layout) holds the plan and the config (written atomically) and is what every rank reads.
+Tokenizing needs transformers (and so torch): a cold token cache and SFT records are prepared by `python -m
 launcher.train.prepare_data`, run here as a child process, so this process never loads torch.
 """
 
@@ -22,9 +22,8 @@ from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.knobs import request_knobs
 from launcher.planning.models import pretrained_dir
 from launcher.planning.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, Plan, check_runnable
-from launcher.jobdir.run_lock import LOCK_FILE, RunLock
-
-PLAN_FILE, CONFIG_FILE, FINAL_DIR = "plan.yaml", "config.yaml", "final"
+from launcher.jobdir.layout import JobDir
+from launcher.jobdir.run_lock import RunLock
 
 
 @dataclass
@@ -116,7 +115,7 @@ def _job_dir(config: TrainConfig, output_dir: str | Path | None) -> Path:
         from launcher.jobdir.checkpoint_store import resolve_resume
 
         resolve_resume(out, resume_from, training.ignore_checkpoints, overwrite=False)
-    if not training.overwrite_output_dir and (out / FINAL_DIR).exists() and not _extendable(out, training):
+    if not training.overwrite_output_dir and JobDir(out).final.exists() and not _extendable(out, training):
         raise LaunchError(f"{out} already holds a finished run and no checkpoint to continue it from; pass "
                           f"--overwrite to train it again, or choose another --output-dir.")
     return out
@@ -139,8 +138,8 @@ def write_job(job: Job, keep_lock: bool = False) -> RunLock | None:
     try:
         if job.config.training.overwrite_output_dir and is_run_dir(out):
             _remove_run(out)
-        job.config.save(out / CONFIG_FILE)
-        job.plan.save(out / PLAN_FILE)
+        job.config.save(JobDir(out).config)
+        job.plan.save(JobDir(out).plan)
     except BaseException:
         lock.release()
         raise
@@ -154,7 +153,7 @@ def write_job(job: Job, keep_lock: bool = False) -> RunLock | None:
 
 def is_run_dir(path: Path) -> bool:
     """A directory llaunch made for a run: it holds the plan and the config that `llaunch run` writes first."""
-    return (path / PLAN_FILE).is_file() and (path / CONFIG_FILE).is_file()
+    return JobDir(path).plan.is_file() and JobDir(path).config.is_file()
 
 
 def make_job_plan(config: TrainConfig, knobs: dict, vocab_size: int | None, hardware=None) -> Plan:
@@ -196,14 +195,14 @@ def _check_output_dir(out: Path) -> None:
     if under is not None and not under.is_dir():
         raise LaunchError(f"output directory {out} is under the file {under}; choose another --output-dir.")
     if out.is_dir() and not is_run_dir(out) and _entries(out):
-        raise LaunchError(f"{out} already holds files and is not a llaunch run directory (no {PLAN_FILE} and "
-                          f"{CONFIG_FILE}), so llaunch will neither write into nor remove it; choose a new "
+        raise LaunchError(f"{out} already holds files and is not a llaunch run directory (no {JobDir(out).plan.name} and "
+                          f"{JobDir(out).config.name}), so llaunch will neither write into nor remove it; choose a new "
                           f"or empty --output-dir.")
 
 
 def _entries(out: Path) -> list[Path]:
     """What a directory holds besides the run lock (which a run that failed before writing leaves alone)."""
-    return sorted(p for p in out.iterdir() if p.name != LOCK_FILE)
+    return sorted(p for p in out.iterdir() if p != JobDir(out).lock)
 
 
 def _remove_run(out: Path) -> None:

@@ -1,6 +1,6 @@
 """One training process tree per run directory: a lock on DIR/.llaunch.lock that names its holders.
 
-`llaunch run` takes it before it touches DIR and tells its ranks so through HELD_BY_LAUNCHER_ENV; ranks started
+`llaunch run` takes it before it touches DIR and tells its ranks so through launcher.env.RUN_LOCK_HELD; ranks started
 any other way (a SLURM job, `python -m launcher.train`) take it on rank 0. Then every other rank joins it.
 
 It is an flock, so the kernel drops it when its holders die: a crashed run never blocks the next one. A run
@@ -21,9 +21,8 @@ import socket
 from pathlib import Path
 
 from launcher.errors import LaunchError
+from launcher.jobdir.layout import JobDir
 
-LOCK_FILE = ".llaunch.lock"
-HELD_BY_LAUNCHER_ENV = "LLAUNCH_RUN_LOCK_HELD"  # the run directory whose lock the parent `llaunch run` holds
 
 
 class RunLock:
@@ -63,7 +62,7 @@ class RunLock:
 
 def _open(run_dir: Path, create_dir: bool) -> int:
     """The lock file, never through a symbolic link (which would make the run write into the link's target)."""
-    path = run_dir / LOCK_FILE
+    path = JobDir(run_dir).lock
     try:
         if create_dir:
             run_dir.mkdir(parents=True, exist_ok=True)

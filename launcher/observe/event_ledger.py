@@ -23,15 +23,13 @@ from typing import BinaryIO, Callable, TypeVar
 
 import psutil
 
+from launcher import env
+from launcher.jobdir.layout import JobDir
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.runtime.signals import REQUEUE_EXIT_CODE
 
 Record = TypeVar("Record")
 
-LEDGER_FILE = "events.jsonl"
-# Set by whoever starts an incarnation (llaunch run, the node task) for the processes it starts; a rank
-# started by hand makes up its own.
-INCARNATION_ENV = "LLAUNCH_INCARNATION"
 # A rank writes a step window at each logging step, and at least this often between them.
 STEP_WINDOW_S = 60.0
 
@@ -71,7 +69,7 @@ _warned = False
 
 def incarnation_id() -> str:
     """This process's incarnation: the launcher's id, with torchrun's restart count when it restarted the ranks."""
-    base = os.environ.get(INCARNATION_ENV) or new_incarnation_id()
+    base = env.INCARNATION.get() or new_incarnation_id()  # a rank started by hand makes up its own
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return base if restart in ("", "0") else f"{base}+{restart}"
 
@@ -88,7 +86,7 @@ def append(job_dir: str | Path, kind: str, *, t: float | None = None, inc: str |
              "pid": os.getpid(), "kind": kind, **fields}
     line = (json.dumps(event, default=str) + "\n").encode()
     try:
-        fd = os.open(Path(job_dir) / LEDGER_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        fd = os.open(JobDir(job_dir).events, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):  # a FIFO would block the writer once its buffer is full
@@ -128,7 +126,7 @@ def exit_cause(code: int) -> str:
 
 def read(job_dir: str | Path) -> list[dict]:
     """Every complete event, in time order; a damaged line is skipped with a warning (read_records)."""
-    return sorted(read_records(Path(job_dir) / LEDGER_FILE, check_event), key=lambda e: e["t"])
+    return sorted(read_records(JobDir(job_dir).events, check_event), key=lambda e: e["t"])
 
 
 def check_event(record) -> dict:

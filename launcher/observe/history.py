@@ -1,8 +1,9 @@
 """The cluster's earlier jobs, for the failure rate that `save_strategy: auto` plans with.
 
-LLAUNCH_HOME/history/CLUSTER.txt lists the job directories that planned a cadence on this cluster (SLURM's
-cluster name, or this host), one a line; a new job reads the ledgers of the last HISTORY_JOBS others once
-and adds itself. Best effort: a list or a ledger that cannot be read counts as no history, with a warning,
+LLAUNCH_HOME/history/CLUSTER.txt (launcher.env.history_dir) lists the job directories that ran on this cluster
+(SLURM's cluster name, or this host), one a line. The launcher side adds a job before its ranks start (`llaunch
+run`, the first node's task: `register`); rank 0 of a job under auto only reads the ledgers of the last
+HISTORY_JOBS others, once per incarnation, so a rank writes nothing outside its job dir. Best effort: a list or a ledger that cannot be read counts as no history, with a warning,
 and a damaged line of a ledger is skipped (launcher.observe.event_ledger.read); none of them stops the job.
 """
 
@@ -13,8 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+from launcher.env import history_dir
 from launcher.errors import LaunchError
-from launcher.home import llaunch_home
 from launcher.observe import event_ledger, goodput
 
 HISTORY_JOBS = 20  # earlier jobs of the same cluster whose failures count towards the MTBF
@@ -23,25 +24,32 @@ HISTORY_JOBS = 20  # earlier jobs of the same cluster whose failures count towar
 def history_file() -> Path:
     """The list of job directories that ran on this cluster (SLURM's cluster name, or this host)."""
     cluster = os.environ.get("SLURM_CLUSTER_NAME") or f"local-{socket.gethostname()}"
-    return llaunch_home() / "history" / f"{cluster}.txt"
+    return history_dir() / f"{cluster}.txt"
+
+
+def register(job_dir: str | Path) -> None:
+    """Add the job to its cluster's list for the jobs after it (the launcher side, before the ranks start); a
+    list that cannot be read or written is left as it is: the history is advice."""
+    path, me = history_file(), str(Path(job_dir).resolve())
+    try:
+        if me in _listed(path):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(me + "\n")
+    except (LaunchError, OSError):
+        pass
 
 
 def cluster_history(job_dir: str | Path) -> tuple[float, int]:
     """Node-seconds running and failures of the last HISTORY_JOBS other jobs on this cluster, from their
-    ledgers; registers this job in the list for the jobs after it."""
-    path, me = history_file(), str(Path(job_dir).resolve())
+    ledgers; reads only."""
+    me = str(Path(job_dir).resolve())
     try:
-        listed = _listed(path)
+        listed = _listed(history_file())
     except LaunchError as err:
         _warn(f"{err} The checkpoint cadence goes on without the cluster's earlier jobs.")
         return 0.0, 0
-    if me not in listed:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
-                handle.write(me + "\n")
-        except OSError:
-            pass
     node_s, failures = 0.0, 0
     for other in [p for p in listed if p and p != me][-HISTORY_JOBS:]:
         try:

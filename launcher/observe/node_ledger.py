@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from launcher.home import llaunch_home
+from launcher.env import node_ledger_dir
 from launcher.observe.event_ledger import LARGEST, read_records
 
 # Each kind of evidence and how much it says about the host: hard = the host is very likely bad by itself.
@@ -74,7 +74,7 @@ class NodeLedger:
 
     @classmethod
     def for_profile(cls, profile_name: str) -> "NodeLedger":
-        return cls(llaunch_home() / "ledger" / f"{profile_name}.jsonl")  # beside the job records
+        return cls(node_ledger_dir() / f"{profile_name}.jsonl")
 
     def append(self, event: NodeEvent) -> None:
         """One line, written in one call and synced: concurrent writers on other nodes never interleave. The

@@ -297,7 +297,7 @@ class Plan(TrainSetup):
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
         if not isinstance(data, dict):
-            raise LaunchError("a plan must be a YAML mapping; write one with `llaunch plan -o plan.yaml`.")
+            raise LaunchError("a plan must be a YAML mapping; write one with `llaunch plan -o FILE`.")
         known = {f.name for f in dataclasses.fields(cls)} | {"parallel"}
         unknown = sorted(set(data) - known)
         if unknown:

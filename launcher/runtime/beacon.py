@@ -28,8 +28,6 @@ import psutil
 from launcher.files import write_text_atomic
 from launcher.runtime.signals import STACK_DUMP_SIGNAL
 
-# The launcher passes the beacon folder to the ranks in this variable; without it a rank writes no beacon.
-BEACON_DIR_ENV = "LLAUNCH_BEACON_DIR"
 SHM = Path("/dev/shm")
 LAYOUT_VERSION = 1
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 
+from launcher.env import SUPERVISOR_PID
 from launcher.errors import LaunchError
 
 # sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". A rank, torchrun's wrapper
@@ -33,9 +34,6 @@ HANG_EXIT_CODE = 124
 # SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) stop a run like SIGTERM: save, then stop.
 DEFAULT_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 STOP_SIGNALS = tuple(signal.Signals[name] for name in DEFAULT_SIGNALS)
-# The pid of the process that started this one (`llaunch run` for torchrun's agent, the agent for a rank):
-# set by that process for its child, which must not outlive it (die_with_supervisor).
-SUPERVISOR_ENV = "LLAUNCH_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # A rank registers faulthandler on this one at start: its Python stacks, even while it holds the GIL or sits
 # in a C call. A real-time signal no library here uses, and none of the stop signals.
@@ -94,7 +92,7 @@ def ignore_stop_signals() -> None:
 
 
 def die_with_supervisor() -> None:
-    """First thing in torchrun's agent and in each rank that SUPERVISOR_ENV names a supervisor for: the kernel
+    """First thing in torchrun's agent and in each rank that launcher.env.SUPERVISOR_PID names a supervisor for: the kernel
     sends this process SIGKILL when its supervisor ends, however it ends (SIGKILL, the OOM killer, a crash),
     so no rank trains on unsupervised beside the rerun that follows. SIGKILL, because a supervisor that is
     gone can neither wait for a save nor stop a hung rank; checkpoints are published by rename, so the rerun
@@ -102,7 +100,7 @@ def die_with_supervisor() -> None:
     the supervisor's main thread (llaunch starts torchrun there, torchrun its workers). A supervisor that died
     before the request was in place has made us someone else's child already: then we end at once.
     Linux only; elsewhere (a laptop's dry run) a no-op."""
-    expected = os.environ.get(SUPERVISOR_ENV, "")
+    expected = SUPERVISOR_PID.get()
     if not expected.isdigit() or not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)

@@ -5,7 +5,7 @@ rank that already said why it stopped (a LaunchError's sentence and exit 2, a pr
 exit 75) ends the launch with that code, without torchrun's ChildFailedError traceback burying the sentence;
 a rank that crashed ends it with one sentence naming the rank that failed first and how (exit 1); a signal
 that stops torchrun itself (SIGTERM, SIGINT, SIGHUP, SIGQUIT) is one line and exit 128 + signal, not its
-SignalException traceback. The agent and its ranks end with the process that started them (SUPERVISOR_ENV).
+SignalException traceback. The agent and its ranks end with the process that started them (launcher.env.SUPERVISOR_PID).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
+from launcher.env import SUPERVISOR_PID
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.planning.plan import Plan
-from launcher.runtime.signals import (HANG_EXIT_CODE, REQUEUE_EXIT_CODE, STOP_SIGNALS, SUPERVISOR_ENV, die_with_supervisor,
+from launcher.runtime.signals import (HANG_EXIT_CODE, REQUEUE_EXIT_CODE, STOP_SIGNALS, die_with_supervisor,
                               signal_ranks)
 
 ENTRYPOINT = "launcher.train"
@@ -70,7 +71,7 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0, wa
 
     torchrun passes the signal on to its workers and waits for them; a second signal (or a torchrun that
     outlives `grace_s`) kills the whole group. torchrun and its ranks end with this process however it ends
-    (SUPERVISOR_ENV, launcher.runtime.signals.die_with_supervisor). Returns torchrun's exit code, 128 + SIGINT after
+    (launcher.env.SUPERVISOR_PID, launcher.runtime.signals.die_with_supervisor). Returns torchrun's exit code, 128 + SIGINT after
     Ctrl-C, or REQUEUE_EXIT_CODE after a preemption signal (the ranks saved a checkpoint). With a launcher.runtime.watchdog
     Watchdog, a hang is dumped and the group killed: HANG_EXIT_CODE.
     """
@@ -79,7 +80,7 @@ def run_torchrun(argv: list[str], env: dict[str, str], grace_s: float = 30.0, wa
     import subprocess
     import time
 
-    proc = subprocess.Popen(argv, env={**env, SUPERVISOR_ENV: str(os.getpid())}, start_new_session=True)
+    proc = subprocess.Popen(argv, env={**env, SUPERVISOR_PID.name: str(os.getpid())}, start_new_session=True)
     received: list[int] = []
     signalled_at: list[float] = []
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     die_with_supervisor()  # before torch is imported: `llaunch run` may be gone already
-    os.environ[SUPERVISOR_ENV] = str(os.getpid())  # the ranks, in turn, end with this agent
+    os.environ[SUPERVISOR_PID.name] = str(os.getpid())  # this agent's own; its ranks inherit it and end with it
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main

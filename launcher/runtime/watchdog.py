@@ -10,7 +10,7 @@ else the faulthandler the rank registered on launcher.runtime.signals.STACK_DUMP
 rank, a request that the other nodes' watchdogs dump theirs into the same folder, and the evidence record
 naming the rank that is behind. The caller then kills the ranks and exits with HANG_EXIT_CODE.
 
-Configured by launcher.runtime.watchdog_config.WatchdogConfig (LLAUNCH_WATCHDOG).
+Configured by launcher.runtime.watchdog_config.WatchdogConfig (launcher.env.WATCHDOG).
 """
 
 from __future__ import annotations
@@ -27,19 +27,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.jobs import last_metrics
+from launcher.observe.metrics_file import last_metrics
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from launcher.runtime.watchdog_config import WatchdogConfig
 from launcher.observe import event_ledger
-from launcher.runtime.beacon import BEACON_DIR_ENV, Beacon, Phase, beacon_folder, read_beacons, stacks_path
+from launcher.env import BEACON_DIR
+from launcher.runtime.beacon import Beacon, Phase, beacon_folder, read_beacons, stacks_path
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
+from launcher.jobdir.layout import JobDir
 from launcher.runtime.signals import STACK_DUMP_SIGNAL, catches, ranks_of
 
-HANGS_DIR = "hangs"  # in the job dir: one folder per detected hang
 EVIDENCE_FILE = "evidence.json"
 DUMP_REQUEST = "dump-request.json"  # the detecting node asks every other node to dump into the same folder
-PHASES_FILE = "watchdog-phases-{host}.json"  # in the job dir, per node: the longest each phase took lately
 CHECKPOINT_PHASES = (Phase.SAVE, Phase.LOAD)
 # How far along a step each phase is: a resume loads before its first step, evaluation and saving follow it.
 STEP_ORDER = (Phase.START, Phase.LOAD, Phase.DATA, Phase.COMPUTE, Phase.SYNC, Phase.EVAL, Phase.SAVE, Phase.DONE)
@@ -68,7 +68,7 @@ def describe(folder: Path) -> str:
 
 def latest_hang(job_dir: str | Path) -> str | None:
     """What `llaunch status` says about the newest hang this job dir holds evidence of (None: no hang)."""
-    folders = sorted(p.parent for p in Path(job_dir).glob(f"{HANGS_DIR}/*/{EVIDENCE_FILE}"))
+    folders = sorted(p.parent for p in JobDir(job_dir).hangs.glob(f"*/{EVIDENCE_FILE}"))
     return describe(folders[-1]) if folders else None
 
 
@@ -121,14 +121,14 @@ class Watchdog:
     @classmethod
     def create(cls, job_dir: Path, key: str, config: WatchdogConfig, nodes: int = 1,
                incarnation: str | None = None) -> "Watchdog | None":
-        """A watchdog with a new beacon folder, or None when LLAUNCH_WATCHDOG=off."""
+        """A watchdog with a new beacon folder, or None when its config turns it off."""
         if not config.enabled:
             return None
         return cls(beacon_folder(job_dir, key), Path(job_dir), config, nodes=nodes, incarnation=incarnation)
 
     def rank_env(self) -> dict[str, str]:
         """What torchrun's environment needs so that its ranks write their beacons where this watchdog reads."""
-        return {BEACON_DIR_ENV: str(self.folder)}
+        return {BEACON_DIR.name: str(self.folder)}
 
     # ----- detection ------------------------------------------------------------------------------------
     def timeout(self, beacon: Beacon) -> float:
@@ -165,7 +165,7 @@ class Watchdog:
 
     def requested_dump(self) -> Path | None:
         """Another node's watchdog saw a hang and asks this node to dump into its folder."""
-        hangs = self.job_dir / HANGS_DIR
+        hangs = JobDir(self.job_dir).hangs
         if not hangs.is_dir():
             return None
         for request in hangs.glob(f"*/{DUMP_REQUEST}"):
@@ -195,7 +195,7 @@ class Watchdog:
         beacons = hang.beacons if hang else read_beacons(self.folder)
         now = time.monotonic()
         if into is None:
-            into = self.job_dir / HANGS_DIR / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            into = JobDir(self.job_dir).hangs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             into.mkdir(parents=True, exist_ok=True)
             self._answered.add(into / DUMP_REQUEST)
             write_text_atomic(into / DUMP_REQUEST, json.dumps({"host": self.host, "time": time.time()}))
@@ -286,7 +286,7 @@ class Watchdog:
         """Keep the phases' longest durations for the next launch; remove the beacon folder this watchdog created."""
         if self._longest:  # optional: a failed write costs the next launch only its quicker first-step timeout
             with contextlib.suppress(LaunchError, OSError):
-                write_text_atomic(self.job_dir / PHASES_FILE.format(host=self.host),
+                write_text_atomic(JobDir(self.job_dir).watchdog_phases(self.host),
                                   json.dumps({**self._measured, **self._longest}))
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -294,7 +294,7 @@ class Watchdog:
 def measured_phases(job_dir: Path) -> dict[str, float]:
     """The longest each phase took in an earlier launch, over its nodes ({} without one; bad files skipped)."""
     longest: dict[str, float] = {}
-    for path in Path(job_dir).glob(PHASES_FILE.format(host="*")):
+    for path in Path(job_dir).glob(JobDir(job_dir).watchdog_phases("*").name):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     # and a preemption that came while the model is being built would otherwise be dropped.
     early_signals = StopSignals().install()
     parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__)
-    parser.add_argument("--job-dir", required=True, help="directory with plan.yaml and config.yaml (llaunch run writes them)")
+    parser.add_argument("--job-dir", required=True, help="the job directory `llaunch run` or `submit` wrote (its plan and config)")
     args = parser.parse_args(argv)
     if "RANK" in os.environ:  # under torchrun
         print(RANK_STARTS.format(rank=os.environ["RANK"], world=os.environ["WORLD_SIZE"]), flush=True)

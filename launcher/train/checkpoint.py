@@ -34,10 +34,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from launcher.observe import event_ledger
 from launcher.jobdir.checkpoint_store import (
-    CHECKPOINTS_DIR, ENGINE_DIR, MANIFEST, MANIFEST_FORMAT, best_checkpoint, list_checkpoints, read_manifest,
+    ENGINE_DIR, MANIFEST, MANIFEST_FORMAT, best_checkpoint, list_checkpoints, read_manifest,
     resolve_resume, sha256_all, step_dir_name,
 )
 from launcher.errors import LaunchError
+from launcher.jobdir.layout import JobDir
 from launcher.train.fingerprint import Fingerprint
 from launcher.train.rng import capture_rng_state, restore_rng_state
 from launcher.train.trusted_pickle import check_dcp_metadata
@@ -118,7 +119,7 @@ class Checkpointer:
     def __init__(self, output_dir: str | Path, *, strategy: str, save_total_limit: int | None = None,
                  metric_for_best_model: str | None = None, greater_is_better: bool | None = None,
                  async_save: bool = False):
-        self.root = Path(output_dir) / CHECKPOINTS_DIR
+        self.root = JobDir(output_dir).checkpoints
         self.strategy = strategy
         self.save_total_limit = save_total_limit
         self.metric_for_best_model = metric_for_best_model

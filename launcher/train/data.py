@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher import env
 from launcher.config import DataConfig
 from launcher.corpus import PackedBlocks, TokenizedCorpus, cache_key, cache_root, collect_text_files, tokenizer_source
 from launcher.errors import LaunchError
@@ -90,7 +91,7 @@ def build_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedC
 
 def _cache_unwritable(directory: Path, err: OSError) -> LaunchError:
     return LaunchError(f"cannot write the token cache in {directory} ({err.strerror or err}); set data.cache_dir "
-                       f"or LLAUNCH_CACHE to a writable directory with free space.")
+                       f"or {env.CACHE.name} to a writable directory with free space.")
 
 
 def _train_bpe(texts: list[str], vocab_size: int):

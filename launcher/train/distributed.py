@@ -8,23 +8,15 @@ import os
 import torch
 import torch.distributed as dist
 
+from launcher import env
 from launcher.errors import LaunchError
 
 
-def collective_timeout(env) -> datetime.timedelta | None:
-    """`llaunch submit` sets LLAUNCH_DIST_TIMEOUT_S (the profile's dist_timeout_s) so that a collective waiting on
-    a lost node fails the job in minutes (torch's default is 10 min for NCCL, 30 for gloo); None: torch's."""
-    text = env.get("LLAUNCH_DIST_TIMEOUT_S", "").strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 1 <= seconds <= 1e7:  # nan too: no collective could ever finish, or none would ever time out
-        raise LaunchError(f"LLAUNCH_DIST_TIMEOUT_S={text!r} must be a number of seconds from 1 to 1e7; unset it "
-                          f"(torch's default) or fix the cluster profile's dist_timeout_s.")
-    return datetime.timedelta(seconds=seconds)
+def collective_timeout(environ) -> datetime.timedelta | None:
+    """The launcher passes the job's collective timeout (launcher.env.DIST_TIMEOUT_S) so that a collective waiting
+    on a lost node fails the job in minutes (torch's default is 10 min for NCCL, 30 for gloo); None: torch's."""
+    seconds = env.dist_timeout_s(environ)
+    return None if seconds is None else datetime.timedelta(seconds=seconds)
 
 
 def init_distributed(host_collectives: bool = False) -> tuple[torch.device, int, int]:

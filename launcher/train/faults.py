@@ -21,9 +21,9 @@ import sys
 import time
 from dataclasses import dataclass
 
+from launcher.env import FAULT
 from launcher.errors import LaunchError
 
-FAULT_ENV = "LLAUNCH_FAULT"
 KINDS = {"hang": ("rank", "step"), "slow": ("rank", "ms"), "crash": ("rank", "step")}
 HANG_HOW = ("sleep", "sigstop", "spin")
 MAX_SLOW_MS = 3_600_000.0  # an hour per step: beyond it time.sleep overflows long before a drill needs it
@@ -54,7 +54,7 @@ def parse_faults(text: str) -> list[Fault]:
                     or not 0 <= fault.ms <= MAX_SLOW_MS:  # nan compares false
                 raise ValueError
         except ValueError:
-            raise LaunchError(f"{FAULT_ENV} fault {item!r} is not one of hang:rank=R,step=S[,how=sleep|sigstop|spin], "
+            raise LaunchError(f"{FAULT.name} fault {item!r} is not one of hang:rank=R,step=S[,how=sleep|sigstop|spin], "
                               f"slow:rank=R,ms=M, crash:rank=R,step=S with R >= 0, S >= 1 and M from 0 to "
                               f"{MAX_SLOW_MS:.0f} milliseconds; see docs/faults.md.") from None
         faults.append(fault)
@@ -63,7 +63,7 @@ def parse_faults(text: str) -> list[Fault]:
 
 def faults_from_env() -> list[Fault]:
     """The faults LLAUNCH_FAULT asks for; `llaunch run` calls it too, so a typo stops before anything starts."""
-    return parse_faults(os.environ.get(FAULT_ENV, ""))
+    return parse_faults(FAULT.get())
 
 
 class FaultInjector:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,11 @@ import torch.distributed as dist
 from launcher.observe import event_ledger
 from launcher.runtime.beacon import Phase
 from launcher.config import TrainConfig
-from launcher.jobdir.prepare import CONFIG_FILE, FINAL_DIR, PLAN_FILE
+from launcher.jobdir.layout import JobDir
 from launcher.planning.models import spec_from_config
 from launcher.planning.plan import Plan
-from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
+from launcher import env
+from launcher.jobdir.run_lock import RunLock
 from launcher.runtime.signals import REQUEUE_EXIT_CODE, StopSignals
 from launcher.train.adapters import apply_finetune_method, as_planned, quantization_config
 from launcher.train.cadence import SaveCadence
@@ -74,8 +74,8 @@ class Trainer:
         """early_signals: the stop-signal recorder the rank installed before it imported torch; what it
         caught while the model was being built is acted on at the first step boundary."""
         self.job_dir = Path(job_dir)
-        self.plan = Plan.load(self.job_dir / PLAN_FILE)
-        self.config = TrainConfig.load(self.job_dir / CONFIG_FILE)
+        self.plan = Plan.load(JobDir(self.job_dir).plan)
+        self.config = TrainConfig.load(JobDir(self.job_dir).config)
         self.device, self.rank, self.world_size = init_distributed(host_collectives=self.plan.offloads)
         if self.world_size != self.plan.world_size:  # a --min-nodes job on fewer nodes: same global batch
             self.plan = self.plan.on_nodes(self.world_size // self.plan.gpus_per_node)
@@ -289,7 +289,7 @@ class Trainer:
     def take_run_lock(self) -> None:
         """Rank 0 locks the job dir unless the `llaunch run` that started us holds it; then every other rank joins
         the lock, which is so held while any rank lives (launcher.jobdir.run_lock). Every rank learns a refusal."""
-        acquire = self.rank == 0 and os.environ.get(HELD_BY_LAUNCHER_ENV) != str(self.job_dir.resolve())
+        acquire = self.rank == 0 and env.RUN_LOCK_HELD.get() != str(self.job_dir.resolve())
         self.run_lock = on_every_rank(lambda: RunLock.acquire(self.job_dir) if acquire else None, self.world_size)
         joined = on_every_rank(lambda: None if acquire else RunLock.join(self.job_dir, self.rank), self.world_size)
         self.run_lock = self.run_lock or joined
@@ -341,7 +341,8 @@ class Trainer:
                  "loss_window": {**self.loss_window.state_dict(), "world": self.world_size}}
         step = self.state.global_step
         metrics = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
-        documents = {PLAN_FILE: self.plan.to_yaml(), CONFIG_FILE: (self.job_dir / CONFIG_FILE).read_text(),
+        layout = JobDir(self.job_dir)
+        documents = {layout.plan.name: self.plan.to_yaml(), layout.config.name: layout.config.read_text(),
                      "model_config.json": self.engine.module.config.to_json_string(use_diff=False)}
         adapters = getattr(self.engine.module, "peft_config", None)
         if adapters:  # a LoRA run: export needs the adapter's config to rebuild (and merge) it
@@ -372,7 +373,7 @@ class Trainer:
 
     def save_final(self) -> None:
         started = time.time()
-        write_final_model(self.engine, self.tokenizer, self.job_dir / FINAL_DIR, self.rank)
+        write_final_model(self.engine, self.tokenizer, JobDir(self.job_dir).final, self.rank)
         self.events.append(event_ledger.FINAL_SAVED, seconds=time.time() - started)
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from launcher.jobdir.layout import JobDir
+
 
 class Throughput:
     """Tokens/s and MFU over the window since the last report (no host sync except at reports)."""
@@ -73,13 +75,13 @@ class MetricsWriter:
     """Rank 0's sinks: one JSON object per logged step in metrics.jsonl, tensorboard scalars, a progress bar."""
 
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, report_to: list[str]):
-        self.path = output_dir / "metrics.jsonl"
+        self.path = JobDir(output_dir).metrics
         self._file = self.path.open("a")
         self._tb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(JobDir(output_dir).tensorboard))
         self._progress = None
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

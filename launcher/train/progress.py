@@ -8,13 +8,13 @@ Every call here is cheap enough for the loop's hot path: a few stores into memor
 
 from __future__ import annotations
 
-import os
 import statistics
 from pathlib import Path
 
 import torch.distributed as dist
 
-from launcher.runtime.beacon import (BEACON_DIR_ENV, BeaconWriter, Phase, beacon_path, register_stack_dump,
+from launcher.env import BEACON_DIR
+from launcher.runtime.beacon import (BeaconWriter, Phase, beacon_path, register_stack_dump,
                              unregister_stack_dump)
 from launcher.observe.straggler import StragglerTracker
 from launcher.train.faults import FaultInjector
@@ -34,8 +34,8 @@ class Progress:
 
     @classmethod
     def start(cls, rank: int, world_size: int) -> "Progress":
-        """Writes a beacon when the launcher gave a folder for it (LLAUNCH_BEACON_DIR)."""
-        folder = os.environ.get(BEACON_DIR_ENV)
+        """Writes a beacon when the launcher gave a folder for it (launcher.env.BEACON_DIR)."""
+        folder = BEACON_DIR.get()
         return cls(rank, world_size, Path(folder) if folder else None, FaultInjector.from_env(rank))
 
     def enter(self, phase: Phase, step: int | None = None) -> None:

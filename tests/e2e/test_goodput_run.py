@@ -18,6 +18,7 @@ import pytest
 from launcher.observe import goodput
 
 from launcher.observe import event_ledger
+from launcher.jobdir.layout import JobDir
 from launcher.jobdir.checkpoint_store import list_checkpoints
 from launcher.cli import main
 from tests.tiny_run import tiny_run_config
@@ -100,11 +101,11 @@ def test_a_wrong_typed_ledger_line_does_not_stop_an_auto_rerun_from_planning_and
     crashed = subprocess.run(command, cwd=REPO, env={**os.environ, "LLAUNCH_FAULT": "crash:rank=0,step=2"})
     assert crashed.returncode != 0
     capfd.readouterr()
-    with open(out / event_ledger.LEDGER_FILE, "a") as handle:
+    with open(JobDir(out).events, "a") as handle:
         handle.write('{"t": 1, "kind": "save", "seconds": "slow", "step": 3}\n')
     assert subprocess.run(command, cwd=REPO).returncode == 0
     printed = capfd.readouterr()
-    assert f"skipped 1 damaged line(s) of {out / event_ledger.LEDGER_FILE}" in printed.err
+    assert f"skipped 1 damaged line(s) of {JobDir(out).events}" in printed.err
     assert "first checkpoint after" in printed.out
     events = event_ledger.read(out)
     report = goodput.analyse(events)

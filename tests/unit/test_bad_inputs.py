@@ -193,6 +193,11 @@ CASES = [
     (f"{RUN} training.save_interval_s=.nan", "training.save_interval_s must be a positive number of seconds"),
     (f"{RUN} training.save_strategy=epoch training.save_interval_s=60", "remove one of them"),
     (f"{RUN} training.save_overhead_cap=0", "training.save_overhead_cap must be a finite number in (0, 1)"),
+    (f"{RUN} supervision.dist_timeout_s=0", "supervision.dist_timeout_s must be from 1 to 10,000,000 seconds"),
+    (f"{RUN} 'supervision.watchdog={{floor_s: -30}}'", "supervision.watchdog.floor_s must be a positive number"),
+    (f"{RUN} 'supervision.watchdog={{window: 2.5}}'", "supervision.watchdog.window must be a positive integer"),
+    (f"{RUN} 'supervision.watchdog={{floor: 3}}'", "supervision.watchdog has unknown key 'floor'"),
+    (f"{RUN} 'supervision.watchdog={{enabled: 0}}'", "supervision.watchdog.enabled must be true or false"),
     ("goodput nope", "has no record"),
     ("goodput W/afile", "is not a directory"),
     ("goodput W", "has no event ledger"),
@@ -221,6 +226,8 @@ CASES = [
     ("plan --model tinyllama-1.1b --cluster W/list-profile.yaml", "must be a mapping of keys to values"),
     ("plan --model tinyllama-1.1b --cluster W/time-profile.yaml", "time must be [D-]HH:MM:SS with minutes and"),
     ("plan --model tinyllama-1.1b --cluster W/timeout-profile.yaml", "dist_timeout_s must be a positive integer"),
+    ("plan --model tinyllama-1.1b --cluster W/watchdog-profile.yaml", "'local': watchdog.poll_s must be a positive"),
+    (f"LLAUNCH_DIST_TIMEOUT_S=nan {RUN}", "LLAUNCH_DIST_TIMEOUT_S='nan' must be a number of seconds from 1 to 1e7"),
     # a cache that is a file or takes no new entries, a name over 255 bytes, a path over PATH_MAX, /proc
     (f"{RUN} data.cache_dir=W/afile", "cannot write the token cache in"),
     (f"{RUN} data.cache_dir=/sys/llaunch-cache", "cannot write the token cache in"),
@@ -293,6 +300,7 @@ def workspace(tmp_path_factory):
     (w / "list-profile.yaml").write_text("- local\n")
     (w / "time-profile.yaml").write_text(yaml.safe_dump({**profile, "time": "99:99:99"}))
     (w / "timeout-profile.yaml").write_text(yaml.safe_dump({**profile, "dist_timeout_s": 0}))
+    (w / "watchdog-profile.yaml").write_text(yaml.safe_dump({**profile, "watchdog": {"poll_s": 0}}))
     (w / "linked").mkdir()
     (w / "linked" / ".llaunch.lock").symlink_to(w / "afile")
     return w

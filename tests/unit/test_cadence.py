@@ -13,6 +13,7 @@ from launcher.observe import goodput
 from launcher.observe import history
 
 from launcher.observe import event_ledger
+from launcher.jobdir.layout import JobDir
 from launcher.config import TrainingConfig
 from launcher.errors import LaunchError
 from launcher.train import cadence as cadence_module
@@ -72,7 +73,7 @@ def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, 
     for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"}), (50, "launch", {}),
                             (100, "exit", {"cause": "failed"})):
         event_ledger.append(other, kind, t=t, inc=str(t // 50), **fields)
-    history.cluster_history(other)  # registers it
+    history.register(other)  # as its launcher did
     job = tmp_path / "job"
     job.mkdir()
     event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
@@ -104,7 +105,7 @@ def write_long_ledger(job, now: float, windows: int) -> None:
     events += [{"t": 10.0 + i, "kind": "steps", "inc": "a", "step": 1 + i, "tokens": 64 * i} for i in range(1, windows)]
     events += [{"t": 10.0 + windows, "kind": "exit", "inc": "a", "code": 1, "cause": "failed"},
                {"t": now - 10, "kind": "launch", "inc": "b"}, {"t": now, "kind": "first_step", "inc": "b", "step": 1}]
-    (job / event_ledger.LEDGER_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
+    JobDir(job).events.write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
 def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the_first_did(tmp_path, clock,
@@ -112,7 +113,7 @@ def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the
     job = tmp_path / "job"
     job.mkdir()
     write_long_ledger(job, clock.now, windows=5_000)
-    size = (job / event_ledger.LEDGER_FILE).stat().st_size
+    size = JobDir(job).events.stat().st_size
     bytes_read, planned = [], []
     read, plan = event_ledger.read_records, goodput.plan_interval
     monkeypatch.setattr(event_ledger, "read_records", lambda path, check: bytes_read.append(path.stat().st_size) or
@@ -138,7 +139,7 @@ def replace(path, make) -> None:
     make(path)
 
 
-LEDGER = event_ledger.LEDGER_FILE
+LEDGER = JobDir(".").events.name
 # (what is broken, how) before an auto run's first plan: none of them may stop it from saving
 BROKEN_LEDGERS = [
     ("this job's ledger has a wrong-typed line",
@@ -160,7 +161,7 @@ def test_a_damaged_ledger_never_stops_auto_from_saving(tmp_path, clock, capsys, 
     other.mkdir()
     for t, kind, fields in ((0, "launch", {}), (40, "exit", {"cause": "failed"})):
         event_ledger.append(other, kind, t=t, inc="x", **fields)
-    history.cluster_history(other)  # registers it
+    history.register(other)  # as its launcher did
     job = tmp_path / "job"
     job.mkdir()
     event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
@@ -192,3 +193,16 @@ def test_an_async_save_records_its_background_time_once_published(tmp_path):
     (background,) = [e for e in event_ledger.read(tmp_path) if e["kind"] == event_ledger.SAVE_BACKGROUND]
     assert background["step"] == 3 and background["seconds"] >= 0
     assert (tmp_path / "checkpoints" / "step-3" / "manifest.json").exists()
+
+
+def test_a_rank_under_auto_only_reads_the_clusters_history_and_the_launcher_registers_the_job_once(tmp_path, clock):
+    job = tmp_path / "job"
+    job.mkdir()
+    event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
+    event_ledger.append(job, event_ledger.FIRST_STEP, t=clock.now, inc="a", step=1)
+    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
+    run_steps(cadence, clock, 30, save=lambda: None)
+    assert cadence.history == (0.0, 0) and not (tmp_path / "home").exists()  # nothing written outside the job dir
+    history.register(job)
+    history.register(job)
+    assert history.history_file().read_text().splitlines() == [str(job.resolve())]

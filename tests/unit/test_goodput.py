@@ -13,12 +13,14 @@ import pytest
 from launcher.observe import goodput
 
 from launcher.observe import event_ledger
+from launcher.jobdir.layout import JobDir
 from launcher.cli import main
+from launcher import env
 from launcher.observe.goodput import CATEGORIES
 
 
 def test_append_writes_one_fsynced_line_per_event_with_who_and_when(tmp_path, monkeypatch):
-    monkeypatch.setenv(event_ledger.INCARNATION_ENV, "job.0")
+    monkeypatch.setenv(env.INCARNATION.name, "job.0")
     event_ledger.append(tmp_path, event_ledger.SAVE, step=10, seconds=1.5)
     event_ledger.append(tmp_path, event_ledger.EXIT, t=5.0, code=0, cause="finished")
     first, second = event_ledger.read(tmp_path)
@@ -29,7 +31,7 @@ def test_append_writes_one_fsynced_line_per_event_with_who_and_when(tmp_path, mo
 
 def test_reader_skips_a_torn_last_line_and_lines_of_other_shapes(tmp_path):
     event_ledger.append(tmp_path, event_ledger.LAUNCH)
-    with open(tmp_path / event_ledger.LEDGER_FILE, "ab") as f:
+    with open(JobDir(tmp_path).events, "ab") as f:
         f.write(b'[1, 2]\n{"t": 3, "kind": "save", "st')  # what kill -9 in the middle of a write leaves
     assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["launch"]
     event_ledger.append(tmp_path, event_ledger.EXIT)  # and appending goes on after it
@@ -63,12 +65,12 @@ DAMAGED_LINES = [
 @pytest.mark.parametrize("line, why", DAMAGED_LINES, ids=[why for _, why in DAMAGED_LINES])
 def test_a_damaged_line_is_skipped_with_a_warning_and_goodput_still_answers(tmp_path, capsys, line, why):
     event_ledger.append(tmp_path, event_ledger.LAUNCH, t=1.0, inc="a")
-    with open(tmp_path / event_ledger.LEDGER_FILE, "ab") as f:
+    with open(JobDir(tmp_path).events, "ab") as f:
         f.write(line + b"\n")
     event_ledger.append(tmp_path, event_ledger.EXIT, t=5.0, inc="a", code=1, cause="failed")
     assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["launch", "exit"]
     err = capsys.readouterr().err
-    assert f"warning: skipped 1 damaged line(s) of {tmp_path / event_ledger.LEDGER_FILE} (line 2: {why}" in err, err
+    assert f"warning: skipped 1 damaged line(s) of {JobDir(tmp_path).events} (line 2: {why}" in err, err
     assert main(["goodput", str(tmp_path), "--json"]) == 0
     out, err = capsys.readouterr()
     report = json.loads(out, parse_constant=lambda name: pytest.fail(f"--json printed {name}"))
@@ -77,7 +79,7 @@ def test_a_damaged_line_is_skipped_with_a_warning_and_goodput_still_answers(tmp_
 
 def test_a_line_still_being_written_is_skipped_without_a_warning(tmp_path, capsys):
     event_ledger.append(tmp_path, event_ledger.LAUNCH, t=1.0)
-    with open(tmp_path / event_ledger.LEDGER_FILE, "ab") as f:
+    with open(JobDir(tmp_path).events, "ab") as f:
         f.write(b'{"t": 2, "kind": "exit", "co')  # another process's write, not finished yet
     assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["launch"] and capsys.readouterr().err == ""
 
@@ -107,7 +109,7 @@ def test_appends_of_concurrent_processes_never_interleave(tmp_path):
             "for i in range(100): event_ledger.append(sys.argv[1], 'steps', step=i, pad='x' * 3000)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(3)]
     assert all(p.wait(60) == 0 for p in procs)
-    lines = [line for line in (tmp_path / event_ledger.LEDGER_FILE).read_text().splitlines() if line]  # blank: see append
+    lines = [line for line in JobDir(tmp_path).events.read_text().splitlines() if line]  # blank: see append
     assert len(lines) == 300 and all(json.loads(line)["kind"] == "steps" for line in lines)
 
 
@@ -249,8 +251,8 @@ def test_status_shows_the_goodput_of_a_submitted_job(tmp_path, monkeypatch):
 def test_status_says_why_a_ledger_it_cannot_read_gives_no_goodput(tmp_path):
     from launcher.cli.goodput import summary_line
 
-    os.mkfifo(tmp_path / event_ledger.LEDGER_FILE)  # read as a file, it would block status forever
-    assert summary_line(tmp_path) == f"goodput unknown: {tmp_path / event_ledger.LEDGER_FILE} is not a regular file; " \
+    os.mkfifo(JobDir(tmp_path).events)  # read as a file, it would block status forever
+    assert summary_line(tmp_path) == f"goodput unknown: {JobDir(tmp_path).events} is not a regular file; " \
                                      f"move it away (llaunch keeps a plain file there)."
 
 

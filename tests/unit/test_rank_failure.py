@@ -35,10 +35,14 @@ sys.exit(int(sys.argv[1]) if any(codes) else 0)
 
 def node_task(tmp_path, monkeypatch, max_requeues: int, rank0_exit: int):
     from cluster import executor
+    from launcher.config import SupervisionConfig, TrainConfig
+    from launcher.jobdir.layout import JobDir
 
     monkeypatch.setenv("SLURM_JOB_NODELIST", "h0")
     monkeypatch.setenv("SLURMD_NODENAME", "h0")
-    monkeypatch.setenv("LLAUNCH_WATCHDOG", "off")
+    monkeypatch.delenv("LLAUNCH_WATCHDOG", raising=False)
+    # the job's config.yaml as `llaunch submit` wrote it: no watchdog (this test is about ranks that die)
+    TrainConfig(supervision=SupervisionConfig(watchdog={"enabled": False})).save(JobDir(tmp_path).config)
     monkeypatch.setattr(executor.submitit, "JobEnvironment",
                         lambda: SimpleNamespace(job_id="78", node=0, hostname="h0", global_rank=0))
     monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))

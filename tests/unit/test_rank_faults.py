@@ -11,7 +11,8 @@ import pytest
 import torch.distributed as dist
 
 from launcher.errors import LaunchError
-from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV, RunLock
+from launcher import env
+from launcher.jobdir.run_lock import RunLock
 from launcher.train.distributed import init_distributed
 from launcher.train.final_model import write_final_model
 from launcher.train.loop import Trainer
@@ -53,13 +54,13 @@ def test_rank_zero_takes_the_run_lock_unless_its_launcher_holds_it_and_the_ranks
     trainer = SimpleNamespace(rank=0, world_size=1, job_dir=tmp_path, run_lock=None)
     with pytest.raises(LaunchError, match="is in use by llaunch pid"):
         Trainer.take_run_lock(trainer)
-    monkeypatch.setenv(HELD_BY_LAUNCHER_ENV, str(tmp_path.resolve()))
+    monkeypatch.setenv(env.RUN_LOCK_HELD.name, str(tmp_path.resolve()))
     Trainer.take_run_lock(trainer)
     other.release()  # the launcher is gone; its rank still holds the lock
     with pytest.raises(LaunchError, match=f"is in use by llaunch pid .* \\(its ranks: pid {os.getpid()}\\)"):
         RunLock.acquire(tmp_path)
     trainer.run_lock.release()
-    monkeypatch.delenv(HELD_BY_LAUNCHER_ENV)
+    monkeypatch.delenv(env.RUN_LOCK_HELD.name)
     Trainer.take_run_lock(trainer)
     assert trainer.run_lock is not None
     trainer.run_lock.release()

@@ -230,9 +230,9 @@ def test_only_a_caller_that_trains_keeps_the_lock(tmp_path, tiny_config):
 
 
 def test_a_lock_left_by_a_dead_run_does_not_block(tmp_path):
-    from launcher.jobdir.run_lock import LOCK_FILE
+    from launcher.jobdir.layout import JobDir
 
-    (tmp_path / LOCK_FILE).write_text("llaunch pid 999999 on gone-host since 2020-01-01 00:00 UTC")
+    JobDir(tmp_path).lock.write_text("llaunch pid 999999 on gone-host since 2020-01-01 00:00 UTC")
     lock = RunLock.acquire(tmp_path)
-    assert f"pid {os.getpid()}" in (tmp_path / LOCK_FILE).read_text()
+    assert f"pid {os.getpid()}" in JobDir(tmp_path).lock.read_text()
     lock.release()

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.jobs import JobRecord, last_error, last_metrics, parse_scontrol_job
+from cluster.jobs import JobRecord, last_error, parse_scontrol_job
+from launcher.observe.metrics_file import last_metrics
 from cluster.profile import ClusterProfile, load_profile, profile_names, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import (

@@ -20,11 +20,6 @@ LOADS_TORCH = {"launcher/cli/generate.py", "launcher/cli/export.py", "launcher/c
                "cluster/doctor/allreduce.py"}
 # Importing these modules is not an import: it runs a command.
 ENTRY_POINTS = {"launcher/__main__.py"}
-# launcher/ modules that still import cluster/ (a cycle between the packages). Each is someone's work in flight;
-# the list only shrinks, and an entry that no longer imports cluster/ fails the test until it is removed.
-IMPORTS_CLUSTER_FOR_NOW = {
-    "launcher/runtime/watchdog.py",  # cluster.jobs.last_metrics: the straggler signal moves to the beacon (job dir)
-}
 # Runs in a fresh interpreter: imports the modules named on its command line one by one and prints the first
 # after whose import torch is loaded. sys.modules only grows, so the first module that loads torch (itself or
 # through what it imports) is named, wherever it comes in the order.
@@ -115,5 +110,4 @@ def cluster_imports(relative: str) -> set[str]:
 def test_only_the_cli_imports_cluster_so_the_packages_have_no_cycle():
     files = [f.relative_to(REPO).as_posix() for f in REPO.glob("launcher/**/*.py")]
     importers = {f for f in files if not f.startswith("launcher/cli/") and cluster_imports(f)}
-    assert importers - IMPORTS_CLUSTER_FOR_NOW == set(), "launcher/ imports cluster/ outside launcher/cli"
-    assert IMPORTS_CLUSTER_FOR_NOW - importers == set(), "no longer imports cluster/: remove it from the list"
+    assert importers == set(), "launcher/ imports cluster/ outside launcher/cli"

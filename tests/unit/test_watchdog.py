@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.runtime.watchdog import HANGS_DIR, Watchdog, WatchdogConfig, attribute, latest_hang
+from launcher.jobdir.layout import JobDir
+from launcher.runtime.watchdog import Watchdog, WatchdogConfig, attribute, latest_hang
 from launcher.runtime import beacon as beacon_module
 from launcher.runtime.beacon import BeaconWriter, Phase, beacon_folder, beacon_path, read_beacon, read_beacons
 from launcher.errors import LaunchError
@@ -116,17 +117,17 @@ def test_attribution_names_the_rank_least_far_along(views, culprit, behind):
 
 
 def test_config_from_env():
-    assert WatchdogConfig.from_env({}) == WatchdogConfig()
-    assert WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": "floor_s=3, poll_s=0.5,window=9"}) == \
+    assert WatchdogConfig.resolve({}) == WatchdogConfig()
+    assert WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": "floor_s=3, poll_s=0.5,window=9"}) == \
         WatchdogConfig(floor_s=3.0, poll_s=0.5, window=9)
-    assert not WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": "off"}).enabled
+    assert not WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": "off"}).enabled
     for bad in ("floor=3", "floor_s=soon", "floor_s"):
         with pytest.raises(LaunchError, match="LLAUNCH_WATCHDOG entry"):
-            WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": bad})
+            WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": bad})
     # 0 or less kills a healthy run as hung (poll_s=0 busy-loops), nan or inf never sees a hang
     for bad in ("poll_s=0", "floor_s=-1", "first_step_s=nan", "checkpoint_s=inf", "k=0", "window=-1", "grace_s=1e10"):
         with pytest.raises(LaunchError, match=f"LLAUNCH_WATCHDOG entry '{bad}' must be a positive number up to 1e9"):
-            WatchdogConfig.from_env({"LLAUNCH_WATCHDOG": bad})
+            WatchdogConfig.resolve({"LLAUNCH_WATCHDOG": bad})
 
 
 @pytest.mark.parametrize("how", ["sigstop", "spin"])
@@ -149,7 +150,7 @@ def test_stacks_of_a_rank_that_stopped_itself_or_holds_the_gil(tmp_path, how, mo
         assert "in injected_hang" in stacks
         evidence = json.loads((folder / "evidence.json").read_text())
         assert evidence["stuck_ranks"] == [0] and evidence["ranks"][0]["step"] == 3
-        assert folder.parent == tmp_path / "job" / HANGS_DIR
+        assert folder.parent == JobDir(tmp_path / "job").hangs
     finally:
         rank.kill()
         rank.wait()
@@ -169,7 +170,7 @@ def test_another_node_asks_and_this_node_dumps_into_the_same_folder_even_with_a_
     own = node1.poll(now=time.monotonic() + 100)
     node1.poll = lambda: own  # h1 sees its rank stuck too (waiting for h0's): it still joins h0's folder
     assert own is not None and node1.check() == folder and node1.requested_dump() is None  # answered once
-    assert [p.name for p in (job / HANGS_DIR).iterdir()] == [folder.name]
+    assert [p.name for p in JobDir(job).hangs.iterdir()] == [folder.name]
     assert json.loads((folder / "beacons-h1.json").read_text())[0]["phase"] == "data"
     assert latest_hang(job) == f"hang: rank 0 on h0 is behind (the only rank, in sync of step 4); stacks and evidence in {folder}"
     assert json.loads((folder / "evidence.json").read_text())["nodes_answered"] == "1 of 2"  # h1 had not yet
@@ -193,7 +194,7 @@ def test_two_nodes_that_see_the_hang_a_second_apart_each_get_the_others_beacons(
     time.sleep(1.1)  # the second folder gets another name (folders are named by the second)
     dogs[1].respond(hangs[1])
     first.join()
-    records = [json.loads(path.read_text()) for path in sorted(job.glob(f"{HANGS_DIR}/*/evidence.json"))]
+    records = [json.loads(path.read_text()) for path in sorted(JobDir(job).hangs.glob("*/evidence.json"))]
     assert [(r["nodes_answered"], r["culprit"]) for r in records] == [("2 of 2", {"rank": 1, "host": "h1"})] * 2
 
 
@@ -206,6 +207,7 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     from types import SimpleNamespace
 
     from cluster import executor
+    from launcher.config import SupervisionConfig, TrainConfig
     from launcher.observe.node_ledger import NodeLedger
 
     rank = ("import os; from launcher.runtime.beacon import *; from launcher.train.faults import injected_hang; "
@@ -215,7 +217,7 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     monkeypatch.setenv("SLURM_JOB_NODELIST", "h0")
     monkeypatch.setenv("SLURMD_NODENAME", "h0")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.setenv("LLAUNCH_WATCHDOG", "poll_s=0.2,first_step_s=1,grace_s=10")
+    monkeypatch.delenv("LLAUNCH_WATCHDOG", raising=False)
     monkeypatch.setattr(executor.submitit, "JobEnvironment",
                         lambda: SimpleNamespace(job_id="77", node=0, hostname="h0", global_rank=0))
     monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
@@ -226,6 +228,8 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     monkeypatch.setattr(executor, "node_can_be_spared", lambda host, job_id, min_nodes: min_nodes == 1)
     excluded = []
     monkeypatch.setattr(executor, "exclude_from_requeued_job", lambda job_id, hosts: excluded.append((job_id, hosts)))
+    settings = {"poll_s": 0.2, "first_step_s": 1, "grace_s": 10}  # the node reads them from the job's config
+    TrainConfig(supervision=SupervisionConfig(watchdog=settings)).save(JobDir(tmp_path).config)
     ledger = tmp_path / "ledger.jsonl"
     task = executor.NodeTask(str(tmp_path), max_requeues=max_requeues, max_restarts=0, dist_timeout_s=60,
                              ledger=str(ledger), doctor=False, min_nodes=1)  # the doctor has its own tests
@@ -245,7 +249,7 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     [event] = NodeLedger(ledger).events()
     assert (event.kind, event.host, event.job_id) == ("hang", "h0", "77")
     assert excluded == ([("77", ["h0"])] if max_requeues else [])
-    [folder] = (tmp_path / HANGS_DIR).iterdir()
+    [folder] = JobDir(tmp_path).hangs.iterdir()
     assert "in injected_hang" in (folder / "stacks-rank-0.txt").read_text()
     assert not list(tmp_path.glob("llaunch-beacons-*")) and not list(Path("/dev/shm").glob("llaunch-beacons-77-0"))
     ended = [e for e in ledger_events(tmp_path) if e["kind"] in ("exit", "requeue")]
@@ -275,7 +279,7 @@ def test_a_nodes_flagged_stragglers_go_into_the_ledger_once_per_attempt(tmp_path
 def test_a_launchs_first_step_is_timed_by_what_the_earlier_launch_into_the_job_dir_measured(tmp_path):
     """After a requeue the first step gets k x the longest its phase took before (at least floor_s), not
     first_step_s: a hang that recurs there is seen as fast as any other."""
-    from launcher.runtime.watchdog import PHASES_FILE, measured_phases
+    from launcher.runtime.watchdog import measured_phases
 
     job = tmp_path / "job"
     job.mkdir()
@@ -293,7 +297,7 @@ def test_a_launchs_first_step_is_timed_by_what_the_earlier_launch_into_the_job_d
     first.enter(Phase.COMPUTE, 1)
     earlier.poll()
     earlier.close()
-    (job / PHASES_FILE.format(host="h2")).write_text("{torn")  # another node's damaged record is skipped
+    JobDir(job).watchdog_phases("h2").write_text("{torn")  # another node's damaged record is skipped
     measured = measured_phases(job)["DATA"]
     assert 0.3 <= measured < 5
     requeued = Watchdog(after, job, CONFIG, host="h0")
