@@ -47,11 +47,14 @@ def parse_rest(args) -> argparse.Namespace:
 def run(args) -> int:
     import os
 
-    from launcher.runtime.watchdog import Watchdog, WatchdogConfig
-    from launcher.observe import event_ledger
+    from cluster.exclusion import profile_node_ledger
+    from cluster.profile import DEFAULT_PROFILE
     from launcher.jobdir.prepare import is_run_dir, prepare_job, write_job
     from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV
-    from launcher.runtime.torchrun import build_torchrun_argv, run_torchrun
+    from launcher.observe import event_ledger
+    from launcher.runtime import node
+    from launcher.runtime.torchrun import build_torchrun_argv
+    from launcher.runtime.watchdog_config import WatchdogConfig
     from launcher.train.faults import faults_from_env
 
     args = parse_rest(args)
@@ -71,23 +74,24 @@ def run(args) -> int:
         return 0
     lock = write_job(job, keep_lock=True)  # held until this process ends: the ranks need not take it
     env[HELD_BY_LAUNCHER_ENV] = str(job.output_dir)
-    env[event_ledger.INCARNATION_ENV] = incarnation = event_ledger.new_incarnation_id()
-    event_ledger.append(job.output_dir, event_ledger.LAUNCH, t=args.started_at, inc=incarnation, nodes=1,
-                  how="llaunch run")  # from the command's start: reading and planning the job is start-up
-    watchdog = Watchdog.create(job.output_dir, str(os.getpid()), watchdog_config, incarnation=incarnation)
-    env.update(watchdog.rank_env() if watchdog else {})
+    launch = node.NodeRun(job.output_dir, argv, {**os.environ, **env}, event_ledger.new_incarnation_id(),
+                          watchdog_config, beacon_key=str(os.getpid()))
+    # from the command's start: reading and planning the job is start-up
+    node.record_launch(job.output_dir, launch.incarnation, nodes=1, how="llaunch run", t=args.started_at)
     plan = job.plan
     print(f"llaunch: {plan.strategy} on {plan.world_size} x {plan.device} ({plan.precision}), "
           f"micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}; output in {job.output_dir}")
     try:
-        code = run_torchrun(argv, {**os.environ, **env}, watchdog=watchdog)
-        code = 0 if code and _finished(job.output_dir, incarnation) else code
-        event_ledger.append(job.output_dir, event_ledger.EXIT, inc=incarnation, code=code, cause=event_ledger.exit_cause(code))
+        outcome = node.supervise(launch, node.SignalLog().install())
+        code = outcome.launcher_code()
+        code = 0 if code and _finished(job.output_dir, launch.incarnation) else code
+        node.record_outcome(launch, outcome, code)
+        verdict = node.record_node_ledger(launch, outcome, profile_node_ledger(DEFAULT_PROFILE))
+        if outcome.hang is not None:
+            print(f"llaunch: {verdict.why}; the ranks were killed", file=sys.stderr)
         return code
     finally:
         lock.release()
-        if watchdog:
-            watchdog.close()
 
 
 def _finished(job_dir, incarnation: str) -> bool:

@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
 def describe(job_id: str | None) -> list[str]:
     """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
     from cluster.jobs import job_state, last_error, last_metrics, load_record
-    from cluster.rank_exits import latest_failure
+    from launcher.runtime.rank_exits import latest_failure
     from launcher.runtime.watchdog import latest_hang
     from launcher.cli.goodput import summary_line
 

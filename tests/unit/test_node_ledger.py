@@ -3,8 +3,11 @@ limit, and an append-only file that survives a torn last line."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
+from cluster.exclusion import profile_node_ledger
 from launcher.observe.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission, quarantined
 from launcher.errors import LaunchError
 
@@ -40,7 +43,7 @@ def test_never_more_excluded_than_the_partition_can_spare_worst_first():
 
 def test_ledger_appends_and_skips_a_torn_line(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
-    ledger = NodeLedger.for_profile("local")
+    ledger = profile_node_ledger("local")
     assert ledger.path == tmp_path / "ledger" / "local.jsonl" and ledger.events() == []
     ledger.append(ev("a", "hang"))
     with ledger.path.open("a") as f:
@@ -77,7 +80,7 @@ def test_a_damaged_line_is_skipped_with_a_warning_and_submit_goes_on(tmp_path, m
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
     monkeypatch.setattr(subprocess, "run", lambda argv, **kwargs: SimpleNamespace(returncode=0, stdout="a\nb\nc\n"))
-    ledger = NodeLedger.for_profile("site")
+    ledger = profile_node_ledger("site")
     ledger.append(NodeEvent("a", "hang"))
     with ledger.path.open("ab") as f:
         f.write(line + b"\n")
@@ -91,7 +94,7 @@ def test_a_node_ledger_that_is_not_a_file_is_one_sentence(tmp_path, monkeypatch)
     from cluster.profile import ClusterProfile
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
-    NodeLedger.for_profile("site").path.mkdir(parents=True)
+    profile_node_ledger("site").path.mkdir(parents=True)
     with pytest.raises(LaunchError, match=r"ledger/site.jsonl is not a regular file; move it away"):
         executor.quarantined_nodes(ClusterProfile(name="site", nodes=1), {})
 
@@ -114,7 +117,7 @@ def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tm
 
     monkeypatch.setattr(subprocess, "run", sinfo)
     assert exclusion.quarantined_nodes(profile, {}) == [] and calls == []  # an empty ledger asks nothing
-    ledger = NodeLedger.for_profile("site")
+    ledger = profile_node_ledger("site")
     ledger.append(NodeEvent("n2", "hang", time=time.time() - 60))
     ledger.append(NodeEvent("n3", "xid", time=time.time()))
     assert exclusion.quarantined_nodes(profile, {}) == ["n3"]  # 3 nodes, 2 needed: one to spare, the newest
@@ -123,25 +126,22 @@ def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tm
 
 
 def test_a_node_that_fails_the_doctor_is_a_hard_event_and_kept_out_of_the_next_submission(tmp_path, monkeypatch,
-                                                                                         stop_handlers_restored):
+                                                                                         slurm_node):
     """cluster.executor's node task without SLURM: the second node's doctor fails before torchrun."""
     from types import SimpleNamespace
 
-    from cluster import executor
     from cluster.doctor.checks import FAIL, OK, Check
     from cluster.doctor.node import NodeReport
 
     report = NodeReport(1, "n2", "77", checks=[Check("gpus", OK, "2 GPUs"), Check("storage", FAIL, "read-only")])
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
-    monkeypatch.setattr(executor.submitit, "JobEnvironment",
-                        lambda: SimpleNamespace(job_id="77", node=1, hostname="n2", global_rank=1))
-    monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
-    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["n1", "n2"])
-    monkeypatch.setattr(executor, "node_address", lambda node: node)
-    monkeypatch.setattr(executor, "check_allocation", lambda plan, hosts, gpus, min_nodes: plan)
-    monkeypatch.setattr(executor, "preflight", lambda *args: report)
     ledger = tmp_path / "ledger.jsonl"
-    task = executor.NodeTask(str(tmp_path), max_requeues=3, max_restarts=0, dist_timeout_s=60, ledger=str(ledger))
+    task = slurm_node(tmp_path, [sys.executable, "-c", "pass"], host="n2", max_requeues=3,
+                      node_ledger_path=str(ledger), doctor=True)
+    executor = slurm_node.executor
+    monkeypatch.setattr(executor.submitit, "JobEnvironment",  # the second node of two
+                        lambda: SimpleNamespace(job_id="77", node=1, hostname="n2", global_rank=1))
+    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["n1", "n2"])
+    monkeypatch.setattr(executor, "preflight", lambda *args: report)
     with pytest.raises(executor.TrainingError, match="doctor: storage failed on n2: read-only"):
         task()
     [event] = NodeLedger(ledger).events()
