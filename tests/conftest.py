@@ -1,6 +1,7 @@
-"""Suite-wide markers and fixtures: GPU tests skip without CUDA; everything else runs on CPU. `slurm_node` is a
-SLURM node task without SLURM."""
+"""Suite-wide markers and fixtures: GPU tests skip without CUDA; everything else runs on CPU, with LLAUNCH_HOME in
+a temporary folder. `slurm_node` is a SLURM node task without SLURM."""
 
+import os
 import signal
 import socket
 from types import SimpleNamespace
@@ -19,6 +20,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def llaunch_home(tmp_path_factory):
+    """The suite's job records and node ledgers in a folder of its own, never the user's ~/.llaunch (`llaunch run`
+    records its stragglers and hangs in the local profile's node ledger)."""
+    saved = os.environ.get("LLAUNCH_HOME")
+    os.environ["LLAUNCH_HOME"] = str(tmp_path_factory.mktemp("llaunch-home"))
+    yield
+    if saved is None:
+        os.environ.pop("LLAUNCH_HOME", None)
+    else:
+        os.environ["LLAUNCH_HOME"] = saved
 
 
 @pytest.fixture
