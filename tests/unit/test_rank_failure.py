@@ -187,3 +187,21 @@ def test_an_attempt_that_ends_in_its_doctor_ends_its_incarnation_in_the_jobs_led
         task._doctor(SimpleNamespace(node=0, job_id="9", global_rank=0), ["n1", "n2"], signals)
     [ended] = ledger_events(tmp_path)
     assert (ended["kind"], ended["inc"], ended["cause"]) == ("exit", "9.0", cause)
+
+
+def test_a_requeued_node_task_keeps_every_field_and_survives_submitits_pickling(tmp_path):
+    """checkpoint() is dataclasses.replace: a field added to NodeTask reaches the next attempt without another
+    edit; only the requeue count and the step it resumes from change."""
+    import dataclasses
+
+    import cloudpickle
+
+    from cluster.executor import NodeTask
+
+    task = NodeTask(str(tmp_path), max_requeues=4, max_restarts=2, dist_timeout_s=90, requeues=1,
+                    step_at_last_requeue=3, node_ledger_path="/l.jsonl", doctor=False, min_nodes=2)
+    nxt = cloudpickle.loads(cloudpickle.dumps(task)).checkpoint().function
+    changed = {f.name for f in dataclasses.fields(NodeTask) if getattr(nxt, f.name) != getattr(task, f.name)}
+    assert changed == {"requeues", "step_at_last_requeue"} and (nxt.requeues, nxt.step_at_last_requeue) == (2, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        task.requeues = 5
