@@ -283,3 +283,13 @@ def test_a_launchs_first_step_is_timed_by_what_the_earlier_launch_into_the_job_d
     assert 0.3 <= measured < 5
     requeued = Watchdog(after, job, CONFIG, host="h0")
     assert requeued.timeout(read_beacon(beacon_path(after, 0), 0)) == max(CONFIG.floor_s, CONFIG.k * measured)
+
+
+def test_the_node_runtime_imports_neither_cluster_nor_torch():
+    """`llaunch run` and the SLURM node task share launcher.runtime; cluster builds on it, never the other way
+    (no package cycle), and the supervisor of the ranks loads no torch."""
+    modules = "launcher.runtime.node, launcher.runtime.watchdog, launcher.runtime.rank_exits, launcher.observe.node_ledger"
+    code = f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'cluster', 'torch'}}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
