@@ -8,14 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 
-from cluster.jobs import parse_scontrol_job, records_dir
+from cluster.jobs import parse_scontrol_job
 from launcher.observe.node_ledger import NodeLedger, QuarantinePolicy, exclude_for_next_submission
 from cluster.profile import ClusterProfile
-
-
-def profile_node_ledger(profile_name: str) -> NodeLedger:
-    """The node ledger of a cluster profile, beside the job records (`llaunch run` writes the `local` one's)."""
-    return NodeLedger(records_dir().parent / "ledger" / f"{profile_name}.jsonl")
 
 
 def node_hostnames(nodelist: str) -> list[str]:
@@ -61,7 +56,7 @@ def exclude_from_requeued_job(job_id: str, hosts: list[str]) -> None:
 def quarantined_nodes(profile: ClusterProfile, env: dict[str, str]) -> list[str]:
     """The hosts the profile's node ledger keeps out of the next job, never more than the partition can spare
     (launcher.observe.node_ledger); [] when sinfo cannot list the partition's nodes."""
-    events = profile_node_ledger(profile.name).events()
+    events = NodeLedger.for_profile(profile.name).events()
     if not events:
         return []
     argv = ["sinfo", "--noheader", "--Node", "--format=%N"] + (["--partition", profile.partition] if profile.partition else [])
@@ -71,4 +66,4 @@ def quarantined_nodes(profile: ClusterProfile, env: dict[str, str]) -> list[str]
 
 
 def exclusion_sentence(profile: ClusterProfile, exclude: list[str]) -> str:
-    return f"keeping {', '.join(exclude)} out of this job (node ledger {profile_node_ledger(profile.name).path})"
+    return f"keeping {', '.join(exclude)} out of this job (node ledger {NodeLedger.for_profile(profile.name).path})"

@@ -29,7 +29,7 @@ from cluster import job_events
 from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
 from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
-                               profile_node_ledger, quarantined_nodes)
+                               quarantined_nodes)
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
@@ -311,7 +311,7 @@ def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str
         executor.update_parameters(exclude=",".join(exclude))
         print(f"llaunch: {exclusion_sentence(profile, exclude)}", flush=True)
     task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
-                    node_ledger_path=str(profile_node_ledger(profile.name).path), doctor=profile.doctor,
+                    node_ledger_path=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
                     min_nodes=profile.min_nodes)
     submitted_at = time.time()
     try:

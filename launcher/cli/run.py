@@ -47,11 +47,11 @@ def parse_rest(args) -> argparse.Namespace:
 def run(args) -> int:
     import os
 
-    from cluster.exclusion import profile_node_ledger
     from cluster.profile import DEFAULT_PROFILE
     from launcher.jobdir.prepare import is_run_dir, prepare_job, write_job
     from launcher.jobdir.run_lock import HELD_BY_LAUNCHER_ENV
     from launcher.observe import event_ledger
+    from launcher.observe.node_ledger import NodeLedger
     from launcher.runtime import node
     from launcher.runtime.torchrun import build_torchrun_argv
     from launcher.runtime.watchdog_config import WatchdogConfig
@@ -86,7 +86,7 @@ def run(args) -> int:
         code = outcome.launcher_code()
         code = 0 if code and _finished(job.output_dir, launch.incarnation) else code
         node.record_outcome(launch, outcome, code)
-        verdict = node.record_node_ledger(launch, outcome, profile_node_ledger(DEFAULT_PROFILE))
+        verdict = node.record_node_ledger(launch, outcome, NodeLedger.for_profile(DEFAULT_PROFILE))
         if outcome.hang is not None:
             print(f"llaunch: {verdict.why}; the ranks were killed", file=sys.stderr)
         return code

@@ -1,8 +1,7 @@
 """Node ledger and quarantine, torch-free: what went wrong on which host, and which hosts the next
 submission keeps out.
 
-One append-only JSON-lines file per cluster profile (LLAUNCH_HOME/ledger/PROFILE.jsonl, where
-cluster.exclusion.profile_node_ledger puts it; `llaunch run` writes the `local` profile's): an event is
+One append-only JSON-lines file per cluster profile (LLAUNCH_HOME/ledger/PROFILE.jsonl): an event is
 appended and flushed to disk by whoever saw it (the watchdog's hang culprit, a doctor failure, a straggler,
 an ECC/XID error, the rank that failed first) and never rewritten; old events stop counting, they are not
 removed. The policy reads the whole file: a host is quarantined after `hard_events` hard or `soft_events`
@@ -20,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from launcher.home import llaunch_home
 from launcher.observe.event_ledger import LARGEST, read_records
 
 # Each kind of evidence and how much it says about the host: hard = the host is very likely bad by itself.
@@ -71,6 +71,10 @@ class QuarantinePolicy:
 class NodeLedger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    @classmethod
+    def for_profile(cls, profile_name: str) -> "NodeLedger":
+        return cls(llaunch_home() / "ledger" / f"{profile_name}.jsonl")  # beside the job records
 
     def append(self, event: NodeEvent) -> None:
         """One line, written in one call and synced: concurrent writers on other nodes never interleave. The

@@ -72,7 +72,6 @@ def test_the_same_hang_leaves_the_same_records_under_llaunch_run_and_a_slurm_nod
                                                                                       slurm_node):
     """One node runtime: the local launch and the SLURM node task (one node, its host this machine's name) record
     the same event kinds in the job's ledger and the same node-ledger entries (the straggler, the hang's culprit)."""
-    from cluster.exclusion import profile_node_ledger
     from cluster.profile import DEFAULT_PROFILE
     from launcher.jobdir.prepare import prepare_job, write_job
 
@@ -96,7 +95,7 @@ def test_the_same_hang_leaves_the_same_records_under_llaunch_run_and_a_slurm_nod
     assert kinds[local] == kinds[slurm] and kinds[local][0] == "launch" and kinds[local][-2:] == ["hang", "exit"], kinds
     for events in runs.values():
         assert 1 in events[-2]["ranks"] and events[-1]["cause"] == "hang"  # rank 0 may be over its timeout too
-    ledgers = [profile_node_ledger(DEFAULT_PROFILE), NodeLedger(tmp_path / "slurm.jsonl")]
+    ledgers = [NodeLedger.for_profile(DEFAULT_PROFILE), NodeLedger(tmp_path / "slurm.jsonl")]
     entries = [sorted((e.host, e.kind, e.detail) for e in ledger.events()) for ledger in ledgers]
     assert entries[0] == entries[1] and [kind for _, kind, _ in entries[0]] == ["hang", "straggler"], entries
     assert entries[0][0][0] == socket.gethostname() and entries[0][0][2].startswith("in data of step 7")

@@ -11,7 +11,7 @@ import pytest
 from test_slurm_jobs import QUICKSTART, TINY, job_id_of, llaunch, logs_of, wait_until
 
 from cluster.jobs import job_state, load_record
-from cluster.exclusion import profile_node_ledger
+from launcher.observe.node_ledger import NodeLedger
 from launcher.errors import EXIT_CHECK_FAILED
 
 pytestmark = pytest.mark.slurm
@@ -75,7 +75,7 @@ def test_submitted_job_whose_doctor_fails_never_starts_torchrun(slurm_cluster, t
     assert "launcher.runtime.torchrun" not in logs and "rank 0 of 2 starts" not in logs
     status = llaunch("status", job_id).stdout
     assert "error: doctor: software failed on n2: torch 0.0.0 here but" in status, status
-    [event] = profile_node_ledger("local").events()
+    [event] = NodeLedger.for_profile("local").events()
     assert (event.kind, event.host, event.job_id) == ("doctor", "n2", job_id)
     # The next submission keeps n2 out, and --dry-run shows it (one node spared of two for a 1-node job).
     dry = llaunch("submit", str(QUICKSTART), *TINY, "--nodes", "1", "--output-dir", str(tmp_path / "next"), "--dry-run")
@@ -112,4 +112,4 @@ def test_a_doctor_failure_that_is_the_jobs_blames_no_node(slurm_cluster, tmp_pat
     state = wait_until(lambda: (s := job_state(cancelled, env)).finished and s, 90, "the job to end", cancelled)
     logs = logs_of(cancelled) + llaunch("logs", cancelled, "--rank", "1").stdout
     assert state.state == "CANCELLED" and "stopped by SIGTERM during the doctor's checks" in logs, logs[-3000:]
-    assert profile_node_ledger("local").events() == []
+    assert NodeLedger.for_profile("local").events() == []

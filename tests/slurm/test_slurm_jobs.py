@@ -107,10 +107,9 @@ def submit_on_both_nodes(parent: Path, *extra: str, config: Path, env: dict[str,
     """A job of --nodes=1-2 that started on both nodes, and its output directory. Submit leaves a quarantined
     host out of such a job (it can spare it), so no earlier test may have put one in this session's node
     ledger; and both nodes must be idle, or slurmctld starts it on the one that is."""
-    from cluster.exclusion import profile_node_ledger
-    from launcher.observe.node_ledger import QuarantinePolicy, quarantined
+    from launcher.observe.node_ledger import NodeLedger, QuarantinePolicy, quarantined
 
-    held = quarantined(profile_node_ledger("local").events(), QuarantinePolicy())
+    held = quarantined(NodeLedger.for_profile("local").events(), QuarantinePolicy())
     assert not held, f"an earlier test's node-ledger events quarantine {held}"
     wait_until(lambda: idle(os.environ), 60, "idle nodes", "(none yet)")
     out = parent / "hang"
@@ -364,7 +363,7 @@ def test_a_sigkilled_rank_requeues_the_job_which_resumes_from_the_newest_checkpo
     event, for rank 1's host."""
     import psutil
 
-    from cluster.exclusion import profile_node_ledger
+    from launcher.observe.node_ledger import NodeLedger
     from launcher.jobdir.checkpoint_store import list_checkpoints
 
     out = tmp_path / "killed"
@@ -398,7 +397,7 @@ def test_a_sigkilled_rank_requeues_the_job_which_resumes_from_the_newest_checkpo
     status = llaunch("status", job_id).stdout
     assert f"attempt 1: rank 1 on {host} failed first; the other ranks' errors followed from it" in status, status
     assert f"step {MAX_STEPS}  loss " in status and f"saved: step {MAX_STEPS}" in status, status
-    events = profile_node_ledger("local").events()  # a loaded node may add a straggler event beside it
+    events = NodeLedger.for_profile("local").events()  # a loaded node may add a straggler event beside it
     assert [e.host for e in events if e.job_id == job_id and e.kind == "rank_failed"] == [host], events
 
 
@@ -407,7 +406,7 @@ def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fas
     of the requeued one. The second is caught by what the first incarnation measured (within a minute), not by
     first_step_s (900 s), and the loop guard ends the job (no progress since the requeue). One node-ledger
     event per hang. A home of its own: the hang quarantines the culprit's host for the other tests."""
-    from cluster.exclusion import profile_node_ledger
+    from launcher.observe.node_ledger import NodeLedger
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
     faults = {"LLAUNCH_FAULT": f"hang:rank=1,step={SAVE_STEPS + 1}", "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
@@ -427,7 +426,7 @@ def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fas
     assert max(records[1]["timeouts_s"].values()) < 60, records[1]["timeouts_s"]
     status = llaunch("status", job_id).stdout
     assert "no progress since the last requeue" in status and "hang: rank 1 on " in status, status
-    hangs = [e for e in profile_node_ledger("local").events() if e.kind == "hang"]  # beside stragglers, if any
+    hangs = [e for e in NodeLedger.for_profile("local").events() if e.kind == "hang"]  # beside stragglers, if any
     assert sorted(e.host for e in hangs) == sorted(r["culprit"]["host"] for r in records), (hangs, records)
 
 

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from cluster.exclusion import profile_node_ledger
 from launcher.observe.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission, quarantined
 from launcher.errors import LaunchError
 
@@ -43,7 +42,7 @@ def test_never_more_excluded_than_the_partition_can_spare_worst_first():
 
 def test_ledger_appends_and_skips_a_torn_line(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
-    ledger = profile_node_ledger("local")
+    ledger = NodeLedger.for_profile("local")
     assert ledger.path == tmp_path / "ledger" / "local.jsonl" and ledger.events() == []
     ledger.append(ev("a", "hang"))
     with ledger.path.open("a") as f:
@@ -80,7 +79,7 @@ def test_a_damaged_line_is_skipped_with_a_warning_and_submit_goes_on(tmp_path, m
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
     monkeypatch.setattr(subprocess, "run", lambda argv, **kwargs: SimpleNamespace(returncode=0, stdout="a\nb\nc\n"))
-    ledger = profile_node_ledger("site")
+    ledger = NodeLedger.for_profile("site")
     ledger.append(NodeEvent("a", "hang"))
     with ledger.path.open("ab") as f:
         f.write(line + b"\n")
@@ -94,7 +93,7 @@ def test_a_node_ledger_that_is_not_a_file_is_one_sentence(tmp_path, monkeypatch)
     from cluster.profile import ClusterProfile
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
-    profile_node_ledger("site").path.mkdir(parents=True)
+    NodeLedger.for_profile("site").path.mkdir(parents=True)
     with pytest.raises(LaunchError, match=r"ledger/site.jsonl is not a regular file; move it away"):
         executor.quarantined_nodes(ClusterProfile(name="site", nodes=1), {})
 
@@ -117,7 +116,7 @@ def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tm
 
     monkeypatch.setattr(subprocess, "run", sinfo)
     assert exclusion.quarantined_nodes(profile, {}) == [] and calls == []  # an empty ledger asks nothing
-    ledger = profile_node_ledger("site")
+    ledger = NodeLedger.for_profile("site")
     ledger.append(NodeEvent("n2", "hang", time=time.time() - 60))
     ledger.append(NodeEvent("n3", "xid", time=time.time()))
     assert exclusion.quarantined_nodes(profile, {}) == ["n3"]  # 3 nodes, 2 needed: one to spare, the newest
