@@ -1,20 +1,18 @@
 """Submitting a planned job with submitit, and `NodeTask`, the picklable callable srun runs once per node.
 
-Each node's task finds the rendezvous host, checks the allocation against the plan, and runs torchrun.
-Preemption signals reach the ranks twice over: SLURM signals every process of the step, and the task
-forwards what it got to each rank once that rank has its handler installed (a rank treats every copy as
-the same request, see launcher.runtime.signals), so a signal that came while torchrun or the ranks were starting
-is not lost. torchrun itself ignores them (SIG_IGN before exec, and --signals-to-handle without SIGTERM),
-because it would otherwise die on SIGUSR1/2 or kill the ranks 30 s after a SIGTERM, in the middle of
-their checkpoint. When the ranks have saved and exited, the watchdog killed hung ones, or a rank (or another
-node's task) died without a sentence (a node failure, cluster.rank_exits), the first node's task applies
-cluster.requeue's policy and, if it says so, hands over to submitit's own checkpoint-and-requeue; the
-requeued job excludes the culprit's host where it can spare it (cluster.exclusion).
+Each node's task finds the rendezvous host, checks the allocation against the plan, runs the doctor and then
+torchrun under launcher.runtime.node, the supervisor `llaunch run` uses too (signals passed to the ranks,
+watchdog, event- and node-ledger records). SLURM signals every process of the step, so a preemption reaches
+the ranks twice over (a rank treats every copy as the same request, see launcher.runtime.signals). When the
+ranks have saved and exited, the watchdog killed hung ones, or a rank (or another node's task) died without a
+sentence (a node failure, launcher.runtime.rank_exits), the first node's task applies cluster.requeue's policy
+and, if it says so, hands over to submitit's own checkpoint-and-requeue; the requeued job excludes the
+culprit's host where it can spare it (cluster.exclusion).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import shlex
 import shutil
@@ -22,12 +20,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import submitit
 
-from cluster import job_events, rank_exits
+from cluster import job_events
 from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
 from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
@@ -37,16 +35,16 @@ from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import node_command, rendezvous_port, slurm_parameters
-from launcher.runtime.watchdog import Watchdog, WatchdogConfig, hang_culprit, kill_ranks, report_hang
-from launcher.jobdir.checkpoint_store import list_checkpoints
-from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.config import TrainConfig
+from launcher.env import SLURM_CONF, slurm_conf_for_submitit
+from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.jobdir.checkpoint_store import list_checkpoints
 from launcher.jobdir.layout import JobDir
 from launcher.planning.plan import Plan
-from launcher.env import INCARNATION, SLURM_CONF, SUPERVISOR_PID, slurm_conf_for_submitit
-from launcher.runtime.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
+from launcher.runtime.node import (NodeOutcome, NodeRun, SignalLog, Verdict, record_first_failure,
+                                   record_node_ledger, record_outcome, supervise)
+from launcher.runtime.watchdog_config import WatchdogConfig
 
-FORWARD_POLL_S = 0.2
 RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
 
 
@@ -117,29 +115,28 @@ def check_allocation(plan: Plan, hosts: list[str], gpus_on_node: int, min_nodes:
     return plan.on_nodes(len(hosts))
 
 
+@dataclass(frozen=True)
 class NodeTask(submitit.helpers.Checkpointable):
-    """One per node. Its fields are pickled by submitit, and `checkpoint()` hands the next attempt its
-    requeue count and the step it was requeued at."""
+    """One per node, pickled by submitit; `checkpoint()` hands the next attempt a copy with one more requeue and
+    the step it was requeued at (dataclasses.replace: no field is left behind). The node's torchrun runs under
+    launcher.runtime.node, as `llaunch run`'s does; this adds SLURM's part: the allocation, the doctor, the
+    queue wait in the job's ledger, and the requeue that excludes a culprit's host."""
 
-    def __init__(self, job_dir: str, max_requeues: int, max_restarts: int, dist_timeout_s: int,
-                 requeues: int = 0, step_at_last_requeue: int | None = None, ledger: str = "",
-                 doctor: bool = True, min_nodes: int | None = None) -> None:
-        self.job_dir = str(job_dir)
-        self.max_requeues = max_requeues
-        self.max_restarts = max_restarts
-        self.dist_timeout_s = dist_timeout_s
-        self.requeues = requeues
-        self.step_at_last_requeue = step_at_last_requeue
-        self.ledger = ledger  # the cluster profile's node ledger (launcher.observe.node_ledger): hang culprits, doctor failures
-        self.doctor = doctor
-        self.min_nodes = min_nodes  # the fewest nodes the job may run on (None: all it asked for)
+    job_dir: str
+    max_requeues: int
+    max_restarts: int
+    dist_timeout_s: int
+    requeues: int = 0
+    step_at_last_requeue: int | None = None
+    node_ledger_path: str = ""  # the cluster profile's node ledger (launcher.observe.node_ledger); "": none
+    doctor: bool = True
+    min_nodes: int | None = None  # the fewest nodes the job may run on (None: all it asked for)
 
     def __call__(self) -> str:
-        self._received: list[int] = []
-        # Until torchrun ends a stop signal is only recorded; the loop in _train passes it on to the ranks. Then
-        # they are ignored: submitit's handler is called once, in _requeue, when the policy says requeue; left
+        # Until torchrun ends a stop signal is only recorded (the node runtime passes it on to the ranks); then they
+        # are ignored: submitit's handler is called once, in _requeue, when the policy says requeue; left
         # installed, a repeated signal would requeue the job a second time.
-        submitit_handlers = {sig: signal.signal(sig, self._on_stop) for sig in STOP_SIGNALS}
+        signals = SignalLog().install()
         job_env = submitit.JobEnvironment()
         plan = Plan.load(JobDir(self.job_dir).plan)
         hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
@@ -148,156 +145,132 @@ class NodeTask(submitit.helpers.Checkpointable):
         if job_env.global_rank == 0:  # before the doctor: an attempt that ends there is an incarnation too
             job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
             history.register(self.job_dir)  # the ranks only read the cluster's history
-        doctor_env = self._doctor(job_env, hosts) if self.doctor else {}
+        doctor_env = self._doctor(job_env, hosts, signals) if self.doctor else {}
         if doctor_env is None:  # that node's own error ends the job and says why
             return f"no torchrun on node {job_env.node}: another node failed the doctor"
-        code, hang, grace_s = self._train(plan, hosts, job_env, doctor_env)
-        stop = signal.Signals(self._received[0]).name if self._received else None
+        launch = self._launch(plan, hosts, job_env, doctor_env)
+        outcome = supervise(launch, signals)
         if job_env.global_rank == 0:
-            job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, code, stop,
-                                     cause="hang" if hang is not None else None)
-        if hang is not None:
-            return self._after_hang(hang, grace_s, job_env, len(hosts), submitit_handlers[signal.SIGUSR2])
-        if code == 0:
+            record_outcome(launch, outcome)
+        verdict = record_node_ledger(launch, outcome, self._node_ledger(), job_env.job_id, hosts, RANK_EXITS_WAIT_S)
+        return self._after_training(launch, outcome, verdict, job_env, hosts, signals.previous[signal.SIGUSR2])
+
+    def _after_training(self, launch: NodeRun, outcome: NodeOutcome, verdict: Verdict | None, job_env,
+                        hosts: list[str], submitit_handler) -> str:
+        """How the attempt ends: finished, the job's error, or a requeue after a hang, a node failure or a signal."""
+        stop = outcome.stop.name if outcome.stop else None
+        if outcome.hang is not None:
+            return self._after_hang(verdict, job_env, len(hosts), submitit_handler)
+        if outcome.code == 0:
             return f"training finished on node {job_env.node}"
-        if stop is None and code == EXIT_USER_ERROR:  # a rank said why in one sentence: the job's, not the node's
-            raise TrainingError(f"torchrun exited with code {code} on {job_env.hostname}; the rank's error is above.")
+        if stop is None and outcome.code == EXIT_USER_ERROR:  # a rank said why in one sentence: the job's, not the node's
+            raise TrainingError(f"torchrun exited with code {outcome.code} on {job_env.hostname}; the rank's error is above.")
         if stop is None:
-            return self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2])
+            return self._after_rank_failure(verdict, outcome.code, job_env, hosts, submitit_handler)
         if job_env.global_rank != 0:
             return f"node {job_env.node} stopped by {stop}; the first node decides about the requeue"
-        if stop == "SIGTERM" and code != EXIT_USER_ERROR and job_running(job_env.job_id):
+        if stop == "SIGTERM" and outcome.code != EXIT_USER_ERROR and job_running(job_env.job_id):
             # not a cancel: srun ended the step because another node's task ended badly; a node failure when
             # that task died (SIGKILL, the OOM killer) without leaving its record, else its own error says why
-            requeued = self._after_rank_failure(code, job_env, hosts, submitit_handlers[signal.SIGUSR2], task_died=True)
-            if requeued is not None:
-                return requeued
+            died = record_first_failure(launch, self._node_ledger(), job_env.job_id, hosts, task_died=True,
+                                        wait_s=RANK_EXITS_WAIT_S)
+            if died is not None:
+                return self._after_rank_failure(died, outcome.code, job_env, hosts, submitit_handler)
         if stop != "SIGUSR2":
             # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
             raise TrainingError(f"{NODE_TASK_SIGNALLED}{stop} with the newest checkpoint at step "
                                 f"{latest_step(self.job_dir)}; a preempted job comes back through SLURM, a cancelled "
                                 f"one ends here")
-        return self._requeue(submitit_handlers[signal.SIGUSR2], job_env, stop, f"{stop} received")
+        return self._requeue(submitit_handler, job_env, stop, f"{stop} received")
 
-    def _doctor(self, job_env, hosts: list[str]) -> dict[str, str] | None:
+    def _node_ledger(self) -> NodeLedger | None:
+        return NodeLedger(self.node_ledger_path) if self.node_ledger_path else None
+
+    def _doctor(self, job_env, hosts: list[str], signals: SignalLog) -> dict[str, str] | None:
         """Every incarnation, before torchrun: a broken node ends it with one sentence. Returns the environment
         the doctor adds, None when another node failed; the first node ends the attempt in the job's ledger."""
         try:
-            report = self._preflight(job_env, hosts)
+            report = self._preflight(job_env, hosts, signals)
         except TrainingError:
-            self._ended_in_doctor(job_env)
+            self._ended_in_doctor(job_env, signals)
             raise
         if report.peers_failed:
-            self._ended_in_doctor(job_env)
+            self._ended_in_doctor(job_env, signals)
             return None
         return report.env
 
-    def _ended_in_doctor(self, job_env) -> None:
+    def _ended_in_doctor(self, job_env, signals: SignalLog) -> None:
         if job_env.global_rank == 0:
-            stop = signal.Signals(self._received[0]).name if self._received else None
+            stop = signals.first.name if signals.first else None
             job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, 1, stop, cause=stop or "doctor")
 
-    def _preflight(self, job_env, hosts: list[str]):
+    def _preflight(self, job_env, hosts: list[str], signals: SignalLog):
         """The doctor's checks of this node against the others; this node's own failure ends the attempt with
         its sentence (and a hard event in the node ledger, so the next submission keeps the host out)."""
         report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
                            job_env.job_id, rendezvous_port(job_env.job_id))
-        if report.failed and self._received:  # cancelled while the checks ran: the user's, not the node's
-            raise TrainingError(f"{NODE_TASK_SIGNALLED}{signal.Signals(self._received[0]).name} during the "
-                                f"doctor's checks, before torchrun started")
+        if report.failed and signals.first:  # cancelled while the checks ran: the user's, not the node's
+            raise TrainingError(f"{NODE_TASK_SIGNALLED}{signals.first.name} during the doctor's checks, before "
+                                f"torchrun started")
         if report.failed:
             fault = report.host_fault  # a taken port or a full shared dir is the job's: no node is to blame
-            if self.ledger and fault is not None:
-                NodeLedger(self.ledger).append(NodeEvent(report.host, "doctor", job_id=job_env.job_id,
-                                                         detail=f"{fault.name}: {fault.sentence}"))
+            if self.node_ledger_path and fault is not None:
+                self._node_ledger().append(NodeEvent(report.host, "doctor", job_id=job_env.job_id,
+                                                     detail=f"{fault.name}: {fault.sentence}"))
             raise TrainingError(report.failure_sentence())
         return report
 
-    def _train(self, plan: Plan, hosts: list[str], job_env, doctor_env: dict[str, str]):
-        """Run this node's torchrun to its end, passing stop signals on and watching for a hang; returns its exit
-        code, the hang the watchdog found (None without one) and the watchdog's grace period."""
+    def _launch(self, plan: Plan, hosts: list[str], job_env, doctor_env: dict[str, str]) -> NodeRun:
+        """This node's torchrun for the node runtime: rendezvous on the first node, the collective timeout, what
+        the doctor adds; no grace period of its own (SLURM's KillWait ends what a stop signal does not)."""
         argv, extra_env = node_command(
             plan, self.job_dir, rdzv_host=node_address(hosts[0]), rdzv_port=rendezvous_port(job_env.job_id),
             job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
             cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
         )
-        env = {**os.environ, **extra_env, **doctor_env, SUPERVISOR_PID.name: str(os.getpid()),  # the agent ends with us
-               INCARNATION.name: job_events.attempt_id(job_env.job_id, self.requeues)}
-        watchdog = Watchdog.create(Path(self.job_dir), f"{job_env.job_id}-{job_env.node}", self._watchdog_config(env),
-                                   nodes=len(hosts), incarnation=env[INCARNATION.name])
-        env.update(watchdog.rank_env() if watchdog else {})
+        env = {**os.environ, **extra_env, **doctor_env}
         print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
               f"{shlex.join(argv)}", flush=True)
-        torchrun = subprocess.Popen(argv, env=env, preexec_fn=ignore_stop_signals)
-        forwarded: set[tuple[int, int]] = set()
-        hang = None
-        ranks = rank_exits.RankWatch(node_name(job_env.hostname), job_env.node)
-        while torchrun.poll() is None:
-            ranks.poll(torchrun.pid)
-            forward_stop_signals(torchrun.pid, set(self._received), forwarded)
-            if watchdog and hang is None and not self._received:
-                hang = watchdog.check()
-                if hang is not None:
-                    kill_ranks(torchrun.pid)
-            time.sleep(FORWARD_POLL_S)
-        ignore_stop_signals()
-        if torchrun.returncode != 0:
-            ranks.save(self.job_dir, env[INCARNATION.name])
-        if not watchdog:
-            return torchrun.returncode, None, 0.0
-        if hang is None and torchrun.returncode != 0:  # ranks that died because another node's watchdog killed its own
-            hang = watchdog.requested_dump()
-        watchdog.report_stragglers(self.ledger, job_env.job_id)
-        watchdog.close()
-        return torchrun.returncode, hang, watchdog.config.grace_s
+        return NodeRun(Path(self.job_dir), argv, env, job_events.attempt_id(job_env.job_id, self.requeues),
+                       self._watchdog_config(env), beacon_key=f"{job_env.job_id}-{job_env.node}",
+                       node=job_env.node, nodes=len(hosts), grace_s=None)
 
     def _watchdog_config(self, env: dict[str, str]) -> WatchdogConfig:
         """The variable over the job's config.yaml, into which `llaunch submit` folded the profile's settings."""
         return WatchdogConfig.resolve(env, TrainConfig.load(JobDir(self.job_dir).config).supervision.watchdog)
 
-    def _after_rank_failure(self, code: int, job_env, hosts: list[str], submitit_handler,
-                            task_died: bool = False) -> str | None:
+    def _after_rank_failure(self, verdict: Verdict | None, code: int, job_env, hosts: list[str],
+                            submitit_handler) -> str:
         """A rank died without a sentence (killed by the OOM killer, a lost GPU, a crash), or another node's task
-        did (`task_died`): a node failure. The first node names the rank that failed first (or the node whose
-        task left no record), records its host in the node ledger and requeues the job within --max-requeues;
-        the loop guard stops a crash that recurs before the next checkpoint. None when `task_died` finds no
-        such node."""
+        did: a node failure. The first node (whose verdict names the rank that failed first, or the node whose
+        task left no record, already in the node ledger) requeues the job within --max-requeues; the loop guard
+        stops a crash that recurs before the next checkpoint."""
         if job_env.global_rank != 0:
             return f"node {job_env.node}: torchrun exited with code {code}; the first node decides about the requeue"
-        attempt = job_events.attempt_id(job_env.job_id, self.requeues)
-        found = rank_exits.judge(self.job_dir, attempt, hosts, task_died, RANK_EXITS_WAIT_S)
-        if found is None and task_died:
-            return None  # every node's task left its record: none died
-        if found is not None and self.ledger:
-            NodeLedger(self.ledger).append(NodeEvent(found[0], "rank_failed", job_id=job_env.job_id, detail=found[1]))
-        cause = found[1] if found else f"a rank failed (torchrun exited with code {code})"
+        cause = verdict.why if verdict else f"a rank failed (torchrun exited with code {code})"
         print(f"[llaunch] {cause}", flush=True)
-        return self._requeue(submitit_handler, job_env, "a node failure", cause, exclude=found[0] if found else None,
-                             min_nodes=self.min_nodes or len(hosts))
+        return self._requeue(submitit_handler, job_env, "a node failure", cause,
+                             exclude=verdict.host if verdict else None, min_nodes=self.min_nodes or len(hosts))
 
-    def _after_hang(self, hang, grace_s: float, job_env, nodes: int, submitit_handler) -> str:
-        """Report the hang; the first node requeues the job without the culprit's host where it can."""
-        if job_env.global_rank != 0:  # the first node alone reports it: one node-ledger event per hang
-            sentence = Watchdog.describe(hang)
-            print(f"[llaunch] {sentence}", flush=True)
-            return f"node {job_env.node}: {sentence}; the first node decides about the requeue"
-        culprit = hang_culprit(hang, wait_s=grace_s + 5)  # another node may still write it
-        print(f"[llaunch] {report_hang(hang, self.ledger, job_env.job_id)}", flush=True)
-        return self._requeue(submitit_handler, job_env, "a hang", f"hang on {culprit or 'no single node'}",
-                             exclude=culprit, min_nodes=self.min_nodes or nodes)
+    def _after_hang(self, verdict: Verdict, job_env, nodes: int, submitit_handler) -> str:
+        """Report the hang; the first node (which put its culprit into the node ledger) requeues the job without
+        the culprit's host where it can."""
+        print(f"[llaunch] {verdict.why}", flush=True)
+        if job_env.global_rank != 0:
+            return f"node {job_env.node}: {verdict.why}; the first node decides about the requeue"
+        return self._requeue(submitit_handler, job_env, "a hang", f"hang on {verdict.host or 'no single node'}",
+                             exclude=verdict.host, min_nodes=self.min_nodes or nodes)
 
     def _requeue(self, submitit_handler, job_env, stopped_by: str, cause: str, exclude: str | None = None,
                  min_nodes: int = 1) -> str:
         """Apply cluster.requeue's policy; to requeue, hand over to submitit's checkpoint-and-requeue, then keep
         the host `exclude` out of the requeued job if it can still get `min_nodes` nodes without it."""
-        step = latest_step(self.job_dir)
         decision = decide_requeue(cause=cause, requeues_done=self.requeues, max_requeues=self.max_requeues,
-                                  step=step, step_at_last_requeue=self.step_at_last_requeue)
+                                  step=latest_step(self.job_dir), step_at_last_requeue=self.step_at_last_requeue)
         print(f"[llaunch] {'requeue' if decision.requeue else 'no requeue'}: {decision.reason}", flush=True)
         if not decision.requeue:
             raise TrainingError(f"job stopped by {stopped_by} and not requeued: {decision.reason}")
         job_events.requeued(self.job_dir, job_env.job_id, self.requeues, decision.reason)
-        self._step_now = step
         try:
             submitit_handler(signal.SIGUSR2, None)  # self.checkpoint(), scontrol requeue, exit
         except SystemExit:  # requeued: pending now, though SLURM still ends this attempt
@@ -306,27 +279,10 @@ class NodeTask(submitit.helpers.Checkpointable):
             raise
         return "requeued"
 
-    def _on_stop(self, signum, frame) -> None:
-        self._received.append(signum)  # nothing else: the poll loop forwards it
-
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """The next attempt: same job dir, one more requeue, remembers the step it restarts from."""
-        step = getattr(self, "_step_now", None)
-        nxt = NodeTask(self.job_dir, self.max_requeues, self.max_restarts, self.dist_timeout_s,
-                       requeues=self.requeues + 1, step_at_last_requeue=step, ledger=self.ledger,
-                       doctor=self.doctor, min_nodes=self.min_nodes)
-        return submitit.helpers.DelayedSubmission(nxt)
-
-
-def forward_stop_signals(torchrun_pid: int, received: set[int], forwarded: set[tuple[int, int]]) -> None:
-    """Send each received stop signal once to each of torchrun's ranks that handles it by now; `forwarded`
-    remembers (pid, signal) across calls."""
-    for rank in ranks_of(torchrun_pid) if received else ():
-        for signum in received:
-            if (rank.pid, signum) not in forwarded and catches(rank.pid, signum):
-                forwarded.add((rank.pid, signum))
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    rank.send_signal(signum)
+        """The next attempt: this task with one more requeue, remembering the step it restarts from."""
+        return submitit.helpers.DelayedSubmission(
+            dataclasses.replace(self, requeues=self.requeues + 1, step_at_last_requeue=latest_step(self.job_dir)))
 
 
 def job_running(job_id: str) -> bool:
@@ -335,11 +291,6 @@ def job_running(job_id: str) -> bool:
         return job_state(job_id, dict(os.environ)).state == "RUNNING"
     except (LaunchError, OSError, subprocess.SubprocessError):
         return False
-
-
-def node_name(hostname: str) -> str:
-    """SLURM's name for this node (what --exclude takes; two slurmd on one host differ by it)."""
-    return os.environ.get("SLURMD_NODENAME") or hostname
 
 
 def _gpus_on_node() -> int:
@@ -365,7 +316,7 @@ def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str
         executor.update_parameters(exclude=",".join(exclude))
         print(f"llaunch: {exclusion_sentence(profile, exclude)}", flush=True)
     task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
-                    ledger=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
+                    node_ledger_path=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
                     min_nodes=profile.min_nodes)
     submitted_at = time.time()
     try:

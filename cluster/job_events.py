@@ -1,5 +1,6 @@
 """What the node task adds to the job's event ledger (launcher.observe.event_ledger): each attempt's start with SLURM's
-queue wait, its end, and its requeue. Only the first node's task writes, so each event is there once."""
+queue wait, its end (both through launcher.runtime.node, as `llaunch run`'s), and its requeue. Only the first node's
+task writes, so each event is there once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 
 from cluster.jobs import parse_scontrol_job
 from launcher.observe import event_ledger
+from launcher.runtime.node import record_exit, record_launch
 
 
 def attempt_id(job_id: str, requeues: int) -> str:
@@ -42,15 +44,14 @@ def queue_times(job_id: str) -> dict:
 
 
 def attempt_started(job_dir: str, job_id: str, requeues: int, nodes: int) -> None:
-    event_ledger.append(job_dir, event_ledger.LAUNCH, inc=attempt_id(job_id, requeues), nodes=nodes, job_id=job_id,
-                  attempt=requeues + 1, how="slurm", **queue_times(job_id))
+    record_launch(job_dir, attempt_id(job_id, requeues), nodes, "slurm", job_id=job_id, attempt=requeues + 1,
+                  **queue_times(job_id))
 
 
 def attempt_ended(job_dir: str, job_id: str, requeues: int, code: int, stop: str | None,
                   cause: str | None = None) -> None:
-    """`cause`: what ended the attempt when the exit code does not say (the watchdog killed hung ranks)."""
-    cause = cause or (event_ledger.exit_cause(code) if code == 0 or stop is None else stop)
-    event_ledger.append(job_dir, event_ledger.EXIT, inc=attempt_id(job_id, requeues), code=code, cause=cause, signal=stop)
+    """An attempt that ended before torchrun (in the doctor); `cause`: what ended it."""
+    record_exit(job_dir, attempt_id(job_id, requeues), code, stop, cause)
 
 
 def requeued(job_dir: str, job_id: str, requeues: int, reason: str) -> None:

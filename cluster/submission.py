@@ -19,7 +19,6 @@ from launcher.planning.plan import Plan
 
 RDZV_PORT_BASE = 20000
 RDZV_PORT_SPAN = 10000  # ports 20000-29999: below Linux's ephemeral range, clear of SLURM's 6817/6818
-TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -103,7 +102,7 @@ def node_command(
     the time limit: NCCL's watchdog aborts a stuck collective, and the training entrypoint passes
     launcher.env.DIST_TIMEOUT_S to init_process_group (which is what bounds gloo).
     """
-    from launcher.runtime.torchrun import TORCHRUN_MODULE, build_torchrun_argv
+    from launcher.runtime.torchrun import build_torchrun_argv
 
     argv, env = build_torchrun_argv(
         plan,
@@ -115,10 +114,6 @@ def node_command(
         python=python,
         cpus_per_node=cpus_per_node,
     )
-    # SLURM signals every process of the step. torchrun would answer SIGTERM by killing the ranks 30 s
-    # later, in the middle of their checkpoint, so it handles only these; the ranks get SIGTERM themselves.
-    after = argv.index(TORCHRUN_MODULE) + 1
-    argv[after:after] = ["--signals-to-handle", TORCHRUN_SIGNALS]
     env = dict(env)
     env.update({
         DIST_TIMEOUT_S.name: str(dist_timeout_s),

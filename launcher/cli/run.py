@@ -39,11 +39,14 @@ def parse_rest(args) -> argparse.Namespace:
 def run(args) -> int:
     import os
 
+    from cluster.profile import DEFAULT_PROFILE
     from launcher import env as variables
-    from launcher.runtime.watchdog import Watchdog, WatchdogConfig
+    from launcher.jobdir.prepare import prepare_job, write_job
     from launcher.observe import event_ledger, history
-    from launcher.jobdir.prepare import is_run_dir, prepare_job, write_job
-    from launcher.runtime.torchrun import build_torchrun_argv, run_torchrun
+    from launcher.observe.node_ledger import NodeLedger
+    from launcher.runtime import node
+    from launcher.runtime.torchrun import build_torchrun_argv
+    from launcher.runtime.watchdog_config import WatchdogConfig
     from launcher.train.faults import faults_from_env
 
     args = parse_rest(args)
@@ -54,36 +57,44 @@ def run(args) -> int:
     timeout = variables.dist_timeout_s(config=job.config.supervision.dist_timeout_s)
     argv, env = build_torchrun_argv(job.plan, job.output_dir, python=_python(), cpus_per_node=len(os.sched_getaffinity(0)))
     env.update({variables.DIST_TIMEOUT_S.name: f"{timeout:g}"} if timeout else {})
-    command = " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)])
-    if args.dry_run:  # an existing run is left alone (its ranks reread it); a new directory gets the plan to read
-        existing = is_run_dir(job.output_dir)
-        if not existing:
-            write_job(job)
-        print(command)
-        if existing:
-            print(f"# dry run: {job.output_dir} already holds a run and was left as it is (plan and config "
-                  f"unchanged, nothing removed).")
-        return 0
+    if args.dry_run:
+        return _dry_run(job, argv, env)
     lock = write_job(job, keep_lock=True)  # held until this process ends: the ranks need not take it
     history.register(job.output_dir)  # the ranks only read the cluster's history
     env[variables.RUN_LOCK_HELD.name] = str(job.output_dir)
-    env[variables.INCARNATION.name] = incarnation = event_ledger.new_incarnation_id()
-    event_ledger.append(job.output_dir, event_ledger.LAUNCH, t=args.started_at, inc=incarnation, nodes=1,
-                  how="llaunch run")  # from the command's start: reading and planning the job is start-up
-    watchdog = Watchdog.create(job.output_dir, str(os.getpid()), watchdog_config, incarnation=incarnation)
-    env.update(watchdog.rank_env() if watchdog else {})
+    launch = node.NodeRun(job.output_dir, argv, {**os.environ, **env}, event_ledger.new_incarnation_id(),
+                          watchdog_config, beacon_key=str(os.getpid()))
+    # from the command's start: reading and planning the job is start-up
+    node.record_launch(job.output_dir, launch.incarnation, nodes=1, how="llaunch run", t=args.started_at)
     plan = job.plan
     print(f"llaunch: {plan.strategy} on {plan.world_size} x {plan.device} ({plan.precision}), "
           f"micro-batch {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps}; output in {job.output_dir}")
     try:
-        code = run_torchrun(argv, {**os.environ, **env}, watchdog=watchdog)
-        code = 0 if code and _finished(job.output_dir, incarnation) else code
-        event_ledger.append(job.output_dir, event_ledger.EXIT, inc=incarnation, code=code, cause=event_ledger.exit_cause(code))
+        outcome = node.supervise(launch, node.SignalLog().install())
+        code = outcome.launcher_code()
+        code = 0 if code and _finished(job.output_dir, launch.incarnation) else code
+        node.record_outcome(launch, outcome, code)
+        verdict = node.record_node_ledger(launch, outcome, NodeLedger.for_profile(DEFAULT_PROFILE))
+        if outcome.hang is not None:
+            print(f"llaunch: {verdict.why}; the ranks were killed", file=sys.stderr)
         return code
     finally:
         lock.release()
-        if watchdog:
-            watchdog.close()
+
+
+def _dry_run(job, argv: list[str], env: dict[str, str]) -> int:
+    """Print the torchrun command. An existing run is left alone (its ranks reread it); a new directory gets the
+    plan to read."""
+    from launcher.jobdir.prepare import is_run_dir, write_job
+
+    existing = is_run_dir(job.output_dir)
+    if not existing:
+        write_job(job)
+    print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, argv)]))
+    if existing:
+        print(f"# dry run: {job.output_dir} already holds a run and was left as it is (plan and config "
+              f"unchanged, nothing removed).")
+    return 0
 
 
 def _finished(job_dir, incarnation: str) -> bool:

@@ -20,7 +20,7 @@ def describe(job_id: str | None) -> list[str]:
     """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
     from cluster.jobs import job_state, last_error, load_record
     from launcher.observe.metrics_file import last_metrics
-    from cluster.rank_exits import latest_failure
+    from launcher.runtime.rank_exits import latest_failure
     from launcher.runtime.watchdog import latest_hang
     from launcher.cli.goodput import summary_line
 

@@ -67,7 +67,7 @@ class JobDir:
 
     @property
     def rank_exits(self) -> Path:
-        """When each node's ranks ended, per attempt (cluster.rank_exits)."""
+        """When each node's ranks ended, per attempt (launcher.runtime.rank_exits)."""
         return self.root / "rank-exits"
 
     @property

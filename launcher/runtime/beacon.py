@@ -1,4 +1,5 @@
-"""Progress beacons, torch-free: where each rank is (step, phase, since when), readable from outside the rank.
+"""Progress beacons, torch-free: where each rank is (step, phase, since when) and whether the straggler score
+flags it, readable from outside the rank.
 
 A rank writes its beacon into a small file mapped into memory (`/dev/shm` when the node has it, else a
 folder of the job dir): a phase boundary is a few stores into that mapping, no system call and no wait on
@@ -7,6 +8,10 @@ sees where a rank stopped when the rank holds the GIL, sits in a C call or was s
 
 Times are CLOCK_MONOTONIC seconds (`time.monotonic()`), which every process of one host shares, so the
 reader compares a rank's phase start with its own clock.
+
+The straggler signal travels the same way: at each logging step every rank learns every rank's busy time
+(launcher.observe.straggler) and writes its own busy time and, while it is flagged, the step that flagged it;
+the watchdog reads them beside the phases, so no one rereads rank 0's metrics.
 
 Layout: one array of float64 slots (integers stored exactly below 2**53). Slot SEQ is a sequence lock: the
 writer makes it odd while it writes and even when done; a reader retries while it is odd or changed.
@@ -29,7 +34,7 @@ from launcher.files import write_text_atomic
 from launcher.runtime.signals import STACK_DUMP_SIGNAL
 
 SHM = Path("/dev/shm")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 
 class Phase(enum.IntEnum):
@@ -46,9 +51,11 @@ class Phase(enum.IntEnum):
     DONE = 7
 
 
-# Slot indices; after them, per phase: how often it ended and how long it lasted the last time.
-VERSION, PID, SEQ, STEP, PHASE, PHASE_START = range(6)
-PHASE_SLOTS = 6
+# Slot indices; after them, per phase: how often it ended and how long it lasted the last time. BUSY_S: the
+# rank's busy time per step (median of its last logging window); STRAGGLER_STEP: the logging step whose
+# straggler score flagged it, 0 while it is not flagged.
+VERSION, PID, SEQ, STEP, PHASE, PHASE_START, BUSY_S, STRAGGLER_STEP = range(8)
+PHASE_SLOTS = 8
 SLOTS = PHASE_SLOTS + 2 * len(Phase)
 SIZE = SLOTS * 8
 
@@ -149,6 +156,13 @@ class BeaconWriter:
         self.phase, self.phase_start, self.step = phase, now, step
         return lasted
 
+    def report(self, busy_s: float, flagged: bool) -> None:
+        """At a logging step: this rank's busy time per step and whether the straggler score flags it now."""
+        slots = self._slots
+        slots[SEQ] += 1
+        slots[BUSY_S], slots[STRAGGLER_STEP] = busy_s, self.step if flagged else 0
+        slots[SEQ] += 1
+
     def close(self) -> None:
         self._slots.release()
         self._map.close()
@@ -165,6 +179,8 @@ class Beacon:
     phase_start: float
     ended: tuple[int, ...]  # per phase: how many times it ended
     last_duration: tuple[float, ...]  # per phase: how long it lasted the last time
+    busy_s: float = 0.0  # its busy time per step at the last logging step
+    straggler_step: int = 0  # the logging step whose straggler score flagged it; 0: not flagged
 
     def age(self, now: float | None = None) -> float:
         """Seconds in the current phase."""
@@ -192,6 +208,7 @@ def read_beacon(path: Path, rank: int, attempts: int = 100) -> Beacon | None:
                 phase_start=slots[PHASE_START],
                 ended=tuple(int(slots[_ended_slot(p)]) for p in Phase),
                 last_duration=tuple(slots[_ended_slot(p) + 1] for p in Phase),
+                busy_s=slots[BUSY_S], straggler_step=int(slots[STRAGGLER_STEP]),
             )
             again = memoryview(path.read_bytes()).cast("d")
             if again[SEQ] == seq:

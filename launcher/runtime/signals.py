@@ -2,10 +2,10 @@
 the handler that records them, and how the launcher reaches the ranks.
 
 One preemption reaches a rank several times: SLURM signals every process of the job step, the node task
-forwards what it gets, `llaunch run` forwards to torchrun's workers. The copies arrive with any delay
+forwards what it gets to the ranks, as `llaunch run` does (launcher.runtime.node). The copies arrive with any delay
 (seconds under load), so a rank treats every one of them as the same request: it records the first and
 saves at the next step boundary. Stopping without a checkpoint is left to whoever owns the ranks and can
-kill them: `llaunch run`'s second Ctrl-C, torchrun's kill after its grace period, SLURM's KillWait SIGKILL.
+kill them: `llaunch run`'s second signal or its grace period (launcher.runtime.node), SLURM's KillWait SIGKILL.
 
 The handler only assigns an attribute: no import, no I/O, so it is safe at any point of the program,
 including while a module is half imported.
@@ -13,7 +13,6 @@ including while a module is half imported.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -108,17 +107,6 @@ def die_with_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def signal_ranks(torchrun_pid: int, signum: int) -> None:
-    """In the launcher: deliver a preemption signal to torchrun's workers (the ranks), not to torchrun.
-
-    torchrun dies on SIGUSR1/SIGUSR2 (it handles only SIGINT/SIGTERM/SIGHUP/SIGQUIT), which would orphan the
-    ranks; sent to the ranks, the signal makes them save and exit, and torchrun then ends on its own.
-    """
-    for rank in ranks_of(torchrun_pid):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            rank.send_signal(signum)
-
-
 def ranks_of(torchrun_pid: int) -> list[psutil.Process]:
     """torchrun's workers (its direct children), [] once torchrun is gone."""
     try:
@@ -131,7 +119,7 @@ def catches(pid: int, signum: int) -> bool:
     """Whether process `pid` has a handler installed for `signum` (Linux: SigCgt in /proc/PID/status).
 
     A rank inherits SIG_IGN for the stop signals from torchrun and installs its handler as it starts;
-    a signal sent before that is lost, so the node task waits for this before forwarding."""
+    a signal sent before that is lost, so the node runtime waits for this before forwarding."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:

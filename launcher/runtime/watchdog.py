@@ -1,5 +1,5 @@
-"""The hang watchdog, in the process that started torchrun on a node (`llaunch run`, cluster.executor's
-NodeTask): outside the ranks, so a rank that holds the GIL, sits in a C call or was stopped is still seen.
+"""The hang watchdog, in the process that started torchrun on a node (launcher.runtime.node, for `llaunch run`
+and each SLURM node task): outside the ranks, so a rank that holds the GIL, sits in a C call or was stopped is still seen.
 
 Every `poll_s` it reads the local ranks' progress beacons (launcher.runtime.beacon). A rank that stays in one phase
 longer than that phase's timeout is a hang: `k` x the rolling p99 of the phase's durations, at least
@@ -8,7 +8,9 @@ launch into the job dir measured, compile included: a hang at a requeue's first 
 checkpoint saves and loads `checkpoint_s`. Then, in order: every local rank's Python stacks (py-spy when installed and allowed,
 else the faulthandler the rank registered on launcher.runtime.signals.STACK_DUMP_SIGNAL), the last beacon of every
 rank, a request that the other nodes' watchdogs dump theirs into the same folder, and the evidence record
-naming the rank that is behind. The caller then kills the ranks and exits with HANG_EXIT_CODE.
+naming the rank that is behind. The caller then kills the ranks and exits with HANG_EXIT_CODE. At the end it
+also says which local ranks the straggler score flagged (their beacons carry it). What goes into the node
+ledger is launcher.runtime.node's.
 
 Configured by launcher.runtime.watchdog_config.WatchdogConfig (launcher.env.WATCHDOG).
 """
@@ -27,11 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher.observe.metrics_file import last_metrics
-from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from launcher.runtime.watchdog_config import WatchdogConfig
 from launcher.observe import event_ledger
-from launcher.env import BEACON_DIR
 from launcher.runtime.beacon import Beacon, Phase, beacon_folder, read_beacons, stacks_path
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
@@ -72,25 +71,15 @@ def latest_hang(job_dir: str | Path) -> str | None:
     return describe(folders[-1]) if folders else None
 
 
-def report_hang(folder: Path, ledger: str, job_id: str) -> str:
-    """On the node that saw the hang: the culprit's host goes into the node ledger (when a ledger path is
-    given). Returns the sentence for the log."""
-    evidence = folder / EVIDENCE_FILE
-    record = json.loads(evidence.read_text()) if evidence.is_file() else {}
-    if ledger and record.get("culprit"):
-        NodeLedger(ledger).append(NodeEvent(record["culprit"]["host"], "hang", job_id=job_id, detail=record["why"]))
-    return describe(folder)
-
-
-def hang_culprit(folder: Path, wait_s: float) -> str | None:
-    """The host the evidence record names as behind; waits up to `wait_s` for the record when another node
-    detected the hang and is still writing it. None when there is no record or no single culprit."""
+def hang_culprit(folder: Path, wait_s: float) -> tuple[str, str] | None:
+    """The host the evidence record names as behind, and why; waits up to `wait_s` for the record when another
+    node detected the hang and is still writing it. None when there is no record or no single culprit."""
     evidence = folder / EVIDENCE_FILE
     deadline = time.monotonic() + wait_s
     while not evidence.is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
-    culprit = json.loads(evidence.read_text()).get("culprit") if evidence.is_file() else None
-    return culprit["host"] if culprit else None
+    record = json.loads(evidence.read_text()) if evidence.is_file() else {}
+    return (record["culprit"]["host"], record["why"]) if record.get("culprit") else None
 
 
 def kill_ranks(torchrun_pid: int) -> None:
@@ -119,16 +108,13 @@ class Watchdog:
         self._next_check = 0.0
 
     @classmethod
-    def create(cls, job_dir: Path, key: str, config: WatchdogConfig, nodes: int = 1,
+    def create(cls, job_dir: Path, key: str, config: WatchdogConfig, host: str | None = None, nodes: int = 1,
                incarnation: str | None = None) -> "Watchdog | None":
-        """A watchdog with a new beacon folder, or None when its config turns it off."""
+        """A watchdog with a new beacon folder (its ranks learn it from launcher.runtime.node.rank_env), or None
+        when its config turns it off."""
         if not config.enabled:
             return None
-        return cls(beacon_folder(job_dir, key), Path(job_dir), config, nodes=nodes, incarnation=incarnation)
-
-    def rank_env(self) -> dict[str, str]:
-        """What torchrun's environment needs so that its ranks write their beacons where this watchdog reads."""
-        return {BEACON_DIR.name: str(self.folder)}
+        return cls(beacon_folder(job_dir, key), Path(job_dir), config, host=host, nodes=nodes, incarnation=incarnation)
 
     # ----- detection ------------------------------------------------------------------------------------
     def timeout(self, beacon: Beacon) -> float:
@@ -270,17 +256,10 @@ class Watchdog:
         }
         write_text_atomic(into / EVIDENCE_FILE, json.dumps(record, indent=1))
 
-    def report_stragglers(self, ledger: str, job_id: str) -> None:
-        """At the end of an attempt: this node's ranks that metrics.jsonl flagged last go into the node ledger
-        as one soft event (before close(): the beacons say which ranks are local)."""
-        metrics = last_metrics(self.job_dir) or {}
-        slow = sorted(set(read_beacons(self.folder)) & set(metrics.get("stragglers", [])))
-        if ledger and slow:
-            NodeLedger(ledger).append(NodeEvent(self.host, "straggler", job_id=job_id,
-                                                detail=f"rank(s) {slow} flagged at step {metrics['step']}"))
-
-    describe = staticmethod(describe)
-    kill_ranks = staticmethod(kill_ranks)
+    def stragglers(self) -> dict[int, int]:
+        """This node's ranks the straggler score flags now, each with the logging step that flagged it (their
+        beacons say; call it before close())."""
+        return {rank: b.straggler_step for rank, b in read_beacons(self.folder).items() if b.straggler_step}
 
     def close(self) -> None:
         """Keep the phases' longest durations for the next launch; remove the beacon folder this watchdog created."""

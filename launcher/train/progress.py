@@ -30,7 +30,7 @@ class Progress:
         self._stacks = register_stack_dump(folder, rank) if folder else None
         self._busy = 0.0
         self._window: list[float] = []
-        self.tracker = StragglerTracker() if rank == 0 else None
+        self.tracker = StragglerTracker()  # on every rank: each learns whether it is flagged, for its beacon
 
     @classmethod
     def start(cls, rank: int, world_size: int) -> "Progress":
@@ -55,18 +55,20 @@ class Progress:
             self.faults.step_begins(step)
 
     def straggler_report(self) -> dict:
-        """A collective (call it on every rank at a logging step): rank 0 gets the metrics fields of the
-        window since the last report, the other ranks {}."""
+        """A collective (call it on every rank at a logging step): every rank scores the window since the last
+        report the same way and writes its own busy time and flag into its beacon, for the watchdog; rank 0
+        gets the metrics fields, the other ranks {}."""
         mine = statistics.median(self._window) if self._window else 0.0
         self._window.clear()
         if self.world_size == 1:
             return {}
         busy = [0.0] * self.world_size
         dist.all_gather_object(busy, mine)
-        if self.tracker is None:
-            return {}
         before = set(self.tracker.flagged)
         record = self.tracker.record(busy)
+        self.beacon.report(mine, self.rank in self.tracker.flagged)
+        if self.rank != 0:
+            return {}
         if self.tracker.flagged != before:
             print(f"[llaunch] stragglers now: {sorted(self.tracker.flagged) or 'none'} (busy s per rank "
                   f"{record['busy_s']}, score {record['straggler_score']})", flush=True)

@@ -1,7 +1,8 @@
 """`llaunch run` on 2 gloo ranks with injected faults: rank 1 is slow (+150 ms per step) and is flagged as a
 straggler; then it hangs, and the launcher's watchdog catches it within its timeout + 2 polls, dumps both
 ranks' stacks, names rank 1 and its host, kills the ranks and exits with the hang code; the checkpoint
-written before stays complete."""
+written before stays complete. The same faults under a SLURM node task (in this process, without SLURM) leave
+the same events and node-ledger entries: both go through launcher.runtime.node."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from launcher.observe import goodput
 
 from launcher.observe import event_ledger
+from launcher.observe.node_ledger import NodeLedger
 from launcher.runtime.signals import HANG_EXIT_CODE
 from launcher.train.checkpoint import list_checkpoints
 from tests.tiny_run import tiny_run_config
@@ -27,14 +29,15 @@ pytestmark = pytest.mark.dist
 
 REPO = Path(__file__).resolve().parents[2]
 POLL_S, FLOOR_S = 0.5, 3.0
+FAULTS = "slow:rank=1,ms=150;hang:rank=1,step=7"
+WATCHDOG = f"poll_s={POLL_S},floor_s={FLOOR_S},first_step_s=120,grace_s=10"
 
 
 def test_slow_then_hung_rank_is_flagged_caught_dumped_and_named(tmp_path):
     config = tiny_run_config(tmp_path, training={"max_steps": 20, "save_steps": 2, "logging_steps": 1})
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "LLAUNCH_FAULT": "slow:rank=1,ms=150;hang:rank=1,step=7",
-           "LLAUNCH_WATCHDOG": f"poll_s={POLL_S},floor_s={FLOOR_S},first_step_s=120,grace_s=10"}
+           "LLAUNCH_FAULT": FAULTS, "LLAUNCH_WATCHDOG": WATCHDOG}
     shm_before = set(Path("/dev/shm").glob("llaunch-beacons-*"))
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "launcher", "run", str(config), "--output-dir",
@@ -63,6 +66,39 @@ def test_slow_then_hung_rank_is_flagged_caught_dumped_and_named(tmp_path):
     checkpoints = list_checkpoints(out, checksums=True)
     assert [c.step for c in checkpoints] == [2, 4, 6] and all(c.complete for c in checkpoints)
     assert not left_behind(set(Path("/dev/shm").glob("llaunch-beacons-*")) - shm_before)  # the launcher removed its own
+
+
+def test_the_same_hang_leaves_the_same_records_under_llaunch_run_and_a_slurm_node_task(tmp_path, monkeypatch,
+                                                                                      slurm_node):
+    """One node runtime: the local launch and the SLURM node task (one node, its host this machine's name) record
+    the same event kinds in the job's ledger and the same node-ledger entries (the straggler, the hang's culprit)."""
+    from cluster.profile import DEFAULT_PROFILE
+    from launcher.jobdir.prepare import prepare_job, write_job
+
+    config = tiny_run_config(tmp_path, training={"max_steps": 20, "save_steps": 2, "logging_steps": 1})
+    config.write_text(config.read_text() + "parallel: {nproc_per_node: 2}\n")
+    for key, value in {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LLAUNCH_FAULT": FAULTS,
+                       "LLAUNCH_WATCHDOG": WATCHDOG, "LLAUNCH_HOME": str(tmp_path / "home")}.items():
+        monkeypatch.setenv(key, value)
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    result = subprocess.run([sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(local)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == HANG_EXIT_CODE, result.stdout[-3000:] + result.stderr[-3000:]
+
+    write_job(prepare_job(config, output_dir=slurm, write=False))  # what `llaunch submit` writes
+    task = slurm_node(slurm, host=socket.gethostname(), max_requeues=0, node_ledger_path=str(tmp_path / "slurm.jsonl"))
+    with pytest.raises(slurm_node.executor.TrainingError, match="stopped by a hang and not requeued"):
+        task()
+
+    runs = {path: event_ledger.read(path) for path in (local, slurm)}
+    kinds = {path: [e["kind"] for e in events] for path, events in runs.items()}
+    assert kinds[local] == kinds[slurm] and kinds[local][0] == "launch" and kinds[local][-2:] == ["hang", "exit"], kinds
+    for events in runs.values():
+        assert 1 in events[-2]["ranks"] and events[-1]["cause"] == "hang"  # rank 0 may be over its timeout too
+    ledgers = [NodeLedger.for_profile(DEFAULT_PROFILE), NodeLedger(tmp_path / "slurm.jsonl")]
+    entries = [sorted((e.host, e.kind, e.detail) for e in ledger.events()) for ledger in ledgers]
+    assert entries[0] == entries[1] and [kind for _, kind, _ in entries[0]] == ["hang", "straggler"], entries
+    assert entries[0][0][0] == socket.gethostname() and entries[0][0][2].startswith("in data of step 7")
 
 
 def left_behind(folders) -> list[Path]:

@@ -3,6 +3,8 @@ limit, and an append-only file that survives a torn last line."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from launcher.observe.node_ledger import NodeEvent, NodeLedger, QuarantinePolicy, exclude_for_next_submission, quarantined
@@ -123,25 +125,22 @@ def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tm
 
 
 def test_a_node_that_fails_the_doctor_is_a_hard_event_and_kept_out_of_the_next_submission(tmp_path, monkeypatch,
-                                                                                         stop_handlers_restored):
+                                                                                         slurm_node):
     """cluster.executor's node task without SLURM: the second node's doctor fails before torchrun."""
     from types import SimpleNamespace
 
-    from cluster import executor
     from cluster.doctor.checks import FAIL, OK, Check
     from cluster.doctor.node import NodeReport
 
     report = NodeReport(1, "n2", "77", checks=[Check("gpus", OK, "2 GPUs"), Check("storage", FAIL, "read-only")])
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-2]")
-    monkeypatch.setattr(executor.submitit, "JobEnvironment",
-                        lambda: SimpleNamespace(job_id="77", node=1, hostname="n2", global_rank=1))
-    monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
-    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["n1", "n2"])
-    monkeypatch.setattr(executor, "node_address", lambda node: node)
-    monkeypatch.setattr(executor, "check_allocation", lambda plan, hosts, gpus, min_nodes: plan)
-    monkeypatch.setattr(executor, "preflight", lambda *args: report)
     ledger = tmp_path / "ledger.jsonl"
-    task = executor.NodeTask(str(tmp_path), max_requeues=3, max_restarts=0, dist_timeout_s=60, ledger=str(ledger))
+    task = slurm_node(tmp_path, [sys.executable, "-c", "pass"], host="n2", max_requeues=3,
+                      node_ledger_path=str(ledger), doctor=True)
+    executor = slurm_node.executor
+    monkeypatch.setattr(executor.submitit, "JobEnvironment",  # the second node of two
+                        lambda: SimpleNamespace(job_id="77", node=1, hostname="n2", global_rank=1))
+    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["n1", "n2"])
+    monkeypatch.setattr(executor, "preflight", lambda *args: report)
     with pytest.raises(executor.TrainingError, match="doctor: storage failed on n2: read-only"):
         task()
     [event] = NodeLedger(ledger).events()

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from launcher.errors import LaunchError
-from launcher.runtime.signals import StopSignals, catches, parse_signals, signal_ranks
+from launcher.runtime.signals import StopSignals, catches, parse_signals
 from launcher.train.preemption import PreemptionHandler
 
 
@@ -66,21 +66,19 @@ def test_what_the_rank_caught_while_starting_reaches_the_trainers_handler():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_node_task_handler_only_records_even_when_signals_come_in_quick_succession():
-    """No import inside the handler (it used to import torch there, and a second signal during that import
-    failed the job with a partially initialized module)."""
+def test_the_supervisors_handler_only_records_even_when_signals_come_in_quick_succession():
+    """No import inside the handler (the node task's used to import torch there, and a second signal during that
+    import failed the job with a partially initialized module)."""
     script = textwrap.dedent("""
         import os, signal, sys, time
-        from cluster.executor import NodeTask
-        task = NodeTask("/nonexistent", 1, 0, 60)
-        task._received = []
-        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, task._on_stop)
+        import cluster.executor
+        from launcher.runtime.node import SignalLog
+        signals = SignalLog().install()
         before = set(sys.modules)
         for _ in range(2):
             os.kill(os.getpid(), signal.SIGUSR2)
             time.sleep(0.5)
-        print(task._received, sorted(set(sys.modules) - before), "torch" in sys.modules)
+        print([int(s) for s in signals.received], sorted(set(sys.modules) - before), "torch" in sys.modules)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -108,24 +106,14 @@ def wait_for(condition, what: str, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_launcher_sends_usr_signals_to_the_ranks_not_to_torchrun(tmp_path):
-    """signal_ranks() reaches torchrun's children; torchrun (here a stand-in parent) is left alive."""
-    marker = tmp_path / "rank-got-it"
-    rank = (f"import signal, time, pathlib\n"
-            f"signal.signal(signal.SIGUSR2, lambda *a: pathlib.Path({str(marker)!r}).write_text('ok'))\n"
-            f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('1')\n"
-            f"time.sleep(30)\n")
-    with stand_in_torchrun(rank) as parent:
-        wait_for((tmp_path / "ready").exists, "the rank to start")
-        signal_ranks(parent.pid, signal.SIGUSR2)
-        wait_for(marker.exists, "the rank to see SIGUSR2")
-        assert parent.poll() is None
+def test_the_supervisor_holds_a_signal_until_the_rank_catches_it_then_forwards_it_once(tmp_path):
+    """A rank starts with SIG_IGN (inherited from torchrun): a signal sent then is lost, so the node runtime
+    (`llaunch run` and the SLURM node task alike) waits until the rank's handler is installed; it forwards each
+    signal to each rank only once, and not to torchrun (a stand-in parent here), which would die of SIGUSR2."""
+    from launcher.runtime.node import SignalLog, _forward
 
-
-def test_node_task_holds_a_signal_until_the_rank_catches_it_then_forwards_it_once(tmp_path):
-    """A rank starts with SIG_IGN (inherited from torchrun): a signal sent then is lost, so the node task
-    waits until the rank's handler is installed; it forwards each signal to each rank only once."""
-    from cluster.executor import forward_stop_signals
+    signals = SignalLog()
+    signals.received.append(signal.SIGUSR2)
 
     log = tmp_path / "received"
     rank = (f"import signal, time\n"
@@ -140,11 +128,11 @@ def test_node_task_holds_a_signal_until_the_rank_catches_it_then_forwards_it_onc
         forwarded: set = set()
 
         def forward() -> bool:
-            forward_stop_signals(parent.pid, {signal.SIGUSR2}, forwarded)
+            _forward(parent.pid, signals, forwarded)
             return log.exists()
 
         wait_for(forward, "the rank to get SIGUSR2")
         for _ in range(10):
-            forward_stop_signals(parent.pid, {signal.SIGUSR2}, forwarded)
+            _forward(parent.pid, signals, forwarded)
         time.sleep(0.3)
-        assert catches(child, signal.SIGUSR2) and log.read_text() == "x"
+        assert catches(child, signal.SIGUSR2) and log.read_text() == "x" and parent.poll() is None

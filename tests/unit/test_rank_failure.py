@@ -1,4 +1,4 @@
-"""A rank that dies without a sentence on SLURM (the OOM killer, a lost GPU): the node task names the rank that
+"""A rank that dies without a sentence on SLURM (the OOM killer, a lost GPU): the node runtime names the rank that
 failed first, records only its host in the node ledger and requeues within --max-requeues; what is the job's
 (a rank's LaunchError, a taken port, a full shared dir, a cancel during the doctor) blames no node."""
 
@@ -16,8 +16,11 @@ from cluster.doctor.checks import FAIL, OK, Check
 from cluster.doctor.node import NodeReport
 from cluster.jobs import last_error
 from launcher.observe.node_ledger import NodeLedger
-from cluster.rank_exits import RankExit, first_failure, judge, latest_failure
+from launcher.runtime.rank_exits import RankExit, first_failure, judge, latest_failure
 from launcher.observe.event_ledger import read as ledger_events
+from launcher.runtime.node import NodeOutcome, NodeRun, SignalLog, record_node_ledger
+from launcher.runtime.signals import HANG_EXIT_CODE
+from launcher.runtime.watchdog_config import WatchdogConfig
 
 REPO = Path(__file__).resolve().parents[2]
 # A stand-in torchrun with two ranks on this node: rank 1 is SIGKILLed (as by the OOM killer) after a moment,
@@ -33,57 +36,32 @@ sys.exit(int(sys.argv[1]) if any(codes) else 0)
 """
 
 
-def node_task(tmp_path, monkeypatch, max_requeues: int, rank0_exit: int):
-    from cluster import executor
-    from launcher.config import SupervisionConfig, TrainConfig
-    from launcher.jobdir.layout import JobDir
-
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "h0")
-    monkeypatch.setenv("SLURMD_NODENAME", "h0")
-    monkeypatch.delenv("LLAUNCH_WATCHDOG", raising=False)
-    # the job's config.yaml as `llaunch submit` wrote it: no watchdog (this test is about ranks that die)
-    TrainConfig(supervision=SupervisionConfig(watchdog={"enabled": False})).save(JobDir(tmp_path).config)
-    monkeypatch.setattr(executor.submitit, "JobEnvironment",
-                        lambda: SimpleNamespace(job_id="78", node=0, hostname="h0", global_rank=0))
-    monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
-    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["h0"])
-    monkeypatch.setattr(executor, "node_address", lambda node: node)
-    monkeypatch.setattr(executor, "check_allocation", lambda plan, hosts, gpus, min_nodes: plan)
-    monkeypatch.setattr(executor, "node_command",
-                        lambda *a, **k: ([sys.executable, "-c", RANKS, str(rank0_exit)], {}))
-    monkeypatch.setattr(executor, "node_can_be_spared", lambda host, job_id, min_nodes: False)
-    monkeypatch.setattr(executor.job_events, "queue_times", lambda job_id: {})
-
-    def submitit_requeue(signum, frame):  # what submitit's handler does after `scontrol requeue`
-        raise SystemExit(-1)
-
-    signal.signal(signal.SIGUSR2, submitit_requeue)
-    return executor, executor.NodeTask(str(tmp_path), max_requeues=max_requeues, max_restarts=0, dist_timeout_s=60,
-                                       ledger=str(tmp_path / "ledger.jsonl"), doctor=False)
-
-
 @pytest.mark.parametrize("max_requeues", [0, 1])
 def test_a_killed_rank_requeues_the_job_and_blames_the_node_of_the_rank_that_failed_first(
-        tmp_path, monkeypatch, max_requeues, stop_handlers_restored):
-    executor, task = node_task(tmp_path, monkeypatch, max_requeues, rank0_exit=1)
+        tmp_path, monkeypatch, max_requeues, slurm_node):
+    monkeypatch.setenv("LLAUNCH_WATCHDOG", "off")
+    task = slurm_node(tmp_path, [sys.executable, "-c", RANKS, "1"], max_requeues=max_requeues,
+                      node_ledger_path=str(tmp_path / "ledger.jsonl"))
     if max_requeues:
         with pytest.raises(SystemExit):
             task()
     else:
-        with pytest.raises(executor.TrainingError, match="stopped by a node failure and not requeued: already"):
+        with pytest.raises(slurm_node.executor.TrainingError, match="stopped by a node failure and not requeued: "
+                                                                   "already"):
             task()
     [event] = NodeLedger(tmp_path / "ledger.jsonl").events()
-    assert (event.kind, event.host, event.job_id, event.detail) == ("rank_failed", "h0", "78", "rank 1 on h0 failed first")
+    assert (event.kind, event.host, event.job_id, event.detail) == ("rank_failed", "h0", "77", "rank 1 on h0 failed first")
     assert latest_failure(tmp_path) == "attempt 1: rank 1 on h0 failed first; the other ranks' errors followed from it"
     requeues = [e for e in ledger_events(tmp_path) if e["kind"] == "requeue"]
     assert [e["reason"] for e in requeues] == [
         "rank 1 on h0 failed first; requeue 1/1 resumes from the start (no checkpoint yet)"][:max_requeues]
 
 
-def test_a_rank_that_said_why_ends_the_job_without_a_requeue_or_a_node_event(tmp_path, monkeypatch,
-                                                                              stop_handlers_restored):
-    executor, task = node_task(tmp_path, monkeypatch, max_requeues=3, rank0_exit=2)  # a LaunchError's exit code
-    with pytest.raises(executor.TrainingError, match="torchrun exited with code 2"):
+def test_a_rank_that_said_why_ends_the_job_without_a_requeue_or_a_node_event(tmp_path, monkeypatch, slurm_node):
+    monkeypatch.setenv("LLAUNCH_WATCHDOG", "off")
+    task = slurm_node(tmp_path, [sys.executable, "-c", RANKS, "2"], max_requeues=3,  # a LaunchError's exit code
+                      node_ledger_path=str(tmp_path / "ledger.jsonl"))
+    with pytest.raises(slurm_node.executor.TrainingError, match="torchrun exited with code 2"):
         task()
     assert NodeLedger(tmp_path / "ledger.jsonl").events() == []
 
@@ -119,13 +97,14 @@ def test_a_doctor_failure_is_a_node_event_only_when_it_is_the_hosts_and_not_duri
     reports = {"n1": NodeReport(0, "n1", "9", checks=[Check("rendezvous", FAIL, "port 20009 is taken")]),
                "n2": NodeReport(1, "n2", "9", checks=[Check("software", FAIL, "torch 0.0.0 here")])}
     ledger = tmp_path / "ledger.jsonl"
-    task = executor.NodeTask(str(tmp_path), 3, 0, 60, ledger=str(ledger))
-    task._received = list(received)
+    task = executor.NodeTask(str(tmp_path), 3, 0, 60, node_ledger_path=str(ledger))
+    signals = SignalLog()
+    signals.received.extend(received)
     monkeypatch.setattr(executor, "node_address", lambda node: node)
     for node, host in enumerate(("n1", "n2")):
         monkeypatch.setattr(executor, "preflight", lambda *a, host=host: reports[host])
         with pytest.raises(executor.TrainingError, match="during the doctor" if received else f"failed on {host}"):
-            task._preflight(SimpleNamespace(node=node, job_id="9"), ["n1", "n2"])
+            task._preflight(SimpleNamespace(node=node, job_id="9"), ["n1", "n2"], signals)
     assert [(e.kind, e.host) for e in NodeLedger(ledger).events()] == ([] if received else [("doctor", "n2")])
 
 
@@ -151,23 +130,19 @@ def test_rank_exits_records_are_read_back_and_a_damaged_one_is_skipped(tmp_path)
     assert latest_failure(tmp_path) == "attempt 2: rank 1 on n2 failed first; the other ranks' errors followed from it"
 
 
-@pytest.mark.parametrize("global_rank", [0, 1])
-def test_a_hang_is_one_node_ledger_event_written_by_the_first_node_alone(tmp_path, global_rank):
-    """Every node's task sees the hang; only the first node's records the culprit, once."""
-    from cluster import executor
-
+@pytest.mark.parametrize("node", [0, 1])
+def test_a_hang_is_one_node_ledger_event_written_by_the_first_node_alone(tmp_path, node):
+    """Every node's supervisor sees the hang; only the first node's records the culprit, once."""
     folder = tmp_path / "hangs" / "20261206-200000"
     folder.mkdir(parents=True)
     (folder / "evidence.json").write_text(json.dumps({"culprit": {"rank": 1, "host": "n2"}, "why": "in data of step 21"}))
-    ledger = tmp_path / "ledger.jsonl"
-    task = executor.NodeTask(str(tmp_path), max_requeues=0, max_restarts=0, dist_timeout_s=60, ledger=str(ledger))
-    job_env = SimpleNamespace(job_id="79", node=global_rank, hostname=f"n{global_rank + 1}", global_rank=global_rank)
-    if global_rank:
-        assert "the first node decides" in task._after_hang(folder, 0.0, job_env, 2, None)
-    else:
-        with pytest.raises(executor.TrainingError, match="stopped by a hang and not requeued"):
-            task._after_hang(folder, 0.0, job_env, 2, None)
-    assert [(e.kind, e.host) for e in NodeLedger(ledger).events()] == ([] if global_rank else [("hang", "n2")])
+    ledger = NodeLedger(tmp_path / "ledger.jsonl")
+    launch = NodeRun(tmp_path, [], {}, "79.0", WatchdogConfig(), "79", host=f"n{node + 1}", node=node, nodes=2)
+    hang = NodeOutcome(HANG_EXIT_CODE, None, folder, {}, grace_s=0.0)
+    verdict = record_node_ledger(launch, hang, ledger, "79", ["n1", "n2"])
+    assert verdict.why.startswith("hang: rank 1 on n2 is behind (in data of step 21)")
+    assert verdict.host == (None if node else "n2")
+    assert [(e.kind, e.host) for e in ledger.events()] == ([] if node else [("hang", "n2")])
 
 
 @pytest.mark.parametrize("signum, words", [
@@ -186,7 +161,7 @@ def test_the_stop_line_promises_a_requeue_only_after_slurms_warning_signals(sign
 def test_when_a_node_task_died_its_node_is_the_culprit_not_the_ranks_that_stopped():
     """srun ended the step because node 1's task died: node 0's ranks only stopped (SIGTERM), so the one node
     that left no record is to blame; without a task death a lone record names its rank."""
-    from cluster.rank_exits import culprit
+    from launcher.runtime.rank_exits import culprit
 
     stopped = [RankExit(0, "n1", 0, 10.0)]
     assert culprit(stopped, ["n1", "n2"], task_died=True) == ("n2", "the node task on n2 died")
@@ -206,8 +181,27 @@ def test_an_attempt_that_ends_in_its_doctor_ends_its_incarnation_in_the_jobs_led
     monkeypatch.setattr(executor, "preflight", lambda *a: report)
     monkeypatch.setattr(executor, "node_address", lambda node: node)
     task = executor.NodeTask(str(tmp_path), 3, 0, 60)
-    task._received = list(received)
+    signals = SignalLog()
+    signals.received.extend(received)
     with pytest.raises(executor.TrainingError):
-        task._doctor(SimpleNamespace(node=0, job_id="9", global_rank=0), ["n1", "n2"])
+        task._doctor(SimpleNamespace(node=0, job_id="9", global_rank=0), ["n1", "n2"], signals)
     [ended] = ledger_events(tmp_path)
     assert (ended["kind"], ended["inc"], ended["cause"]) == ("exit", "9.0", cause)
+
+
+def test_a_requeued_node_task_keeps_every_field_and_survives_submitits_pickling(tmp_path):
+    """checkpoint() is dataclasses.replace: a field added to NodeTask reaches the next attempt without another
+    edit; only the requeue count and the step it resumes from change."""
+    import dataclasses
+
+    import cloudpickle
+
+    from cluster.executor import NodeTask
+
+    task = NodeTask(str(tmp_path), max_requeues=4, max_restarts=2, dist_timeout_s=90, requeues=1,
+                    step_at_last_requeue=3, node_ledger_path="/l.jsonl", doctor=False, min_nodes=2)
+    nxt = cloudpickle.loads(cloudpickle.dumps(task)).checkpoint().function
+    changed = {f.name for f in dataclasses.fields(NodeTask) if getattr(nxt, f.name) != getattr(task, f.name)}
+    assert changed == {"requeues", "step_at_last_requeue"} and (nxt.requeues, nxt.step_at_last_requeue) == (2, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        task.requeues = 5

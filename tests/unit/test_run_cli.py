@@ -35,7 +35,7 @@ def test_dry_run_plans_writes_the_job_and_prints_torchrun(tmp_path, tiny_config,
     code, out, _ = run_cli(capsys, tiny_config, "--output-dir", out_dir, "--dry-run", "--strategy", "zero2",
                            "--nproc-per-node", "2", "training.learning_rate=1e-3")
     assert code == 0
-    assert "DS_ACCELERATOR=cpu" in out and "launcher.runtime.torchrun --standalone" in out
+    assert "DS_ACCELERATOR=cpu" in out and "launcher.runtime.torchrun --signals-to-handle SIGINT,SIGHUP,SIGQUIT --standalone" in out
     assert f"--nproc-per-node 2 --max-restarts 0 -m launcher.train --job-dir {out_dir}" in out
     plan = yaml.safe_load((out_dir / "plan.yaml").read_text())
     assert (plan["strategy"], plan["device"], plan["gpus_per_node"], plan["seq_len"]) == ("zero2", "cpu", 2, 32)
@@ -155,7 +155,7 @@ def test_overwrite_removes_an_earlier_run_and_says_what(tmp_path, tiny_config, c
 
 @pytest.mark.parametrize("torchrun_handles_sigint", [True, False])
 def test_ctrl_c_stops_the_whole_process_group(tmp_path, torchrun_handles_sigint):
-    """The launcher forwards SIGINT and then reaps the group: a child that ignores it cannot survive, nor can a
+    """The node runtime forwards SIGINT to torchrun and then reaps the group: a child that ignores it cannot survive, nor can a
     torchrun that ignores it (hung, or started with SIGINT ignored) outlive the grace period."""
     pids = tmp_path / "pids"
     fake_torchrun = tmp_path / "fake_torchrun.py"
@@ -169,8 +169,10 @@ def test_ctrl_c_stops_the_whole_process_group(tmp_path, torchrun_handles_sigint)
         time.sleep(120)
     """))
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from launcher.runtime.torchrun import run_torchrun; "
-         f"sys.exit(run_torchrun([sys.executable, {str(fake_torchrun)!r}], {{}}, grace_s=5))"],
+        [sys.executable, "-c", "import os, sys; from launcher.runtime.node import *; "
+         f"run = NodeRun({str(tmp_path)!r}, [sys.executable, {str(fake_torchrun)!r}], dict(os.environ), 'x', "
+         "WatchdogConfig(enabled=False), 'x', grace_s=5); "
+         "sys.exit(supervise(run, SignalLog().install()).launcher_code())"],
         cwd=Path(__file__).resolve().parents[2],
     )
     deadline = time.monotonic() + 60

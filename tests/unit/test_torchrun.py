@@ -16,7 +16,8 @@ TAIL = ["-m", "launcher.train", "--job-dir", "/runs/a"]
 def test_single_gpu_node_is_standalone():
     plan = Plan(model="tinyllama-1.1b", strategy="fsdp", gpus_per_node=8, device="cuda")
     argv, env = build_torchrun_argv(plan, "/runs/a", cpus_per_node=64)
-    assert argv == ["python", "-m", "launcher.runtime.torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node",
+    assert argv == ["python", "-m", "launcher.runtime.torchrun", "--signals-to-handle",
+                    "SIGINT,SIGHUP,SIGQUIT", "--standalone", "--nnodes", "1", "--nproc-per-node",
                     "8", "--max-restarts", "0", *TAIL]
     assert env == {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "8",
                    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
@@ -34,7 +35,8 @@ def test_multi_node_uses_c10d_rendezvous():
     plan = Plan(model="m", strategy="zero3", nodes=4, gpus_per_node=8)
     argv, env = build_torchrun_argv(plan, "/runs/a", nnodes=4, rdzv_endpoint="node001:29500", rdzv_id="1234",
                                     max_restarts=3, python="/venv/bin/python")
-    assert argv == ["/venv/bin/python", "-m", "launcher.runtime.torchrun", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+    assert argv == ["/venv/bin/python", "-m", "launcher.runtime.torchrun", "--signals-to-handle",
+                    "SIGINT,SIGHUP,SIGQUIT", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                     "node001:29500", "--rdzv-id", "1234", "--nnodes", "4", "--nproc-per-node", "8",
                     "--max-restarts", "3", *TAIL]
     assert "DS_ACCELERATOR" not in env

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -200,55 +199,32 @@ def test_two_nodes_that_see_the_hang_a_second_apart_each_get_the_others_beacons(
 
 @pytest.mark.parametrize("max_requeues", [0, 1])
 def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_its_host(tmp_path, monkeypatch,
-                                                                                        max_requeues,
-                                                                                        stop_handlers_restored):
-    """cluster.executor's poll loop without SLURM: a stand-in torchrun whose one rank hangs in its first step.
-    Within --max-requeues the job is requeued (submitit's handler) and the culprit's host excluded from it."""
-    from types import SimpleNamespace
-
-    from cluster import executor
-    from launcher.config import SupervisionConfig, TrainConfig
+                                                                                        max_requeues, slurm_node):
+    """The node runtime under a SLURM node task without SLURM: a stand-in torchrun whose one rank hangs in its
+    first step. Within --max-requeues the job is requeued (submitit's handler) and the culprit's host excluded."""
     from launcher.observe.node_ledger import NodeLedger
 
     rank = ("import os; from launcher.runtime.beacon import *; from launcher.train.faults import injected_hang; "
             "folder = os.environ['LLAUNCH_BEACON_DIR']; BeaconWriter(beacon_path(folder, 0)).enter(Phase.DATA, 1); "
             "stacks = register_stack_dump(folder, 0); injected_hang('sleep')")
     torchrun = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {rank!r}])"
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "h0")
-    monkeypatch.setenv("SLURMD_NODENAME", "h0")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    monkeypatch.delenv("LLAUNCH_WATCHDOG", raising=False)
-    monkeypatch.setattr(executor.submitit, "JobEnvironment",
-                        lambda: SimpleNamespace(job_id="77", node=0, hostname="h0", global_rank=0))
-    monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
-    monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: ["h0"])
-    monkeypatch.setattr(executor, "node_address", lambda node: node)
-    monkeypatch.setattr(executor, "check_allocation", lambda plan, hosts, gpus, min_nodes: plan)
-    monkeypatch.setattr(executor, "node_command", lambda *a, **k: ([sys.executable, "-c", torchrun], {}))
-    monkeypatch.setattr(executor, "node_can_be_spared", lambda host, job_id, min_nodes: min_nodes == 1)
-    excluded = []
-    monkeypatch.setattr(executor, "exclude_from_requeued_job", lambda job_id, hosts: excluded.append((job_id, hosts)))
-    settings = {"poll_s": 0.2, "first_step_s": 1, "grace_s": 10}  # the node reads them from the job's config
-    TrainConfig(supervision=SupervisionConfig(watchdog=settings)).save(JobDir(tmp_path).config)
+    monkeypatch.delenv("LLAUNCH_WATCHDOG", raising=False)  # the node reads its settings from the job's config
     ledger = tmp_path / "ledger.jsonl"
-    task = executor.NodeTask(str(tmp_path), max_requeues=max_requeues, max_restarts=0, dist_timeout_s=60,
-                             ledger=str(ledger), doctor=False, min_nodes=1)  # the doctor has its own tests
+    task = slurm_node(tmp_path, [sys.executable, "-c", torchrun], max_requeues=max_requeues,
+                      node_ledger_path=str(ledger), min_nodes=1,  # the doctor has its own tests
+                      watchdog={"poll_s": 0.2, "first_step_s": 1, "grace_s": 10})
     started = time.monotonic()
-
-    def submitit_requeue(signum, frame):  # what submitit's handler does after `scontrol requeue`
-        raise SystemExit(-1)
-
-    signal.signal(signal.SIGUSR2, submitit_requeue)
     if max_requeues:
         with pytest.raises(SystemExit):
             task()
     else:
-        with pytest.raises(executor.TrainingError, match="job stopped by a hang and not requeued: already"):
+        with pytest.raises(slurm_node.executor.TrainingError, match="job stopped by a hang and not requeued: already"):
             task()
     assert time.monotonic() - started < 30
     [event] = NodeLedger(ledger).events()
     assert (event.kind, event.host, event.job_id) == ("hang", "h0", "77")
-    assert excluded == ([("77", ["h0"])] if max_requeues else [])
+    assert slurm_node.excluded == ([("77", ["h0"])] if max_requeues else [])
     [folder] = JobDir(tmp_path).hangs.iterdir()
     assert "in injected_hang" in (folder / "stacks-rank-0.txt").read_text()
     assert not list(tmp_path.glob("llaunch-beacons-*")) and not list(Path("/dev/shm").glob("llaunch-beacons-77-0"))
@@ -260,20 +236,27 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
         assert ended[1]["reason"] == "hang on h0; requeue 1/1 resumes from the start (no checkpoint yet)"
 
 
-def test_a_nodes_flagged_stragglers_go_into_the_ledger_once_per_attempt(tmp_path):
+def test_a_nodes_flagged_stragglers_reach_the_watchdog_through_their_beacons_and_go_into_the_ledger(tmp_path):
+    """Each rank writes its own flag (every rank scores the window the same way); the watchdog sees this node's
+    ranks only, and the node runtime records them as one soft event per launch."""
     from launcher.observe.node_ledger import NodeLedger
+    from launcher.runtime.node import NodeOutcome, NodeRun, record_node_ledger
 
-    for rank in (2, 3):  # this node runs ranks 2 and 3
-        BeaconWriter(beacon_path(tmp_path, rank))
-    ledger = tmp_path / "ledger.jsonl"
+    writers = {rank: BeaconWriter(beacon_path(tmp_path, rank)) for rank in (2, 3)}  # this node runs ranks 2 and 3
     dog = Watchdog(tmp_path, tmp_path, CONFIG, host="n2")
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 40, "loss": 2.0, "stragglers": [0]}) + "\n")
-    dog.report_stragglers(str(ledger), "9")
-    assert NodeLedger(ledger).events() == []  # rank 0 is another node's
-    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 50, "loss": 2.0, "stragglers": [0, 3]}) + "\n")
-    dog.report_stragglers(str(ledger), "9")
-    [event] = NodeLedger(ledger).events()
+    for step, flagged in ((40, set()), (50, {3})):
+        for rank, writer in writers.items():
+            writer.enter(Phase.SYNC, step)
+            writer.report(busy_s=0.4 if rank in flagged else 0.1, flagged=rank in flagged)
+    assert read_beacon(beacon_path(tmp_path, 3), 3).busy_s == 0.4
+    assert dog.stragglers() == {3: 50}
+    ledger = NodeLedger(tmp_path / "ledger.jsonl")
+    launch = NodeRun(tmp_path, [], {}, "9.0", CONFIG, "9", host="n2")
+    record_node_ledger(launch, NodeOutcome(0, None, None, dog.stragglers(), 0.0), ledger, "9")
+    [event] = ledger.events()
     assert (event.host, event.kind, event.detail) == ("n2", "straggler", "rank(s) [3] flagged at step 50")
+    writers[3].report(busy_s=0.1, flagged=False)  # cleared: no longer this node's straggler
+    assert dog.stragglers() == {}
 
 
 def test_a_launchs_first_step_is_timed_by_what_the_earlier_launch_into_the_job_dir_measured(tmp_path):
@@ -302,3 +285,13 @@ def test_a_launchs_first_step_is_timed_by_what_the_earlier_launch_into_the_job_d
     assert 0.3 <= measured < 5
     requeued = Watchdog(after, job, CONFIG, host="h0")
     assert requeued.timeout(read_beacon(beacon_path(after, 0), 0)) == max(CONFIG.floor_s, CONFIG.k * measured)
+
+
+def test_the_node_runtime_imports_neither_cluster_nor_torch():
+    """`llaunch run` and the SLURM node task share launcher.runtime; cluster builds on it, never the other way
+    (no package cycle), and the supervisor of the ranks loads no torch."""
+    modules = "launcher.runtime.node, launcher.runtime.watchdog, launcher.runtime.rank_exits, launcher.observe.node_ledger"
+    code = f"import sys, {modules}; print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'cluster', 'torch'}}))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr

@@ -1,14 +1,14 @@
-"""Which rank failed first in an attempt of a SLURM job, torch-free.
+"""Which rank failed first in a launch (`llaunch run`, or an attempt of a SLURM job), torch-free.
 
 When one rank dies (the OOM killer, a lost GPU, an exception), its peers on every node fail a moment later
 with collateral errors (gloo's "Connection closed by peer", DistNetworkError) that say nothing about the
-cause. Each node's task watches its local ranks while torchrun runs (psutil: torchrun's children and the
-RANK in their environment) and writes when each one ended into JOB_DIR/rank-exits/ATTEMPT/node-N.json; the
+cause. Each node's supervisor (launcher.runtime.node) watches its local ranks while torchrun runs (psutil: torchrun's children and the
+RANK in their environment) and writes when each one ended into JOB_DIR/rank-exits/INCARNATION/node-N.json; the
 rank that ended first over all nodes is the one that failed first (when a node's task itself died, SLURM
-stops the other nodes' ranks: then the node that left no record is the culprit). The first node's task
+stops the other nodes' ranks: then the node that left no record is the culprit). The first node
 keeps its judgement beside the records (culprit.json). Torchrun's and the ranks' own output are not read:
-this module is the one home of that judgement, for the requeue (which node to blame) and for `llaunch
-status` (which rank to name).
+this module is the one home of that judgement, for the node ledger and the requeue (which node to blame)
+and for `llaunch status` (which rank to name).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ class RankExit:
     rank: int
     host: str
     node: int
-    ended_t: float  # wall-clock time the node task first saw the rank gone (within its poll interval)
+    ended_t: float  # wall-clock time the supervisor first saw the rank gone (within its poll interval)
 
 
 class RankWatch:
-    """In a node task's poll loop: learns each local rank's pid as it starts and notes when it is gone."""
+    """In the node supervisor's poll loop: learns each local rank's pid as it starts and notes when it is gone."""
 
     def __init__(self, host: str, node: int):
         self.host, self.node = host, node
@@ -141,6 +141,6 @@ def latest_failure(job_dir: str | Path) -> str | None:
         why = json.loads(verdicts[-1].read_text())["why"]
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    requeues = verdicts[-1].parent.name.rsplit(".", 1)[-1]  # the attempt is JOB.REQUEUES
-    attempt = int(requeues) + 1 if requeues.isdigit() else requeues
-    return f"attempt {attempt}: {why}; the other ranks' errors followed from it"
+    job, _, requeues = verdicts[-1].parent.name.partition(".")  # a SLURM attempt is JOB.REQUEUES
+    attempt = f"attempt {int(requeues) + 1}: " if job.isdigit() and requeues.isdigit() else ""
+    return f"{attempt}{why}; the other ranks' errors followed from it"
