@@ -102,13 +102,13 @@ def build(size: str, precision: str, method: str, ckpt: bool, work: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.config import FinetuneConfig
+    from launcher.config import FinetuneSection
     from launcher.planning.models import load_model_spec
     from launcher.train.adapters import apply_finetune_method, quantization_config
     from launcher.train.modeling import enable_activation_checkpointing
 
     base, overrides = SIZES[size]
-    finetune = FinetuneConfig(method=method, r=16, lora_alpha=32, lora_dropout=0.0)
+    finetune = FinetuneSection(method=method, r=16, lora_alpha=32, lora_dropout=0.0)
     if method == "qlora":
         try:
             quantization = quantization_config(finetune)
@@ -137,12 +137,12 @@ def build(size: str, precision: str, method: str, ckpt: bool, work: Path):
 def optimizer_for(name: str, model):
     """The optimizer a run with training.optim NAME builds (launcher's own builder), so the measured step and the
     estimate name the same thing; 8-bit AdamW without bitsandbytes is skipped, not faked."""
-    from launcher.config import TrainingConfig
+    from launcher.config import TrainingSection
     from launcher.errors import LaunchError
     from launcher.train.optim import build_optimizer
 
     try:
-        return build_optimizer(model, name, TrainingConfig(optim=name, learning_rate=1e-4, weight_decay=0.0))
+        return build_optimizer(model, name, TrainingSection(optim=name, learning_rate=1e-4, weight_decay=0.0))
     except LaunchError as err:
         raise Skipped(str(err)) from None
 

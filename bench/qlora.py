@@ -41,7 +41,7 @@ class QLoRAShapes:
 
 def measure(shapes: QLoRAShapes, work: Path, save=lambda rows: None) -> list[dict]:
     """One row per base; `save(rows)` after each, so a stopped run keeps what it finished."""
-    from launcher.config import FinetuneConfig, TrainConfig
+    from launcher.config import FinetuneSection, TrainConfig
     from launcher.train.adapters import quantization_config
 
     work.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def measure(shapes: QLoRAShapes, work: Path, save=lambda rows: None) -> list[dic
                                       model=str(model_dir))
         TrainConfig.load(configs[label])  # keys and values checked here too, so the GPU run cannot rot
     try:
-        quantization_config(FinetuneConfig(**FINETUNE))
+        quantization_config(FinetuneSection(**FINETUNE))
     except Exception as err:  # LaunchError: no CUDA or no bitsandbytes, in llaunch's words
         raise Skipped(str(err)) from None
     rows = []

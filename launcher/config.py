@@ -1,4 +1,5 @@
-"""The train config: dataclass sections <-> YAML, `section.key=value` overrides, strict validation.
+"""The train config (`TrainConfig`, one `*Section` dataclass per YAML section) <-> YAML, `section.key=value`
+overrides, strict validation.
 
 Keys follow Hugging Face TrainingArguments names where one exists, so a user's HF habits carry over.
 `None` means "the planner (or a sensible rule) chooses"; a value set here is respected as forced. The keys
@@ -27,7 +28,7 @@ from launcher.runtime.watchdog_config import check_settings
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     """Which model to train: a catalog name/alias for `launcher.planning.models`, or a local Hugging Face directory."""
 
     name_or_path: str = ""
@@ -37,7 +38,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     """Pretraining text: files or directories, tokenized once into a cache and packed into blocks."""
 
     train_files: list[str] = field(default_factory=list)  # files, directories, or @stdlib (Python's own source)
@@ -57,7 +58,7 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class TrainingSection:
     """The optimisation: Hugging Face TrainingArguments names and meanings."""
 
     output_dir: str | None = None
@@ -116,7 +117,7 @@ class TrainingConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneSection:
     """How to fine-tune: the method and its PEFT (LoraConfig, PrefixTuningConfig) / BitsAndBytesConfig keys."""
 
     method: str = "full"  # full | lora | qlora | prefix
@@ -134,7 +135,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelSection:
     """How to spread the job; None: the planner decides from hardware and memory. Each key is a knob of
     launcher.knobs, with the same flag in `plan`, `run` and `submit`."""
 
@@ -154,7 +155,7 @@ class ParallelConfig:
 
 
 @dataclass
-class SupervisionConfig:
+class SupervisionSection:
     """How the node runtime watches the ranks. Unset keys take the cluster profile's values, then the defaults;
     the variables LLAUNCH_DIST_TIMEOUT_S and LLAUNCH_WATCHDOG override both (launcher.env)."""
 
@@ -164,12 +165,12 @@ class SupervisionConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    supervision: SupervisionSection = field(default_factory=SupervisionSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,8 +245,8 @@ class TrainConfig:
         return load_train_config(path)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig, "parallel": ParallelConfig,
-             "finetune": FinetuneConfig, "supervision": SupervisionConfig}
+_SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection, "parallel": ParallelSection,
+             "finetune": FinetuneSection, "supervision": SupervisionSection}
 
 
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),

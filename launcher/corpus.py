@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher import env
-from launcher.config import DataConfig
+from launcher.config import DataSection
 from launcher.errors import LaunchError
 
 CACHE_FORMAT = 1
@@ -26,7 +26,7 @@ STDLIB = "@stdlib"
 INSTALLED_PACKAGES = {"site-packages", "dist-packages"}
 
 
-def cache_root(config: DataConfig) -> Path:
+def cache_root(config: DataSection) -> Path:
     return env.cache_root(config.cache_dir) / "datasets"
 
 
@@ -37,7 +37,7 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def collect_text_files(config: DataConfig) -> list[Path]:
+def collect_text_files(config: DataSection) -> list[Path]:
     """Every file named or found (by file_pattern) under the named directories, sorted for determinism.
 
     The entry `@stdlib` names the standard library's directory (installed packages excluded).
@@ -61,7 +61,7 @@ def collect_text_files(config: DataConfig) -> list[Path]:
     return files
 
 
-def cache_key(config: DataConfig, files: list[Path], tokenizer_source: str) -> str:
+def cache_key(config: DataSection, files: list[Path], tokenizer_source: str) -> str:
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     blob = json.dumps(
         {"format": CACHE_FORMAT, "files": stats, "max_bytes": config.max_train_bytes, "tokenizer": tokenizer_source},
@@ -70,7 +70,7 @@ def cache_key(config: DataConfig, files: list[Path], tokenizer_source: str) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def tokenizer_source(config: DataConfig, model_dir: str | None) -> str:
+def tokenizer_source(config: DataSection, model_dir: str | None) -> str:
     """Where the tokenizer comes from: the config's, the pretrained model's, or a BPE trained on the data."""
     if config.tokenizer_name_or_path:
         return config.tokenizer_name_or_path
@@ -97,7 +97,7 @@ class TokenizedCorpus:
         return json.loads((self.path / "meta.json").read_text())
 
 
-def find_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedCorpus | None:
+def find_corpus(config: DataSection, model_dir: str | None = None) -> TokenizedCorpus | None:
     files = collect_text_files(config)
     path = cache_root(config) / cache_key(config, files, tokenizer_source(config, model_dir))
     return TokenizedCorpus(path) if (path / "meta.json").exists() else None

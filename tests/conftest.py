@@ -71,7 +71,7 @@ class FakeSlurmNode:
         stand-in torchrun's argv (the plan then a stand-in too, and the job's config.yaml one with `watchdog` as
         its supervision.watchdog settings, as `llaunch submit` folds them); None: the real torchrun of the job
         dir's plan, its rendezvous on a free local port."""
-        from launcher.config import SupervisionConfig, TrainConfig
+        from launcher.config import SupervisionSection, TrainConfig
         from launcher.jobdir.layout import JobDir
 
         executor, monkeypatch = self.executor, self.monkeypatch
@@ -81,7 +81,7 @@ class FakeSlurmNode:
                             lambda: SimpleNamespace(job_id="77", node=0, hostname=host, global_rank=0))
         monkeypatch.setattr(executor, "node_hostnames", lambda nodelist: [host])
         if command is not None:
-            TrainConfig(supervision=SupervisionConfig(watchdog=watchdog or {})).save(JobDir(job_dir).config)
+            TrainConfig(supervision=SupervisionSection(watchdog=watchdog or {})).save(JobDir(job_dir).config)
             monkeypatch.setattr(executor.Plan, "load", lambda path: SimpleNamespace(device="cpu"))
             monkeypatch.setattr(executor, "check_allocation", lambda plan, hosts, gpus, min_nodes: plan)
             monkeypatch.setattr(executor, "node_command", lambda *a, **k: (list(command), {}))

@@ -310,7 +310,7 @@ def estimate_mtbf(running_s: float, failures: int, nodes: int, history: tuple[fl
 
 
 @dataclass
-class Cadence:
+class CheckpointInterval:
     """A chosen checkpoint interval and every input it came from (what the log line and the ledger show)."""
 
     interval_s: float
@@ -328,7 +328,7 @@ class Cadence:
 
 
 def choose_interval(save_cost_s: float, restart_cost_s: float, mtbf_s: float, mtbf_source: str,
-                    overhead_cap: float = DEFAULT_OVERHEAD_CAP, warning_s: float | None = None) -> Cadence:
+                    overhead_cap: float = DEFAULT_OVERHEAD_CAP, warning_s: float | None = None) -> CheckpointInterval:
     """The availability-optimal interval, kept long enough that blocking saves take at most `overhead_cap`
     of the time. Preemptions announced `warning_s` ahead are saved for on their signal and are no failures
     (analyse does not count them); a save longer than that warning could not finish, which the clamp names."""
@@ -339,7 +339,7 @@ def choose_interval(save_cost_s: float, restart_cost_s: float, mtbf_s: float, mt
         interval, clamp = floor, f", raised to keep saves under {overhead_cap:.0%} of the time"
     if warning_s is not None and save_cost_s > warning_s:
         clamp += f"; a save takes longer than the {warning_s:.0f} s preemption warning"
-    return Cadence(interval, optimal, save_cost_s, restart_cost_s, mtbf_s, mtbf_source, clamp)
+    return CheckpointInterval(interval, optimal, save_cost_s, restart_cost_s, mtbf_s, mtbf_source, clamp)
 
 
 def plan_interval(step_time_s: float, save_cost_s: float | None, restart_cost_s: float | None, running_s: float,

@@ -125,7 +125,7 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.config import FinetuneConfig
+    from launcher.config import FinetuneSection
     from launcher.planning.models import GPT2_LIKE
     from launcher.train.adapters import apply_finetune_method
     from launcher.train.chunked_loss import use_chunked_loss
@@ -141,7 +141,7 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     model.config.use_cache = False
     if setup.full_recompute:
         enable_activation_checkpointing(model)
-    model = apply_finetune_method(model, FinetuneConfig(method=setup.method, r=setup.lora_r, lora_dropout=0.0,
+    model = apply_finetune_method(model, FinetuneSection(method=setup.method, r=setup.lora_r, lora_dropout=0.0,
                                                         target_modules=list(setup.lora_targets)))
     use_chunked_loss(model, setup.loss_chunk_tokens)  # as engines.build_engine does for FSDP
     return model

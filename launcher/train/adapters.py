@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import FinetuneConfig
+from launcher.config import FinetuneSection
 from launcher.errors import LaunchError
 from launcher.planning.plan import LORA_METHODS
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def quantization_config(cfg: FinetuneConfig):
+def quantization_config(cfg: FinetuneSection):
     """The BitsAndBytesConfig QLoRA loads the base with (bitsandbytes >= 0.49 runs NF4 on CPU too); fails
     clearly without bitsandbytes.
 
@@ -41,7 +41,7 @@ def quantization_config(cfg: FinetuneConfig):
     )
 
 
-def as_planned(cfg: FinetuneConfig, plan) -> FinetuneConfig:
+def as_planned(cfg: FinetuneSection, plan) -> FinetuneSection:
     """The fine-tune a rank runs: the Plan's method, LoRA rank and targets (what the planner sized), the
     config's other PEFT keys. Prefix tuning stays the config's (plans written before it was recorded say full)."""
     if cfg.method == "prefix":
@@ -49,7 +49,7 @@ def as_planned(cfg: FinetuneConfig, plan) -> FinetuneConfig:
     return dataclasses.replace(cfg, method=plan.method, r=plan.lora_r, target_modules=list(plan.lora_targets))
 
 
-def peft_config(cfg: FinetuneConfig):
+def peft_config(cfg: FinetuneSection):
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     if cfg.method in LORA_METHODS:
@@ -65,7 +65,7 @@ def peft_config(cfg: FinetuneConfig):
     raise LaunchError(f"finetune.method {cfg.method!r} has no PEFT adapter.")
 
 
-def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
+def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneSection) -> torch.nn.Module:
     """Full: the model unchanged. LoRA/prefix: a PeftModel whose only trainable weights are the adapter's
     (plus modules_to_save). QLoRA expects a model loaded with `quantization_config(cfg)`."""
     if cfg.method == "full":

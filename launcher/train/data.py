@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from launcher import env
-from launcher.config import DataConfig
+from launcher.config import DataSection
 from launcher.corpus import PackedBlocks, TokenizedCorpus, cache_key, cache_root, collect_text_files, tokenizer_source
 from launcher.errors import LaunchError
 
@@ -48,7 +48,7 @@ def _decode_text(path: Path) -> str:
     return text
 
 
-def build_corpus(config: DataConfig, model_dir: str | None = None) -> TokenizedCorpus:
+def build_corpus(config: DataSection, model_dir: str | None = None) -> TokenizedCorpus:
     """Tokenize (training a tokenizer if needed) into the cache, or return the existing cache entry."""
     files = collect_text_files(config)
     source = tokenizer_source(config, model_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from launcher.config import ModelConfig
+from launcher.config import ModelSection
 from launcher.errors import LaunchError
 from launcher.planning.models import pretrained_dir
 from launcher.planning.plan import Plan
@@ -12,7 +12,7 @@ from launcher.planning.plan import Plan
 ATTENTION_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
 
-def architecture_config(model: ModelConfig, vocab_size: int | None) -> dict:
+def architecture_config(model: ModelSection, vocab_size: int | None) -> dict:
     """The full HF config dict for a random-init model; vocab follows the tokenizer when we trained one."""
     from launcher.planning.models import load_model_spec
 
@@ -22,7 +22,7 @@ def architecture_config(model: ModelConfig, vocab_size: int | None) -> dict:
     return dict(load_model_spec(model.name_or_path, overrides).hf_config)
 
 
-def build_model(model: ModelConfig, plan: Plan, tokenizer, seed: int, quantization_config=None,
+def build_model(model: ModelSection, plan: Plan, tokenizer, seed: int, quantization_config=None,
                 empty: bool = False) -> torch.nn.Module:
     """fp32 master weights on CPU (engines move/shard them); same seed -> same init on every rank.
 
@@ -99,7 +99,7 @@ def compile_layers(net: torch.nn.Module) -> None:
         layer.compile()
 
 
-def model_architecture(model: ModelConfig, tokenizer):
+def model_architecture(model: ModelSection, tokenizer):
     """The Hugging Face config of the model a run builds: the local directory's, or the named architecture
     random-initialised with the tokenizer's vocabulary."""
     from transformers import AutoConfig

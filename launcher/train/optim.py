@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from launcher.config import TrainingConfig
+from launcher.config import TrainingSection
 from launcher.errors import LaunchError
 
 
@@ -34,7 +34,7 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, name: str, training: TrainingConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str, training: TrainingSection) -> torch.optim.Optimizer:
     """The optimizer `name` (the Plan's, which the planner sized; HF optim names) with training's
     hyperparameters: torch AdamW (the fused kernel when asked for); or SGD, Adafactor, bitsandbytes 8-bit
     AdamW (paged for QLoRA: optimizer state pages to host memory instead of failing on a memory spike)."""
@@ -60,13 +60,13 @@ def build_optimizer(model: nn.Module, name: str, training: TrainingConfig) -> to
     )
 
 
-def warmup_steps(training: TrainingConfig, total_steps: int) -> int:
+def warmup_steps(training: TrainingSection, total_steps: int) -> int:
     if training.warmup_steps > 0:
         return training.warmup_steps
     return math.ceil(training.warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingConfig, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, training: TrainingSection, total_steps: int):
     """transformers' get_scheduler for the HF names (they mean exactly what they mean in HF Trainer), plus
     step / exponential / one_cycle (launcher/train/schedules.py)."""
     from launcher.train.schedules import build_lr_scheduler

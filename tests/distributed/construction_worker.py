@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launcher.config import ModelConfig, TrainingConfig
+from launcher.config import ModelSection, TrainingSection
 from launcher.planning.plan import Plan
 from launcher.train.engines import model_construction
 from launcher.train.distributed import init_distributed
@@ -27,13 +27,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     _, rank, world = init_distributed()
-    model = ModelConfig(name_or_path=str(args.model))
+    model = ModelSection(name_or_path=str(args.model))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     hidden_size = model_architecture(model, tokenizer).hidden_size
     report = {}
     for strategy in ("ddp", "fsdp", "zero3"):
         plan = Plan(model=str(args.model), strategy=strategy, device="cpu", precision="fp32", gpus_per_node=world)
-        with model_construction(plan, TrainingConfig(), {}, rank, hidden_size, quantized=False) as empty:
+        with model_construction(plan, TrainingSection(), {}, rank, hidden_size, quantized=False) as empty:
             net = build_model(model, plan, tokenizer, seed=0, empty=empty)
         held, total = parameter_elements(net)
         report[strategy] = {"held": held, "total": total}

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launcher.config import TrainingConfig
+from launcher.config import TrainingSection
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 from launcher.runtime.signals import REQUEUE_EXIT_CODE
@@ -53,7 +53,7 @@ def build(strategy):
     plan = Plan(model="tiny", strategy=strategy, precision="fp32", optimizer="adamw_torch", micro_batch=MICRO,
                 gradient_accumulation_steps=accumulation(world), seq_len=SEQ, nodes=nodes, gpus_per_node=per_node,
                 device="cpu")
-    training = TrainingConfig(learning_rate=3e-3, weight_decay=0.01, optim="adamw_torch", max_grad_norm=0.0)
+    training = TrainingSection(learning_rate=3e-3, weight_decay=0.01, optim="adamw_torch", max_grad_norm=0.0)
     return build_engine(model, plan, training, torch.device("cpu"), {})
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from launcher.config import FinetuneConfig, TrainConfig
+from launcher.config import FinetuneSection, TrainConfig
 from launcher.errors import LaunchError
 from launcher.train import adapters
 from tiny_lm import tiny_llama
@@ -30,7 +30,7 @@ def train_a_bit(model, steps=3):
 def test_lora_trains_only_adapter_weights_and_reloads_to_the_same_outputs(tmp_path):
     base, base_dir = saved_base(tmp_path)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
-    model = adapters.apply_finetune_method(base, FinetuneConfig(method="lora", r=4, lora_dropout=0.0))
+    model = adapters.apply_finetune_method(base, FinetuneSection(method="lora", r=4, lora_dropout=0.0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     # all-linear: every projection of every layer, never the output head.
@@ -55,7 +55,7 @@ def test_lora_trains_only_adapter_weights_and_reloads_to_the_same_outputs(tmp_pa
 
 def test_lora_keys_reach_peft(tmp_path):
     base, _ = saved_base(tmp_path)
-    cfg = FinetuneConfig(method="lora", r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
+    cfg = FinetuneSection(method="lora", r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1],
                          modules_to_save=["lm_head"], bias="lora_only")
     model = adapters.apply_finetune_method(base, cfg)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -66,7 +66,7 @@ def test_lora_keys_reach_peft(tmp_path):
 
 def test_prefix_tuning_trains_only_the_prefix(tmp_path):
     base, _ = saved_base(tmp_path)
-    model = adapters.apply_finetune_method(base, FinetuneConfig(method="prefix", num_virtual_tokens=5))
+    model = adapters.apply_finetune_method(base, FinetuneSection(method="prefix", num_virtual_tokens=5))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("prompt_encoder" in n for n in trainable)
     ids = train_a_bit(model, steps=1)
@@ -75,7 +75,7 @@ def test_prefix_tuning_trains_only_the_prefix(tmp_path):
 
 def test_merged_lora_export_matches_the_adapter(tmp_path):
     base, base_dir = saved_base(tmp_path)
-    model = adapters.apply_finetune_method(base, FinetuneConfig(method="lora", r=4, lora_dropout=0.0))
+    model = adapters.apply_finetune_method(base, FinetuneSection(method="lora", r=4, lora_dropout=0.0))
     ids = train_a_bit(model)
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -94,13 +94,13 @@ def test_qlora_stores_its_4bit_weights_as_bf16_and_trains_on_cpu(tmp_path):
     from transformers import AutoModelForCausalLM
 
     _, base_dir = saved_base(tmp_path)
-    config = adapters.quantization_config(FinetuneConfig(method="qlora"))
+    config = adapters.quantization_config(FinetuneSection(method="qlora"))
     assert config.bnb_4bit_quant_storage == torch.bfloat16
     net = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, quantization_config=config,
                                                device_map={"": "cpu"})
     packed = net.model.layers[0].self_attn.q_proj.weight
     assert type(packed).__name__ == "Params4bit" and packed.dtype == torch.bfloat16
-    model = adapters.apply_finetune_method(net, FinetuneConfig(method="qlora", r=2, lora_dropout=0.0))
+    model = adapters.apply_finetune_method(net, FinetuneSection(method="qlora", r=2, lora_dropout=0.0))
     train_a_bit(model, steps=1)
 
     # An eval forward without grad must not repack the 4-bit weights in place (bitsandbytes does on CPUs with
@@ -126,15 +126,15 @@ def test_bad_finetune_keys_fail_in_the_config():
 def test_unknown_target_module_is_one_sentence(tmp_path):
     base, _ = saved_base(tmp_path)
     with pytest.raises(LaunchError, match="finetune settings do not fit"):
-        adapters.apply_finetune_method(base, FinetuneConfig(method="lora", target_modules=["qkv_proj"]))
+        adapters.apply_finetune_method(base, FinetuneSection(method="lora", target_modules=["qkv_proj"]))
 
 
 def test_a_rank_fine_tunes_as_planned_and_keeps_the_configs_other_peft_keys():
     from launcher.planning.plan import Plan
 
     plan = Plan(model="m", method="lora", lora_r=4, lora_targets=["q_proj"])
-    cfg = FinetuneConfig(method="lora", r=16, lora_dropout=0.1)
+    cfg = FinetuneSection(method="lora", r=16, lora_dropout=0.1)
     ran = adapters.as_planned(cfg, plan)
     assert (ran.method, ran.r, ran.target_modules, ran.lora_dropout) == ("lora", 4, ["q_proj"], 0.1)
-    prefix = FinetuneConfig(method="prefix", num_virtual_tokens=8)
+    prefix = FinetuneSection(method="prefix", num_virtual_tokens=8)
     assert adapters.as_planned(prefix, plan) is prefix  # the planner sizes prefix tuning as full

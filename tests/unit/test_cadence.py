@@ -14,7 +14,7 @@ from launcher.observe import history
 
 from launcher.observe import event_ledger
 from launcher.jobdir.layout import JobDir
-from launcher.config import TrainingConfig
+from launcher.config import TrainingSection
 from launcher.errors import LaunchError
 from launcher.train import cadence as cadence_module
 from launcher.train.cadence import SaveCadence
@@ -45,7 +45,7 @@ def run_steps(cadence, clock, steps, save, step_s=0.5):
 
 def test_save_interval_s_becomes_a_step_and_saves_come_every_interval(tmp_path, clock):
     saved = []
-    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, event_ledger.RankLedger(tmp_path, 0))
+    cadence = SaveCadence(tmp_path, TrainingSection(save_interval_s=2.0), 0, 1, event_ledger.RankLedger(tmp_path, 0))
     run_steps(cadence, clock, 20, save=lambda: saved.append(cadence.next_step))
     assert saved == [6, 10, 14, 18]  # planned at step 2 from one 0.5 s step: every 4 steps
     assert [e["kind"] for e in event_ledger.read(tmp_path)] == ["cadence"]  # the unchanged interval is logged once
@@ -58,7 +58,7 @@ def test_a_failed_save_is_reported_and_tried_again_one_interval_later(tmp_path, 
         attempts.append(cadence.next_step)
         raise LaunchError("could not write checkpoint step-6 (No space left on device)")
 
-    cadence = SaveCadence(tmp_path, TrainingConfig(save_interval_s=2.0), 0, 1, event_ledger.RankLedger(tmp_path, 0))
+    cadence = SaveCadence(tmp_path, TrainingSection(save_interval_s=2.0), 0, 1, event_ledger.RankLedger(tmp_path, 0))
     run_steps(cadence, clock, 11, save=failing_save)
     assert attempts == [6, 10]
     assert "checkpoint at step 6 failed (could not write checkpoint step-6 (No space left on device)); training " \
@@ -79,7 +79,7 @@ def test_auto_plans_from_measured_save_cost_restart_cost_and_failures(tmp_path, 
     event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
     event_ledger.append(job, event_ledger.FIRST_STEP, t=clock.now, inc="a", step=1)  # a start cost 10 s
     saves = []
-    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
+    cadence = SaveCadence(job, TrainingSection(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
 
     def save():
         clock.now += 0.4  # a blocking save of 0.4 s
@@ -120,7 +120,7 @@ def test_auto_reads_the_ledger_once_per_incarnation_so_every_save_costs_what_the
                         read(path, check))
     monkeypatch.setattr(goodput, "plan_interval", lambda *args: planned.append((clock.now, args[3])) or plan(*args))
     saves = []
-    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
+    cadence = SaveCadence(job, TrainingSection(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
     run_steps(cadence, clock, 400, save=lambda: saves.append(cadence.next_step))
     assert len(saves) > 20 and bytes_read == [size]  # once, not once per save
     (first_at, first_running), (last_at, last_running) = planned[0], planned[-1]
@@ -168,7 +168,7 @@ def test_a_damaged_ledger_never_stops_auto_from_saving(tmp_path, clock, capsys, 
     event_ledger.append(job, event_ledger.FIRST_STEP, t=clock.now, inc="a", step=1)
     damage(job, other)
     saves = []
-    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
+    cadence = SaveCadence(job, TrainingSection(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
     run_steps(cadence, clock, 60, save=lambda: saves.append(cadence.next_step))
     assert len(saves) >= 2
     assert warning in capsys.readouterr().err
@@ -200,7 +200,7 @@ def test_a_rank_under_auto_only_reads_the_clusters_history_and_the_launcher_regi
     job.mkdir()
     event_ledger.append(job, event_ledger.LAUNCH, t=clock.now - 10, inc="a")
     event_ledger.append(job, event_ledger.FIRST_STEP, t=clock.now, inc="a", step=1)
-    cadence = SaveCadence(job, TrainingConfig(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
+    cadence = SaveCadence(job, TrainingSection(save_strategy="auto"), 0, 1, event_ledger.RankLedger(job, 0))
     run_steps(cadence, clock, 30, save=lambda: None)
     assert cadence.history == (0.0, 0) and not (tmp_path / "home").exists()  # nothing written outside the job dir
     history.register(job)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher.config import FinetuneConfig
+from launcher.config import FinetuneSection
 from launcher.train.adapters import apply_finetune_method
 from launcher.train.chunked_loss import IGNORE_INDEX, causal_lm_loss, use_chunked_loss
 from tiny_lm import tiny_llama
@@ -85,7 +85,7 @@ def test_models_train_on_the_same_loss_and_gradients(tied, method):
     if tied:
         base.config.tie_word_embeddings = True
         base.lm_head.weight = base.model.embed_tokens.weight
-    plain = apply_finetune_method(base, FinetuneConfig(method=method, r=4, lora_dropout=0.0))
+    plain = apply_finetune_method(base, FinetuneSection(method=method, r=4, lora_dropout=0.0))
     chunked = copy.deepcopy(plain)
     assert use_chunked_loss(chunked, chunk=5)
     inputs = batch(64)
@@ -101,7 +101,7 @@ def test_models_train_on_the_same_loss_and_gradients(tied, method):
 
 
 def test_a_wrapped_head_keeps_the_models_own_loss():
-    model = apply_finetune_method(tiny_llama(64), FinetuneConfig(method="lora", r=2, modules_to_save=["lm_head"]))
+    model = apply_finetune_method(tiny_llama(64), FinetuneSection(method="lora", r=2, modules_to_save=["lm_head"]))
     assert not use_chunked_loss(model, chunk=8)
     assert not use_chunked_loss(tiny_llama(64), chunk=0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launcher.config import DataConfig
+from launcher.config import DataSection
 from launcher.errors import LaunchError
 from launcher.corpus import PackedBlocks, find_corpus
 from launcher.train.data import StepSampler, build_corpus, load_tokenizer, rank_micro_batches
@@ -22,7 +22,7 @@ def corpus_dir(tmp_path):
 
 
 def data_config(tmp_path, paths, **kw):
-    return DataConfig(train_files=[str(p) for p in paths], vocab_size=300, cache_dir=str(tmp_path / "cache"), **kw)
+    return DataSection(train_files=[str(p) for p in paths], vocab_size=300, cache_dir=str(tmp_path / "cache"), **kw)
 
 
 def test_trains_a_bpe_tokenizer_and_caches_the_tokens(tmp_path, corpus_dir):
@@ -69,7 +69,7 @@ def test_missing_path_and_empty_data_fail_with_one_sentence(tmp_path):
 def test_stdlib_entry_finds_python_source(tmp_path):
     from launcher.corpus import collect_text_files
 
-    files = collect_text_files(DataConfig(train_files=["@stdlib"], file_pattern="*.py"))
+    files = collect_text_files(DataSection(train_files=["@stdlib"], file_pattern="*.py"))
     names = {f.name for f in files}
     assert "os.py" in names and "json" in {f.parent.name for f in files}
     assert not any("site-packages" in f.parts for f in files)

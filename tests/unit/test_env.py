@@ -141,10 +141,10 @@ def test_run_and_submit_give_the_ranks_the_collective_timeout_by_that_precedence
 def test_submit_folds_the_profiles_watchdog_settings_under_the_configs_into_the_job():
     from cluster.profile import load_profile
     from launcher.cli.submit import _supervision
-    from launcher.config import SupervisionConfig
+    from launcher.config import SupervisionSection
 
     profile = load_profile("local").replace(dist_timeout_s=600)
     profile.watchdog = {"floor_s": 60, "grace_s": 20}
-    supervision = SupervisionConfig(watchdog={"floor_s": 30})
+    supervision = SupervisionSection(watchdog={"floor_s": 30})
     job_profile = _supervision(supervision, profile, {})
     assert supervision.watchdog == {"floor_s": 30, "grace_s": 20} and job_profile.dist_timeout_s == 600

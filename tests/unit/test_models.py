@@ -88,7 +88,7 @@ def test_an_empty_build_reads_no_weights_and_keeps_real_buffers(tmp_path):
     """FSDP ranks other than 0 build on the meta device: no weight file is read, RoPE buffers stay usable."""
     import torch
 
-    from launcher.config import ModelConfig
+    from launcher.config import ModelSection
     from launcher.planning.plan import Plan
     from launcher.train.modeling import build_model
     from tiny_lm import tiny_llama, tiny_tokenizer
@@ -97,7 +97,7 @@ def test_an_empty_build_reads_no_weights_and_keeps_real_buffers(tmp_path):
     tiny_llama(len(tokenizer)).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not weights")  # reading it would fail
     plan = Plan(model=str(tmp_path), strategy="fsdp", device="cpu", precision="fp32")
-    net = build_model(ModelConfig(name_or_path=str(tmp_path)), plan, tokenizer, seed=0, empty=True)
+    net = build_model(ModelSection(name_or_path=str(tmp_path)), plan, tokenizer, seed=0, empty=True)
     assert all(p.is_meta for p in net.parameters())
     buffers = dict(net.named_buffers())
     assert buffers and not any(b.is_meta for b in buffers.values())
@@ -105,12 +105,12 @@ def test_an_empty_build_reads_no_weights_and_keeps_real_buffers(tmp_path):
 
 
 def test_compile_layers_compiles_every_decoder_layer_in_place():
-    from launcher.config import FinetuneConfig
+    from launcher.config import FinetuneSection
     from launcher.train.adapters import apply_finetune_method
     from launcher.train.modeling import compile_layers
     from tiny_lm import tiny_llama
 
-    for net in (tiny_llama(64), apply_finetune_method(tiny_llama(64), FinetuneConfig(method="lora"))):
+    for net in (tiny_llama(64), apply_finetune_method(tiny_llama(64), FinetuneSection(method="lora"))):
         names = list(net.state_dict())
         compile_layers(net)
         layers = [m for m in net.modules() if type(m).__name__ == "LlamaDecoderLayer"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.config import TrainingConfig
+from launcher.config import TrainingSection
 from launcher.train.optim import build_optimizer, build_scheduler, decay_groups
 
 
@@ -41,7 +41,7 @@ def test_decay_actually_skips_the_bias_in_a_step():
     with torch.no_grad():
         model.weight.fill_(1.0)
         model.bias.fill_(1.0)
-    training = TrainingConfig(learning_rate=0.1, weight_decay=0.5, optim="adamw_torch")
+    training = TrainingSection(learning_rate=0.1, weight_decay=0.5, optim="adamw_torch")
     optimizer = build_optimizer(model, training.optim, training)
     model.weight.grad = torch.zeros_like(model.weight)
     model.bias.grad = torch.zeros_like(model.bias)
@@ -53,7 +53,7 @@ def test_decay_actually_skips_the_bias_in_a_step():
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
 def test_warmup_then_decay_matches_the_formula(kind):
     model = nn.Linear(2, 2)
-    training = TrainingConfig(learning_rate=1.0, lr_scheduler_type=kind, warmup_ratio=0.1, optim="adamw_torch")
+    training = TrainingSection(learning_rate=1.0, lr_scheduler_type=kind, warmup_ratio=0.1, optim="adamw_torch")
     optimizer = build_optimizer(model, training.optim, training)
     scheduler = build_scheduler(optimizer, training, total_steps=100)
     lrs = []
@@ -70,8 +70,8 @@ def test_warmup_then_decay_matches_the_formula(kind):
 def test_warmup_steps_win_over_ratio():
     from launcher.train.optim import warmup_steps
 
-    assert warmup_steps(TrainingConfig(warmup_steps=7, warmup_ratio=0.5), 100) == 7
-    assert warmup_steps(TrainingConfig(warmup_ratio=0.05), 100) == 5
+    assert warmup_steps(TrainingSection(warmup_steps=7, warmup_ratio=0.5), 100) == 7
+    assert warmup_steps(TrainingSection(warmup_ratio=0.05), 100) == 5
 
 
 def test_the_engine_steps_with_the_plans_optimizer_not_the_configs():
@@ -85,7 +85,7 @@ def test_the_engine_steps_with_the_plans_optimizer_not_the_configs():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         plan = Plan(model="m", device="cpu", precision="fp32", optimizer="sgd")
-        engine = build_engine(tiny_llama(64), plan, TrainingConfig(optim="adamw_torch"), torch.device("cpu"), {})
+        engine = build_engine(tiny_llama(64), plan, TrainingSection(optim="adamw_torch"), torch.device("cpu"), {})
         assert type(engine.optimizer) is torch.optim.SGD
     finally:
         dist.destroy_process_group()

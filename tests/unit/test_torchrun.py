@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ds_configs import render_ds_config
-from launcher.config import TrainingConfig
+from launcher.config import TrainingSection
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 from launcher.runtime.torchrun import build_torchrun_argv
@@ -50,7 +50,7 @@ def test_multi_node_without_endpoint_is_a_user_error():
 def test_zero3_offload_config_is_rendered_from_the_plan_and_user_keys_win():
     plan = Plan(model="m", strategy="zero3", offload="optimizer+params", precision="amp-bf16", micro_batch=4,
                 gradient_accumulation_steps=8, gpus_per_node=8, nodes=2)
-    training = TrainingConfig(learning_rate=2e-4, max_grad_norm=0.5, weight_decay=0.1)
+    training = TrainingSection(learning_rate=2e-4, max_grad_norm=0.5, weight_decay=0.1)
     config = render_ds_config(plan, training, hidden_size=1024,
                               overrides={"zero_optimization": {"overlap_comm": False}, "steps_per_print": 10})
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
@@ -68,6 +68,6 @@ def test_zero3_offload_config_is_rendered_from_the_plan_and_user_keys_win():
 
 def test_zero1_without_offload_uses_the_client_optimizer():
     plan = Plan(model="m", strategy="zero1", precision="fp32", micro_batch=2, gpus_per_node=2, device="cpu")
-    config = render_ds_config(plan, TrainingConfig(), hidden_size=64)
+    config = render_ds_config(plan, TrainingSection(), hidden_size=64)
     assert "optimizer" not in config and config["zero_optimization"]["stage"] == 1
     assert config["bf16"]["enabled"] is False and "auto" not in str(config)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher.config import TrainingConfig
+from launcher.config import TrainingSection
 from launcher.planning.plan import Plan
 from launcher.train.optim import build_optimizer
 
@@ -68,7 +68,7 @@ class TorchEngine(Engine):
 
     uses_autocast = True
 
-    def __init__(self, model: nn.Module, plan: Plan, training: TrainingConfig, device: torch.device):
+    def __init__(self, model: nn.Module, plan: Plan, training: TrainingSection, device: torch.device):
         self.device = device
         self.module = model
         self.wrapped = self.wrap(model, plan, device)

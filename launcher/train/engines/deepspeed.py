@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ds_configs import render_ds_config
-from launcher.config import TrainingConfig
+from launcher.config import TrainingSection
 from launcher.planning.plan import Plan
 from launcher.train.engines.base import Engine
 from launcher.train.optim import build_optimizer, decay_groups
@@ -23,7 +23,7 @@ STATE_TAG = "state"
 
 
 @contextlib.contextmanager
-def zero3_construction(plan: Plan, training: TrainingConfig, hidden_size: int, overrides: dict):
+def zero3_construction(plan: Plan, training: TrainingSection, hidden_size: int, overrides: dict):
     """While it is open, transformers builds (and loads) models inside deepspeed.zero.Init: it looks for a live
     HfDeepSpeedConfig, and partitions each module as soon as it is constructed."""
     import deepspeed
@@ -40,7 +40,7 @@ def zero3_construction(plan: Plan, training: TrainingConfig, hidden_size: int, o
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, model: nn.Module, plan: Plan, training: TrainingConfig, device: torch.device,
+    def __init__(self, model: nn.Module, plan: Plan, training: TrainingSection, device: torch.device,
                  overrides: dict):
         import deepspeed
 
