@@ -19,16 +19,15 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, TypeVar
 
 import psutil
 
 from launcher import env
 from launcher.jobdir.layout import JobDir
-from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.errors import EXIT_USER_ERROR
+from launcher.files import read_records
 from launcher.runtime.signals import REQUEUE_EXIT_CODE
 
-Record = TypeVar("Record")
 
 # A rank writes a step window at each logging step, and at least this often between them.
 STEP_WINDOW_S = 60.0
@@ -148,66 +147,6 @@ def check_event(record) -> dict:
     if not isinstance(record.get("ok", True), bool):
         raise ValueError(f"'ok' is {record['ok']!r}, not true or false")
     return record
-
-
-def read_records(path: Path, check: Callable[[object], Record]) -> list[Record]:
-    """The records of an append-only JSON-lines file (this ledger, the node ledger): each line through `check`,
-    which raises ValueError to say what is wrong with it. A damaged line is skipped and the skipped lines are
-    named in one warning; a last line without its newline is a write still under way (or torn by a kill, which
-    the next append closes) and is skipped silently. No file: no records. LaunchError when the path is not a
-    regular file (a FIFO would block the reader forever) or cannot be read."""
-    handle = open_regular(path)
-    if handle is None:
-        return []
-    with handle:
-        try:
-            records, damaged, reasons = _parse_lines(handle, check)
-        except OSError as err:
-            raise LaunchError(f"cannot read {path} ({err.strerror or err}); move it away.") from None
-    if damaged:
-        more = "; ..." if damaged > len(reasons) else ""
-        print(f"llaunch: warning: skipped {damaged} damaged line(s) of {path} ({'; '.join(reasons)}{more})",
-              file=sys.stderr, flush=True)
-    return records
-
-
-def open_regular(path: Path) -> BinaryIO | None:
-    """`path` open for reading, or None when it does not exist; LaunchError when it cannot be opened or is not a
-    regular file (a FIFO would block its reader forever, a directory is no list of lines)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
-        raise LaunchError(f"cannot read {path} ({getattr(err, 'strerror', None) or err}); move it away or fix "
-                          f"its permissions.") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise LaunchError(f"{path} is not a regular file; move it away (llaunch keeps a plain file there).")
-    return os.fdopen(fd, "rb")
-
-
-def _parse_lines(lines, check: Callable[[object], Record]) -> tuple[list[Record], int, list[str]]:
-    """The records of the complete lines, how many lines were damaged and what is wrong with the first three."""
-    records, damaged, reasons = [], 0, []
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or not line.endswith(b"\n"):
-            continue
-        try:
-            records.append(check(json.loads(line)))
-        except (ValueError, RecursionError) as err:  # not UTF-8, not JSON (or nested too deep), not a record
-            damaged += 1
-            if len(reasons) < 3:
-                reasons.append(f"line {number}: {_reason(err)}")
-    return records, damaged, reasons
-
-
-def _reason(err: Exception) -> str:
-    if isinstance(err, UnicodeDecodeError):
-        return "not UTF-8"
-    if isinstance(err, (json.JSONDecodeError, RecursionError)):
-        return "not JSON"
-    return str(err)
 
 
 class RankLedger:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from launcher.env import history_dir
 from launcher.errors import LaunchError
+from launcher.files import open_regular
 from launcher.observe import event_ledger, goodput
 
 HISTORY_JOBS = 20  # earlier jobs of the same cluster whose failures count towards the MTBF
@@ -64,7 +65,7 @@ def cluster_history(job_dir: str | Path) -> tuple[float, int]:
 
 
 def _listed(path: Path) -> list[str]:
-    handle = event_ledger.open_regular(path)
+    handle = open_regular(path)
     if handle is None:
         return []
     with handle:

@@ -3,22 +3,20 @@ shows its newest step, and the watchdog records the stragglers it flagged last i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from launcher.files import read_records
 from launcher.jobdir.layout import JobDir
 
 
 def last_metrics(output_dir: str | Path) -> dict | None:
-    """The newest line of the job dir's metrics file that has a training loss."""
-    path = JobDir(output_dir).metrics
-    if not path.exists():
-        return None
-    for line in reversed(path.read_text().splitlines()):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line still being written
-        if isinstance(row, dict) and "loss" in row and "step" in row:
-            return row
-    return None
+    """The newest line of the job dir's metrics file that has a training loss (a line still being written is
+    not one yet: launcher.files.read_records)."""
+    rows = read_records(JobDir(output_dir).metrics, _row)
+    return next((row for row in reversed(rows) if "loss" in row and "step" in row), None)
+
+
+def _row(record: object) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError("not a metrics row")
+    return record

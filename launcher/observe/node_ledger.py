@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from launcher.env import node_ledger_dir
-from launcher.observe.event_ledger import LARGEST, read_records
+from launcher.files import read_records
+from launcher.observe.event_ledger import LARGEST
 
 # Each kind of evidence and how much it says about the host: hard = the host is very likely bad by itself.
 SEVERITY = {"hang": "hard", "xid": "hard", "doctor": "hard", "straggler": "soft", "rank_failed": "soft"}
@@ -103,7 +104,7 @@ class NodeLedger:
 
     def events(self) -> list[NodeEvent]:
         """Every event; a damaged line (cut short by a crash, not JSON, a field of the wrong type, no time) or
-        one of a kind this version does not know is skipped with a warning (launcher.observe.event_ledger.read_records).
+        one of a kind this version does not know is skipped with a warning (launcher.files.read_records).
         LaunchError when the ledger is not a regular file or cannot be read."""
         return read_records(self.path, NodeEvent.from_record)
 
