@@ -24,9 +24,8 @@ import psutil
 
 from launcher import env
 from launcher.jobdir.layout import JobDir
-from launcher.errors import EXIT_USER_ERROR
+from launcher.errors import EXIT_USER_ERROR, REQUEUE_EXIT_CODE
 from launcher.files import read_records
-from launcher.runtime.signals import REQUEUE_EXIT_CODE
 
 
 # A rank writes a step window at each logging step, and at least this often between them.

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.env import BEACON_DIR, INCARNATION, SUPERVISOR_PID
-from launcher.errors import EXIT_USER_ERROR
+from launcher.errors import EXIT_USER_ERROR, HANG_EXIT_CODE, REQUEUE_EXIT_CODE
 from launcher.observe import event_ledger
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from launcher.runtime.rank_exits import RankWatch, judge
-from launcher.runtime.signals import (HANG_EXIT_CODE, REQUEUE_EXIT_CODE, STOP_SIGNALS, catches,
-                                      ignore_stop_signals, ranks_of)
+from launcher.runtime.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
 from launcher.runtime.watchdog import Watchdog, WatchdogConfig, describe, hang_culprit, kill_ranks
 
 POLL_S = 0.2  # how often the supervisor looks at torchrun, its ranks and the signals it got (the watchdog: poll_s)

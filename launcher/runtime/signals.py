@@ -24,12 +24,6 @@ import psutil
 from launcher.env import SUPERVISOR_PID
 from launcher.errors import LaunchError
 
-# sysexits.h EX_TEMPFAIL: "temporary failure, the user is invited to retry". A rank, torchrun's wrapper
-# and `llaunch run` exit with it after a preemption checkpoint; SLURM requeue logic keys on it.
-REQUEUE_EXIT_CODE = 75
-# Like coreutils timeout(1): the launcher's watchdog saw a rank stop making progress, dumped the stacks and
-# killed the ranks (launcher.runtime.watchdog; the evidence is in the job dir's hangs/ folder).
-HANG_EXIT_CODE = 124
 # SIGHUP (the terminal closed) and SIGQUIT (Ctrl-\) stop a run like SIGTERM: save, then stop.
 DEFAULT_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 STOP_SIGNALS = tuple(signal.Signals[name] for name in DEFAULT_SIGNALS)

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from launcher.env import SUPERVISOR_PID
-from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.errors import EXIT_USER_ERROR, RANK_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, LaunchError
 from launcher.planning.plan import Plan
-from launcher.runtime.signals import REQUEUE_EXIT_CODE, die_with_supervisor
+from launcher.runtime.signals import die_with_supervisor
 
 ENTRYPOINT = "launcher.train"
 TORCHRUN_MODULE = "launcher.runtime.torchrun"
@@ -70,9 +70,6 @@ def build_torchrun_argv(
 
 
 EXPLAINED_EXIT_CODES = (EXIT_USER_ERROR, REQUEUE_EXIT_CODE)
-# A rank that crashed (any other exit code, or a signal) ends the launch with this: not a user error (2), not a
-# preemption (75) nor a hang (124), and not 128 + N, which says the launcher itself was signalled.
-RANK_FAILED_EXIT_CODE = 1
 
 
 class _DropWorkerFailures(logging.Filter):

@@ -32,7 +32,8 @@ from launcher.planning.models import spec_from_config
 from launcher.planning.plan import Plan
 from launcher import env
 from launcher.jobdir.run_lock import RunLock
-from launcher.runtime.signals import REQUEUE_EXIT_CODE, StopSignals
+from launcher.runtime.signals import StopSignals
+from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.train.adapters import apply_finetune_method, as_planned, quantization_config
 from launcher.train.cadence import SaveCadence
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from launcher.runtime.signals import DEFAULT_SIGNALS, REQUEUE_EXIT_CODE, StopSignals
+from launcher.runtime.signals import DEFAULT_SIGNALS, StopSignals
+
+from launcher.errors import REQUEUE_EXIT_CODE
 
 
 class PreemptionHandler(StopSignals):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from launcher.config import TrainingSection
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
-from launcher.runtime.signals import REQUEUE_EXIT_CODE
+from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
 from launcher.train.engines import build_engine
 from launcher.train.fingerprint import Fingerprint

@@ -21,7 +21,7 @@ from launcher.observe import goodput
 
 from launcher.observe import event_ledger
 from launcher.observe.node_ledger import NodeLedger
-from launcher.runtime.signals import HANG_EXIT_CODE
+from launcher.errors import HANG_EXIT_CODE
 from launcher.train.checkpoint import list_checkpoints
 from tests.tiny_run import tiny_run_config
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.runtime.signals import REQUEUE_EXIT_CODE
+from launcher.errors import REQUEUE_EXIT_CODE
 
 pytestmark = pytest.mark.dist
 

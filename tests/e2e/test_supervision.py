@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from launcher.runtime.beacon import BEACON_FOLDER_PREFIX, SHM
-from launcher.runtime.signals import REQUEUE_EXIT_CODE
+from launcher.errors import REQUEUE_EXIT_CODE
 from tests.tiny_run import tiny_run_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from launcher.observe.node_ledger import NodeLedger
 from launcher.runtime.rank_exits import RankExit, first_failure, judge, latest_failure
 from launcher.observe.event_ledger import read as ledger_events
 from launcher.runtime.node import NodeOutcome, NodeRun, SignalLog, record_node_ledger
-from launcher.runtime.signals import HANG_EXIT_CODE
+from launcher.errors import HANG_EXIT_CODE
 from launcher.runtime.watchdog_config import WatchdogConfig
 
 REPO = Path(__file__).resolve().parents[2]
