@@ -68,6 +68,8 @@ def load_record(job_id: str | None = None) -> JobRecord:
             raise LaunchError("no job has been submitted from here yet; submit one with `llaunch submit CONFIG`.")
         path = records[-1]
     else:
+        if not re.fullmatch(r"\d+(_\d+)?", job_id):  # SLURM's id, or an array element's; never a path
+            raise LaunchError(f"{job_id!r} is not a SLURM job id; give the number `llaunch submit` printed.")
         path = folder / f"{job_id}.json"
         if not path.exists():
             raise LaunchError(f"job {job_id} was not submitted with llaunch from here ({folder} has no record of it).")

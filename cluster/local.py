@@ -60,6 +60,9 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise LaunchError(f"the local cluster's state directory {self.state_dir} is a file; pass --state-dir "
+                              f"with a directory (or none: {slurm_dir()}).")
 
     @property
     def conf_path(self) -> Path:

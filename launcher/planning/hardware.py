@@ -283,7 +283,11 @@ def _slurm_allocation() -> SlurmAllocation | None:
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return None
-    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    nodes_value = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or "1"
+    if not nodes_value.isdigit() or int(nodes_value) < 1:
+        raise LaunchError(f"SLURM_JOB_ID is set but the allocation's node count is {nodes_value!r}, not a positive "
+                          f"integer; run inside a real SLURM allocation or unset SLURM_JOB_ID.")
+    nodes = int(nodes_value)
     gpus = os.environ.get("SLURM_GPUS_ON_NODE") or os.environ.get("SLURM_GPUS_PER_NODE") or ""
     match = re.search(r"(\d+)\s*$", gpus)  # "4" or "h100:4"
     return SlurmAllocation(job_id=job, nodes=nodes, gpus_per_node=int(match.group(1)) if match else None,

@@ -30,6 +30,19 @@ LONG_NAME, LONG_PATH = "n" * 300, "/".join(["p" * 200] * 21)  # over NAME_MAX (2
 RUN = "run W/tiny.yaml --output-dir W/out --dry-run"
 SFT = "run W/sft.yaml --output-dir W/out --dry-run"
 CASES = [
+    # the commands of a cluster: submit, doctor, status / logs / cancel, the local cluster, probe
+    ("submit W/missing.yaml --cluster local --dry-run", "does not exist"),
+    ("submit W/tiny.yaml --cluster nosuch --dry-run", "cluster profile 'nosuch' not found"),
+    ("submit W/tiny.yaml --cluster local --nodes 0 --dry-run", "--nodes must be a positive integer"),
+    ("doctor W/missing.yaml", "does not exist"),
+    ("doctor --nodes 0", "--nodes must be a positive integer"),
+    ("doctor --cluster nosuch", "cluster profile 'nosuch' not found"),
+    ("cancel 999999", "job 999999 was not submitted with llaunch from here"),
+    ("cancel ../W/afile", "is not a SLURM job id"),
+    ("status ../../etc/passwd", "is not a SLURM job id"),
+    ("cluster --state-dir W/afile status", "is a file; pass --state-dir with a directory"),
+    ("cluster --state-dir W/afile up", "is a file; pass --state-dir with a directory"),
+    ("SLURM_JOB_ID=5 SLURM_JOB_NUM_NODES=abc probe", "the allocation's node count is 'abc'"),
     # run: the config file
     ("run W/missing.yaml --output-dir W/out", "does not exist"),
     ("run W --output-dir W/out", "cannot read config file"),
@@ -185,8 +198,9 @@ CASES = [
     ("lr-find W/tiny.yaml --output-dir W/lr --smoothing nan", "--smoothing"),
     ("lr-find W/missing.yaml --output-dir W/lr", "does not exist"),
     # status / logs of a job that was never submitted
-    ("status nope", "has no record"),
-    ("logs nope", "has no record"),
+    ("status 424242", "has no record"),
+    ("logs 424242", "has no record"),
+    ("logs nope", "is not a SLURM job id"),
     # checkpoint cadence and goodput
     (f"{RUN} training.save_strategy=sometimes", "is not one of steps, epoch, no, auto"),
     (f"{RUN} training.save_interval_s=0", "training.save_interval_s must be a positive number of seconds"),
@@ -198,7 +212,7 @@ CASES = [
     (f"{RUN} 'supervision.watchdog={{window: 2.5}}'", "supervision.watchdog.window must be a positive integer"),
     (f"{RUN} 'supervision.watchdog={{floor: 3}}'", "supervision.watchdog has unknown key 'floor'"),
     (f"{RUN} 'supervision.watchdog={{enabled: 0}}'", "supervision.watchdog.enabled must be true or false"),
-    ("goodput nope", "has no record"),
+    ("goodput nope", "is not a SLURM job id"),
     ("goodput W/afile", "is not a directory"),
     ("goodput W", "has no event ledger"),
     ("goodput W --plot W/afile/t.png", "lies under the file"),
