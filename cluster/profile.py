@@ -144,8 +144,6 @@ class ClusterProfile:
         if not isinstance(self.watchdog, dict):
             refuse("watchdog", "a mapping of the watchdog's keys, e.g. {floor_s: 60}")
         check_settings(self.watchdog, f"cluster profile {self.name!r}: watchdog")
-        if self.container is not None and not isinstance(self.container, Container):
-            refuse("container", "a mapping of image, runtime, mounts, workdir and python")
         if not isinstance(self.doctor, bool):
             refuse("doctor", "true or false")
         if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
