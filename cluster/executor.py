@@ -34,7 +34,7 @@ from launcher.observe import history
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
-from cluster.submission import node_command, rendezvous_port, slurm_parameters
+from cluster.submission import ContainerJob, node_command, rendezvous_port, slurm_parameters, step_python
 from launcher.config import TrainConfig
 from launcher.env import SLURM_CONF, slurm_conf_for_submitit
 from launcher.errors import EXIT_USER_ERROR, LaunchError
@@ -131,6 +131,8 @@ class NodeTask(submitit.helpers.Checkpointable):
     node_ledger_path: str = ""  # the cluster profile's node ledger (launcher.observe.node_ledger); "": none
     doctor: bool = True
     min_nodes: int | None = None  # the fewest nodes the job may run on (None: all it asked for)
+    wrap: tuple[str, ...] = ()  # `apptainer exec ... IMAGE` before torchrun (ContainerJob.wrap); (): none
+    python: str = ""  # torchrun's interpreter: the image's under apptainer; "": this task's own
 
     def __call__(self) -> str:
         # Until torchrun ends a stop signal is only recorded (the node runtime passes it on to the ranks); then they
@@ -226,7 +228,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         argv, extra_env = node_command(
             plan, self.job_dir, rdzv_host=node_address(hosts[0]), rdzv_port=rendezvous_port(job_env.job_id),
             job_id=job_env.job_id, max_restarts=self.max_restarts, dist_timeout_s=self.dist_timeout_s,
-            cpus_per_node=len(os.sched_getaffinity(0)), python=sys.executable,
+            cpus_per_node=len(os.sched_getaffinity(0)), python=self.python or sys.executable, wrap=self.wrap,
         )
         env = {**os.environ, **extra_env, **doctor_env}
         print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
@@ -306,18 +308,20 @@ def latest_step(job_dir: str) -> int | None:
     return max(complete) if complete else None
 
 
-def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str]) -> submitit.Job:
+def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str],
+           container: ContainerJob | None = None) -> submitit.Job:
     """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
     executor = submitit.SlurmExecutor(folder=JobDir(job_dir).slurm, max_num_timeout=profile.max_requeues,
-                                      python=shlex.quote(sys.executable))
-    executor.update_parameters(**slurm_parameters(profile, name))
+                                      python=shlex.quote(step_python(container, sys.executable)))
+    executor.update_parameters(**slurm_parameters(profile, name, container))
     exclude = quarantined_nodes(profile, env)
     if exclude:
         executor.update_parameters(exclude=",".join(exclude))
         print(f"llaunch: {exclusion_sentence(profile, exclude)}", flush=True)
+    wrap = tuple(container.wrap(profile.gpus_per_node > 0)) if container else ()
     task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
                     node_ledger_path=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
-                    min_nodes=profile.min_nodes)
+                    min_nodes=profile.min_nodes, wrap=wrap, python=container.container.python if wrap else "")
     submitted_at = time.time()
     try:
         with slurm_conf_for_submitit(env):

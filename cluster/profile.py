@@ -18,6 +18,51 @@ from launcher.runtime.watchdog_config import check_settings
 
 DEFAULT_PROFILE = "local"
 _TIME = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2}):(\d{2})$")
+PYXIS, APPTAINER = "pyxis", "apptainer"  # pyxis: the whole srun step in the image; apptainer: torchrun in it
+
+
+@dataclass(frozen=True)
+class Container:
+    """The image a job's nodes run in (cluster.submission renders it). mounts: "SRC:DST" or "SRC:DST:ro", both
+    absolute; the job dir, llaunch's source and the token cache are mounted without being listed."""
+
+    image: str
+    runtime: str = PYXIS
+    mounts: tuple[str, ...] = ()
+    workdir: str | None = None  # the directory inside the image the command starts in (None: the runtime's)
+    python: str = "python3"  # the image's interpreter; it needs llaunch's requirements (torch, submitit, ...)
+
+    @classmethod
+    def from_profile(cls, data, where: str) -> "Container":
+        """The profile's `container:` mapping, every value checked: each bad one is refused naming its key."""
+        def refuse(key: str, what: str) -> None:
+            raise LaunchError(f"{where}{key} must be {what}.")
+
+        if not isinstance(data, dict) or not set(data) <= {f.name for f in dataclasses.fields(cls)}:
+            refuse("", "a mapping of image, runtime, mounts, workdir and python, e.g. {image: /images/train.sqsh}")
+        for key in ("image", "runtime", "python", "workdir"):
+            value = data.get(key)
+            if (value is not None or key == "image") and (not isinstance(value, str) or not _one_line(value)):
+                refuse(f".{key}", "a non-empty value on one line")
+        if data.get("runtime", PYXIS) not in (PYXIS, APPTAINER):
+            refuse(".runtime", f"{PYXIS} or {APPTAINER}, not {data['runtime']!r}")
+        if data.get("workdir") is not None and not data["workdir"].startswith("/"):
+            refuse(".workdir", f"an absolute path inside the image, not {data['workdir']!r}")
+        mounts = data.get("mounts") or []
+        if not isinstance(mounts, list) or not all(isinstance(m, str) and _mount(m) for m in mounts):
+            refuse(".mounts", f"a list of SRC:DST or SRC:DST:ro with absolute paths and no comma, not {mounts!r}")
+        return cls(**{**data, "mounts": tuple(mounts)})
+
+
+def _one_line(text: str) -> bool:
+    return bool(text.strip()) and not any(ch in text for ch in "\n\r\0")
+
+
+def _mount(text: str) -> bool:
+    """SRC:DST[:ro], both absolute: a relative source would be resolved on each node, a comma splits pyxis's list."""
+    parts = text.split(":")
+    return (_one_line(text) and "," not in text and len(parts) in (2, 3) and all(p.startswith("/") for p in parts[:2])
+            and parts[2:] in ([], ["ro"]))
 
 
 @dataclass
@@ -44,6 +89,7 @@ class ClusterProfile:
     setup: list[str] = field(default_factory=list)
     doctor: bool = True  # `llaunch doctor`'s checks before torchrun in every incarnation of a submitted job
     watchdog: dict = field(default_factory=dict)  # WatchdogConfig keys; a job's supervision.watchdog wins
+    container: Container | None = None  # the image the nodes run the job in (None: the nodes' own software)
 
     @property
     def time_minutes(self) -> int:
@@ -157,4 +203,7 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> ClusterProfile:
     unknown = sorted(map(str, set(data) - known))
     if unknown:
         raise LaunchError(f"cluster profile {name_or_path} has unknown key(s) {', '.join(unknown)}.")
+    if data.get("container") is not None:
+        data["container"] = Container.from_profile(data["container"],
+                                                   f"cluster profile {data.get('name', name_or_path)!r}: container")
     return ClusterProfile(**data).validate()

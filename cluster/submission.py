@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.profile import ClusterProfile
-from launcher.env import DIST_TIMEOUT_S
+from cluster.profile import APPTAINER, PYXIS, ClusterProfile, Container
+from launcher.env import CACHE, DIST_TIMEOUT_S
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 
 RDZV_PORT_BASE = 20000
 RDZV_PORT_SPAN = 10000  # ports 20000-29999: below Linux's ephemeral range, clear of SLURM's 6817/6818
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+LLAUNCH_SOURCE = str(Path(__file__).resolve().parents[1])  # the folder holding launcher/ and cluster/
 
 
 def job_name(text: str) -> str:
@@ -39,8 +41,60 @@ def rendezvous_port(job_id: str | int) -> int:
     return RDZV_PORT_BASE + int(str(job_id).split("_")[0]) % RDZV_PORT_SPAN
 
 
-def slurm_parameters(profile: ClusterProfile, name: str) -> dict:
-    """submitit SlurmExecutor parameters: one task per node (that task runs torchrun), requeue allowed."""
+@dataclass(frozen=True)
+class ContainerJob:
+    """A profile's container for one job. Besides the profile's mounts every node needs, each at the same path
+    inside as outside (config.yaml and plan.yaml name them so): the job dir (plan, checkpoints, logs and
+    beacons, written by the ranks), llaunch's own source (the node task and the ranks import it from there, as
+    the image has only its requirements; read-only) and the token cache (tokenized once, read by every rank).
+
+    pyxis (github.com/NVIDIA/pyxis/wiki/Usage) runs the whole srun step in the image: `--container-image=IMAGE`,
+    `--container-mounts=SRC:DST[:FLAGS][,SRC:DST...]`, `--container-workdir=PATH`; the step's environment
+    (the script's exports) goes in with it. Apptainer wraps each node's torchrun: `apptainer exec [--nv]
+    [--bind SRC:DST[:ro]]... [--pwd DIR] [--env NAME=VALUE]... IMAGE CMD` (apptainer.org/docs/user/latest:
+    cli/apptainer_exec, bind_paths_and_mounts, environment_and_metadata); --nv makes the host's GPUs visible."""
+
+    container: Container
+    job_dir: str
+    cache_dir: str
+    source: str = LLAUNCH_SOURCE
+
+    @property
+    def binds(self) -> list[str]:
+        own = [f"{self.job_dir}:{self.job_dir}", f"{self.source}:{self.source}:ro", f"{self.cache_dir}:{self.cache_dir}"]
+        return own + list(self.container.mounts)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": self.source, CACHE.name: self.cache_dir}
+
+    @property
+    def runs_srun_step(self) -> bool:
+        return self.container.runtime == PYXIS
+
+    def srun_args(self) -> list[str]:
+        """pyxis's flags for the srun line."""
+        workdir = [f"--container-workdir={self.container.workdir}"] if self.container.workdir else []
+        return [f"--container-image={self.container.image}", f"--container-mounts={','.join(self.binds)}", *workdir]
+
+    def exports(self) -> list[str]:
+        """The script's line that points the image's python at llaunch's source and the cache (pyxis)."""
+        return ["export " + " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(self.env.items()))]
+
+    def wrap(self, gpus: bool) -> list[str]:
+        """What goes before torchrun's python on a node (apptainer); empty when pyxis runs the whole step."""
+        if self.container.runtime != APPTAINER:
+            return []
+        argv = ["apptainer", "exec", *(["--nv"] if gpus else [])]
+        argv += [word for bind in self.binds for word in ("--bind", bind)]
+        argv += ["--pwd", self.container.workdir] if self.container.workdir else []
+        argv += [word for key, value in sorted(self.env.items()) for word in ("--env", f"{key}={value}")]
+        return argv + [self.container.image]
+
+
+def slurm_parameters(profile: ClusterProfile, name: str, container: ContainerJob | None = None) -> dict:
+    """submitit SlurmExecutor parameters: one task per node (that task runs torchrun), requeue allowed; a pyxis
+    container's flags on the srun line."""
     params: dict = {
         "job_name": job_name(name),
         "nodes": profile.nodes,
@@ -68,7 +122,15 @@ def slurm_parameters(profile: ClusterProfile, name: str) -> dict:
         params["mem"] = f"{int(profile.mem_gb)}GB" if profile.mem_gb == int(profile.mem_gb) else f"{int(profile.mem_gb * 1024)}MB"
     if profile.setup:
         params["setup"] = [_single_line("setup line", line) for line in profile.setup]
+    if container is not None and container.runs_srun_step:
+        params["srun_args"] += container.srun_args()
+        params["setup"] = params.get("setup", []) + container.exports()
     return params
+
+
+def step_python(container: ContainerJob | None, host_python: str) -> str:
+    """The interpreter srun starts the node task with: the image's when pyxis runs the step in it."""
+    return container.container.python if container is not None and container.runs_srun_step else host_python
 
 
 def submitit_command(python: str, folder: str | Path) -> str:
@@ -95,12 +157,14 @@ def node_command(
     dist_timeout_s: int,
     cpus_per_node: int | None = None,
     python: str = "python",
+    wrap: tuple[str, ...] | list[str] = (),
 ) -> tuple[list[str], dict[str, str]]:
     """What one node's task runs: torchrun for all of the plan's nodes, rendezvous on the first node.
 
     The extra environment makes a lost peer fail the job within dist_timeout_s instead of hanging until
     the time limit: NCCL's watchdog aborts a stuck collective, and the training entrypoint passes
-    launcher.env.DIST_TIMEOUT_S to init_process_group (which is what bounds gloo).
+    launcher.env.DIST_TIMEOUT_S to init_process_group (which is what bounds gloo). `wrap` (ContainerJob.wrap)
+    goes before `python`, the image's then.
     """
     from launcher.runtime.torchrun import build_torchrun_argv
 
@@ -114,6 +178,7 @@ def node_command(
         python=python,
         cpus_per_node=cpus_per_node,
     )
+    argv = [*wrap, *argv]
     env = dict(env)
     env.update({
         DIST_TIMEOUT_S.name: str(dist_timeout_s),

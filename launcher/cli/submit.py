@@ -95,11 +95,12 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
     from pathlib import Path
 
     from cluster.exclusion import exclusion_sentence, quarantined_nodes
-    from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters
+    from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters, step_python
     from launcher.jobdir.layout import JobDir
 
     job_dir = Path(job.output_dir).resolve()
-    parameters = slurm_parameters(profile, name)
+    container = _container(job, profile, env)
+    parameters = slurm_parameters(profile, name, container)
     try:  # sinfo says which quarantined hosts the partition can spare; without SLURM there is nothing to keep out
         exclude = quarantined_nodes(profile, env) if shutil.which("sinfo") else []
     except (OSError, subprocess.SubprocessError):
@@ -108,17 +109,31 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
         parameters["exclude"] = ",".join(exclude)
         print(f"# {exclusion_sentence(profile, exclude)}")
     print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
-    print(render_sbatch(parameters, JobDir(job_dir).slurm, sys.executable))
+    print(render_sbatch(parameters, JobDir(job_dir).slurm, step_python(container, sys.executable)))
+    wrap = container.wrap(profile.gpus_per_node > 0) if container else []
     argv, extra_env = node_command(job.plan, job_dir, rdzv_host="FIRST_NODE", rdzv_port="RDZV_PORT",
                                    job_id="JOB_ID", max_restarts=profile.max_restarts,
                                    dist_timeout_s=profile.dist_timeout_s, cpus_per_node=profile.cpus_per_task,
-                                   python=sys.executable)
+                                   python=container.container.python if container else sys.executable, wrap=wrap)
     print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_JOB_NODELIST\"`,")
     print("# RDZV_PORT = 20000 + JOB_ID % 10000):")
     print(render_node_command(argv, extra_env))
     print(f"# the plan ({JobDir(job_dir).plan} when submitted):")
     print(job.plan.to_yaml().rstrip())
     print("# nothing written, nothing submitted (--dry-run).")
+
+
+def _container(job, profile, env: dict[str, str]):
+    """The profile's container for this job, with the job dir and token cache it mounts; None without one."""
+    from pathlib import Path
+
+    from cluster.submission import ContainerJob
+    from launcher.env import cache_root
+
+    if profile.container is None:
+        return None
+    cache = cache_root(job.config.data.cache_dir, env).resolve()
+    return ContainerJob(profile.container, str(Path(job.output_dir).resolve()), str(cache))
 
 
 def _submit(job, profile, name: str, env: dict[str, str]):
@@ -139,7 +154,7 @@ def _submit(job, profile, name: str, env: dict[str, str]):
         raise LaunchError(f"{job_dir} belongs to job {active[0]}, which is {active[1].state.lower()}; wait for it "
                           f"to end, `llaunch cancel {active[0]}`, or choose another --output-dir.")
     write_job(job)
-    submitted = submit(job_dir, profile, name, env)
+    submitted = submit(job_dir, profile, name, env, _container(job, profile, env))
     record = JobRecord(job_id=str(submitted.job_id), name=name, output_dir=str(job_dir),
                        log_folder=str(JobDir(job_dir).slurm), nodes=profile.nodes, cluster=profile.name,
                        slurm_conf=SLURM_CONF.get(env))

@@ -241,6 +241,14 @@ CASES = [
     ("plan --model tinyllama-1.1b --cluster W/time-profile.yaml", "time must be [D-]HH:MM:SS with minutes and"),
     ("plan --model tinyllama-1.1b --cluster W/timeout-profile.yaml", "dist_timeout_s must be a positive integer"),
     ("plan --model tinyllama-1.1b --cluster W/watchdog-profile.yaml", "'local': watchdog.poll_s must be a positive"),
+    # a profile's container: a source each node would resolve on its own, a runtime llaunch cannot render, a
+    # line break that would start a line of shell in the sbatch script
+    ("submit W/tiny.yaml --cluster W/mount-profile.yaml --output-dir W/out --dry-run",
+     "'local': container.mounts must be a list of SRC:DST or SRC:DST:ro with absolute paths"),
+    ("submit W/tiny.yaml --cluster W/runtime-profile.yaml --output-dir W/out --dry-run",
+     "'local': container.runtime must be pyxis or apptainer, not 'docker'"),
+    ("submit W/tiny.yaml --cluster W/image-profile.yaml --output-dir W/out --dry-run",
+     "'local': container.image must be a non-empty value on one line"),
     (f"LLAUNCH_DIST_TIMEOUT_S=nan {RUN}", "LLAUNCH_DIST_TIMEOUT_S='nan' must be a number of seconds from 1 to 1e7"),
     # a cache that is a file or takes no new entries, a name over 255 bytes, a path over PATH_MAX, /proc
     (f"{RUN} data.cache_dir=W/afile", "cannot write the token cache in"),
@@ -315,6 +323,10 @@ def workspace(tmp_path_factory):
     (w / "time-profile.yaml").write_text(yaml.safe_dump({**profile, "time": "99:99:99"}))
     (w / "timeout-profile.yaml").write_text(yaml.safe_dump({**profile, "dist_timeout_s": 0}))
     (w / "watchdog-profile.yaml").write_text(yaml.safe_dump({**profile, "watchdog": {"poll_s": 0}}))
+    for name, container in (("mount", {"image": "/i.sif", "mounts": ["data:/data"]}),
+                            ("runtime", {"image": "/i.sif", "runtime": "docker"}),
+                            ("image", {"image": "/i.sif\ntouch /tmp/pwned"})):
+        (w / f"{name}-profile.yaml").write_text(yaml.safe_dump({**profile, "container": container}))
     (w / "linked").mkdir()
     (w / "linked" / ".llaunch.lock").symlink_to(w / "afile")
     return w

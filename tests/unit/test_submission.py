@@ -18,9 +18,10 @@ import yaml
 
 from cluster.jobs import JobRecord, last_error, parse_scontrol_job
 from launcher.observe.metrics_file import last_metrics
-from cluster.profile import ClusterProfile, load_profile, profile_names, time_to_minutes
+from cluster.profile import ClusterProfile, Container, load_profile, profile_names, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import (
+    ContainerJob,
     job_name,
     node_command,
     render_node_command,
@@ -91,6 +92,60 @@ def test_node_torchrun_command_matches_golden(nodes, gpus, device, golden):
     _check_golden(golden, render_node_command(argv, env) + "\n")
 
 
+PYXIS = Container(image="nvcr.io#nvidia/pytorch:24.05-py3", mounts=("/datasets:/datasets:ro",), workdir="/workspace")
+APPTAINER = Container(image="/images/train.sif", runtime="apptainer", mounts=("/datasets:/data:ro",))
+
+
+def _container_job(container: Container) -> ContainerJob:
+    return ContainerJob(container, JOB_DIR, "/shared/cache", source="/opt/llaunch")
+
+
+def test_a_pyxis_container_goes_on_the_srun_line_and_the_step_runs_the_images_python():
+    from cluster.submission import step_python
+
+    job = _container_job(PYXIS)
+    script = render_sbatch(slurm_parameters(GPU_2, "llaunch-demo", job), f"{JOB_DIR}/slurm", step_python(job, PYTHON))
+    _check_golden("sbatch_2node_gpu_pyxis.sh", script)
+    srun = shlex.split(next(line for line in script.splitlines() if line.startswith("srun ")))
+    assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in srun and "--container-workdir=/workspace" in srun
+    mounts = next(w for w in srun if w.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    assert mounts == [f"{JOB_DIR}:{JOB_DIR}", "/opt/llaunch:/opt/llaunch:ro", "/shared/cache:/shared/cache",
+                      "/datasets:/datasets:ro"]
+    assert srun[srun.index("-u") - 1] == "python3"  # the image's interpreter, not the login node's
+    assert "export LLAUNCH_CACHE=/shared/cache PYTHONPATH=/opt/llaunch" in script.splitlines()
+    argv, _ = node_command(_plan(2, 8, "cuda"), JOB_DIR, rdzv_host="gpu-a01", rdzv_port=24242, job_id="4242",
+                           max_restarts=1, dist_timeout_s=600, wrap=job.wrap(gpus=True))
+    assert argv[0] == "python"  # pyxis already runs the node task in the image: torchrun is not wrapped
+
+
+def test_an_apptainer_container_wraps_each_nodes_torchrun_and_leaves_the_sbatch_script_alone():
+    job = _container_job(APPTAINER)
+    script = render_sbatch(slurm_parameters(GPU_2, "llaunch-demo", job), f"{JOB_DIR}/slurm", PYTHON)
+    assert script == (GOLDEN / "sbatch_2node_gpu.sh").read_text()
+    argv, env = node_command(_plan(2, 8, "cuda"), JOB_DIR, rdzv_host="gpu-a01", rdzv_port=rendezvous_port("4242"),
+                             job_id="4242", max_restarts=1, dist_timeout_s=600, cpus_per_node=16, python="python3",
+                             wrap=job.wrap(gpus=True))
+    _check_golden("torchrun_2node_gpu_apptainer.txt", render_node_command(argv, env) + "\n")
+    image = argv.index("/images/train.sif")
+    assert argv[:3] == ["apptainer", "exec", "--nv"] and argv[image + 1:image + 4] == ["python3", "-m",
+                                                                                      "launcher.runtime.torchrun"]
+    assert [argv[i + 1] for i, word in enumerate(argv[:image]) if word == "--bind"][-1] == "/datasets:/data:ro"
+    assert "--nv" not in job.wrap(gpus=False)  # CPU nodes: no GPU libraries to bring in
+
+
+def test_hostile_container_values_stay_single_shell_words():
+    image = "/images/a b;$(touch /tmp/pwned).sif"
+    for runtime in ("pyxis", "apptainer"):
+        job = ContainerJob(Container(image=image, runtime=runtime), "/runs/$(id)", "/c `id`", source="/opt/l l")
+        script = render_sbatch(slurm_parameters(CPU_2, "demo", job), f"{JOB_DIR}/slurm", PYTHON)
+        argv, env = node_command(_plan(2, 1, "cpu"), "/runs/$(id)", rdzv_host="n1", rdzv_port=20001, job_id="1",
+                                 max_restarts=0, dist_timeout_s=60, wrap=job.wrap(gpus=False))
+        words = shlex.split(render_node_command(argv, env)) + shlex.split(script.split("# command")[1])
+        assert image in words or f"--container-image={image}" in words
+        assert ("PYTHONPATH=/opt/l l" in words) == (runtime == "apptainer")
+        assert ("export LLAUNCH_CACHE='/c `id`' PYTHONPATH='/opt/l l'" in script) == (runtime == "pyxis")
+
+
 def test_rendezvous_port_comes_from_the_job_id_and_stays_in_range():
     assert rendezvous_port("123") == rendezvous_port(123) == 20123
     assert rendezvous_port("10123") == 20123  # wraps: ports 20000-29999 only
@@ -154,6 +209,12 @@ def test_shipped_profiles_load_and_flags_override_them():
     ("time", "1-25:00:00", "time must be [D-]HH:MM:SS with minutes and seconds below 60"),
     ("dist_timeout_s", 0, "dist_timeout_s must be a positive integer"),  # every collective would time out
     ("nodes", True, "nodes must be a positive integer"),
+    ("container", "ubuntu", "'mine': container must be a mapping of image, runtime, mounts, workdir and python"),
+    ("container", {"image": "/i.sif", "mounts": ["/a:/b:rw"]}, "container.mounts must be a list of SRC:DST or"),
+    ("container", {"image": "/i.sif", "mounts": ["/a:/b,/c:/d"]}, "container.mounts must be a list of SRC:DST or"),
+    ("container", {"image": "/i.sif", "workdir": "work"}, "container.workdir must be an absolute path inside the"),
+    ("container", {"image": ""}, "container.image must be a non-empty value on one line"),
+    ("container", {"image": "/i.sif", "python": 3}, "container.python must be a non-empty value on one line"),
 ])
 def test_profile_fields_are_checked_by_type_and_named(tmp_path, field, value, message):
     data = yaml.safe_load((Path(__file__).resolve().parents[2] / "cluster/profiles/local.yaml").read_text())
@@ -327,6 +388,36 @@ def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, mo
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "plan.yaml"]
     assert {(out / name).read_text() for name in ("config.yaml", "plan.yaml")} == {"the running job's\n"}
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer"])
+def test_dry_run_shows_the_profiles_container_with_the_job_dir_code_and_cache_mounted(tmp_path, monkeypatch, capsys,
+                                                                                        runtime):
+    from cluster.submission import LLAUNCH_SOURCE
+    from launcher.cli import main
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-cluster" / "slurm.conf"))
+    profile = yaml.safe_load((Path(LLAUNCH_SOURCE) / "cluster/profiles/example-h100.yaml").read_text())
+    profile["container"] = {"runtime": runtime, "image": "/images/train.sqsh", "mounts": ["/datasets:/datasets:ro"]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(profile))
+    quickstart = Path(LLAUNCH_SOURCE) / "examples" / "quickstart.yaml"
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert main(["submit", str(quickstart), f"data.cache_dir={cache}", "--cluster", str(tmp_path / "c.yaml"),
+                 "--output-dir", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    binds = [f"{out}:{out}", f"{LLAUNCH_SOURCE}:{LLAUNCH_SOURCE}:ro", f"{cache}:{cache}", "/datasets:/datasets:ro"]
+    srun = shlex.split(next(line for line in printed.splitlines() if line.startswith("srun ")))
+    node = shlex.split(next(line for line in printed.splitlines() if "launcher.runtime.torchrun" in line))
+    if runtime == "pyxis":
+        assert "--container-image=/images/train.sqsh" in srun and f"--container-mounts={','.join(binds)}" in srun
+        assert "python3" in srun and node[node.index("-m") - 1] == "python3" and "apptainer" not in node
+    else:
+        assert not any(word.startswith("--container") for word in srun)
+        assert node[node.index("apptainer"):node.index("apptainer") + 3] == ["apptainer", "exec", "--nv"]
+        assert [node[i + 1] for i, word in enumerate(node) if word == "--bind"] == binds
+        assert node[node.index("/images/train.sqsh") + 1] == "python3"
+    assert not out.exists() and not (tmp_path / "home").exists()
 
 
 def test_ctrl_c_on_wait_says_the_job_keeps_running(tmp_path, monkeypatch, capsys):
