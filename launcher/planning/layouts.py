@@ -1,6 +1,7 @@
 """Which parallel layouts the planner weighs: tp in powers of two within a node that the heads allow, pp over
 the world's divisors that leave each stage two or more layers, cp for long sequences, 1F1B and interleaved
-1F1B, ep for a mixture of experts; forced dimensions are taken as given. Pruned so that 16,384 GPUs plan in well under two seconds."""
+1F1B, ep for a mixture of experts; forced dimensions are taken as given. Pruned so that 16,384 GPUs plan in
+well under two seconds."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ def estimate_stage(spec: ModelSpec, setup: TrainSetup, stage: str) -> MemoryBrea
     fraction = layout.local_param_fraction(spec, setup, stage)
     terms = model_state_terms(spec, setup, trainable, split, group)
     if setup.parallel.ep_enabled:  # routed experts split over ep (launcher.planning.expert_parallel)
-        for term in terms:
+        for term in (t for t in terms if experts.expert_share(spec, setup, t.name)):
             n = split["grads" if term.name == "grads" else "optimizer" if term.name == "optimizer" else "weights"]
             share = experts.expert_share(spec, setup, term.name)
             term.bytes = int(term.bytes * experts.state_scale(spec, setup, n, share))
