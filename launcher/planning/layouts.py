@@ -65,14 +65,15 @@ def _pps(spec: ModelSpec, ranks: int) -> list[int]:
 def _eps(spec: ModelSpec, ranks: int, in_node: int, pure: bool) -> list[int]:
     """ep for a mixture of experts, among the powers of two dividing the routed experts and the data-parallel x cp
     ranks it borrows (torchtitan's rule, launcher.planning.expert_parallel): the largest whose all-to-all stays on
-    NVLink and the largest of all (fewest experts per rank); 1 too beside pure data parallelism. A dense model: 1.
+    NVLink (where that is more than 1) and the largest of all (fewest experts per rank); 1 too beside pure data
+    parallelism. A dense model: 1.
     Pruned for search time: a smaller ep of the same link that also fits moves up to half the all-to-all volume
     less and is not weighed unless forced."""
     if spec.moe is None or ranks < 1:
         return [1]
     allowed = [e for e in _powers_of_two(min(ranks, spec.moe.experts)) if spec.moe.experts % e == 0 and ranks % e == 0]
     within = [e for e in allowed if e <= in_node]
-    return sorted({allowed[-1], within[-1] if within else 1} | ({1} if pure else set()))
+    return sorted({allowed[-1]} | {e for e in within[-1:] if e > 1} | ({1} if pure else set()))
 
 
 def _schedules(forced: dict, pp: int) -> list[tuple[str, int]]:
