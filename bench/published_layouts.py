@@ -13,6 +13,14 @@ Memory: torchtitan's "Memory(GiB)" is the peak reserved by the caching allocator
 not exceed it and should not fall below 0.55 of it (issue 30). Runs with Float8 (torchtitan Tables 4-6) are
 left out: llaunch has no fp8 precision.
 
+DeepSeek-V3 (EP_ROWS, issue 32): its published layout (PP16 x EP64 x ZeRO-1, sequence 4,096, 2,048 H800) forced
+with full recompute at micro-batch 1 fits 80 GB (17 GiB allocated peak); with selective recompute (DeepSeek
+recomputes RMSNorm and MLA's up-projections) llaunch predicts 114 GiB reserved, as it stores the MoE activations
+and the dropless dispatch / combine buffers in bf16 where DeepSeek caches them in FP8. Predicted ~560 tokens/s per
+GPU against the published 1,543 (1e12 tokens / 180K GPU hours): llaunch counts the EP all-to-all exposed and every
+top-k copy on the network, where DeepSeek hides it behind compute (DualPipe), sends at most 4 nodes' worth per
+token (node-limited routing) in FP8, and runs FP8 GEMMs.
+
 Rows that miss (bench/results/published_layouts.txt): Megatron GPT 1.7B (the table gives no micro-batch; the
 planner's fastest is faster than what was run), torchtitan's two H100 rows (GPUs capped at 500 W with HBM2e,
 whose true peak is below the SXM figure that MFU divides by, as its footnote says). The three Llama 3 rows are
@@ -38,6 +46,8 @@ MEGATRON = "https://arxiv.org/abs/2104.04473 (Narayanan et al. 2021, Table 1; gi
 TITAN_H100 = "https://github.com/pytorch/torchtitan/blob/main/benchmarks/llama3_h100_202412_torchtitan.md"
 TITAN_A100 = "https://github.com/pytorch/torchtitan/blob/main/docs/performance.md (Llama 3 on 64 A100 80GB, FSDP2)"
 BLOOM = "https://arxiv.org/abs/2211.05100 (BLOOM, sec. 3.4.2: 156 TFLOPs on A100, TP4 x PP12 x DP8, ZeRO-1)"
+DEEPSEEK_V3 = ("https://arxiv.org/abs/2412.19437 (DeepSeek-V3 Technical Report: sec. 3.1-3.2, PP16 x EP64 x ZeRO-1 on "
+               "2,048 H800; Table 1, 180K H800 GPU hours per trillion tokens)")
 HARDWARE_TO_MODEL = 3 / 4  # hardware FLOPs with full recompute (8 per param per token) -> model FLOPs (6)
 MEMORY_BAND = (0.55, 1.05)  # predicted allocated peak / published reserved peak (issue 30)
 MFU_BAND = 0.25  # predicted MFU within 25 % of the published one
@@ -107,6 +117,14 @@ ROWS = [
         TITAN_A100, mfu=0.517),
 ]
 
+# Expert-parallel runs (issue 32), held to its own rule (the forced layout fits the card) and printed with the
+# published and predicted tokens/s per GPU; issue 30's bands above are for the dense layouts.
+EP_ROWS = [
+    Row("DeepSeek-V3 671B, 2,048 H800", "deepseek-v3", "H800", 256, {"tp": 1, "pp": 16, "ep": 64, "strategy": "zero1",
+        "pp_schedule": "1f1b"}, 1, 15360, 4096, "full", DEEPSEEK_V3, tokens_per_gpu=1e12 / (180e3 * 3600),
+        note="FP8 GEMMs, DualPipe hides the all-to-all, node-limited routing; llaunch: bf16, all-to-all exposed"),
+]
+
 
 def request_for(row: Row, forced: bool) -> PlanRequest:
     """The row's GPUs, batch and sequence; with `forced`, its layout, micro-batch and recompute too."""
@@ -167,6 +185,11 @@ def main() -> int:
     print(f"\n{'run':42} {'llaunch free choice':44} {'MFU':>6} {'/ forced':>8}")
     for r in results:
         print(f"{r['name']:42} {r['free']:44} {r['free_mfu']:6.3f} {r['free_mfu'] / r['mfu']:8.2f}")
+    print(f"\n{'expert-parallel run':42} {'llaunch layout':40} {'tok/s/GPU pub':>13} {'llaunch':>7} {'peak GiB':>8}  fits")
+    for row in EP_ROWS:
+        _, c, _ = predict(row)
+        print(f"{row.name:42} {c.setup.strategy + ' ' + c.setup.parallel.label():40} {row.tokens_per_gpu:13,.0f} "
+              f"{c.tokens_per_s / c.setup.world_size:7,.0f} {c.memory.peak_bytes / 2**30:8.1f}  {'yes' if c.fits else 'no'}")
     return 0
 
 

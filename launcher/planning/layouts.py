@@ -1,6 +1,7 @@
 """Which parallel layouts the planner weighs: tp in powers of two within a node that the heads allow, pp over
 the world's divisors that leave each stage two or more layers, cp for long sequences, 1F1B and interleaved
-1F1B; forced dimensions are taken as given. Pruned so that 16,384 GPUs plan in well under two seconds."""
+1F1B, ep for a mixture of experts; forced dimensions are taken as given. Pruned so that 16,384 GPUs plan in
+well under two seconds."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ PIPELINE_SCHEDULES = (("1f1b", 1), ("interleaved-1f1b", 2))  # (schedule, virtua
 
 
 def layouts(spec: ModelSpec, request, world: int, gpus_per_node: int) -> list[dict]:
-    """The layout knobs (tp, pp, cp, pp_schedule, pp_virtual_stages) to weigh, pure data parallel first."""
-    forced = {name: getattr(request, name) for name in ("tp", "pp", "cp", "pp_schedule", "pp_virtual_stages")
+    """The layout knobs (tp, pp, cp, ep, pp_schedule, pp_virtual_stages) to weigh, pure data parallel first."""
+    forced = {name: getattr(request, name) for name in ("tp", "pp", "cp", "ep", "pp_schedule", "pp_virtual_stages")
               if getattr(request, name) is not None}
     out = []
     for tp in [forced["tp"]] if "tp" in forced else _powers_of_two(gpus_per_node):
         for cp in [forced["cp"]] if "cp" in forced else _cps(request.seq_len or 2048, gpus_per_node // tp):
             for pp in [forced["pp"]] if "pp" in forced else _pps(spec, world // (tp * cp) if world % (tp * cp) == 0 else 0):
                 for schedule, virtual in _schedules(forced, pp):
-                    layout = {"tp": tp, "pp": pp, "cp": cp, "pp_schedule": schedule, "pp_virtual_stages": virtual}
-                    if _valid(spec, layout, request, world, gpus_per_node, cross_node=bool(forced)):
-                        out.append(layout)
+                    for ep in [forced["ep"]] if "ep" in forced else _eps(spec, world // (tp * pp * cp) * cp,
+                                                                         gpus_per_node // (tp * cp), tp * pp * cp == 1):
+                        layout = {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "pp_schedule": schedule,
+                                  "pp_virtual_stages": virtual}
+                        if _valid(spec, layout, request, world, gpus_per_node, cross_node=bool(forced)):
+                            out.append(layout)
     return out
 
 
@@ -58,6 +62,20 @@ def _pps(spec: ModelSpec, ranks: int) -> list[int]:
     return [p for p in range(1, min(ranks, spec.layers // 2) + 1) if ranks % p == 0] or [1]
 
 
+def _eps(spec: ModelSpec, ranks: int, in_node: int, pure: bool) -> list[int]:
+    """ep for a mixture of experts, among the powers of two dividing the routed experts and the data-parallel x cp
+    ranks it borrows (torchtitan's rule, launcher.planning.expert_parallel): the largest whose all-to-all stays on
+    NVLink (where that is more than 1) and the largest of all (fewest experts per rank); 1 too beside pure data
+    parallelism. A dense model: 1.
+    Pruned for search time: a smaller ep of the same link that also fits moves up to half the all-to-all volume
+    less and is not weighed unless forced."""
+    if spec.moe is None or ranks < 1:
+        return [1]
+    allowed = [e for e in _powers_of_two(min(ranks, spec.moe.experts)) if spec.moe.experts % e == 0 and ranks % e == 0]
+    within = [e for e in allowed if e <= in_node]
+    return sorted({allowed[-1]} | {e for e in within[-1:] if e > 1} | ({1} if pure else set()))
+
+
 def _schedules(forced: dict, pp: int) -> list[tuple[str, int]]:
     if "pp_schedule" in forced:
         return [(forced["pp_schedule"], forced.get("pp_virtual_stages", 1))]
@@ -68,8 +86,8 @@ def _valid(spec: ModelSpec, layout: dict, request, world: int, gpus_per_node: in
     model_parallel = layout["tp"] * layout["pp"] * layout["cp"]
     if world % model_parallel:
         return False
-    dims = ParallelDims(dp_replicate=world // model_parallel, tp=layout["tp"], pp=layout["pp"], cp=layout["cp"],
-                        pp_schedule=layout["pp_schedule"], pp_virtual_stages=layout["pp_virtual_stages"],
+    dims = ParallelDims(dp_shard=world // model_parallel, tp=layout["tp"], pp=layout["pp"], cp=layout["cp"],
+                        ep=layout["ep"], pp_schedule=layout["pp_schedule"], pp_virtual_stages=layout["pp_virtual_stages"],
                         pp_microbatches=layout["pp"])  # the microbatch count is the candidates' (_microbatches_fit)
     try:
         check_layout(dims, world, gpus_per_node, spec=spec, seq_len=request.seq_len or 2048, cross_node=cross_node)

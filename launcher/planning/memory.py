@@ -16,6 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from launcher.planning.models import ModelSpec
+from launcher.planning import expert_parallel as experts
 from launcher.planning import memory_layout as layout
 from launcher.planning import memory_sizes as sizes
 from launcher.planning.plan import TrainSetup
@@ -86,6 +87,13 @@ def estimate_stage(spec: ModelSpec, setup: TrainSetup, stage: str) -> MemoryBrea
     trainable = spec.lora_params(setup.lora_r, setup.lora_targets) if setup.trains_adapters else spec.num_params
     fraction = layout.local_param_fraction(spec, setup, stage)
     terms = model_state_terms(spec, setup, trainable, split, group)
+    if setup.parallel.ep_enabled:  # routed experts split over ep (launcher.planning.expert_parallel)
+        for term in (t for t in terms if experts.expert_share(spec, setup, t.name)):
+            n = split["grads" if term.name == "grads" else "optimizer" if term.name == "optimizer" else "weights"]
+            share = experts.expert_share(spec, setup, term.name)
+            term.bytes = int(term.bytes * experts.state_scale(spec, setup, n, share))
+            divisor = experts.expert_divisor(setup, n)
+            term.reason += f"; routed experts ({share:.0%}) 1/{divisor} per rank (ep {setup.parallel.ep})"
     if fraction < 1:  # tp x pp: this rank's share of every weight, gradient and optimizer state
         for term in terms:
             term.bytes = int(term.bytes * fraction)

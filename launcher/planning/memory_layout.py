@@ -21,12 +21,15 @@ Sources, term by term:
 - Context parallel: each rank holds s/cp tokens of every activation; ring attention keeps the K, V chunk it
   computes with and the one arriving (double-buffered send / receive), and their gradients in backward
   (Liu et al. 2023, "Ring Attention"; torch.distributed.tensor.experimental.context_parallel).
+- Mixture of experts: each MoE layer also saves its router's logits and top-k, and the dropless dispatch and
+  combine buffers (launcher.planning.expert_parallel.moe_bytes_per_token).
 - Vocab-parallel loss under tp: each rank holds the logits of vocab / t (Megatron-LM's vocab-parallel
   cross-entropy, torchtitan's loss_parallel).
 """
 
 from __future__ import annotations
 
+from launcher.planning import expert_parallel as experts
 from launcher.planning import memory_sizes as sizes
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import TrainSetup
@@ -84,6 +87,7 @@ def layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, mode: str = "") ->
     the setup's recompute mode (or `mode`: "none" for what a layer holds while it is differentiated)."""
     per_layer = (selective_bytes_per_token(spec, setup) if (mode or setup.activation_checkpointing) == "selective"
                  else sizes.layer_activation_bytes(spec, setup))
+    per_layer += experts.moe_bytes_per_token(spec, 4 if sizes.compute_mode(setup) == "fp32" else 2)
     t = setup.parallel.tp
     if t == 1:
         return per_layer

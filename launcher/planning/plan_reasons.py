@@ -45,8 +45,8 @@ def plan_reasons(chosen, candidates: list) -> list[str]:
 
 
 def _layout_reason(chosen, candidates: list) -> str:
-    """Why tp / pp / cp over data parallelism alone (slower, too big, or the batch does not split over that many
-    ranks), and that the ranks cannot run it yet."""
+    """Why tp / pp / cp / ep over data parallelism alone (slower, too big, or the batch does not split over that
+    many ranks), what ep did, and that the ranks cannot run it yet."""
     plain = [c for c in candidates if c.setup.parallel.pure_data_parallel]
     fitting = [c for c in plain if c.fits]
     layout = chosen.setup.parallel.label()
@@ -59,7 +59,23 @@ def _layout_reason(chosen, candidates: list) -> str:
     else:
         why = (f"{layout}: the global batch of {chosen.setup.global_batch} sequences does not split over "
                f"{chosen.setup.world_size} data-parallel ranks")
+    if chosen.setup.parallel.ep_enabled:
+        why += "; " + _ep_reason(chosen, candidates)
     return why + "; `llaunch run` and `submit` cannot run tp / pp / cp / ep yet."
+
+
+def _ep_reason(chosen, candidates: list) -> str:
+    """What ep did: the routed experts split over it, against the best other ep of the same tp / pp / cp."""
+    dims = chosen.setup.parallel
+    same = [c for c in candidates if c.setup.parallel.ep != dims.ep and (c.setup.tp, c.setup.pp, c.setup.cp)
+            == (dims.tp, dims.pp, dims.cp)]
+    why = f"ep {dims.ep} holds 1/{dims.ep} of the routed experts (and their states) on each GPU"
+    if not same:
+        return why
+    other = min(same, key=lambda c: (not c.fits, -c.tokens_per_s))
+    verdict = (f"{other.tokens_per_s:,.0f} tokens/s" if other.fits
+               else f"needs {format_bytes(other.memory.reserved_bytes)} per GPU")
+    return why + f" (ep {other.setup.parallel.ep}: {verdict})"
 
 
 def _hsdp_reason(chosen, candidates: list) -> str:

@@ -139,7 +139,7 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     out = []
     for layout in layouts(spec, request, world, hw.gpus_per_node) if not request.runnable_only else [{}]:
         model_parallel = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1)
-        pure = model_parallel == 1 and (request.ep or 1) == 1
+        pure = model_parallel == 1 and layout.get("ep", request.ep or 1) == 1
         base = dataclasses.replace(fixed, precision=precision, nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
                                    device="cuda", **layout)
         chosen = strategies if pure or request.strategy else [s for s in LAYOUT_STRATEGIES if s in weighed]

@@ -4,6 +4,7 @@ candidates that fit by it; the constants are measured or cited where they are se
 
 from __future__ import annotations
 
+from launcher.planning import expert_parallel as experts
 from launcher.planning import step_time_layout as layout
 from launcher.planning.hardware import Hardware, inter_node_bytes_per_s
 from launcher.planning.memory_sizes import qlora_base_bytes
@@ -26,7 +27,9 @@ CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512,
 
 def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> dict[str, float]:
     """Seconds per optimizer step: compute at peak x efficiency, the data-parallel collectives not hidden by
-    backward, the layout's own collectives (exposed), its pipeline bubble, and offload traffic."""
+    backward, the layout's own collectives and ep's all-to-alls (exposed), its pipeline bubble, and offload traffic;
+    a mixture of experts' routed share of the compute runs as a grouped GEMM
+    (expert_parallel.GROUPED_GEMM_EFFICIENCY)."""
     dims = setup.parallel
     tokens_per_replica = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps
     # 2 FLOPs/param/token forward, 4 backward (input + weight grads); LoRA's frozen base skips weight grads;
@@ -36,17 +39,27 @@ def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> 
     work = setup.micro_batch * setup.seq_len // dims.cp * spec.block_linear_params / spec.layers / dims.tp
     efficiency = MATMUL_EFFICIENCY * work / (work + HALF_EFFICIENCY_WORK)  # small matmuls under-fill the GPU
     flops = spec.flops_per_token(setup.seq_len) * tokens_per_replica * passes / 6 / dims.model_parallel
-    compute = flops / (facts.peak_flops[setup.flops_key] * efficiency)
+    compute = flops / (facts.peak_flops[setup.flops_key] * efficiency) * experts.grouped_gemm_slowdown(spec)
     comm = communication_seconds(spec, setup, hw, facts)
     exposed = max(0.0, comm - BACKWARD_OVERLAP * compute)
     attention_share = 6 * spec.layers * setup.seq_len * spec.heads * spec.head_dim / spec.flops_per_token(setup.seq_len)
     model_parallel = (layout.tensor_parallel_seconds(spec, setup, hw, facts)
                       + layout.pipeline_p2p_seconds(spec, setup, hw, facts)
-                      + layout.context_parallel_seconds(spec, setup, hw, facts, attention_share * compute))
+                      + layout.context_parallel_seconds(spec, setup, hw, facts, attention_share * compute)
+                      + expert_all_to_all_seconds(spec, setup, hw, facts))
     bubble = (compute + model_parallel) * layout.bubble_fraction(setup)
     offload = offload_seconds(spec, setup, facts)
     return {"compute_s": compute, "comm_s": comm + model_parallel, "exposed_comm_s": exposed + model_parallel,
             "bubble_s": bubble, "offload_s": offload}
+
+
+def expert_all_to_all_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> float:
+    """ep's token dispatch and combine (launcher.planning.expert_parallel), on a rank's local tokens (/ tp under
+    sequence parallel), counted exposed: overlapping them with compute (DeepSeek-V3's DualPipe) is not modelled."""
+    dims = setup.parallel
+    tokens = layout.local_tokens(setup) // (dims.tp if dims.sequence_parallel else 1)
+    act = 4 if setup.precision == "fp32" else 2
+    return experts.all_to_all_seconds(spec, setup, hw, intra_node_bytes_per_s(hw, facts), tokens, act, LINK_EFFICIENCY)
 
 
 def intra_node_bytes_per_s(hw: Hardware, facts) -> float:
@@ -64,13 +77,14 @@ def link_bytes_per_s(hw: Hardware, facts) -> float:
 
 def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> float:
     """Per-rank bytes on the wire per step (ZeRO paper sec. 7: DDP/ZeRO-1/2 move 2 x params, ZeRO-3/FSDP 3 x),
-    for the rank's 1 / (tp x pp) of the model over its data-parallel group."""
+    for the rank's 1 / (tp x pp) of the model (and 1 / ep of the routed experts) over its data-parallel group."""
     dims = setup.parallel
     world, share = dims.dp, 1 / (dims.tp * dims.pp)
     if world == 1:
         return 0.0
     ring = (world - 1) / world
     trainable = share * (spec.lora_params(setup.lora_r, setup.lora_targets) if setup.trains_adapters else spec.num_params)
+    trainable *= experts.state_scale(spec, setup, 1, experts.expert_share(spec, setup, "grads"))  # ep's 1/ep of the experts
     grad_bytes = 4 if setup.trains_adapters or (not setup.is_deepspeed and setup.precision != "bf16") else 2
     param_bytes = 2 if setup.precision != "fp32" else 4
     micro_steps = setup.gradient_accumulation_steps
@@ -80,6 +94,8 @@ def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, fact
         volume = trainable * grad_bytes * micro_steps + trainable * param_bytes  # reduce-scatter each micro-step
     else:
         weights = share * (qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * param_bytes)
+        weights *= experts.state_scale(spec, setup, 1, experts.expert_share(
+            spec, setup, "frozen_weights" if setup.trains_adapters else "weights"))
         gathers = 2 * weights * micro_steps  # all-gather params for forward and backward
         volume = gathers + trainable * grad_bytes * micro_steps
     if dims.dp_hybrid:

@@ -26,3 +26,5 @@ def test_the_script_prints_the_table():
     out = subprocess.run([sys.executable, str(Path(published_layouts.__file__))], capture_output=True, text=True,
                          check=True).stdout
     assert "Megatron GPT 1T" in out and "within the bands:" in out
+    deepseek = next(line for line in out.splitlines() if line.startswith("DeepSeek-V3 671B, 2,048 H800"))
+    assert "pp16(1f1b x120) ep64 dp128" in deepseek and "1,543" in deepseek and deepseek.endswith("yes")

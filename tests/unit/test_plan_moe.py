@@ -1,6 +1,6 @@
 """`llaunch plan` for mixtures of experts as a user runs it: total and active parameters in the JSON and the
-table, FLOPs (hence MFU and step time) on the active parameters, model states on all of them. Data parallel
-only: expert parallelism is not planned yet."""
+table, FLOPs (hence MFU and step time) on the active parameters, model states on all of them. Expert
+parallelism: tests/unit/test_plan_expert_parallel.py."""
 
 import json
 

@@ -1,0 +1,102 @@
+"""What expert parallelism (ep) does to a mixture of experts' memory and step time: the one home of the EP terms.
+
+Sources:
+- Sharding: torchtitan's ParallelDims / expert_parallel (github.com/pytorch/torchtitan, torchtitan/distributed/
+  parallel_dims.py and expert_parallel.py) splits the routed experts over ep ranks borrowed from dp_shard x cp
+  (each holds experts / ep of them, whole) and shards those again over the rest of that group (the dp_shard_mod_ep
+  mesh); every other weight (attention, shared experts, dense layers, router) is sharded over dp_shard x cp as
+  without ep. Megatron-Core's EP (docs.nvidia.com/megatron-core, "Mixture of Experts") does the same with its
+  expert-data-parallel group (data-parallel size / ep) for the distributed optimizer. So one routed expert state
+  per rank is split max(ep, data-parallel split) ways; the rest only by the data-parallel split.
+- Token dispatch: dropless, as DeepSeek-V3 trains (arXiv 2412.19437, sec. 2.1.2: "does not drop any tokens") and
+  as torchtitan and Megatron-Core's default token dispatcher run: each token goes to its top-k experts, so the
+  dispatch buffer holds tokens x k x hidden and so does the combine buffer (no capacity factor to size).
+- All-to-all: dispatch and combine in forward, their gradients in backward (4 per MoE layer per microbatch, 2 more
+  under full recompute), each moving the (ep - 1) / ep of a rank's tokens x k x hidden that leave it.
+"""
+
+from __future__ import annotations
+
+from launcher.planning.hardware import inter_node_bytes_per_s
+from launcher.planning.memory_sizes import qlora_base_bytes
+from launcher.planning.models import ModelSpec
+from launcher.planning.plan import TrainSetup
+
+# Grouped GEMM (Megatron-Core's moe_grouped_gemm, torchtitan's torch._grouped_mm) over a dense GEMM of the same
+# FLOPs: an assumption, not measured here; each expert's smaller matmul fills the GPU less.
+GROUPED_GEMM_EFFICIENCY = 0.85
+ROUTER_LOGIT_BYTES = 4  # the router's logits and scores in fp32 (HF's MoE blocks upcast them for the softmax / sigmoid)
+TOPK_INDEX_BYTES = 8  # top-k expert indices, int64
+
+
+def routed_expert_params(spec: ModelSpec) -> int:
+    """Every routed expert's parameters, all MoE layers: what ep splits."""
+    return len(spec.moe.layers) * spec.moe.experts * spec.moe.expert_params(spec.hidden) if spec.moe else 0
+
+
+def expert_divisor(setup: TrainSetup, split: int) -> int:
+    """Over how many ranks a routed expert state is split, where the other states are split `split` ways: ep
+    alone when the data-parallel part replicates them, else the split (ep x the expert-data-parallel rest)."""
+    return max(setup.parallel.ep, split)
+
+
+def state_scale(spec: ModelSpec, setup: TrainSetup, split: int, expert_share: float) -> float:
+    """What ep multiplies a model state by: its routed-expert share (`expert_share` of its bytes) is split
+    expert_divisor ways instead of `split`."""
+    if not setup.parallel.ep_enabled or not expert_share:
+        return 1.0
+    return (1 - expert_share) + expert_share * split / expert_divisor(setup, split)
+
+
+def expert_share(spec: ModelSpec, setup: TrainSetup, term: str) -> float:
+    """The routed experts' share of a model-state term's bytes: of every weight, gradient and state under a full
+    fine-tune; of the frozen base under LoRA (under QLoRA the experts stay bf16, memory_sizes.qlora_base_bytes);
+    adapters are counted unsplit (an upper bound: PEFT's expert adapters follow their experts)."""
+    routed = routed_expert_params(spec)
+    if not routed:
+        return 0.0
+    if term == "frozen_weights":
+        return routed * 2 / qlora_base_bytes(spec) if setup.method == "qlora" else routed / spec.num_params
+    return 0.0 if setup.trains_adapters else routed / spec.num_params
+
+
+def moe_bytes_per_token(spec: ModelSpec, act: int) -> float:
+    """What an average layer saves per token for the MoE block (module docstring): the router's fp32 logits and
+    its top-k scores and indices, the dispatched copies of the token (tokens x k x hidden, the experts' input)
+    and the experts' outputs before the weighted combine, averaged over all layers (dense layers save none)."""
+    if spec.moe is None:
+        return 0.0
+    k, h = spec.moe.experts_per_token, spec.hidden
+    router = ROUTER_LOGIT_BYTES * spec.moe.experts + (ROUTER_LOGIT_BYTES + TOPK_INDEX_BYTES) * k
+    per_moe_layer = router + 2 * k * h * act
+    return per_moe_layer * len(spec.moe.layers) / spec.layers
+
+
+def routed_flops_share(spec: ModelSpec) -> float:
+    """The routed experts' share of a token's matmul FLOPs: what runs as a grouped GEMM."""
+    if spec.moe is None:
+        return 0.0
+    routed = len(spec.moe.layers) * spec.moe.experts_per_token * 3 * spec.hidden * spec.moe.expert_ffn
+    return routed / spec.active_linear_params
+
+
+def grouped_gemm_slowdown(spec: ModelSpec) -> float:
+    """Compute time x this: the routed share runs at GROUPED_GEMM_EFFICIENCY of a dense GEMM."""
+    share = routed_flops_share(spec)
+    return (1 - share) + share / GROUPED_GEMM_EFFICIENCY
+
+
+def all_to_all_seconds(spec: ModelSpec, setup: TrainSetup, hw, link_bytes_per_s: float,
+                       tokens: int, act: int, link_efficiency: float) -> float:
+    """Per step, exposed: every local MoE layer's dispatch and combine all-to-alls (module docstring) for each
+    microbatch, on NVLink while tp x cp x ep stays within a node, else the network."""
+    dims = setup.parallel
+    if not dims.ep_enabled or spec.moe is None:
+        return 0.0
+    passes = 4 + (2 if setup.full_recompute else 0)
+    size = tokens * spec.moe.experts_per_token * spec.hidden * act * (dims.ep - 1) / dims.ep
+    volume = len(spec.moe.layers) / dims.pp * dims.pp_microbatches * passes * size
+    link = link_bytes_per_s
+    if dims.tp * dims.cp * dims.ep > hw.gpus_per_node:
+        link = min(link, inter_node_bytes_per_s() * link_efficiency)
+    return volume / link
