@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LLAUNCH := $(VENV)/bin/llaunch
 PYTEST_ARGS ?=
+# pytest-xdist processes for make test; tests/conftest.py says which tests each one takes.
+TEST_WORKERS ?= 2
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINT_ARGS := $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS))
 
@@ -25,7 +27,7 @@ demo: setup
 	$(LLAUNCH) generate --model runs/quickstart/final --prompt "def main(" --max-new-tokens 48
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The newest releases pyproject.toml allows, in a venv of their own; the suite must pass on them before
 # constraints.txt is rewritten (a failing suite leaves it, and .venv, as they were).

@@ -1,5 +1,6 @@
-"""Suite-wide markers and fixtures: GPU tests skip without CUDA; everything else runs on CPU, with LLAUNCH_HOME in
-a temporary folder. `slurm_node` is a SLURM node task without SLURM."""
+"""Suite-wide: GPU tests skip without CUDA (everything else runs on CPU), with LLAUNCH_HOME in a temporary folder;
+`slurm_node` is a SLURM node task without SLURM; and the order and units of work that `make test` hands its two
+pytest-xdist workers (`-n 2`)."""
 
 import os
 import signal
@@ -10,10 +11,19 @@ import pytest
 
 from launcher.runtime.signals import STOP_SIGNALS
 
+# Longest tiers first: the many short unit files fill the gaps at the end of a run on two workers.
+TIER_ORDER = ("slurm", "distributed", "e2e", "bench", "gpu", "unit")
+
+
+def tier_rank(item) -> int:
+    name = item.path.parent.name
+    return TIER_ORDER.index(name) if name in TIER_ORDER else len(TIER_ORDER)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    items.sort(key=tier_rank)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (run on the lent GPU)")
@@ -100,3 +110,19 @@ def _free_port() -> int:
 @pytest.fixture
 def slurm_node(monkeypatch, stop_handlers_restored) -> FakeSlurmNode:
     return FakeSlurmNode(monkeypatch)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """One unit of work per test file, so that a module-scoped run trains once on one worker; tests/slurm is a
+    single unit, as its files share the one local cluster (and `cluster down` stops it). Units go out in
+    collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/slurm" if path.startswith("tests/slurm/") else path
+
+    config.option.loadscopereorder = False
+    return FileScheduling(config, log)

@@ -105,8 +105,8 @@ def release(job_id: str, env: dict[str, str]) -> None:
 
 def submit_on_both_nodes(parent: Path, *extra: str, config: Path, env: dict[str, str]) -> tuple[Path, str]:
     """A job of --nodes=1-2 that started on both nodes, and its output directory. Submit leaves a quarantined
-    host out of such a job (it can spare it), so no earlier test may have put one in this session's node
-    ledger; and both nodes must be idle, or slurmctld starts it on the one that is."""
+    host out of such a job (it can spare it), so the node ledger (the caller's LLAUNCH_HOME) must hold none;
+    and both nodes must be idle, or slurmctld starts it on the one that is."""
     from launcher.observe.node_ledger import NodeLedger, QuarantinePolicy, quarantined
 
     held = quarantined(NodeLedger.for_profile("local").events(), QuarantinePolicy())
@@ -243,12 +243,14 @@ def assert_goodput_counts_the_requeue(out: Path, job_id: str, step: int, status:
 
 
 def test_a_hang_requeues_the_job_without_the_culprits_node_and_it_finishes_on_the_other(straight_run, config,
-                                                                                        tmp_path):
+                                                                                        tmp_path, monkeypatch):
     """--min-nodes 1: rank 1 hangs at step 25; the watchdog kills the ranks, the job is requeued with the
     culprit's node in its ExcNodeList and resumes from step 20 on the other node alone, with the same global
-    batch (twice the accumulation), so its losses continue those of the uninterrupted run."""
+    batch (twice the accumulation), so its losses continue those of the uninterrupted run. A home of its own:
+    on a loaded machine the earlier jobs' straggler events in the session's node ledger quarantine a node."""
     import json
 
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
     faults = {"LLAUNCH_FAULT": "hang:rank=1,step=25", "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
     env = {**os.environ}
     out, job_id = submit_on_both_nodes(tmp_path, "--min-nodes", "1", config=config, env=faults)
