@@ -219,7 +219,7 @@ def communication_term(spec: ModelSpec, setup: TrainSetup, world: int, fraction:
     data_parallel = sizes.communication_bytes(spec, setup, world)
     if setup.parallel.pure_data_parallel:
         return Term("comm_buffers", data_parallel, sizes.COMM_REASONS.get(setup.strategy, ""))
-    scale = fraction if setup.strategy == "ddp" else 1 / setup.parallel.tp
+    scale = fraction if setup.is_ddp else 1 / setup.parallel.tp
     extra = layout.tp_buffer_bytes(spec, setup) + layout.cp_buffer_bytes(spec, setup)
     return Term("comm_buffers", int(data_parallel * scale) + extra, sizes.COMM_REASONS.get(setup.strategy, "")
                 + "; + the layout's gathered sequence, pipeline send / receive and ring-attention K, V buffers")
@@ -231,7 +231,7 @@ def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], traina
     forward, the backward of one layer, or the optimizer step; then the context and the allocator's slack."""
     size = {t.name: t.bytes for t in terms}
     comm, grads = size["comm_buffers"], size["grads"]
-    ddp_buckets = comm if setup.strategy == "ddp" else 0
+    ddp_buckets = comm if setup.is_ddp else 0
     persistent = sum(size.get(name, 0) for name in MODEL_STATES) + ddp_buckets
     transient_comm = comm - ddp_buckets
     # FSDP2 gathers parameters for forward and backward alike; only backward adds a layer's unsharded fp32

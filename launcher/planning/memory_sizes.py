@@ -123,7 +123,7 @@ def compute_mode(setup: TrainSetup) -> str:
     """autocast: fp32 weights, bf16 matmuls (DDP + amp-*); half: everything bf16/fp16 (bf16, FSDP/ZeRO mixed precision)."""
     if setup.precision == "fp32":
         return "fp32"
-    if setup.precision.startswith("amp") and setup.strategy == "ddp" and setup.method != "qlora":
+    if setup.precision.startswith("amp") and setup.is_ddp and setup.method != "qlora":
         return "autocast"
     return "half"
 
@@ -155,7 +155,7 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     total += act * f * 3
     # Sharding engines cast the whole module, adapters included, to the compute dtype (FSDP's MixedPrecisionPolicy,
     # DeepSpeed's bf16): PEFT then has no fp32 cast to make, and adapters share their inputs as full linears do.
-    adapters_cast = lora and mode == "half" and setup.strategy != "ddp"
+    adapters_cast = lora and mode == "half" and not setup.is_ddp
     if adapters_cast:
         names = spec.lora_target_names(setup.lora_targets)
     if not lora or adapters_cast:
@@ -204,7 +204,7 @@ def communication_bytes(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
     layer = spec.num_params // max(1, spec.layers)
     half = 4 if setup.precision == "fp32" else 2
     bucket = 2 * spec.hidden * spec.hidden * half  # double-buffered hidden^2 bucket
-    if setup.strategy == "ddp":
+    if setup.is_ddp:
         grad_bytes = 4 if lora or setup.precision != "bf16" else 2
         return trainable * grad_bytes
     if setup.is_fsdp:

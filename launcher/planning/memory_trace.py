@@ -36,7 +36,7 @@ def trace_peak(spec: ModelSpec, setup: TrainSetup, depths: tuple[int, ...] = TRA
 
 def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     """Peak bytes of two training steps of `spec` cut to `layers` decoder layers, on fake tensors."""
-    if setup.strategy == "fsdp" and setup.world_size > 1:
+    if setup.is_fsdp and not setup.is_hsdp and setup.world_size > 1:
         return traced_fsdp_peak(spec, setup, layers)
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -82,6 +82,21 @@ class StrategyTraits:
         return self.strategy in DEEPSPEED_STRATEGIES
 
     @property
+    def is_ddp(self) -> bool:
+        """DDP's replicas: every rank holds every weight, gradient and optimizer state."""
+        return self.strategy == "ddp"
+
+    @property
+    def is_hsdp(self) -> bool:
+        """FSDP2 on a (nodes, GPUs per node) mesh: sharded within a node, replicated across nodes."""
+        return self.strategy == "hsdp"
+
+    @property
+    def grads_whole(self) -> bool:
+        """Each rank keeps whole gradients until the optimizer step (DDP, ZeRO-1): one all-reduce per step."""
+        return self.is_ddp or self.zero_stage == 1
+
+    @property
     def zero_stage(self) -> int:
         """DeepSpeed's ZeRO stage; 0 for the torch engines."""
         return int(self.strategy[len("zero"):]) if self.is_deepspeed else 0
@@ -195,7 +210,7 @@ class TrainSetup(StrategyTraits):
         model_parallel = self.tp * self.pp * self.cp
         dp = max(1, self.world_size // model_parallel)
         shard = dp if self.shards_params else 1
-        if self.strategy == "hsdp":
+        if self.is_hsdp:
             shard = math.gcd(dp, max(1, self.gpus_per_node // (self.tp * self.cp)))
         return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep,
                             pp_schedule=self.pp_schedule, pp_microbatches=self.gradient_accumulation_steps,
@@ -204,7 +219,7 @@ class TrainSetup(StrategyTraits):
     @property
     def device_mesh(self) -> tuple[int, ...]:
         """The FSDP2 mesh: HSDP's (replicate, shard) = (nodes, GPUs per node); plain FSDP shards over the world."""
-        return (self.nodes, self.gpus_per_node) if self.strategy == "hsdp" else (self.world_size,)
+        return (self.nodes, self.gpus_per_node) if self.is_hsdp else (self.world_size,)
 
     @property
     def global_batch(self) -> int:

@@ -31,7 +31,7 @@ def plan_reasons(chosen, candidates: list) -> list[str]:
                        f"for {runner_up.label}.")
     if not s.parallel.pure_data_parallel:
         reasons.append(_layout_reason(chosen, candidates))
-    if s.strategy == "hsdp":
+    if s.is_hsdp:
         reasons.append(_hsdp_reason(chosen, candidates))
     simpler = [c for c in candidates if not c.fits and STRATEGY_ORDER[c.setup.strategy] < STRATEGY_ORDER[s.strategy]]
     if simpler:

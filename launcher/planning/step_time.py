@@ -88,9 +88,9 @@ def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, fact
     grad_bytes = 4 if setup.trains_adapters or (not setup.is_deepspeed and setup.precision != "bf16") else 2
     param_bytes = 2 if setup.precision != "fp32" else 4
     micro_steps = setup.gradient_accumulation_steps
-    if setup.strategy in ("ddp", "zero1"):
+    if setup.grads_whole:
         volume = 2 * trainable * grad_bytes  # one all-reduce (or reduce-scatter + all-gather) per optimizer step
-    elif setup.strategy == "zero2":
+    elif setup.zero_stage == 2:
         volume = trainable * grad_bytes * micro_steps + trainable * param_bytes  # reduce-scatter each micro-step
     else:
         weights = share * (qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * param_bytes)

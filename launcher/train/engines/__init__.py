@@ -36,7 +36,7 @@ def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> En
     chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT)."""
     if ENGINE_SUPPORT[plan.strategy].chunked_loss:
         use_chunked_loss(model, plan.loss_chunk_tokens)
-    if plan.strategy == "ddp":
+    if plan.is_ddp:
         from launcher.train.engines.ddp import DDPEngine
 
         return DDPEngine(model, plan, training, device)
