@@ -146,8 +146,8 @@ def train(args):
         for micro in range(accum):
             maybe_signal("SIGNAL_AT", step, micro, rank)
             with engine.accumulating(final=micro == accum - 1):
-                loss = engine.forward({**batch(step, micro, rank, world), "num_items_in_batch": accum * MICRO * (SEQ - 1)}).loss
-                engine.backward(loss)
+                inputs = {**batch(step, micro, rank, world), "num_items_in_batch": accum * MICRO * (SEQ - 1)}
+                engine.backward(engine.forward(inputs).loss)
         engine.step(0.0)
         step += 1
         if step % args.eval_steps == 0:

@@ -2,7 +2,7 @@
 
 The loop drives an engine per optimizer step as:
 
-    for each micro-batch:  with engine.accumulating(final=is_last):  loss = engine.forward(batch).loss; engine.backward(loss)
+    for each micro-batch:  with engine.accumulating(final=is_last):  engine.backward(engine.forward(batch).loss)
     grad_norm = engine.step(max_grad_norm)      # clip + optimizer step + zero grads
 
 `TorchEngine` holds what the two torch-native engines share (autocast, GradScaler, clipping, DCP state).
