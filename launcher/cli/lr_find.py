@@ -56,7 +56,7 @@ def run(args) -> int:
         try:
             trainer.scheduler = lr_find.sweep_scheduler(trainer.engine.optimizer, lrs)
             trainer.engine.train()
-            result = lr_find.run_lr_find(trainer.train_step, lrs, beta=args.smoothing)
+            result = lr_find.run_lr_find(lambda: trainer.train_step()[0], lrs, beta=args.smoothing)  # the loss, not the aux
         finally:
             trainer.close()
     if not result.lrs:

@@ -5,7 +5,8 @@ and keeps their log-softmax for backward: for a 128k vocabulary at 2 x 2048 toke
 all checkpointed activations. `LinearCrossEntropy` computes each chunk's logits, keeps only one fp32 logsumexp
 per token, and recomputes the chunk's logits in backward (torchtune's chunked output loss, Liger-Kernel's
 fused linear cross-entropy, in plain PyTorch). The result is HF's `ForCausalLMLoss` (shifted labels,
-ignore-index -100, sum / num_items_in_batch, else the mean over counted tokens).
+ignore-index -100, sum / num_items_in_batch, else the mean over counted tokens). A mixture of experts adds its
+router's load-balancing loss to the training objective here too (`router_balance_loss`).
 
 `use_chunked_loss` puts it inside the model's own forward, so every engine's wrapper (DDP hooks, FSDP2's
 unsharded root parameters, DeepSpeed ZeRO-1/2) sees an ordinary forward and backward.
@@ -17,12 +18,14 @@ import types
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
 IGNORE_INDEX = -100
 # Architectures whose logits are exactly lm_head(last hidden state), with no softcapping or scaling: the
 # others (Gemma's softcap, Granite's and Cohere's logit scales) keep their own loss.
-PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen3_moe")
+# Mixtures of experts whose router logits the decoder records, and whose config names the aux loss's weight.
+ROUTED_MODEL_TYPES = ("mixtral", "qwen3_moe")
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -88,6 +91,15 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     return total / num_items_in_batch
 
 
+def router_balance_loss(config, router_logits: tuple[torch.Tensor, ...], attention_mask) -> torch.Tensor:
+    """The Switch-Transformer load-balancing loss of every MoE layer's router, as Hugging Face computes it
+    (num_experts x sum over experts of token fraction x mean router probability; top_k when perfectly even)."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    return load_balancing_loss_func(router_logits, config.num_experts, config.num_experts_per_tok, mask)
+
+
 def supports_chunked_loss(model: torch.nn.Module) -> bool:
     """A Hugging Face causal LM whose logits are a bias-free linear head over its decoder's output. A head that
     PEFT wrapped (LoRA on lm_head, modules_to_save) is no plain Linear and keeps the model's own loss."""
@@ -102,7 +114,9 @@ def use_chunked_loss(model: torch.nn.Module, chunk: int) -> bool:
 
     The forward is replaced on the instance, so parameter names, state dicts and checkpoints are untouched and
     PEFT's wrappers, which call the inner model's forward, reach it. Without labels (generation, export) the
-    model's own forward runs."""
+    model's own forward runs. A routed MoE's objective adds router_aux_loss_coef x its balance loss weighted by
+    this micro-batch's share of the accumulation window's tokens (so the step's aux term is the token-weighted
+    mean, whatever the accumulation); the output's aux_loss is that weighted balance loss, for logging."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if chunk <= 0 or not supports_chunked_loss(lm):
         return False
@@ -113,10 +127,19 @@ def use_chunked_loss(model: torch.nn.Module, chunk: int) -> bool:
             return own_forward(input_ids=input_ids, **kwargs)
         for unused in ("logits_to_keep", "return_dict", "shift_labels"):
             kwargs.pop(unused, None)
+        routed = self.config.model_type in ROUTED_MODEL_TYPES
+        if routed:
+            kwargs["output_router_logits"] = True
         outputs = self.base_model(input_ids=input_ids, **kwargs)
         loss = causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings().weight, labels, chunk,
                               num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+        if not routed:
+            return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+        share = 1.0 if num_items_in_batch is None else (labels[..., 1:] != IGNORE_INDEX).sum() / num_items_in_batch
+        aux_loss = router_balance_loss(self.config, outputs.router_logits, kwargs.get("attention_mask")) * share
+        if self.training:
+            loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss)
 
     lm.forward = types.MethodType(forward, lm)
     return True

@@ -37,6 +37,7 @@ from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.train.adapters import apply_finetune_method, as_planned, quantization_config
 from launcher.train.cadence import SaveCadence
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
+from launcher.train.chunked_loss import ROUTED_MODEL_TYPES
 from launcher.train.data import StepSampler, rank_micro_batches
 from launcher.train.distributed import init_distributed, on_every_rank
 from launcher.train.engines import build_engine, model_construction
@@ -88,19 +89,12 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.data = self._training_data()
-        self.tokenizer = self.data.tokenizer()
-        self.data.check(self.plan.global_batch)
-        data_seed = training.data_seed if training.data_seed is not None else training.seed
-        self.sampler = StepSampler(self.data.num_train, self.plan.global_batch, data_seed,
-                                   self.data.epoch_order(self.plan.global_batch, data_seed, training.group_by_length))
-        self.total_steps = (training.max_steps if training.max_steps > 0
-                            else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
-
+        self._load_data()
         model = self._build_model()
         _, self.num_params = parameter_elements(model)
         spec = spec_from_config(self.plan.model, model.config.to_dict())
         self.flops_per_token = spec.flops_per_token(self.plan.seq_len)  # the planner's rule, for MFU
+        self.routed = model.config.model_type in ROUTED_MODEL_TYPES  # logs its router's aux loss
         self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
         self.scheduler = build_scheduler(self.engine.optimizer, training, self.total_steps)
         self.events.append(event_ledger.MODEL_BUILT)
@@ -121,6 +115,18 @@ class Trainer:
             early_signals.hand_over(self.preemption)
         self.run_lock: RunLock | None = None
         self.cadence = SaveCadence(self.job_dir, training, self.rank, self.plan.nodes, self.events)
+
+    def _load_data(self) -> None:
+        """The training data, its tokenizer, the resumable step sampler and the run's length in steps."""
+        training = self.config.training
+        self.data = self._training_data()
+        self.tokenizer = self.data.tokenizer()
+        self.data.check(self.plan.global_batch)
+        data_seed = training.data_seed if training.data_seed is not None else training.seed
+        self.sampler = StepSampler(self.data.num_train, self.plan.global_batch, data_seed,
+                                   self.data.epoch_order(self.plan.global_batch, data_seed, training.group_by_length))
+        self.total_steps = (training.max_steps if training.max_steps > 0
+                            else max(1, math.ceil(training.num_train_epochs * self.sampler.steps_per_epoch)))
 
     def _build_model(self):
         """The model as the plan says (empty on ranks that receive their shards, 4-bit for QLoRA), with its
@@ -192,20 +198,22 @@ class Trainer:
         return 0
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer update; returns this rank's mean token loss (a device tensor, not synced)."""
+        """One optimizer update; returns this rank's [mean token loss, MoE aux loss] (a device tensor, not synced)."""
         self.progress.step_begins(self.state.global_step + 1)
         indices, epoch, position = self.sampler.next_step(self.state.epoch, self.state.position)
         micro = rank_micro_batches(indices, self.rank, self.world_size, self.plan.micro_batch)
         num_items = self.data.label_count("train", np.concatenate(micro))
-        step_loss = torch.zeros((), device=self.device)
+        step_loss = torch.zeros(2, device=self.device)
         for i, sample_indices in enumerate(micro):
             batch = self._batch("train", sample_indices)
             with self.engine.accumulating(final=i == len(micro) - 1):
                 self.progress.enter(Phase.COMPUTE)
-                loss = self.engine.forward({**batch, "num_items_in_batch": num_items})
+                output = self.engine.forward({**batch, "num_items_in_batch": num_items})
                 self.progress.enter(Phase.SYNC if i == len(micro) - 1 else Phase.COMPUTE)  # gradients reduce
-                self.engine.backward(loss)
-            step_loss += loss.detach().float()
+                self.engine.backward(output.loss)
+            step_loss[0] += output.loss.detach().float()
+            if getattr(output, "aux_loss", None) is not None:  # an MoE's router balance (chunked_loss)
+                step_loss[1] += output.aux_loss.detach().float()
         self.last_grad_norm = self.engine.step(self.config.training.max_grad_norm, self.config.training.max_grad_value)
         self.scheduler.step()
         self.state.global_step += 1
@@ -242,7 +250,7 @@ class Trainer:
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         for start in range(0, len(share), batch_size):
             chunk = share[start:start + batch_size]
-            loss = self.engine.forward(self._batch("eval", chunk))
+            loss = self.engine.forward(self._batch("eval", chunk)).loss
             tokens = self.data.label_count("eval", chunk)
             totals += torch.stack([loss.detach().double() * tokens, torch.tensor(tokens, device=self.device,
                                                                                    dtype=torch.float64)])
@@ -355,13 +363,15 @@ class Trainer:
         self.events.append(event_ledger.SAVE, step=step, seconds=time.time() - started)
 
     # ----- logging and output -------------------------------------------------------------------------
-    def _log_train(self, loss: torch.Tensor, lr: float, throughput: Throughput) -> None:
-        dist.all_reduce(loss)
+    def _log_train(self, losses: torch.Tensor, lr: float, throughput: Throughput) -> None:
+        dist.all_reduce(losses)
+        loss, aux_loss = (losses / self.world_size).tolist()
         grad_norm = self.last_grad_norm
         record = {
             "step": self.state.global_step,
             "epoch": self.state.epoch + self.state.position / max(1, self.data.num_train),
-            "loss": loss.item() / self.world_size,
+            "loss": loss,
+            **({"aux_loss": aux_loss} if self.routed else {}),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens_seen": self.state.tokens_seen,

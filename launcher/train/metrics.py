@@ -40,12 +40,12 @@ class Throughput:
 
 
 class LossWindow:
-    """This rank's training loss summed over the steps since the last report, kept on the device (no host sync
-    per step). A checkpoint carries it in the rank's state, so a run resumed in mid-window logs the loss the
-    uninterrupted run logs."""
+    """This rank's training loss and MoE router aux loss (zero for a dense model) summed over the steps since the
+    last report, kept on the device (no host sync per step). A checkpoint carries it in the rank's state, so a
+    run resumed in mid-window logs the losses the uninterrupted run logs."""
 
     def __init__(self, device: torch.device):
-        self.sum, self.steps = torch.zeros((), device=device), 0
+        self.sum, self.steps = torch.zeros(2, device=device), 0
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum += loss
@@ -61,7 +61,9 @@ class LossWindow:
         return {"sum": self.sum.detach().cpu(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sum, self.steps = state["sum"].to(self.sum.device), int(state["steps"])
+        saved = state["sum"].reshape(-1).to(self.sum.device)  # an older llaunch saved the loss alone
+        self.sum, self.steps = torch.zeros_like(self.sum), int(state["steps"])
+        self.sum[:saved.numel()] = saved
 
 
 def memory_stats(device: torch.device) -> dict:
@@ -117,8 +119,8 @@ class MetricsWriter:
 
 def _format(record: dict) -> str:
     parts = []
-    for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("eval_perplexity", "{:.2f}"), ("lr", "{:.2e}"),
-                     ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}")):
+    for key, fmt in (("loss", "{:.4f}"), ("aux_loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("eval_perplexity", "{:.2f}"),
+                     ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:,.0f}"), ("mfu", "{:.1%}")):
         if key in record and record[key] is not None:
             parts.append(f"{key} " + fmt.format(record[key]))
     return "  ".join(parts)

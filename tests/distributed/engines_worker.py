@@ -66,7 +66,7 @@ def main() -> None:
         facts.setdefault(run, {})["chunked_loss"] = "forward" in vars(trainer.engine.module)
         losses = []
         for _ in range(args.steps):
-            loss = trainer.train_step()
+            loss = trainer.train_step()[0]  # [loss, router aux loss]
             dist.all_reduce(loss)
             losses.append(loss.item() / world)
         state = trainer.engine.full_state_dict()

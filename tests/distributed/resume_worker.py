@@ -146,15 +146,15 @@ def train(args):
         for micro in range(accum):
             maybe_signal("SIGNAL_AT", step, micro, rank)
             with engine.accumulating(final=micro == accum - 1):
-                loss = engine.forward({**batch(step, micro, rank, world), "num_items_in_batch": accum * MICRO * (SEQ - 1)})
-                engine.backward(loss)
+                inputs = {**batch(step, micro, rank, world), "num_items_in_batch": accum * MICRO * (SEQ - 1)}
+                engine.backward(engine.forward(inputs).loss)
         engine.step(0.0)
         step += 1
         if step % args.eval_steps == 0:
             engine.train(False)
             with torch.no_grad():
                 maybe_signal("SIGNAL_IN_EVAL", step, rank)
-                value = engine.forward(batch(10_000, 0, 0, 1)).detach()
+                value = engine.forward(batch(10_000, 0, 0, 1)).loss.detach()
                 dist.all_reduce(value)
                 eval_loss = value.item() / world
         time.sleep(sleep)

@@ -41,6 +41,7 @@ ALLOWED = {
     "single-gpu-bf16": ("ddp",),
     "qlora_1gpu": ("ddp",),
     "qlora_fsdp": ("fsdp",),
+    "moe": STRATEGIES,
 }
 
 

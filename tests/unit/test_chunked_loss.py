@@ -134,3 +134,40 @@ def test_the_full_logits_are_never_allocated():
     chunked = largest_allocation(lambda: causal_lm_loss(hidden, weight, labels, chunk))
     assert plain >= tokens * vocab
     assert chunked == chunk * vocab  # one chunk of logits
+
+
+def tiny_moe(model_type: str, vocab: int):
+    """A 2-layer Mixtral or Qwen3-MoE with 4 experts, 2 per token, random init (seeded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, router_aux_loss_coef=0.1,
+                                  **({"num_local_experts": 4} if model_type == "mixtral" else {"num_experts": 4}))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_a_mixture_of_experts_adds_its_router_loss_as_hugging_face_does(model_type):
+    plain = tiny_moe(model_type, 64)
+    plain.config.output_router_logits = True  # HF's own loss: cross-entropy + coef x load-balancing loss
+    chunked = copy.deepcopy(plain)
+    assert use_chunked_loss(chunked, chunk=5)
+    inputs = {**batch(64), "num_items_in_batch": 36}  # the micro-batch is the whole window: 36 counted tokens
+    want_loss, want = loss_and_grads(plain, inputs)
+    got_loss, got = loss_and_grads(chunked, inputs)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    assert got.keys() == want.keys() and any("gate" in name for name in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    aux = chunked(**inputs).aux_loss
+    assert 2.0 <= aux.item() < 4.0  # top_k = 2 when the experts are evenly loaded
+    half = chunked(**{**inputs, "num_items_in_batch": 72})  # half the window: half the weight in the step's mean
+    torch.testing.assert_close(half.aux_loss, aux / 2)
+    torch.testing.assert_close(half.loss, (want_loss - 0.1 * aux) / 2 + 0.1 * aux / 2)
+    chunked.eval()  # evaluation reports the language-model loss alone
+    torch.testing.assert_close(chunked(**inputs).loss, want_loss - 0.1 * aux)

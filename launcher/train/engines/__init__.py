@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 from launcher.planning.plan import ENGINE_SUPPORT
-from launcher.train.chunked_loss import use_chunked_loss
+from launcher.train.chunked_loss import ROUTED_MODEL_TYPES, use_chunked_loss
 from launcher.train.engines.base import Engine
 
 
@@ -33,9 +33,11 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
 
 def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> Engine:
     """The engine the plan's strategy names; imports only that engine's library. The model computes its loss in
-    chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT)."""
-    if ENGINE_SUPPORT[plan.strategy].chunked_loss:
-        use_chunked_loss(model, plan.loss_chunk_tokens)
+    chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT).
+    Elsewhere an MoE's own forward adds its router's aux loss, Hugging Face's way (coef x aux per micro-batch)."""
+    chunked = ENGINE_SUPPORT[plan.strategy].chunked_loss and use_chunked_loss(model, plan.loss_chunk_tokens)
+    if not chunked and model.config.model_type in ROUTED_MODEL_TYPES:
+        model.config.output_router_logits = True
     if plan.is_ddp:
         from launcher.train.engines.ddp import DDPEngine
 

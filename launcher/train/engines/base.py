@@ -2,7 +2,7 @@
 
 The loop drives an engine per optimizer step as:
 
-    for each micro-batch:  with engine.accumulating(final=is_last):  loss = engine.forward(batch); engine.backward(loss)
+    for each micro-batch:  with engine.accumulating(final=is_last):  engine.backward(engine.forward(batch).loss)
     grad_norm = engine.step(max_grad_norm)      # clip + optimizer step + zero grads
 
 `TorchEngine` holds what the two torch-native engines share (autocast, GradScaler, clipping, DCP state).
@@ -29,8 +29,9 @@ class Engine(ABC):
     optimizer: torch.optim.Optimizer  # the torch optimizer whose param_groups carry the learning rate
 
     @abstractmethod
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Loss of one micro-batch (the model's own loss, normalised by the batch's num_items_in_batch)."""
+    def forward(self, batch: dict):
+        """The model's output for one micro-batch: its loss normalised by the batch's num_items_in_batch (and an
+        MoE's weighted router aux_loss, launcher.train.chunked_loss)."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
@@ -85,9 +86,9 @@ class TorchEngine(Engine):
     def make_grad_scaler(self):
         return torch.amp.GradScaler(self.device.type)
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict):
         with self._autocast():
-            return self.wrapped(**batch).loss
+            return self.wrapped(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()

@@ -18,6 +18,8 @@ class DDPEngine(TorchEngine):
         model.to(device)
         if dist.get_world_size() == 1:
             return model  # nothing to synchronise; skip DDP's bucketing overhead
+        # No find_unused_parameters, mixtures of experts included: transformers 5 stores a layer's experts as one
+        # [experts, ...] weight that every step uses (an expert no token chose gets a zero slice of its gradient).
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def accumulating(self, final: bool):

@@ -57,8 +57,8 @@ class DeepSpeedEngine(Engine):
         # The torch optimizer whose param_groups DeepSpeed's wrapper steps with (the loop's scheduler drives it).
         self.optimizer = client_optimizer or getattr(ds_optimizer, "optimizer", ds_optimizer)
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.engine(**batch).loss
+    def forward(self, batch: dict):
+        return self.engine(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
         # num_items_in_batch already normalises over the whole accumulation window.
