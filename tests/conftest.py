@@ -45,10 +45,11 @@ def llaunch_home(tmp_path_factory):
         os.environ["LLAUNCH_HOME"] = saved
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def stop_handlers_restored():
-    """The node runtime installs its own stop-signal handlers and leaves them ignored as it ends; the test's are
-    put back afterwards."""
+    """The node runtime installs its own stop-signal handlers and leaves them ignored as it ends (`llaunch run` run
+    in-process, a SLURM node task); every test's are put back afterwards, so none sees another's, whichever
+    order a test worker runs the files in."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, *STOP_SIGNALS)}
     yield
     for sig, handler in handlers.items():
