@@ -34,7 +34,7 @@ from launcher.errors import EXIT_USER_ERROR, HANG_EXIT_CODE, REQUEUE_EXIT_CODE
 from launcher.observe import event_ledger
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from launcher.runtime.rank_exits import RankWatch, judge
-from launcher.runtime.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of
+from launcher.runtime.signals import STOP_SIGNALS, catches, ignore_stop_signals, ranks_of, send_signal
 from launcher.runtime.watchdog import Watchdog, WatchdogConfig, describe, hang_culprit, kill_ranks
 
 POLL_S = 0.2  # how often the supervisor looks at torchrun, its ranks and the signals it got (the watchdog: poll_s)
@@ -189,14 +189,7 @@ def _forward(torchrun_pid: int, signals: SignalLog, forwarded: set[tuple[int, in
         for pid in targets:
             if (pid, signum) not in forwarded:
                 forwarded.add((pid, signum))
-                _send(pid, signum)
-
-
-def _send(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
+                send_signal(pid, signum)
 
 
 def _kill_group(pid: int) -> None:

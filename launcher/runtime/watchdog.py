@@ -35,7 +35,7 @@ from launcher.runtime.beacon import Beacon, Phase, beacon_folder, read_beacons, 
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
 from launcher.jobdir.layout import JobDir
-from launcher.runtime.signals import STACK_DUMP_SIGNAL, catches, ranks_of
+from launcher.runtime.signals import STACK_DUMP_SIGNAL, catches, ranks_of, send_signal
 
 EVIDENCE_FILE = "evidence.json"
 DUMP_REQUEST = "dump-request.json"  # the detecting node asks every other node to dump into the same folder
@@ -85,9 +85,9 @@ def hang_culprit(folder: Path, wait_s: float) -> tuple[str, str] | None:
 def kill_ranks(torchrun_pid: int) -> None:
     """SIGKILL torchrun first (it would restart or wait for its workers), then the workers it had."""
     workers = ranks_of(torchrun_pid)
-    _send(torchrun_pid, signal.SIGKILL)
+    send_signal(torchrun_pid, signal.SIGKILL)
     for worker in workers:
-        _send(worker.pid, signal.SIGKILL)
+        send_signal(worker.pid, signal.SIGKILL)
 
 
 class Watchdog:
@@ -213,8 +213,8 @@ class Watchdog:
                 files[rank] = target.name
             elif catches(beacon.pid, STACK_DUMP_SIGNAL):
                 start = _size(stacks_path(self.folder, rank))
-                _send(beacon.pid, STACK_DUMP_SIGNAL)
-                _send(beacon.pid, signal.SIGCONT)  # a stopped rank handles the signal once it runs again
+                send_signal(beacon.pid, STACK_DUMP_SIGNAL)
+                send_signal(beacon.pid, signal.SIGCONT)  # a stopped rank handles the signal once it runs again
                 waiting[rank] = (start, target)
         deadline = time.monotonic() + self.config.grace_s
         while waiting and time.monotonic() < deadline:
@@ -326,13 +326,6 @@ def py_spy_dump(pid: int, target: Path) -> bool:
         return False
     write_text_atomic(target, result.stdout)
     return True
-
-
-def _send(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
 
 
 def _size(path: Path) -> int:
