@@ -63,7 +63,7 @@ def run(args) -> int:
     history.register(job.output_dir)  # the ranks only read the cluster's history
     env[variables.RUN_LOCK_HELD.name] = str(job.output_dir)
     launch = node.NodeRun(job.output_dir, argv, {**os.environ, **env}, event_ledger.new_incarnation_id(),
-                          watchdog_config, beacon_key=str(os.getpid()))
+                          watchdog_config, beacon_key="run")
     # from the command's start: reading and planning the job is start-up
     node.record_launch(job.output_dir, launch.incarnation, nodes=1, how="llaunch run", t=args.started_at)
     plan = job.plan

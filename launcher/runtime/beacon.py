@@ -24,6 +24,7 @@ import faulthandler
 import mmap
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,14 @@ OWNER_FILE = "owner"  # in a beacon folder: "PID START_TIME" of the launcher tha
 
 def beacon_folder(job_dir: str | Path, key: str) -> Path:
     """A new folder for one launch's beacons: in /dev/shm (memory, never on a shared file system) when the node
-    has it, else in the job dir. `key` tells launches apart (the launcher's pid, the SLURM job id). Folders a
-    launcher that is gone left there (a SIGKILL gives it no time to remove its own) are removed first."""
+    has it, else in the job dir. `key` names the launch (`run`, the SLURM job id and node) for a reader of
+    /dev/shm; the folder is made unique (mkdtemp), since two launches can share a key (two clusters' jobs of one
+    id on a node, stand-in jobs in tests) and one's close must never remove the folder the other's ranks write
+    into. Folders a launcher that is gone left there (a SIGKILL gives it no time) are removed first."""
     root = SHM if SHM.is_dir() and os.access(SHM, os.W_OK) else Path(job_dir)
     reap_beacon_folders(root)
-    folder = root / f"{BEACON_FOLDER_PREFIX}{key}"
-    folder.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{BEACON_FOLDER_PREFIX}{key}-", dir=root))
     me = psutil.Process()
     write_text_atomic(folder / OWNER_FILE, f"{me.pid} {me.create_time()!r}")
     return folder

@@ -56,7 +56,7 @@ class NodeRun:
     env: dict[str, str]  # torchrun's environment before the contract: the caller's and the command's own
     incarnation: str  # the launch's id in the event ledger (rank_exits' records are kept under it too)
     watchdog: WatchdogConfig
-    beacon_key: str  # tells this launch's beacon folder apart (the launcher's pid; the job id and node)
+    beacon_key: str  # names this launch's beacon folder (`run`; the SLURM job id and node): beacon.beacon_folder
     host: str = field(default_factory=node_name)
     node: int = 0  # this node's index in the job: the first node alone judges the job's hang or failure
     nodes: int = 1

@@ -51,9 +51,11 @@ def test_a_beacon_folder_a_killed_launcher_left_is_removed_by_the_next_launch_an
         folder.mkdir()
         if owner is not None:
             (folder / "owner").write_text(owner)
-    beacon_folder(tmp_path, "next")
-    assert sorted(p.name for p in tmp_path.glob("llaunch-beacons-*")) == [
-        "llaunch-beacons-foreign", "llaunch-beacons-live", "llaunch-beacons-next"]
+    nexts = beacon_folder(tmp_path, "next")
+    following = beacon_folder(tmp_path, "next")
+    assert sorted(p.name for p in tmp_path.glob("llaunch-beacons-*")) == sorted([
+        "llaunch-beacons-foreign", live.name, following.name, nexts.name])
+    assert live.name.startswith("llaunch-beacons-live-") and len({live, following, nexts}) == 3  # one key, two folders
 
 
 def test_a_torn_write_is_never_read(tmp_path):
@@ -227,7 +229,7 @@ def test_node_task_kills_a_hung_rank_ledgers_the_culprit_and_requeues_without_it
     assert slurm_node.excluded == ([("77", ["h0"])] if max_requeues else [])
     [folder] = JobDir(tmp_path).hangs.iterdir()
     assert "in injected_hang" in (folder / "stacks-rank-0.txt").read_text()
-    assert not list(tmp_path.glob("llaunch-beacons-*")) and not list(Path("/dev/shm").glob("llaunch-beacons-77-0"))
+    assert not list(tmp_path.glob("llaunch-beacons-*")) and not owned_beacon_folders(Path("/dev/shm"))
     ended = [e for e in ledger_events(tmp_path) if e["kind"] in ("exit", "requeue")]
     assert [e["kind"] for e in ended] == ["exit"] + ["requeue"] * max_requeues and ended[0]["cause"] == "hang"
     [hang] = [e for e in ledger_events(tmp_path) if e["kind"] == "hang"]  # goodput's hang time, in this attempt
@@ -295,3 +297,27 @@ def test_the_node_runtime_imports_neither_cluster_nor_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def owned_beacon_folders(root: Path) -> list[Path]:
+    """The beacon folders this process made (a concurrent test's stand-in job 77 has its own)."""
+    mine = []
+    for folder in root.glob("llaunch-beacons-*"):
+        try:
+            if (folder / "owner").read_text().split()[0] == str(os.getpid()):
+                mine.append(folder)
+        except (OSError, IndexError):
+            pass  # being made or removed by another test's launch
+    return mine
+
+
+def test_two_launches_with_one_key_never_share_a_beacon_folder(tmp_path):
+    """Two launches can share a key (two clusters' jobs of one id on a node; stand-in job 77 in two tests at
+    once): the first to end must not remove the folder the other's ranks still write their beacons into."""
+    first = Watchdog.create(tmp_path / "a", "77-0", WatchdogConfig())
+    second = Watchdog.create(tmp_path / "b", "77-0", WatchdogConfig())
+    BeaconWriter(beacon_path(second.folder, 0)).enter(Phase.DATA)
+    first.close()
+    assert first.folder != second.folder and 0 in read_beacons(second.folder)
+    second.close()
+    assert not second.folder.exists()
