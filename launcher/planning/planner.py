@@ -119,7 +119,10 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     request.validate()
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
-    if not hw.has_gpu:  # gloo processes: a forced layout as given (the engines say what they run: check_runnable)
+    if not hw.has_gpu:  # gloo processes: the forced pipeline as given
+        if any((getattr(request, name) or 1) > 1 for name in ("tp", "cp", "ep")):
+            raise LaunchError("a CPU plan runs data parallelism and --pp only; drop --tp / --cp / --ep, or describe "
+                              "GPUs with --gpu and --gpus-per-node.")
         check_forced(spec, request, (request.gpus_per_node or 1) * (request.nodes or 1), request.gpus_per_node or 1)
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
@@ -160,7 +163,7 @@ def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base
     """One layout's candidates: strategy x offload x micro-batch x recompute. Offload is weighed for pure data
     parallelism only; selective recompute (which the ranks cannot run yet) only where tp / pp / cp are (which
     they cannot run either), so a data-parallel plan stays one `llaunch run` runs."""
-    modes = ["none", "full"] if pure else list(RECOMPUTES)
+    modes = ["none", "full"] if pure or request.runnable_only else list(RECOMPUTES)
     checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else modes
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
     out, (plain, offloading) = [], strategies
