@@ -21,7 +21,7 @@ from launcher.corpus import PackedBlocks, TokenizedCorpus, find_corpus
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.knobs import request_knobs
 from launcher.planning.models import pretrained_dir
-from launcher.planning.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, Plan, check_runnable
+from launcher.planning.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, PIPELINED_MODEL_TYPES, Plan, check_runnable
 from launcher.jobdir.layout import JobDir
 from launcher.jobdir.run_lock import RunLock
 
@@ -62,6 +62,7 @@ def prepare_job(
     plan = make_job_plan(config, knobs, trained_vocab, hardware=hardware)
     _check_strategy(config, plan.strategy)
     check_runnable(plan)
+    _check_pipeline(config, plan)
     # Checking the data here makes too little text or a bad SFT line (file:line) fail before any rank starts.
     if corpus is not None:
         blocks = PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage)
@@ -168,6 +169,19 @@ def make_job_plan(config: TrainConfig, knobs: dict, vocab_size: int | None, hard
     request = PlanRequest(model=config.model.name_or_path, model_overrides=overrides, **knobs,
                           runnable_only=True)  # only what the ranks' engines run (plan.check_runnable)
     return make_plan(request, hardware if hardware is not None else probe())
+
+
+def _check_pipeline(config: TrainConfig, plan: Plan) -> None:
+    """Pipeline stages cut the decoders they know and take packed text blocks, whose micro-batches all have
+    the one shape a pipeline schedule sends between stages."""
+    if not plan.parallel.pp_enabled:
+        return
+    from launcher.planning.models import load_model_spec
+
+    model_type = load_model_spec(config.model.name_or_path, config.model.overrides).model_type
+    if model_type not in PIPELINED_MODEL_TYPES or config.data.dataset_format != "text":
+        raise LaunchError(f"pipeline parallelism trains {', '.join(PIPELINED_MODEL_TYPES)} models on text data, "
+                          f"not a {model_type} model on {config.data.dataset_format} data; use --pp 1.")
 
 
 def _check_strategy(config: TrainConfig, strategy: str | None) -> None:

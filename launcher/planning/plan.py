@@ -29,6 +29,7 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw
 ATTENTIONS = ("sdpa", "eager", "flash")
 DEVICES = ("cuda", "cpu")
 LOSS_CHUNK_TOKENS = 512  # tokens per chunk of the causal-LM loss (launcher/train/chunked_loss.py); 0: full logits
+PIPELINED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # decoders cut into stages (launcher/train/pipeline.py)
 LORA_R = 16  # the LoRA rank when none is given: finetune.r, the planner and the Plan share it (alpha defaults to 2r)
 
 
@@ -46,13 +47,15 @@ class EngineSupport:
     # Each parameter's optimizer step runs as its gradient is ready (torchtune's optimizer_in_bwd), in a single
     # unwrapped process: no gradient all-reduce or shard to wait for.
     optimizer_in_backward: bool = False
-    # The model-parallel dimensions its ranks run (tp, pp, cp, ep): none yet (issue 31), so `llaunch run` and
-    # `submit` refuse a layout that `llaunch plan` may recommend at scale.
+    # The model-parallel dimensions its ranks run (tp, pp, cp, ep); `llaunch run` and `submit` refuse a layout
+    # that `llaunch plan` may recommend at scale but the engine does not run.
     layouts: tuple[str, ...] = ()
     recomputes: tuple[str, ...] = ("none", "full")  # activation checkpointing modes (RECOMPUTES) it runs
 
 
-_TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, chunked_loss=True)
+# Pipeline stages (launcher/train/engines/pipeline.py) run under DDP and FSDP2 / HSDP on the data-parallel ranks.
+_TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, chunked_loss=True,
+                       layouts=("pp",))
 _DDP = dataclasses.replace(_TORCH, optimizer_in_backward=True)  # a world of one is never wrapped in DDP
 # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states on the
 # CPU and steps there: parameters and optimizer go together ("optimizer+params"), never the optimizer alone.
@@ -264,15 +267,27 @@ def check_offload(strategy: str, offload: str) -> None:
 KNOBS = tuple(f.name for f in dataclasses.fields(TrainSetup))  # the one list of knob names
 
 
+def unrunnable_dims(strategy: str, dims: ParallelDims) -> list[str]:
+    """The model-parallel dimensions of `dims` that the strategy's engine does not run (ENGINE_SUPPORT)."""
+    used = (("tp", dims.tp_enabled), ("pp", dims.pp_enabled), ("cp", dims.cp_enabled), ("ep", dims.ep_enabled))
+    return [name for name, on in used if on and name not in ENGINE_SUPPORT[strategy].layouts]
+
+
+def can_run(strategy: str, dims: ParallelDims) -> bool:
+    return not unrunnable_dims(strategy, dims)
+
+
 def check_runnable(setup: TrainSetup) -> None:
     """What `llaunch run` and `submit` refuse before any process starts: a layout or recompute mode the
-    strategy's engine does not declare (ENGINE_SUPPORT)."""
+    strategy's engine does not declare (ENGINE_SUPPORT), and what pipeline stages do not run."""
     support, dims = ENGINE_SUPPORT[setup.strategy], setup.parallel
-    used = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled), ("cp", dims.cp_enabled),
-                                  ("ep", dims.ep_enabled)) if on and name not in support.layouts]
+    used = unrunnable_dims(setup.strategy, dims)
     if used:
         raise LaunchError(f"this plan's layout {dims.label()} uses {' and '.join(used)}, which the {setup.strategy} "
                           f"engine cannot run yet; plan without --tp / --pp / --cp / --ep to train it with llaunch.")
+    if dims.pp_enabled and (setup.trains_adapters or setup.offloads or setup.precision == "amp-fp16"):
+        raise LaunchError("pipeline stages train full weights in fp32, bf16 or amp-bf16, without offloading; use "
+                          "--pp 1 for LoRA / QLoRA, offloading or amp-fp16.")
     if setup.activation_checkpointing not in support.recomputes:
         raise LaunchError(f"{setup.activation_checkpointing} activation checkpointing is not something the "
                           f"{setup.strategy} engine runs; use {' or '.join(support.recomputes)}.")

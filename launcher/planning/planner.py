@@ -14,8 +14,8 @@ from launcher.planning.memory import MemoryBreakdown, estimate
 from launcher.planning.models import ModelSpec, load_model_spec
 from launcher.planning.layouts import LAYOUT_STRATEGIES, check_forced, layouts
 from launcher.planning.parallel import RECOMPUTES
-from launcher.planning.plan import (ENGINE_SUPPORT, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup,
-                                    check_offload)
+from launcher.planning.plan import (ENGINE_SUPPORT, LAYOUT_KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER,
+                                    Plan, TrainSetup, can_run, check_offload)
 from launcher.planning.plan_reasons import plan_reasons
 from launcher.planning.request import PlanRequest
 from launcher.units import format_bytes
@@ -119,10 +119,11 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     request.validate()
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
-    if not hw.has_gpu:
-        if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep")):
-            raise LaunchError("a CPU plan runs data parallelism only; drop --tp / --pp / --cp / --ep, or describe GPUs "
-                              "with --gpu and --gpus-per-node.")
+    if not hw.has_gpu:  # gloo processes: the forced pipeline as given
+        if any((getattr(request, name) or 1) > 1 for name in ("tp", "cp", "ep")):
+            raise LaunchError("a CPU plan runs data parallelism and --pp only; drop --tp / --cp / --ep, or describe "
+                              "GPUs with --gpu and --gpus-per-node.")
+        check_forced(spec, request, (request.gpus_per_node or 1) * (request.nodes or 1), request.gpus_per_node or 1)
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
@@ -137,12 +138,16 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     strategies = [request.strategy] if request.strategy else (weighed if world > 1 else ["ddp"])
     check_forced(spec, request, world, hw.gpus_per_node)
     out = []
-    for layout in layouts(spec, request, world, hw.gpus_per_node) if not request.runnable_only else [{}]:
+    # What `llaunch run` trains: the layout the flags force, not a search over those the engines cannot run.
+    runnable = [{k: v for k, v in fixed.parallel.to_dict().items() if k in LAYOUT_KNOBS}]
+    for layout in layouts(spec, request, world, hw.gpus_per_node) if not request.runnable_only else runnable:
         model_parallel = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("cp", 1)
         pure = model_parallel == 1 and layout.get("ep", request.ep or 1) == 1
         base = dataclasses.replace(fixed, precision=precision, nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
                                    device="cuda", **layout)
         chosen = strategies if pure or request.strategy else [s for s in LAYOUT_STRATEGIES if s in weighed]
+        if request.runnable_only and not pure:
+            chosen = [s for s in chosen if can_run(s, base.parallel)] or [s for s in weighed if can_run(s, base.parallel)]
         # Offloading candidates: ZeRO-2 for the optimizer alone, ZeRO-3 and FSDP for parameters too, each where
         # it can run this method.
         offloading = [s for s in OFFLOADING if s in weighed]
@@ -158,7 +163,7 @@ def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base
     """One layout's candidates: strategy x offload x micro-batch x recompute. Offload is weighed for pure data
     parallelism only; selective recompute (which the ranks cannot run yet) only where tp / pp / cp are (which
     they cannot run either), so a data-parallel plan stays one `llaunch run` runs."""
-    modes = ["none", "full"] if pure else list(RECOMPUTES)
+    modes = ["none", "full"] if pure or request.runnable_only else list(RECOMPUTES)
     checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else modes
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
     out, (plain, offloading) = [], strategies
@@ -239,8 +244,8 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     world = processes * (request.nodes or 1)
     micro = request.micro_batch or 1
     fixed = request.fixed()
-    accumulation = _accumulation(request, micro, world, fixed.seq_len)
-    if accumulation is None:
+    accumulation = _accumulation(request, micro, world // (fixed.tp * fixed.pp * fixed.cp), fixed.seq_len)
+    if accumulation is None or not _microbatches_fit(fixed, accumulation):
         return None
     offload = request.offload or "none"
     # a forced offload with the strategy left open: the first that can do it and run this method

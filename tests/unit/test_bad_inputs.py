@@ -51,6 +51,8 @@ CASES = [
     ("run W/empty --output-dir W/out", "model.name_or_path is empty"),
     # run: the output directory
     ("run W/tiny.yaml --output-dir W/afile", "is a file"),
+    ("run W/tiny.yaml --output-dir W/out --nproc-per-node 2 --pp 2 finetune.method=lora",
+     "pipeline stages train full weights"),
     ("run W/tiny.yaml --output-dir W/afile/out", "under the file"),
     ("run W/tiny.yaml --output-dir W", "not a llaunch run directory"),
     ("run W/tiny.yaml --output-dir W --overwrite", "not a llaunch run directory"),
@@ -132,7 +134,7 @@ CASES = [
     ("plan --model tinyllama-1.1b --gpu-mem nanGiB", "is not a size"),
     ("plan --model tinyllama-1.1b --lora-r 0", "--lora-r must be a positive integer"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 3", "does not divide the 8 GPUs"),
-    ("plan --model gpt2 --device cpu --gpus 2 --tp 2", "a CPU plan runs data parallelism only"),
+    ("plan --model gpt2 --device cpu --gpus 2 --tp 2", "a CPU plan runs data parallelism and --pp only"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 2 --pp 1 --global-batch 6", "x 4 data-parallel rank(s)"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --cp 2 --trace", "no fake-tensor trace of cp or ep"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 0", "--tp must be a positive integer"),

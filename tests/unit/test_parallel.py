@@ -102,6 +102,11 @@ def test_run_and_submit_plan_only_what_the_engines_run():
     assert not free.parallel.pure_data_parallel
     assert runnable.parallel.pure_data_parallel and runnable.activation_checkpointing != "selective"
     check_runnable(runnable)
+    # A forced pipeline is planned as forced, under a strategy whose engine runs stages (not ZeRO).
+    piped = make_plan(PlanRequest(model="tinyllama-1.1b", gpu="H100", gpus_per_node=8, pp=2, runnable_only=True),
+                      Hardware())
+    assert (piped.parallel.pp, piped.parallel.dp) == (2, 4) and not piped.is_deepspeed
+    check_runnable(piped)
     with pytest.raises(LaunchError, match=r"uses tp and pp, which the zero1 engine cannot run yet"):
         check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8, pp=2))
     with pytest.raises(LaunchError, match="selective activation checkpointing is not something the fsdp engine runs"):

@@ -20,7 +20,7 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
     deepspeed.zero.Init, which transformers enters (and loads pretrained weights through) while an
     HfDeepSpeedConfig is alive. A 4-bit (QLoRA) base is loaded whole on every rank (bitsandbytes quantizes it as
     it loads; a quarter of the bf16 size) and then sharded by FSDP2 or ZeRO-3 like any weight."""
-    if quantized or not plan.shards_params:
+    if quantized or not plan.shards_params or plan.parallel.pp_enabled:  # a pipeline rank keeps only its stages
         yield False
     elif plan.is_fsdp:
         yield rank != 0
@@ -31,10 +31,16 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
             yield False
 
 
-def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> Engine:
+def build_engine(model, plan, training, device, deepspeed_overrides: dict, meshes=None) -> Engine:
     """The engine the plan's strategy names; imports only that engine's library. The model computes its loss in
     chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT).
-    Elsewhere an MoE's own forward adds its router's aux loss, Hugging Face's way (coef x aux per micro-batch)."""
+    Elsewhere an MoE's own forward adds its router's aux loss, Hugging Face's way (coef x aux per micro-batch).
+    A pipeline-parallel plan runs its stages under the strategy's data parallelism (engines.pipeline), on the
+    ranks' `meshes` (launcher.train.device_mesh.RankMeshes)."""
+    if plan.parallel.pp_enabled:
+        from launcher.train.engines.pipeline import PipelineEngine
+
+        return PipelineEngine(model, plan, training, device, meshes)
     chunked = ENGINE_SUPPORT[plan.strategy].chunked_loss and use_chunked_loss(model, plan.loss_chunk_tokens)
     if not chunked and model.config.model_type in ROUTED_MODEL_TYPES:
         model.config.output_router_logits = True

@@ -2,8 +2,12 @@
 
 The loop drives an engine per optimizer step as:
 
-    for each micro-batch:  with engine.accumulating(final=is_last):  engine.backward(engine.forward(batch).loss)
+    step_loss = engine.forward_backward(micro_batches, num_items, progress)   # the accumulation window
     grad_norm = engine.step(max_grad_norm)      # clip + optimizer step + zero grads
+
+where an engine's window is, unless it runs the window itself (a pipeline schedule does):
+
+    for each micro-batch:  with engine.accumulating(final=is_last):  engine.backward(engine.forward(batch).loss)
 
 `TorchEngine` holds what the two torch-native engines share (autocast, GradScaler, clipping, DCP state).
 """
@@ -19,9 +23,11 @@ from torch import nn
 
 from launcher.config import TrainingSection
 from launcher.planning.plan import Plan
+from launcher.runtime.beacon import Phase
 from launcher.train.optim import build_optimizer
 
 AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+OLDER_OPTIMIZER_KEY = "optimizer.param_groups"  # one list of groups: a checkpoint written before flat optimizer keys
 
 
 class Engine(ABC):
@@ -60,6 +66,23 @@ class Engine(ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Consolidated model weights on rank 0 (every rank calls it; other ranks get {})."""
 
+    def forward_backward(self, batches: list[dict], num_items: int, progress) -> torch.Tensor:
+        """Forward and backward of one accumulation window's micro-batches, each normalised by the window's
+        label count `num_items`; returns [summed loss, summed MoE aux loss] on the device (not synced).
+        `progress` (launcher.train.progress.Progress) is told when the rank computes and when it syncs."""
+        step_loss = torch.zeros(2, device=self.device)
+        for i, batch in enumerate(batches):
+            final = i == len(batches) - 1
+            with self.accumulating(final=final):
+                progress.enter(Phase.COMPUTE)
+                output = self.forward({**batch, "num_items_in_batch": num_items})
+                progress.enter(Phase.SYNC if final else Phase.COMPUTE)  # gradients reduce
+                self.backward(output.loss)
+            step_loss[0] += output.loss.detach().float()
+            if getattr(output, "aux_loss", None) is not None:  # an MoE's router balance (chunked_loss)
+                step_loss[1] += output.aux_loss.detach().float()
+        return step_loss
+
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
@@ -72,8 +95,9 @@ class TorchEngine(Engine):
     def __init__(self, model: nn.Module, plan: Plan, training: TrainingSection, device: torch.device):
         self.device = device
         self.module = model
+        self.held = model  # the module whose parameters this rank trains, under the model's names
         self.wrapped = self.wrap(model, plan, device)
-        self.optimizer = build_optimizer(self.module, plan.optimizer, training)
+        self.optimizer = build_optimizer(self.held, plan.optimizer, training)
         self._grad_squares = self._step_in_backward() if plan.optimizer_in_backward else None
         dtype = AUTOCAST_DTYPES.get(plan.precision)
         self._autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and self.uses_autocast \
@@ -117,12 +141,10 @@ class TorchEngine(Engine):
             return norm
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        params = [p for p in self.held.parameters() if p.grad is not None]
         if max_grad_value > 0:
             torch.nn.utils.clip_grad_value_(params, max_grad_value)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
-            norm = norm.full_tensor()
+        norm = self.clip_grad_norm(params, max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -131,13 +153,33 @@ class TorchEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Scale the gradients to at most max_norm in total (0: leave them); return their norm before."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over the shards
+
+    def state_dicts(self, flat: bool = True) -> dict:
+        """{"model", "optimizer"} under the model's parameter names. The optimizer's is flattened (one key per
+        parameter, param groups too), so ranks that hold different parameters (pipeline stages) write one
+        checkpoint that any layout reads; `flat=False` reads a checkpoint of an older llaunch."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(flatten_optimizer_state_dict=flat)
+        model_state, optim_state = get_state_dict(self.held, self.optimizer, options=options)
+        return {"model": model_state, "optimizer": optim_state}
+
+    def set_state_dicts(self, state: dict, flat: bool = True) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(self.held, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(flatten_optimizer_state_dict=flat))
+
     def save_state(self, directory: Path, async_save: bool = False):
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+        state = self.state_dicts()
         if not async_save:
             dcp.save(state, checkpoint_id=str(directory))
             return None
@@ -147,17 +189,15 @@ class TorchEngine(Engine):
 
     def load_state(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
+        flat = OLDER_OPTIMIZER_KEY not in dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        state = self.state_dicts(flat)
         dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        self.set_state_dicts(state, flat)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(self.held, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if dist.get_rank() == 0 else {}

@@ -44,6 +44,7 @@ class DeepSpeedEngine(Engine):
                  overrides: dict):
         import deepspeed
 
+        self.device = device
         self.stage = plan.zero_stage
         self.config = render_ds_config(plan, training, model.config.hidden_size, overrides)
         if "optimizer" in self.config:  # offload: DeepSpeed's CPU Adam, built from the config
