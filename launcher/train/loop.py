@@ -39,6 +39,7 @@ from launcher.train.cadence import SaveCadence
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
 from launcher.train.chunked_loss import ROUTED_MODEL_TYPES
 from launcher.train.data import StepSampler, rank_micro_batches
+from launcher.train.device_mesh import RankMeshes
 from launcher.train.distributed import init_distributed, on_every_rank
 from launcher.train.engines import build_engine, model_construction
 from launcher.train.final_model import write_final_model
@@ -81,6 +82,7 @@ class Trainer:
         self.device, self.rank, self.world_size = init_distributed(host_collectives=self.plan.offloads)
         if self.world_size != self.plan.world_size:  # a --min-nodes job on fewer nodes: same global batch
             self.plan = self.plan.on_nodes(self.world_size // self.plan.gpus_per_node)
+        self.meshes = RankMeshes.build(self.plan.parallel, self.device.type)  # the tp ranks of a replica share data
         self.events = event_ledger.RankLedger(self.job_dir, self.rank)
         self.events.started()
         self.progress = Progress.start(self.rank, self.world_size)  # beacon, stack dumps, busy time, faults
@@ -95,7 +97,8 @@ class Trainer:
         spec = spec_from_config(self.plan.model, model.config.to_dict())
         self.flops_per_token = spec.flops_per_token(self.plan.seq_len)  # the planner's rule, for MFU
         self.routed = model.config.model_type in ROUTED_MODEL_TYPES  # logs its router's aux loss
-        self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed)
+        self.engine = build_engine(model, self.plan, training, self.device, self.config.parallel.deepspeed,
+                                   self.meshes)
         self.scheduler = build_scheduler(self.engine.optimizer, training, self.total_steps)
         self.events.append(event_ledger.MODEL_BUILT)
         self.state, self.loss_window = TrainState(), LossWindow(self.device)  # both go into each checkpoint
@@ -201,7 +204,7 @@ class Trainer:
         """One optimizer update; returns this rank's [mean token loss, MoE aux loss] (a device tensor, not synced)."""
         self.progress.step_begins(self.state.global_step + 1)
         indices, epoch, position = self.sampler.next_step(self.state.epoch, self.state.position)
-        micro = rank_micro_batches(indices, self.rank, self.world_size, self.plan.micro_batch)
+        micro = rank_micro_batches(indices, self.meshes.data_rank, self.meshes.data_ranks, self.plan.micro_batch)
         num_items = self.data.label_count("train", np.concatenate(micro))
         step_loss = torch.zeros(2, device=self.device)
         for i, sample_indices in enumerate(micro):
@@ -238,13 +241,11 @@ class Trainer:
     # ----- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean token loss and perplexity over the held-out blocks, every rank taking an equal share."""
+        """Mean token loss and perplexity over the held-out blocks, every data rank taking an equal share (its tp
+        ranks count it alike, which the ratio of the summed totals cancels)."""
         self.progress.enter(Phase.EVAL)
-        n = self.data.num_eval
-        if self.config.data.max_eval_samples is not None:
-            n = min(n, self.config.data.max_eval_samples)
-        indices = np.arange(n)
-        share = indices[self.rank::self.world_size][: n // self.world_size] if n >= self.world_size else indices
+        n, ranks = min(self.data.num_eval, self.config.data.max_eval_samples or self.data.num_eval), self.meshes.data_ranks
+        share = np.arange(n)[self.meshes.data_rank::ranks][: n // ranks] if n >= ranks else np.arange(n)
         batch_size = self.config.training.per_device_eval_batch_size or self.plan.micro_batch
         self.engine.train(False)
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)

@@ -102,7 +102,10 @@ def test_run_and_submit_plan_only_what_the_engines_run():
     assert not free.parallel.pure_data_parallel
     assert runnable.parallel.pure_data_parallel and runnable.activation_checkpointing != "selective"
     check_runnable(runnable)
-    with pytest.raises(LaunchError, match=r"uses tp and pp, which the zero1 engine cannot run yet"):
+    with pytest.raises(LaunchError, match=r"uses tp and pp, which the zero1 engine cannot run; plan without --tp / --pp"):
         check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8, pp=2))
+    with pytest.raises(LaunchError, match=r"uses tp, which the zero1 engine cannot run; use --strategy fsdp or hsdp"):
+        check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8))
+    check_runnable(TrainSetup(strategy="fsdp", nodes=2, gpus_per_node=8, tp=8))  # FSDP2 runs tp (issue 31)
     with pytest.raises(LaunchError, match="selective activation checkpointing is not something the fsdp engine runs"):
         check_runnable(TrainSetup(strategy="fsdp", activation_checkpointing="selective"))

@@ -31,21 +31,22 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
             yield False
 
 
-def build_engine(model, plan, training, device, deepspeed_overrides: dict) -> Engine:
+def build_engine(model, plan, training, device, deepspeed_overrides: dict, meshes=None) -> Engine:
     """The engine the plan's strategy names; imports only that engine's library. The model computes its loss in
     chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT).
-    Elsewhere an MoE's own forward adds its router's aux loss, Hugging Face's way (coef x aux per micro-batch)."""
+    Elsewhere an MoE's own forward adds its router's aux loss, Hugging Face's way (coef x aux per micro-batch).
+    `meshes` (launcher.train.device_mesh.RankMeshes) is the loop's device mesh, which the torch engines use."""
     chunked = ENGINE_SUPPORT[plan.strategy].chunked_loss and use_chunked_loss(model, plan.loss_chunk_tokens)
     if not chunked and model.config.model_type in ROUTED_MODEL_TYPES:
         model.config.output_router_logits = True
     if plan.is_ddp:
         from launcher.train.engines.ddp import DDPEngine
 
-        return DDPEngine(model, plan, training, device)
+        return DDPEngine(model, plan, training, device, meshes)
     if plan.is_fsdp:
         from launcher.train.engines.fsdp import FSDPEngine
 
-        return FSDPEngine(model, plan, training, device)
+        return FSDPEngine(model, plan, training, device, meshes)
     from launcher.train.engines.deepspeed import DeepSpeedEngine
 
     return DeepSpeedEngine(model, plan, training, device, deepspeed_overrides)
