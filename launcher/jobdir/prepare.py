@@ -20,7 +20,8 @@ from launcher.config import TrainConfig, load_train_config
 from launcher.corpus import PackedBlocks, TokenizedCorpus, find_corpus
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.knobs import request_knobs
-from launcher.planning.models import pretrained_dir
+from launcher.planning.models import load_model_spec, pretrained_dir
+from launcher.planning.parallel import check_tensor_parallel
 from launcher.planning.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, PIPELINED_MODEL_TYPES, Plan, check_runnable
 from launcher.jobdir.layout import JobDir
 from launcher.jobdir.run_lock import RunLock
@@ -63,6 +64,9 @@ def prepare_job(
     _check_strategy(config, plan.strategy)
     check_runnable(plan)
     _check_pipeline(config, plan)
+    if plan.parallel.tp_enabled:  # what the ranks' tp plan splits (launcher/train/tensor_parallel.py)
+        spec = load_model_spec(config.model.name_or_path, config.model.overrides)
+        check_tensor_parallel(spec.model_type, spec.heads, spec.kv_heads, plan.tp)
     # Checking the data here makes too little text or a bad SFT line (file:line) fail before any rank starts.
     if corpus is not None:
         blocks = PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage)

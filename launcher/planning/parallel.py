@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 from launcher.errors import LaunchError
 
+# The decoders whose modules the ranks' tensor-parallel plan names (launcher/train/tensor_parallel.py).
+TP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")  # torch.distributed.pipelining's ScheduleGPipe, 1F1B, Interleaved1F1B
 RECOMPUTES = ("none", "selective", "full")  # activation recompute: none, attention's core only (Korthikanti 2022), every layer
 
@@ -147,3 +149,14 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
     if dims.cp_enabled and seq_len % (2 * dims.cp):
         raise LaunchError(f"--seq-len {seq_len} does not split into 2 x cp = {2 * dims.cp} equal chunks; choose a "
                           f"sequence length that is a multiple of {2 * dims.cp}.")
+
+
+def check_tensor_parallel(model_type: str, heads: int, kv_heads: int, tp: int) -> None:
+    """What the ranks' tensor-parallel plan splits: a decoder it names, whose query and KV heads tp divides (it
+    splits KV heads and does not replicate them)."""
+    if model_type not in TP_MODEL_TYPES:
+        raise LaunchError(f"tensor parallelism runs on {', '.join(TP_MODEL_TYPES)} decoders, not {model_type}; "
+                          f"train it with --tp 1.")
+    if heads % tp or kv_heads % tp:
+        raise LaunchError(f"tp {tp} must divide the {heads} attention heads and the {kv_heads} KV heads of this "
+                          f"model; choose a --tp that divides {kv_heads}.")

@@ -48,7 +48,7 @@ class EngineSupport:
     # unwrapped process: no gradient all-reduce or shard to wait for.
     optimizer_in_backward: bool = False
     # The model-parallel dimensions its ranks run (tp, pp, cp, ep); `llaunch run` and `submit` refuse a layout
-    # that `llaunch plan` may recommend at scale but the engine does not run.
+    # that `llaunch plan` may recommend at scale and the engine does not declare.
     layouts: tuple[str, ...] = ()
     recomputes: tuple[str, ...] = ("none", "full")  # activation checkpointing modes (RECOMPUTES) it runs
 
@@ -59,7 +59,9 @@ _TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, 
 _DDP = dataclasses.replace(_TORCH, optimizer_in_backward=True)  # a world of one is never wrapped in DDP
 # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states on the
 # CPU and steps there: parameters and optimizer go together ("optimizer+params"), never the optimizer alone.
-_FSDP = dataclasses.replace(_TORCH, offloads=("none", "optimizer+params"))
+# Tensor (+ sequence) parallel DTensors compose with FSDP2 on the (dp_shard, tp) mesh (launcher/train/tensor_parallel.py);
+# DDP and ZeRO do not take DTensor weights (torchtitan refuses DDP beyond one mesh dimension too).
+_FSDP = dataclasses.replace(_TORCH, offloads=("none", "optimizer+params"), layouts=("pp", "tp"))
 _ZERO = EngineSupport(clip_grad_value=False, compile=False, quantized_base=False, chunked_loss=True,
                       offloads=("none", "optimizer"))
 ENGINE_SUPPORT = {
@@ -281,13 +283,21 @@ def check_runnable(setup: TrainSetup) -> None:
     """What `llaunch run` and `submit` refuse before any process starts: a layout or recompute mode the
     strategy's engine does not declare (ENGINE_SUPPORT), and what pipeline stages do not run."""
     support, dims = ENGINE_SUPPORT[setup.strategy], setup.parallel
+    if dims.tp_enabled and dims.pp_enabled:
+        raise LaunchError(f"the ranks run tp and pp each, not yet together; use --tp {dims.tp} --pp 1 or "
+                          f"--tp 1 --pp {dims.pp}.")
     used = unrunnable_dims(setup.strategy, dims)
     if used:
+        able = [s for s, can in ENGINE_SUPPORT.items() if set(used) <= set(can.layouts)]
+        instead = f"use --strategy {' or '.join(able)}, or drop" if able else "plan without"
         raise LaunchError(f"this plan's layout {dims.label()} uses {' and '.join(used)}, which the {setup.strategy} "
-                          f"engine cannot run yet; plan without --tp / --pp / --cp / --ep to train it with llaunch.")
+                          f"engine cannot run; {instead} --{' / --'.join(used)} to train it with llaunch.")
     if dims.pp_enabled and (setup.trains_adapters or setup.offloads or setup.precision == "amp-fp16"):
         raise LaunchError("pipeline stages train full weights in fp32, bf16 or amp-bf16, without offloading; use "
                           "--pp 1 for LoRA / QLoRA, offloading or amp-fp16.")
+    if dims.tp_enabled and setup.method != "full":
+        raise LaunchError(f"tensor parallelism splits full weights; {setup.method} wraps them in PEFT modules the "
+                          f"tp plan does not split, so train it with --tp 1.")
     if setup.activation_checkpointing not in support.recomputes:
         raise LaunchError(f"{setup.activation_checkpointing} activation checkpointing is not something the "
                           f"{setup.strategy} engine runs; use {' or '.join(support.recomputes)}.")

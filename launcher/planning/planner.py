@@ -119,11 +119,13 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     request.validate()
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
-    if not hw.has_gpu:  # gloo processes: the forced pipeline as given
-        if any((getattr(request, name) or 1) > 1 for name in ("tp", "cp", "ep")):
-            raise LaunchError("a CPU plan runs data parallelism and --pp only; drop --tp / --cp / --ep, or describe "
-                              "GPUs with --gpu and --gpus-per-node.")
-        check_forced(spec, request, (request.gpus_per_node or 1) * (request.nodes or 1), request.gpus_per_node or 1)
+    if not hw.has_gpu:
+        runnable = sorted({name for support in ENGINE_SUPPORT.values() for name in support.layouts})
+        if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep") if name not in runnable):
+            also = "".join(f", --{name}" for name in runnable)
+            raise LaunchError(f"a CPU plan runs data parallelism{also} only; drop the other layout flags, or "
+                              f"describe GPUs with --gpu and --gpus-per-node.")
+        check_forced(spec, request, (request.nodes or 1) * (request.gpus_per_node or 1), request.gpus_per_node or 1)
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
@@ -241,17 +243,18 @@ def _evaluate(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> Candid
 def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candidate | None:
     """No GPU: one plan of N gloo processes in fp32, checked against host RAM split over them."""
     processes = request.gpus_per_node or 1
-    world = processes * (request.nodes or 1)
     micro = request.micro_batch or 1
     fixed = request.fixed()
-    accumulation = _accumulation(request, micro, world // (fixed.tp * fixed.pp * fixed.cp), fixed.seq_len)
+    world = processes * (request.nodes or 1) // fixed.parallel.model_parallel  # the data-parallel ranks
+    accumulation = _accumulation(request, micro, world, fixed.seq_len)
     if accumulation is None or not _microbatches_fit(fixed, accumulation):
         return None
     offload = request.offload or "none"
-    # a forced offload with the strategy left open: the first that can do it and run this method
-    able = [s for s in OFFLOADING if offload in ENGINE_SUPPORT[s].offloads
-            and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)]
-    strategy = request.strategy or ("ddp" if offload == "none" or not able else able[0])
+    # a forced offload or layout with the strategy left open: the first that can do it and run this method
+    layouts = {name for name in ("tp", "pp", "cp", "ep") if getattr(fixed, name) > 1}
+    able = [s for s in (OFFLOADING if offload != "none" else STRATEGIES) if offload in ENGINE_SUPPORT[s].offloads
+            and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base) and layouts <= set(ENGINE_SUPPORT[s].layouts)]
+    strategy = request.strategy or ("ddp" if (offload == "none" and not layouts) or not able else able[0])
     setup = dataclasses.replace(
         fixed, strategy=strategy, offload=offload,
         precision=request.precision or "fp32", activation_checkpointing=request.activation_checkpointing or "none",

@@ -37,45 +37,93 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        device_type = hidden.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else torch.promote_types(hidden.dtype, weight.dtype))
-        with torch.autocast(device_type, enabled=False):
-            head = weight.to(dtype)
-            lse = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-            picked = torch.empty_like(lse)
-            for start in range(0, hidden.shape[0], chunk):
-                logits = F.linear(hidden[start:start + chunk].to(dtype), head).float()
-                lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
-                index = targets[start:start + chunk].clamp(min=0).unsqueeze(1)
-                picked[start:start + chunk] = logits.gather(1, index).squeeze(1)
+        dtype = _matmul_dtype(hidden, weight)
+        lse, picked = _chunk_statistics(hidden, weight, targets.clamp(min=0), chunk, dtype)
         counted = targets != IGNORE_INDEX
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets.clamp(min=0), counted, counted, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return torch.where(counted, lse - picked, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        chunk, dtype = ctx.chunk, ctx.dtype
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            head = weight.to(dtype)
-            for start in range(0, hidden.shape[0], chunk):
-                inputs = hidden[start:start + chunk].to(dtype)
-                # d/dlogits of (logsumexp - logit[target]) = softmax - one_hot(target), zero for ignored tokens
-                grad = F.linear(inputs, head).float().sub_(lse[start:start + chunk].unsqueeze(1)).exp_()
-                part = targets[start:start + chunk]
-                grad.scatter_add_(1, part.clamp(min=0).unsqueeze(1), torch.full_like(grad[:, :1], -1.0))
-                grad.mul_(((part != IGNORE_INDEX) * grad_output).unsqueeze(1))
-                grad = grad.to(dtype)
-                if want_hidden:
-                    grad_hidden[start:start + chunk] = grad @ head
-                if want_weight:
-                    grad_weight.add_(grad.t() @ inputs)
-        return grad_hidden, grad_weight, None, None
+        return (*_chunk_gradients(ctx, grad_output), None, None)
+
+
+class VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """LinearCrossEntropy through this rank's rows [start, start + rows) of a head split by vocabulary over a
+    tensor-parallel group (Megatron-LM's vocab-parallel cross-entropy, chunked): each rank computes its chunks'
+    logits over its rows only, and one all-gather of every token's (logsumexp, target logit) over the group
+    gives the whole vocabulary's. The hidden states' gradient is this rank's rows' share of it: the caller
+    declares it Partial, so DTensor sums it over the group."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, group,
+                start: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dtype = _matmul_dtype(hidden, weight)
+        local = targets - start
+        held = (local >= 0) & (local < weight.shape[0])  # this rank's rows hold the token's target
+        index = local.clamp(0, max(0, weight.shape[0] - 1))
+        lse, picked = _chunk_statistics(hidden, weight, index, chunk, dtype)
+        mine = torch.stack([lse, torch.where(held, picked, 0.0)])
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, mine, group=group)
+        parts = torch.stack(parts)
+        lse, picked = torch.logsumexp(parts[:, 0], dim=0), parts[:, 1].sum(dim=0)
+        counted = targets != IGNORE_INDEX
+        ctx.save_for_backward(hidden, weight, index, counted & held, counted, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return torch.where(counted, lse - picked, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return (*_chunk_gradients(ctx, grad_output), None, None, None, None)
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    return (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+            else torch.promote_types(hidden.dtype, weight.dtype))
+
+
+def _chunk_statistics(hidden, weight, index, chunk: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: the fp32 logsumexp of hidden @ weight.T and its logit at `index`, a chunk's logits at a time."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        head = weight.to(dtype)
+        lse = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+        picked = torch.empty_like(lse)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[start:start + chunk].to(dtype), head).float()
+            lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
+            picked[start:start + chunk] = logits.gather(1, index[start:start + chunk].unsqueeze(1)).squeeze(1)
+    return lse, picked
+
+
+def _chunk_gradients(ctx, grad_output: torch.Tensor):
+    """The gradients of the summed (lse - target logit) of the counted tokens: softmax minus the target's one-hot
+    (`hits`: the tokens whose target row is in `weight`), zero for tokens not counted, each chunk's logits
+    recomputed."""
+    hidden, weight, index, hits, counted, lse = ctx.saved_tensors
+    chunk, dtype = ctx.chunk, ctx.dtype
+    want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_weight = torch.zeros_like(weight) if want_weight else None
+    with torch.autocast(hidden.device.type, enabled=False):
+        head = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            inputs = hidden[rows].to(dtype)
+            # d/dlogits of (logsumexp - logit[target]) = softmax - one_hot(target)
+            grad = F.linear(inputs, head).float().sub_(lse[rows].unsqueeze(1)).exp_()
+            grad.scatter_add_(1, index[rows].unsqueeze(1), -hits[rows].unsqueeze(1).float())
+            grad.mul_((counted[rows] * grad_output).unsqueeze(1))
+            grad = grad.to(dtype)
+            if want_hidden:
+                grad_hidden[rows] = grad @ head
+            if want_weight:
+                grad_weight.add_(grad.t() @ inputs)
+    return grad_hidden, grad_weight
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
@@ -83,12 +131,37 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """HF's ForCausalLMLoss on `hidden` [batch, seq, hidden] through the head `weight`, without full logits:
     position t predicts labels[t + 1]; the sum is divided by num_items_in_batch, else by the counted tokens."""
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    total = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk)
+    if _is_dtensor(weight):
+        total = _vocab_parallel_total(hidden, weight, targets, chunk)
+    else:
+        total = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk)
     if num_items_in_batch is None:
         return total / (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _vocab_parallel_total(hidden: torch.Tensor, weight, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The summed loss through a head split by vocabulary rows over a tensor-parallel mesh
+    (launcher.train.tensor_parallel): the hidden states, split along the sequence or whole on each rank, are
+    gathered whole (their gradient, each rank's share, sums back as a reduce-scatter or an all-reduce)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = weight.device_mesh
+    if not isinstance(hidden, DTensor):  # without sequence parallelism: the same whole states on every rank
+        hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
+    whole = hidden.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+    rows = -(-weight.shape[0] // mesh.size())  # DTensor's Shard(0) splits as torch.chunk does
+    start = min(weight.shape[0], mesh.get_local_rank() * rows)
+    return VocabParallelLinearCrossEntropy.apply(whole.reshape(-1, whole.shape[-1]), weight.to_local(), targets,
+                                                 chunk, mesh.get_group(), start)
 
 
 def router_balance_loss(config, router_logits: tuple[torch.Tensor, ...], attention_mask) -> torch.Tensor:

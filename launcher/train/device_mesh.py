@@ -40,8 +40,10 @@ class RankMeshes:
 
     @property
     def fsdp(self) -> DeviceMesh:
-        """FSDP2's mesh: 1-D over dp_shard x cp, or HSDP's 2-D (dp_replicate, dp_shard x cp)."""
-        if self.dims.dp_replicate > 1 and self.dims.dp_shard > 1:
+        """FSDP2's mesh: 1-D over dp_shard x cp, or HSDP's 2-D (dp_replicate, dp_shard x cp). Under the FSDP
+        engine dp_replicate > 1 only for HSDP, whose replicas must not shard over each other even when a
+        replica is one rank (a (2, 1) mesh holds whole weights, as its plan estimated)."""
+        if self.dims.dp_replicate > 1:
             shard = "dp_shard_cp" if self.dims.cp_enabled else "dp_shard"  # (torch warns on a flattened one)
             return self.world["dp_replicate", shard]
         return self.flat["dp_cp"]

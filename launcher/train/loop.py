@@ -82,7 +82,7 @@ class Trainer:
         self.device, self.rank, self.world_size = init_distributed(host_collectives=self.plan.offloads)
         if self.world_size != self.plan.world_size:  # a --min-nodes job on fewer nodes: same global batch
             self.plan = self.plan.on_nodes(self.world_size // self.plan.gpus_per_node)
-        self.meshes = RankMeshes.build(self.plan.parallel, self.device.type)
+        self.meshes = RankMeshes.build(self.plan.parallel, self.device.type)  # the tp ranks of a replica share data
         self.events = event_ledger.RankLedger(self.job_dir, self.rank)
         self.events.started()
         self.progress = Progress.start(self.rank, self.world_size)  # beacon, stack dumps, busy time, faults
@@ -232,7 +232,8 @@ class Trainer:
     # ----- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean token loss and perplexity over the held-out blocks, every rank taking an equal share."""
+        """Mean token loss and perplexity over the held-out blocks, every data rank taking an equal share (its tp
+        ranks count it alike, which the ratio of the summed totals cancels)."""
         self.progress.enter(Phase.EVAL)
         n = self.data.num_eval
         if self.config.data.max_eval_samples is not None:

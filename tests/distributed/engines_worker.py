@@ -21,18 +21,21 @@ TINY = {**TINY_LLAMA, "max_position_embeddings": 64}
 
 
 def write_job(job: Path, data: Path, cache: Path, strategy: str, micro: int, accum: int, steps: int,
-              option: str) -> None:
+              option: str, world: int, learning_rate: float = 1e-2) -> None:
+    """`option`: one of the worker's options, or several joined by '+' (tied+tp2)."""
+    options = set(option.split("+"))
     job.mkdir(parents=True, exist_ok=True)
     config = {
-        "model": {"name_or_path": "tinyllama-1.1b", "overrides": {**TINY, "tie_word_embeddings": option == "tied"}},
+        "model": {"name_or_path": "tinyllama-1.1b", "overrides": {**TINY, "tie_word_embeddings": "tied" in options}},
         "data": {"train_files": [str(data)], "vocab_size": 300, "block_size": 32, "cache_dir": str(cache),
                  "validation_split_percentage": 0},
-        "training": {"max_steps": steps, "learning_rate": 1e-2, "warmup_steps": 0, "seed": 7, "report_to": []},
+        "training": {"max_steps": steps, "learning_rate": learning_rate, "warmup_steps": 0, "seed": 7, "report_to": []},
     }
     plan = {"model": "tinyllama-1.1b", "strategy": strategy, "precision": "fp32", "micro_batch": micro,
-            "gradient_accumulation_steps": accum, "seq_len": 32, "device": "cpu", "gpus_per_node": 2,
-            "activation_checkpointing": option == "ckpt", "offload": "optimizer+params" if option == "offload" else "none",
-            "loss_chunk_tokens": 24}  # several ragged chunks of the 2 x 32 tokens (ZeRO-3 keeps the full logits)
+            "gradient_accumulation_steps": accum, "seq_len": 32, "device": "cpu", "gpus_per_node": world,
+            "activation_checkpointing": "ckpt" in options, "offload": "optimizer+params" if "offload" in options else "none",
+            "loss_chunk_tokens": 24,  # several ragged chunks of the 2 x 32 tokens (ZeRO-3 keeps the full logits)
+            "tp": 2 if "tp2" in options else 1}
     if option.startswith("amp-"):
         plan["precision"] = option
     if option.startswith("mesh"):  # meshRxS: HSDP's (replicate, shard) mesh, as the plan's nodes x gpus_per_node
@@ -46,7 +49,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("runs", nargs="+", help="strategy:micro:accum[:ckpt|amp-bf16|tied|offload|meshRxS]")
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("runs", nargs="+", help="strategy:micro:accum[:ckpt|amp-bf16|tied|offload|meshRxS|tp2[+...]]")
     args = parser.parse_args()
     _, rank, world = init_distributed()
     results, meshes, facts = {}, {}, {}
@@ -54,7 +58,8 @@ def main() -> None:
         strategy, micro, accum, option = (run.split(":") + [""])[:4]
         job = args.out / run.replace(":", "-")
         if rank == 0:
-            write_job(job, args.data, args.out / "cache", strategy, int(micro), int(accum), args.steps, option)
+            write_job(job, args.data, args.out / "cache", strategy, int(micro), int(accum), args.steps, option, world,
+                      args.learning_rate)
         dist.barrier()
         trainer = Trainer(job)
         if strategy in ("fsdp", "hsdp"):  # FSDP2's parameters are DTensors: their mesh and placements
@@ -64,11 +69,13 @@ def main() -> None:
             facts.setdefault(run, {})["offload_policy"] = type(policy).__name__
         # the chunked loss replaces the causal LM's forward on the instance (launcher/train/chunked_loss.py)
         facts.setdefault(run, {})["chunked_loss"] = "forward" in vars(trainer.engine.module)
-        losses = []
+        losses, facts[run]["grad_norms"] = [], []
         for _ in range(args.steps):
             loss = trainer.train_step()[0]  # [loss, router aux loss]
             dist.all_reduce(loss)
             losses.append(loss.item() / world)
+            facts[run]["grad_norms"].append(float(trainer.last_grad_norm))
+        facts[run]["tokens_seen"] = trainer.state.tokens_seen
         state = trainer.engine.full_state_dict()
         if rank == 0:
             # clone: a tied model's input and output embeddings are one tensor, which safetensors refuses to save twice

@@ -42,6 +42,7 @@ ALLOWED = {
     "qlora_1gpu": ("ddp",),
     "qlora_fsdp": ("fsdp",),
     "moe": STRATEGIES,
+    "tp_pp": ("fsdp",),  # 2 ranks here as FSDP; its tp 2 x dp 2 runs in tests/distributed/test_tensor_parallel.py
 }
 
 

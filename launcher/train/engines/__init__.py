@@ -36,7 +36,7 @@ def build_engine(model, plan, training, device, deepspeed_overrides: dict, meshe
     chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT).
     Elsewhere an MoE's own forward adds its router's aux loss, Hugging Face's way (coef x aux per micro-batch).
     A pipeline-parallel plan runs its stages under the strategy's data parallelism (engines.pipeline), on the
-    ranks' `meshes` (launcher.train.device_mesh.RankMeshes)."""
+    ranks' `meshes` (launcher.train.device_mesh.RankMeshes), which the torch engines use too."""
     if plan.parallel.pp_enabled:
         from launcher.train.engines.pipeline import PipelineEngine
 
@@ -47,11 +47,11 @@ def build_engine(model, plan, training, device, deepspeed_overrides: dict, meshe
     if plan.is_ddp:
         from launcher.train.engines.ddp import DDPEngine
 
-        return DDPEngine(model, plan, training, device)
+        return DDPEngine(model, plan, training, device, meshes)
     if plan.is_fsdp:
         from launcher.train.engines.fsdp import FSDPEngine
 
-        return FSDPEngine(model, plan, training, device)
+        return FSDPEngine(model, plan, training, device, meshes)
     from launcher.train.engines.deepspeed import DeepSpeedEngine
 
     return DeepSpeedEngine(model, plan, training, device, deepspeed_overrides)

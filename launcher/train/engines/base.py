@@ -87,15 +87,36 @@ class Engine(ABC):
         self.module.train(mode)
 
 
+@torch.no_grad()
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ (0: measure only) over gradients that may be DTensors on different meshes (FSDP2's
+    1-D shards beside (dp_shard, tp) ones): each mesh's norm is reduced over its own ranks, then combined."""
+    by_mesh: dict = {}
+    for param in params:
+        by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
+    norms = [torch.nn.utils.get_total_norm(grads) for grads in by_mesh.values()]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        for device in {g.device for g in grads}:  # FSDP2's CPU offload keeps shards and their gradients on the host
+            torch._foreach_mul_([g for g in grads if g.device == device], scale.to(device))
+    return total
+
+
 class TorchEngine(Engine):
     """Shared by DDP and FSDP2: subclasses only wrap the model and say how to skip gradient sync."""
 
     uses_autocast = True
 
-    def __init__(self, model: nn.Module, plan: Plan, training: TrainingSection, device: torch.device):
+    def __init__(self, model: nn.Module, plan: Plan, training: TrainingSection, device: torch.device,
+                 meshes=None):
+        """meshes: the ranks' launcher.train.device_mesh.RankMeshes, if the loop built them."""
         self.device = device
         self.module = model
         self.held = model  # the module whose parameters this rank trains, under the model's names
+        self.meshes = meshes
         self.wrapped = self.wrap(model, plan, device)
         self.optimizer = build_optimizer(self.held, plan.optimizer, training)
         self._grad_squares = self._step_in_backward() if plan.optimizer_in_backward else None
@@ -154,9 +175,9 @@ class TorchEngine(Engine):
         return norm
 
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Scale the gradients to at most max_norm in total (0: leave them); return their norm before."""
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over the shards
+        """Scale the gradients to at most max_norm in total (0: leave them); return their norm before. An engine
+        whose ranks hold different parameters (pipeline stages) sums the norm over them."""
+        return clip_grad_norm(params, max_norm)
 
     def state_dicts(self, flat: bool = True) -> dict:
         """{"model", "optimizer"} under the model's parameter names. The optimizer's is flattened (one key per

@@ -1,7 +1,10 @@
 """FSDP2: `fully_shard` on each decoder layer, then the root; parameters gathered in the compute dtype.
 
 HSDP is the same engine on the plan's 2-D (replicate, shard) mesh: FSDP2 shards over a node's GPUs and
-all-reduces the gradient shards across nodes.
+all-reduces the gradient shards across nodes. With tensor parallelism the decoder is first split over the tp
+ranks (launcher.train.tensor_parallel), then sharded over the data-parallel ranks, torchtitan's order: each
+weight is one DTensor on the (dp_shard, tp) mesh, or (dp_replicate, dp_shard, tp) for HSDP, all slices of the
+one world mesh (launcher.train.device_mesh.RankMeshes).
 
 The MixedPrecisionPolicy casts parameters to bf16/fp16 for compute and reduces gradients in fp32, while
 the sharded master weights and optimizer state stay fp32; hence no autocast on top.
@@ -17,12 +20,14 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from launcher.planning.parallel import check_tensor_parallel
 from launcher.planning.plan import Plan
+from launcher.train.device_mesh import RankMeshes
 from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine
 from launcher.train.modeling import decoder_layers
+from launcher.train.tensor_parallel import parallelize
 
 
 class FSDPEngine(TorchEngine):
@@ -34,10 +39,15 @@ class FSDPEngine(TorchEngine):
         empty = any(p.is_meta for p in model.parameters())
         full_state = {} if empty else model.state_dict()  # rank 0's weights (on CPU), kept until broadcast
         buffers = {name: buf.to(device) for name, buf in model.named_buffers()} if empty else {}
+        meshes = self.meshes or RankMeshes.build(plan.parallel, device.type)
+        if plan.parallel.tp_enabled:
+            config = model.config  # (refused before any rank starts too: launcher.jobdir.prepare)
+            check_tensor_parallel(config.model_type, config.num_attention_heads, config.num_key_value_heads,
+                                  plan.parallel.tp)
+            parallelize(model, meshes.tp, plan.parallel.sequence_parallel)
         # fully_shard moves each unit's parameters to the mesh's device as it shards them: the whole model
-        # is never on one GPU at once.
-        shape = plan.device_mesh  # (world,) for FSDP; (replicate, shard) makes fully_shard HSDP
-        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
+        # is never on one GPU at once. The mesh is 1-D for FSDP; (replicate, shard) makes fully_shard HSDP.
+        mesh = meshes.fsdp
         compute = AUTOCAST_DTYPES.get(plan.precision)
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
         # plan.offload optimizer+params: shards, their gradients and the optimizer states live in host memory

@@ -46,7 +46,7 @@ class PipelineEngine(TorchEngine):
         self.pp_group = meshes.pp.get_group()
         self.pp_rank = meshes.pp.get_local_rank()
         self.uses_autocast = not plan.is_fsdp  # FSDP2 casts by its MixedPrecisionPolicy; DDP's stages autocast
-        super().__init__(model, plan, training, device)
+        super().__init__(model, plan, training, device, meshes)
         self.schedule = self._schedule()
         self.tied_group = self._tied_group()
 

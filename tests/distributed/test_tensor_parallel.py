@@ -1,0 +1,130 @@
+"""Tensor + sequence parallelism composed with FSDP2 trains as data parallelism does (4 gloo processes on CPU,
+the tiny fp32 Llama, tp 2 x dp_shard 2): the real Trainer gives the same first 5 losses as DDP over 4 ranks with
+the same global batch, untied and tied, and the same weights after 5 steps; through the user's `llaunch run`,
+exact resume after SIGTERM, and its checkpoint resumed by plain FSDP on 4 ranks (dp 4), exported and verified. The losses and gradients
+equal to DDP's are what checks the vocab-parallel chunked loss (launcher/train/chunked_loss.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import REQUEUE_EXIT_CODE
+from tests.distributed.test_resume import final, max_diff, wait_for_manifest
+from tests.tiny_run import tiny_run_config
+
+pytestmark = pytest.mark.dist
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 5
+# The same 4 sequences per step in every layout: tp 2 x dp 2 at micro-batch 2, dp 4 at micro-batch 1.
+TP2 = ("--strategy", "fsdp", "--tp", "2", "training.per_device_train_batch_size=2")
+FSDP = ("--strategy", "fsdp", "--tp", "1", "training.per_device_train_batch_size=1")
+
+
+def llaunch_run(config: Path, output: Path, *flags: str, log: Path | None = None, fault: str | None = None):
+    """`llaunch run CONFIG --output-dir OUT --nproc-per-node 4 FLAGS`, in the background when `log` is given."""
+    cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(output), "--nproc-per-node", "4",
+           *flags]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+           **({"LLAUNCH_FAULT": fault} if fault else {})}
+    if log is not None:
+        return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result
+
+
+def rows(output: Path) -> list[dict]:
+    """The training rows of metrics.jsonl (a resumed run's later line for a step wins)."""
+    by_step = {}
+    for row in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in row:
+            by_step[row["step"]] = row
+    return [by_step[step] for step in sorted(by_step)]
+
+
+WORKER = Path(__file__).with_name("engines_worker.py")
+COMPARED = ["ddp:1:1", "fsdp:2:1:tp2", "ddp:1:1:tied", "fsdp:2:1:tied+tp2"]  # strategy:micro:accum:options
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, torchrun_workers, word_text):
+    """The real Trainer under DDP and under tp 2 x FSDP 2, untied and tied, in one torchrun of 4 processes
+    (tests/distributed/engines_worker.py: each step's loss and grad norm, the tokens seen, the gathered weights)."""
+    out = tmp_path_factory.mktemp("tp-vs-ddp")
+    torchrun_workers(WORKER, "--out", str(out), "--data", str(word_text), "--steps", str(STEPS), "--learning-rate",
+                     "1e-3", *COMPARED, nproc=4)
+    return out, json.loads((out / "losses.json").read_text()), json.loads((out / "facts.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """`llaunch run` under tp 2 x FSDP 2 for 5 steps (checkpoints at 2 and 4), and plain FSDP on 4 ranks
+    resuming its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("tp")
+    config = tiny_run_config(root, model={"max_position_embeddings": 64},
+                             training={"max_steps": STEPS, "logging_steps": 1, "save_steps": 2, "learning_rate": 1e-3,
+                                       "warmup_steps": 0, "max_grad_norm": 0.5, "report_to": []})
+    out = {"config": config, "tp": root / "tp", "dp4": root / "dp4-from-tp"}
+    llaunch_run(config, out["tp"], *TP2)
+    llaunch_run(config, out["dp4"], *FSDP, f"training.resume_from_checkpoint={out['tp'] / 'checkpoints' / 'step-2'}")
+    return out
+
+
+@pytest.mark.parametrize("tie", ["", "tied+"])
+def test_tp2_x_fsdp2_trains_as_ddp_does(compared, tie):
+    """The first 5 losses within 1e-4 relative, the same grad norms (over DTensors) and tokens, and the gathered
+    weights after 5 steps within 1e-5."""
+    out, losses, facts = compared
+    ddp, tp = f"ddp:1:1{':tied' if tie else ''}", f"fsdp:2:1:{tie}tp2"
+    assert len(losses[tp]) == STEPS and losses[ddp][-1] < losses[ddp][0]
+    assert losses[tp] == pytest.approx(losses[ddp], rel=1e-4, abs=0)
+    assert facts[tp]["grad_norms"] == pytest.approx(facts[ddp]["grad_norms"], rel=1e-4, abs=0)
+    assert facts[tp]["tokens_seen"] == facts[ddp]["tokens_seen"]
+    assert max_diff(*(out / run.replace(":", "-") / "weights.safetensors" for run in (tp, ddp))) <= 1e-5
+    if tie:
+        assert losses[tp][0] != pytest.approx(losses["fsdp:2:1:tp2"][0], rel=1e-4)  # tying changed the model
+
+
+def test_a_tp_checkpoint_resumes_under_plain_fsdp_on_4_ranks(runs):
+    """DCP reshards the (dp_shard, tp) DTensors to dp 4; the data position and the scheduler carry on."""
+    resumed, straight = rows(runs["dp4"]), rows(runs["tp"])
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[2:]], rel=1e-4, abs=0)
+    assert max_diff(final(runs["dp4"]), final(runs["tp"])) <= 1e-5
+
+
+def test_a_tp_checkpoint_exports_the_model_the_dp4_run_saved_and_verifies(runs, tmp_path):
+    """`llaunch export` consolidates the (dp_shard, tp) DTensors under their model-global names: the step-4
+    weights of the tp run are those of the dp 4 run that resumed its step 2."""
+    from launcher.cli import main
+
+    for name in ("tp", "dp4"):
+        assert main(["export", str(runs[name] / "checkpoints" / "step-4"), "--to", str(tmp_path / name)]) == 0
+    assert max_diff(tmp_path / "tp" / "model.safetensors", tmp_path / "dp4" / "model.safetensors") <= 1e-5
+    assert main(["checkpoints", str(runs["tp"]), "--verify"]) == 0
+
+
+def test_sigterm_then_the_same_command_ends_with_the_uninterrupted_weights(runs, tmp_path):
+    log, output = tmp_path / "interrupted.log", tmp_path / "run"
+    proc = llaunch_run(runs["config"], output, *TP2, log=log, fault="slow:rank=0,ms=1500")
+    try:
+        wait_for_manifest(proc, output / "checkpoints" / "step-2", log)
+        proc.send_signal(signal.SIGTERM)  # to `llaunch run`, as `kill` or a scheduler would
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == REQUEUE_EXIT_CODE, text[-4000:]
+    stopped_at = int(text.split("saved step ")[1].split(",")[0])
+    assert 2 <= stopped_at < STEPS and not final(output).exists()
+    resumed = llaunch_run(runs["config"], output, *TP2)
+    assert f"checkpoints/step-{stopped_at} at step {stopped_at}" in resumed.stdout
+    assert max_diff(final(output), final(runs["tp"])) <= 1e-6
