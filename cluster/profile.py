@@ -82,6 +82,11 @@ class ClusterProfile:
     cpus_per_task: int = 1
     mem_gb: float | None = None  # sbatch --mem per node (None: the partition's default)
     node_ram_gb: float = 0  # host RAM per node the planner may use (CPU training, offload); required
+    # The interconnect the planner times collectives on (null: the GPU type's datasheet NVLink, and gpus.json's
+    # typical network of 400 Gb/s per GPU): NVLink GB/s per GPU in one direction, the node's NICs and their Gb/s.
+    nvlink_gb_per_s: float | None = None
+    nics_per_node: int | None = None
+    nic_gbit_per_s: float | None = None
     max_requeues: int = 3
     max_restarts: int = 0
     signal_delay_s: int = 90
@@ -101,8 +106,9 @@ class ClusterProfile:
 
         ram = int(self.node_ram_gb * 2**30)
         if self.gpus_per_node:
+            network = self.nics_per_node * self.nic_gbit_per_s * 1e9 / 8 / self.gpus_per_node if self.nics_per_node else 0
             return gpu_node(self.gpu_name, self.gpus_per_node, self.nodes, int(self.gpu_mem_gb * 2**30), ram,
-                            self.cpus_per_task)
+                            self.cpus_per_task, (self.nvlink_gb_per_s or 0) * 1e9, network)
         return Hardware(nodes=self.nodes, cpu_cores=self.cpus_per_task, ram_bytes=ram)
 
     def replace(self, **changes) -> "ClusterProfile":
@@ -141,6 +147,7 @@ class ClusterProfile:
             refuse("gpu_mem_gb", "the memory of one GPU in GB (a positive number when gpus_per_node is set)")
         if self.mem_gb is not None and (not number(self.mem_gb) or self.mem_gb <= 0):
             refuse("mem_gb", "a positive number of GB or null (the partition's default)")
+        self._validate_interconnect(refuse, number, integer)
         if not isinstance(self.watchdog, dict):
             refuse("watchdog", "a mapping of the watchdog's keys, e.g. {floor_s: 60}")
         check_settings(self.watchdog, f"cluster profile {self.name!r}: watchdog")
@@ -159,6 +166,19 @@ class ClusterProfile:
             refuse("time", f"longer than the preemption warning (signal_delay_s {self.signal_delay_s} s, which SLURM "
                            f"may send up to 60 s early), e.g. {least // 60:02d}:{least % 60:02d}:00")
         return self
+
+
+    def _validate_interconnect(self, refuse, number, integer) -> None:
+        """NVLink GB/s and the NICs: positive numbers or null, the NIC count and rate given together."""
+        if self.nvlink_gb_per_s is not None and (not number(self.nvlink_gb_per_s) or self.nvlink_gb_per_s <= 0):
+            refuse("nvlink_gb_per_s", "NVLink GB/s per GPU in one direction (a positive number, e.g. 450 for H100 "
+                                      "SXM) or null (the GPU's datasheet)")
+        if self.nics_per_node is not None and (not integer(self.nics_per_node) or self.nics_per_node < 1):
+            refuse("nics_per_node", "the network cards of one node (a positive integer, e.g. 8) or null")
+        if self.nic_gbit_per_s is not None and (not number(self.nic_gbit_per_s) or self.nic_gbit_per_s <= 0):
+            refuse("nic_gbit_per_s", "one network card's rate in Gb/s (a positive number, e.g. 400) or null")
+        if (self.nics_per_node is None) != (self.nic_gbit_per_s is None):
+            refuse("nics_per_node", "given with nic_gbit_per_s (both, or neither for the typical 400 Gb/s per GPU)")
 
 
 def time_to_minutes(text: str) -> int:

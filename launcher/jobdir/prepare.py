@@ -176,16 +176,18 @@ def make_job_plan(config: TrainConfig, knobs: dict, vocab_size: int | None, hard
 
 
 def _check_pipeline(config: TrainConfig, plan: Plan) -> None:
-    """Pipeline stages cut the decoders they know and take packed text blocks, whose micro-batches all have
-    the one shape a pipeline schedule sends between stages."""
+    """Pipeline stages cut the decoders they know, at least one decoder layer each (the planner may count the
+    embedding and the head as a stage's layer, the ranks do not), and take packed text blocks, whose
+    micro-batches all have the one shape a pipeline schedule sends between stages."""
     if not plan.parallel.pp_enabled:
         return
-    from launcher.planning.models import load_model_spec
-
-    model_type = load_model_spec(config.model.name_or_path, config.model.overrides).model_type
-    if model_type not in PIPELINED_MODEL_TYPES or config.data.dataset_format != "text":
+    spec = load_model_spec(config.model.name_or_path, config.model.overrides)
+    if spec.model_type not in PIPELINED_MODEL_TYPES or config.data.dataset_format != "text":
         raise LaunchError(f"pipeline parallelism trains {', '.join(PIPELINED_MODEL_TYPES)} models on text data, "
-                          f"not a {model_type} model on {config.data.dataset_format} data; use --pp 1.")
+                          f"not a {spec.model_type} model on {config.data.dataset_format} data; use --pp 1.")
+    if plan.parallel.stages > spec.layers:
+        raise LaunchError(f"the ranks give each of the {plan.parallel.stages} pipeline stages at least one of the "
+                          f"model's {spec.layers} layers; choose pp x virtual stages <= {spec.layers}.")
 
 
 def _check_strategy(config: TrainConfig, strategy: str | None) -> None:

@@ -17,7 +17,6 @@ Sources:
 
 from __future__ import annotations
 
-from launcher.planning.hardware import inter_node_bytes_per_s
 from launcher.planning.memory_sizes import qlora_base_bytes
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import TrainSetup
@@ -98,5 +97,5 @@ def all_to_all_seconds(spec: ModelSpec, setup: TrainSetup, hw, link_bytes_per_s:
     volume = len(spec.moe.layers) / dims.pp * dims.pp_microbatches * passes * size
     link = link_bytes_per_s
     if dims.tp * dims.cp * dims.ep > hw.gpus_per_node:
-        link = min(link, inter_node_bytes_per_s() * link_efficiency)
+        link = min(link, hw.network_bytes_per_s * link_efficiency)
     return volume / link

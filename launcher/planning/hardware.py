@@ -74,6 +74,10 @@ class Hardware:
     gpu_name_override: str = ""
     gpu_mem_override: int = 0
     gpus_per_node_override: int = 0
+    # A cluster profile's interconnect (bytes/s in one direction, per GPU); 0: the GPU type's datasheet NVLink
+    # and gpus.json's typical network.
+    nvlink_bytes_per_s_override: float = 0
+    network_bytes_per_s_override: float = 0
 
     @property
     def gpus_per_node(self) -> int:
@@ -96,6 +100,18 @@ class Hardware:
     @property
     def has_gpu(self) -> bool:
         return self.gpus_per_node > 0
+
+    def node_link_bytes_per_s(self, facts: "GPUFacts") -> float:
+        """One GPU's link to the others of its node: the profile's NVLink figure, else the datasheet's, or PCIe
+        where the GPU has no NVLink (L40S)."""
+        if self.nvlink_bytes_per_s_override:
+            return self.nvlink_bytes_per_s_override
+        return facts.nvlink_bytes_per_s if self.nvlink and facts.nvlink_bytes_per_s else facts.pcie_bytes_per_s
+
+    @property
+    def network_bytes_per_s(self) -> float:
+        """One GPU's share of its node's network: the profile's NICs x rate / GPUs, else gpus.json's typical one."""
+        return self.network_bytes_per_s_override or float(_gpu_table()["network"]["inter_node_bytes_per_s_per_gpu"])
 
     @property
     def nvlink(self) -> bool:
@@ -139,12 +155,13 @@ class PartitionGPUs:
 
 
 def gpu_node(gpu_name: str, gpus_per_node: int, nodes: int = 1, gpu_mem_bytes: int = 0, ram_bytes: int = 0,
-             cpu_cores: int = 1) -> Hardware:
-    """GPU nodes we are not on (flags, a cluster profile, a SLURM partition): datasheet memory unless told."""
+             cpu_cores: int = 1, nvlink_bytes_per_s: float = 0, network_bytes_per_s: float = 0) -> Hardware:
+    """GPU nodes we are not on (flags, a cluster profile, a SLURM partition): datasheet memory and links unless told."""
     facts = require_gpu_name(gpu_name)
     return Hardware(nodes=nodes, cpu_cores=cpu_cores, ram_bytes=ram_bytes or ASSUMED_NODE_RAM,
                     gpu_name_override=facts.key, gpu_mem_override=gpu_mem_bytes or facts.memory_bytes,
-                    gpus_per_node_override=gpus_per_node)
+                    gpus_per_node_override=gpus_per_node, nvlink_bytes_per_s_override=nvlink_bytes_per_s,
+                    network_bytes_per_s_override=network_bytes_per_s)
 
 
 def login_node_partition(partition: str | None = None) -> PartitionGPUs | None:
@@ -197,10 +214,6 @@ def _leading_int(text: str) -> int:
     return int(match.group()) if match else 0
 
 
-def inter_node_bytes_per_s() -> float:
-    return float(_gpu_table()["network"]["inter_node_bytes_per_s_per_gpu"])
-
-
 def gpu_facts(name: str) -> GPUFacts | None:
     """Datasheet facts for an NVML device name or a short name (H100, a100-40gb); None when unknown."""
     lowered = name.lower().replace("-", " ").replace("_", " ")
@@ -208,7 +221,7 @@ def gpu_facts(name: str) -> GPUFacts | None:
         if any(all(word in lowered for word in words) for words in entry["match"]) or lowered == entry["key"].lower().replace("-", " "):
             return GPUFacts(
                 key=entry["key"], memory_bytes=int(entry["memory_bytes"]),
-                peak_flops={p: float(entry[p]) for p in ("bf16", "fp16", "tf32", "fp32")},
+                peak_flops={p: float(entry[p]) for p in ("fp8", "bf16", "fp16", "tf32", "fp32")},
                 hbm_bytes_per_s=float(entry["hbm_bytes_per_s"]), nvlink_bytes_per_s=float(entry["nvlink_bytes_per_s"]),
                 pcie_bytes_per_s=float(entry["pcie_bytes_per_s"]), source=entry["source"],
             )

@@ -77,6 +77,8 @@ def _eps(spec: ModelSpec, ranks: int, in_node: int, pure: bool) -> list[int]:
 
 
 def _schedules(forced: dict, pp: int) -> list[tuple[str, int]]:
+    """1F1B and interleaved 1F1B (its number of chunks per rank is chosen per candidate:
+    launcher.planning.planner.virtual_stages)."""
     if "pp_schedule" in forced:
         return [(forced["pp_schedule"], forced.get("pp_virtual_stages", 1))]
     return [("1f1b", 1)] if pp == 1 else list(PIPELINE_SCHEDULES)

@@ -14,10 +14,15 @@ Sources, term by term:
   torchtitan's op-level selective activation checkpointing (torch.utils.checkpoint's SAC policy) saves the
   outputs of SDPA and of every other matmul and recomputes the rest of the layer (norms, SwiGLU, the other
   matmuls) from the layer's input.
-- Pipeline: the first stage holds the saved activations of the microbatches in flight (Narayanan et al. 2021,
-  "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", sec. 2.2): all m under
-  GPipe, p under 1F1B, p(1 + (p-1)/(pv)) under interleaved 1F1B with v chunks per rank (Korthikanti sec. 4.2.3);
-  the last stage holds one, plus the final norm, LM head and the loss.
+- Pipeline: the decoder layers split over the pp x v stages as torchtitan splits them (stage_layers: the
+  embedding and the LM head each count as one layer, so the first and last stages get one layer fewer, as Llama 3
+  did, arXiv 2407.21783 sec. 3.3.2). Each rank holds the saved activations of the microbatches in flight on
+  its stages (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using
+  Megatron-LM", sec. 2.2): all m under GPipe, p - r on rank r under 1F1B, and under interleaved 1F1B the
+  forwards of its warm-up, 2(p - 1 - r) + (v - 1)p + 1 chunk-microbatches in torch's and Megatron-LM's order
+  (Korthikanti sec. 4.2.3's p(1 + (p - 1)/(pv)) microbatches on rank 0 when every chunk has L/(pv) layers).
+  "first" is the most loaded rank before the last (rank 0 under 1F1B with even stages; rank 1 once rank 0 has
+  the embedding in place of a layer, or under interleaved 1F1B); the last holds the final norm, LM head and loss.
 - Context parallel: each rank holds s/cp tokens of every activation; ring attention keeps the K, V chunk it
   computes with and the one arriving (double-buffered send / receive), and their gradients in backward
   (Liu et al. 2023, "Ring Attention"; torch.distributed.tensor.experimental.context_parallel).
@@ -28,6 +33,8 @@ Sources, term by term:
 """
 
 from __future__ import annotations
+
+import functools
 
 from launcher.planning import expert_parallel as experts
 from launcher.planning import memory_sizes as sizes
@@ -43,24 +50,54 @@ def stages(setup: TrainSetup) -> tuple[str, ...]:
 
 
 def local_param_fraction(spec: ModelSpec, setup: TrainSetup, stage: str) -> float:
-    """The share of the model's parameters one tp x pp rank of `stage` holds: its 1/pp of the decoder layers,
-    the embedding on the first stage, the final norm and LM head on the last (a tied head is a second copy
-    there), all split over tp (linears by rows or columns, embedding and head by vocabulary; the norms'
-    weights, replicated under tp, are under 0.01 % of a 7B+ model and counted split)."""
+    """The share of the model's parameters one tp x pp rank of `stage` holds: the decoder layers of its stages
+    (stage_layers; "first": the most of any rank before the last, with the embedding on rank 0), the final norm
+    and LM head on the last (a tied head is a second copy there), all split over tp (linears by rows or columns,
+    embedding and head by vocabulary; the norms' weights, replicated under tp, are under 0.01 % of a 7B+ model
+    and counted split)."""
     dims = setup.parallel
     if dims.pure_data_parallel or (dims.tp == 1 and dims.pp == 1):
         return 1.0
-    ends = spec.embedding_params + spec.lm_head_params
-    local = (spec.num_params - ends) / dims.pp
-    if stage == "first" or not dims.pp_enabled:
-        local += spec.embedding_params
-    if stage == "last" or not dims.pp_enabled:
-        local += spec.lm_head_params or (spec.embedding_params if dims.pp_enabled else 0)
+    if not dims.pp_enabled:
+        return 1 / dims.tp
+    per_layer = (spec.num_params - spec.embedding_params - spec.lm_head_params) / spec.layers
+    layers = rank_layers(spec, dims)
+    if stage == "last":
+        local = layers[-1] * per_layer + (spec.lm_head_params or spec.embedding_params)
+    else:
+        local = max(layers[0] * per_layer + spec.embedding_params, max(layers[1:-1], default=0) * per_layer)
     return local / dims.tp / spec.num_params
 
 
+def stage_layers(spec: ModelSpec, dims) -> tuple[int, ...]:
+    """Decoder layers of each of the pp x v pipeline stages as torchtitan places them
+    (torchtitan/distributed/pipeline_parallel.py, generate_llm_fqn_per_model_part with input_weight =
+    output_weight = 1): the embedding and the final norm + LM head count as one layer each, the L + 2 are spread
+    evenly with the remainder on the first stages. Llama 3 405B's 126 layers over 16 stages: 7, 8 x 14, 7."""
+    return _split(spec.layers, dims.stages)
+
+
+@functools.lru_cache(maxsize=1024)
+def _split(layers: int, count: int) -> tuple[int, ...]:
+    if count == 1:
+        return (layers,)
+    per, extra = divmod(layers + 2, count)
+    split = [per + (s < extra) for s in range(count)]
+    split[0] -= 1
+    split[-1] -= 1
+    return tuple(split)
+
+
+def rank_layers(spec: ModelSpec, dims) -> list[int]:
+    """Decoder layers on each pipeline rank: rank r holds stages r, r + p, ... (torchtitan's loop order)."""
+    layers = stage_layers(spec, dims)
+    return [sum(layers[r::dims.pp]) for r in range(dims.pp)]
+
+
 def inflight_microbatches(setup: TrainSetup, stage: str) -> float:
-    """Microbatches whose activations one rank of `stage` holds at its peak (module docstring: Narayanan 2021)."""
+    """Microbatches the first (rank 0) or last rank holds before its first backward, for the head's logits and
+    the trace's schedule: all m under GPipe, p on rank 0 and one on the last under 1F1B, p(1 + (p-1)/(pv)) on
+    rank 0 under interleaved 1F1B (Korthikanti sec. 4.2.3)."""
     dims = setup.parallel
     m, p, v = dims.pp_microbatches, dims.pp, dims.pp_virtual_stages
     if not dims.pp_enabled:
@@ -72,6 +109,31 @@ def inflight_microbatches(setup: TrainSetup, stage: str) -> float:
     if dims.pp_schedule == "interleaved-1f1b":
         return min(float(m), p * (1 + (p - 1) / (p * v)))
     return float(min(m, p))
+
+
+def held_layer_microbatches(spec: ModelSpec, setup: TrainSetup, stage: str) -> tuple[int, int]:
+    """(layer-microbatches of saved activations at the peak, the rank that holds them): the module docstring's
+    schedule rule, rank by rank over stage_layers; "first" is the most of any rank before the last."""
+    dims = setup.parallel
+    if not dims.pp_enabled:
+        return spec.layers, 0
+    ranks = [dims.pp - 1] if stage == "last" else range(dims.pp - 1)
+    return max((_held(spec, dims, r), r) for r in ranks)
+
+
+def _held(spec: ModelSpec, dims, rank: int) -> int:
+    """Rank `rank`'s layer-microbatches before its first backward. Interleaved: forward k runs local chunk
+    (k // p) mod v (microbatches go round by round of p, torch's Interleaved1F1B and Megatron-LM alike)."""
+    m, p, v = dims.pp_microbatches, dims.pp, dims.pp_virtual_stages
+    layers = stage_layers(spec, dims)
+    if dims.pp_schedule == "gpipe":
+        return m * sum(layers[rank::p])
+    if dims.pp_schedule == "1f1b":
+        return min(m, p - rank) * layers[rank]
+    forwards = min(m * v, 2 * (p - 1 - rank) + (v - 1) * p + 1)
+    rounds, rest = divmod(forwards, p)
+    held = sum(p * layers[(k % v) * p + rank] for k in range(rounds))
+    return held + rest * layers[(rounds % v) * p + rank]
 
 
 def replicated_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -124,18 +186,17 @@ def layout_activation_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> t
     """Saved activations of `stage` at the end of its forwards, those alive while one layer is differentiated,
     and why: the local layers x the microbatches in flight x each layer's bytes."""
     dims = setup.parallel
-    # Uneven splits (Llama 3's 126 layers over 16 stages) give some stages one layer more: the peak is theirs.
-    tokens, layers = local_tokens(setup), -(-spec.layers // dims.pp)
-    inflight = inflight_microbatches(setup, stage)
+    tokens, (held, rank) = local_tokens(setup), held_layer_microbatches(spec, setup, stage)
     per_layer = layer_bytes_per_token(spec, setup)
     recompute = int(layer_bytes_per_token(spec, setup, "none") * tokens)  # one layer's tensors, in its backward
-    where = f"{layers} layers x {inflight:g} microbatch(es) in flight ({stage} stage)" if dims.pp_enabled else ""
+    where = (f"{held} layer-microbatches in flight on pipeline rank {rank} ({stage} stage, "
+             f"{rank_layers(spec, dims)[rank]} layers)" if dims.pp_enabled else "")
     if setup.full_recompute:
         split = dims.tp if dims.tp_enabled and dims.sequence_parallel else 1
-        kept = int(layers * inflight * tokens * spec.hidden * sizes.residual_bytes(setup) / split)
+        kept = int(held * tokens * spec.hidden * sizes.residual_bytes(setup) / split)
         return kept, kept + recompute, (f"checkpointed: each layer's input kept{', ' + where if where else ''}; one "
                                         f"layer ({per_layer:.0f} B/token) recomputed in backward")
-    saved = int(layers * inflight * per_layer * tokens)
+    saved = int(held * per_layer * tokens)
     mode = " (tp + sequence parallel: / t)" if dims.tp_enabled and dims.sequence_parallel else (
         " (tp without sequence parallel: norms replicated)" if dims.tp_enabled else "")
     return saved, recompute, f"{per_layer:.0f} B/token/layer saved for backward{mode}{'; ' + where if where else ''}"

@@ -123,7 +123,7 @@ def compute_mode(setup: TrainSetup) -> str:
     """autocast: fp32 weights, bf16 matmuls (DDP + amp-*); half: everything bf16/fp16 (bf16, FSDP/ZeRO mixed precision)."""
     if setup.precision == "fp32":
         return "fp32"
-    if setup.precision.startswith("amp") and setup.is_ddp and setup.method != "qlora":
+    if setup.mixed_precision and setup.is_ddp and setup.method != "qlora":
         return "autocast"
     return "half"
 

@@ -67,7 +67,7 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
         with tracker:
             for _ in range(2):  # the second step has optimizer states: the steady state
                 tracker.reset_mod_stats()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision.startswith("amp")):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.mixed_precision):
                     loss = model(input_ids=tokens, labels=tokens).loss
                 loss.backward()
                 peak = max(peak, _root_peak(tracker, model))

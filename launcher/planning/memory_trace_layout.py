@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 from launcher.errors import LaunchError
-from launcher.planning.memory_layout import inflight_microbatches
+from launcher.planning.memory_layout import inflight_microbatches, rank_layers
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import TrainSetup
 
@@ -54,7 +54,8 @@ def check_traceable(setup: TrainSetup) -> None:
 def trace_layout_peak(spec: ModelSpec, setup: TrainSetup, stage: str) -> tuple[int, dict[int, int]]:
     """The stage's peak at its full local depth, scaled linearly from 1 and 2 layers, and the traced peaks."""
     by_depth = {d: traced_layout_peak(spec, setup, d, stage) for d in (1, 2)}
-    local = -(-spec.layers // setup.parallel.pp)
+    dims = setup.parallel
+    local = rank_layers(spec, dims)[0 if stage == "first" else -1] if dims.pp_enabled else spec.layers
     return int(by_depth[1] + (local - 1) * (by_depth[2] - by_depth[1])), by_depth
 
 
@@ -156,7 +157,7 @@ def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
     def forward():
         if tracker is not None:
             tracker.reset_mod_stats()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.precision.startswith("amp")):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.mixed_precision):
             return stage_forward(model, setup, stage)
 
     outputs = [forward() for _ in range(inflight)]

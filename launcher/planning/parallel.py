@@ -136,9 +136,10 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
     if spec.kv_heads % dims.tp and dims.tp % spec.kv_heads:
         raise LaunchError(f"{spec.name}'s {spec.kv_heads} KV heads can be neither split over nor replicated across "
                           f"tp {dims.tp}; choose a tp that divides or is a multiple of {spec.kv_heads}.")
-    if spec.layers < dims.stages:
-        raise LaunchError(f"{spec.name}'s {spec.layers} layers do not fill {dims.stages} pipeline stages "
-                          f"(pp {dims.pp} x {dims.pp_virtual_stages} virtual); choose at most {spec.layers} stages.")
+    if spec.layers + 2 < dims.stages:  # the embedding and the LM head may hold a stage each (torchtitan's split)
+        raise LaunchError(f"{spec.name}'s {spec.layers} layers, embedding and LM head do not fill {dims.stages} "
+                          f"pipeline stages (pp {dims.pp} x {dims.pp_virtual_stages} virtual); choose at most "
+                          f"{spec.layers + 2} stages.")
     experts = spec.moe.experts if spec.moe else 0
     if dims.ep_enabled and (experts < 2 or experts % dims.ep):
         what = f"{experts} experts, which ep {dims.ep} does not divide" if experts > 1 else "no experts"

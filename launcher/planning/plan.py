@@ -6,6 +6,7 @@ Everything a rank needs to know about parallelism, batch and precision is here; 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,9 @@ OFFLOADS = ("none", "optimizer", "optimizer+params")
 METHODS = ("full", "lora", "qlora")  # what `llaunch plan` and the sizing table put side by side
 PREFIX = "prefix"  # prefix tuning: planned with a full fine-tune's memory and time, an upper bound
 LORA_METHODS = ("lora", "qlora")  # a frozen base (4-bit for QLoRA) and trained low-rank adapters
-PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16")
+# fp8: torchao float8 training (Float8Linear, dynamic scaling): weights, masters and saved activations as
+# amp-bf16, the linears' matmuls on fp8 casts (planned only: the ranks' engines do not convert yet)
+PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd", "adafactor")  # HF names
 ATTENTIONS = ("sdpa", "eager", "flash")
 DEVICES = ("cuda", "cpu")
@@ -137,8 +140,14 @@ class StrategyTraits:
 
     @property
     def flops_key(self) -> str:
-        """The GPU peak (launcher/planning/data/gpus.json) the matmuls run at: fp32 runs as TF32, amp-fp16 as fp16."""
+        """The GPU peak (launcher/planning/data/gpus.json) the matmuls run at and MFU divides by: fp32 runs as TF32,
+        amp-fp16 as fp16; fp8's MFU is Llama 3's "BF16 MFU" (its linears' share runs at the fp8 peak: step_time)."""
         return {"fp32": "tf32", "amp-fp16": "fp16"}.get(self.precision, "bf16")
+
+    @property
+    def mixed_precision(self) -> bool:
+        """fp32 weights with bf16 / fp16 compute (autocast, or the sharding engines' mixed precision); fp8 too."""
+        return self.precision.startswith("amp") or self.precision == "fp8"
 
 
 CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": (*METHODS, PREFIX), "precision": PRECISIONS,
@@ -212,14 +221,9 @@ class TrainSetup(StrategyTraits):
     def parallel(self) -> ParallelDims:
         """The parallelism record: tp / pp / cp / ep as set, and the ranks left over as data parallel, sharded
         (dp_shard) by the strategies that shard the weights, inside a node's remaining GPUs for HSDP."""
-        model_parallel = self.tp * self.pp * self.cp
-        dp = max(1, self.world_size // model_parallel)
-        shard = dp if self.shards_params else 1
-        if self.is_hsdp:
-            shard = math.gcd(dp, max(1, self.gpus_per_node // (self.tp * self.cp)))
-        return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep,
-                            pp_schedule=self.pp_schedule, pp_microbatches=self.gradient_accumulation_steps,
-                            pp_virtual_stages=self.pp_virtual_stages, sequence_parallel=self.sequence_parallel)
+        return _parallel_dims(self.world_size, self.gpus_per_node, self.shards_params, self.is_hsdp, self.tp, self.pp,
+                              self.cp, self.ep, self.pp_schedule, self.gradient_accumulation_steps,
+                              self.pp_virtual_stages, self.sequence_parallel)
 
     @property
     def device_mesh(self) -> tuple[int, ...]:
@@ -277,6 +281,18 @@ def unrunnable_dims(strategy: str, dims: ParallelDims) -> list[str]:
 
 def can_run(strategy: str, dims: ParallelDims) -> bool:
     return not unrunnable_dims(strategy, dims)
+@functools.lru_cache(maxsize=4096)
+def _parallel_dims(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int, pp: int, cp: int, ep: int,
+                   schedule: str, microbatches: int, virtual: int, sequence_parallel: bool) -> ParallelDims:
+    """TrainSetup.parallel, made once per distinct layout: the planner's estimators ask for it ~50 times per
+    candidate (a quarter of a 16,384-GPU search's time went to building these frozen records)."""
+    model_parallel = tp * pp * cp
+    dp = max(1, world // model_parallel)
+    shard = dp if shards else 1
+    if hsdp:
+        shard = math.gcd(dp, max(1, gpus_per_node // (tp * cp)))
+    return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=schedule,
+                        pp_microbatches=microbatches, pp_virtual_stages=virtual, sequence_parallel=sequence_parallel)
 
 
 def check_runnable(setup: TrainSetup) -> None:
@@ -298,6 +314,9 @@ def check_runnable(setup: TrainSetup) -> None:
     if dims.tp_enabled and setup.method != "full":
         raise LaunchError(f"tensor parallelism splits full weights; {setup.method} wraps them in PEFT modules the "
                           f"tp plan does not split, so train it with --tp 1.")
+    if setup.precision == "fp8":
+        raise LaunchError("this plan trains in fp8 (torchao float8), which the ranks' engines cannot run yet; plan "
+                          "with --precision amp-bf16 to train it with llaunch.")
     if setup.activation_checkpointing not in support.recomputes:
         raise LaunchError(f"{setup.activation_checkpointing} activation checkpointing is not something the "
                           f"{setup.strategy} engine runs; use {' or '.join(support.recomputes)}.")

@@ -120,6 +120,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
     if not hw.has_gpu:
+        if request.precision == "fp8":
+            raise LaunchError("--precision fp8 runs its matmuls on a GPU's fp8 tensor cores; describe GPUs with --gpu, "
+                              "or use --precision fp32 for a CPU plan.")
         runnable = sorted({name for support in ENGINE_SUPPORT.values() for name in support.layouts})
         if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep") if name not in runnable):
             also = "".join(f", --{name}" for name in runnable)
@@ -132,6 +135,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     facts = hw.facts or require_gpu_name(hw.gpu_name)
     fixed = request.fixed()
     precision = request.precision or _default_precision(fixed.method, facts)
+    if precision == "fp8" and not facts.peak_flops["fp8"]:
+        raise LaunchError(f"--precision fp8 needs fp8 tensor cores (Hopper, Ada or Blackwell), which the {facts.key} "
+                          f"does not have; use --precision amp-bf16.")
     # HSDP differs from FSDP only across nodes: on one node its mesh is FSDP's. A QLoRA base runs only under
     # the engines that declare a quantized base (launcher.planning.plan.ENGINE_SUPPORT).
     weighed = [s for s in STRATEGIES if (s != "hsdp" or hw.nodes > 1)
@@ -182,10 +188,27 @@ def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base
                 for ckpt in checkpointing:
                     setup = dataclasses.replace(base, strategy=strategy, offload=offload, activation_checkpointing=ckpt,
                                                 micro_batch=micro, gradient_accumulation_steps=accumulation)
-                    out.append(_evaluate(spec, setup, hw, facts))
+                    out += _with_virtual_stages(spec, _evaluate(spec, setup, hw, facts), request, hw, facts)
         if any(c.fits for c in out) and request.offload is None:
             break  # offload only when nothing fits without it: it always costs time
     return out
+
+
+def _with_virtual_stages(spec: ModelSpec, two: Candidate, request: PlanRequest, hw: Hardware, facts) -> list[Candidate]:
+    """An interleaved candidate at v = 2 chunks per rank, and at the v its step time is shortest and the most v:
+    the step is a + b v + c / v (each chunk adds a point-to-point send per microbatch, b; the bubble is
+    (p - 1) / (m v) of the rest, c), shortest at sqrt(c / b); the in-flight activations shrink with v, so the
+    most chunks (one layer each) fits where fewer do not."""
+    s = two.setup
+    if s.pp_schedule != "interleaved-1f1b" or s.pp == 1 or request.pp_virtual_stages is not None:
+        return [two]
+    most = (spec.layers + 2) // s.pp
+    per_chunk = step_time.layout.pipeline_p2p_seconds(spec, s, hw, facts) / 2
+    # bubble_s = (rest + 2 b) (p - 1) / (2 m) at v = 2, so c = rest (p - 1) / m = 2 bubble_s - 2 b (p - 1) / m
+    c = 2 * two.time_terms["bubble_s"] - 2 * per_chunk * (s.pp - 1) / s.gradient_accumulation_steps
+    best = (c / per_chunk) ** 0.5 if per_chunk else most
+    weighed = {min(most, max(2, v)) for v in (int(best), int(best) + 1, most)} - {2}
+    return [two] + [_evaluate(spec, dataclasses.replace(s, pp_virtual_stages=v), hw, facts) for v in sorted(weighed)]
 
 
 def _microbatches_fit(base: TrainSetup, accumulation: int) -> bool:

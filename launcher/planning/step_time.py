@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from launcher.planning import expert_parallel as experts
 from launcher.planning import step_time_layout as layout
-from launcher.planning.hardware import Hardware, inter_node_bytes_per_s
+from launcher.planning.hardware import Hardware
 from launcher.planning.memory_sizes import qlora_base_bytes
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import TrainSetup
@@ -21,6 +21,12 @@ MATMUL_EFFICIENCY = 0.62
 # (on one tp rank: W / tp) reaches half at 3,900 x 44.0M / W tokens.
 HALF_EFFICIENCY_WORK = 3900 * 44.0e6
 LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth for large messages
+# fp8 (torchao float8 training): the linears run at the GPU's fp8 peak x 0.67 of the bf16 efficiency (dynamic
+# scaling's amax reductions and casts are memory-bound; attention stays bf16). Calibrated on torchtitan's
+# benchmarks/llama3_h100_202412_torchtitan.md Tables 1 and 3 (Llama 3.1 8B at 8K on 8 and 128 H100, Float8 over
+# compiled bf16: +28 % and +29 % tokens/s; each compute alone solves to 0.67 with the 12.5 % attention share of
+# 8B's FLOPs; at 128 GPUs llaunch predicts +7 %, its FSDP collectives surfacing as the compute shrinks).
+FP8_EFFICIENCY_RATIO = 0.67
 BACKWARD_OVERLAP = 0.6  # share of compute that gradient/parameter collectives hide behind (backward is 2/3)
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512, ZeRO-Offload paper fig. 9)
 
@@ -39,10 +45,13 @@ def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> 
     work = setup.micro_batch * setup.seq_len // dims.cp * spec.block_linear_params / spec.layers / dims.tp
     efficiency = MATMUL_EFFICIENCY * work / (work + HALF_EFFICIENCY_WORK)  # small matmuls under-fill the GPU
     flops = spec.flops_per_token(setup.seq_len) * tokens_per_replica * passes / 6 / dims.model_parallel
-    compute = flops / (facts.peak_flops[setup.flops_key] * efficiency) * experts.grouped_gemm_slowdown(spec)
+    attention_share = 6 * spec.layers * setup.seq_len * spec.heads * spec.head_dim / spec.flops_per_token(setup.seq_len)
+    peak = facts.peak_flops[setup.flops_key]
+    if setup.precision == "fp8":  # the linears' share on fp8 casts (FP8_EFFICIENCY_RATIO), attention in bf16
+        peak /= attention_share + (1 - attention_share) * peak / (facts.peak_flops["fp8"] * FP8_EFFICIENCY_RATIO)
+    compute = flops / (peak * efficiency) * experts.grouped_gemm_slowdown(spec)
     comm = communication_seconds(spec, setup, hw, facts)
     exposed = max(0.0, comm - BACKWARD_OVERLAP * compute)
-    attention_share = 6 * spec.layers * setup.seq_len * spec.heads * spec.head_dim / spec.flops_per_token(setup.seq_len)
     model_parallel = (layout.tensor_parallel_seconds(spec, setup, hw, facts)
                       + layout.pipeline_p2p_seconds(spec, setup, hw, facts)
                       + layout.context_parallel_seconds(spec, setup, hw, facts, attention_share * compute)
@@ -64,14 +73,13 @@ def expert_all_to_all_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, 
 
 def intra_node_bytes_per_s(hw: Hardware, facts) -> float:
     """A ring inside one node: NVLink (or PCIe without it)."""
-    intra = facts.nvlink_bytes_per_s if hw.nvlink and facts.nvlink_bytes_per_s else facts.pcie_bytes_per_s
-    return intra * LINK_EFFICIENCY
+    return hw.node_link_bytes_per_s(facts) * LINK_EFFICIENCY
 
 
 def link_bytes_per_s(hw: Hardware, facts) -> float:
     """The slowest link a ring over every rank crosses: the network between nodes, else the node's own."""
     if hw.nodes > 1:
-        return min(intra_node_bytes_per_s(hw, facts), inter_node_bytes_per_s() * LINK_EFFICIENCY)
+        return min(intra_node_bytes_per_s(hw, facts), hw.network_bytes_per_s * LINK_EFFICIENCY)
     return intra_node_bytes_per_s(hw, facts)
 
 
@@ -104,7 +112,7 @@ def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, fact
         gpus, replicas = dims.dp_shard, dims.dp_replicate
         inside = volume * (gpus - 1) / gpus / intra_node_bytes_per_s(hw, facts)
         across = 2 * trainable / gpus * grad_bytes * (replicas - 1) / replicas
-        return inside + across / (inter_node_bytes_per_s() * LINK_EFFICIENCY)
+        return inside + across / (hw.network_bytes_per_s * LINK_EFFICIENCY)
     crosses_nodes = world * dims.tp * dims.cp > hw.gpus_per_node  # tp and cp take a node's GPUs first
     link = link_bytes_per_s(hw, facts) if crosses_nodes else intra_node_bytes_per_s(hw, facts)
     return volume * ring / link

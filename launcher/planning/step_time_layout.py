@@ -11,7 +11,6 @@ under GPipe and 1F1B, (p - 1) / (m v) with v interleaved chunks per rank); Liu e
 
 from __future__ import annotations
 
-from launcher.planning.hardware import inter_node_bytes_per_s
 from launcher.planning.memory_layout import local_tokens
 from launcher.planning.memory_sizes import compute_mode
 from launcher.planning.models import ModelSpec
@@ -25,9 +24,8 @@ def _activation_bytes(setup: TrainSetup) -> int:
 
 
 def nvlink_bytes_per_s(hw, facts) -> float:
-    """The node's GPU-to-GPU link: NVLink, or PCIe where the GPU has none (L40S)."""
-    intra = facts.nvlink_bytes_per_s if hw.nvlink and facts.nvlink_bytes_per_s else facts.pcie_bytes_per_s
-    return intra * LINK_EFFICIENCY
+    """The node's GPU-to-GPU link: NVLink, or PCIe where the GPU has none (L40S); a cluster profile's own figure."""
+    return hw.node_link_bytes_per_s(facts) * LINK_EFFICIENCY
 
 
 def tensor_parallel_seconds(spec: ModelSpec, setup: TrainSetup, hw, facts) -> float:
@@ -43,7 +41,7 @@ def tensor_parallel_seconds(spec: ModelSpec, setup: TrainSetup, hw, facts) -> fl
     volume = layers * dims.pp_microbatches * per_layer * size * (dims.tp - 1) / dims.tp
     link = nvlink_bytes_per_s(hw, facts)
     if dims.tp > hw.gpus_per_node:
-        link = min(link, inter_node_bytes_per_s() * LINK_EFFICIENCY)
+        link = min(link, hw.network_bytes_per_s * LINK_EFFICIENCY)
     return volume / link
 
 
@@ -64,7 +62,7 @@ def pipeline_p2p_seconds(spec: ModelSpec, setup: TrainSetup, hw, facts) -> float
     size = local_tokens(setup) * spec.hidden * _activation_bytes(setup) / (dims.tp if dims.sequence_parallel else 1)
     volume = 2 * dims.pp_virtual_stages * dims.pp_microbatches * size
     across = setup.world_size > hw.gpus_per_node
-    link = inter_node_bytes_per_s() * LINK_EFFICIENCY if across else nvlink_bytes_per_s(hw, facts)
+    link = hw.network_bytes_per_s * LINK_EFFICIENCY if across else nvlink_bytes_per_s(hw, facts)
     return volume / link
 
 
@@ -78,5 +76,5 @@ def context_parallel_seconds(spec: ModelSpec, setup: TrainSetup, hw, facts, atte
     volume = spec.layers / dims.pp * dims.pp_microbatches * 3 * (dims.cp - 1) * chunk
     link = nvlink_bytes_per_s(hw, facts)
     if dims.tp * dims.cp > hw.gpus_per_node:
-        link = min(link, inter_node_bytes_per_s() * LINK_EFFICIENCY)
+        link = min(link, hw.network_bytes_per_s * LINK_EFFICIENCY)
     return max(0.0, volume / link - attention_s)

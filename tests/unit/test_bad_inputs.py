@@ -53,6 +53,7 @@ CASES = [
     ("run W/tiny.yaml --output-dir W/afile", "is a file"),
     ("run W/tiny.yaml --output-dir W/out --nproc-per-node 2 --pp 2 finetune.method=lora",
      "pipeline stages train full weights"),
+    ("run W/tiny.yaml --output-dir W/out --nproc-per-node 4 --pp 4", "choose pp x virtual stages <= 2"),
     ("run W/tiny.yaml --output-dir W/afile/out", "under the file"),
     ("run W/tiny.yaml --output-dir W", "not a llaunch run directory"),
     ("run W/tiny.yaml --output-dir W --overwrite", "not a llaunch run directory"),
@@ -249,6 +250,11 @@ CASES = [
     ("plan --model tinyllama-1.1b --cluster W/time-profile.yaml", "time must be [D-]HH:MM:SS with minutes and"),
     ("plan --model tinyllama-1.1b --cluster W/timeout-profile.yaml", "dist_timeout_s must be a positive integer"),
     ("plan --model tinyllama-1.1b --cluster W/watchdog-profile.yaml", "'local': watchdog.poll_s must be a positive"),
+    ("plan --model tinyllama-1.1b --cluster W/nic-profile.yaml", "nics_per_node must be given with nic_gbit_per_s"),
+    ("plan --model tinyllama-1.1b --cluster W/nvlink-profile.yaml", "nvlink_gb_per_s must be NVLink GB/s per GPU"),
+    # fp8 needs fp8 tensor cores; a plan in fp8 is not run by the ranks' engines yet
+    ("plan --model tinyllama-1.1b --gpu A100 --gpus 8 --precision fp8", "needs fp8 tensor cores"),
+    ("plan --model tinyllama-1.1b --device cpu --precision fp8", "describe GPUs with --gpu"),
     # a profile's container: a source each node would resolve on its own, a runtime llaunch cannot render, a
     # line break that would start a line of shell in the sbatch script
     ("submit W/tiny.yaml --cluster W/mount-profile.yaml --output-dir W/out --dry-run",
@@ -331,6 +337,8 @@ def workspace(tmp_path_factory):
     (w / "time-profile.yaml").write_text(yaml.safe_dump({**profile, "time": "99:99:99"}))
     (w / "timeout-profile.yaml").write_text(yaml.safe_dump({**profile, "dist_timeout_s": 0}))
     (w / "watchdog-profile.yaml").write_text(yaml.safe_dump({**profile, "watchdog": {"poll_s": 0}}))
+    (w / "nic-profile.yaml").write_text(yaml.safe_dump({**profile, "nics_per_node": 8}))
+    (w / "nvlink-profile.yaml").write_text(yaml.safe_dump({**profile, "nvlink_gb_per_s": -1}))
     for name, container in (("mount", {"image": "/i.sif", "mounts": ["data:/data"]}),
                             ("runtime", {"image": "/i.sif", "runtime": "docker"}),
                             ("image", {"image": "/i.sif\ntouch /tmp/pwned"})):

@@ -13,6 +13,7 @@ from launcher.planning.hardware import Hardware
 from launcher.planning.memory import estimate, estimate_stage
 from launcher.planning.memory_sizes import layer_activation_bytes, residual_bytes
 from launcher.planning.models import load_model_spec
+from launcher.planning.parallel import ParallelDims
 from launcher.planning.plan import TrainSetup
 from launcher.planning.planner import PlanRequest, _evaluate, hardware_for, make_plan, rank_candidates
 
@@ -63,13 +64,44 @@ def test_pipeline_microbatches_in_flight_by_schedule(schedule, virtual, microbat
     assert mem.inflight_microbatches(s, "last") == pytest.approx(last)
 
 
+def test_layers_split_over_stages_as_torchtitan_places_them():
+    """The embedding and the head count as a layer each (L + 2 spread, the remainder first): Llama 3 405B's 126
+    layers over 16 stages put 7 on the first and last (its paper's "one Transformer layer fewer"), over 128
+    stages (pp 16 x v 8) the first and last chunks hold only the embedding and only the head."""
+    spec = load_model_spec("405b")
+    assert mem.stage_layers(spec, ParallelDims(pp=16)) == (7,) + (8,) * 14 + (7,)
+    llama3 = ParallelDims(pp=16, pp_schedule="interleaved-1f1b", pp_virtual_stages=8, pp_microbatches=32)
+    assert mem.stage_layers(spec, llama3) == (0,) + (1,) * 126 + (0,)
+    assert mem.rank_layers(spec, llama3)[:2] == [7, 8] and sum(mem.rank_layers(spec, llama3)) == 126
+    assert mem.stage_layers(SPEC, ParallelDims(pp=4)) == (8, 9, 8, 7)  # 34 over 4: 9, 9, 8, 8, less the ends
+
+
+def test_held_activations_follow_the_schedule_rank_by_rank():
+    """1F1B: rank r holds p - r microbatches of its layers; interleaved: its warm-up forwards, chunk by chunk.
+    Llama 3's layout: rank 0's first chunk is the embedding alone, so rank 1 (141 one-layer chunks) is the peak;
+    with even chunks rank 0 holds Korthikanti's p (1 + (p - 1) / (pv)) microbatches of L / p layers."""
+    spec = load_model_spec("405b")
+    llama3 = setup(pp=16, pp_schedule="interleaved-1f1b", pp_virtual_stages=8, gradient_accumulation_steps=32)
+    assert [mem._held(spec, llama3.parallel, r) for r in (0, 1, 15)] == [112, 141, 112]
+    assert mem.held_layer_microbatches(spec, llama3, "first") == (141, 1)
+    even = load_model_spec("405b", {"num_hidden_layers": 126})  # 128 effective layers: 16 stages of 8
+    s = setup(pp=4, pp_schedule="interleaved-1f1b", pp_virtual_stages=2, gradient_accumulation_steps=8)
+    spec = load_model_spec("8b", {"num_hidden_layers": 14})  # 16 effective over 8 stages: 2 each
+    assert mem.stage_layers(spec, s.parallel) == (1, 2, 2, 2, 2, 2, 2, 1)
+    # rank 0: 11 = p (1 + (p - 1) / (pv)) x v chunk forwards (4 on its 1-layer chunk, 4 on its 2-layer one, 3 on
+    # the first again); rank 1: 2 (p - 2) + (v - 1) p + 1 = 9 forwards of 2 layers
+    assert [mem._held(spec, s.parallel, r) for r in (0, 1)] == [4 + 8 + 3, 18]
+    one = setup(pp=16, gradient_accumulation_steps=32)
+    assert [mem._held(even, one.parallel, r) for r in (0, 1, 14)] == [7 * 16, 8 * 15, 8 * 2]
+
+
 def test_pipeline_stages_hold_their_layers_and_ends():
     s = setup(pp=4, tp=2)
-    blocks = SPEC.num_params - SPEC.embedding_params - SPEC.lm_head_params
+    per_layer = (SPEC.num_params - SPEC.embedding_params - SPEC.lm_head_params) / SPEC.layers
     first = mem.local_param_fraction(SPEC, s, "first") * SPEC.num_params * 2
     last = mem.local_param_fraction(SPEC, s, "last") * SPEC.num_params * 2
-    assert first == pytest.approx(blocks / 4 + SPEC.embedding_params)
-    assert last == pytest.approx(blocks / 4 + SPEC.lm_head_params)
+    assert first == pytest.approx(max(8 * per_layer + SPEC.embedding_params, 9 * per_layer))
+    assert last == pytest.approx(7 * per_layer + SPEC.lm_head_params)
     assert mem.logits_share(s, "first") == 0 and mem.logits_share(s, "last") == 1 / 2  # vocab-parallel loss
     s = dataclasses.replace(s, gradient_accumulation_steps=8)
     stages = [estimate_stage(SPEC, s, stage) for stage in ("first", "last")]
@@ -101,13 +133,16 @@ def test_pipeline_bubble_and_tensor_parallel_collectives():
 
 
 def _brute_force(spec, request, hw):
-    """Every layout, strategy, micro-batch and recompute, without the search's pruning."""
+    """Every layout, strategy, micro-batch and recompute, without the search's pruning: every number of virtual
+    stages up to one layer each (torchtitan's split allows (L + 2) / pp)."""
     facts, world = hw.facts, hw.nodes * hw.gpus_per_node
     best = None
+    schedules = [("1f1b", 1)] + [("interleaved-1f1b", v) for v in range(2, spec.layers + 3)]
     for tp, pp, strategy, micro, mode, (schedule, v) in itertools.product(
             (1, 2, 4, 8), range(1, spec.layers + 1), ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp"), (1, 2, 4, 8, 16, 32),
-            ("none", "selective", "full"), (("1f1b", 1), ("interleaved-1f1b", 2))):
-        if world % (tp * pp) or (pp == 1 and v > 1) or spec.layers < 2 * pp or spec.heads % tp:
+            ("none", "selective", "full"), schedules):
+        if (world % (tp * pp) or (pp == 1 and v > 1) or spec.layers < 2 * pp or spec.heads % tp
+                or pp * v > spec.layers + 2):
             continue
         dp = world // (tp * pp)
         if request.global_batch % (micro * dp):

@@ -43,7 +43,7 @@ SPEC_405B = load_model_spec("405b")  # 126 layers, 128 heads, 8 KV heads
     (ParallelDims(tp=8, pp=16, dp_replicate=63), 8192, 8, 8192, "covers 8064 ranks, not the 8192"),
     (ParallelDims(tp=3, dp_replicate=1), 8, 8, 8192, "does not divide the 8 GPUs"),
     (ParallelDims(tp=16, dp_replicate=1), 16, 8, 8192, "spans more than the 8 GPUs of a node"),
-    (ParallelDims(pp=128, dp_replicate=1), 128, 8, 8192, "126 layers do not fill 128 pipeline stages"),
+    (ParallelDims(pp=256, dp_replicate=1), 256, 8, 8192, "126 layers, embedding and LM head do not fill 256"),
     (ParallelDims(tp=8, pp=2, dp_replicate=1, pp_schedule="interleaved-1f1b", pp_virtual_stages=2,
                   pp_microbatches=3), 16, 8, 8192, "not a multiple of pp 2"),
     (ParallelDims(pp=2, dp_replicate=1, pp_virtual_stages=2), 2, 8, 8192, "need --pp-schedule interleaved-1f1b"),

@@ -105,7 +105,7 @@ def test_plan_recommends_tp_x_pp_x_dp_for_405b_on_8192_gpus_and_says_run_cannot_
     assert main(["plan", *LLAMA3_ARGS, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     layout = plan["parallel"]
-    assert layout["tp"] == 8 and layout["pp"] > 1 and layout["dp_replicate"] * layout["dp_shard"] > 1
+    assert layout["tp"] in (2, 4, 8) and layout["pp"] > 1 and layout["dp_replicate"] * layout["dp_shard"] > 1
     assert layout["tp"] * layout["pp"] * layout["cp"] * layout["dp_replicate"] * layout["dp_shard"] == 8192
     assert plan["predicted"]["mfu"] > 0.3 and plan["memory"]["reserved_bytes"] <= plan["memory"]["limit_bytes"]
     assert any("cannot run tp / pp / cp / ep yet" in reason for reason in plan["reasons"])
@@ -127,7 +127,7 @@ def test_forced_layout_composes_with_the_data_parallel_strategy(capsys):
 
 @pytest.mark.parametrize("flags, sentence", [
     (["--tp", "3"], "tp 3 x pp 1 x cp 1 = 3 does not divide the 16 GPUs"),
-    (["--pp", "128", "--nodes", "32"], "126 layers do not fill 128 pipeline stages"),
+    (["--pp", "256", "--nodes", "32"], "126 layers, embedding and LM head do not fill 256 pipeline stages"),
     (["--ep", "2"], "has no experts"),
     (["--pp-schedule", "1f1b", "--pp-virtual-stages", "2", "--pp", "2"], "need --pp-schedule interleaved-1f1b"),
 ])
