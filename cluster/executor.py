@@ -25,7 +25,7 @@ from pathlib import Path
 
 import submitit
 
-from cluster import job_events
+from cluster import job_events, notify
 from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
 from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
@@ -34,6 +34,7 @@ from launcher.observe import history
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
+from cluster.snapshot import FrozenCode
 from cluster.submission import ContainerJob, node_command, rendezvous_port, slurm_parameters, step_python
 from launcher.config import TrainConfig
 from launcher.env import SLURM_CONF, slurm_conf_for_submitit
@@ -46,10 +47,15 @@ from launcher.runtime.node import (NodeOutcome, NodeRun, SignalLog, Verdict, rec
 from launcher.runtime.watchdog_config import WatchdogConfig
 
 RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
+FINISHED = "training finished"  # what a node task returns when its ranks completed the run
 
 
 class TrainingError(RuntimeError):
     """The ranks failed (or stopped and may not requeue): the job ends FAILED with this message."""
+
+
+class StoppedBySignal(TrainingError):
+    """A signal from outside (a cancel, SLURM's preemption) ended the attempt: the notify hook heard why already."""
 
 
 def slurm_reachable(env: dict[str, str]) -> None:
@@ -133,8 +139,26 @@ class NodeTask(submitit.helpers.Checkpointable):
     min_nodes: int | None = None  # the fewest nodes the job may run on (None: all it asked for)
     wrap: tuple[str, ...] = ()  # `apptainer exec ... IMAGE` before torchrun (ContainerJob.wrap); (): none
     python: str = ""  # torchrun's interpreter: the image's under apptainer; "": this task's own
+    notify: str = ""  # the shell command run on each change of the job's state (cluster.notify); "": none
 
     def __call__(self) -> str:
+        """One attempt on this node; the first node tells the notify hook how it ended."""
+        try:
+            outcome = self._attempt()
+        except StoppedBySignal:
+            raise
+        except Exception:
+            self._notify(submitit.JobEnvironment(), notify.FAILED)
+            raise
+        if outcome == FINISHED:
+            self._notify(submitit.JobEnvironment(), notify.COMPLETED)
+        return outcome
+
+    def _notify(self, job_env, state: str) -> None:
+        if job_env.global_rank == 0:  # one node speaks for the job, as in its event ledger
+            notify.notify(self.notify, self.job_dir, job_env.job_id, state, cwd=os.getcwd())
+
+    def _attempt(self) -> str:
         # Until torchrun ends a stop signal is only recorded (the node runtime passes it on to the ranks); then they
         # are ignored: submitit's handler is called once, in _requeue, when the policy says requeue; left
         # installed, a repeated signal would requeue the job a second time.
@@ -147,8 +171,10 @@ class NodeTask(submitit.helpers.Checkpointable):
         if job_env.global_rank == 0:  # before the doctor: an attempt that ends there is an incarnation too
             job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
             history.register(self.job_dir)  # the ranks only read the cluster's history
+        self._notify(job_env, notify.RESTARTED if self.requeues else notify.STARTED)
         doctor_env = self._doctor(job_env, hosts, signals) if self.doctor else {}
         if doctor_env is None:  # that node's own error ends the job and says why
+            self._notify(job_env, notify.FAILED)
             return f"no torchrun on node {job_env.node}: another node failed the doctor"
         launch = self._launch(plan, hosts, job_env, doctor_env)
         outcome = supervise(launch, signals)
@@ -164,7 +190,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         if outcome.hang is not None:
             return self._after_hang(verdict, job_env, len(hosts), submitit_handler)
         if outcome.code == 0:
-            return f"training finished on node {job_env.node}"
+            return FINISHED
         if stop is None and outcome.code == EXIT_USER_ERROR:  # a rank said why in one sentence: the job's, not the node's
             raise TrainingError(f"torchrun exited with code {outcome.code} on {job_env.hostname}; the rank's error is above.")
         if stop is None:
@@ -178,9 +204,11 @@ class NodeTask(submitit.helpers.Checkpointable):
                                         wait_s=RANK_EXITS_WAIT_S)
             if died is not None:
                 return self._after_rank_failure(died, outcome.code, job_env, hosts, submitit_handler)
+        self._notify(job_env, notify.CANCELLED if stop != "SIGUSR2" and job_is("CANCELLED", job_env.job_id)
+                     else notify.PREEMPTED)
         if stop != "SIGUSR2":
             # SIGTERM/SIGUSR1 come from scancel or SLURM preemption: SLURM requeues a preempted job itself.
-            raise TrainingError(f"{NODE_TASK_SIGNALLED}{stop} with the newest checkpoint at step "
+            raise StoppedBySignal(f"{NODE_TASK_SIGNALLED}{stop} with the newest checkpoint at step "
                                 f"{latest_step(self.job_dir)}; a preempted job comes back through SLURM, a cancelled "
                                 f"one ends here")
         return self._requeue(submitit_handler, job_env, stop, f"{stop} received")
@@ -212,7 +240,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
                            job_env.job_id, rendezvous_port(job_env.job_id))
         if report.failed and signals.first:  # cancelled while the checks ran: the user's, not the node's
-            raise TrainingError(f"{NODE_TASK_SIGNALLED}{signals.first.name} during the doctor's checks, before "
+            raise StoppedBySignal(f"{NODE_TASK_SIGNALLED}{signals.first.name} during the doctor's checks, before "
                                 f"torchrun started")
         if report.failed:
             fault = report.host_fault  # a taken port or a full shared dir is the job's: no node is to blame
@@ -258,6 +286,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         """Report the hang; the first node (which put its culprit into the node ledger) requeues the job without
         the culprit's host where it can."""
         print(f"[llaunch] {verdict.why}", flush=True)
+        self._notify(job_env, notify.HANG)
         if job_env.global_rank != 0:
             return f"node {job_env.node}: {verdict.why}; the first node decides about the requeue"
         return self._requeue(submitit_handler, job_env, "a hang", f"hang on {verdict.host or 'no single node'}",
@@ -278,6 +307,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         except SystemExit:  # requeued: pending now, though SLURM still ends this attempt
             if exclude and node_can_be_spared(exclude, job_env.job_id, min_nodes):
                 exclude_from_requeued_job(job_env.job_id, [exclude])
+            self._notify(job_env, notify.REQUEUED)
             raise
         return "requeued"
 
@@ -289,8 +319,13 @@ class NodeTask(submitit.helpers.Checkpointable):
 
 def job_running(job_id: str) -> bool:
     """Whether SLURM still runs the job (a cancelled, timed-out or preempted one is not)."""
+    return job_is("RUNNING", job_id)
+
+
+def job_is(state: str, job_id: str) -> bool:
+    """Whether scontrol says the job is in `state` (False when it cannot say)."""
     try:
-        return job_state(job_id, dict(os.environ)).state == "RUNNING"
+        return job_state(job_id, dict(os.environ)).state == state
     except (LaunchError, OSError, subprocess.SubprocessError):
         return False
 
@@ -309,11 +344,12 @@ def latest_step(job_dir: str) -> int | None:
 
 
 def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str],
-           container: ContainerJob | None = None) -> submitit.Job:
-    """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
+           container: ContainerJob | None = None, frozen: FrozenCode | None = None) -> submitit.Job:
+    """sbatch through submitit, run from the job's frozen code; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
     executor = submitit.SlurmExecutor(folder=JobDir(job_dir).slurm, max_num_timeout=profile.max_requeues,
                                       python=shlex.quote(step_python(container, sys.executable)))
-    executor.update_parameters(**slurm_parameters(profile, name, container))
+    params = slurm_parameters(profile, name, container)
+    executor.update_parameters(**(frozen.in_script(params) if frozen else params))
     exclude = quarantined_nodes(profile, env)
     if exclude:
         executor.update_parameters(exclude=",".join(exclude))
@@ -321,12 +357,14 @@ def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str
     wrap = tuple(container.wrap(profile.gpus_per_node > 0)) if container else ()
     task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
                     node_ledger_path=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
-                    min_nodes=profile.min_nodes, wrap=wrap, python=container.container.python if wrap else "")
+                    min_nodes=profile.min_nodes, wrap=wrap, python=container.container.python if wrap else "",
+                    notify=profile.notify or "")
     submitted_at = time.time()
     try:
         with slurm_conf_for_submitit(env):
             job = executor.submit(task)
         job_events.submitted(job_dir, job.job_id, profile.nodes, profile.signal_delay_s, t=submitted_at)
+        notify.notify(profile.notify, str(job_dir), job.job_id, notify.SUBMITTED)
         return job
     except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
         detail = str(err).strip().splitlines()

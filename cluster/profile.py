@@ -95,6 +95,7 @@ class ClusterProfile:
     doctor: bool = True  # `llaunch doctor`'s checks before torchrun in every incarnation of a submitted job
     watchdog: dict = field(default_factory=dict)  # WatchdogConfig keys; a job's supervision.watchdog wins
     container: Container | None = None  # the image the nodes run the job in (None: the nodes' own software)
+    notify: str | None = None  # a shell command run on each change of the job's state (cluster.notify)
 
     @property
     def time_minutes(self) -> int:
@@ -122,7 +123,6 @@ class ClusterProfile:
         def refuse(name: str, what: str) -> None:
             where = f"--{name.replace('_', '-')}" if name in flags else f"cluster profile {self.name!r}: {name}"
             raise LaunchError(f"{where} must be {what}.")
-
         def number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -153,6 +153,8 @@ class ClusterProfile:
         check_settings(self.watchdog, f"cluster profile {self.name!r}: watchdog")
         if not isinstance(self.doctor, bool):
             refuse("doctor", "true or false")
+        if self.notify is not None and not (isinstance(self.notify, str) and _one_line(self.notify)):
+            refuse("notify", "a shell command on one line, e.g. \"$HOME/bin/notify.sh\"")
         if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
             refuse("setup", "a list of shell lines, e.g. [\"module load cuda\"]")
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.profile import APPTAINER, PYXIS, ClusterProfile, Container
-from launcher.env import CACHE, DIST_TIMEOUT_S
+from launcher.env import CACHE, DIST_TIMEOUT_S, PYTHONPATH
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 
@@ -58,6 +58,7 @@ class ContainerJob:
     job_dir: str
     cache_dir: str
     source: str = LLAUNCH_SOURCE
+    pythonpath: str = ""  # what the image's python imports first (the job's frozen code); "": source
 
     @property
     def binds(self) -> list[str]:
@@ -66,7 +67,7 @@ class ContainerJob:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"PYTHONPATH": self.source, CACHE.name: self.cache_dir}
+        return {PYTHONPATH.name: self.pythonpath or self.source, CACHE.name: self.cache_dir}
 
     @property
     def runs_srun_step(self) -> bool:

@@ -64,9 +64,22 @@ UPDATE_GOLDEN = EnvVar("LLAUNCH_UPDATE_GOLDEN", "developer", "tests/unit (golden
 SLURM_CONF = EnvVar("SLURM_CONF", "user; cluster.local.slurm_env (env dict)",
                     "SLURM's commands, cluster.jobs.JobRecord, cluster.executor.slurm_reachable",
                     "SLURM's own: the slurm.conf its commands (and submitit's sbatch) reach the cluster through")
+PYTHONPATH = EnvVar("PYTHONPATH", "cluster.snapshot (the sbatch script), cluster.submission.ContainerJob",
+                    "python (the node task, torchrun, the ranks)",
+                    "python's own: a submitted job's frozen code first, so every node and requeue imports it")
+# What a job's notify hook (`--notify CMD`, a profile's `notify:`) finds in its environment (cluster.notify).
+JOB_ID = EnvVar("LLAUNCH_JOB_ID", "cluster.notify", "the user's notify hook", "the SLURM job id")
+JOB_STATE = EnvVar("LLAUNCH_JOB_STATE", "cluster.notify", "the user's notify hook",
+                   "the state the job changed to, one of cluster.notify.STATES (lower case)")
+JOB_STEP = EnvVar("LLAUNCH_JOB_STEP", "cluster.notify", "the user's notify hook",
+                  "the newest step rank 0 logged; empty before the first")
+JOB_LOSS = EnvVar("LLAUNCH_JOB_LOSS", "cluster.notify", "the user's notify hook",
+                  "the training loss at that step; empty before the first")
+JOB_DIR = EnvVar("LLAUNCH_JOB_DIR", "cluster.notify", "the user's notify hook", "the job's directory")
 
 VARIABLES = (RUN_LOCK_HELD, INCARNATION, BEACON_DIR, SUPERVISOR_PID, DIST_TIMEOUT_S, WATCHDOG, FAULT, DOCTOR_FAULT,
-             CACHE, HOME, SLURM_DIR, REQUIRE_SLURM, UPDATE_GOLDEN, SLURM_CONF)
+             CACHE, HOME, SLURM_DIR, REQUIRE_SLURM, UPDATE_GOLDEN, SLURM_CONF, PYTHONPATH, JOB_ID, JOB_STATE, JOB_STEP, JOB_LOSS,
+             JOB_DIR)
 DEFAULT_SLURM_DIR = "/tmp/llaunch-slurm"
 DIST_TIMEOUT_RANGE = (1, 1e7)  # seconds: below, no collective could finish; above, none would ever time out
 

@@ -171,3 +171,29 @@ def gpus(found: list[GpuHealth] | None, *, device: str, gpus_per_node: int, gpu_
         return Check("gpus", FAIL, f"{'; '.join(problems)}; drain this node (report it to the admins) and resubmit "
                                    f"without it.", data)
     return Check("gpus", OK, f"{len(found)} x {found[0].name or 'GPU'} {format_bytes(found[0].memory_total)}, healthy", data)
+
+
+def environment(recorded: dict | None, mine: dict) -> Check:
+    """This node's python, torch, torch's CUDA and packages against those `llaunch submit` recorded with the job's
+    frozen code (cluster.snapshot). A WARN, never a FAIL: the code is frozen but an environment cannot be (a venv
+    is not copied), and a site's update may well run the frozen code as before; refusing would end a requeued job
+    that a resubmission would only put back into the same environment. The warning in the node's log and report
+    is what ties a changed loss to its cause."""
+    if recorded is None:
+        return Check("environment", SKIP, "no environment recorded at submit (not a submitted job)")
+    if recorded.get("container"):
+        return Check("environment", SKIP, f"the job runs in the image {recorded['container']}: its packages are the "
+                                          f"image's")
+    differ = [f"{key} {mine.get(key)} here, {recorded.get(key)} at submit" for key in ("python", "torch", "cuda")
+              if mine.get(key) != recorded.get(key)]
+    theirs, ours = recorded.get("packages", {}), mine.get("packages", {})
+    changed = sorted(name for name in set(theirs) | set(ours) if theirs.get(name) != ours.get(name) and name != "torch")
+    if changed:
+        shown = ", ".join(f"{name} {ours.get(name)} (was {theirs.get(name)})" for name in changed[:3])
+        differ.append(f"{len(changed)} package(s) differ: {shown}{', ...' if len(changed) > 3 else ''}")
+    data = {"differ": differ}
+    if differ:
+        return Check("environment", WARN, f"{'; '.join(differ)}; the job's code is frozen but not its environment: "
+                                          f"resubmit from this one, or restore the one recorded.", data)
+    return Check("environment", OK, f"python {mine.get('python')}, torch {mine.get('torch')} and "
+                                    f"{len(ours)} packages as at submit", data)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from cluster import snapshot
 from cluster.doctor import checks, exchange, probes
 from cluster.doctor.checks import FAIL, Check
 from cluster.doctor.faults import Faults
@@ -128,6 +129,7 @@ def run_node(ctx: NodeContext, env: dict[str, str] | None = None) -> NodeReport:
         report.checks += [rendezvous, interface_check, *with_the_first]
         report.checks.append(_space(ctx, storage_dir, faults))
         report.checks.append(_gpus(ctx, faults))
+        report.checks.append(checks.environment(snapshot.recorded_environment(ctx.job_dir), snapshot.environment()))
         result = _allreduce(ctx, {**env, **report.env}, failed=report.failed is not None)
         report.peers_failed = max(0, result.get("nodes_failed", 0) - (report.failed is not None))
         report.checks.append(checks.allreduce(result, ctx.node, ctx.hosts))

@@ -19,6 +19,7 @@ def add_parser(subparsers) -> None:
 def describe(job_id: str | None) -> list[str]:
     """The lines `llaunch status JOB` prints; also what `submit --wait` prints at the end."""
     from cluster.jobs import job_state, last_error, load_record
+    from cluster.snapshot import status_line
     from launcher.observe.metrics_file import last_metrics
     from launcher.runtime.rank_exits import latest_failure
     from launcher.runtime.watchdog import latest_hang
@@ -41,6 +42,9 @@ def describe(job_id: str | None) -> list[str]:
         if metrics.get("stragglers"):
             lines.append(f"  stragglers: rank(s) {', '.join(map(str, metrics['stragglers']))} (busy s per rank "
                          f"{metrics['busy_s']})")
+    code = status_line(record.output_dir)  # the commit the job runs, whatever the checkout holds now
+    if code:
+        lines.append(f"  {code}")
     goodput = summary_line(Path(record.output_dir))
     if goodput:
         lines.append(f"  {goodput}   (llaunch goodput {record.job_id})")

@@ -29,6 +29,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-dir", help="where plan, checkpoints, metrics and logs go (default: the config's output_dir)")
     p.add_argument("--wait", action="store_true", help="block until the job ends; exit 0 only if it completed")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and each node's torchrun command; submit nothing")
+    p.add_argument("--code", metavar="DIR", help="the code the job imports, frozen into the job dir (default: the git "
+                                                 "repository of the config; llaunch's own source always is)")
+    p.add_argument("--allow-dirty", action="store_true", help="freeze the code with its uncommitted changes (their "
+                                                              "diff is kept in the job dir) instead of refusing")
+    p.add_argument("--notify", metavar="CMD", help="a shell command run on each change of the job's state, which "
+                                                   "finds the job's id, state, step, loss and dir in its environment "
+                                                   "(default: the profile's notify)")
     add_knob_flags(p, SUBMIT)
     p.set_defaults(run=run)
 
@@ -39,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     from cluster.executor import check_partition, slurm_reachable
     from cluster.local import slurm_env
     from cluster.profile import load_profile
+    from cluster.snapshot import FrozenCode, user_code
     from cluster.submission import job_name
+    from launcher.env import PYTHONPATH
     from launcher.jobdir.prepare import prepare_job
     from launcher.knobs import cli_knobs, config_overrides
     from launcher.train.faults import faults_from_env
@@ -49,12 +58,13 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.cluster).replace(
         nodes=knobs.pop("nodes", None), min_nodes=args.min_nodes, gpus_per_node=knobs.pop("gpus_per_node", None),
         partition=args.partition, account=args.account,
-        qos=args.qos, time=args.time, constraint=args.constraint, max_requeues=args.max_requeues,
+        qos=args.qos, time=args.time, constraint=args.constraint, max_requeues=args.max_requeues, notify=args.notify,
     )
     env = slurm_env(profile.local)
     if not args.dry_run:
         slurm_reachable(env)  # before anything is written
         check_partition(profile, env)
+    user = user_code(args.config, args.code, args.allow_dirty)  # before tokenizing: a dirty tree is refused at once
     knobs.update(nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None)
     flags = config_overrides(args, without=("gpus_per_node",))  # the profile's nodes', not parallel.nproc_per_node
     job = prepare_job(args.config, args.overrides, flags=flags, knobs=knobs, output_dir=args.output_dir,
@@ -63,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
         job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch
     name = job_name(f"llaunch-{Path(args.config).stem}")
+    frozen = FrozenCode(Path(job.output_dir).resolve(), user, PYTHONPATH.get(env))
     if args.dry_run:  # writes nothing: the job dir may belong to a running job that rereads it on requeue
-        _print_dry_run(job, profile, name, env)
+        _print_dry_run(job, profile, name, env, frozen)
         return 0
-    record = _submit(job, profile, name, env)
+    record = _submit(job, profile, name, env, frozen)
     return _wait(record) if args.wait else 0
 
 
@@ -86,9 +97,9 @@ def _supervision(supervision, profile, env: dict[str, str]):
     return dataclasses.replace(profile, dist_timeout_s=math.ceil(timeout))
 
 
-def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
-    """The sbatch script (with the hosts the node ledger keeps out), each node's command and the plan, as
-    `submit` would write and run them."""
+def _print_dry_run(job, profile, name: str, env: dict[str, str], frozen) -> None:
+    """The sbatch script (with the hosts the node ledger keeps out and the frozen code it starts from), each node's
+    command and the plan, as `submit` would write and run them."""
     import shutil
     import subprocess
     import sys
@@ -99,8 +110,8 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
     from launcher.jobdir.layout import JobDir
 
     job_dir = Path(job.output_dir).resolve()
-    container = _container(job, profile, env)
-    parameters = slurm_parameters(profile, name, container)
+    container = _container(job, profile, env, frozen)
+    parameters = frozen.in_script(slurm_parameters(profile, name, container))
     try:  # sinfo says which quarantined hosts the partition can spare; without SLURM there is nothing to keep out
         exclude = quarantined_nodes(profile, env) if shutil.which("sinfo") else []
     except (OSError, subprocess.SubprocessError):
@@ -108,6 +119,7 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
     if exclude:
         parameters["exclude"] = ",".join(exclude)
         print(f"# {exclusion_sentence(profile, exclude)}")
+    print(f"# {frozen.describe()} (at submit)")
     print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
     print(render_sbatch(parameters, JobDir(job_dir).slurm, step_python(container, sys.executable)))
     wrap = container.wrap(profile.gpus_per_node > 0) if container else []
@@ -123,8 +135,9 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
     print("# nothing written, nothing submitted (--dry-run).")
 
 
-def _container(job, profile, env: dict[str, str]):
-    """The profile's container for this job, with the job dir and token cache it mounts; None without one."""
+def _container(job, profile, env: dict[str, str], frozen):
+    """The profile's container for this job, with the job dir and token cache it mounts and the frozen code its
+    python imports; None without one."""
     from pathlib import Path
 
     from cluster.submission import ContainerJob
@@ -133,12 +146,13 @@ def _container(job, profile, env: dict[str, str]):
     if profile.container is None:
         return None
     cache = cache_root(job.config.data.cache_dir, env).resolve()
-    return ContainerJob(profile.container, str(Path(job.output_dir).resolve()), str(cache))
+    return ContainerJob(profile.container, str(Path(job.output_dir).resolve()), str(cache),
+                        source=frozen.import_roots[-1], pythonpath=frozen.roots_path)
 
 
-def _submit(job, profile, name: str, env: dict[str, str]):
-    """Write the job dir and sbatch it, unless a job that has not ended owns that dir; the record lets
-    `status`, `logs` and `cancel` find the job by its id."""
+def _submit(job, profile, name: str, env: dict[str, str], frozen):
+    """Write the job dir, freeze the code into it and sbatch it, unless a job that has not ended owns that dir;
+    the record lets `status`, `logs` and `cancel` find the job by its id."""
     from pathlib import Path
 
     from cluster.executor import submit
@@ -154,7 +168,9 @@ def _submit(job, profile, name: str, env: dict[str, str]):
         raise LaunchError(f"{job_dir} belongs to job {active[0]}, which is {active[1].state.lower()}; wait for it "
                           f"to end, `llaunch cancel {active[0]}`, or choose another --output-dir.")
     write_job(job)
-    submitted = submit(job_dir, profile, name, env, _container(job, profile, env))
+    container = _container(job, profile, env, frozen)
+    frozen.freeze(container.container.image if container else None)
+    submitted = submit(job_dir, profile, name, env, container, frozen)
     record = JobRecord(job_id=str(submitted.job_id), name=name, output_dir=str(job_dir),
                        log_folder=str(JobDir(job_dir).slurm), nodes=profile.nodes, cluster=profile.name,
                        slurm_conf=SLURM_CONF.get(env))
@@ -164,6 +180,7 @@ def _submit(job, profile, name: str, env: dict[str, str]):
           f"{'GPU' if plan.device == 'cuda' else 'process'}(es), {plan.strategy}, "
           f"requeues up to {profile.max_requeues} time(s)")
     print(f"  plan:   {JobDir(job_dir).plan}")
+    print(f"  {frozen.describe()}")
     print(f"  logs:   {record.log_paths(0)[0]}  (all nodes: {record.log_folder})")
     print(f"  follow: llaunch status {record.job_id}   llaunch logs {record.job_id} -f   llaunch cancel {record.job_id}")
     return record

@@ -4,8 +4,9 @@ A run directory holds everything of one job, and the ranks write nowhere else. W
 `llaunch run` / `submit` (launcher.jobdir.prepare) the plan and the config; the run lock its holders; rank 0 the
 metrics, TensorBoard and the final model; every rank its checkpoint shards; the launcher, the node tasks and
 rank 0 the event ledger; the watchdog the hangs and each node's phase durations; the node tasks the rank exits;
-the doctor its reports; submitit the nodes' logs. What lies inside a folder
-(checkpoints/step-N, hangs/TIME, rank-exits/ATTEMPT) is named by the module that writes it.
+the doctor its reports; submitit the nodes' logs; `llaunch submit` the frozen code (cluster.snapshot) and the
+node tasks the notify hook's log (cluster.notify). What lies inside a folder (checkpoints/step-N, hangs/TIME,
+rank-exits/ATTEMPT, code/...) is named by the module that writes it.
 """
 
 from __future__ import annotations
@@ -84,3 +85,13 @@ class JobDir:
     def slurm(self) -> Path:
         """submitit's folder for a submitted job: its pickles and each node's logs, appended across requeues."""
         return self.root / "slurm"
+
+    @property
+    def code(self) -> Path:
+        """What a submitted job imports, frozen at submit time (cluster.snapshot): every node and requeue runs it."""
+        return self.root / "code"
+
+    @property
+    def notify_log(self) -> Path:
+        """One JSON line per run of the job's notify hook (cluster.notify): its state, exit and output."""
+        return self.root / "notify.jsonl"

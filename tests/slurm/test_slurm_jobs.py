@@ -2,7 +2,9 @@
 
 One uninterrupted job is the reference; the same job preempted with USR2 (twice, under CPU load) after its
 step-20 checkpoint saves the step it was at, requeues once, resumes there and ends with the same weights, and
-its goodput counts the queue wait after the requeue and the restore. A job that hangs on one node (--min-nodes 1)
+its goodput counts the queue wait after the requeue and the restore. That job is submitted from a user's git
+repository and a copy of llaunch, both edited after the submit: it runs from its frozen code all the same, and
+its notify hook hears every state in order. A job that hangs on one node (--min-nodes 1)
 is requeued without that node and finishes on the other, its losses those of the uninterrupted run.
 A broken config or a request the partition cannot run never reaches sbatch, a job dir belongs to one job,
 a job that raises is not requeued and shows its error in `llaunch status`, and `cluster down` ends the jobs
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from cluster.jobs import job_state, load_record
+from launcher.jobdir.layout import JobDir
 
 pytestmark = pytest.mark.slurm
 
@@ -42,16 +45,18 @@ TINY = [
 ]
 
 
-def llaunch(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def llaunch(*args: str, timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def submit(output_dir: Path, *extra: str, config: Path, overrides: tuple[str, ...] = (),
-           timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+           timeout: float = 300, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """sbatch exports the submitting environment to the job, so `env` reaches every node's ranks."""
     return llaunch("submit", str(config), *TINY, *overrides, "--nodes", "2", "--output-dir", str(output_dir),
-                   "--max-steps", str(MAX_STEPS), "--save-steps", str(SAVE_STEPS), *extra, timeout=timeout, env=env)
+                   "--max-steps", str(MAX_STEPS), "--save-steps", str(SAVE_STEPS), *extra, timeout=timeout, env=env,
+                   cwd=cwd)
 
 
 def job_id_of(result: subprocess.CompletedProcess) -> str:
@@ -173,11 +178,35 @@ def test_cluster_up_again_reports_the_running_cluster(slurm_cluster):
     assert llaunch("cluster", "status").stdout.count(" debug") == 2  # both nodes listed
 
 
-def test_preempted_job_saves_at_the_signal_requeues_once_and_ends_with_the_same_weights(straight_run, config, tmp_path):
+def checkouts(tmp_path: Path, config: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A user's git repository holding the config and a module every python process of the job imports at start
+    (sitecustomize, from PYTHONPATH), and a copy of llaunch's packages; the environment that submits from them."""
+    repo, own = tmp_path / "repo", tmp_path / "llaunch"
+    repo.mkdir()
+    shutil.copy(config, repo / "train.yaml")
+    (repo / "sitecustomize.py").write_text("FROZEN = 'as committed'\n")
+    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(repo), *command], check=True, capture_output=True)
+    for package in ("launcher", "cluster", "ds_configs"):
+        shutil.copytree(ROOT / package, own / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return repo, own, {"PYTHONPATH": f"{own}:{repo}"}
+
+
+def edit_after_submit(repo: Path, own: Path, marker: Path) -> None:
+    """What the job must not see: the user's module and llaunch's, each leaving a mark wherever it is imported."""
+    for module in (repo / "sitecustomize.py", own / "launcher" / "__init__.py"):
+        module.write_text(module.read_text() + f"\nopen({str(marker)!r}, 'a').write({str(module)!r} + '\\n')\n")
+
+
+def test_preempted_job_saves_at_the_signal_requeues_once_runs_its_frozen_code_and_ends_with_the_same_weights(
+        straight_run, config, tmp_path):
     from launcher.jobdir.checkpoint_store import list_checkpoints
 
-    out = tmp_path / "preempted"
-    job_id = job_id_of(submit(out, config=config))
+    out, marker, heard = tmp_path / "preempted", tmp_path / "edited-code-ran", tmp_path / "notified"
+    repo, own, from_checkouts = checkouts(tmp_path, config)
+    hook = f'echo "$LLAUNCH_JOB_STATE $LLAUNCH_JOB_STEP $LLAUNCH_JOB_ID" >> {heard}'
+    job_id = job_id_of(submit(out, "--notify", hook, config=repo / "train.yaml", env=from_checkouts, cwd=repo))
+    edit_after_submit(repo, own, marker)
     env = load_record(job_id).env()
     # The job dir belongs to this job: a dry run writes nothing into it, a second submit is refused.
     written = {name: (out / name).read_bytes() for name in ("config.yaml", "plan.yaml")}
@@ -218,6 +247,24 @@ def test_preempted_job_saves_at_the_signal_requeues_once_and_ends_with_the_same_
     status = llaunch("status", job_id).stdout
     assert "requeued 1 time(s)" in status
     assert_goodput_counts_the_requeue(out, job_id, step, status)
+    assert_frozen_code_ran_and_the_hook_heard_every_state(out, job_id, repo, marker, heard, status)
+
+
+def assert_frozen_code_ran_and_the_hook_heard_every_state(out: Path, job_id: str, repo: Path, marker: Path,
+                                                          heard: Path, status: str) -> None:
+    """Every attempt ran from JOB_DIR/code (the edited modules never ran), `status` names the commit, and the hook
+    heard the job's states in order, with the step each happened at."""
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert not marker.exists(), marker.read_text()
+    assert f"code: {repo.resolve()} @ {commit[:12]}; llaunch from " in status, status
+    doctor = json.loads((JobDir(out).doctor / "node-0.json").read_text())  # the node's packages: those recorded
+    assert [c["status"] for c in doctor["checks"] if c["name"] == "environment"] == ["ok"], doctor
+    lines = [line.split() for line in heard.read_text().splitlines()]
+    assert [words[0] for words in lines] == ["submitted", "started", "preempted", "requeued", "restarted",
+                                             "completed"], lines
+    assert {words[-1] for words in lines} == {job_id} and lines[-1][1] == str(MAX_STEPS), lines
+    logged = [json.loads(line) for line in JobDir(out).notify_log.read_text().splitlines()]
+    assert [(r["state"], r["code"]) for r in logged] == [(words[0], 0) for words in lines], logged
 
 
 def assert_goodput_counts_the_requeue(out: Path, job_id: str, step: int, status: str) -> None:

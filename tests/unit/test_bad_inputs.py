@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,17 @@ CASES = [
      "'local': container.runtime must be pyxis or apptainer, not 'docker'"),
     ("submit W/tiny.yaml --cluster W/image-profile.yaml --output-dir W/out --dry-run",
      "'local': container.image must be a non-empty value on one line"),
+    # frozen code and the notify hook: no code to freeze, uncommitted changes, a hook that is no command
+    ("submit W/repo/tiny.yaml --cluster local --output-dir W/out --dry-run",
+     "repo has uncommitted changes (1 file(s): notes.md); commit them, or pass --allow-dirty"),
+    ("submit W/tiny.yaml --cluster local --output-dir W/out --dry-run --code W/repo", "repo has uncommitted changes"),
+    ("submit W/tiny.yaml --cluster local --output-dir W/out --dry-run --code W/missing",
+     "is not a directory; pass the directory of the code the job imports"),
+    ("submit W/tiny.yaml --cluster local --output-dir W/out --dry-run --code W/afile", "is not a directory"),
+    ("submit W/tiny.yaml --cluster local --output-dir W/out --dry-run --notify ''",
+     "--notify must be a shell command on one line"),
+    ("submit W/tiny.yaml --cluster W/notify-profile.yaml --output-dir W/out --dry-run",
+     "'local': notify must be a shell command on one line"),
     (f"LLAUNCH_DIST_TIMEOUT_S=nan {RUN}", "LLAUNCH_DIST_TIMEOUT_S='nan' must be a number of seconds from 1 to 1e7"),
     # a cache that is a file or takes no new entries, a name over 255 bytes, a path over PATH_MAX, /proc
     (f"{RUN} data.cache_dir=W/afile", "cannot write the token cache in"),
@@ -343,6 +355,15 @@ def workspace(tmp_path_factory):
                             ("runtime", {"image": "/i.sif", "runtime": "docker"}),
                             ("image", {"image": "/i.sif\ntouch /tmp/pwned"})):
         (w / f"{name}-profile.yaml").write_text(yaml.safe_dump({**profile, "container": container}))
+    (w / "notify-profile.yaml").write_text(yaml.safe_dump({**profile, "notify": ["echo", "a list"]}))
+    repo = w / "repo"  # a user's repository with an edit not yet committed
+    repo.mkdir()
+    for name in ("tiny.yaml", "corpus.txt"):
+        (repo / name).write_bytes((w / name).read_bytes())
+    (repo / "notes.md").write_text("committed\n")
+    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(repo), *command], check=True, capture_output=True)
+    (repo / "notes.md").write_text("edited\n")
     (w / "linked").mkdir()
     (w / "linked" / ".llaunch.lock").symlink_to(w / "afile")
     return w

@@ -41,4 +41,4 @@ def test_no_module_spells_a_name_of_the_job_dir_outside_its_layout():
 def test_the_layout_names_every_top_level_entry_once():
     assert len(PATHS) == len(set(PATHS)) and all(path.parent in (ROOT.root, ROOT.doctor) for path in PATHS)
     assert {"plan.yaml", "config.yaml", "metrics.jsonl", "events.jsonl", "tensorboard", "checkpoints", "final",
-            ".llaunch.lock", "hangs", "rank-exits", "doctor", "slurm", "watchdog-phases-"} == NAMES
+            ".llaunch.lock", "hangs", "rank-exits", "doctor", "slurm", "watchdog-phases-", "code", "notify.jsonl"} == NAMES

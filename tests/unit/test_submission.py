@@ -372,7 +372,8 @@ def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, mo
     out.mkdir()  # a running job's dir: it rereads config.yaml and plan.yaml when it is requeued
     for name in ("config.yaml", "plan.yaml"):
         (out / name).write_text("the running job's\n")
-    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    quickstart = tmp_path / "quickstart.yaml"  # outside git: llaunch alone is frozen, whatever the checkout holds
+    quickstart.write_text((Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text())
     code = main(["submit", str(quickstart), "data.max_train_bytes=200000", "--cluster", "example-h100",
                  "--nodes", "3", "--time", "02:00:00", "--output-dir", str(out), "--dry-run"])
     printed = capsys.readouterr().out
@@ -385,6 +386,7 @@ def test_dry_run_prints_script_and_node_command_and_submits_nothing(tmp_path, mo
     assert words[words.index("--nnodes") + 1] == "3" and words[words.index("--nproc-per-node") + 1] == "8"
     assert words[words.index("--rdzv-endpoint") + 1] == "FIRST_NODE:RDZV_PORT"
     assert Plan.from_dict(yaml.safe_load(printed.split("when submitted):\n")[1].split("\n# nothing written")[0])).nodes == 3
+    assert f"cd {out / 'code' / 'llaunch'}" in printed.splitlines()  # every node starts in the frozen code
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "plan.yaml"]
     assert {(out / name).read_text() for name in ("config.yaml", "plan.yaml")} == {"the running job's\n"}
     assert not (tmp_path / "home").exists()
@@ -401,12 +403,14 @@ def test_dry_run_shows_the_profiles_container_with_the_job_dir_code_and_cache_mo
     profile = yaml.safe_load((Path(LLAUNCH_SOURCE) / "cluster/profiles/example-h100.yaml").read_text())
     profile["container"] = {"runtime": runtime, "image": "/images/train.sqsh", "mounts": ["/datasets:/datasets:ro"]}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(profile))
-    quickstart = Path(LLAUNCH_SOURCE) / "examples" / "quickstart.yaml"
+    quickstart = tmp_path / "quickstart.yaml"
+    quickstart.write_text((Path(LLAUNCH_SOURCE) / "examples" / "quickstart.yaml").read_text())
     out, cache = tmp_path / "run", tmp_path / "cache"
     assert main(["submit", str(quickstart), f"data.cache_dir={cache}", "--cluster", str(tmp_path / "c.yaml"),
                  "--output-dir", str(out), "--dry-run"]) == 0
     printed = capsys.readouterr().out
-    binds = [f"{out}:{out}", f"{LLAUNCH_SOURCE}:{LLAUNCH_SOURCE}:ro", f"{cache}:{cache}", "/datasets:/datasets:ro"]
+    frozen = out / "code" / "llaunch"  # the job's copy of llaunch, which the image's python imports
+    binds = [f"{out}:{out}", f"{frozen}:{frozen}:ro", f"{cache}:{cache}", "/datasets:/datasets:ro"]
     srun = shlex.split(next(line for line in printed.splitlines() if line.startswith("srun ")))
     node = shlex.split(next(line for line in printed.splitlines() if "launcher.runtime.torchrun" in line))
     if runtime == "pyxis":
@@ -435,7 +439,8 @@ def test_ctrl_c_on_wait_says_the_job_keeps_running(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(cluster.executor, "check_partition", lambda profile, env: None)
     monkeypatch.setattr(cluster.executor, "submit", lambda *args: types.SimpleNamespace(job_id="77"))
     monkeypatch.setattr(cluster.jobs, "wait_for_end", interrupted)
-    quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+    quickstart = tmp_path / "quickstart.yaml"
+    quickstart.write_text((Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text())
     code = main(["submit", str(quickstart), "data.max_train_bytes=200000", "--output-dir", str(tmp_path / "run"),
                  "--wait"])
     assert code == 130
