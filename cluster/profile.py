@@ -123,6 +123,7 @@ class ClusterProfile:
         def refuse(name: str, what: str) -> None:
             where = f"--{name.replace('_', '-')}" if name in flags else f"cluster profile {self.name!r}: {name}"
             raise LaunchError(f"{where} must be {what}.")
+
         def number(value) -> bool:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -157,6 +158,11 @@ class ClusterProfile:
             refuse("notify", "a shell command on one line, e.g. \"$HOME/bin/notify.sh\"")
         if not isinstance(self.setup, list) or not all(isinstance(line, str) for line in self.setup):
             refuse("setup", "a list of shell lines, e.g. [\"module load cuda\"]")
+        self._validate_time(refuse)
+        return self
+
+    def _validate_time(self, refuse) -> None:
+        """The time limit as SLURM reads it, longer than the preemption warning."""
         try:
             minutes = self.time_minutes
         except LaunchError:
@@ -167,8 +173,6 @@ class ClusterProfile:
             least = (self.signal_delay_s + 60) // 60 + 2
             refuse("time", f"longer than the preemption warning (signal_delay_s {self.signal_delay_s} s, which SLURM "
                            f"may send up to 60 s early), e.g. {least // 60:02d}:{least % 60:02d}:00")
-        return self
-
 
     def _validate_interconnect(self, refuse, number, integer) -> None:
         """NVLink GB/s and the NICs: positive numbers or null, the NIC count and rate given together."""
