@@ -308,27 +308,47 @@ def latest_step(job_dir: str) -> int | None:
     return max(complete) if complete else None
 
 
-def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str],
-           container: ContainerJob | None = None) -> submitit.Job:
-    """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
-    executor = submitit.SlurmExecutor(folder=JobDir(job_dir).slurm, max_num_timeout=profile.max_requeues,
+def slurm_executor(folder: Path, profile: ClusterProfile, name: str, env: dict[str, str],
+                   container: ContainerJob | None = None) -> submitit.SlurmExecutor:
+    """submitit's executor for a job (or a sweep's array) whose pickles and logs go to `folder`, keeping the
+    node ledger's quarantined hosts out."""
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues,
                                       python=shlex.quote(step_python(container, sys.executable)))
     executor.update_parameters(**slurm_parameters(profile, name, container))
     exclude = quarantined_nodes(profile, env)
     if exclude:
         executor.update_parameters(exclude=",".join(exclude))
         print(f"llaunch: {exclusion_sentence(profile, exclude)}", flush=True)
+    return executor
+
+
+def node_task(job_dir: Path, profile: ClusterProfile, container: ContainerJob | None = None) -> NodeTask:
+    """What srun runs on each node of the job that trains in `job_dir`."""
     wrap = tuple(container.wrap(profile.gpus_per_node > 0)) if container else ()
-    task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
+    return NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
                     node_ledger_path=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
                     min_nodes=profile.min_nodes, wrap=wrap, python=container.container.python if wrap else "")
+
+
+def sbatch_refused(err: Exception) -> LaunchError:
+    detail = str(err).strip().splitlines()
+    return LaunchError(f"sbatch refused the job ({detail[-1] if detail else err.__class__.__name__}); "
+                       f"check the partition, account and limits.")
+
+
+SBATCH_ERRORS = (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError)
+
+
+def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str],
+           container: ContainerJob | None = None) -> submitit.Job:
+    """sbatch through submitit; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
+    executor = slurm_executor(JobDir(job_dir).slurm, profile, name, env, container)
+    task = node_task(job_dir, profile, container)
     submitted_at = time.time()
     try:
         with slurm_conf_for_submitit(env):
             job = executor.submit(task)
         job_events.submitted(job_dir, job.job_id, profile.nodes, profile.signal_delay_s, t=submitted_at)
         return job
-    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
-        detail = str(err).strip().splitlines()
-        raise LaunchError(f"sbatch refused the job ({detail[-1] if detail else err.__class__.__name__}); "
-                          f"check the partition, account and limits.") from None
+    except SBATCH_ERRORS as err:
+        raise sbatch_refused(err) from None
