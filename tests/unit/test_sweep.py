@@ -94,3 +94,43 @@ def test_status_of_a_sweep_is_one_table_with_the_best_element_by_eval_loss(tmp_p
                         f"{sweep_dir.element('learning_rate=3e-4')}")
     assert main(["logs", "41"]) == 2  # each element has its own logs
     assert "give one element's id, e.g. `llaunch logs 41_0`" in capsys.readouterr().err
+
+
+def test_submit_writes_the_sweep_record_every_element_and_waits_for_all(tmp_path, monkeypatch, capsys):
+    """sbatch replaced by a stand-in that returns array 73: the records `status`, `logs` and `cancel` read are
+    written (the sweep's last, so `llaunch status` lists it first), each element's job dir holds its own config,
+    and `--wait` answers 0 only when every element completed."""
+    import cluster.executor
+    import cluster.sweep
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(cluster.executor, "slurm_reachable", lambda env: None)
+    monkeypatch.setattr(cluster.executor, "check_partition", lambda profile, env: None)
+    submitted = {}
+
+    def submit_array(sweep_dir, tasks, profile, name, env, container, max_parallel):
+        submitted.update(tasks=tasks, max_parallel=max_parallel)
+        return "73"
+
+    ends = iter([["COMPLETED", "COMPLETED"], ["COMPLETED", "FAILED"]])
+    monkeypatch.setattr(cluster.sweep, "submit_array", submit_array)
+    monkeypatch.setattr(cluster.sweep, "wait_for_sweep", lambda record, env: [JobState(s) for s in next(ends)])
+    monkeypatch.setattr(cluster.sweep, "job_state", lambda job_id, env: JobState("COMPLETED"))
+    out = tmp_path / "sweep"
+    argv = ["submit", str(QUICKSTART), "data.max_train_bytes=200000", "--output-dir", str(out),
+            "--sweep", "training.seed=1,2", "--max-parallel", "1", "--wait"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "submitted sweep 73 (llaunch-quickstart): 2 element(s) as one job array" in printed
+    assert "sweep 73 (llaunch-quickstart): 2 element(s)" in printed.split("follow:")[1]  # --wait's table
+    assert [task.job_dir for task in submitted["tasks"]] == [str(out / "seed=1"), str(out / "seed=2")]
+    assert submitted["max_parallel"] == 1
+    assert SweepRecord.load(SweepDir(out)).array_job_id == "73"
+    for seed in (1, 2):
+        assert yaml.safe_load((out / f"seed={seed}" / "config.yaml").read_text())["training"]["seed"] == seed
+    records = {p.stem: p for p in (tmp_path / "home").rglob("*.json")}
+    assert sorted(records) == ["73", "73_0", "73_1"]
+    assert records["73"].stat().st_mtime >= max(records[e].stat().st_mtime for e in ("73_0", "73_1"))
+    assert json.loads(records["73_0"].read_text())["output_dir"] == str(out / "seed=1")
+    assert json.loads(records["73"].read_text())["output_dir"] == str(out)
+    assert main(argv) == 1  # the same sweep again resumes into the same dirs; one element failed
