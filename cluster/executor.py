@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +27,14 @@ import submitit
 from cluster import job_events, notify
 from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
-from cluster.exclusion import (exclude_from_requeued_job, exclusion_sentence, node_can_be_spared, node_hostnames,
-                               quarantined_nodes)
+from cluster.exclusion import exclude_from_requeued_job, node_can_be_spared, node_hostnames
 from launcher.observe import history
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
-from cluster.snapshot import FrozenCode
-from cluster.submission import ContainerJob, node_command, rendezvous_port, slurm_parameters, step_python
+from cluster.submission import node_command, rendezvous_port
 from launcher.config import TrainConfig
-from launcher.env import SLURM_CONF, slurm_conf_for_submitit
+from launcher.env import SLURM_CONF
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.jobdir.checkpoint_store import list_checkpoints
 from launcher.jobdir.layout import JobDir
@@ -341,32 +338,3 @@ def latest_step(job_dir: str) -> int | None:
     checksums when they resume), or None when there is none yet."""
     complete = [info.step for info in list_checkpoints(job_dir) if info.complete]
     return max(complete) if complete else None
-
-
-def submit(job_dir: Path, profile: ClusterProfile, name: str, env: dict[str, str],
-           container: ContainerJob | None = None, frozen: FrozenCode | None = None) -> submitit.Job:
-    """sbatch through submitit, run from the job's frozen code; logs go to JOB_DIR/slurm/<job id>_<node>_log.{out,err}."""
-    executor = submitit.SlurmExecutor(folder=JobDir(job_dir).slurm, max_num_timeout=profile.max_requeues,
-                                      python=shlex.quote(step_python(container, sys.executable)))
-    params = slurm_parameters(profile, name, container)
-    executor.update_parameters(**(frozen.in_script(params) if frozen else params))
-    exclude = quarantined_nodes(profile, env)
-    if exclude:
-        executor.update_parameters(exclude=",".join(exclude))
-        print(f"llaunch: {exclusion_sentence(profile, exclude)}", flush=True)
-    wrap = tuple(container.wrap(profile.gpus_per_node > 0)) if container else ()
-    task = NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
-                    node_ledger_path=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
-                    min_nodes=profile.min_nodes, wrap=wrap, python=container.container.python if wrap else "",
-                    notify=profile.notify or "")
-    submitted_at = time.time()
-    try:
-        with slurm_conf_for_submitit(env):
-            job = executor.submit(task)
-        job_events.submitted(job_dir, job.job_id, profile.nodes, profile.signal_delay_s, t=submitted_at)
-        notify.notify(profile.notify, str(job_dir), job.job_id, notify.SUBMITTED)
-        return job
-    except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError, OSError) as err:
-        detail = str(err).strip().splitlines()
-        raise LaunchError(f"sbatch refused the job ({detail[-1] if detail else err.__class__.__name__}); "
-                          f"check the partition, account and limits.") from None

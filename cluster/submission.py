@@ -20,6 +20,7 @@ from launcher.planning.plan import Plan
 
 RDZV_PORT_BASE = 20000
 RDZV_PORT_SPAN = 10000  # ports 20000-29999: below Linux's ephemeral range, clear of SLURM's 6817/6818
+ARRAY_TASK_PORT_STRIDE = 8  # room for the ports of array tasks of up to 7 nodes on one host
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 LLAUNCH_SOURCE = str(Path(__file__).resolve().parents[1])  # the folder holding launcher/ and cluster/
 
@@ -37,8 +38,12 @@ def _single_line(label: str, value: str) -> str:
 
 
 def rendezvous_port(job_id: str | int) -> int:
-    """The c10d port for one job: derived from the job id so two jobs sharing a first node do not collide."""
-    return RDZV_PORT_BASE + int(str(job_id).split("_")[0]) % RDZV_PORT_SPAN
+    """The c10d port for one job: derived from the job id so two jobs sharing a first node do not collide. A job
+    takes this port and the doctor's one per node after it (cluster.doctor.exchange.doctor_port); the tasks of a
+    job array (`ARRAY_TASK`: a sweep's elements, which share a first node when they are smaller than a node, or
+    on the local cluster, whose nodes are one host) start ARRAY_TASK_PORT_STRIDE apart."""
+    array_id, _, task = str(job_id).partition("_")
+    return RDZV_PORT_BASE + (int(array_id) + int(task or 0) * ARRAY_TASK_PORT_STRIDE) % RDZV_PORT_SPAN
 
 
 @dataclass(frozen=True)

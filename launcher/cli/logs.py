@@ -24,11 +24,23 @@ def _procs_per_node(output_dir: str) -> int:
     return Plan.load(plan_path).gpus_per_node if plan_path.exists() else 1
 
 
+def _refuse_sweep(record) -> None:
+    """A sweep's elements each have their own logs: the sweep's id names none of them."""
+    from launcher.errors import LaunchError
+    from launcher.jobdir.sweep_dir import SweepDir, SweepRecord
+
+    if SweepDir(record.output_dir).is_sweep:
+        elements = len(SweepRecord.load(SweepDir(record.output_dir)).elements)
+        raise LaunchError(f"job {record.job_id} is a sweep of {elements} elements, each with its own logs; give one "
+                          f"element's id, e.g. `llaunch logs {record.job_id}_0`.")
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster.jobs import job_state, load_record, node_of_rank, refuse_never_starting
     from launcher.errors import LaunchError
 
     record = load_record(args.job)
+    _refuse_sweep(record)
     procs = _procs_per_node(record.output_dir)
     if not 0 <= args.rank < record.nodes * procs:
         raise LaunchError(f"rank {args.rank} is not in job {record.job_id} (ranks 0-{record.nodes * procs - 1}).")

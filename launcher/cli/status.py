@@ -1,4 +1,5 @@
-"""`llaunch status [JOB]`: state, nodes and requeues from SLURM; step and loss from the job's metrics.jsonl."""
+"""`llaunch status [JOB]`: state, nodes and requeues from SLURM; step and loss from the job's metrics.jsonl. A
+sweep's id (`llaunch submit --sweep`) shows one table of its elements (cluster.sweep)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,13 @@ def describe(job_id: str | None) -> list[str]:
     from launcher.runtime.rank_exits import latest_failure
     from launcher.runtime.watchdog import latest_hang
     from launcher.cli.goodput import summary_line
+    from launcher.jobdir.sweep_dir import SweepDir
 
     record = load_record(job_id)
+    if SweepDir(record.output_dir).is_sweep:
+        from cluster.sweep import describe_sweep
+
+        return describe_sweep(record.job_id, SweepDir(record.output_dir), record.env())
     state = job_state(record.job_id, record.env())
     lines = [f"job {record.job_id} ({record.name}): {state.state}"
              + (f" on {state.nodes}" if state.nodes else "")
@@ -72,13 +78,15 @@ def _newest_checkpoint(output_dir: str) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cluster.sweep import is_element_id
     from launcher.env import records_dir
 
     if args.job is not None:
         print("\n".join(describe(args.job)))
         return 0
     folder = records_dir()
-    recent = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime)[-RECENT:] if folder.exists() else []
+    records = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime) if folder.exists() else []
+    recent = [path for path in records if not is_element_id(path.stem)][-RECENT:]  # a sweep's row shows them
     if not recent:
         print("no jobs submitted yet; submit one with `llaunch submit CONFIG --nodes 2`.")
         return 0

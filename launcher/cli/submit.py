@@ -2,7 +2,8 @@
 
 Defaults come from a cluster profile (`--cluster NAME`, cluster/profiles/NAME.yaml); every flag overrides
 its field. The job requeues itself after a preemption or time-limit signal and resumes from its newest
-checkpoint; `llaunch status`, `logs` and `cancel` find it again by its id.
+checkpoint; `llaunch status`, `logs` and `cancel` find it again by its id. With `--sweep` the command plans
+one job per element of the grid (launcher.sweep) and submits them as one SLURM job array (cluster.sweep).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--notify", metavar="CMD", help="a shell command run on each change of the job's state, which "
                                                    "finds the job's id, state, step, loss and dir in its environment "
                                                    "(default: the profile's notify)")
+    p.add_argument("--sweep", action="append", metavar="section.key=V1,V2,...",
+                   help="one job per value (a grid over every --sweep), each planned and in its own directory under "
+                        "--output-dir, submitted as one SLURM job array; `llaunch status` of its id shows them all")
+    p.add_argument("--max-parallel", type=int, metavar="N", help="with --sweep: at most N elements run at once")
     add_knob_flags(p, SUBMIT)
     p.set_defaults(run=run)
 
@@ -67,18 +72,27 @@ def run(args: argparse.Namespace) -> int:
     user = user_code(args.config, args.code, args.allow_dirty)  # before tokenizing: a dirty tree is refused at once
     knobs.update(nodes=profile.nodes, gpus_per_node=profile.gpus_per_node or None)
     flags = config_overrides(args, without=("gpus_per_node",))  # the profile's nodes', not parallel.nproc_per_node
+    name = job_name(f"llaunch-{Path(args.config).stem}")
+    if args.sweep or args.max_parallel is not None:
+        return _run_sweep(args, knobs, flags, profile, env, name, user)
     job = prepare_job(args.config, args.overrides, flags=flags, knobs=knobs, output_dir=args.output_dir,
                       hardware=profile.hardware(), write=False)
-    profile = _supervision(job.config.supervision, profile, env)
-    for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
-        job.plan.on_nodes(nodes)  # each allocation --min-nodes allows must split the global batch
-    name = job_name(f"llaunch-{Path(args.config).stem}")
+    profile = job_profile(job, profile, env)
     frozen = FrozenCode(Path(job.output_dir).resolve(), user, PYTHONPATH.get(env))
     if args.dry_run:  # writes nothing: the job dir may belong to a running job that rereads it on requeue
         _print_dry_run(job, profile, name, env, frozen)
         return 0
     record = _submit(job, profile, name, env, frozen)
     return _wait(record) if args.wait else 0
+
+
+def job_profile(job, profile, env: dict[str, str]):
+    """The profile this job runs under (its supervision settings folded in), once every allocation --min-nodes
+    allows splits its global batch."""
+    profile = _supervision(job.config.supervision, profile, env)
+    for nodes in range(profile.min_nodes or profile.nodes, profile.nodes):
+        job.plan.on_nodes(nodes)
+    return profile
 
 
 def _supervision(supervision, profile, env: dict[str, str]):
@@ -100,44 +114,62 @@ def _supervision(supervision, profile, env: dict[str, str]):
 def _print_dry_run(job, profile, name: str, env: dict[str, str], frozen) -> None:
     """The sbatch script (with the hosts the node ledger keeps out and the frozen code it starts from), each node's
     command and the plan, as `submit` would write and run them."""
-    import shutil
-    import subprocess
     import sys
     from pathlib import Path
 
-    from cluster.exclusion import exclusion_sentence, quarantined_nodes
-    from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters, step_python
+    from cluster.submission import render_sbatch, slurm_parameters, step_python
     from launcher.jobdir.layout import JobDir
 
     job_dir = Path(job.output_dir).resolve()
     container = _container(job, profile, env, frozen)
     parameters = frozen.in_script(slurm_parameters(profile, name, container))
-    try:  # sinfo says which quarantined hosts the partition can spare; without SLURM there is nothing to keep out
+    _exclude_quarantined(parameters, profile, env)
+    print(f"# {frozen.describe()} (at submit)")
+    print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
+    print(render_sbatch(parameters, JobDir(job_dir).slurm, step_python(container, sys.executable)))
+    print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_JOB_NODELIST\"`,")
+    print("# RDZV_PORT = 20000 + JOB_ID % 10000):")
+    print(_node_line(job, profile, container))
+    print(f"# the plan ({JobDir(job_dir).plan} when submitted):")
+    print(job.plan.to_yaml().rstrip())
+    print("# nothing written, nothing submitted (--dry-run).")
+
+
+def _exclude_quarantined(parameters: dict, profile, env: dict[str, str]) -> None:
+    """What the dry run's sbatch script keeps out: the quarantined hosts the partition can spare (sinfo says
+    which); without SLURM there is nothing to keep out."""
+    import shutil
+    import subprocess
+
+    from cluster.exclusion import exclusion_sentence, quarantined_nodes
+
+    try:
         exclude = quarantined_nodes(profile, env) if shutil.which("sinfo") else []
     except (OSError, subprocess.SubprocessError):
         exclude = []
     if exclude:
         parameters["exclude"] = ",".join(exclude)
         print(f"# {exclusion_sentence(profile, exclude)}")
-    print(f"# {frozen.describe()} (at submit)")
-    print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
-    print(render_sbatch(parameters, JobDir(job_dir).slurm, step_python(container, sys.executable)))
+
+
+def _node_line(job, profile, container) -> str:
+    """One node's command for the dry run, with placeholders for what only the allocation knows."""
+    import sys
+    from pathlib import Path
+
+    from cluster.submission import node_command, render_node_command
+
     wrap = container.wrap(profile.gpus_per_node > 0) if container else []
-    argv, extra_env = node_command(job.plan, job_dir, rdzv_host="FIRST_NODE", rdzv_port="RDZV_PORT",
-                                   job_id="JOB_ID", max_restarts=profile.max_restarts,
+    argv, extra_env = node_command(job.plan, Path(job.output_dir).resolve(), rdzv_host="FIRST_NODE",
+                                   rdzv_port="RDZV_PORT", job_id="JOB_ID", max_restarts=profile.max_restarts,
                                    dist_timeout_s=profile.dist_timeout_s, cpus_per_node=profile.cpus_per_task,
                                    python=container.container.python if container else sys.executable, wrap=wrap)
-    print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_JOB_NODELIST\"`,")
-    print("# RDZV_PORT = 20000 + JOB_ID % 10000):")
-    print(render_node_command(argv, extra_env))
-    print(f"# the plan ({JobDir(job_dir).plan} when submitted):")
-    print(job.plan.to_yaml().rstrip())
-    print("# nothing written, nothing submitted (--dry-run).")
+    return render_node_command(argv, extra_env)
 
 
-def _container(job, profile, env: dict[str, str], frozen):
-    """The profile's container for this job, with the job dir and token cache it mounts and the frozen code its
-    python imports; None without one."""
+def _container(job, profile, env: dict[str, str], frozen, mount=None):
+    """The profile's container for this job, with the job dir (or `mount`, a sweep's dir) and token cache it
+    mounts and the frozen code its python imports; None without one."""
     from pathlib import Path
 
     from cluster.submission import ContainerJob
@@ -146,7 +178,7 @@ def _container(job, profile, env: dict[str, str], frozen):
     if profile.container is None:
         return None
     cache = cache_root(job.config.data.cache_dir, env).resolve()
-    return ContainerJob(profile.container, str(Path(job.output_dir).resolve()), str(cache),
+    return ContainerJob(profile.container, str(Path(mount or job.output_dir).resolve()), str(cache),
                         source=frozen.import_roots[-1], pythonpath=frozen.roots_path)
 
 
@@ -155,7 +187,7 @@ def _submit(job, profile, name: str, env: dict[str, str], frozen):
     the record lets `status`, `logs` and `cancel` find the job by its id."""
     from pathlib import Path
 
-    from cluster.executor import submit
+    from cluster.sbatch import submit
     from cluster.jobs import JobRecord, active_job_in
     from launcher.env import SLURM_CONF
     from launcher.errors import LaunchError
@@ -199,3 +231,117 @@ def _wait(record) -> int:
         return 130
     print("\n".join(describe(record.job_id)))
     return 0 if state.state == "COMPLETED" else 1
+
+
+def _run_sweep(args: argparse.Namespace, knobs: dict, flags: list, profile, env: dict[str, str], name: str,
+               user) -> int:
+    """`--sweep`: every element checked and planned (launcher.sweep), then one job array (cluster.sweep) whose
+    elements all run the code frozen once into the sweep dir (`user`: cluster.snapshot.user_code's tree)."""
+    from pathlib import Path
+
+    from cluster.snapshot import FrozenCode
+    from launcher.env import PYTHONPATH
+    from launcher.errors import LaunchError
+    from launcher.sweep import prepare_sweep
+
+    if not args.sweep:
+        raise LaunchError("--max-parallel throttles a sweep's job array; add --sweep section.key=V1,V2,... or drop it.")
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise LaunchError(f"--max-parallel must be a positive integer, not {args.max_parallel}.")
+    sweep = prepare_sweep(args.config, args.overrides, args.sweep, flags=flags, knobs=knobs,
+                          output_dir=args.output_dir, hardware=profile.hardware())
+    profiles = [job_profile(job, profile, env) for job in sweep.jobs]
+    frozen = FrozenCode(Path(sweep.dir.root).resolve(), user, PYTHONPATH.get(env))
+    container = _sweep_container(sweep, profile, env, frozen)
+    if args.dry_run:  # writes nothing: the sweep's elements may be running and reread their dirs on requeue
+        _print_sweep_dry_run(sweep, profiles, name, env, container, args.max_parallel, frozen)
+        return 0
+    record = _submit_sweep(sweep, profiles, name, env, container, args.max_parallel, frozen)
+    return _wait_sweep(record, sweep.dir, env) if args.wait else 0
+
+
+def _sweep_container(sweep, profile, env: dict[str, str], frozen):
+    """The one container of the array: the sweep dir mounted (every element's job dir and the array's logs);
+    pyxis mounts on the array's one srun line, so every element must read the same token cache."""
+    from launcher.errors import LaunchError
+
+    containers = [_container(job, profile, env, frozen, mount=sweep.dir.root) for job in sweep.jobs]
+    if len({container.cache_dir for container in containers if container}) > 1:
+        raise LaunchError("the sweep's elements read different token caches (data.cache_dir) and its container "
+                          "mounts one; sweep another key, or give every element the same data.cache_dir.")
+    return containers[0]
+
+
+def _print_sweep_dry_run(sweep, profiles, name: str, env: dict[str, str], container, max_parallel, frozen) -> None:
+    """The array's sbatch script, then each element: its overrides, its job dir, a node's command and its plan."""
+    import sys
+
+    from cluster.submission import ARRAY_TASK_PORT_STRIDE, RDZV_PORT_BASE, RDZV_PORT_SPAN, render_sbatch, step_python
+    from cluster.sweep import array_parameters
+
+    parameters = frozen.in_script(array_parameters(profiles[0], name, container, len(sweep.jobs), max_parallel))
+    _exclude_quarantined(parameters, profiles[0], env)
+    print(f"# {frozen.describe()} (at submit)")
+    print(f"# a sweep of {len(sweep.jobs)} element(s), one SLURM job array (cluster profile {profiles[0].name}), "
+          f"{parameters['array_parallelism']} at a time; its sbatch script:")
+    print(render_sbatch(parameters, sweep.dir.slurm, step_python(container, sys.executable)))
+    for index, (element, job, profile) in enumerate(zip(sweep.elements, sweep.jobs, profiles)):
+        print(f"# element {index} (array task {index}): {element.label}, in {job.output_dir}")
+        print(f"# each node's task runs (JOB_ID = ARRAY_JOB_ID_{index}, RDZV_PORT = {RDZV_PORT_BASE} + (ARRAY_JOB_ID + "
+              f"{ARRAY_TASK_PORT_STRIDE * index}) % {RDZV_PORT_SPAN}):")
+        print(_node_line(job, profile, container))
+        print(f"# its plan:\n{job.plan.to_yaml().rstrip()}")
+    print(f"# nothing written, nothing submitted (--dry-run); the sweep's record would be {sweep.dir.record}.")
+
+
+def _submit_sweep(sweep, profiles, name: str, env: dict[str, str], container, max_parallel, frozen):
+    """Write the sweep's record (first: the dir is a sweep's from then on), each element's job dir, sbatch the
+    array, then the records `status`, `logs` and `cancel` find the sweep and each element by."""
+    from cluster.sbatch import node_task
+    from cluster.jobs import JobRecord, active_job_in
+    from cluster.sweep import submit_array
+    from launcher.env import SLURM_CONF
+    from launcher.errors import LaunchError
+    from launcher.jobdir.prepare import write_job
+    from launcher.jobdir.sweep_dir import SweepRecord
+
+    active = active_job_in(sweep.dir.slurm, env)
+    if active:
+        raise LaunchError(f"{sweep.dir.root} belongs to sweep element {active[0]}, which is "
+                          f"{active[1].state.lower()}; wait for the sweep to end, `llaunch cancel "
+                          f"{active[0].partition('_')[0]}`, or choose another --output-dir.")
+    profile = profiles[0]
+    record = SweepRecord(name=name, cluster=profile.name, elements=sweep.elements)
+    record.save(sweep.dir)
+    for job in sweep.jobs:
+        write_job(job)
+    frozen.freeze(container.container.image if container else None)
+    tasks = [node_task(job.output_dir, each, container) for job, each in zip(sweep.jobs, profiles)]
+    record.array_job_id = submit_array(sweep.dir, tasks, profile, name, env, container, max_parallel, frozen)
+    record.save(sweep.dir)
+    common = dict(name=name, log_folder=str(sweep.dir.slurm), nodes=profile.nodes, cluster=profile.name,
+                  slurm_conf=SLURM_CONF.get(env))
+    for index, job in enumerate(sweep.jobs):
+        JobRecord(job_id=record.element_job_id(index), output_dir=str(job.output_dir), **common).save()
+    JobRecord(job_id=record.array_job_id, output_dir=str(sweep.dir.root), **common).save()  # newest: listed first
+    print(f"submitted sweep {record.array_job_id} ({name}): {len(tasks)} element(s) as one job array, each "
+          f"{profile.nodes} node(s); at most {max_parallel or len(tasks)} at a time")
+    for index, (element, job) in enumerate(zip(sweep.elements, sweep.jobs)):
+        print(f"  {record.element_job_id(index)}  {element.label}  ({job.plan.strategy}): {job.output_dir}")
+    print(f"  follow: llaunch status {record.array_job_id}   llaunch logs {record.element_job_id(0)} -f   "
+          f"llaunch cancel {record.array_job_id}")
+    return record
+
+
+def _wait_sweep(record, sweep_dir, env: dict[str, str]) -> int:
+    """`--wait` with `--sweep`: block until every element ends, print the sweep's table; 0 only if all completed."""
+    from cluster.sweep import describe_sweep, wait_for_sweep
+
+    try:
+        states = wait_for_sweep(record, env)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; sweep {record.array_job_id} keeps running (`llaunch status "
+              f"{record.array_job_id}`, `llaunch cancel {record.array_job_id}`).", flush=True)
+        return 130
+    print("\n".join(describe_sweep(record.array_job_id, sweep_dir, env)))
+    return 0 if all(state.state == "COMPLETED" for state in states) else 1

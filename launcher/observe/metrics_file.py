@@ -1,5 +1,6 @@
 """The launcher side's reader of the ranks' metrics file (launcher.train.metrics writes it): `llaunch status`
-shows its newest step, and the watchdog records the stragglers it flagged last in the node ledger."""
+shows its newest step (and a sweep's table each element's newest evaluation), and the watchdog records the
+stragglers it flagged last in the node ledger."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ def last_metrics(output_dir: str | Path) -> dict | None:
     not one yet: launcher.files.read_records)."""
     rows = read_records(JobDir(output_dir).metrics, _row)
     return next((row for row in reversed(rows) if "loss" in row and "step" in row), None)
+
+
+def last_eval(output_dir: str | Path) -> dict | None:
+    """The newest evaluation's row (step, eval_loss, ...): the one at the end of a finished run."""
+    rows = read_records(JobDir(output_dir).metrics, _row)
+    return next((row for row in reversed(rows) if "eval_loss" in row and "step" in row), None)
 
 
 def _row(record: object) -> dict:

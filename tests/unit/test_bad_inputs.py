@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 LONG_NAME, LONG_PATH = "n" * 300, "/".join(["p" * 200] * 21)  # over NAME_MAX (255), over PATH_MAX (4096)
 RUN = "run W/tiny.yaml --output-dir W/out --dry-run"
 SFT = "run W/sft.yaml --output-dir W/out --dry-run"
+SWEEP = "submit W/tiny.yaml --cluster local --output-dir W/sweep --dry-run"
 CASES = [
     # the commands of a cluster: submit, doctor, status / logs / cancel, the local cluster, probe
     ("submit W/missing.yaml --cluster local --dry-run", "does not exist"),
@@ -275,6 +276,32 @@ CASES = [
      "--notify must be a shell command on one line"),
     ("submit W/tiny.yaml --cluster W/notify-profile.yaml --output-dir W/out --dry-run",
      "'local': notify must be a shell command on one line"),
+    # sweeps: a key the config lacks, an empty value, a value its key's rule refuses (in any element), an element
+    # the planner cannot fit, elements that collide (one value twice, one job dir), what the sweep owns, a key
+    # also set elsewhere, a grid of one, --max-parallel alone or below 1, a directory that is no sweep's
+    (f"{SWEEP} --sweep training.lerning_rate=1e-4,3e-4", "did you mean training.learning_rate?"),
+    (f"{SWEEP} --sweep nosuch=1,2", "--sweep key 'nosuch' is not a key of the train config"),
+    (f"{SWEEP} --sweep training.learning_rate", "must look like section.key=V1,V2"),
+    (f"{SWEEP} --sweep training.learning_rate=", "has an empty value"),
+    (f"{SWEEP} --sweep training.learning_rate=1e-4,,3e-4", "has an empty value"),
+    (f"{SWEEP} --sweep training.learning_rate=1e-4,-1",
+     "sweep element learning_rate=-1 (training.learning_rate=-1): training.learning_rate must be a finite number"),
+    (f"{SWEEP} --sweep training.learning_rate=1e-4,.nan", "training.learning_rate must be a finite number"),
+    (f"{SWEEP} --sweep training.per_device_train_batch_size=2,1000000000000", "per_device_train_batch_size=1000000"),
+    (f"{SWEEP} --sweep training.learning_rate=1e-4,0.0001", "are the same config; give each value once"),
+    (f"{SWEEP} --sweep training.learning_rate=1e-4,1e-4", "lists 1e-4 twice"),
+    (f"{SWEEP} --sweep model.name_or_path=a/b,a-b", "would share the job dir name_or_path=a-b; give values that differ in letters or digits"),
+    (f"{SWEEP} --sweep training.output_dir=W/a,W/b", "--sweep cannot vary training.output_dir"),
+    (f"{SWEEP} --sweep training.max_steps=3,4 --max-steps 5", "--max-steps 5 sets training.max_steps"),
+    (f"{SWEEP.replace('tiny.yaml', 'tiny.yaml training.seed=1')} --sweep training.seed=2,3",
+     "the override training.seed=1 sets a key --sweep varies"),
+    (f"{SWEEP} --sweep training.seed=1,2 --sweep training.seed=3", "--sweep training.seed is given twice"),
+    (f"{SWEEP} --sweep training.learning_rate=1e-4", "which is no sweep"),
+    (f"{SWEEP} --max-parallel 2", "--max-parallel throttles a sweep's job array"),
+    (f"{SWEEP} --sweep training.seed=1,2 --max-parallel 0", "--max-parallel must be a positive integer"),
+    (f"{SWEEP.replace('W/sweep', 'W/done')} --sweep training.seed=1,2", "holds a single run, not a sweep"),
+    (f"{SWEEP.replace('W/sweep', 'W')} --sweep training.seed=1,2", "is not a llaunch sweep directory"),
+    (f"{SWEEP.replace('W/sweep', 'W/afile')} --sweep training.seed=1,2", "is a file"),
     (f"LLAUNCH_DIST_TIMEOUT_S=nan {RUN}", "LLAUNCH_DIST_TIMEOUT_S='nan' must be a number of seconds from 1 to 1e7"),
     # a cache that is a file or takes no new entries, a name over 255 bytes, a path over PATH_MAX, /proc
     (f"{RUN} data.cache_dir=W/afile", "cannot write the token cache in"),

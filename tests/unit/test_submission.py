@@ -21,6 +21,7 @@ from launcher.observe.metrics_file import last_metrics
 from cluster.profile import ClusterProfile, Container, load_profile, profile_names, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.submission import (
+    ARRAY_TASK_PORT_STRIDE,
     ContainerJob,
     job_name,
     node_command,
@@ -149,7 +150,11 @@ def test_hostile_container_values_stay_single_shell_words():
 def test_rendezvous_port_comes_from_the_job_id_and_stays_in_range():
     assert rendezvous_port("123") == rendezvous_port(123) == 20123
     assert rendezvous_port("10123") == 20123  # wraps: ports 20000-29999 only
-    assert rendezvous_port("77_3") == 20077  # array task ids use the parent job id
+    # a sweep's elements (array tasks) may run side by side on one host: each has its own block of ports, its
+    # rendezvous port and the doctor's one per node after it
+    assert rendezvous_port("77_0") == 20077 and rendezvous_port("77_3") == 20077 + 3 * ARRAY_TASK_PORT_STRIDE
+    blocks = [set(range(rendezvous_port(f"77_{task}"), rendezvous_port(f"77_{task}") + 1 + 7)) for task in range(3)]
+    assert not (blocks[0] & blocks[1]) and not (blocks[1] & blocks[2])  # up to 7 nodes each
     assert rendezvous_port("4242") != rendezvous_port("4243")
 
 
