@@ -39,7 +39,9 @@ def profile(tmp_path_factory) -> Path:
 
 
 def submit_sweep(out: Path, profile: Path, *extra: str, env: dict[str, str] | None = None) -> str:
-    result = llaunch("submit", str(QUICKSTART), *TINY, "--cluster", str(profile), "--nodes", "1",
+    config = profile.parent / "quickstart.yaml"  # outside git: the sweep freezes llaunch alone, whatever the checkout holds
+    config.write_text(QUICKSTART.read_text())
+    result = llaunch("submit", str(config), *TINY, "--cluster", str(profile), "--nodes", "1",
                      "--output-dir", str(out),
                      "--save-steps", str(SAVE_STEPS), "--sweep", f"training.learning_rate={','.join(RATES)}",
                      "--max-parallel", "2", *extra, env=env)

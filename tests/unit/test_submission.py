@@ -434,6 +434,7 @@ def test_ctrl_c_on_wait_says_the_job_keeps_running(tmp_path, monkeypatch, capsys
 
     import cluster.executor
     import cluster.jobs
+    import cluster.sbatch
     from launcher.cli import main
 
     def interrupted(job_id, env):
@@ -442,7 +443,7 @@ def test_ctrl_c_on_wait_says_the_job_keeps_running(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(cluster.executor, "slurm_reachable", lambda env: None)
     monkeypatch.setattr(cluster.executor, "check_partition", lambda profile, env: None)
-    monkeypatch.setattr(cluster.executor, "submit", lambda *args: types.SimpleNamespace(job_id="77"))
+    monkeypatch.setattr(cluster.sbatch, "submit", lambda *args: types.SimpleNamespace(job_id="77"))
     monkeypatch.setattr(cluster.jobs, "wait_for_end", interrupted)
     quickstart = tmp_path / "quickstart.yaml"
     quickstart.write_text((Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml").read_text())

@@ -40,14 +40,16 @@ def test_the_grid_varies_the_last_axis_fastest_and_names_each_element_by_its_val
 def test_dry_run_plans_every_element_for_the_array_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-cluster" / "slurm.conf"))  # no SLURM needed
-    out = tmp_path / "sweep"
-    code = main(["submit", str(QUICKSTART), "data.max_train_bytes=200000", "model.overrides={}",
+    out, config = tmp_path / "sweep", tmp_path / "quickstart.yaml"  # outside git: llaunch alone is frozen
+    config.write_text(QUICKSTART.read_text())
+    code = main(["submit", str(config), "data.max_train_bytes=200000", "model.overrides={}",
                  "--cluster", "example-h100", "--nodes", "2", "--output-dir", str(out),
                  "--sweep", "model.name_or_path=llama-3.2-1b,llama-3.1-70b",
                  "--sweep", "training.learning_rate=1e-4,3e-4", "--max-parallel", "3", "--dry-run"])
     printed = capsys.readouterr().out
     assert code == 0
     assert "#SBATCH --array=0-3%3" in printed and "#SBATCH --nodes=2" in printed
+    assert f"cd {out / 'code' / 'llaunch'}" in printed.splitlines()  # every element starts in the sweep's frozen code
     assert f"--output={out}/slurm/%A_%a_0_log.out" in printed  # one submitit folder for the whole array
     headers = re.findall(r"^# element (\d) \(array task \d\): (.*), in (.*)$", printed, re.M)
     assert [(int(i), label) for i, label, _ in headers] == [
@@ -108,16 +110,17 @@ def test_submit_writes_the_sweep_record_every_element_and_waits_for_all(tmp_path
     monkeypatch.setattr(cluster.executor, "check_partition", lambda profile, env: None)
     submitted = {}
 
-    def submit_array(sweep_dir, tasks, profile, name, env, container, max_parallel):
-        submitted.update(tasks=tasks, max_parallel=max_parallel)
+    def submit_array(sweep_dir, tasks, profile, name, env, container, max_parallel, frozen):
+        submitted.update(tasks=tasks, max_parallel=max_parallel, frozen=frozen)
         return "73"
 
     ends = iter([["COMPLETED", "COMPLETED"], ["COMPLETED", "FAILED"]])
     monkeypatch.setattr(cluster.sweep, "submit_array", submit_array)
     monkeypatch.setattr(cluster.sweep, "wait_for_sweep", lambda record, env: [JobState(s) for s in next(ends)])
     monkeypatch.setattr(cluster.sweep, "job_state", lambda job_id, env: JobState("COMPLETED"))
-    out = tmp_path / "sweep"
-    argv = ["submit", str(QUICKSTART), "data.max_train_bytes=200000", "--output-dir", str(out),
+    out, config = tmp_path / "sweep", tmp_path / "quickstart.yaml"  # outside git: llaunch alone is frozen
+    config.write_text(QUICKSTART.read_text())
+    argv = ["submit", str(config), "data.max_train_bytes=200000", "--output-dir", str(out),
             "--sweep", "training.seed=1,2", "--max-parallel", "1", "--wait"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -125,6 +128,7 @@ def test_submit_writes_the_sweep_record_every_element_and_waits_for_all(tmp_path
     assert "sweep 73 (llaunch-quickstart): 2 element(s)" in printed.split("follow:")[1]  # --wait's table
     assert [task.job_dir for task in submitted["tasks"]] == [str(out / "seed=1"), str(out / "seed=2")]
     assert submitted["max_parallel"] == 1
+    assert submitted["frozen"].folder == out / "code" and (out / "code" / "llaunch" / "launcher").is_dir()  # once
     assert SweepRecord.load(SweepDir(out)).array_job_id == "73"
     for seed in (1, 2):
         assert yaml.safe_load((out / f"seed={seed}" / "config.yaml").read_text())["training"]["seed"] == seed
