@@ -95,12 +95,12 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str]) -> None:
     from pathlib import Path
 
     from cluster.exclusion import exclusion_sentence, quarantined_nodes
-    from cluster.submission import node_command, render_node_command, render_sbatch, slurm_parameters, step_python
+    from cluster.submission import node_command, render_node_command, render_sbatch, step_python, training_parameters
     from launcher.jobdir.layout import JobDir
 
     job_dir = Path(job.output_dir).resolve()
     container = _container(job, profile, env)
-    parameters = slurm_parameters(profile, name, container)
+    parameters = training_parameters(profile, name, JobDir(job_dir).slurm, sys.executable, container)
     try:  # sinfo says which quarantined hosts the partition can spare; without SLURM there is nothing to keep out
         exclude = quarantined_nodes(profile, env) if shutil.which("sinfo") else []
     except (OSError, subprocess.SubprocessError):

@@ -54,6 +54,7 @@ FINAL_SAVED = "final_saved"    # seconds to write DIR/final
 CADENCE = "cadence"            # the auto checkpoint interval and its inputs
 
 USER_ERROR = "user error"
+KILLED = "killed"  # the cause of an incarnation that left no exit event of its own: its every process was SIGKILLed
 
 # The fields readers compute with, and what each must be where present: a number in [0, LARGEST] (epoch times,
 # durations, counts; the bound keeps every sum of them finite), an integer among those, or text.
