@@ -123,6 +123,19 @@ def exit_cause(code: int) -> str:
     return "failed"
 
 
+def launcher_alive(events: list[dict]) -> bool:
+    """Whether the process that launched the newest incarnation may still run: False only when its launch
+    event was written on this host by a process that is gone (or whose pid a younger process took), which tells
+    an incarnation whose every process was SIGKILLed (no exit event) from one still running."""
+    launches = [e for e in events if e["kind"] == LAUNCH]
+    if not launches or launches[-1].get("host") != socket.gethostname() or not isinstance(launches[-1].get("pid"), int):
+        return True
+    try:
+        return psutil.Process(launches[-1]["pid"]).create_time() <= launches[-1]["t"] + 1.0
+    except psutil.Error:
+        return False
+
+
 def read(job_dir: str | Path) -> list[dict]:
     """Every complete event, in time order; a damaged line is skipped with a warning (read_records)."""
     return sorted(read_records(JobDir(job_dir).events, check_event), key=lambda e: e["t"])
