@@ -7,7 +7,8 @@ the ranks twice over (a rank treats every copy as the same request, see launcher
 ranks have saved and exited, the watchdog killed hung ones, or a rank (or another node's task) died without a
 sentence (a node failure, launcher.runtime.rank_exits), the first node's task applies cluster.requeue's policy
 and, if it says so, hands over to submitit's own checkpoint-and-requeue; the requeued job excludes the
-culprit's host where it can spare it (cluster.exclusion).
+culprit's host where it can spare it (cluster.exclusion). When the first node's task itself dies, the batch
+script's teardown (cluster.teardown) makes the same decision for it, through `NodeTask.after_lost_step`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from cluster import job_events, notify
 from cluster.doctor.node import preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
 from cluster.exclusion import exclude_from_requeued_job, node_can_be_spared, node_hostnames
-from launcher.observe import history
+from launcher.observe import event_ledger, history
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
@@ -41,6 +42,7 @@ from launcher.jobdir.layout import JobDir
 from launcher.planning.plan import Plan
 from launcher.runtime.node import (NodeOutcome, NodeRun, SignalLog, Verdict, record_first_failure,
                                    record_node_ledger, record_outcome, supervise)
+from launcher.runtime.rank_exits import judge
 from launcher.runtime.watchdog_config import WatchdogConfig
 
 RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
@@ -278,6 +280,21 @@ class NodeTask(submitit.helpers.Checkpointable):
         print(f"[llaunch] {cause}", flush=True)
         return self._requeue(submitit_handler, job_env, "a node failure", cause,
                              exclude=verdict.host if verdict else None, min_nodes=self.min_nodes or len(hosts))
+
+    def after_lost_step(self, submitit_handler, job_env, hosts: list[str], code: int) -> str:
+        """From the batch script (cluster.teardown), when the step ended with this attempt undecided: its first
+        node's task died (SIGKILL, the OOM killer), or the whole step was killed. The attempt ends in the job's
+        ledger as killed; the node whose task left no record of its ranks is blamed (none when every task was
+        killed); the job is requeued as after any node failure, so --max-requeues and the loop guard hold."""
+        job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, code, None, cause=event_ledger.KILLED)
+        found = judge(self.job_dir, job_events.attempt_id(job_env.job_id, self.requeues), hosts, task_died=True,
+                      wait_s=0.0)  # the step is over: every record there will be is there
+        if found is not None and self.node_ledger_path:
+            self._node_ledger().append(NodeEvent(found[0], "rank_failed", job_id=job_env.job_id, detail=found[1]))
+        cause = found[1] if found else f"every node task of the step was killed (srun exited with code {code})"
+        print(f"[llaunch] {cause}", flush=True)
+        return self._requeue(submitit_handler, job_env, "a node failure", cause, exclude=found[0] if found else None,
+                             min_nodes=self.min_nodes or len(hosts))
 
     def _after_hang(self, verdict: Verdict, job_env, nodes: int, submitit_handler) -> str:
         """Report the hang; the first node (which put its culprit into the node ledger) requeues the job without

@@ -1,6 +1,6 @@
 """What the node task adds to the job's event ledger (launcher.observe.event_ledger): each attempt's start with SLURM's
 queue wait, its end (both through launcher.runtime.node, as `llaunch run`'s), and its requeue. Only the first node's
-task writes, so each event is there once."""
+task writes (or, when that task was killed before it could, cluster.teardown), so each event is there once."""
 
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ def attempt_ended(job_dir: str, job_id: str, requeues: int, code: int, stop: str
                   cause: str | None = None) -> None:
     """An attempt that ended before torchrun (in the doctor); `cause`: what ended it."""
     record_exit(job_dir, attempt_id(job_id, requeues), code, stop, cause)
+
+
+def attempt_undecided(job_dir: str, job_id: str, requeues: int) -> bool:
+    """Whether the attempt started (its launch event) but its first node's task neither ended it nor requeued
+    the job: that task was killed before it could (cluster.teardown decides then)."""
+    inc = attempt_id(job_id, requeues)
+    kinds = {e["kind"] for e in event_ledger.read(job_dir) if e.get("inc") == inc}
+    return event_ledger.LAUNCH in kinds and not kinds & {event_ledger.EXIT, event_ledger.REQUEUE}
 
 
 def requeued(job_dir: str, job_id: str, requeues: int, reason: str) -> None:

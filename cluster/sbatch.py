@@ -16,7 +16,7 @@ from cluster.exclusion import exclusion_sentence, quarantined_nodes
 from cluster.executor import NodeTask
 from cluster.profile import ClusterProfile
 from cluster.snapshot import FrozenCode
-from cluster.submission import ContainerJob, slurm_parameters, step_python
+from cluster.submission import ContainerJob, step_python, training_parameters
 from launcher.env import slurm_conf_for_submitit
 from launcher.errors import LaunchError
 from launcher.jobdir.layout import JobDir
@@ -31,7 +31,7 @@ def slurm_executor(folder: Path, profile: ClusterProfile, name: str, env: dict[s
     starting in the frozen code, keeping the node ledger's quarantined hosts out."""
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues,
                                       python=shlex.quote(step_python(container, sys.executable)))
-    params = slurm_parameters(profile, name, container)
+    params = training_parameters(profile, name, folder, sys.executable, container)  # with the teardown after srun
     executor.update_parameters(**(frozen.in_script(params) if frozen else params))
     exclude = quarantined_nodes(profile, env)
     if exclude:

@@ -134,6 +134,23 @@ def slurm_parameters(profile: ClusterProfile, name: str, container: ContainerJob
     return params
 
 
+def training_parameters(profile: ClusterProfile, name: str, folder: str | Path, host_python: str,
+                        container: ContainerJob | None = None) -> dict:
+    """A training job's parameters: slurm_parameters and, after srun, the teardown of `teardown_lines`."""
+    params = slurm_parameters(profile, name, container)
+    params["teardown"] = teardown_lines(host_python, folder)
+    return params
+
+
+def teardown_lines(host_python: str, folder: str | Path) -> list[str]:
+    """What submitit's script runs after srun on the batch host (outside any container): a step that failed
+    goes to cluster.teardown, which decides for an attempt whose first node's task was killed before it could;
+    the script still ends with the step's status, so a failed job stays FAILED."""
+    run = f"{shlex.quote(host_python)} -u -m cluster.teardown {shlex.quote(_single_line('log folder', str(folder)))}"
+    return ["llaunch_step_status=$?", f'[ "$llaunch_step_status" -eq 0 ] || {run} "$llaunch_step_status"',
+            'exit "$llaunch_step_status"']
+
+
 def step_python(container: ContainerJob | None, host_python: str) -> str:
     """The interpreter srun starts the node task with: the image's when pyxis runs the step in it."""
     return container.container.python if container is not None and container.runs_srun_step else host_python

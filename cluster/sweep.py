@@ -14,8 +14,10 @@ rendezvous port (cluster.submission.rendezvous_port).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from cluster import job_events
 from cluster import notify
@@ -24,7 +26,7 @@ from cluster.sbatch import SBATCH_ERRORS, sbatch_refused, slurm_executor
 from cluster.snapshot import FrozenCode
 from cluster.jobs import JobState, cancel, job_state, wait_for_end
 from cluster.profile import ClusterProfile
-from cluster.submission import ContainerJob, slurm_parameters
+from cluster.submission import ContainerJob, training_parameters
 from launcher.env import slurm_conf_for_submitit
 from launcher.errors import LaunchError
 from launcher.jobdir.sweep_dir import SweepDir, SweepElement, SweepRecord
@@ -38,10 +40,10 @@ def is_element_id(job_id: str) -> bool:
 
 
 def array_parameters(profile: ClusterProfile, name: str, container: ContainerJob | None, count: int,
-                     max_parallel: int | None) -> dict:
-    """submitit's parameters of the sweep's array (what --dry-run renders): a job's, with `count` tasks of which
-    at most `max_parallel` (all: None) run at once."""
-    return {**slurm_parameters(profile, name, container), "map_count": count,
+                     max_parallel: int | None, folder: Path) -> dict:
+    """submitit's parameters of the sweep's array (what --dry-run renders): a training job's (its teardown
+    after srun too), with `count` tasks of which at most `max_parallel` (all: None) run at once."""
+    return {**training_parameters(profile, name, folder, sys.executable, container), "map_count": count,
             "array_parallelism": max_parallel or count}
 
 

@@ -41,7 +41,7 @@ def load_report(directory: Path):
     if not events:
         raise LaunchError(f"{directory} has no event ledger ({JobDir(directory).events.name}); it has not started yet, or an "
                           f"llaunch without goodput ran it.")
-    return goodput.analyse(events)
+    return goodput.analyse(events, event_ledger.launcher_alive(events))
 
 
 def suggestion(report):
@@ -65,7 +65,7 @@ def summary_line(directory: Path) -> str | None:
         return f"goodput unknown: {err}"
     if not events:
         return None
-    report = goodput.analyse(events)
+    report = goodput.analyse(events, event_ledger.launcher_alive(events))
     return (f"goodput {report.goodput:.1%} of {_duration(report.wall_s)} over {len(report.incarnations)} "
             f"incarnation(s): queue {_duration(report.seconds['queue'])}, restore "
             f"{_duration(report.seconds['restore'])}, lost {_duration(report.seconds['lost'])}")

@@ -45,10 +45,12 @@ def run(args) -> int:
     from launcher.observe import event_ledger, history
     from launcher.observe.node_ledger import NodeLedger
     from launcher.runtime import node
+    from launcher.runtime.terminal import outlive_the_terminal
     from launcher.runtime.torchrun import build_torchrun_argv
     from launcher.runtime.watchdog_config import WatchdogConfig
     from launcher.train.faults import faults_from_env
 
+    outlive_the_terminal()  # the run reports its end even after its terminal closed
     args = parse_rest(args)
     faults_from_env()
     job = prepare_job(args.config, args.overrides, flags=config_overrides(args), knobs=cli_knobs(args),

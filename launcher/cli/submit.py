@@ -117,12 +117,12 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str], frozen) -> None
     import sys
     from pathlib import Path
 
-    from cluster.submission import render_sbatch, slurm_parameters, step_python
+    from cluster.submission import render_sbatch, step_python, training_parameters
     from launcher.jobdir.layout import JobDir
 
     job_dir = Path(job.output_dir).resolve()
     container = _container(job, profile, env, frozen)
-    parameters = frozen.in_script(slurm_parameters(profile, name, container))
+    parameters = frozen.in_script(training_parameters(profile, name, JobDir(job_dir).slurm, sys.executable, container))
     _exclude_quarantined(parameters, profile, env)
     print(f"# {frozen.describe()} (at submit)")
     print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
@@ -279,7 +279,8 @@ def _print_sweep_dry_run(sweep, profiles, name: str, env: dict[str, str], contai
     from cluster.submission import ARRAY_TASK_PORT_STRIDE, RDZV_PORT_BASE, RDZV_PORT_SPAN, render_sbatch, step_python
     from cluster.sweep import array_parameters
 
-    parameters = frozen.in_script(array_parameters(profiles[0], name, container, len(sweep.jobs), max_parallel))
+    parameters = frozen.in_script(array_parameters(profiles[0], name, container, len(sweep.jobs), max_parallel,
+                                                    sweep.dir.slurm))
     _exclude_quarantined(parameters, profiles[0], env)
     print(f"# {frozen.describe()} (at submit)")
     print(f"# a sweep of {len(sweep.jobs)} element(s), one SLURM job array (cluster profile {profiles[0].name}), "

@@ -54,6 +54,7 @@ FINAL_SAVED = "final_saved"    # seconds to write DIR/final
 CADENCE = "cadence"            # the auto checkpoint interval and its inputs
 
 USER_ERROR = "user error"
+KILLED = "killed"  # the cause of an incarnation that left no exit event of its own: its every process was SIGKILLed
 
 # The fields readers compute with, and what each must be where present: a number in [0, LARGEST] (epoch times,
 # durations, counts; the bound keeps every sum of them finite), an integer among those, or text.
@@ -120,6 +121,19 @@ def exit_cause(code: int) -> str:
         except ValueError:
             pass
     return "failed"
+
+
+def launcher_alive(events: list[dict]) -> bool:
+    """Whether the process that launched the newest incarnation may still run: False only when its launch
+    event was written on this host by a process that is gone (or whose pid a younger process took), which tells
+    an incarnation whose every process was SIGKILLed (no exit event) from one still running."""
+    launches = [e for e in events if e["kind"] == LAUNCH]
+    if not launches or launches[-1].get("host") != socket.gethostname() or not isinstance(launches[-1].get("pid"), int):
+        return True
+    try:
+        return psutil.Process(launches[-1]["pid"]).create_time() <= launches[-1]["t"] + 1.0
+    except psutil.Error:
+        return False
 
 
 def read(job_dir: str | Path) -> list[dict]:

@@ -5,7 +5,10 @@ The timeline: between two consecutive events the time belongs to what the later 
 SLURM's start of the attempt to the node task's launch event is start-up); the rest of the gap belongs to the
 state the job was in (queued, down, starting up, training). So the categories partition the
 wall time by construction. Training that a later incarnation did again (its steps lie beyond the checkpoint
-it resumed from) is moved from productive to lost.
+it resumed from) is moved from productive to lost. An incarnation whose every process was SIGKILLed leaves no
+exit event: it ended killed where the next launch shows it was gone, having lived at most one step window
+(event_ledger.STEP_WINDOW_S, the longest a training rank stays silent) past its last event, which time is
+lost, the rest down; the newest one, once its launcher is known gone (`alive` False), at its last event.
 
 The interval formulas assume exponential failures with mean M (the job's MTBF), a blocking save cost C and
 a restart cost R: Young's T = sqrt(2CM), and the availability-optimal T, which maximises the expected
@@ -65,7 +68,7 @@ class Incarnation:
     lane: int
     start: float
     end: float | None = None
-    cause: str | None = None      # finished, failed, a signal name; None while running (or killed unseen)
+    cause: str | None = None      # finished, failed, a signal name, killed; None while running (or restarted)
     nodes: int = 1
     restored_step: int | None = None
     last_step: int | None = None
@@ -112,11 +115,15 @@ def _split(piece: Piece, at_step: int) -> list[Piece]:
             Piece(**{**asdict(piece), "start": cut, "step_from": at_step, "category": LOST})]
 
 
-def timeline(events: list[dict]) -> tuple[list[Piece], list[Incarnation]]:
-    """The ledger's events as pieces of time, each in one category, and the job's incarnations."""
+def timeline(events: list[dict], alive: bool = True) -> tuple[list[Piece], list[Incarnation]]:
+    """The ledger's events as pieces of time, each in one category, and the job's incarnations; `alive`:
+    whether the newest incarnation may still run (False: one without an exit event was killed)."""
     builder = _TimelineBuilder()
     for event in sorted(events, key=lambda e: e["t"]):
         builder.add(event)
+    last = builder.incarnations[-1] if builder.incarnations else None
+    if not alive and last is not None and last.end is None:
+        last.end, last.cause = builder.prev, event_ledger.KILLED
     for piece in builder.pieces:
         if piece.lane is None:
             piece.lane = max(0, len(builder.incarnations) - 1)
@@ -135,6 +142,8 @@ class _TimelineBuilder:
     def add(self, event: dict) -> None:
         kind, t = event["kind"], float(event["t"])
         current = self.incarnations[-1] if self.incarnations else None
+        if kind == event_ledger.LAUNCH and current is not None and current.end is None:
+            self._killed(current, t)
         self._time_until(event, kind, t, current.lane if current and current.end is None else None)
         starts = kind == event_ledger.LAUNCH or (kind == event_ledger.PROCESS_START and (current is None or current.end is not None
                                                                     or event.get("inc") != current.id))
@@ -165,6 +174,15 @@ class _TimelineBuilder:
             if own > 0:
                 self.pieces.append(Piece(end - own, end, OWN_CATEGORY[kind], lane, self.step, self.step))
         self.prev = max(t, prev or t)
+
+    def _killed(self, current: Incarnation, launch_t: float) -> None:
+        """A launch while `current` has no exit: it was killed unseen, at most one step window after its last
+        event; that time is lost (the state it was in died with it), what follows until the launch is down."""
+        died = min(launch_t, self.prev + event_ledger.STEP_WINDOW_S)
+        if died > self.prev:
+            self.pieces.append(Piece(self.prev, died, LOST, current.lane, self.step, None))
+            self.prev = died
+        current.end, current.cause, self.state = died, event_ledger.KILLED, "down"
 
     def _start(self, event: dict, t: float, current: Incarnation | None) -> Incarnation:
         if current is not None and current.end is None:
@@ -201,9 +219,10 @@ class _TimelineBuilder:
                             else [piece])]
 
 
-def analyse(events: list[dict]) -> Report:
-    """The goodput report of one job's events."""
-    pieces, incarnations = timeline(events)
+def analyse(events: list[dict], alive: bool = True) -> Report:
+    """The goodput report of one job's events; `alive`: whether its newest incarnation may still run
+    (event_ledger.launcher_alive)."""
+    pieces, incarnations = timeline(events, alive)
     last = incarnations[-1] if incarnations else None
     if last and last.cause not in (None, FINISHED) and not last.saved_on_signal:  # no later one redoes its unsaved steps
         saved = max([e["step"] for e in events if e["kind"] == event_ledger.SAVE and e.get("inc") == last.id], default=last.restored_step or 0)

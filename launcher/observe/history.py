@@ -59,7 +59,7 @@ def cluster_history(job_dir: str | Path) -> tuple[float, int]:
             _warn(f"{err} Its failures do not count towards this job's checkpoint cadence.")
             continue
         if events:
-            report = goodput.analyse(events)
+            report = goodput.analyse(events, event_ledger.launcher_alive(events))
             node_s, failures = node_s + report.running_s * report.nodes, failures + report.failures
     return node_s, failures
 

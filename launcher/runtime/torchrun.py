@@ -21,6 +21,7 @@ from launcher.env import SUPERVISOR_PID
 from launcher.errors import EXIT_USER_ERROR, RANK_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, LaunchError
 from launcher.planning.plan import Plan
 from launcher.runtime.signals import die_with_supervisor
+from launcher.runtime.terminal import outlive_the_terminal
 
 ENTRYPOINT = "launcher.train"
 TORCHRUN_MODULE = "launcher.runtime.torchrun"
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     die_with_supervisor()  # before torch is imported: `llaunch run` may be gone already
+    outlive_the_terminal()  # before torch's logging handlers take sys.stderr
     os.environ[SUPERVISOR_PID.name] = str(os.getpid())  # this agent's own; its ranks inherit it and end with it
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

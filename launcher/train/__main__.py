@@ -8,11 +8,13 @@ import sys
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.runtime.signals import StopSignals, die_with_supervisor, ignore_stop_signals
+from launcher.runtime.terminal import outlive_the_terminal
 from launcher.runtime.torchrun import RANK_STARTS
 
 
 def main(argv: list[str] | None = None) -> int:
     die_with_supervisor()  # a rank never outlives the torchrun agent that started it
+    outlive_the_terminal()  # a closed terminal must not end a rank in its stop checkpoint
     # Then, before torch is imported: a rank inherits SIG_IGN for the stop signals from its launcher,
     # and a preemption that came while the model is being built would otherwise be dropped.
     early_signals = StopSignals().install()

@@ -311,9 +311,8 @@ class Trainer:
         saved = self.checkpointer.load(path, self.engine, self.fingerprint)
         self.state = TrainState.from_dict(saved["train_state"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        window = saved.get("loss_window")  # None in a checkpoint of an older llaunch
-        if window is not None and window["world"] == self.world_size:  # other ranks summed other samples
-            self.loss_window.load_state_dict(window)
+        if saved.get("loss_window") is not None:  # None in a checkpoint of an older llaunch
+            self.loss_window.load_state_dict(saved["loss_window"], self.world_size)
         scaler = getattr(self.engine, "scaler", None)
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
@@ -343,7 +342,7 @@ class Trainer:
         scaler = getattr(self.engine, "scaler", None)
         state = {"train_state": self.state.to_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
-                 "loss_window": {**self.loss_window.state_dict(), "world": self.world_size}}
+                 "loss_window": self.loss_window.state_dict(self.world_size)}
         step = self.state.global_step
         metrics = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
         layout = JobDir(self.job_dir)

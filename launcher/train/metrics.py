@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from launcher.jobdir.layout import JobDir
 
@@ -42,7 +43,9 @@ class Throughput:
 class LossWindow:
     """This rank's training loss and MoE router aux loss (zero for a dense model) summed over the steps since the
     last report, kept on the device (no host sync per step). A checkpoint carries it in the rank's state, so a
-    run resumed in mid-window logs the losses the uninterrupted run logs."""
+    run resumed in mid-window logs the losses the uninterrupted run logs: at the same world size each rank takes
+    back its own sums; at another, where the samples are spread over the ranks differently, every rank takes the
+    ranks' mean sum, which is what the logged loss averages over them (Trainer._log_train)."""
 
     def __init__(self, device: torch.device):
         self.sum, self.steps = torch.zeros(2, device=device), 0
@@ -57,11 +60,20 @@ class LossWindow:
         self.sum, self.steps = torch.zeros_like(self.sum), 0
         return mean
 
-    def state_dict(self) -> dict:
-        return {"sum": self.sum.detach().cpu(), "steps": self.steps}
+    def state_dict(self, world: int) -> dict:
+        """A collective when distributed (every rank saves a checkpoint at the same step): the mean over ranks."""
+        mean_sum = self.sum.detach().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(mean_sum)
+        return {"sum": self.sum.detach().cpu(), "steps": self.steps, "mean_sum": (mean_sum / world).cpu(),
+                "world": world}
 
-    def load_state_dict(self, state: dict) -> None:
-        saved = state["sum"].reshape(-1).to(self.sum.device)  # an older llaunch saved the loss alone
+    def load_state_dict(self, state: dict, world: int) -> None:
+        """`world`: the resumed run's; a window saved at another one by an older llaunch (no mean) restarts."""
+        key = "sum" if state["world"] == world else "mean_sum"
+        if key not in state:
+            return
+        saved = state[key].reshape(-1).to(self.sum.device)  # an older llaunch saved the loss alone
         self.sum, self.steps = torch.zeros_like(self.sum), int(state["steps"])
         self.sum[:saved.numel()] = saved
 

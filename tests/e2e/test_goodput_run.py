@@ -1,10 +1,11 @@
-"""Goodput end to end on CPU: a `llaunch run` whose rank is killed with SIGKILL after a save, then resumed on two
-ranks that save by time (save_interval_s, the step rank 0 broadcast); the ledger accounts for the wall time and
+"""Goodput end to end on CPU: a `llaunch run` whose rank (or whole process group) is killed with SIGKILL after a
+save, then resumed on two ranks that save by time (save_interval_s, the step rank 0 broadcast); the ledger accounts for the wall time and
 for exactly the steps the second run did again. About 40 s on an idle 2-core machine. And a rerun under
 save_strategy auto whose ledger holds a wrong-typed line plans and saves as if the line were not there."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from launcher.observe import goodput
@@ -47,17 +49,26 @@ def trained_steps(out: Path) -> list[int]:
 
 
 @pytest.mark.timeout(300)
-def test_killed_and_resumed_run_reports_the_steps_it_lost_and_where_its_wall_time_went(tmp_path, tiny_config, capfd):
+@pytest.mark.parametrize("killed, cause", [("rank", "failed"), ("process group", event_ledger.KILLED)])
+def test_killed_and_resumed_run_reports_the_steps_it_lost_and_where_its_wall_time_went(tmp_path, tiny_config, capfd,
+                                                                                       killed, cause):
+    """The rank SIGKILLed (the launcher records the failure), or the launcher's process group (every process
+    dies, the run leaves no exit event: goodput counts it killed all the same)."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "launcher", "run", str(tiny_config), "--output-dir", str(out)]
     began = time.time()
-    first = subprocess.Popen(command, cwd=REPO)
+    first = subprocess.Popen(command, cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 120
     while max(trained_steps(out), default=0) < KILL_AFTER:
         assert time.monotonic() < deadline and first.poll() is None, "the first run never reached the kill step"
         time.sleep(0.005)
     rank = next(e["pid"] for e in event_ledger.read(out) if e["kind"] == event_ledger.PROCESS_START)
-    os.kill(rank, signal.SIGKILL)
+    if killed == "rank":
+        os.kill(rank, signal.SIGKILL)
+    else:
+        os.killpg(first.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):  # it dies with its agent, which dies with the launcher
+            psutil.Process(rank).wait(30)
     assert first.wait(60) != 0
     killed_at = max(trained_steps(out))
     saved = max(info.step for info in list_checkpoints(out) if info.complete)
@@ -74,9 +85,11 @@ def test_killed_and_resumed_run_reports_the_steps_it_lost_and_where_its_wall_tim
     # to a second on a loaded 2-core machine) are the only wall time it cannot see.
     unseen = (ended - began) - report.wall_s
     assert -0.02 * report.wall_s <= unseen <= 0.02 * report.wall_s + 1.0
-    assert [inc.cause for inc in report.incarnations] == ["failed", "finished"]
+    assert [inc.cause for inc in report.incarnations] == [cause, "finished"]
     assert report.incarnations[1].restored_step == saved
-    assert report.seconds["lost"] > 0 and report.seconds["restore"] > 0 and report.seconds["down"] > 0
+    assert report.seconds["lost"] > 0 and report.seconds["restore"] > 0
+    # killed unseen, the run lived up to one step window past its last event: a rerun within it finds no down time
+    assert (report.seconds["down"] > 0) == (killed == "rank"), report.seconds
     assert report.failures == 1 and report.save_cost_s > 0
 
     plot = tmp_path / "timeline.png"

@@ -97,13 +97,22 @@ def idle(env: dict[str, str]) -> bool:
                               text=True).stdout.split()) == {"idle"}
 
 
+def no_message_pending(env: dict[str, str]) -> bool:
+    """Whether slurmctld has no message still to deliver (sdiag's agent queue and agents both 0). A slurmd too
+    loaded to answer gets its messages retried later: a retried "signal step JOB.0" of the old attempt would
+    then stop the requeued attempt's step, which has the same id."""
+    out = subprocess.run(["sdiag"], env=env, capture_output=True, text=True, timeout=30).stdout
+    counts = re.findall(r"^Agent (?:queue size|count):\s*(\d+)", out, flags=re.M)
+    return len(counts) == 2 and counts == ["0", "0"]
+
+
 def release(job_id: str, env: dict[str, str]) -> None:
     """Start a requeued job now instead of after its BeginTime, once the nodes have cleaned up the first run
-    (a --nodes=1-2 job released earlier starts on the one idle node) and two seconds have passed: slurmd
-    refuses a credential issued in the same second its predecessor was revoked ("Job credential revoked"), and
-    the requeue revoked it before the job showed PENDING. The README's recipe, StartTime=now+2, keeps the
-    same rule without watching the nodes."""
-    wait_until(lambda: idle(env), 60, "idle nodes", job_id)
+    (a --nodes=1-2 job released earlier starts on the one idle node), slurmctld has delivered every message
+    about it (no_message_pending) and two seconds have passed: slurmd refuses a credential issued in the same
+    second its predecessor was revoked ("Job credential revoked"), and the requeue revoked it before the job
+    showed PENDING. The README's recipe, StartTime=now+2, keeps the same rule without watching the nodes."""
+    wait_until(lambda: idle(env) and no_message_pending(env), 120, "idle nodes and no message pending", job_id)
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=env, check=True, timeout=30)
 
@@ -448,6 +457,57 @@ def test_a_sigkilled_rank_requeues_the_job_which_resumes_from_the_newest_checkpo
     assert f"step {MAX_STEPS}  loss " in status and f"saved: step {MAX_STEPS}" in status, status
     events = NodeLedger.for_profile("local").events()  # a loaded node may add a straggler event beside it
     assert [e.host for e in events if e.job_id == job_id and e.kind == "rank_failed"] == [host], events
+
+
+def test_a_sigkilled_first_node_task_requeues_the_job_through_the_batch_scripts_teardown(straight_run, config,
+                                                                                         tmp_path):
+    """The OOM killer takes the first node's task (the one that decides about requeues) after the step-20
+    checkpoint: srun ends the step and no task is left to decide. The batch script's teardown
+    (cluster.teardown) does: the attempt ends as killed in the job's ledger, its host goes into the node
+    ledger, the job is requeued (counted in the pickled task: requeue 1/3), resumes from step 20 and ends with
+    the uninterrupted weights; goodput counts the killed incarnation's steps since the save as lost."""
+    import psutil
+
+    from launcher.jobdir.checkpoint_store import list_checkpoints
+    from launcher.jobdir.layout import JobDir
+    from launcher.observe import event_ledger
+    from launcher.observe.node_ledger import NodeLedger
+
+    out = tmp_path / "task-killed"
+    job_id = job_id_of(submit(out, config=config))
+    env = load_record(job_id).env()
+    wait_until(lambda: any(i.complete and i.step == SAVE_STEPS for i in list_checkpoints(out)), 240,
+               f"the step-{SAVE_STEPS} checkpoint", job_id)
+
+    def first_node_task() -> psutil.Process | None:
+        for proc in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                argv = proc.info["cmdline"] or []  # srun's own line names the same module and folder
+                if argv[-2:] == ["submitit.core._submit", str(JobDir(out.resolve()).slurm)] and "srun" not in argv[0] \
+                        and proc.environ().get("SLURM_PROCID") == "0":
+                    return proc
+        return None
+
+    victim = wait_until(first_node_task, 30, "the first node's task", job_id)
+    host = victim.environ()["SLURMD_NODENAME"]
+    victim.kill()
+    wait_until(lambda: (s := job_state(job_id, env)).restarts >= 1 and s.state == "PENDING", 120,
+               "the teardown to requeue the job", job_id)
+    release(job_id, env)
+    end = wait_until(lambda: (s := job_state(job_id, env)).finished and s, 240, "the requeued job to end", job_id)
+    assert end.state == "COMPLETED" and end.restarts == 1, logs_of(job_id)[-4000:]
+    logs = logs_of(job_id) + llaunch("logs", job_id, "--rank", "1").stdout
+    assert f"requeue: the node task on {host} died; requeue 1/3 resumes from step {SAVE_STEPS}" in logs, logs[-4000:]
+    assert f"resumed from {out.resolve() / 'checkpoints' / f'step-{SAVE_STEPS}'} at step {SAVE_STEPS}" in logs
+    straight, resumed = final_weights(straight_run), final_weights(out)
+    worst = max(float((straight[k].float() - resumed[k].float()).abs().max()) for k in straight)
+    assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
+    events = NodeLedger.for_profile("local").events()
+    assert [e.host for e in events if e.job_id == job_id and e.kind == "rank_failed"] == [host], events
+    ended = [(e["inc"], e["cause"]) for e in event_ledger.read(out) if e["kind"] == event_ledger.EXIT]
+    assert ended == [(f"{job_id}.0", event_ledger.KILLED), (f"{job_id}.1", "finished")], ended
+    report = json.loads(llaunch("goodput", job_id, "--json").stdout)
+    assert report["failures"] == 1 and report["seconds"]["lost"] > 0, report  # the killed attempt's steps after 20
 
 
 def test_a_hang_that_recurs_at_the_first_step_after_the_requeue_is_caught_as_fast(config, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -303,3 +304,42 @@ def test_the_unsaved_steps_of_a_last_incarnation_that_failed_are_lost_though_non
     assert report.seconds["productive"] == pytest.approx(31.5 - 7 - 4.5 - 1.5 - 0.5)
     finished = [e for e in events if e["kind"] != "exit"] + [event(31.5, "exit", code=0, cause="finished")]
     assert goodput.analyse(finished).seconds["lost"] == 0
+
+
+def test_an_incarnation_killed_unseen_is_lost_for_one_step_window_then_down():
+    """Every process of incarnation a SIGKILLed (no exit event) 20 s after step 25, b launched 131 s after it:
+    a lived at most one step window (60 s) past its last event, which is lost with its unsaved steps 21..25; the
+    rest until b's launch is down. a is a failure, killed."""
+    events = [e for e in killed_and_resumed() if e["kind"] != "exit" or e["inc"] != "a"]
+    events = [e if e["inc"] == "a" else {**e, "t": e["t"] + 100} for e in events]
+    report = goodput.analyse(events)
+    assert [(i.cause, i.end) for i in report.incarnations] == [(event_ledger.KILLED, 31 + 60), ("finished", 179)]
+    assert report.seconds["lost"] == pytest.approx(4.5 + 60)
+    assert report.seconds["down"] == pytest.approx(162 - 91)
+    assert report.failures == 1 and report.steps_lost == 5
+    assert abs(sum(report.seconds.values()) - report.wall_s) < 1e-9
+
+
+def test_the_newest_incarnation_killed_unseen_loses_its_unsaved_steps_once_its_launcher_is_gone():
+    events = [e for e in killed_and_resumed() if e["inc"] == "a" and e["kind"] != "exit"]
+    running = goodput.analyse(events)  # its launcher may still run: the steps since the save are training
+    assert running.incarnations[0].cause is None and running.seconds["lost"] == 0
+    killed = goodput.analyse(events, alive=False)
+    assert (killed.incarnations[0].cause, killed.incarnations[0].end, killed.wall_s) == (event_ledger.KILLED, 31, 31)
+    assert killed.seconds["lost"] == pytest.approx(4.5)  # steps 21..25, after the step-20 save
+    assert killed.seconds["productive"] == pytest.approx(running.seconds["productive"] - 4.5)
+    assert killed.failures == 1
+
+
+def test_a_launcher_is_known_gone_only_on_its_own_host_by_its_pid_and_start_time():
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here, now = socket.gethostname(), time.time()
+    launch = {"t": now, "kind": "launch", "inc": "a", "host": here, "pid": os.getpid()}
+    assert event_ledger.launcher_alive([launch])
+    assert not event_ledger.launcher_alive([{**launch, "pid": gone.pid}])
+    assert not event_ledger.launcher_alive([{**launch, "t": 1.0}])  # the pid is a younger process's now
+    assert event_ledger.launcher_alive([{**launch, "pid": gone.pid, "host": here + "-elsewhere"}])
+    assert event_ledger.launcher_alive([])

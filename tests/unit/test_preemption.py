@@ -136,3 +136,32 @@ def test_the_supervisor_holds_a_signal_until_the_rank_catches_it_then_forwards_i
             _forward(parent.pid, signals, forwarded)
         time.sleep(0.3)
         assert catches(child, signal.SIGUSR2) and log.read_text() == "x" and parent.poll() is None
+
+
+def test_a_write_to_a_terminal_that_is_gone_is_silenced_for_good_and_any_other_error_still_raises():
+    """A reader gone (EPIPE; a hung-up terminal gives EIO the same way): the write that fails points the
+    descriptor at /dev/null, so it and every later write succeed; a full disk still raises."""
+    import errno
+    import io
+
+    from launcher.runtime.terminal import TerminalSafeStream
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = TerminalSafeStream(io.TextIOWrapper(io.FileIO(write_end, "w"), line_buffering=True))
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python sets it: EPIPE, not death by SIGPIPE
+    try:
+        assert stream.write("stopped by SIGHUP: saved step 5\n") == len("stopped by SIGHUP: saved step 5\n")
+        stream.flush()
+        assert os.path.samefile(f"/proc/self/fd/{write_end}", os.devnull)
+        print("and later lines too", file=stream, flush=True)
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+        stream.close()
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        TerminalSafeStream(FullDisk()).write("x")

@@ -29,6 +29,7 @@ from cluster.submission import (
     render_sbatch,
     rendezvous_port,
     slurm_parameters,
+    training_parameters,
 )
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
@@ -64,7 +65,8 @@ def _plan(nodes: int, gpus_per_node: int, device: str) -> Plan:
 @pytest.mark.parametrize("name,profile", [("sbatch_1node_cpu.sh", CPU_1), ("sbatch_2node_cpu.sh", CPU_2),
                                           ("sbatch_2node_gpu.sh", GPU_2)])
 def test_sbatch_script_matches_golden(name, profile):
-    script = render_sbatch(slurm_parameters(profile, "llaunch-demo"), f"{JOB_DIR}/slurm", PYTHON)
+    folder = f"{JOB_DIR}/slurm"
+    script = render_sbatch(training_parameters(profile, "llaunch-demo", folder, PYTHON), folder, PYTHON)
     _check_golden(name, script)
 
 
@@ -105,7 +107,8 @@ def test_a_pyxis_container_goes_on_the_srun_line_and_the_step_runs_the_images_py
     from cluster.submission import step_python
 
     job = _container_job(PYXIS)
-    script = render_sbatch(slurm_parameters(GPU_2, "llaunch-demo", job), f"{JOB_DIR}/slurm", step_python(job, PYTHON))
+    folder = f"{JOB_DIR}/slurm"
+    script = render_sbatch(training_parameters(GPU_2, "llaunch-demo", folder, PYTHON, job), folder, step_python(job, PYTHON))
     _check_golden("sbatch_2node_gpu_pyxis.sh", script)
     srun = shlex.split(next(line for line in script.splitlines() if line.startswith("srun ")))
     assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in srun and "--container-workdir=/workspace" in srun
@@ -121,7 +124,8 @@ def test_a_pyxis_container_goes_on_the_srun_line_and_the_step_runs_the_images_py
 
 def test_an_apptainer_container_wraps_each_nodes_torchrun_and_leaves_the_sbatch_script_alone():
     job = _container_job(APPTAINER)
-    script = render_sbatch(slurm_parameters(GPU_2, "llaunch-demo", job), f"{JOB_DIR}/slurm", PYTHON)
+    folder = f"{JOB_DIR}/slurm"
+    script = render_sbatch(training_parameters(GPU_2, "llaunch-demo", folder, PYTHON, job), folder, PYTHON)
     assert script == (GOLDEN / "sbatch_2node_gpu.sh").read_text()
     argv, env = node_command(_plan(2, 8, "cuda"), JOB_DIR, rdzv_host="gpu-a01", rdzv_port=rendezvous_port("4242"),
                              job_id="4242", max_restarts=1, dist_timeout_s=600, cpus_per_node=16, python="python3",

@@ -17,3 +17,9 @@
 # command
 export SUBMITIT_EXECUTOR=slurm
 srun --unbuffered --output /shared/runs/demo/slurm/%j_%t_log.out --error /shared/runs/demo/slurm/%j_%t_log.err --kill-on-bad-exit=1 /opt/venv/bin/python -u -m submitit.core._submit /shared/runs/demo/slurm
+
+
+# teardown
+llaunch_step_status=$?
+[ "$llaunch_step_status" -eq 0 ] || /opt/venv/bin/python -u -m cluster.teardown /shared/runs/demo/slurm "$llaunch_step_status"
+exit "$llaunch_step_status"
