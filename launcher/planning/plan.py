@@ -56,7 +56,8 @@ _TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, 
 _DDP = dataclasses.replace(_TORCH, optimizer_in_backward=True)  # a world of one is never wrapped in DDP
 # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states on the
 # CPU and steps there: parameters and optimizer go together ("optimizer+params"), never the optimizer alone.
-_FSDP = dataclasses.replace(_TORCH, offloads=("none", "optimizer+params"))
+# Expert parallelism borrows its ranks from FSDP's shards (ParallelDims): launcher/train/expert_parallel.py.
+_FSDP = dataclasses.replace(_TORCH, offloads=("none", "optimizer+params"), layouts=("ep",))
 _ZERO = EngineSupport(clip_grad_value=False, compile=False, quantized_base=False, chunked_loss=True,
                       offloads=("none", "optimizer"))
 ENGINE_SUPPORT = {
@@ -271,8 +272,10 @@ def check_runnable(setup: TrainSetup) -> None:
     used = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled), ("cp", dims.cp_enabled),
                                   ("ep", dims.ep_enabled)) if on and name not in support.layouts]
     if used:
+        able = [s for s, can in ENGINE_SUPPORT.items() if set(used) <= set(can.layouts)]
+        fix = f"use --strategy {' or '.join(able)}, or plan" if able else "plan"
         raise LaunchError(f"this plan's layout {dims.label()} uses {' and '.join(used)}, which the {setup.strategy} "
-                          f"engine cannot run yet; plan without --tp / --pp / --cp / --ep to train it with llaunch.")
+                          f"engine cannot run yet; {fix} without --tp / --pp / --cp / --ep to train it with llaunch.")
     if setup.activation_checkpointing not in support.recomputes:
         raise LaunchError(f"{setup.activation_checkpointing} activation checkpointing is not something the "
                           f"{setup.strategy} engine runs; use {' or '.join(support.recomputes)}.")

@@ -120,9 +120,11 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
     if not hw.has_gpu:
-        if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep")):
-            raise LaunchError("a CPU plan runs data parallelism only; drop --tp / --pp / --cp / --ep, or describe GPUs "
-                              "with --gpu and --gpus-per-node.")
+        runnable = sorted({name for support in ENGINE_SUPPORT.values() for name in support.layouts})
+        if unrun := [name for name in _forced_layouts(request) if name not in runnable]:
+            also = "".join(f" and {name}" for name in runnable)
+            raise LaunchError(f"a CPU plan runs data parallelism{also} only; drop --{' / --'.join(unrun)}, or "
+                              f"describe GPUs with --gpu and --gpus-per-node.")
         cpu = _cpu_candidate(spec, request, hw)
         return [cpu] if cpu is not None else []
     world = hw.nodes * hw.gpus_per_node
@@ -246,7 +248,10 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
     # a forced offload with the strategy left open: the first that can do it and run this method
     able = [s for s in OFFLOADING if offload in ENGINE_SUPPORT[s].offloads
             and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base)]
-    strategy = request.strategy or ("ddp" if offload == "none" or not able else able[0])
+    # a forced layout (--ep) with the strategy left open: the first whose engine runs it (ENGINE_SUPPORT)
+    layouts = [s for s in STRATEGIES if set(_forced_layouts(request)) <= set(ENGINE_SUPPORT[s].layouts)]
+    strategy = request.strategy or (layouts[0] if _forced_layouts(request) else "ddp" if offload == "none" or not able
+                                    else able[0])
     setup = dataclasses.replace(
         fixed, strategy=strategy, offload=offload,
         precision=request.precision or "fp32", activation_checkpointing=request.activation_checkpointing or "none",
@@ -263,6 +268,11 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
                      mfu=0.0, time_terms={"compute_s": step, "comm_s": 0.0, "exposed_comm_s": 0.0, "bubble_s": 0.0,
                                           "offload_s": 0.0},
                      host_limit_bytes=max(0, limit - memory.reserved_bytes))
+
+
+def _forced_layouts(request: PlanRequest) -> list[str]:
+    """The model-parallel dimensions a request forces above 1 (tp, pp, cp, ep)."""
+    return [name for name in ("tp", "pp", "cp", "ep") if (getattr(request, name) or 1) > 1]
 
 
 def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candidate, candidates: list[Candidate]) -> Plan:

@@ -120,9 +120,7 @@ class TorchEngine(Engine):
         params = [p for p in self.module.parameters() if p.grad is not None]
         if max_grad_value > 0:
             torch.nn.utils.clip_grad_value_(params, max_grad_value)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
-            norm = norm.full_tensor()
+        norm = clip_grad_norm(params, max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -161,3 +159,22 @@ class TorchEngine(Engine):
 
         state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if dist.get_rank() == 0 else {}
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients to a total 2-norm of at most max_norm (0: leave them); return the norm before, one
+    number on every rank. FSDP2's gradients are DTensors, whose norm is reduced over their mesh; expert weights
+    under expert parallelism live on another mesh than the rest, and torch neither stacks nor scales DTensors of
+    two meshes together, so each mesh's gradients are reduced and scaled on their own (torchtitan's
+    _clip_grad_norm_with_ep)."""
+    from torch.distributed.tensor import DTensor
+
+    by_mesh: dict = {}
+    for p in params:
+        by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group], 2.0) for group in by_mesh.values()]
+    norms = [norm.full_tensor() if isinstance(norm, DTensor) else norm for norm in norms]
+    total = (norms[0] if len(norms) == 1 else torch.stack(norms).norm(2.0)) if norms else torch.zeros(())
+    for group in by_mesh.values() if max_norm > 0 else ():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total

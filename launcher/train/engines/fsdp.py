@@ -9,6 +9,11 @@ the sharded master weights and optimizer state stay fp32; hence no autocast on t
 Only rank 0 builds the full model; the other ranks build it on the meta device (engines.model_construction
 yields `empty` to modeling.build_model), shard it, allocate their shards, and receive them from rank 0 in one broadcast. A node therefore
 holds one full fp32 copy of the model in host memory, not one per rank.
+
+With expert parallelism (launcher/train/expert_parallel.py) each MoE layer's experts, split over the ep ranks,
+are an FSDP unit of their own on the ranks outside ep (RankMeshes.experts_dp). EXPERTS_DP_NOTE: an expert's
+gradient already sums the tokens of all ep ranks, so its reduction divides by the whole data-parallel size
+(dp x cp) instead of that unit's mesh size (torchtitan's fsdp_gradient_divide_factor): the mean EP 1 takes.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from launcher.planning.plan import Plan
+from launcher.train.device_mesh import RankMeshes
 from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine
+from launcher.train.expert_parallel import shard_experts
 from launcher.train.modeling import decoder_layers
 
 
@@ -36,16 +42,20 @@ class FSDPEngine(TorchEngine):
         buffers = {name: buf.to(device) for name, buf in model.named_buffers()} if empty else {}
         # fully_shard moves each unit's parameters to the mesh's device as it shards them: the whole model
         # is never on one GPU at once.
-        shape = plan.device_mesh  # (world,) for FSDP; (replicate, shard) makes fully_shard HSDP
-        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
+        self.meshes = meshes = RankMeshes.build(plan.parallel, device.type)
         compute = AUTOCAST_DTYPES.get(plan.precision)
-        policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
         # plan.offload optimizer+params: shards, their gradients and the optimizer states live in host memory
         # and the optimizer steps there (launcher.planning.plan.ENGINE_SUPPORT: FSDP offloads them only together).
-        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if plan.offloads else OffloadPolicy()
+        shard = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None),
+                 "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if plan.offloads else OffloadPolicy()}
+        experts = shard_experts(model, meshes.ep) if plan.parallel.ep_enabled else []
+        for module in experts:  # EXPERTS_DP_NOTE
+            fully_shard(module, mesh=meshes.experts_dp, **shard)
+            module.set_gradient_divide_factor(plan.parallel.dp * plan.parallel.cp)
+            module.set_force_sum_reduction_for_comms(device.type == "cpu")  # gloo has no PREMUL_SUM: sum, then divide
         for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
-        fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+            fully_shard(layer, mesh=meshes.fsdp, **shard)
+        fully_shard(model, mesh=meshes.fsdp, **shard)
         if empty:
             model.to_empty(device=device)
             with torch.no_grad():
