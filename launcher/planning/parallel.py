@@ -144,6 +144,9 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
     if dims.ep_enabled and (dims.dp_shard * dims.cp) % dims.ep:
         raise LaunchError(f"ep {dims.ep} borrows its ranks from dp_shard x cp = {dims.dp_shard * dims.cp}, which it "
                           f"does not divide; choose an ep that divides it.")
+    if dims.ep_enabled and dims.ep % dims.cp:
+        raise LaunchError(f"ep {dims.ep} borrows all of cp {dims.cp}'s ranks and some of dp_shard's (torchtitan's "
+                          f"ParallelDims), so it is a multiple of cp; choose an ep that is a multiple of {dims.cp}.")
     if dims.cp_enabled and seq_len % (2 * dims.cp):
         raise LaunchError(f"--seq-len {seq_len} does not split into 2 x cp = {2 * dims.cp} equal chunks; choose a "
                           f"sequence length that is a multiple of {2 * dims.cp}.")

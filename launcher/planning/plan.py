@@ -69,6 +69,12 @@ ENGINE_SUPPORT = {
 }
 
 
+# The mixtures of experts whose experts the ranks split over ep (launcher/train/expert_parallel.py): fused
+# experts computing down(act(gate) * up), gate and up concatenated in one weight, no biases. gpt-oss's
+# interleaved, biased, clamped experts and DeepSeek-V3's shared experts are not among them yet.
+EP_MODEL_TYPES = ("mixtral", "qwen3_moe")
+
+
 class StrategyTraits:
     """What a strategy, method and offload imply, asked of a Plan or a TrainSetup alike: one home for
     each answer instead of string tests where it is needed."""

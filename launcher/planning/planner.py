@@ -14,8 +14,8 @@ from launcher.planning.memory import MemoryBreakdown, estimate
 from launcher.planning.models import ModelSpec, load_model_spec
 from launcher.planning.layouts import LAYOUT_STRATEGIES, check_forced, layouts
 from launcher.planning.parallel import RECOMPUTES
-from launcher.planning.plan import (ENGINE_SUPPORT, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER, Plan, TrainSetup,
-                                    check_offload)
+from launcher.planning.plan import (ENGINE_SUPPORT, EP_MODEL_TYPES, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER,
+                                    Plan, TrainSetup, check_offload)
 from launcher.planning.plan_reasons import plan_reasons
 from launcher.planning.request import PlanRequest
 from launcher.units import format_bytes
@@ -87,6 +87,9 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     spec = load_model_spec(request.model, request.model_overrides)
     hw = hardware_for(request, hardware)
     _check_forced_offload(request)
+    if request.runnable_only and (request.ep or 1) > 1 and spec.model_type not in EP_MODEL_TYPES:
+        raise LaunchError(f"the ranks split the experts of {' and '.join(EP_MODEL_TYPES)} models over ep, not "
+                          f"{spec.model_type}'s; train it with --ep 1.")
     candidates = rank_candidates(spec, request, hw)
     if not candidates:
         world = (hw.nodes * hw.gpus_per_node) if hw.has_gpu else (request.nodes or 1) * (request.gpus_per_node or 1)

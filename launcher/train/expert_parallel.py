@@ -34,11 +34,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from launcher.errors import LaunchError
+from launcher.planning.plan import EP_MODEL_TYPES
 from launcher.train.modeling import decoder_layers
 
-# Fused experts computing down(act(gate) * up) with gate and up concatenated in gate_up_proj, no biases: the
-# layout the grouped GEMM below reproduces (gpt-oss's interleaved, biased, clamped experts are another).
-EP_MODEL_TYPES = ("mixtral", "qwen3_moe")
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 

@@ -52,7 +52,8 @@ class FSDPEngine(TorchEngine):
         for module in experts:  # EXPERTS_DP_NOTE
             fully_shard(module, mesh=meshes.experts_dp, **shard)
             module.set_gradient_divide_factor(plan.parallel.dp * plan.parallel.cp)
-            module.set_force_sum_reduction_for_comms(device.type == "cpu")  # gloo has no PREMUL_SUM: sum, then divide
+            # gloo has no PREMUL_SUM: sum, then divide; not on one shard, where torch would divide twice.
+            module.set_force_sum_reduction_for_comms(device.type == "cpu" and meshes["dp_shard_mod_ep"].size() > 1)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=meshes.fsdp, **shard)
         fully_shard(model, mesh=meshes.fsdp, **shard)
