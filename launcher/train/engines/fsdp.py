@@ -48,15 +48,13 @@ class FSDPEngine(TorchEngine):
         # and the optimizer steps there (launcher.planning.plan.ENGINE_SUPPORT: FSDP offloads them only together).
         shard = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None),
                  "offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda") if plan.offloads else OffloadPolicy()}
-        experts = shard_experts(model, meshes.ep) if plan.parallel.ep_enabled else []
-        for module in experts:  # EXPERTS_DP_NOTE
-            fully_shard(module, mesh=meshes.experts_dp, **shard)
-            module.set_gradient_divide_factor(plan.parallel.dp * plan.parallel.cp)
-            # gloo has no PREMUL_SUM: sum, then divide; not on one shard, where torch would divide twice.
-            module.set_force_sum_reduction_for_comms(device.type == "cpu" and meshes["dp_shard_mod_ep"].size() > 1)
+        if plan.parallel.ep_enabled:
+            self._shard_experts(model, plan, device, shard)
+        # HSDP keeps its (replicate, shard) mesh where one side is 1 too (2 nodes of 1 GPU, 1 node).
+        mesh = meshes.world["dp_replicate", "dp_shard"] if plan.is_hsdp else meshes.fsdp
         for layer in decoder_layers(model):
-            fully_shard(layer, mesh=meshes.fsdp, **shard)
-        fully_shard(model, mesh=meshes.fsdp, **shard)
+            fully_shard(layer, mesh=mesh, **shard)
+        fully_shard(model, mesh=mesh, **shard)
         if empty:
             model.to_empty(device=device)
             with torch.no_grad():
@@ -66,6 +64,16 @@ class FSDPEngine(TorchEngine):
             set_model_state_dict(model, full_state,
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         return model
+
+    def _shard_experts(self, model: nn.Module, plan: Plan, device: torch.device, shard: dict) -> None:
+        """Split the experts over the ep ranks, each layer's an FSDP unit over the ranks outside ep whose gradient
+        reduction divides by the whole data-parallel size (EXPERTS_DP_NOTE)."""
+        for module in shard_experts(model, self.meshes.ep):
+            fully_shard(module, mesh=self.meshes.experts_dp, **shard)
+            module.set_gradient_divide_factor(plan.parallel.dp * plan.parallel.cp)
+            # gloo has no PREMUL_SUM: sum, then divide; not on one shard, where torch would divide twice.
+            module.set_force_sum_reduction_for_comms(device.type == "cpu"
+                                                     and self.meshes["dp_shard_mod_ep"].size() > 1)
 
     def make_grad_scaler(self):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
