@@ -9,6 +9,8 @@ tp / pp / cp / ep (every plan written before this record) is pure data paralleli
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
 
 from launcher.errors import LaunchError
@@ -102,6 +104,22 @@ class ParallelDims:
         return " ".join(parts + [dp])
 
 
+@functools.lru_cache(maxsize=4096)
+def layout_of(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int, pp: int, cp: int, ep: int,
+                   schedule: str, microbatches: int, virtual: int, sequence_parallel: bool) -> ParallelDims:
+    """A plan's record (TrainSetup.parallel): tp / pp / cp / ep as set, the ranks left over as data parallel,
+    sharded (dp_shard) by the strategies that shard the weights, inside a node's remaining GPUs for HSDP. Made
+    once per distinct layout: the planner's estimators ask for it ~50 times per candidate (a quarter of a
+    16,384-GPU search's time went to building these frozen records)."""
+    model_parallel = tp * pp * cp
+    dp = max(1, world // model_parallel)
+    shard = dp if shards else 1
+    if hsdp:
+        shard = math.gcd(dp, max(1, gpus_per_node // (tp * cp)))
+    return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=schedule,
+                        pp_microbatches=microbatches, pp_virtual_stages=virtual, sequence_parallel=sequence_parallel)
+
+
 def check_layout(dims: ParallelDims, world: int, gpus_per_node: int, *, spec=None, seq_len: int = 0,
                  cross_node: bool = False) -> ParallelDims:
     """The one rule for a layout; LaunchError names the first thing that breaks it. `spec` (a ModelSpec) adds
@@ -147,6 +165,9 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
     if dims.ep_enabled and (dims.dp_shard * dims.cp) % dims.ep:
         raise LaunchError(f"ep {dims.ep} borrows its ranks from dp_shard x cp = {dims.dp_shard * dims.cp}, which it "
                           f"does not divide; choose an ep that divides it.")
+    if dims.ep_enabled and dims.ep % dims.cp:
+        raise LaunchError(f"ep {dims.ep} borrows all of cp {dims.cp}'s ranks and some of dp_shard's (torchtitan's "
+                          f"ParallelDims), so it is a multiple of cp; choose an ep that is a multiple of {dims.cp}.")
     if dims.cp_enabled and seq_len % (2 * dims.cp):
         raise LaunchError(f"--seq-len {seq_len} does not split into 2 x cp = {2 * dims.cp} equal chunks; choose a "
                           f"sequence length that is a multiple of {2 * dims.cp}.")

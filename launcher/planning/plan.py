@@ -6,8 +6,6 @@ Everything a rank needs to know about parallelism, batch and precision is here; 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import yaml
 
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
-from launcher.planning.parallel import PP_SCHEDULES, RECOMPUTES, ParallelDims, check_layout
+from launcher.planning.parallel import PP_SCHEDULES, RECOMPUTES, ParallelDims, check_layout, layout_of
 
 STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")  # hsdp: FSDP2 sharded in a node, replicated across nodes
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when the planner's times tie
@@ -63,8 +61,9 @@ _DDP = dataclasses.replace(_TORCH, optimizer_in_backward=True)  # a world of one
 # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states on the
 # CPU and steps there: parameters and optimizer go together ("optimizer+params"), never the optimizer alone.
 # Tensor (+ sequence) parallel DTensors compose with FSDP2 on the (dp_shard, tp) mesh (launcher/train/tensor_parallel.py);
-# DDP and ZeRO do not take DTensor weights (torchtitan refuses DDP beyond one mesh dimension too).
-_FSDP = dataclasses.replace(_TORCH, offloads=("none", "optimizer+params"), layouts=("pp", "tp"))
+# DDP and ZeRO do not take DTensor weights (torchtitan refuses DDP beyond one mesh dimension too). Expert
+# parallelism borrows its ranks from FSDP's shards (ParallelDims): launcher/train/expert_parallel.py.
+_FSDP = dataclasses.replace(_TORCH, offloads=("none", "optimizer+params"), layouts=("ep", "pp", "tp"))
 _ZERO = EngineSupport(clip_grad_value=False, compile=False, quantized_base=False, chunked_loss=True,
                       offloads=("none", "optimizer"))
 ENGINE_SUPPORT = {
@@ -74,6 +73,12 @@ ENGINE_SUPPORT = {
     # ZeRO-1/2 are not offered a 4-bit base: their engine was never run with one here (ZeRO-3 was, on 2 ranks).
     "zero3": dataclasses.replace(_ZERO, chunked_loss=False, offloads=OFFLOADS, quantized_base=True),
 }
+
+
+# The mixtures of experts whose experts the ranks split over ep (launcher/train/expert_parallel.py): fused
+# experts computing down(act(gate) * up), gate and up concatenated in one weight, no biases. gpt-oss's
+# interleaved, biased, clamped experts and DeepSeek-V3's shared experts are not among them yet.
+EP_MODEL_TYPES = ("mixtral", "qwen3_moe")
 
 
 class StrategyTraits:
@@ -219,11 +224,10 @@ class TrainSetup(StrategyTraits):
 
     @property
     def parallel(self) -> ParallelDims:
-        """The parallelism record: tp / pp / cp / ep as set, and the ranks left over as data parallel, sharded
-        (dp_shard) by the strategies that shard the weights, inside a node's remaining GPUs for HSDP."""
-        return _parallel_dims(self.world_size, self.gpus_per_node, self.shards_params, self.is_hsdp, self.tp, self.pp,
-                              self.cp, self.ep, self.pp_schedule, self.gradient_accumulation_steps,
-                              self.pp_virtual_stages, self.sequence_parallel)
+        """The parallelism record (launcher.planning.parallel.layout_of)."""
+        return layout_of(self.world_size, self.gpus_per_node, self.shards_params, self.is_hsdp, self.tp, self.pp,
+                         self.cp, self.ep, self.pp_schedule, self.gradient_accumulation_steps,
+                         self.pp_virtual_stages, self.sequence_parallel)
 
     @property
     def device_mesh(self) -> tuple[int, ...]:
@@ -281,27 +285,16 @@ def unrunnable_dims(strategy: str, dims: ParallelDims) -> list[str]:
 
 def can_run(strategy: str, dims: ParallelDims) -> bool:
     return not unrunnable_dims(strategy, dims)
-@functools.lru_cache(maxsize=4096)
-def _parallel_dims(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int, pp: int, cp: int, ep: int,
-                   schedule: str, microbatches: int, virtual: int, sequence_parallel: bool) -> ParallelDims:
-    """TrainSetup.parallel, made once per distinct layout: the planner's estimators ask for it ~50 times per
-    candidate (a quarter of a 16,384-GPU search's time went to building these frozen records)."""
-    model_parallel = tp * pp * cp
-    dp = max(1, world // model_parallel)
-    shard = dp if shards else 1
-    if hsdp:
-        shard = math.gcd(dp, max(1, gpus_per_node // (tp * cp)))
-    return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=schedule,
-                        pp_microbatches=microbatches, pp_virtual_stages=virtual, sequence_parallel=sequence_parallel)
 
 
 def check_runnable(setup: TrainSetup) -> None:
     """What `llaunch run` and `submit` refuse before any process starts: a layout or recompute mode the
     strategy's engine does not declare (ENGINE_SUPPORT), and what pipeline stages do not run."""
     support, dims = ENGINE_SUPPORT[setup.strategy], setup.parallel
-    if dims.tp_enabled and dims.pp_enabled:
-        raise LaunchError(f"the ranks run tp and pp each, not yet together; use --tp {dims.tp} --pp 1 or "
-                          f"--tp 1 --pp {dims.pp}.")
+    together = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled), ("ep", dims.ep_enabled)) if on]
+    if len(together) > 1:
+        raise LaunchError(f"the ranks run {' and '.join(together)} each on its own, not yet together; keep one of "
+                          f"--{' / --'.join(together)} above 1.")
     used = unrunnable_dims(setup.strategy, dims)
     if used:
         able = [s for s, can in ENGINE_SUPPORT.items() if set(used) <= set(can.layouts)]

@@ -14,8 +14,8 @@ from launcher.planning.memory import MemoryBreakdown, estimate
 from launcher.planning.models import ModelSpec, load_model_spec
 from launcher.planning.layouts import LAYOUT_STRATEGIES, check_forced, layouts
 from launcher.planning.parallel import RECOMPUTES
-from launcher.planning.plan import (ENGINE_SUPPORT, LAYOUT_KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES, STRATEGY_ORDER,
-                                    Plan, TrainSetup, can_run, check_offload)
+from launcher.planning.plan import (ENGINE_SUPPORT, EP_MODEL_TYPES, LAYOUT_KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES,
+                                    STRATEGY_ORDER, Plan, TrainSetup, can_run, check_offload)
 from launcher.planning.plan_reasons import plan_reasons
 from launcher.planning.request import PlanRequest
 from launcher.units import format_bytes
@@ -87,6 +87,9 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     spec = load_model_spec(request.model, request.model_overrides)
     hw = hardware_for(request, hardware)
     _check_forced_offload(request)
+    if request.runnable_only and (request.ep or 1) > 1 and spec.model_type not in EP_MODEL_TYPES:
+        raise LaunchError(f"the ranks split the experts of {' and '.join(EP_MODEL_TYPES)} models over ep, not "
+                          f"{spec.model_type}'s; train it with --ep 1.")
     candidates = rank_candidates(spec, request, hw)
     if not candidates:
         world = (hw.nodes * hw.gpus_per_node) if hw.has_gpu else (request.nodes or 1) * (request.gpus_per_node or 1)
@@ -124,9 +127,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
             raise LaunchError("--precision fp8 runs its matmuls on a GPU's fp8 tensor cores; describe GPUs with --gpu, "
                               "or use --precision fp32 for a CPU plan.")
         runnable = sorted({name for support in ENGINE_SUPPORT.values() for name in support.layouts})
-        if any((getattr(request, name) or 1) > 1 for name in ("tp", "pp", "cp", "ep") if name not in runnable):
+        if unrun := [name for name in _forced_layouts(request) if name not in runnable]:
             also = "".join(f", --{name}" for name in runnable)
-            raise LaunchError(f"a CPU plan runs data parallelism{also} only; drop the other layout flags, or "
+            raise LaunchError(f"a CPU plan runs data parallelism{also} only; drop --{' / --'.join(unrun)}, or "
                               f"describe GPUs with --gpu and --gpus-per-node.")
         check_forced(spec, request, (request.nodes or 1) * (request.gpus_per_node or 1), request.gpus_per_node or 1)
         cpu = _cpu_candidate(spec, request, hw)
@@ -274,10 +277,10 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
         return None
     offload = request.offload or "none"
     # a forced offload or layout with the strategy left open: the first that can do it and run this method
-    layouts = {name for name in ("tp", "pp", "cp", "ep") if getattr(fixed, name) > 1}
+    forced = set(_forced_layouts(request))
     able = [s for s in (OFFLOADING if offload != "none" else STRATEGIES) if offload in ENGINE_SUPPORT[s].offloads
-            and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base) and layouts <= set(ENGINE_SUPPORT[s].layouts)]
-    strategy = request.strategy or ("ddp" if (offload == "none" and not layouts) or not able else able[0])
+            and (fixed.method != "qlora" or ENGINE_SUPPORT[s].quantized_base) and forced <= set(ENGINE_SUPPORT[s].layouts)]
+    strategy = request.strategy or ("ddp" if (offload == "none" and not forced) or not able else able[0])
     setup = dataclasses.replace(
         fixed, strategy=strategy, offload=offload,
         precision=request.precision or "fp32", activation_checkpointing=request.activation_checkpointing or "none",
@@ -294,6 +297,11 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
                      mfu=0.0, time_terms={"compute_s": step, "comm_s": 0.0, "exposed_comm_s": 0.0, "bubble_s": 0.0,
                                           "offload_s": 0.0},
                      host_limit_bytes=max(0, limit - memory.reserved_bytes))
+
+
+def _forced_layouts(request: PlanRequest) -> list[str]:
+    """The model-parallel dimensions a request forces above 1 (tp, pp, cp, ep)."""
+    return [name for name in ("tp", "pp", "cp", "ep") if (getattr(request, name) or 1) > 1]
 
 
 def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candidate, candidates: list[Candidate]) -> Plan:

@@ -111,6 +111,9 @@ CASES = [
     (f"{RUN} data.validation_split_percentage=.nan", "validation_split_percentage"),
     (f"{RUN} finetune.lora_dropout=2", "finetune.lora_dropout must be"),
     (f"{RUN} finetune.r=0", "finetune.r"),
+    # run: expert parallelism borrows FSDP's shard ranks, and splits only the experts the ranks know
+    (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 2 --ep 2 --strategy ddp", "use --strategy fsdp or hsdp"),
+    (f"{RUN} model.name_or_path=gpt-oss-20b --nproc-per-node 2 --ep 2", "not gpt_oss's; train it with --ep 1"),
     # run: model overrides
     (f"{RUN} 'model.overrides={{hidden_size: 0}}'", "must be a positive integer"),
     (f"{RUN} 'model.overrides={{bogus_key: 3}}'", "is not a key of a llama config"),
@@ -143,7 +146,7 @@ CASES = [
     ("plan --model tinyllama-1.1b --gpu-mem nanGiB", "is not a size"),
     ("plan --model tinyllama-1.1b --lora-r 0", "--lora-r must be a positive integer"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 3", "does not divide the 8 GPUs"),
-    ("plan --model gpt2 --device cpu --gpus 2 --cp 2", "a CPU plan runs data parallelism, --pp, --tp only"),
+    ("plan --model gpt2 --device cpu --gpus 2 --cp 2", "a CPU plan runs data parallelism, --ep, --pp, --tp only; drop --cp"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 2 --pp 1 --global-batch 6", "x 4 data-parallel rank(s)"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --cp 2 --trace", "no fake-tensor trace of cp or ep"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 0", "--tp must be a positive integer"),

@@ -56,6 +56,14 @@ def test_bad_layouts_are_one_sentence(dims, world, gpus, seq, message):
         check_layout(dims, world, gpus, spec=SPEC_405B, seq_len=seq)
 
 
+def test_ep_borrows_all_of_cp():
+    """torchtitan's ParallelDims: ep = dp_shard_in_ep x cp, so an ep below or beside cp has no mesh."""
+    mixtral = load_model_spec("mixtral-8x7b")
+    with pytest.raises(LaunchError, match="choose an ep that is a multiple of 4"):
+        check_layout(ParallelDims(dp_shard=2, cp=4, ep=2), 8, 8, spec=mixtral, seq_len=8192)
+    check_layout(ParallelDims(dp_shard=2, cp=2, ep=4), 4, 8, spec=mixtral, seq_len=8192)
+
+
 def test_heads_must_split_over_tp_and_kv_heads_split_or_replicate():
     spec = load_model_spec("gpt2")  # 12 heads, 12 KV heads
     with pytest.raises(LaunchError, match="12 attention heads, which tp 8 does not divide"):
@@ -107,7 +115,7 @@ def test_run_and_submit_plan_only_what_the_engines_run():
                       Hardware())
     assert (piped.parallel.pp, piped.parallel.dp) == (2, 4) and not piped.is_deepspeed
     check_runnable(piped)
-    with pytest.raises(LaunchError, match=r"the ranks run tp and pp each, not yet together"):
+    with pytest.raises(LaunchError, match=r"the ranks run tp and pp each on its own, not yet together"):
         check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8, pp=2))
     with pytest.raises(LaunchError, match=r"uses tp, which the zero1 engine cannot run; use --strategy fsdp or hsdp"):
         check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8))

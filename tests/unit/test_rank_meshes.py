@@ -1,0 +1,64 @@
+"""The ranks' device mesh with expert parallelism (launcher/train/device_mesh.py), built on a fake process group
+in one process, and the experts' grouped GEMM (launcher/train/expert_parallel.py) against one matmul per expert.
+Training with ep end to end is tests/distributed/test_expert_parallel.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from launcher.planning.parallel import ParallelDims
+from launcher.train.device_mesh import RankMeshes
+from launcher.train.expert_parallel import grouped_linear, grouped_mm_runs
+
+
+@pytest.fixture
+def fake_world():
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def join(rank: int, world: int):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+
+    yield join
+    dist.destroy_process_group()
+
+
+def test_hsdp_with_ep_splits_experts_within_a_replica_and_reduces_them_over_the_rest(fake_world):
+    """8 ranks as 2 replicas x 4 shards, ep 2 (torchtitan's dp_shard_mod_ep 2 x dp_shard_in_ep 2): rank 5 splits
+    the experts with its neighbour 4 and holds the same ones as 1, 3 and 7, across both replicas."""
+    fake_world(5, 8)
+    meshes = RankMeshes.build(ParallelDims(dp_replicate=2, dp_shard=4, ep=2), "cpu")
+    assert meshes.ep.mesh.tolist() == [4, 5]
+    assert meshes.experts_dp.mesh_dim_names == ("dp_replicate", "dp_shard_mod_ep")
+    assert meshes.experts_dp.mesh.tolist() == [[1, 3], [5, 7]]
+    # The views that existed before ep answer as they did: FSDP's HSDP mesh, dp_shard, the data rank.
+    assert meshes.fsdp.mesh.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert meshes["dp_shard"].mesh.tolist() == [4, 5, 6, 7]
+    assert meshes.data_rank == 5 and meshes.data_ranks == 8
+
+
+def test_ep_over_all_shards_leaves_one_expert_shard(fake_world):
+    fake_world(2, 4)
+    meshes = RankMeshes.build(ParallelDims(dp_shard=4, ep=4), "cpu")
+    assert meshes.ep.mesh.tolist() == [0, 1, 2, 3] and meshes.experts_dp.size() == 1
+    assert meshes.fsdp.mesh.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("width", [8, 6])  # 8 fp32 = 32-byte rows: grouped_mm; 6 = 24 bytes: one matmul per expert
+def test_grouped_linear_is_each_experts_matmul_forward_and_backward(width):
+    torch.manual_seed(0)
+    counts = [3, 0, 5]  # an expert without rows still gets its (zero) gradient
+    rows = torch.randn(sum(counts), width, requires_grad=True)
+    weight = torch.randn(3, 4 * width, width, requires_grad=True)
+    assert grouped_mm_runs(rows, weight) == (width == 8)
+    out = grouped_linear(rows, weight, counts)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    ref_rows, ref_weight = rows.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = torch.cat([part @ w.T for part, w in zip(ref_rows.split(counts), ref_weight)])
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(rows.grad, ref_rows.grad)
+    torch.testing.assert_close(weight.grad, ref_weight.grad)
+    assert weight.grad[1].abs().sum() == 0
