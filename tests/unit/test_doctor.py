@@ -207,7 +207,7 @@ def test_a_profile_turns_the_doctor_off_for_every_incarnation_of_a_job(tmp_path,
     import submitit
     import yaml
 
-    from cluster import executor
+    from cluster import sbatch
     from cluster.profile import load_profile
 
     assert load_profile("local").doctor is True
@@ -228,9 +228,9 @@ def test_a_profile_turns_the_doctor_off_for_every_incarnation_of_a_job(tmp_path,
             return SimpleNamespace(job_id=str(len(submitted)))
 
     monkeypatch.setattr(submitit, "SlurmExecutor", Sbatch)
-    executor.submit(tmp_path, load_profile(str(path)), "quiet", {})
+    sbatch.submit(tmp_path, load_profile(str(path)), "quiet", {})
     assert submitted[0].doctor is False and submitted[0].checkpoint().function.doctor is False
-    executor.submit(tmp_path, load_profile("local"), "checked", {})
+    sbatch.submit(tmp_path, load_profile("local"), "checked", {})
     assert submitted[1].doctor is True and submitted[1].checkpoint().function.doctor is True
     path.write_text(yaml.safe_dump({**data, "doctor": "no"}))
     with pytest.raises(LaunchError, match="doctor must be true or false"):

@@ -74,7 +74,7 @@ def test_a_damaged_line_is_skipped_with_a_warning_and_submit_goes_on(tmp_path, m
     import subprocess
     from types import SimpleNamespace
 
-    from cluster import executor
+    from cluster import sbatch
     from cluster.profile import ClusterProfile
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
@@ -85,17 +85,17 @@ def test_a_damaged_line_is_skipped_with_a_warning_and_submit_goes_on(tmp_path, m
         f.write(line + b"\n")
     assert [e.host for e in ledger.events()] == ["a"]
     assert f"warning: skipped 1 damaged line(s) of {ledger.path} (line 2: {why}" in capsys.readouterr().err
-    assert executor.quarantined_nodes(ClusterProfile(name="site", nodes=1), {}) == ["a"]  # what submit asks first
+    assert sbatch.quarantined_nodes(ClusterProfile(name="site", nodes=1), {}) == ["a"]  # what submit asks first
 
 
 def test_a_node_ledger_that_is_not_a_file_is_one_sentence(tmp_path, monkeypatch):
-    from cluster import executor
+    from cluster import sbatch
     from cluster.profile import ClusterProfile
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path))
     NodeLedger.for_profile("site").path.mkdir(parents=True)
     with pytest.raises(LaunchError, match=r"ledger/site.jsonl is not a regular file; move it away"):
-        executor.quarantined_nodes(ClusterProfile(name="site", nodes=1), {})
+        sbatch.quarantined_nodes(ClusterProfile(name="site", nodes=1), {})
 
 
 def test_submit_keeps_quarantined_nodes_out_as_far_as_the_partition_can_spare(tmp_path, monkeypatch):
