@@ -291,10 +291,10 @@ def check_runnable(setup: TrainSetup) -> None:
     """What `llaunch run` and `submit` refuse before any process starts: a layout or recompute mode the
     strategy's engine does not declare (ENGINE_SUPPORT), and what pipeline stages do not run."""
     support, dims = ENGINE_SUPPORT[setup.strategy], setup.parallel
-    together = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled), ("ep", dims.ep_enabled)) if on]
-    if len(together) > 1:
-        raise LaunchError(f"the ranks run {' and '.join(together)} each on its own, not yet together; keep one of "
-                          f"--{' / --'.join(together)} above 1.")
+    beside_ep = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled)) if on]
+    if dims.ep_enabled and beside_ep:  # the experts' split of dp_shard is not composed with tp or pp stages
+        raise LaunchError(f"the ranks run expert parallelism without {' or '.join(beside_ep)} so far; keep --ep 1 "
+                          f"or --{' / --'.join(beside_ep)} 1.")
     used = unrunnable_dims(setup.strategy, dims)
     if used:
         able = [s for s, can in ENGINE_SUPPORT.items() if set(used) <= set(can.layouts)]

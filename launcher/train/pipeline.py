@@ -8,7 +8,10 @@ modules, so `DecoderStage` runs the decoder's own pieces (LlamaModel.forward's, 
 share): the embedding on the first stage; on every stage the position ids of packed blocks, their rotary
 embedding and the causal mask, computed from the hidden states it receives; the final norm and the loss on
 the last (launcher.train.chunked_loss.causal_lm_loss, normalised by the window's num_items_in_batch as
-without pipelining).
+without pipelining). With tensor parallelism each stage is then split over the tp ranks by the one plan
+(launcher.train.tensor_parallel), as torchtitan parallelizes each model part after the split
+(torchtitan/distributed/pipeline_parallel.py, pipeline_llm); the states sent between stages are each tp
+rank's local slice of the sequence (sequence parallelism) or the whole states.
 
 Stage `s` of `pp x v` runs on pipeline rank `s % pp` (torchtitan's "loop" style for interleaved 1F1B), so
 the first and the last stage are always on different ranks.
@@ -68,7 +71,7 @@ def stage_pieces(lm: nn.Module, stage: int, num_stages: int) -> dict[str, nn.Mod
 class DecoderStage(nn.Module):
     """One stage: token ids (first stage) or hidden states in, hidden states out; the last stage returns the
     micro-batch's summed token loss over num_items_in_batch. Labels go to every stage (the pipeline schedule
-    hands its keyword arguments to all), only the last reads them."""
+    hands its keyword arguments to all): every stage takes the sequence's length from them, the last its loss."""
 
     def __init__(self, lm: nn.Module, stage: int, num_stages: int, loss_chunk_tokens: int):
         super().__init__()
@@ -82,13 +85,16 @@ class DecoderStage(nn.Module):
         self.is_first, self.is_last = stage == 0, stage == num_stages - 1
         self.chunk = loss_chunk_tokens
 
-    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor,
                 num_items_in_batch: int | None = None) -> torch.Tensor:
         if self.is_first:
             hidden = self.model.embed_tokens(hidden)
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # packed blocks
-        masks = attention_masks(self.config, hidden, position_ids)
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
+        # With sequence parallelism the states between stages are this tp rank's slice of the sequence; the
+        # positions, RoPE and mask are the whole sequence's (the labels'), as the attention gathers it.
+        whole = hidden.new_empty(labels.shape[0], labels.shape[1], 0)  # their shape, dtype and device
+        position_ids = torch.arange(labels.shape[1], device=hidden.device).unsqueeze(0)  # packed blocks
+        masks = attention_masks(self.config, whole, position_ids)
+        position_embeddings = self.rotary_emb(whole, position_ids=position_ids)
         for layer in self.model.layers.values():
             hidden = layer(hidden, attention_mask=masks[getattr(layer, "attention_type", "full_attention")],
                            position_embeddings=position_embeddings, position_ids=position_ids)

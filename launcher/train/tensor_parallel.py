@@ -24,32 +24,37 @@ from __future__ import annotations
 from torch import nn
 
 def parallelize(model: nn.Module, mesh, sequence_parallel: bool, *, sharded_logits: bool = False) -> None:
-    """Apply the plan in place on `mesh` (1-D, tp). Each rank keeps its own slice of the weights it holds
-    (src_data_rank=None): rank 0 of an FSDP job holds the real ones, the others meta tensors filled later.
-    `sharded_logits` leaves the head's logits split by vocabulary (the memory trace's loss), else gathered."""
+    """Apply the plan in place on `mesh` (1-D, tp) to a causal LM or to one pipeline stage of it
+    (launcher.train.pipeline.DecoderStage: the same names, its layers in a dict keyed by their index in the
+    model, the embedding and the head only where the stage holds them). Each rank keeps its own slice of the
+    weights it holds (src_data_rank=None): rank 0 of an FSDP job holds the real ones, the others meta tensors
+    filled later. `sharded_logits` leaves the head's logits split by vocabulary (the memory trace's loss), else
+    gathered."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
 
     residual = Shard(1) if sequence_parallel else Replicate()
-    lm, inner, plan = model, model.model, {}
-    tied = lm.lm_head is not None and inner.embed_tokens is not None and lm.lm_head.weight is inner.embed_tokens.weight
-    if inner.embed_tokens is not None:
+    inner, plan = model.model, {}
+    embedding, head = getattr(inner, "embed_tokens", None), getattr(model, "lm_head", None)
+    layers = inner.layers.values() if isinstance(inner.layers, nn.ModuleDict) else inner.layers
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    if embedding is not None:
         plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    if lm.lm_head is not None:
+    if head is not None:
         if sequence_parallel:
             plan["model.norm"] = SequenceParallel()
         plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1) if sharded_logits
                                           else Replicate(), use_local_output=not sharded_logits)
     parallelize_module(model, mesh, plan, src_data_rank=None)
     if tied:  # torchtitan ties after parallelizing; both are split by vocabulary rows (Shard(0))
-        lm.lm_head.weight = inner.embed_tokens.weight
-    for layer in inner.layers:
+        model.lm_head.weight = inner.embed_tokens.weight
+    for layer in layers:
         parallelize_module(layer, mesh, layer_plan(layer, sequence_parallel), src_data_rank=None)
-    if sequence_parallel and inner.embed_tokens is not None:  # the first layer slices the embedding's output
+    if sequence_parallel and embedding is not None:  # the first layer slices the embedding's output
         split = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
                                    use_local_output=True)
-        parallelize_module(inner.layers[0], mesh, split)
+        parallelize_module(next(iter(layers)), mesh, split)
 
 
 def layer_plan(layer: nn.Module, sequence_parallel: bool) -> dict:

@@ -115,8 +115,11 @@ def test_run_and_submit_plan_only_what_the_engines_run():
                       Hardware())
     assert (piped.parallel.pp, piped.parallel.dp) == (2, 4) and not piped.is_deepspeed
     check_runnable(piped)
-    with pytest.raises(LaunchError, match=r"the ranks run tp and pp each on its own, not yet together"):
-        check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8, pp=2))
+    check_runnable(TrainSetup(strategy="fsdp", nodes=2, gpus_per_node=8, tp=8, pp=2))  # stages split over tp
+    with pytest.raises(LaunchError, match=r"uses tp, which the ddp engine cannot run; use --strategy fsdp or hsdp"):
+        check_runnable(TrainSetup(strategy="ddp", nodes=2, gpus_per_node=8, tp=8, pp=2))
+    with pytest.raises(LaunchError, match=r"the ranks run expert parallelism without tp so far; keep --ep 1 or --tp 1"):
+        check_runnable(TrainSetup(strategy="fsdp", nodes=2, gpus_per_node=8, tp=2, ep=2))
     with pytest.raises(LaunchError, match=r"uses tp, which the zero1 engine cannot run; use --strategy fsdp or hsdp"):
         check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8))
     check_runnable(TrainSetup(strategy="fsdp", nodes=2, gpus_per_node=8, tp=8))  # FSDP2 runs tp (issue 31)

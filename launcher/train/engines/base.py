@@ -89,20 +89,33 @@ class Engine(ABC):
 
 @torch.no_grad()
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """torch's clip_grad_norm_ (0: measure only) over gradients that may be DTensors on different meshes (FSDP2's
-    1-D shards beside (dp_shard, tp) ones): each mesh's norm is reduced over its own ranks, then combined."""
+    """torch's clip_grad_norm_ (0: measure only) over gradients that may be DTensors on different meshes."""
+    total = grad_norm(params)
+    scale_grads(params, max_norm, total)
+    return total
+
+
+@torch.no_grad()
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' 2-norm where they may be DTensors on different meshes (FSDP2's 1-D shards beside
+    (dp_shard, tp) ones): each mesh's norm is reduced over its own ranks, then combined."""
     by_mesh: dict = {}
     for param in params:
         by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param.grad)
     norms = [torch.nn.utils.get_total_norm(grads) for grads in by_mesh.values()]
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-    if max_norm > 0:
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
-        for device in {g.device for g in grads}:  # FSDP2's CPU offload keeps shards and their gradients on the host
-            torch._foreach_mul_([g for g in grads if g.device == device], scale.to(device))
-    return total
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+@torch.no_grad()
+def scale_grads(params: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """Scale the gradients whose norm is `total` to at most max_norm (0: leave them), shard by shard."""
+    if max_norm <= 0:
+        return
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+    for device in {g.device for g in grads}:  # FSDP2's CPU offload keeps shards and their gradients on the host
+        torch._foreach_mul_([g for g in grads if g.device == device], scale.to(device))
 
 
 class TorchEngine(Engine):

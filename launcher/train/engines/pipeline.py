@@ -34,8 +34,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 from launcher.runtime.beacon import Phase
-from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine
+from launcher.planning.parallel import check_tensor_parallel
+from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine, grad_norm, scale_grads
 from launcher.train.pipeline import DecoderStage, can_pipeline, holder, rank_stages, release_other_stages, stage_pieces
+from launcher.train.tensor_parallel import parallelize
 
 HEAD, EMBEDDING = "lm_head.weight.", "model.embed_tokens.weight."  # a tied head's optimizer keys, renamed
 
@@ -63,8 +65,13 @@ class PipelineEngine(TorchEngine):
         self.tied = model.lm_head.weight is model.model.embed_tokens.weight
         self.held = holder(pieces)
         release_other_stages(model, set(pieces))
-        wrapped = [self._data_parallel(DecoderStage(model, s, num_stages, plan.loss_chunk_tokens), plan, device)
-                   for s in ids]
+        stages = [DecoderStage(model, s, num_stages, plan.loss_chunk_tokens) for s in ids]
+        if plan.parallel.tp_enabled:  # each stage split over the tp ranks, then over the data-parallel ones
+            check_tensor_parallel(model.config.model_type, model.config.num_attention_heads,
+                                  model.config.num_key_value_heads, plan.parallel.tp)
+            for stage in stages:
+                parallelize(stage, self.meshes.tp, plan.parallel.sequence_parallel)
+        wrapped = [self._data_parallel(stage, plan, device) for stage in stages]
         self.stages = [PipelineStage(module, s, num_stages, device, group=self.pp_group)
                        for module, s in zip(wrapped, ids)]
         return wrapped
@@ -146,13 +153,10 @@ class PipelineEngine(TorchEngine):
     def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         head = getattr(self.held, "lm_head", None)
         duplicate = head.weight if self.tied and head is not None else None
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p is not duplicate])
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        square = norm.pow(2)
+        square = grad_norm([p for p in params if p is not duplicate]).pow(2)
         dist.all_reduce(square, group=self.pp_group)
         norm = square.sqrt()
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        scale_grads(params, max_norm, norm)
         return norm
 
     # ----- evaluation -------------------------------------------------------------------------------
@@ -160,8 +164,8 @@ class PipelineEngine(TorchEngine):
     def forward(self, batch: dict):
         """Evaluation's forward (training runs forward_backward): the stages one after another, each hidden
         state sent to the next stage's rank; the loss, computed on the last stage, returned on every rank."""
-        hidden, labels = batch["input_ids"], batch.get("labels")
-        shape = (*hidden.shape, self.module.config.hidden_size)
+        hidden, labels = batch["input_ids"], batch["labels"]
+        shape = (hidden.shape[0], self._received_length(hidden.shape[1]), self.module.config.hidden_size)
         pp, num_stages = self.dims.pp, self.dims.stages
         mine = {stage.stage_index: stage.submod for stage in self.stages}
         for index in sorted(mine):
@@ -176,6 +180,14 @@ class PipelineEngine(TorchEngine):
         loss = hidden.detach().float() if num_stages - 1 in mine else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.pp_group)
         return CausalLMOutputWithPast(loss=loss)
+
+    def _received_length(self, length: int) -> int:
+        """The sequence length of the states a stage receives: this tp rank's slice with sequence parallelism
+        (DTensor's Shard(1) splits as torch.chunk does), else the whole sequence."""
+        if not (self.dims.tp_enabled and self.dims.sequence_parallel):
+            return length
+        per_rank = -(-length // self.dims.tp)
+        return max(0, min(per_rank, length - self.meshes.tp.get_local_rank() * per_rank))
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
