@@ -1,6 +1,6 @@
 """Pipeline parallelism through `llaunch run` (4 gloo ranks, fp32 on CPU): pp 2 x dp 2 trains a tiny Llama to the
 losses and weights of DDP on 4 ranks with the same global batch, under 1F1B, interleaved 1F1B and GPipe, with
-tied and untied embeddings; a SIGTERM and the same command again end on the uninterrupted weights; a pipeline's
+tied and untied embeddings, and so does tp 2 x pp 2 (each stage split over the tp ranks, tied); a SIGTERM and the same command again end on the uninterrupted weights; a pipeline's
 checkpoint resumes under plain DDP; export and `llaunch checkpoints --verify` read it."""
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ RUNS = {  # name: (tied embeddings, flags)
     "1f1b": (False, (*PIPELINE, "--strategy", "ddp", "--pp-schedule", "1f1b")),
     "interleaved-tied": (True, (*PIPELINE, "--strategy", "fsdp", "--pp-schedule", "interleaved-1f1b",
                                 "--pp-virtual-stages", "2")),
+    # tp 2 x pp 2 (dp 1): 2 microbatches of 4, the tied embedding's two copies split by vocabulary over tp.
+    "tp2-interleaved-tied": (True, (*PIPELINE, "--tp", "2", "--strategy", "fsdp", "--pp-schedule",
+                                    "interleaved-1f1b", "--pp-virtual-stages", "2",
+                                    "training.per_device_train_batch_size=4")),
 }
 
 
@@ -83,7 +87,8 @@ def runs(configs):
     return root
 
 
-@pytest.mark.parametrize("name,reference", [("1f1b", "ddp"), ("interleaved-tied", "ddp-tied")])
+@pytest.mark.parametrize("name,reference", [("1f1b", "ddp"), ("interleaved-tied", "ddp-tied"),
+                                            ("tp2-interleaved-tied", "ddp-tied")])
 def test_pipeline_trains_to_ddps_losses_and_weights(runs, name, reference):
     got, want = losses(runs / name), losses(runs / reference)
     assert sorted(got) == list(range(1, STEPS + 1))

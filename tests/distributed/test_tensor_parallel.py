@@ -1,8 +1,9 @@
 """Tensor + sequence parallelism composed with FSDP2 trains as data parallelism does (4 gloo processes on CPU,
 the tiny fp32 Llama, tp 2 x dp_shard 2): the real Trainer gives the same first 5 losses as DDP over 4 ranks with
 the same global batch, untied and tied, and the same weights after 5 steps; through the user's `llaunch run`,
-exact resume after SIGTERM, and its checkpoint resumed by plain FSDP on 4 ranks (dp 4), exported and verified. The losses and gradients
-equal to DDP's are what checks the vocab-parallel chunked loss (launcher/train/chunked_loss.py)."""
+exact resume after SIGTERM, and its checkpoint resumed by plain FSDP on 4 ranks (dp 4) and by tp 2 x pp 2, exported
+and verified. The losses and gradients equal to DDP's are what checks the vocab-parallel chunked loss
+(launcher/train/chunked_loss.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ STEPS = 5
 # The same 4 sequences per step in every layout: tp 2 x dp 2 at micro-batch 2, dp 4 at micro-batch 1.
 TP2 = ("--strategy", "fsdp", "--tp", "2", "training.per_device_train_batch_size=2")
 FSDP = ("--strategy", "fsdp", "--tp", "1", "training.per_device_train_batch_size=1")
+# tp 2 x pp 2 (dp 1): 2 microbatches of 2, one decoder layer per stage.
+TP2_PP2 = ("--strategy", "fsdp", "--tp", "2", "--pp", "2", "--pp-microbatches", "2",
+           "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2")
 
 
 def llaunch_run(config: Path, output: Path, *flags: str, log: Path | None = None, fault: str | None = None):
@@ -71,9 +75,10 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     config = tiny_run_config(root, model={"max_position_embeddings": 64},
                              training={"max_steps": STEPS, "logging_steps": 1, "save_steps": 2, "learning_rate": 1e-3,
                                        "warmup_steps": 0, "max_grad_norm": 0.5, "report_to": []})
-    out = {"config": config, "tp": root / "tp", "dp4": root / "dp4-from-tp"}
+    out = {"config": config, "tp": root / "tp", "dp4": root / "dp4-from-tp", "tp-pp": root / "tp-pp-from-tp"}
     llaunch_run(config, out["tp"], *TP2)
-    llaunch_run(config, out["dp4"], *FSDP, f"training.resume_from_checkpoint={out['tp'] / 'checkpoints' / 'step-2'}")
+    for name, flags in (("dp4", FSDP), ("tp-pp", TP2_PP2)):
+        llaunch_run(config, out[name], *flags, f"training.resume_from_checkpoint={out['tp'] / 'checkpoints' / 'step-2'}")
     return out
 
 
@@ -92,12 +97,14 @@ def test_tp2_x_fsdp2_trains_as_ddp_does(compared, tie):
         assert losses[tp][0] != pytest.approx(losses["fsdp:2:1:tp2"][0], rel=1e-4)  # tying changed the model
 
 
-def test_a_tp_checkpoint_resumes_under_plain_fsdp_on_4_ranks(runs):
-    """DCP reshards the (dp_shard, tp) DTensors to dp 4; the data position and the scheduler carry on."""
-    resumed, straight = rows(runs["dp4"]), rows(runs["tp"])
+@pytest.mark.parametrize("layout", ["dp4", "tp-pp"])
+def test_a_tp_checkpoint_resumes_under_plain_fsdp_and_under_tp2_x_pp2(runs, layout):
+    """DCP reshards the (dp_shard, tp) DTensors to dp 4, and to tp 2 x pp 2's stages (each stage's DTensors on
+    the tp mesh); the data position and the scheduler carry on."""
+    resumed, straight = rows(runs[layout]), rows(runs["tp"])
     assert [r["step"] for r in resumed] == [3, 4, 5]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[2:]], rel=1e-4, abs=0)
-    assert max_diff(final(runs["dp4"]), final(runs["tp"])) <= 1e-5
+    assert max_diff(final(runs[layout]), final(runs["tp"])) <= 1e-5
 
 
 def test_a_tp_checkpoint_exports_the_model_the_dp4_run_saved_and_verifies(runs, tmp_path):
