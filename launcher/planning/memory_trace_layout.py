@@ -2,10 +2,10 @@
 
 As launcher/planning/memory_trace.py does for FSDP, a fake process group (backend "fake") at the layout's world size
 makes every collective a no-op of the right shape, and the HF model is built on the meta device, cut in depth.
-Tensor parallel is torch.distributed.tensor.parallel's DTensor plan as torchtitan's parallelize_llama applies
-it: q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, the embedding row-wise by vocabulary, the LM head
-column-wise with the vocab-parallel loss (loss_parallel), and with sequence parallel the norms SequenceParallel
-and the residual stream split along the sequence. A pipeline stage is the cut model's first stage (embedding
+Tensor parallel is the ranks' own DTensor plan (launcher.train.tensor_parallel.parallelize, torchtitan's
+parallelize_llama on the HF names): q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, the embedding
+row-wise by vocabulary, the LM head column-wise with its logits left split by vocabulary, and with sequence
+parallel the norms SequenceParallel and the residual stream split along the sequence. A pipeline stage is the cut model's first stage (embedding
 and its layers) or last stage (its layers, final norm, LM head and loss), stepped in the schedule's order:
 as many forwards as it keeps in flight there (launcher.planning.memory_layout.inflight_microbatches), then one backward
 (with the gradient a next stage would send) and one forward at a time, then the last backwards. The first
@@ -69,6 +69,7 @@ def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: s
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from launcher.planning.memory_trace import _meta_model, traced_optimizer
+    from launcher.train.tensor_parallel import parallelize
 
     check_traceable(setup)
     if dist.is_initialized():  # a real job's process group: never replace it with a fake one
@@ -78,8 +79,8 @@ def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: s
     try:
         mesh = init_device_mesh("cpu", (dims.pp, dims.tp), mesh_dim_names=("pp", "tp"))
         model = cut_stage(_meta_model(spec, setup, layers), setup, stage)
-        if dims.tp_enabled:
-            parallelize(model, mesh["tp"], dims.sequence_parallel)
+        if dims.tp_enabled:  # the ranks' own plan, the head's logits left split (LOSS_PARALLEL_TRACE)
+            parallelize(model, mesh["tp"], dims.sequence_parallel, sharded_logits=True)
         with FakeTensorMode(allow_non_fake_inputs=True):  # the meta weights become fake CPU tensors here
             model.to_empty(device="cpu")
             optimizer = traced_optimizer(setup.optimizer, list(model.parameters()), dtensors=dims.tp_enabled)
@@ -113,34 +114,6 @@ def cut_stage(model, setup: TrainSetup, stage: str):
     if setup.parallel.pp_enabled and stage != "last":
         model.model.norm, model.lm_head = torch.nn.Identity(), None
     return model
-
-
-def parallelize(model, mesh, sequence_parallel: bool) -> None:
-    """torchtitan's parallelize_llama TP plan, on the HF module names (the decoder layer passes hidden_states
-    to self_attn by keyword, to the MLP by position)."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
-
-    residual = Shard(1) if sequence_parallel else Replicate()
-    inner, plan = model.model, {}
-    if inner.embed_tokens is not None:
-        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
-    if model.lm_head is not None:
-        plan["model.norm"] = SequenceParallel() if sequence_parallel else None
-        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, mesh, {name: style for name, style in plan.items() if style is not None})
-    for layer in inner.layers:
-        block = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
-        block |= {f"mlp.{n}": ColwiseParallel() for n in ("gate_proj", "up_proj")}
-        block |= {"self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-                  "mlp.down_proj": RowwiseParallel(output_layouts=residual)}
-        if sequence_parallel:
-            block |= {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
-                      "self_attn": PrepareModuleInput(input_kwarg_layouts={"hidden_states": Shard(1)},
-                                                      desired_input_kwarg_layouts={"hidden_states": Replicate()}),
-                      "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
-        parallelize_module(layer, mesh, block)
 
 
 def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
