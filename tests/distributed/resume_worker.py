@@ -26,6 +26,7 @@ from launcher.errors import LaunchError
 from launcher.planning.plan import Plan
 from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.train.checkpoint import Checkpointer, resolve_resume_on_every_rank
+from launcher.train.device_mesh import RankMeshes
 from launcher.train.engines import build_engine
 from launcher.train.fingerprint import Fingerprint
 from launcher.train.preemption import PreemptionHandler
@@ -54,7 +55,7 @@ def build(strategy):
                 gradient_accumulation_steps=accumulation(world), seq_len=SEQ, nodes=nodes, gpus_per_node=per_node,
                 device="cpu")
     training = TrainingSection(learning_rate=3e-3, weight_decay=0.01, optim="adamw_torch", max_grad_norm=0.0)
-    return build_engine(model, plan, training, torch.device("cpu"), {})
+    return build_engine(model, plan, training, torch.device("cpu"), {}, RankMeshes.build(plan.parallel, "cpu"))
 
 
 def batch(step, micro, rank, world):

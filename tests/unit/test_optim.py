@@ -79,13 +79,15 @@ def test_the_engine_steps_with_the_plans_optimizer_not_the_configs():
     import torch.distributed as dist
 
     from launcher.planning.plan import Plan
+    from launcher.train.device_mesh import RankMeshes
     from launcher.train.engines import build_engine
     from tiny_lm import tiny_llama
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         plan = Plan(model="m", device="cpu", precision="fp32", optimizer="sgd")
-        engine = build_engine(tiny_llama(64), plan, TrainingSection(optim="adamw_torch"), torch.device("cpu"), {})
+        engine = build_engine(tiny_llama(64), plan, TrainingSection(optim="adamw_torch"), torch.device("cpu"), {},
+                              RankMeshes.build(plan.parallel, "cpu"))
         assert type(engine.optimizer) is torch.optim.SGD
     finally:
         dist.destroy_process_group()

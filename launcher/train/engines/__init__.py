@@ -31,7 +31,7 @@ def model_construction(plan, training, deepspeed_overrides: dict, rank: int, hid
             yield False
 
 
-def build_engine(model, plan, training, device, deepspeed_overrides: dict, meshes=None) -> Engine:
+def build_engine(model, plan, training, device, deepspeed_overrides: dict, meshes) -> Engine:
     """The engine the plan's strategy names; imports only that engine's library. The model computes its loss in
     chunks (plan.loss_chunk_tokens) where the engine declares it can (launcher.planning.plan.ENGINE_SUPPORT).
     Elsewhere an MoE's own forward adds its router's aux loss, Hugging Face's way (coef x aux per micro-batch).

@@ -123,9 +123,8 @@ class TorchEngine(Engine):
 
     uses_autocast = True
 
-    def __init__(self, model: nn.Module, plan: Plan, training: TrainingSection, device: torch.device,
-                 meshes=None):
-        """meshes: the ranks' launcher.train.device_mesh.RankMeshes, if the loop built them."""
+    def __init__(self, model: nn.Module, plan: Plan, training: TrainingSection, device: torch.device, meshes):
+        """meshes: the ranks' launcher.train.device_mesh.RankMeshes (the loop builds them once)."""
         self.device = device
         self.module = model
         self.held = model  # the module whose parameters this rank trains, under the model's names

@@ -29,7 +29,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from launcher.planning.parallel import check_tensor_parallel
 from launcher.planning.plan import Plan
-from launcher.train.device_mesh import RankMeshes
 from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine
 from launcher.train.expert_parallel import shard_experts
 from launcher.train.modeling import decoder_layers
@@ -45,15 +44,14 @@ class FSDPEngine(TorchEngine):
         empty = any(p.is_meta for p in model.parameters())
         full_state = {} if empty else model.state_dict()  # rank 0's weights (on CPU), kept until broadcast
         buffers = {name: buf.to(device) for name, buf in model.named_buffers()} if empty else {}
-        self.meshes = meshes = self.meshes or RankMeshes.build(plan.parallel, device.type)
         if plan.parallel.tp_enabled:
             config = model.config  # (refused before any rank starts too: launcher.jobdir.prepare)
             check_tensor_parallel(config.model_type, config.num_attention_heads, config.num_key_value_heads,
                                   plan.parallel.tp)
-            parallelize(model, meshes.tp, plan.parallel.sequence_parallel)
+            parallelize(model, self.meshes.tp, plan.parallel.sequence_parallel)
         # fully_shard moves each unit's parameters to the mesh's device as it shards them: the whole model
         # is never on one GPU at once. The mesh is 1-D for FSDP; (replicate, shard) makes fully_shard HSDP.
-        mesh = meshes.fsdp
+        mesh = self.meshes.fsdp
         compute = AUTOCAST_DTYPES.get(plan.precision)
         # plan.offload optimizer+params: shards, their gradients and the optimizer states live in host memory
         # and the optimizer steps there (launcher.planning.plan.ENGINE_SUPPORT: FSDP offloads them only together).

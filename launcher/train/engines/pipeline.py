@@ -44,7 +44,7 @@ HEAD, EMBEDDING = "lm_head.weight.", "model.embed_tokens.weight."  # a tied head
 
 class PipelineEngine(TorchEngine):
     def __init__(self, model: nn.Module, plan: Plan, training, device: torch.device, meshes):
-        self.meshes, self.dims = meshes, plan.parallel
+        self.dims = plan.parallel
         self.pp_group = meshes.pp.get_group()
         self.pp_rank = meshes.pp.get_local_rank()
         self.uses_autocast = not plan.is_fsdp  # FSDP2 casts by its MixedPrecisionPolicy; DDP's stages autocast
