@@ -1,6 +1,7 @@
-"""Pipeline parallelism: the decoder's stages (launcher.train.pipeline) on the pp ranks, each stage under the
-plan's data parallelism (DDP, or FSDP2 / HSDP) over the data-parallel ranks, run by a
-torch.distributed.pipelining schedule (GPipe, 1F1B, interleaved 1F1B).
+"""Pipeline parallelism: the decoder's stages (launcher.train.pipeline) on the pp ranks, each stage split over
+the tp ranks by the one tensor-parallel plan (launcher.train.tensor_parallel) and then under the plan's data
+parallelism (DDP, or FSDP2 / HSDP) over the data-parallel ranks, run by a torch.distributed.pipelining schedule
+(GPipe, 1F1B, interleaved 1F1B).
 
 The schedule runs a whole accumulation window (its micro-batches are the pipeline's microbatches) in one
 `step()`, so this engine takes the window itself (`forward_backward`). Each micro-batch's loss is already
@@ -11,7 +12,8 @@ the one without pipelining. What the rest of llaunch sees stays as without pipel
 - the gradient norm: squared per rank, summed over the pipeline (torchtitan's clip_grad_norm_ with pp);
 - tied embeddings: the first stage holds the embedding and the last the head, two copies of one matrix
   that start equal; after backward each copy's gradient is the sum of both (an all-reduce between the two
-  ranks, Megatron-LM's embedding group), so they get the same updates and stay equal. The head's copy is
+  ranks, Megatron-LM's embedding group; with tp each pair holds the same vocabulary rows, so their local
+  shards add), so they get the same updates and stay equal. The head's copy is
   left out of the gradient norm, and its optimizer state is saved under the embedding's name, as the
   unsplit model has it;
 - checkpoints: each rank's stages under the unsplit model's names, the optimizer's flattened, so a pipeline's
