@@ -188,3 +188,15 @@ def test_tensor_parallel_time_follows_the_gpus_nvlink():
         seconds[gpu] = st.tensor_parallel_seconds(SPEC, s, hw, hw.facts)
     assert seconds["H800"] == pytest.approx(seconds["H100"] * 450 / 200)
     assert seconds["L40S"] == pytest.approx(seconds["H100"] * 450 / 32)
+
+
+def test_context_parallel_is_weighed_across_nodes_for_long_sequences():
+    """Llama 3 ran TP8 x CP16 at 128K (arXiv 2407.21783, Table 4): cp leaves the node beside a tp that fills it,
+    down to a 4K chunk per rank; tp never leaves the node, and short sequences weigh no cp."""
+    from launcher.planning.layouts import layouts
+
+    found = {(lay["tp"], lay["cp"]) for lay in layouts(SPEC, PlanRequest(seq_len=131072), 1024, 8)}
+    assert {(8, 16), (8, 32), (1, 32)} <= found
+    assert max(tp for tp, _ in found) == 8 and max(cp for _, cp in found) == 32
+    assert {cp for _, cp in (
+        (lay["tp"], lay["cp"]) for lay in layouts(SPEC, PlanRequest(seq_len=8192), 1024, 8))} == {1}
