@@ -34,14 +34,22 @@ token (node-limited routing) in FP8, and runs FP8 GEMMs.
 Rows that miss (bench/results/published_layouts.txt): Megatron GPT 1.7B (the table gives no micro-batch; the
 planner's fastest is faster than what was run), torchtitan's two H100 rows (GPUs capped at 500 W with HBM2e,
 whose true peak is below the SXM figure that MFU divides by, as its footnote says). The three Llama 3 rows are
-within 25 % of MFU, but their layout without recompute does not fit 80 GB in llaunch's count: rank 1 holds
-141 layer-microbatches (its warm-up under interleaved 1F1B, v 8), each ~9.3 h bytes per token on a tp 8 rank
-(the HF / torch layer: RMSNorm saves its fp32 input, 12 h of the ~46 h per token, and DTensor's sequence
-parallel saves the gathered q/k/v and gate/up inputs whole, 4 h, where Megatron-LM keeps the 1/t shard). To fit
-80 GB Meta's implementation must keep <= ~26 h per token per layer before / t (fused bf16 norms, Korthikanti's
-sbh/t split): that is what the run had, not llaunch's layer. Their free choice (which must fit) is therefore
-compared with a forced layout that does not: 0.81-0.83 of it at 8K (recompute is the price), ~0.1 at 128K
-(cp is weighed within a node only).
+within 25 % of MFU, but their layout without recompute does not fit 80 GB as llaunch's ranks would run it, so
+the free choice (which must fit) pays for a layout that does: 0.79 and 0.81 of the forced MFU at 8K, 0.90 at
+128K (cp weighed across nodes too: TP8 x CP16 x PP8 chosen). At 8K on 8,192 GPUs rank 1 holds 141
+layer-microbatches (its warm-up under interleaved 1F1B, v 8), each 9.28 h bytes per token on a tp 8 rank: the
+HF / torch layer, where DTensor's sequence parallel saves the gathered q/k/v and gate/up inputs whole (4 h; the
+fake-tensor traces agree) and the rest is / 8 (5.28 h, of which RMSNorm's fp32 input and output are 1.5 h):
+164 GiB, plus 20 GiB of torch's PipelineStage receive buffers (one per microbatch and local stage, each way)
+and in-flight stage outputs.
+What would fit is not a different constant but a different runtime: Korthikanti's 1/t layer with fused bf16
+norms is 38.25 h / 8 = 4.78 h for this SwiGLU + GQA block, still 84 GiB for 141 layer-microbatches before any
+weight; recomputing only the norms and SwiGLU's silu (what llaunch's ranks could add) leaves 7.47 h, 132 GiB.
+So Meta's run must have held fewer microbatches in flight than torch's and Megatron-LM's interleaved warm-up
+(the paper's schedule has a tunable N, sec. 3.3.2, unpublished beyond that) and it frees each stage's inputs
+and outputs as it goes.
+Megatron GPT 529.6B and 1T: their forced layouts (280 and 512 microbatches, no sequence parallel) no longer fit in
+llaunch's count, as torch's PipelineStage would allocate a receive buffer per microbatch where Megatron-LM does not.
 """
 
 from __future__ import annotations

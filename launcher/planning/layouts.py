@@ -1,5 +1,6 @@
 """Which parallel layouts the planner weighs: tp in powers of two within a node that the heads allow, pp over
-the world's divisors that leave each stage two or more layers, cp for long sequences, 1F1B and interleaved
+the world's divisors that leave each stage two or more layers, cp for long sequences (within a node and across
+nodes, as Llama 3 ran CP16 beside TP8 at 128K: arXiv 2407.21783, Table 4), 1F1B and interleaved
 1F1B, ep for a mixture of experts; forced dimensions are taken as given. Pruned so that 16,384 GPUs plan in
 well under two seconds."""
 
@@ -20,14 +21,15 @@ def layouts(spec: ModelSpec, request, world: int, gpus_per_node: int) -> list[di
               if getattr(request, name) is not None}
     out = []
     for tp in [forced["tp"]] if "tp" in forced else _powers_of_two(gpus_per_node):
-        for cp in [forced["cp"]] if "cp" in forced else _cps(request.seq_len or 2048, gpus_per_node // tp):
+        for cp in [forced["cp"]] if "cp" in forced else _cps(request.seq_len or 2048, world // tp, gpus_per_node):
             for pp in [forced["pp"]] if "pp" in forced else _pps(spec, world // (tp * cp) if world % (tp * cp) == 0 else 0):
                 for schedule, virtual in _schedules(forced, pp):
                     for ep in [forced["ep"]] if "ep" in forced else _eps(spec, world // (tp * pp * cp) * cp,
                                                                          gpus_per_node // (tp * cp), tp * pp * cp == 1):
                         layout = {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "pp_schedule": schedule,
                                   "pp_virtual_stages": virtual}
-                        if _valid(spec, layout, request, world, gpus_per_node, cross_node=bool(forced)):
+                        cross_node = bool(forced) or (cp > 1 and tp <= gpus_per_node)
+                        if _valid(spec, layout, request, world, gpus_per_node, cross_node=cross_node):
                             out.append(layout)
     return out
 
@@ -51,8 +53,16 @@ def _powers_of_two(limit: int) -> list[int]:
     return [1 << i for i in range(limit.bit_length()) if 1 << i <= limit]
 
 
-def _cps(seq_len: int, room: int) -> list[int]:
-    return [c for c in _powers_of_two(max(1, room)) if c == 1 or seq_len >= CP_FROM_SEQ_LEN]
+def _cps(seq_len: int, room: int, gpus_per_node: int) -> list[int]:
+    """Powers of two up to the ranks tp leaves, from CP_FROM_SEQ_LEN on, while each rank keeps at least
+    CP_FROM_SEQ_LEN / gpus_per_node tokens: the shortest chunk a node's GPUs give the shortest sequence weighed
+    (pruned for search time; CP16 at 128K keeps 8K). cp may leave the node where tp may not: its ring passes one
+    K, V chunk per layer (GQA makes it small) behind the chunk's attention, which grows as the square of the
+    sequence (launcher.planning.step_time_layout.context_parallel_seconds weighs what is exposed), where tp's
+    collectives sit between every pair of matmuls."""
+    if seq_len < CP_FROM_SEQ_LEN:
+        return [1]
+    return [c for c in _powers_of_two(max(1, room)) if seq_len // c >= CP_FROM_SEQ_LEN // gpus_per_node]
 
 
 def _pps(spec: ModelSpec, ranks: int) -> list[int]:

@@ -205,24 +205,25 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
     fraction = layout.local_param_fraction(spec, setup, stage)
     terms.append(Term("weight_copies", int(copies * fraction),
                       "bf16 casts of fp32 matmul weights that autograd keeps for backward (autocast)"))
-    terms.append(communication_term(spec, setup, world, fraction))
+    terms.append(communication_term(spec, setup, world, fraction, stage))
     stepped = sizes.largest_trainable_elements(spec, setup) if setup.optimizer_in_backward else trainable_per_rank
     scratch = 0 if setup.offloads else sizes.step_scratch_bytes(spec, setup, stepped, sizes.gradient_element_bytes(setup))
     terms.append(Term("optimizer_scratch", int(scratch), sizes.SCRATCH_REASONS[setup.optimizer]))
     return terms
 
 
-def communication_term(spec: ModelSpec, setup: TrainSetup, world: int, fraction: float) -> Term:
+def communication_term(spec: ModelSpec, setup: TrainSetup, world: int, fraction: float, stage: str) -> Term:
     """The data-parallel engine's buffers for this rank's share of the model (DDP's buckets hold its gradients,
     FSDP / ZeRO-3 gather its tp shard of a layer), plus sequence parallel's gathered input, the pipeline's
-    send / receive buffers and context parallel's K, V chunks (launcher.planning.memory_layout)."""
+    receive buffers and in-flight stage outputs, and context parallel's K, V chunks (launcher.planning.memory_layout)."""
     data_parallel = sizes.communication_bytes(spec, setup, world)
     if setup.parallel.pure_data_parallel:
         return Term("comm_buffers", data_parallel, sizes.COMM_REASONS.get(setup.strategy, ""))
     scale = fraction if setup.is_ddp else 1 / setup.parallel.tp
-    extra = layout.tp_buffer_bytes(spec, setup) + layout.cp_buffer_bytes(spec, setup)
+    extra = (layout.tp_buffer_bytes(spec, setup) + layout.pipeline_buffer_bytes(spec, setup, stage)
+             + layout.cp_buffer_bytes(spec, setup))
     return Term("comm_buffers", int(data_parallel * scale) + extra, sizes.COMM_REASONS.get(setup.strategy, "")
-                + "; + the layout's gathered sequence, pipeline send / receive and ring-attention K, V buffers")
+                + "; + the layout's gathered sequence, pipeline receive buffers and in-flight stage outputs, ring-attention K, V buffers")
 
 
 def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], trainable: int, world: int,

@@ -23,6 +23,9 @@ Sources, term by term:
   (Korthikanti sec. 4.2.3's p(1 + (p - 1)/(pv)) microbatches on rank 0 when every chunk has L/(pv) layers).
   "first" is the most loaded rank before the last (rank 0 under 1F1B with even stages; rank 1 once rank 0 has
   the embedding in place of a layer, or under interleaved 1F1B); the last holds the final norm, LM head and loss.
+  torch's PipelineStage adds a receive buffer per microbatch for each stage's input and output gradient, and keeps
+  each in-flight forward's output (pipeline_buffer_bytes); under 1F1B a stage's backward starts with all of its
+  in-flight activations held (stage_backward_bytes).
 - Context parallel: each rank holds s/cp tokens of every activation; ring attention keeps the K, V chunk it
   computes with and the one arriving (double-buffered send / receive), and their gradients in backward
   (Liu et al. 2023, "Ring Attention"; torch.distributed.tensor.experimental.context_parallel).
@@ -124,16 +127,48 @@ def held_layer_microbatches(spec: ModelSpec, setup: TrainSetup, stage: str) -> t
 def _held(spec: ModelSpec, dims, rank: int) -> int:
     """Rank `rank`'s layer-microbatches before its first backward. Interleaved: forward k runs local chunk
     (k // p) mod v (microbatches go round by round of p, torch's Interleaved1F1B and Megatron-LM alike)."""
-    m, p, v = dims.pp_microbatches, dims.pp, dims.pp_virtual_stages
+    p, v = dims.pp, dims.pp_virtual_stages
     layers = stage_layers(spec, dims)
     if dims.pp_schedule == "gpipe":
-        return m * sum(layers[rank::p])
+        return dims.pp_microbatches * sum(layers[rank::p])
+    forwards = inflight_forwards(dims, rank)
     if dims.pp_schedule == "1f1b":
-        return min(m, p - rank) * layers[rank]
-    forwards = min(m * v, 2 * (p - 1 - rank) + (v - 1) * p + 1)
+        return forwards * layers[rank]
     rounds, rest = divmod(forwards, p)
     held = sum(p * layers[(k % v) * p + rank] for k in range(rounds))
     return held + rest * layers[(rounds % v) * p + rank]
+
+
+def inflight_forwards(dims, rank: int) -> int:
+    """Chunk-microbatch forwards rank `rank` has run before its first backward: all m x v under GPipe,
+    p - rank under 1F1B, 2(p - 1 - rank) + (v - 1)p + 1 under interleaved 1F1B (the module docstring)."""
+    m, p, v = dims.pp_microbatches, dims.pp, dims.pp_virtual_stages
+    if dims.pp_schedule == "gpipe":
+        return m * v
+    if dims.pp_schedule == "1f1b":
+        return min(m, p - rank)
+    return min(m * v, 2 * (p - 1 - rank) + (v - 1) * p + 1)
+
+
+def pipeline_buffer_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int:
+    """What torch's PipelineStage holds beside the saved activations (torch/distributed/pipelining/stage.py,
+    torch 2.13): on each of the rank's v stages, a receive buffer per microbatch for its input (all but the
+    model's first stage) and for its output's gradient (all but the last), allocated for the whole step
+    (_setup_forward_recv_info, _setup_backward_recv_info; pytorch/pytorch#136380); and the output of each forward
+    in flight, kept for its backward (fwd_cache), on every stage before the last. Each is one microbatch's
+    hidden states, / t under sequence parallel. Llama 3 frees them as it goes (arXiv 2407.21783, sec. 3.3.2)."""
+    dims = setup.parallel
+    if not dims.pp_enabled:
+        return 0
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    size = local_tokens(setup) * spec.hidden * act // (dims.tp if dims.sequence_parallel else 1)
+    rank = held_layer_microbatches(spec, setup, stage)[1]
+    p, v, m = dims.pp, dims.pp_virtual_stages, dims.pp_microbatches
+    receives = m * ((v - (rank == 0)) + (v - (rank == p - 1)))
+    forwards = inflight_forwards(dims, rank)
+    if rank == p - 1:  # forwards on its last chunk end in the loss
+        forwards -= sum(1 for k in range(forwards) if (k // p) % v == v - 1) if v > 1 else forwards
+    return (receives + forwards) * size
 
 
 def replicated_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -197,9 +232,22 @@ def layout_activation_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> t
         return kept, kept + recompute, (f"checkpointed: each layer's input kept{', ' + where if where else ''}; one "
                                         f"layer ({per_layer:.0f} B/token) recomputed in backward")
     saved = int(held * per_layer * tokens)
+    if dims.pp_enabled and stage != "last" and dims.pp_schedule != "gpipe":
+        recompute = stage_backward_bytes(spec, setup, saved)
     mode = " (tp + sequence parallel: / t)" if dims.tp_enabled and dims.sequence_parallel else (
         " (tp without sequence parallel: norms replicated)" if dims.tp_enabled else "")
     return saved, recompute, f"{per_layer:.0f} B/token/layer saved for backward{mode}{'; ' + where if where else ''}"
+
+
+def stage_backward_bytes(spec: ModelSpec, setup: TrainSetup, saved: int) -> int:
+    """Under 1F1B a pipeline stage before the last begins each backward at its output with every microbatch in
+    flight still held (a forward follows each backward) and the gradients alive, and its last layer's MLP
+    backward makes two ffn-wide gradients (of the SwiGLU product's inputs) while its incoming one is alive and
+    the product it frees is one of them: 2 x tokens x ffn / t. Without it a traced 1F1B first stage was 6 % over
+    the estimate (tests/unit/test_memory_trace_layout.py). GPipe's end of forwards, every microbatch held, stays
+    its peak."""
+    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    return int(saved + 2 * local_tokens(setup) * spec.ffn * act / setup.parallel.tp)
 
 
 def cp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
@@ -212,13 +260,10 @@ def cp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
 
 def tp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """Sequence parallel all-gathers a layer's input to the whole local sequence before each column-parallel
-    block (one gathered tensor alive at a time); pipeline p2p sends and receives one microbatch's hidden states."""
+    block (one gathered tensor alive at a time)."""
     dims = setup.parallel
     act = 4 if sizes.compute_mode(setup) == "fp32" else 2
-    tokens = local_tokens(setup)
-    gathered = tokens * spec.hidden * act if dims.tp_enabled and dims.sequence_parallel else 0
-    p2p = 2 * tokens * spec.hidden * act // (dims.tp if dims.sequence_parallel else 1) if dims.pp_enabled else 0
-    return gathered + p2p
+    return local_tokens(setup) * spec.hidden * act if dims.tp_enabled and dims.sequence_parallel else 0
 
 
 def logits_share(setup: TrainSetup, stage: str) -> float:

@@ -9,7 +9,8 @@ parallel the norms SequenceParallel and the residual stream split along the sequ
 and its layers) or last stage (its layers, final norm, LM head and loss), stepped in the schedule's order:
 as many forwards as it keeps in flight there (launcher.planning.memory_layout.inflight_microbatches), then one backward
 (with the gradient a next stage would send) and one forward at a time, then the last backwards. The first
-stage's input is tokens, the last stage's a received hidden-state buffer. MemTracker gives the rank's peak.
+stage's input is tokens, a later stage's a received hidden-state buffer; as torch's PipelineStage does, each
+microbatch has its own input and output-gradient receive buffer for the whole step. MemTracker gives the rank's peak.
 
 LOSS_PARALLEL_TRACE: torch's loss_parallel runs the log-softmax and its backward through DTensor's sharding
 propagation, which on fake tensors allocates global-shaped (tokens x whole vocabulary) fp32 tensors that
@@ -119,43 +120,50 @@ def cut_stage(model, setup: TrainSetup, stage: str):
 def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
     """The schedule's order on this stage: as many forwards as it keeps in flight, then one backward and one
     forward at a time (1F1B's steady state, where earlier microbatches' gradients are alive), then the last
-    backwards; GPipe keeps all microbatches in flight, so all forwards, then all backwards. MemTracker allows a
-    module one forward per iteration, so its per-module statistics restart with each microbatch (its peak stays)."""
+    backwards; GPipe keeps all microbatches in flight, so all forwards, then all backwards. As torch's
+    PipelineStage does (torch/distributed/pipelining/stage.py, _setup_forward_recv_info and
+    _setup_backward_recv_info), a stage after the first receives each microbatch's input into a buffer of its
+    own, and one before the last each microbatch's output gradient, all allocated for the whole step
+    (pytorch/pytorch#136380). MemTracker allows a module one forward per iteration, so its per-module statistics
+    restart with each microbatch (its peak stays)."""
     import torch
 
-    last = stage == "last" or not setup.parallel.pp_enabled
-    total = setup.parallel.pp_microbatches if setup.parallel.pp_enabled else 1
+    dims = setup.parallel
+    last = stage == "last" or not dims.pp_enabled
+    total = dims.pp_microbatches if dims.pp_enabled else 1
     inflight = math.ceil(inflight_microbatches(setup, stage))
+    shape = (setup.micro_batch, setup.seq_len // dims.tp if dims.sequence_parallel else setup.seq_len,
+             model.config.hidden_size)
+    dtype = next(model.model.layers.parameters()).dtype
+    received = [torch.empty(shape, dtype=dtype) for _ in range(total)] if dims.pp_enabled and stage != "first" else []
+    gradients = [torch.empty(shape, dtype=dtype) for _ in range(total)] if not last else []
 
-    def forward():
+    def forward(index: int):
         if tracker is not None:
             tracker.reset_mod_stats()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.mixed_precision):
-            return stage_forward(model, setup, stage)
+            return stage_forward(model, setup, received[index].requires_grad_() if received else None)
 
-    outputs = [forward() for _ in range(inflight)]
+    outputs = [forward(index) for index in range(inflight)]
     for done in range(total):
-        output = outputs.pop(0)
-        torch.autograd.backward(output, None if last else torch.empty_like(output))  # the next stage's gradient
+        torch.autograd.backward(outputs.pop(0), None if last else gradients[done])  # the next stage's gradient
+        if received:  # the input's gradient, sent to the previous stage and dropped
+            received[done].grad = None
         if done + inflight < total:
-            outputs.append(forward())
+            outputs.append(forward(done + inflight))
 
 
-def stage_forward(model, setup: TrainSetup, stage: str):
-    """LlamaForCausalLM's forward, layer by layer, from this stage's input to its output (the loss on the last).
-    The traced attention ignores the mask (its memory is the GPU kernel's); positions are the whole sequence's."""
+def stage_forward(model, setup: TrainSetup, received):
+    """LlamaForCausalLM's forward, layer by layer, from this stage's input (tokens on the first stage, else the
+    `received` hidden states) to its output (the loss on the last). The traced attention ignores the mask (its
+    memory is the GPU kernel's); positions are the whole sequence's."""
     import torch
     import torch.nn.functional as F
 
     inner, dims = model.model, setup.parallel
     tokens = torch.randint(0, model.config.vocab_size, (setup.micro_batch, setup.seq_len))
     positions = torch.arange(setup.seq_len).unsqueeze(0)
-    if inner.embed_tokens is not None:
-        hidden = inner.embed_tokens(tokens)
-    else:  # the receive buffer of the previous stage's send (split along the sequence under sequence parallel)
-        local = setup.seq_len // dims.tp if dims.sequence_parallel else setup.seq_len
-        dtype = next(inner.layers.parameters()).dtype
-        hidden = torch.empty(setup.micro_batch, local, model.config.hidden_size, dtype=dtype, requires_grad=True)
+    hidden = inner.embed_tokens(tokens) if inner.embed_tokens is not None else received
     cos_sin = inner.rotary_emb(hidden, position_ids=positions)
     for layer in inner.layers:
         hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)

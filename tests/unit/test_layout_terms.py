@@ -95,6 +95,21 @@ def test_held_activations_follow_the_schedule_rank_by_rank():
     assert [mem._held(even, one.parallel, r) for r in (0, 1, 14)] == [7 * 16, 8 * 15, 8 * 2]
 
 
+def test_pipeline_stages_hold_torch_receive_buffers_and_in_flight_outputs():
+    """torch's PipelineStage: a receive buffer per microbatch for each local stage's input (not the model's first
+    stage) and output gradient (not the last), and the output of each forward in flight (not the loss)."""
+    size = 4096 * 4096 * 2  # one microbatch's hidden states, bf16
+    s = setup(pp=4, gradient_accumulation_steps=8)
+    assert mem.held_layer_microbatches(SPEC, s, "first")[1] == 0
+    assert mem.pipeline_buffer_bytes(SPEC, s, "first") == (8 + 4) * size  # 8 gradient buffers, 4 forwards in flight
+    assert mem.pipeline_buffer_bytes(SPEC, s, "last") == 8 * size  # 8 input buffers; its output is the loss
+    spec = load_model_spec("405b")  # Llama 3: rank 1 of pp 16 x v 8, 32 microbatches, tp 8 + sequence parallel
+    llama3 = setup(tp=8, pp=16, pp_schedule="interleaved-1f1b", pp_virtual_stages=8, gradient_accumulation_steps=32,
+                   seq_len=8192)
+    assert mem.pipeline_buffer_bytes(spec, llama3, "first") == (32 * 16 + 141) * 8192 * 16384 * 2 // 8
+    assert mem.pipeline_buffer_bytes(SPEC, setup(tp=2), "first") == 0
+
+
 def test_pipeline_stages_hold_their_layers_and_ends():
     s = setup(pp=4, tp=2)
     per_layer = (SPEC.num_params - SPEC.embedding_params - SPEC.lm_head_params) / SPEC.layers
@@ -188,3 +203,15 @@ def test_tensor_parallel_time_follows_the_gpus_nvlink():
         seconds[gpu] = st.tensor_parallel_seconds(SPEC, s, hw, hw.facts)
     assert seconds["H800"] == pytest.approx(seconds["H100"] * 450 / 200)
     assert seconds["L40S"] == pytest.approx(seconds["H100"] * 450 / 32)
+
+
+def test_context_parallel_is_weighed_across_nodes_for_long_sequences():
+    """Llama 3 ran TP8 x CP16 at 128K (arXiv 2407.21783, Table 4): cp leaves the node beside a tp that fills it,
+    down to a 4K chunk per rank; tp never leaves the node, and short sequences weigh no cp."""
+    from launcher.planning.layouts import layouts
+
+    found = {(lay["tp"], lay["cp"]) for lay in layouts(SPEC, PlanRequest(seq_len=131072), 1024, 8)}
+    assert {(8, 16), (8, 32), (1, 32)} <= found
+    assert max(tp for tp, _ in found) == 8 and max(cp for _, cp in found) == 32
+    assert {cp for _, cp in (
+        (lay["tp"], lay["cp"]) for lay in layouts(SPEC, PlanRequest(seq_len=8192), 1024, 8))} == {1}

@@ -55,6 +55,16 @@ def test_pipeline_stage_estimate_agrees_with_a_gpipe_trace(stage):
     assert estimate_stage(SPEC, setup, stage).peak_bytes == pytest.approx(traced, rel=0.05)
 
 
+@pytest.mark.parametrize("stage", ["first", "last"])
+def test_pipeline_stage_estimate_agrees_with_a_1f1b_trace(stage):
+    """1F1B over 4 microbatches: rank 0 keeps 2 in flight, the last 1, each backward followed by a forward with
+    the gradients alive; torch's PipelineStage holds a receive buffer per microbatch (the last stage's inputs,
+    the first's output gradients) and the first stage's in-flight outputs: within 5 %."""
+    setup = layout(pp=2, pp_schedule="1f1b", gradient_accumulation_steps=4)
+    traced = traced_layout_peak(SPEC, setup, SPEC.layers // 2, stage)
+    assert estimate_stage(SPEC, setup, stage).peak_bytes == pytest.approx(traced, rel=0.05)
+
+
 @pytest.mark.parametrize("knobs, words", [
     (dict(cp=2), "no fake-tensor trace of cp or ep"),
     (dict(tp=2, gpus_per_node=4), "without a data-parallel dimension"),
