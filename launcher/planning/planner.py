@@ -13,7 +13,7 @@ from launcher.planning.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, 
 from launcher.planning.memory import MemoryBreakdown, estimate
 from launcher.planning.models import ModelSpec, load_model_spec
 from launcher.planning.layouts import LAYOUT_STRATEGIES, check_forced, layouts
-from launcher.planning.parallel import RECOMPUTES
+from launcher.planning.parallel import CP_REFUSAL, RECOMPUTES
 from launcher.planning.plan import (ENGINE_SUPPORT, EP_MODEL_TYPES, LAYOUT_KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES,
                                     STRATEGY_ORDER, Plan, TrainSetup, can_run, check_offload)
 from launcher.planning.plan_reasons import plan_reasons
@@ -122,10 +122,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     request.validate()
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
-    if not hw.has_gpu:
-        if request.precision == "fp8":
-            raise LaunchError("--precision fp8 runs its matmuls on a GPU's fp8 tensor cores; describe GPUs with --gpu, "
-                              "or use --precision fp32 for a CPU plan.")
+    if not hw.has_gpu:  # fp8 too: torch._scaled_mm has a CPU kernel (launcher/train/float8.py)
+        if (request.cp or 1) > 1:
+            raise LaunchError(CP_REFUSAL)
         runnable = sorted({name for support in ENGINE_SUPPORT.values() for name in support.layouts})
         if unrun := [name for name in _forced_layouts(request) if name not in runnable]:
             also = "".join(f", --{name}" for name in runnable)
