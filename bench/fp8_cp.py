@@ -12,8 +12,9 @@ CPU kernel), against the plan of one H200.
 cp: the ranks refuse --cp (launcher.planning.parallel.CP_REFUSAL): torch's ring attention has kernels only for
 CUDA's SDPA. This step checks that premise where it runs: one forward and backward of a Llama through
 `context_parallel` on a cp mesh of this one process (the CUDA kernel through the ring handler; the exchange
-between ranks needs more GPUs than the lent machine has) against the same step without it. It should show equal losses (bf16 noise) and the ring's time and peak
-memory beside plain SDPA's. On a CPU the ring fails as CP_REFUSAL says, and the step is skipped with torch's error.
+between ranks needs more GPUs than the lent machine has) against the same step without it. It should show equal
+losses (bf16 noise) and the ring's time and peak memory beside plain SDPA's. On a CPU the ring fails as
+CP_REFUSAL says, and the step is skipped with torch's error.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def predicted(shapes: Shapes, precision: str, smoke: bool) -> dict:
     from launcher.planning.planner import PlanRequest, make_plan
 
     hw = Hardware(gpu_name_override="H200", gpus_per_node_override=1, ram_bytes=128 * 2**30) if smoke else probe()
-    plan = make_plan(PlanRequest(model=shapes.model, model_overrides={**shapes.overrides, "vocab_size": shapes.vocab_size},
-                                 seq_len=shapes.seq, micro_batch=shapes.micro, gradient_accumulation_steps=1,
-                                 precision=precision, strategy="ddp", gpus_per_node=1), hw)
+    overrides = {**shapes.overrides, "vocab_size": shapes.vocab_size}
+    plan = make_plan(PlanRequest(model=shapes.model, model_overrides=overrides, seq_len=shapes.seq,
+                                 micro_batch=shapes.micro, gradient_accumulation_steps=1, precision=precision,
+                                 strategy="ddp", gpus_per_node=1), hw)
     return {"predicted_tokens_per_s": plan.predicted["tokens_per_s"],
             "predicted_peak_gib": plan.memory["peak_bytes"] / 2**30, "plan_gpu": plan.gpu_name}
 

@@ -140,6 +140,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     if precision == "fp8" and not facts.peak_flops["fp8"]:
         raise LaunchError(f"--precision fp8 needs fp8 tensor cores (Hopper, Ada or Blackwell), which the {facts.key} "
                           f"does not have; use --precision amp-bf16.")
+    if precision == "fp8" and not any(can.float8 and fixed.offload in can.offloads for can in ENGINE_SUPPORT.values()):
+        raise LaunchError(f"fp8 runs under ddp / fsdp / hsdp, none of which offloads {fixed.offload} alone; use "
+                          f"--offload optimizer+params (FSDP2) or --precision amp-bf16.")
     # HSDP differs from FSDP only across nodes: on one node its mesh is FSDP's. A QLoRA base runs only under
     # the engines that declare a quantized base (launcher.planning.plan.ENGINE_SUPPORT).
     weighed = [s for s in STRATEGIES if (s != "hsdp" or hw.nodes > 1)

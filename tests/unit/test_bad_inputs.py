@@ -260,6 +260,8 @@ CASES = [
     ("plan --model tinyllama-1.1b --cluster W/nvlink-profile.yaml", "nvlink_gb_per_s must be NVLink GB/s per GPU"),
     # fp8 needs fp8 tensor cores on a GPU (torch._scaled_mm runs on CPU too); the ranks convert full models under DDP / FSDP2
     ("plan --model tinyllama-1.1b --gpu A100 --gpus 8 --precision fp8", "needs fp8 tensor cores"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --precision fp8 --offload optimizer",
+     "fp8 runs under ddp / fsdp / hsdp, none of which offloads optimizer alone"),
     (f"{RUN} --nproc-per-node 2 --precision fp8 --strategy zero2", "fp8 (torchao float8) trains full weights under "
      "--strategy ddp / fsdp / hsdp without tp, pp or ep"),
     (f"{RUN} --nproc-per-node 4 --tp 2 --strategy fsdp --precision fp8", "fp8 (torchao float8) trains full weights"),

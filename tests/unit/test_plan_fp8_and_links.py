@@ -64,10 +64,16 @@ def test_a_plan_in_fp8_runs_under_ddp_and_fsdp_and_is_refused_elsewhere_in_one_s
             check_runnable(setup)
 
 
-def test_a_cpu_plan_in_fp8_is_what_the_ranks_run(capsys):
-    """torch._scaled_mm has a CPU kernel: a CPU plan keeps fp8 instead of refusing it."""
+def test_a_plan_in_fp8_is_what_the_ranks_run(capsys):
+    """torch._scaled_mm has a CPU kernel: a CPU plan keeps fp8 instead of refusing it; on GPUs the planner's fp8
+    picks are strategies whose engine converts to float8 (the 70B on 64 H100 in amp-bf16 is a ZeRO-3 plan)."""
     assert plan(capsys, "--model", "tinyllama-1.1b", "--device", "cpu", "--precision", "fp8", "--json")[
         "precision"] == "fp8"
+    for model, nodes in (("8b", "1"), ("70b", "8")):  # amp-bf16 plans the 70B on 64 H100 with ZeRO-3
+        chosen = plan(capsys, "--model", model, "--gpu", "H100", "--gpus", "8", "--nodes", nodes, "--precision", "fp8",
+                      "--json")
+        assert chosen["precision"] == "fp8" and chosen["strategy"] in ("ddp", "fsdp", "hsdp"), chosen["strategy"]
+        check_runnable(TrainSetup(**{k: chosen[k] for k in ("strategy", "precision", "gpus_per_node", "nodes")}))
 
 
 def profile_with(tmp_path, name, **links) -> str:
