@@ -137,12 +137,8 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     facts = hw.facts or require_gpu_name(hw.gpu_name)
     fixed = request.fixed()
     precision = request.precision or _default_precision(fixed.method, facts)
-    if precision == "fp8" and not facts.peak_flops["fp8"]:
-        raise LaunchError(f"--precision fp8 needs fp8 tensor cores (Hopper, Ada or Blackwell), which the {facts.key} "
-                          f"does not have; use --precision amp-bf16.")
-    if precision == "fp8" and not any(can.float8 and fixed.offload in can.offloads for can in ENGINE_SUPPORT.values()):
-        raise LaunchError(f"fp8 runs under ddp / fsdp / hsdp, none of which offloads {fixed.offload} alone; use "
-                          f"--offload optimizer+params (FSDP2) or --precision amp-bf16.")
+    if precision == "fp8":
+        _check_fp8(facts, fixed.offload)
     # HSDP differs from FSDP only across nodes: on one node its mesh is FSDP's. A QLoRA base runs only under
     # the engines that declare a quantized base (launcher.planning.plan.ENGINE_SUPPORT).
     weighed = [s for s in STRATEGIES if (s != "hsdp" or hw.nodes > 1)
@@ -227,6 +223,16 @@ def _offloads(request: PlanRequest, world: int) -> list[str]:
     if request.strategy is not None:
         return list(ENGINE_SUPPORT[request.strategy].offloads)
     return list(OFFLOADS)
+
+
+def _check_fp8(facts, offload: str) -> None:
+    """fp8 on GPUs: fp8 tensor cores, and an engine that converts to float8 (ENGINE_SUPPORT) and offloads as asked."""
+    if not facts.peak_flops["fp8"]:
+        raise LaunchError(f"--precision fp8 needs fp8 tensor cores (Hopper, Ada or Blackwell), which the {facts.key} "
+                          f"does not have; use --precision amp-bf16.")
+    if not any(can.float8 and offload in can.offloads for can in ENGINE_SUPPORT.values()):
+        raise LaunchError(f"fp8 runs under ddp / fsdp / hsdp, none of which offloads {offload} alone; use "
+                          f"--offload optimizer+params (FSDP2) or --precision amp-bf16.")
 
 
 def _default_precision(method: str, facts) -> str:
