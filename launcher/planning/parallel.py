@@ -114,6 +114,7 @@ CP_REFUSAL = ("--cp needs torch's ring attention, which in torch 2.13 dispatches
               "and cuDNN SDPA kernels (CPU's aten._scaled_dot_product_flash_attention_for_cpu has no "
               "context-parallel rule), so the ranks cannot be tested with it and do not run it; use --cp 1.")
 
+
 @functools.lru_cache(maxsize=4096)
 def layout_of(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int, pp: int, cp: int, ep: int,
                    schedule: str, microbatches: int, virtual: int, sequence_parallel: bool) -> ParallelDims:

@@ -23,10 +23,9 @@ def is_fp8_linear_candidate(module: nn.Module, name: str) -> bool:
             and module.in_features % FP8_DIVISOR == 0 and module.out_features % FP8_DIVISOR == 0)
 
 
-def convert_to_float8(model: nn.Module) -> int:
-    """Swap the model's eligible linears for torchao Float8Linear in place (meta weights too); how many."""
+def convert_to_float8(model: nn.Module) -> None:
+    """Swap the model's eligible linears for torchao Float8Linear in place (meta weights too)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     convert_to_float8_training(model, config=Float8LinearConfig(pad_inner_dim=True),
                                module_filter_fn=is_fp8_linear_candidate)
-    return sum(type(m).__name__ == "Float8Linear" for m in model.modules())
