@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml $(wildcard $(CONSTRAINTS))
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel $(PIP_CONSTRAINT_ARGS)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,qlora]' $(PIP_CONSTRAINT_ARGS)
+	$(PY) -m pip install -q -e '.[dev,qlora,fp8]' $(PIP_CONSTRAINT_ARGS)
 	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.15' $(PIP_CONSTRAINT_ARGS)
 	touch $@
 

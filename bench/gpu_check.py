@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import checkpoint
+import fp8_cp
 import memory_truth
 import planner_check
 import qlora
@@ -64,6 +65,16 @@ def run_checkpoint(smoke: bool, work: Path, save) -> dict:
 def run_planner(smoke: bool, work: Path, save) -> dict:
     shapes = planner_check.PlannerShapes.smoke() if smoke else planner_check.PlannerShapes()
     return planner_check.measure(shapes, work, save=save)
+
+
+def run_fp8(smoke: bool, work: Path, save) -> dict:
+    shapes = Shapes.smoke() if smoke else Shapes(steps=30, max_train_bytes=GPU_CHECK_TRAIN_BYTES)
+    return fp8_cp.measure_fp8(shapes, work, smoke, save=save)
+
+
+def run_cp(smoke: bool, work: Path, save) -> dict:
+    shapes = Shapes.smoke() if smoke else Shapes(seq=8192, micro=1)  # long sequences are what cp is for
+    return fp8_cp.measure_cp(shapes, work)
 
 
 def headline_memory(result: dict) -> str:
@@ -114,6 +125,27 @@ def headline_planner(result: dict) -> str:
     return text
 
 
+def headline_fp8(result: dict) -> str:
+    rows = result.get("rows", {})
+    if "fp8" not in rows:
+        return "no fp8 run finished"
+    fp8 = rows["fp8"]
+    return (f"fp8 {fp8['tokens_per_s']:,.0f} tok/s, {result['speedup']:.2f}x amp-bf16 (plan {fp8['plan_gpu']}: "
+            f"{result['predicted_speedup']:.2f}x, {fp8['predicted_tokens_per_s']:,.0f}); loss within "
+            f"{result['max_rel_loss_diff']:.2%} of amp-bf16; peak {_num(fp8['peak_memory_gib'], '.2f')} GiB "
+            f"(plan {fp8['predicted_peak_gib']:.2f})")
+
+
+def headline_cp(result: dict) -> str:
+    rows = result.get("rows", {})
+    if "ring" not in rows:
+        return "no result"
+    ring, sdpa = rows["ring"], rows["sdpa"]
+    return (f"ring attention on cp {result['cp']}: loss within {result['rel_loss_diff']:.2%} of SDPA's, "
+            f"{ring['step_s']:.2f} s vs {sdpa['step_s']:.2f} s, peak {_num(ring['peak_gib'], '.1f')} vs "
+            f"{_num(sdpa['peak_gib'], '.1f')} GiB")
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -139,6 +171,8 @@ STEPS = [
     Step("checkpoint", 100, run_checkpoint, headline_checkpoint),
     Step("planner", 75, run_planner, headline_planner),
     Step("memory", 150, run_memory, headline_memory),
+    Step("fp8", 90, run_fp8, headline_fp8),
+    Step("cp", 40, run_cp, headline_cp),
 ]
 # Kept between steps: the token cache and the 1.1B random model (QLoRA and memory rows load it). The rest
 # (run directories, checkpoints, the 8B's 16 GB) goes after each step: the H200 machine has a 64 GiB disk.

@@ -31,20 +31,22 @@ REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16 = 989e12
 
 
-def run_llaunch(config: Path, out: Path, shapes: Shapes) -> dict:
-    """`llaunch run` as a user types it (or its Trainer in this process); throughput from its metrics.jsonl
-    after the warm-up windows."""
+def run_llaunch(config: Path, out: Path, shapes: Shapes, precision: str | None = None) -> dict:
+    """`llaunch run` as a user types it (or its Trainer in this process), with --precision if given; throughput
+    from its metrics.jsonl after the warm-up windows."""
     from launcher.jobdir.layout import JobDir
 
     started = time.perf_counter()
     if shapes.launch == "torchrun":
-        cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(out), "--overwrite"]
+        cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(out), "--overwrite",
+               *(["--precision", precision] if precision else [])]
         subprocess.run(cmd, check=True, cwd=REPO)
     else:
         from launcher.jobdir.prepare import prepare_job
         from launcher.train.loop import Trainer
 
-        job = prepare_job(config, ["training.overwrite_output_dir=true"], output_dir=out)
+        job = prepare_job(config, ["training.overwrite_output_dir=true"], output_dir=out,
+                          knobs={"precision": precision} if precision else None)
         environ = dict(os.environ)
         trainer = Trainer(job.output_dir)  # a world of one: it sets RANK/WORLD_SIZE, which HF Trainer would read
         try:

@@ -63,6 +63,8 @@ def prepare_job(
     plan = make_job_plan(config, knobs, trained_vocab, hardware=hardware)
     _check_strategy(config, plan.strategy)
     check_runnable(plan)
+    if plan.precision == "fp8" and importlib.util.find_spec("torchao") is None:
+        raise LaunchError("--precision fp8 trains with torchao's float8 linears; pip install 'llaunch[fp8]'.")
     _check_pipeline(config, plan)
     if plan.parallel.tp_enabled:  # what the ranks' tp plan splits (launcher/train/tensor_parallel.py)
         spec = load_model_spec(config.model.name_or_path, config.model.overrides)

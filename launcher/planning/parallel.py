@@ -104,6 +104,17 @@ class ParallelDims:
         return " ".join(parts + [dp])
 
 
+# Why the ranks do not run --cp (checked, not assumed, on torch 2.13): torch's ring attention dispatches only CUDA's
+# SDPA kernels (torch/distributed/tensor/experimental/_context_parallel/_attention.py: _sdpa_handler's call_maps
+# and custom_ops; _sharding_rules.py: register_cp_sharding_rules), while SDPA on CPU runs
+# aten._scaled_dot_product_flash_attention_for_cpu, which DTensor refuses under context_parallel ("does not have a
+# sharding strategy registered"; the math backend fails on a plain-tensor causal mask mixed with DTensors). With
+# no CPU run to compare its losses against DDP's, llaunch has no CP path yet; the planner still sizes cp layouts.
+CP_REFUSAL = ("--cp needs torch's ring attention, which in torch 2.13 dispatches only CUDA's flash, memory-efficient "
+              "and cuDNN SDPA kernels (CPU's aten._scaled_dot_product_flash_attention_for_cpu has no "
+              "context-parallel rule), so the ranks cannot be tested with it and do not run it; use --cp 1.")
+
+
 @functools.lru_cache(maxsize=4096)
 def layout_of(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int, pp: int, cp: int, ep: int,
                    schedule: str, microbatches: int, virtual: int, sequence_parallel: bool) -> ParallelDims:

@@ -13,7 +13,7 @@ import yaml
 
 from launcher.errors import LaunchError
 from launcher.files import write_text_atomic
-from launcher.planning.parallel import PP_SCHEDULES, RECOMPUTES, ParallelDims, check_layout, layout_of
+from launcher.planning.parallel import CP_REFUSAL, PP_SCHEDULES, RECOMPUTES, ParallelDims, check_layout, layout_of
 
 STRATEGIES = ("ddp", "fsdp", "hsdp", "zero1", "zero2", "zero3")  # hsdp: FSDP2 sharded in a node, replicated across nodes
 STRATEGY_ORDER = {s: i for i, s in enumerate(STRATEGIES)}  # simpler first when the planner's times tie
@@ -24,7 +24,7 @@ METHODS = ("full", "lora", "qlora")  # what `llaunch plan` and the sizing table 
 PREFIX = "prefix"  # prefix tuning: planned with a full fine-tune's memory and time, an upper bound
 LORA_METHODS = ("lora", "qlora")  # a frozen base (4-bit for QLoRA) and trained low-rank adapters
 # fp8: torchao float8 training (Float8Linear, dynamic scaling): weights, masters and saved activations as
-# amp-bf16, the linears' matmuls on fp8 casts (planned only: the ranks' engines do not convert yet)
+# amp-bf16, the linears' matmuls on fp8 casts (launcher/train/float8.py; torch._scaled_mm runs on CPU too)
 PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16", "fp8")
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd", "adafactor")  # HF names
 ATTENTIONS = ("sdpa", "eager", "flash")
@@ -52,11 +52,12 @@ class EngineSupport:
     # that `llaunch plan` may recommend at scale and the engine does not declare.
     layouts: tuple[str, ...] = ()
     recomputes: tuple[str, ...] = ("none", "full")  # activation checkpointing modes (RECOMPUTES) it runs
+    float8: bool = False  # precision fp8: torchao's Float8Linear swapped in before wrapping (launcher/train/float8.py)
 
 
 # Pipeline stages (launcher/train/engines/pipeline.py) run under DDP and FSDP2 / HSDP on the data-parallel ranks.
 _TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, chunked_loss=True,
-                       layouts=("pp",))
+                       layouts=("pp",), float8=True)
 _DDP = dataclasses.replace(_TORCH, optimizer_in_backward=True)  # a world of one is never wrapped in DDP
 # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states on the
 # CPU and steps there: parameters and optimizer go together ("optimizer+params"), never the optimizer alone.
@@ -295,6 +296,8 @@ def check_runnable(setup: TrainSetup) -> None:
     if dims.ep_enabled and beside_ep:  # the experts' split of dp_shard is not composed with tp or pp stages
         raise LaunchError(f"the ranks run expert parallelism without {' or '.join(beside_ep)} so far; keep --ep 1 "
                           f"or --{' / --'.join(beside_ep)} 1.")
+    if dims.cp_enabled:
+        raise LaunchError(CP_REFUSAL)
     used = unrunnable_dims(setup.strategy, dims)
     if used:
         able = [s for s, can in ENGINE_SUPPORT.items() if set(used) <= set(can.layouts)]
@@ -307,9 +310,11 @@ def check_runnable(setup: TrainSetup) -> None:
     if dims.tp_enabled and setup.method != "full":
         raise LaunchError(f"tensor parallelism splits full weights; {setup.method} wraps them in PEFT modules the "
                           f"tp plan does not split, so train it with --tp 1.")
-    if setup.precision == "fp8":
-        raise LaunchError("this plan trains in fp8 (torchao float8), which the ranks' engines cannot run yet; plan "
-                          "with --precision amp-bf16 to train it with llaunch.")
+    # fp8: a full model's linears become torchao Float8Linear under DDP / FSDP2, never inside tp / pp / ep
+    if setup.precision == "fp8" and (not support.float8 or setup.method != "full" or not dims.pure_data_parallel):
+        able = [s for s, can in ENGINE_SUPPORT.items() if can.float8]
+        raise LaunchError(f"fp8 (torchao float8) trains full weights under --strategy {' / '.join(able)} without "
+                          f"tp, pp or ep; use one of those with --tp 1 --pp 1 --ep 1, or --precision amp-bf16.")
     if setup.activation_checkpointing not in support.recomputes:
         raise LaunchError(f"{setup.activation_checkpointing} activation checkpointing is not something the "
                           f"{setup.strategy} engine runs; use {' or '.join(support.recomputes)}.")

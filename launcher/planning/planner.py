@@ -13,7 +13,7 @@ from launcher.planning.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, 
 from launcher.planning.memory import MemoryBreakdown, estimate
 from launcher.planning.models import ModelSpec, load_model_spec
 from launcher.planning.layouts import LAYOUT_STRATEGIES, check_forced, layouts
-from launcher.planning.parallel import RECOMPUTES
+from launcher.planning.parallel import CP_REFUSAL, RECOMPUTES
 from launcher.planning.plan import (ENGINE_SUPPORT, EP_MODEL_TYPES, LAYOUT_KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES,
                                     STRATEGY_ORDER, Plan, TrainSetup, can_run, check_offload)
 from launcher.planning.plan_reasons import plan_reasons
@@ -122,10 +122,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     request.validate()
     if request.optimizer_in_backward:  # one optimizer step per backward: no accumulation unless forced (refused)
         request = dataclasses.replace(request, gradient_accumulation_steps=request.gradient_accumulation_steps or 1)
-    if not hw.has_gpu:
-        if request.precision == "fp8":
-            raise LaunchError("--precision fp8 runs its matmuls on a GPU's fp8 tensor cores; describe GPUs with --gpu, "
-                              "or use --precision fp32 for a CPU plan.")
+    if not hw.has_gpu:  # fp8 too: torch._scaled_mm has a CPU kernel (launcher/train/float8.py)
+        if (request.cp or 1) > 1:
+            raise LaunchError(CP_REFUSAL)
         runnable = sorted({name for support in ENGINE_SUPPORT.values() for name in support.layouts})
         if unrun := [name for name in _forced_layouts(request) if name not in runnable]:
             also = "".join(f", --{name}" for name in runnable)
@@ -138,9 +137,8 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
     facts = hw.facts or require_gpu_name(hw.gpu_name)
     fixed = request.fixed()
     precision = request.precision or _default_precision(fixed.method, facts)
-    if precision == "fp8" and not facts.peak_flops["fp8"]:
-        raise LaunchError(f"--precision fp8 needs fp8 tensor cores (Hopper, Ada or Blackwell), which the {facts.key} "
-                          f"does not have; use --precision amp-bf16.")
+    if precision == "fp8":
+        _check_fp8(facts, fixed.offload)
     # HSDP differs from FSDP only across nodes: on one node its mesh is FSDP's. A QLoRA base runs only under
     # the engines that declare a quantized base (launcher.planning.plan.ENGINE_SUPPORT).
     weighed = [s for s in STRATEGIES if (s != "hsdp" or hw.nodes > 1)
@@ -225,6 +223,16 @@ def _offloads(request: PlanRequest, world: int) -> list[str]:
     if request.strategy is not None:
         return list(ENGINE_SUPPORT[request.strategy].offloads)
     return list(OFFLOADS)
+
+
+def _check_fp8(facts, offload: str) -> None:
+    """fp8 on GPUs: fp8 tensor cores, and an engine that converts to float8 (ENGINE_SUPPORT) and offloads as asked."""
+    if not facts.peak_flops["fp8"]:
+        raise LaunchError(f"--precision fp8 needs fp8 tensor cores (Hopper, Ada or Blackwell), which the {facts.key} "
+                          f"does not have; use --precision amp-bf16.")
+    if not any(can.float8 and offload in can.offloads for can in ENGINE_SUPPORT.values()):
+        raise LaunchError(f"fp8 runs under ddp / fsdp / hsdp, none of which offloads {offload} alone; use "
+                          f"--offload optimizer+params (FSDP2) or --precision amp-bf16.")
 
 
 def _default_precision(method: str, facts) -> str:

@@ -19,8 +19,9 @@ ENGINE_RUNS = ["ddp:2:2", "ddp:4:1", "fsdp:2:2", "fsdp:4:1", "zero1:2:2", "zero2
 TIED_RUNS = ["ddp:2:2:tied", "fsdp:2:2:tied", "zero3:2:2:tied"]  # one embedding matrix for input and output
 HSDP_RUNS = ["hsdp:2:2:mesh2x1", "hsdp:2:2:mesh1x2"]  # (replicate, shard): 2 "nodes" of 1 rank, 1 node of 2
 OFFLOAD_RUNS = ["fsdp:2:2:offload"]  # FSDP2 CPUOffloadPolicy: shards, gradients and AdamW on the host
+FP8_RUNS = ["ddp:2:2:fp8", "fsdp:2:2:fp8"]  # torchao float8 linears (torch._scaled_mm has a CPU kernel)
 RUNS = [*ENGINE_RUNS, "ddp:2:2:ckpt", "fsdp:2:2:ckpt", "ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16", *TIED_RUNS, *HSDP_RUNS,
-        *OFFLOAD_RUNS]
+        *OFFLOAD_RUNS, *FP8_RUNS]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,21 @@ def test_bf16_mixed_precision_tracks_fp32(engine_runs, run):
     for step, (got, want) in enumerate(zip(losses[run], losses["ddp:2:2"])):
         assert rel_diff(got, want) <= 2e-2, f"{run} step {step + 1}: loss {got} vs fp32 {want}"
     assert losses[run][-1] < losses[run][0]
+
+
+@pytest.mark.parametrize("run", FP8_RUNS)
+def test_fp8_swaps_every_decoder_linear_and_tracks_bf16(engine_runs, run):
+    """--precision fp8 (launcher/train/float8.py): the 7 linears of each of the 2 layers become torchao Float8Linear,
+    the LM head does not; the losses are amp-bf16's within fp8's rounding but not equal to them (the casts ran),
+    and the weights keep their names."""
+    out, losses = engine_runs
+    linears = json.loads((out / "facts.json").read_text())[run]["float8_linears"]
+    assert len(linears) == 14 and not any("lm_head" in name for name in linears), linears
+    amp = losses[run.replace("fp8", "amp-bf16")]
+    for step, (got, want) in enumerate(zip(losses[run], amp)):
+        assert rel_diff(got, want) <= 2e-2, f"{run} step {step + 1}: loss {got} vs amp-bf16 {want}"
+    assert losses[run] != amp and losses[run][-1] < losses[run][0]
+    assert weights(out, run).keys() == weights(out, "ddp:2:2").keys()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])

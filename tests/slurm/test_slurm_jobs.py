@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.jobs import job_state, load_record
 from launcher.jobdir.layout import JobDir
@@ -209,8 +210,6 @@ def edit_after_submit(repo: Path, own: Path, marker: Path) -> None:
 
 def test_preempted_job_saves_at_the_signal_requeues_once_runs_its_frozen_code_and_ends_with_the_same_weights(
         straight_run, config, tmp_path):
-    from launcher.jobdir.checkpoint_store import list_checkpoints
-
     out, marker, heard = tmp_path / "preempted", tmp_path / "edited-code-ran", tmp_path / "notified"
     repo, own, from_checkouts = checkouts(tmp_path, config)
     hook = f'echo "$LLAUNCH_JOB_STATE $LLAUNCH_JOB_STEP $LLAUNCH_JOB_ID" >> {heard}'
@@ -225,6 +224,19 @@ def test_preempted_job_saves_at_the_signal_requeues_once_runs_its_frozen_code_an
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
     assert f"belongs to job {job_id}, which is " in second.stderr
     assert {name: (out / name).read_bytes() for name in written} == written
+    step = preempt_and_resume(job_id, out, env)
+    assert_same_weights(straight_run, out)
+    status = llaunch("status", job_id).stdout
+    assert "requeued 1 time(s)" in status
+    assert_goodput_counts_the_requeue(out, job_id, step, status)
+    assert_frozen_code_ran_and_the_hook_heard_every_state(out, job_id, repo, marker, heard, status)
+
+
+def preempt_and_resume(job_id: str, out: Path, env: dict[str, str]) -> int:
+    """USR2 (twice, under CPU load) after the step-SAVE_STEPS checkpoint: the job saves the step it was at,
+    requeues itself once, is released and resumes there to the end. The step it saved at."""
+    from launcher.jobdir.checkpoint_store import list_checkpoints
+
     wait_until(lambda: any(i.complete and i.step == SAVE_STEPS for i in list_checkpoints(out)), 240,
                f"the step-{SAVE_STEPS} checkpoint", job_id)
     with cpu_load():  # SLURM delivers USR2 to every process of the step, the node task forwards it too
@@ -249,14 +261,32 @@ def test_preempted_job_saves_at_the_signal_requeues_once_runs_its_frozen_code_an
     assert f"resumed from {out.resolve() / 'checkpoints' / f'step-{step}'} at step {step}" in rank0
     assert "attempt 2" in every_node and "attempt 3" not in every_node
     assert "ChildFailedError" not in every_node  # every rank exited 75: none was killed by a late copy
-    straight, resumed = final_weights(straight_run), final_weights(out)
+    return step
+
+
+def assert_same_weights(straight_run: Path, resumed_run: Path) -> None:
+    straight, resumed = final_weights(straight_run), final_weights(resumed_run)
     assert straight.keys() == resumed.keys()
     worst = max(float((straight[k].float() - resumed[k].float()).abs().max()) for k in straight)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run's by {worst}"
-    status = llaunch("status", job_id).stdout
-    assert "requeued 1 time(s)" in status
-    assert_goodput_counts_the_requeue(out, job_id, step, status)
-    assert_frozen_code_ran_and_the_hook_heard_every_state(out, job_id, repo, marker, heard, status)
+
+
+# Tensor parallel 2 across the nodes: one process per node holds half of every layer (kv heads split in two).
+TP_ACROSS_NODES = ("--strategy", "fsdp", "--tp", "2")
+TP_OVERRIDES = (TINY[0].replace("num_key_value_heads: 1", "num_key_value_heads: 2"),)
+
+
+def test_a_tensor_parallel_job_across_the_nodes_resumes_exactly_after_a_preemption(slurm_cluster, config, tmp_path):
+    """TP 2 with one rank per node, so every layer's collectives cross the nodes: preempted with USR2 after its
+    step-20 checkpoint, it resumes from its DTensor checkpoint and ends with an uninterrupted TP run's weights."""
+    straight = tmp_path / "straight"
+    result = submit(straight, "--wait", *TP_ACROSS_NODES, config=config, overrides=TP_OVERRIDES, timeout=400)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs_of(job_id_of(result))[-4000:]}"
+    assert yaml.safe_load((straight / "plan.yaml").read_text())["parallel"]["tp"] == 2
+    out = tmp_path / "preempted"
+    job_id = job_id_of(submit(out, *TP_ACROSS_NODES, config=config, overrides=TP_OVERRIDES))
+    preempt_and_resume(job_id, out, load_record(job_id).env())
+    assert_same_weights(straight, out)
 
 
 def assert_frozen_code_ran_and_the_hook_heard_every_state(out: Path, job_id: str, repo: Path, marker: Path,

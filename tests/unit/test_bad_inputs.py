@@ -148,7 +148,8 @@ CASES = [
     ("plan --model tinyllama-1.1b --gpu-mem nanGiB", "is not a size"),
     ("plan --model tinyllama-1.1b --lora-r 0", "--lora-r must be a positive integer"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 3", "does not divide the 8 GPUs"),
-    ("plan --model gpt2 --device cpu --gpus 2 --cp 2", "a CPU plan runs data parallelism, --ep, --pp, --tp only; drop --cp"),
+    ("plan --model gpt2 --device cpu --gpus 2 --cp 2", "--cp needs torch's ring attention, which in torch 2.13 dispatches "
+     "only CUDA's flash, memory-efficient and cuDNN SDPA kernels"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 2 --pp 1 --global-batch 6", "x 4 data-parallel rank(s)"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --cp 2 --trace", "no fake-tensor trace of cp or ep"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 0", "--tp must be a positive integer"),
@@ -259,9 +260,15 @@ CASES = [
     ("plan --model tinyllama-1.1b --cluster W/watchdog-profile.yaml", "'local': watchdog.poll_s must be a positive"),
     ("plan --model tinyllama-1.1b --cluster W/nic-profile.yaml", "nics_per_node must be given with nic_gbit_per_s"),
     ("plan --model tinyllama-1.1b --cluster W/nvlink-profile.yaml", "nvlink_gb_per_s must be NVLink GB/s per GPU"),
-    # fp8 needs fp8 tensor cores; a plan in fp8 is not run by the ranks' engines yet
+    # fp8 needs fp8 tensor cores on a GPU (torch._scaled_mm runs on CPU too); the ranks convert full models under DDP / FSDP2
     ("plan --model tinyllama-1.1b --gpu A100 --gpus 8 --precision fp8", "needs fp8 tensor cores"),
-    ("plan --model tinyllama-1.1b --device cpu --precision fp8", "describe GPUs with --gpu"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --precision fp8 --offload optimizer",
+     "fp8 runs under ddp / fsdp / hsdp, none of which offloads optimizer alone"),
+    (f"{RUN} --nproc-per-node 2 --precision fp8 --strategy zero2", "fp8 (torchao float8) trains full weights under "
+     "--strategy ddp / fsdp / hsdp without tp, pp or ep"),
+    (f"{RUN} --nproc-per-node 4 --tp 2 --strategy fsdp --precision fp8", "fp8 (torchao float8) trains full weights"),
+    (f"{RUN} --precision fp8 finetune.method=lora", "fp8 (torchao float8) trains full weights"),
+    (f"{RUN} --nproc-per-node 2 --cp 2", "--cp needs torch's ring attention"),
     # a profile's container: a source each node would resolve on its own, a runtime llaunch cannot render, a
     # line break that would start a line of shell in the sbatch script
     ("submit W/tiny.yaml --cluster W/mount-profile.yaml --output-dir W/out --dry-run",

@@ -123,5 +123,8 @@ def test_run_and_submit_plan_only_what_the_engines_run():
     with pytest.raises(LaunchError, match=r"uses tp, which the zero1 engine cannot run; use --strategy fsdp or hsdp"):
         check_runnable(TrainSetup(strategy="zero1", nodes=2, gpus_per_node=8, tp=8))
     check_runnable(TrainSetup(strategy="fsdp", nodes=2, gpus_per_node=8, tp=8))  # FSDP2 runs tp (issue 31)
+    with pytest.raises(LaunchError, match=r"--cp needs torch's ring attention, which in torch 2.13 dispatches only "
+                                          r"CUDA's flash, memory-efficient and cuDNN SDPA kernels"):
+        check_runnable(TrainSetup(strategy="fsdp", gpus_per_node=8, cp=2))
     with pytest.raises(LaunchError, match="selective activation checkpointing is not something the fsdp engine runs"):
         check_runnable(TrainSetup(strategy="fsdp", activation_checkpointing="selective"))

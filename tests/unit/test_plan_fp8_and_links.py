@@ -50,9 +50,30 @@ def test_fp8_runs_only_the_linears_faster():
     assert 1 < gains[1] < gains[0] < 2 * step_time.FP8_EFFICIENCY_RATIO + 0.01
 
 
-def test_a_plan_in_fp8_is_refused_by_the_engines_in_one_sentence():
-    with pytest.raises(LaunchError, match="fp8 .* which the ranks' engines cannot run yet"):
-        check_runnable(TrainSetup(strategy="fsdp", gpus_per_node=8, precision="fp8"))
+def test_a_plan_in_fp8_runs_under_ddp_and_fsdp_and_is_refused_elsewhere_in_one_sentence():
+    """The ranks convert a full model's linears (launcher/train/float8.py) under DDP / FSDP2 only."""
+    for strategy in ("ddp", "fsdp", "hsdp"):
+        check_runnable(TrainSetup(strategy=strategy, nodes=2, gpus_per_node=8, precision="fp8"))
+    refused = [TrainSetup(strategy="zero3", gpus_per_node=8, precision="fp8"),
+               TrainSetup(strategy="fsdp", gpus_per_node=8, precision="fp8", tp=2),
+               TrainSetup(strategy="fsdp", gpus_per_node=8, precision="fp8", pp=2),
+               TrainSetup(strategy="fsdp", gpus_per_node=8, precision="fp8", method="lora")]
+    for setup in refused:
+        with pytest.raises(LaunchError, match=r"fp8 \(torchao float8\) trains full weights under --strategy ddp / "
+                                              r"fsdp / hsdp without tp, pp or ep"):
+            check_runnable(setup)
+
+
+def test_a_plan_in_fp8_is_what_the_ranks_run(capsys):
+    """torch._scaled_mm has a CPU kernel: a CPU plan keeps fp8 instead of refusing it; on GPUs the planner's fp8
+    picks are strategies whose engine converts to float8 (the 70B on 64 H100 in amp-bf16 is a ZeRO-3 plan)."""
+    assert plan(capsys, "--model", "tinyllama-1.1b", "--device", "cpu", "--precision", "fp8", "--json")[
+        "precision"] == "fp8"
+    for model, nodes in (("8b", "1"), ("70b", "8")):  # amp-bf16 plans the 70B on 64 H100 with ZeRO-3
+        chosen = plan(capsys, "--model", model, "--gpu", "H100", "--gpus", "8", "--nodes", nodes, "--precision", "fp8",
+                      "--json")
+        assert chosen["precision"] == "fp8" and chosen["strategy"] in ("ddp", "fsdp", "hsdp"), chosen["strategy"]
+        check_runnable(TrainSetup(**{k: chosen[k] for k in ("strategy", "precision", "gpus_per_node", "nodes")}))
 
 
 def profile_with(tmp_path, name, **links) -> str:

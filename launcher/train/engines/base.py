@@ -24,9 +24,11 @@ from torch import nn
 from launcher.config import TrainingSection
 from launcher.planning.plan import Plan
 from launcher.runtime.beacon import Phase
+from launcher.train.float8 import convert_to_float8
 from launcher.train.optim import build_optimizer
 
-AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16}
+# fp8: the linears' matmuls on float8 casts (launcher.train.float8), everything around them as amp-bf16
+AUTOCAST_DTYPES = {"amp-bf16": torch.bfloat16, "amp-fp16": torch.float16, "fp8": torch.bfloat16}
 OLDER_OPTIMIZER_KEY = "optimizer.param_groups"  # one list of groups: a checkpoint written before flat optimizer keys
 
 
@@ -129,6 +131,8 @@ class TorchEngine(Engine):
         self.module = model
         self.held = model  # the module whose parameters this rank trains, under the model's names
         self.meshes = meshes
+        if plan.precision == "fp8":  # before wrapping, as torchtitan converts before parallelizing
+            convert_to_float8(model)
         self.wrapped = self.wrap(model, plan, device)
         self.optimizer = build_optimizer(self.held, plan.optimizer, training)
         self._grad_squares = self._step_in_backward() if plan.optimizer_in_backward else None
