@@ -198,8 +198,6 @@ class _TimelineBuilder:
     def _transition(self, event: dict, kind: str, t: float, current: Incarnation | None) -> None:
         if kind in (event_ledger.SUBMIT, event_ledger.REQUEUE):
             self.state = "queue"
-        elif kind == event_ledger.RESTART:  # a new step in the same allocation: down, never queued
-            self.state = "down"
         elif kind == event_ledger.TRAIN_END:
             self.state = "shutdown"
             if current is not None:
