@@ -16,7 +16,7 @@ from cluster.sbatch import node_task
 from cluster.submission import restart_lines, training_parameters
 from launcher.errors import NO_NEW_STEP_EXIT_CODE
 from launcher.observe import event_ledger
-from tests.unit.test_teardown import KILLED_STATUS, job, pickled_task  # noqa: F401 (the fixture)
+from tests.unit.test_teardown import KILLED_STATUS, make_job, pickled_task
 
 
 @pytest.mark.parametrize("kwargs,restarts,why", [
@@ -64,6 +64,12 @@ def test_the_scripts_loop_runs_a_new_step_with_the_node_choice_until_the_teardow
     assert step.startswith("--unbuffered --open-mode=append --output ")
     assert step.endswith(f"--nodes=2 --ntasks=2 --exclude=n2 /venv/bin/python -u -m submitit.core._submit "
                          f"{tmp_path / 'slurm'}")
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    """tests/unit/test_teardown.py's job 77, its attempt 77.0 launched on n1 and n2, n1's task killed."""
+    return make_job(tmp_path, monkeypatch)
 
 
 def test_a_killed_first_node_task_restarts_on_a_spare_then_the_spent_allocation_requeues(tmp_path, job, capsys,

@@ -23,6 +23,10 @@ KILLED_STATUS = 137  # srun's status when a task died of SIGKILL
 
 @pytest.fixture
 def job(tmp_path, monkeypatch):
+    return make_job(tmp_path, monkeypatch)
+
+
+def make_job(tmp_path, monkeypatch):
     """Job 77 on n1 and n2, its attempt 77.0 launched; node 1 recorded its rank's end, node 0's task did not.
     Returns the log folder, the requeues submitit asked of scontrol and a writer of the job's pickled task."""
     folder = tmp_path / "slurm"
