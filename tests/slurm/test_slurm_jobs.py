@@ -340,8 +340,8 @@ def test_a_hang_requeues_the_job_without_the_culprits_node_and_it_finishes_on_th
 
 def test_a_hang_with_a_spare_node_restarts_in_the_allocation_and_ends_with_the_uninterrupted_weights(
         straight_run, config, tmp_path, monkeypatch):
-    """`cluster up --nodes 3`, a job of --nodes 2 --spare-nodes 1: rank 1 hangs at step 25 on n2 (the bad node;
-    its spare runs clean). The first node's task restarts the job from step 20 in a new srun step of the same
+    """`cluster up --nodes 3`, a job of --nodes 2 --spare-nodes 1: the rank on n2 hangs at step 25 (the bad node;
+    the rendezvous decides which rank that is; its spare runs clean). The first node's task restarts the job from step 20 in a new srun step of the same
     allocation on n1 and the spare n3, without a requeue; it ends with the uninterrupted run's weights, the node
     ledger names n2, goodput has no queue after the first start and the restart down under a minute, and the
     notify hook heard `restarted`. The cluster is back at two nodes afterwards."""
@@ -352,7 +352,8 @@ def test_a_hang_with_a_spare_node_restarts_in_the_allocation_and_ends_with_the_u
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))  # no other test's node events quarantine a node
     out, heard = tmp_path / "spare", tmp_path / "notified"
-    faults = {"LLAUNCH_FAULT": "hang:rank=1,step=25,node=n2", "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
+    bad_node = ";".join(f"hang:rank={rank},step=25,node=n2" for rank in (0, 1))
+    faults = {"LLAUNCH_FAULT": bad_node, "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
     assert main(["cluster", "up", "--nodes", "3"]) == 0
     try:
         result = submit(out, "--spare-nodes", "1", "--max-restarts", "1", "--wait", "--notify",
