@@ -181,7 +181,8 @@ class NodeTask(submitit.helpers.Checkpointable):
         plan = Plan.load(JobDir(self.job_dir).plan)
         hosts = step_hosts()
         plan = check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0, self.min_nodes)
-        print(f"[llaunch] attempt {self.requeues + 1}", file=sys.stderr, flush=True)  # where status reads errors from
+        restart = f", restart {self.step_restarts} in the allocation" if self.step_restarts else ""
+        print(f"[llaunch] attempt {self.requeues + 1}{restart}", file=sys.stderr, flush=True)  # status reads from here
         if job_env.global_rank == 0:  # before the doctor: an attempt that ends there is an incarnation too
             job_events.attempt_started(self.job_dir, job_env.job_id, self.attempt(job_env.job_id), self.requeues + 1,
                                        hosts, restarted=self.step_restarts > 0)
