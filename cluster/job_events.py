@@ -70,10 +70,15 @@ def attempt_hosts(job_dir: str, inc: str) -> list[str] | None:
 
 
 def restart_pending(job_dir: str, inc: str) -> bool:
-    """Whether a restart inside the allocation names `inc` as its next attempt and that attempt has not started."""
+    """Whether a restart inside the allocation names `inc` as its next attempt and no step was run for it yet
+    (once only: a step whose tasks die before their launch event must not loop)."""
     events = event_ledger.read(job_dir)
     return any(e["kind"] == event_ledger.RESTART and e.get("next") == inc for e in events) and \
-        not any(e["kind"] == event_ledger.LAUNCH and e.get("inc") == inc for e in events)
+        not any(e["kind"] == event_ledger.NEW_STEP and e.get("inc") == inc for e in events)
+
+
+def new_step(job_dir: str, inc: str, exclude: list[str]) -> None:
+    event_ledger.append(job_dir, event_ledger.NEW_STEP, inc=inc, exclude=exclude)
 
 
 def restarted(job_dir: str, inc: str, next_inc: str, exclude: list[str], reason: str) -> None:

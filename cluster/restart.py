@@ -57,12 +57,14 @@ def restart_in_allocation(task, job_id: str, cause: str, culprit: str | None, no
 
 def next_step_nodes(folder: str | Path, job_id: str) -> list[str] | None:
     """srun's node choice for the job's next step when its first node's task restarted it (the hosts its steps
-    failed on excluded), else None. The previous step's results are removed, so that a next step whose first
-    task is killed is seen undecided (cluster.teardown)."""
+    failed on excluded), else None; once per restart (the job's ledger records the step). The previous step's
+    results are removed, so that a next step whose first task is killed is seen undecided (cluster.teardown)."""
     paths = JobPaths(folder, job_id=job_id)
     task = DelayedSubmission.load(paths.submitted_pickle).function
-    if not getattr(task, "step_restarts", 0) or not job_events.restart_pending(task.job_dir, task.attempt(job_id)):
+    inc = task.attempt(job_id) if getattr(task, "step_restarts", 0) else None
+    if inc is None or not job_events.restart_pending(task.job_dir, inc):
         return None
     for result in Path(folder).glob(f"{job_id}_*_result.pkl"):
         result.unlink()
+    job_events.new_step(task.job_dir, inc, list(task.excluded))
     return [f"--exclude={','.join(task.excluded)}"] if task.excluded else []

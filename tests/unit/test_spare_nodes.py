@@ -76,7 +76,8 @@ def test_a_killed_first_node_task_restarts_on_a_spare_then_the_spent_allocation_
                                                                                          monkeypatch):
     """Attempt 77.0 ran on n1 and n2 of the allocation n1-n3; n1's task was killed. The teardown restarts the job
     in a new step without n1 (no requeue: the pickled task counts the restart), says so on stdout for the
-    script; once that step has started, nothing more is pending. Its own death after that requeues."""
+    script, once (a step whose tasks die before they launch is not run again); once that step has run, nothing
+    more is pending. Its own first task's death after that requeues: the allocation's restarts are spent."""
     folder, requeued, submitted = job
     monkeypatch.setenv("SUBMITIT_FOLDER", str(folder))
     monkeypatch.setattr(restart, "node_hostnames", lambda nodelist: ["n1", "n2", "n3"])
@@ -89,6 +90,8 @@ def test_a_killed_first_node_task_restarts_on_a_spare_then_the_spent_allocation_
     assert (restarted["inc"], restarted["next"], restarted["exclude"]) == ("77.0", "77.0.1", ["n1"])
     assert "the node task on n1 died; restart 1/1 in the allocation" in restarted["reason"]
 
+    assert teardown.main(["--next-step", str(folder), "1"]) == NO_NEW_STEP_EXIT_CODE  # its tasks died unlaunched
+    assert capsys.readouterr().out == ""  # the restart's step runs once, never in a loop
     event_ledger.append(tmp_path, event_ledger.LAUNCH, inc="77.0.1", nodes=2, hosts=["n2", "n3"])
     assert teardown.main(["--next-step", str(folder), "0"]) == NO_NEW_STEP_EXIT_CODE  # it finished
     with pytest.raises(SystemExit):  # its first node's task killed in turn: the allocation's restarts are spent
