@@ -7,8 +7,10 @@ the ranks twice over (a rank treats every copy as the same request, see launcher
 ranks have saved and exited, the watchdog killed hung ones, or a rank (or another node's task) died without a
 sentence (a node failure, launcher.runtime.rank_exits), the first node's task applies cluster.requeue's policy
 and, if it says so, hands over to submitit's own checkpoint-and-requeue; the requeued job excludes the
-culprit's host where it can spare it (cluster.exclusion). When the first node's task itself dies, the batch
-script's teardown (cluster.teardown) makes the same decision for it, through `NodeTask.after_lost_step`.
+culprit's host where it can spare it (cluster.exclusion). With spare nodes a hang or a node failure first
+restarts the job in a new step of its allocation without the culprit's host (cluster.restart), within
+--max-restarts. When the first node's task itself dies, the batch script's teardown (cluster.teardown) makes the
+same decision for it, through `NodeTask.after_lost_step`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from launcher.observe import event_ledger, history
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
 from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
+from cluster.restart import restart_in_allocation
 from cluster.submission import node_command, rendezvous_port
 from launcher.config import TrainConfig
 from launcher.env import SLURM_CONF
@@ -90,9 +93,11 @@ def check_partition(profile: ClusterProfile, env: dict[str, str]) -> None:
     part = partitions[0]
     name = part.get("PartitionName", profile.partition)
     limits = [int(part[key]) for key in ("TotalNodes", "MaxNodes") if part.get(key, "").isdigit()]
-    if limits and profile.nodes > min(limits):
-        raise LaunchError(f"--nodes {profile.nodes} is more than partition {name} can give one job ({min(limits)}); "
-                          f"use --nodes {min(limits)} or another --partition.")
+    if limits and profile.allocation_nodes > min(limits):
+        asked, fix = (f"--nodes {profile.nodes} and --spare-nodes {profile.spare_nodes}", "fewer in all") \
+            if profile.spare_nodes else (f"--nodes {profile.nodes}", f"--nodes {min(limits)}")
+        raise LaunchError(f"{asked} is more than partition {name} can give one job ({min(limits)}); use {fix} or "
+                          f"another --partition.")
     max_time = part.get("MaxTime", "UNLIMITED")
     if max_time not in ("UNLIMITED", "INFINITE") and profile.time_minutes > time_to_minutes(max_time):
         raise LaunchError(f"--time {profile.time} is longer than partition {name} allows ({max_time}); "
@@ -139,6 +144,16 @@ class NodeTask(submitit.helpers.Checkpointable):
     wrap: tuple[str, ...] = ()  # `apptainer exec ... IMAGE` before torchrun (ContainerJob.wrap); (): none
     python: str = ""  # torchrun's interpreter: the image's under apptainer; "": this task's own
     notify: str = ""  # the shell command run on each change of the job's state (cluster.notify); "": none
+    # Restarts inside the allocation on spare nodes (cluster.restart): at most max_step_restarts per allocation
+    # (0: no spares), those done, the hosts its steps failed on, the newest checkpoint at the last one.
+    max_step_restarts: int = 0
+    step_restarts: int = 0
+    excluded: tuple[str, ...] = ()
+    step_at_last_restart: int | None = None
+
+    def attempt(self, job_id: str) -> str:
+        """This attempt's incarnation id in the job's ledger."""
+        return job_events.attempt_id(job_id, self.requeues, self.step_restarts)
 
     def __call__(self) -> str:
         """One attempt on this node; the first node tells the notify hook how it ended."""
@@ -164,13 +179,15 @@ class NodeTask(submitit.helpers.Checkpointable):
         signals = SignalLog().install()
         job_env = submitit.JobEnvironment()
         plan = Plan.load(JobDir(self.job_dir).plan)
-        hosts = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
+        hosts = step_hosts()
         plan = check_allocation(plan, hosts, _gpus_on_node() if plan.device == "cuda" else 0, self.min_nodes)
-        print(f"[llaunch] attempt {self.requeues + 1}", file=sys.stderr, flush=True)  # where status reads errors from
+        restart = f", restart {self.step_restarts} in the allocation" if self.step_restarts else ""
+        print(f"[llaunch] attempt {self.requeues + 1}{restart}", file=sys.stderr, flush=True)  # status reads from here
         if job_env.global_rank == 0:  # before the doctor: an attempt that ends there is an incarnation too
-            job_events.attempt_started(self.job_dir, job_env.job_id, self.requeues, len(hosts))
+            job_events.attempt_started(self.job_dir, job_env.job_id, self.attempt(job_env.job_id), self.requeues + 1,
+                                       hosts, restarted=self.step_restarts > 0)
             history.register(self.job_dir)  # the ranks only read the cluster's history
-        self._notify(job_env, notify.RESTARTED if self.requeues else notify.STARTED)
+        self._notify(job_env, notify.RESTARTED if self.requeues or self.step_restarts else notify.STARTED)
         doctor_env = self._doctor(job_env, hosts, signals) if self.doctor else {}
         if doctor_env is None:  # that node's own error ends the job and says why
             self._notify(job_env, notify.FAILED)
@@ -231,7 +248,7 @@ class NodeTask(submitit.helpers.Checkpointable):
     def _ended_in_doctor(self, job_env, signals: SignalLog) -> None:
         if job_env.global_rank == 0:
             stop = signals.first.name if signals.first else None
-            job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, 1, stop, cause=stop or "doctor")
+            job_events.attempt_ended(self.job_dir, self.attempt(job_env.job_id), 1, stop, cause=stop or "doctor")
 
     def _preflight(self, job_env, hosts: list[str], signals: SignalLog):
         """The doctor's checks of this node against the others; this node's own failure ends the attempt with
@@ -260,7 +277,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         env = {**os.environ, **extra_env, **doctor_env}
         print(f"[llaunch] node {job_env.node}/{len(hosts)} ({job_env.hostname}), attempt {self.requeues + 1}: "
               f"{shlex.join(argv)}", flush=True)
-        return NodeRun(Path(self.job_dir), argv, env, job_events.attempt_id(job_env.job_id, self.requeues),
+        return NodeRun(Path(self.job_dir), argv, env, self.attempt(job_env.job_id),
                        self._watchdog_config(env), beacon_key=f"{job_env.job_id}-{job_env.node}",
                        node=job_env.node, nodes=len(hosts), grace_s=None)
 
@@ -278,23 +295,23 @@ class NodeTask(submitit.helpers.Checkpointable):
             return f"node {job_env.node}: torchrun exited with code {code}; the first node decides about the requeue"
         cause = verdict.why if verdict else f"a rank failed (torchrun exited with code {code})"
         print(f"[llaunch] {cause}", flush=True)
-        return self._requeue(submitit_handler, job_env, "a node failure", cause,
-                             exclude=verdict.host if verdict else None, min_nodes=self.min_nodes or len(hosts))
+        return self._recover(submitit_handler, job_env, "a node failure", cause,
+                             exclude=verdict.host if verdict else None, nodes=len(hosts))
 
     def after_lost_step(self, submitit_handler, job_env, hosts: list[str], code: int) -> str:
         """From the batch script (cluster.teardown), when the step ended with this attempt undecided: its first
         node's task died (SIGKILL, the OOM killer), or the whole step was killed. The attempt ends in the job's
         ledger as killed; the node whose task left no record of its ranks is blamed (none when every task was
         killed); the job is requeued as after any node failure, so --max-requeues and the loop guard hold."""
-        job_events.attempt_ended(self.job_dir, job_env.job_id, self.requeues, code, None, cause=event_ledger.KILLED)
-        found = judge(self.job_dir, job_events.attempt_id(job_env.job_id, self.requeues), hosts, task_died=True,
+        job_events.attempt_ended(self.job_dir, self.attempt(job_env.job_id), code, None, cause=event_ledger.KILLED)
+        found = judge(self.job_dir, self.attempt(job_env.job_id), hosts, task_died=True,
                       wait_s=0.0)  # the step is over: every record there will be is there
         if found is not None and self.node_ledger_path:
             self._node_ledger().append(NodeEvent(found[0], "rank_failed", job_id=job_env.job_id, detail=found[1]))
         cause = found[1] if found else f"every node task of the step was killed (srun exited with code {code})"
         print(f"[llaunch] {cause}", flush=True)
-        return self._requeue(submitit_handler, job_env, "a node failure", cause, exclude=found[0] if found else None,
-                             min_nodes=self.min_nodes or len(hosts))
+        return self._recover(submitit_handler, job_env, "a node failure", cause, exclude=found[0] if found else None,
+                             nodes=len(hosts))
 
     def _after_hang(self, verdict: Verdict, job_env, nodes: int, submitit_handler) -> str:
         """Report the hang; the first node (which put its culprit into the node ledger) requeues the job without
@@ -303,8 +320,20 @@ class NodeTask(submitit.helpers.Checkpointable):
         self._notify(job_env, notify.HANG)
         if job_env.global_rank != 0:
             return f"node {job_env.node}: {verdict.why}; the first node decides about the requeue"
-        return self._requeue(submitit_handler, job_env, "a hang", f"hang on {verdict.host or 'no single node'}",
-                             exclude=verdict.host, min_nodes=self.min_nodes or nodes)
+        return self._recover(submitit_handler, job_env, "a hang", f"hang on {verdict.host or 'no single node'}",
+                             exclude=verdict.host, nodes=nodes)
+
+    def _recover(self, submitit_handler, job_env, stopped_by: str, cause: str, exclude: str | None,
+                 nodes: int) -> str:
+        """After a hang or a node failure on `nodes` nodes: a new step on the allocation's healthy nodes while
+        its spares and --max-restarts allow (cluster.restart), else the requeue without `exclude`'s host."""
+        if self.max_step_restarts:
+            restarted = restart_in_allocation(self, job_env.job_id, cause, exclude, nodes, latest_step(self.job_dir),
+                                              job_env.paths.submitted_pickle)
+            if restarted:
+                return restarted
+        return self._requeue(submitit_handler, job_env, stopped_by, cause, exclude=exclude,
+                             min_nodes=self.min_nodes or nodes)
 
     def _requeue(self, submitit_handler, job_env, stopped_by: str, cause: str, exclude: str | None = None,
                  min_nodes: int = 1) -> str:
@@ -315,7 +344,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         print(f"[llaunch] {'requeue' if decision.requeue else 'no requeue'}: {decision.reason}", flush=True)
         if not decision.requeue:
             raise TrainingError(f"job stopped by {stopped_by} and not requeued: {decision.reason}")
-        job_events.requeued(self.job_dir, job_env.job_id, self.requeues, decision.reason)
+        job_events.requeued(self.job_dir, self.attempt(job_env.job_id), decision.reason)
         try:
             submitit_handler(signal.SIGUSR2, None)  # self.checkpoint(), scontrol requeue, exit
         except SystemExit:  # requeued: pending now, though SLURM still ends this attempt
@@ -326,9 +355,16 @@ class NodeTask(submitit.helpers.Checkpointable):
         return "requeued"
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
-        """The next attempt: this task with one more requeue, remembering the step it restarts from."""
+        """The next attempt: this task with one more requeue, remembering the step it restarts from; a new
+        allocation, so none of its restarts done and no host excluded yet (the requeued job's ExcNodeList has them)."""
         return submitit.helpers.DelayedSubmission(
-            dataclasses.replace(self, requeues=self.requeues + 1, step_at_last_requeue=latest_step(self.job_dir)))
+            dataclasses.replace(self, requeues=self.requeues + 1, step_at_last_requeue=latest_step(self.job_dir),
+                                step_restarts=0, excluded=(), step_at_last_restart=None))
+
+
+def step_hosts() -> list[str]:
+    """The hosts of this srun step (with spare nodes, fewer than the allocation's)."""
+    return node_hostnames(os.environ.get("SLURM_STEP_NODELIST") or os.environ["SLURM_JOB_NODELIST"])
 
 
 def job_running(job_id: str) -> bool:

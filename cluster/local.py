@@ -1,4 +1,5 @@
-"""The local SLURM cluster behind `llaunch cluster up|down|status`: munged, slurmctld and two slurmd on this host.
+"""The local SLURM cluster behind `llaunch cluster up|down|status`: munged, slurmctld and two slurmd on this host
+(`up --nodes N`: N of them; a cluster running another number without jobs is restarted with N).
 
 Everything lives in one state directory (default /tmp/llaunch-slurm, or $LLAUNCH_SLURM_DIR): a private munge
 key and socket, slurm.conf, controller state, spool and logs. The system's own munge and SLURM set-up are
@@ -78,6 +79,23 @@ class LocalCluster:
         files.update({f"slurmd {n}": run / f"slurmd-{n}.pid" for n in self.node_names})
         return files
 
+    def running_nodes(self) -> list[str]:
+        """The nodes whose slurmd runs, however many this cluster was started with."""
+        pid_files = sorted((self.state_dir / "run").glob("slurmd-*.pid"))
+        return [path.stem.removeprefix("slurmd-") for path in pid_files if _pid_alive(path)]
+
+    def _resize(self, jobs_timeout_s: float) -> None:
+        """Stop a cluster that runs another number of nodes than this one's (slurmctld reads its node list at
+        start), unless it has jobs, which a restart would end."""
+        running = self.running_nodes()
+        if not running or running == self.node_names or not _pid_alive(self._pid_files()["slurmctld"]):
+            return
+        jobs = self._jobs()
+        if jobs:
+            raise LaunchError(f"the local cluster runs {len(running)} node(s) and job(s) {', '.join(jobs)}; wait for "
+                              f"them to end (or `llaunch cancel` them), then `llaunch cluster up --nodes {self.nodes}`.")
+        self.down(jobs_timeout_s)
+
     def env(self) -> dict[str, str]:
         """The environment SLURM commands need to reach this cluster."""
         return {**os.environ, SLURM_CONF.name: str(self.conf_path)}
@@ -87,6 +105,7 @@ class LocalCluster:
 
     def up(self, timeout_s: float = 60.0) -> bool:
         """Start whatever is not running; True when something was started, False when it was all up already."""
+        self._resize(JOBS_END_TIMEOUT_S)
         if self.is_running():
             return False
         for daemon in DAEMONS:
@@ -111,7 +130,8 @@ class LocalCluster:
         if _pid_alive(self._pid_files()["slurmctld"]):
             self._end_jobs(jobs_timeout_s)
         stopped = []
-        for name, pid_file in sorted(self._pid_files().items(), key=lambda kv: kv[0] == "munged"):
+        extra = {f"slurmd {n}": self.state_dir / "run" / f"slurmd-{n}.pid" for n in self.running_nodes()}
+        for name, pid_file in sorted({**self._pid_files(), **extra}.items(), key=lambda kv: kv[0] == "munged"):
             pid = _pid_alive(pid_file)
             if pid is None:
                 continue

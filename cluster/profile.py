@@ -88,7 +88,10 @@ class ClusterProfile:
     nics_per_node: int | None = None
     nic_gbit_per_s: float | None = None
     max_requeues: int = 3
+    # Restarts inside one allocation: with spare_nodes, new srun steps on the healthy nodes (cluster.restart);
+    # without, torchrun's restarts of the ranks on the same nodes.
     max_restarts: int = 0
+    spare_nodes: int = 0  # nodes allocated beyond `nodes`, each ready to take a failed node's place
     signal_delay_s: int = 90
     dist_timeout_s: int = 300
     setup: list[str] = field(default_factory=list)
@@ -100,6 +103,21 @@ class ClusterProfile:
     @property
     def time_minutes(self) -> int:
         return time_to_minutes(self.time)
+
+    @property
+    def allocation_nodes(self) -> int:
+        """The nodes sbatch asks for: the job's and its spares."""
+        return self.nodes + self.spare_nodes
+
+    @property
+    def restarts_on_spares(self) -> bool:
+        """Whether a failed node is replaced by a spare in a new step (else torchrun restarts the ranks in place)."""
+        return self.spare_nodes > 0
+
+    @property
+    def torchrun_restarts(self) -> int:
+        """torchrun's --max-restarts: the ranks restarted on the same nodes, unless spares replace a failed node."""
+        return 0 if self.restarts_on_spares else self.max_restarts
 
     def hardware(self):
         """The nodes the planner plans for under this profile: its GPUs and RAM, not the login node's."""
@@ -135,9 +153,10 @@ class ClusterProfile:
                 refuse(name, "a positive integer")
         if self.min_nodes is not None and (not integer(self.min_nodes) or not 1 <= self.min_nodes <= self.nodes):
             refuse("min_nodes", f"an integer from 1 to the job's nodes ({self.nodes})")
-        for name in ("gpus_per_node", "max_requeues", "max_restarts", "signal_delay_s"):
+        for name in ("gpus_per_node", "max_requeues", "max_restarts", "spare_nodes", "signal_delay_s"):
             if not integer(getattr(self, name)) or getattr(self, name) < 0:
                 refuse(name, "a non-negative integer")
+        self._validate_spares(refuse)
         for name in ("partition", "account", "qos", "constraint"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 refuse(name, "a name (text) or null")
@@ -160,6 +179,15 @@ class ClusterProfile:
             refuse("setup", "a list of shell lines, e.g. [\"module load cuda\"]")
         self._validate_time(refuse)
         return self
+
+    def _validate_spares(self, refuse) -> None:
+        """Spares need restarts to use them, and a job that may shrink (min_nodes) has no node count to keep."""
+        if self.spare_nodes and self.max_restarts < 1:
+            refuse("max_restarts", f"at least 1 with {self.spare_nodes} spare node(s) (each restart puts a spare in a "
+                                   f"failed node's place), e.g. --max-restarts {self.spare_nodes}")
+        if self.spare_nodes and self.min_nodes is not None and self.min_nodes < self.nodes:
+            refuse("spare_nodes", "0 when min_nodes lets the job shrink (it goes on without the failed node instead); "
+                                  "drop --min-nodes or --spare-nodes")
 
     def _validate_time(self, refuse) -> None:
         """The time limit as SLURM reads it, longer than the preemption warning."""

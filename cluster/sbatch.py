@@ -43,10 +43,11 @@ def slurm_executor(folder: Path, profile: ClusterProfile, name: str, env: dict[s
 def node_task(job_dir: Path, profile: ClusterProfile, container: ContainerJob | None = None) -> NodeTask:
     """What srun runs on each node of the job that trains in `job_dir`."""
     wrap = tuple(container.wrap(profile.gpus_per_node > 0)) if container else ()
-    return NodeTask(str(job_dir), profile.max_requeues, profile.max_restarts, profile.dist_timeout_s,
+    return NodeTask(str(job_dir), profile.max_requeues, profile.torchrun_restarts, profile.dist_timeout_s,
                     node_ledger_path=str(NodeLedger.for_profile(profile.name).path), doctor=profile.doctor,
                     min_nodes=profile.min_nodes, wrap=wrap, python=container.container.python if wrap else "",
-                    notify=profile.notify or "")
+                    notify=profile.notify or "",
+                    max_step_restarts=profile.max_restarts if profile.restarts_on_spares else 0)
 
 
 def sbatch_refused(err: Exception) -> LaunchError:

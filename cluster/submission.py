@@ -13,6 +13,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from submitit.core.utils import JobPaths
+
 from cluster.profile import APPTAINER, PYXIS, ClusterProfile, Container
 from launcher.env import CACHE, DIST_TIMEOUT_S, PYTHONPATH
 from launcher.errors import LaunchError
@@ -103,7 +105,7 @@ def slurm_parameters(profile: ClusterProfile, name: str, container: ContainerJob
     container's flags on the srun line."""
     params: dict = {
         "job_name": job_name(name),
-        "nodes": profile.nodes,
+        "nodes": profile.allocation_nodes,
         "ntasks_per_node": 1,
         "cpus_per_task": profile.cpus_per_task,
         "time": profile.time_minutes,
@@ -118,6 +120,8 @@ def slurm_parameters(profile: ClusterProfile, name: str, container: ContainerJob
         params["additional_parameters"]["nodes"] = f"{profile.min_nodes}-{profile.nodes}"
         del params["ntasks_per_node"]
         params["srun_args"].append("--ntasks-per-node=1")
+    if profile.restarts_on_spares:  # the step runs on --nodes of the allocation; the spares wait (cluster.restart)
+        params["srun_args"] += [f"--nodes={profile.nodes}", f"--ntasks={profile.nodes}"]
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(profile, key)
         if value:
@@ -136,9 +140,14 @@ def slurm_parameters(profile: ClusterProfile, name: str, container: ContainerJob
 
 def training_parameters(profile: ClusterProfile, name: str, folder: str | Path, host_python: str,
                         container: ContainerJob | None = None) -> dict:
-    """A training job's parameters: slurm_parameters and, after srun, the teardown of `teardown_lines`."""
+    """A training job's parameters: slurm_parameters and, after srun, the teardown of `teardown_lines` (with
+    spare nodes, `restart_lines`' loop of steps)."""
     params = slurm_parameters(profile, name, container)
-    params["teardown"] = teardown_lines(host_python, folder)
+    if profile.restarts_on_spares:
+        params["teardown"] = restart_lines(host_python, folder, params["srun_args"],
+                                           step_python(container, host_python))
+    else:
+        params["teardown"] = teardown_lines(host_python, folder)
     return params
 
 
@@ -148,6 +157,24 @@ def teardown_lines(host_python: str, folder: str | Path) -> list[str]:
     the script still ends with the step's status, so a failed job stays FAILED."""
     run = f"{shlex.quote(host_python)} -u -m cluster.teardown {shlex.quote(_single_line('log folder', str(folder)))}"
     return ["llaunch_step_status=$?", f'[ "$llaunch_step_status" -eq 0 ] || {run} "$llaunch_step_status"',
+            'exit "$llaunch_step_status"']
+
+
+def restart_lines(host_python: str, folder: str | Path, srun_args: list[str], python: str) -> list[str]:
+    """With spare nodes, what the script runs after srun on the batch host: cluster.teardown decides after every
+    step (as teardown_lines' does after a failed one) and, when the job restarts inside its allocation, prints
+    the new step's node choice (--exclude of the failed hosts), for which the loop runs submitit's srun line
+    again (its output appended to the same per-task logs); the script ends with the last step's status."""
+    folder = _single_line("log folder", str(folder))
+    paths = JobPaths(folder=folder)
+    srun = shlex.join(["srun", "--unbuffered", "--open-mode=append", "--output", str(paths.stdout), "--error",
+                       str(paths.stderr), *srun_args])
+    decide = f"{shlex.quote(host_python)} -u -m cluster.teardown --next-step {shlex.quote(folder)} \"$llaunch_step_status\""
+    return ["llaunch_step_status=$?",
+            f"while llaunch_step_nodes=$({decide}); do",
+            f"    {srun} $llaunch_step_nodes {submitit_command(python, folder)}",
+            "    llaunch_step_status=$?",
+            "done",
             'exit "$llaunch_step_status"']
 
 

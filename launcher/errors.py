@@ -12,6 +12,9 @@ REQUEUE_EXIT_CODE = 75
 # Like coreutils timeout(1): the launcher's watchdog saw a rank stop making progress, dumped the stacks and
 # killed the ranks (launcher.runtime.watchdog; the evidence is in the job dir's hangs/ folder).
 HANG_EXIT_CODE = 124
+# `python -m cluster.teardown --next-step`: the job starts no further step in its allocation (the batch
+# script's loop of steps ends; cluster.submission.restart_lines).
+NO_NEW_STEP_EXIT_CODE = 1
 
 
 class LaunchError(Exception):

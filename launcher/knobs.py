@@ -20,7 +20,7 @@ from launcher.errors import LaunchError
 from launcher.planning.plan import CHOICES, TrainSetup, check_knob, recompute_mode
 from launcher.units import parse_bytes
 
-PLAN, RUN, SUBMIT, LR_FIND, DOCTOR = "plan", "run", "submit", "lr-find", "doctor"
+PLAN, RUN, SUBMIT, LR_FIND, DOCTOR, CLUSTER = "plan", "run", "submit", "lr-find", "doctor", "cluster"
 PLANNED = (PLAN, RUN, SUBMIT)  # the commands that plan a job (run: on this node)
 TRAINED = (*PLANNED, LR_FIND)  # and lr-find, which trains one rank in this process
 DESCRIBED = (PLAN, SUBMIT)  # the commands that plan for nodes described (flags, a profile) rather than probed
@@ -29,6 +29,7 @@ GROUPS = {
     "knobs": "knobs (default: the planner chooses, or the config's key, else the default shown)",
     "layout": "layout (default: the planner chooses; `llaunch run` runs data parallelism only)",
     "config": "config shorthands (each sets one train-config key, over the YAML and its overrides)",
+    "allocation": "allocation (default: the cluster profile's)",
 }
 
 
@@ -110,7 +111,8 @@ def _count(field: str, flag: str, help: str, **kw) -> Knob:
 KNOBS = (
     _count("gpus_per_node", "--gpus-per-node", "GPUs per node (on CPU: processes); submit: 0 = CPU nodes on gloo",
            config="parallel.nproc_per_node", aliases=("--gpus", "--nproc-per-node"), group="hardware", planner=True),
-    _count("nodes", "--nodes", "number of nodes", commands=(*DESCRIBED, DOCTOR), group="hardware", planner=True),
+    _count("nodes", "--nodes", "number of nodes", commands=(*DESCRIBED, DOCTOR, CLUSTER), group="hardware",
+           planner=True),
     # The GPU model is probed by `run` and read from the cluster profile by `submit`.
     Knob("gpu", "--gpu", "GPU model for peak FLOP/s and bandwidth (H100, A100-40GB, L40S, ...)", commands=(PLAN,),
          group="hardware"),
@@ -169,6 +171,12 @@ KNOBS = (
     Knob("overwrite", "--overwrite", "remove an earlier llaunch run in the output directory first (never any "
          "other directory)", config="training.overwrite_output_dir", commands=(RUN,), group="config",
          switch=True, plans=False),
+    _count("spare_nodes", "--spare-nodes", "nodes allocated beyond --nodes: a job whose node hangs or fails goes on "
+           "from its newest checkpoint with a spare in that node's place, in the same allocation (no requeue)",
+           commands=(SUBMIT,), group="allocation", plans=False),
+    _count("max_restarts", "--max-restarts", "restarts inside the allocation before the job requeues (with "
+           "--spare-nodes: new steps on the healthy nodes; without: torchrun's restarts of the ranks)",
+           commands=(SUBMIT,), group="allocation", plans=False),
     Knob("no_resume", "--no-resume", "start fresh even if DIR holds checkpoints", config="training.ignore_checkpoints",
          commands=(RUN,), group="config", switch=True, plans=False),
 )

@@ -1,10 +1,12 @@
-"""`llaunch cluster up|down|status`: the real two-node SLURM cluster on this machine (tests, CI, the demo)."""
+"""`llaunch cluster up|down|status`: the real SLURM cluster on this machine (tests, CI, the demo), two nodes
+unless `up --nodes N` says otherwise."""
 
 from __future__ import annotations
 
 import argparse
 
 from launcher.env import DEFAULT_SLURM_DIR, SLURM_CONF, SLURM_DIR
+from launcher.knobs import CLUSTER, add_knob_flags
 
 
 def add_parser(subparsers) -> None:
@@ -12,13 +14,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--state-dir", default=None,
                    help=f"where slurm.conf, state and logs live (default ${SLURM_DIR.name} or {DEFAULT_SLURM_DIR})")
+    add_knob_flags(p, CLUSTER, titles={"hardware": "the local cluster (default: the nodes running, else 2)"})
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from cluster.local import LocalCluster
 
+    from launcher.errors import LaunchError
+
     cluster = LocalCluster(state_dir=args.state_dir) if args.state_dir else LocalCluster()
+    if args.nodes is not None and (args.action != "up" or args.nodes < 1):
+        raise LaunchError(f"--nodes {args.nodes} sizes the cluster `llaunch cluster up` starts; give a positive "
+                          f"number with `up` only.")
+    cluster.nodes = args.nodes or len(cluster.running_nodes()) or cluster.nodes
     if args.action == "up":
         started = cluster.up()
         print(("started" if started else "already running") + f": local SLURM cluster, {cluster.nodes} nodes "

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         nodes=knobs.pop("nodes", None), min_nodes=args.min_nodes, gpus_per_node=knobs.pop("gpus_per_node", None),
         partition=args.partition, account=args.account,
         qos=args.qos, time=args.time, constraint=args.constraint, max_requeues=args.max_requeues, notify=args.notify,
+        spare_nodes=args.spare_nodes, max_restarts=args.max_restarts,
     )
     env = slurm_env(profile.local)
     if not args.dry_run:
@@ -125,9 +126,10 @@ def _print_dry_run(job, profile, name: str, env: dict[str, str], frozen) -> None
     parameters = frozen.in_script(training_parameters(profile, name, JobDir(job_dir).slurm, sys.executable, container))
     _exclude_quarantined(parameters, profile, env)
     print(f"# {frozen.describe()} (at submit)")
-    print(f"# sbatch script for {profile.nodes} node(s) (cluster profile {profile.name}):")
+    spares = f" and {profile.spare_nodes} spare(s)" if profile.spare_nodes else ""
+    print(f"# sbatch script for {profile.nodes} node(s){spares} (cluster profile {profile.name}):")
     print(render_sbatch(parameters, JobDir(job_dir).slurm, step_python(container, sys.executable)))
-    print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_JOB_NODELIST\"`,")
+    print("# each node's task runs (FIRST_NODE = first of `scontrol show hostnames \"$SLURM_STEP_NODELIST\"`,")
     print("# RDZV_PORT = 20000 + JOB_ID % 10000):")
     print(_node_line(job, profile, container))
     print(f"# the plan ({JobDir(job_dir).plan} when submitted):")
@@ -161,7 +163,7 @@ def _node_line(job, profile, container) -> str:
 
     wrap = container.wrap(profile.gpus_per_node > 0) if container else []
     argv, extra_env = node_command(job.plan, Path(job.output_dir).resolve(), rdzv_host="FIRST_NODE",
-                                   rdzv_port="RDZV_PORT", job_id="JOB_ID", max_restarts=profile.max_restarts,
+                                   rdzv_port="RDZV_PORT", job_id="JOB_ID", max_restarts=profile.torchrun_restarts,
                                    dist_timeout_s=profile.dist_timeout_s, cpus_per_node=profile.cpus_per_task,
                                    python=container.container.python if container else sys.executable, wrap=wrap)
     return render_node_command(argv, extra_env)
@@ -246,6 +248,9 @@ def _run_sweep(args: argparse.Namespace, knobs: dict, flags: list, profile, env:
 
     if not args.sweep:
         raise LaunchError("--max-parallel throttles a sweep's job array; add --sweep section.key=V1,V2,... or drop it.")
+    if profile.restarts_on_spares:
+        raise LaunchError("a sweep's elements run without spare nodes (each restarts through the queue); drop "
+                          "--spare-nodes (or the profile's spare_nodes) or submit the elements one by one.")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise LaunchError(f"--max-parallel must be a positive integer, not {args.max_parallel}.")
     sweep = prepare_sweep(args.config, args.overrides, args.sweep, flags=flags, knobs=knobs,

@@ -36,6 +36,8 @@ SUBMIT = "submit"              # llaunch submit: the job went into the queue
 LAUNCH = "launch"              # an incarnation starts (llaunch run, or node 0's task); seconds = its queue wait
 EXIT = "exit"                  # the incarnation ended: code, cause (finished / failed / signal name)
 REQUEUE = "requeue"            # the node task handed the job back to the queue
+RESTART = "restart"            # the node task restarted the job in a new step of its allocation (no queue)
+NEW_STEP = "new_step"          # the batch script ran that step (once, whether or not its tasks got to launch)
 SIGNAL = "signal"              # a stop signal reached the launcher or rank 0
 HANG = "hang"                  # the watchdog: seconds = detection latency (time lost before it saw the hang)
 STRAGGLER = "straggler"        # the watchdog: seconds = time the slowest rank cost the others since its last event

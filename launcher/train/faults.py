@@ -9,8 +9,10 @@ LLAUNCH_FAULT holds one or more faults separated by ';', each `kind:key=value,..
                                     slower GPU: the time passes before the gradient reduction)
     crash:rank=1,step=4             rank 1 exits with code 1 as step 4 begins (os._exit: no cleanup)
 
-`rank` is the global rank; `step` counts optimizer steps from 1. The functions named injected_* show up in
-a stack dump, so a test can tell the injected frame from a real one.
+`rank` is the global rank; `step` counts optimizer steps from 1. Any fault may add `node=NAME`: it strikes only
+where the rank runs on that node (SLURM's name, launcher.runtime.node.node_name), as a bad node's would; the
+rank that takes its place elsewhere after a restart on a spare runs clean. The functions named injected_* show
+up in a stack dump, so a test can tell the injected frame from a real one.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 
 from launcher.env import FAULT
 from launcher.errors import LaunchError
+from launcher.runtime.node import node_name
 
 KINDS = {"hang": ("rank", "step"), "slow": ("rank", "ms"), "crash": ("rank", "step")}
 HANG_HOW = ("sleep", "sigstop", "spin")
@@ -36,6 +39,7 @@ class Fault:
     step: int = 0
     ms: float = 0.0
     how: str = "sleep"
+    node: str | None = None  # only on this node (None: on any)
 
 
 def parse_faults(text: str) -> list[Fault]:
@@ -44,18 +48,18 @@ def parse_faults(text: str) -> list[Fault]:
         kind, _, params = item.partition(":")
         pairs = [pair.partition("=") for pair in params.split(",") if pair]
         values = {key.strip(): value.strip() for key, sep, value in pairs if sep}
-        allowed = {*KINDS.get(kind, ()), *(("how",) if kind == "hang" else ())}
+        allowed = {*KINDS.get(kind, ()), "node", *(("how",) if kind == "hang" else ())}
         try:
             if kind not in KINDS or len(values) != len(pairs) or set(values) - allowed or set(KINDS[kind]) - set(values):
                 raise ValueError
             fault = Fault(kind, int(values["rank"]), int(values.get("step", 0)), float(values.get("ms", 0)),
-                          values.get("how", "sleep"))
+                          values.get("how", "sleep"), values.get("node") or None)
             if fault.how not in HANG_HOW or fault.rank < 0 or ("step" in values and fault.step < 1) \
                     or not 0 <= fault.ms <= MAX_SLOW_MS:  # nan compares false
                 raise ValueError
         except ValueError:
             raise LaunchError(f"{FAULT.name} fault {item!r} is not one of hang:rank=R,step=S[,how=sleep|sigstop|spin], "
-                              f"slow:rank=R,ms=M, crash:rank=R,step=S with R >= 0, S >= 1 and M from 0 to "
+                              f"slow:rank=R,ms=M, crash:rank=R,step=S (each with an optional ,node=NAME) with R >= 0, S >= 1 and M from 0 to "
                               f"{MAX_SLOW_MS:.0f} milliseconds; see docs/faults.md.") from None
         faults.append(fault)
     return faults
@@ -70,7 +74,8 @@ class FaultInjector:
     """The faults of one rank, applied as each step begins."""
 
     def __init__(self, faults: list[Fault], rank: int):
-        self.faults = [f for f in faults if f.rank == rank]
+        here = node_name()
+        self.faults = [f for f in faults if f.rank == rank and f.node in (None, here)]
         self.slow_s = sum(f.ms for f in self.faults if f.kind == "slow") / 1000.0
 
     @classmethod

@@ -5,7 +5,9 @@ step-20 checkpoint saves the step it was at, requeues once, resumes there and en
 its goodput counts the queue wait after the requeue and the restore. That job is submitted from a user's git
 repository and a copy of llaunch, both edited after the submit: it runs from its frozen code all the same, and
 its notify hook hears every state in order. A job that hangs on one node (--min-nodes 1)
-is requeued without that node and finishes on the other, its losses those of the uninterrupted run.
+is requeued without that node and finishes on the other, its losses those of the uninterrupted run; with a
+spare node (`cluster up --nodes 3`) it restarts in its allocation on the spare instead and ends with the
+uninterrupted weights.
 A broken config or a request the partition cannot run never reaches sbatch, a job dir belongs to one job,
 a job that raises is not requeued and shows its error in `llaunch status`, and `cluster down` ends the jobs
 before it stops the daemons.
@@ -364,6 +366,53 @@ def test_a_hang_requeues_the_job_without_the_culprits_node_and_it_finishes_on_th
     straight, resumed = losses(straight_run), losses(out)
     after = [step for step in straight if step > SAVE_STEPS]
     assert after and all(abs(resumed[step] - straight[step]) < 1e-4 for step in after), (straight, resumed)
+
+
+def test_a_hang_with_a_spare_node_restarts_in_the_allocation_and_ends_with_the_uninterrupted_weights(
+        straight_run, config, tmp_path, monkeypatch):
+    """`cluster up --nodes 3`, a job of --nodes 2 --spare-nodes 1: the rank on n2 hangs at step 25 (the bad node;
+    the rendezvous decides which rank that is; its spare runs clean). The first node's task restarts the job from step 20 in a new srun step of the same
+    allocation on n1 and the spare n3, without a requeue; it ends with the uninterrupted run's weights, the node
+    ledger names n2, goodput has no queue after the first start and the restart down under a minute, and the
+    notify hook heard `restarted`. The cluster is back at two nodes afterwards."""
+    from launcher.cli import main
+    from launcher.observe import event_ledger
+    from launcher.observe.goodput import analyse
+    from launcher.observe.node_ledger import NodeLedger
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))  # no other test's node events quarantine a node
+    out, heard = tmp_path / "spare", tmp_path / "notified"
+    bad_node = ";".join(f"hang:rank={rank},step=25,node=n2" for rank in (0, 1))
+    faults = {"LLAUNCH_FAULT": bad_node, "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
+    assert main(["cluster", "up", "--nodes", "3"]) == 0
+    try:
+        result = submit(out, "--spare-nodes", "1", "--max-restarts", "1", "--wait", "--notify",
+                        f'echo "$LLAUNCH_JOB_STATE" >> {heard}', config=config, env=faults, timeout=400)
+        job_id = job_id_of(result)
+        end = job_state(job_id, os.environ)
+        assert result.returncode == 0 and end.state == "COMPLETED" and end.restarts == 0, logs_of(job_id)[-4000:]
+        events = event_ledger.read(out)
+    finally:
+        wait_until(lambda: idle(os.environ), 120, "idle nodes", "(the spare-node job)")
+        assert main(["cluster", "up", "--nodes", "2"]) == 0
+    launches = [e for e in events if e["kind"] == event_ledger.LAUNCH]
+    assert [(e["inc"], e["hosts"]) for e in launches] == [(f"{job_id}.0", ["n1", "n2"]),
+                                                           (f"{job_id}.0.1", ["n1", "n3"])], launches
+    assert "seconds" not in launches[1]  # a restart inside the allocation waited in no queue
+    restart = next(e for e in events if e["kind"] == event_ledger.RESTART)
+    assert restart["exclude"] == ["n2"] and "restart 1/1 in the allocation resumes from step 20" in restart["reason"]
+    assert [e.host for e in NodeLedger.for_profile("local").events() if e.kind == "hang"] == ["n2"]
+    logs = logs_of(job_id)
+    assert f"resumed from {out.resolve() / 'checkpoints' / 'step-20'} at step 20" in logs, logs[-4000:]
+    straight, resumed = final_weights(straight_run), final_weights(out)
+    worst = max(float((straight[k].float() - resumed[k].float()).abs().max()) for k in straight)
+    assert worst <= 1e-6, f"the restarted job's weights differ from the uninterrupted run's by {worst}"
+    restarted = [piece for piece in analyse(events, alive=False).pieces if piece.lane == 1]
+    assert not [piece for piece in restarted if piece.category == "queue"], restarted
+    down = sum(piece.seconds for piece in restarted if piece.category == "down")  # from the hang's exit to the step
+    assert 0 < down < 60, restarted
+    assert json.loads(llaunch("goodput", job_id, "--json").stdout)["seconds"]["down"] == pytest.approx(down, abs=1)
+    assert heard.read_text().split() == ["submitted", "started", "hang", "restarted", "completed"]
 
 
 def test_more_nodes_than_the_partition_has_are_refused_before_sbatch(slurm_cluster, config, tmp_path):

@@ -288,6 +288,18 @@ CASES = [
      "--notify must be a shell command on one line"),
     ("submit W/tiny.yaml --cluster W/notify-profile.yaml --output-dir W/out --dry-run",
      "'local': notify must be a shell command on one line"),
+    # spare nodes: a negative count, spares without restarts to use them, with a job that may shrink, too many
+    # for the partition is tests/slurm's; a sweep's elements have none; `cluster` sizes only with `up`
+    ("submit W/tiny.yaml --cluster local --spare-nodes -1 --dry-run", "--spare-nodes must be a non-negative integer"),
+    ("submit W/tiny.yaml --cluster local --spare-nodes 1 --dry-run",
+     "max_restarts must be at least 1 with 1 spare node(s) (each restart puts a spare in a failed node's place), "
+     "e.g. --max-restarts 1"),
+    ("submit W/tiny.yaml --cluster local --nodes 2 --min-nodes 1 --spare-nodes 1 --max-restarts 1 --dry-run",
+     "--spare-nodes must be 0 when min_nodes lets the job shrink"),
+    (f"{SWEEP} --sweep training.learning_rate=1e-4,3e-4 --spare-nodes 1 --max-restarts 1",
+     "a sweep's elements run without spare nodes"),
+    ("cluster status --nodes 3", "--nodes 3 sizes the cluster `llaunch cluster up` starts"),
+    ("cluster up --nodes 0", "--nodes 0 sizes the cluster `llaunch cluster up` starts; give a positive number"),
     # sweeps: a key the config lacks, an empty value, a value its key's rule refuses (in any element), an element
     # the planner cannot fit, elements that collide (one value twice, one job dir), what the sweep owns, a key
     # also set elsewhere, a grid of one, --max-parallel alone or below 1, a directory that is no sweep's

@@ -41,3 +41,13 @@ def test_llaunch_run_refuses_a_bad_fault_or_watchdog_setting_before_writing_anyt
         assert main(["run", str(config), "--output-dir", str(tmp_path / "out")]) == 2
         assert f"{name} " in capsys.readouterr().err and not (tmp_path / "out").exists()
         monkeypatch.delenv(name)
+
+
+def test_a_fault_on_a_named_node_strikes_only_there(monkeypatch):
+    """node=NAME: a bad node's fault; the rank that takes its place on a spare runs clean."""
+    assert parse_faults("hang:rank=1,step=25,node=n2") == [Fault("hang", 1, 25, node="n2")]
+    monkeypatch.setenv("LLAUNCH_FAULT", "slow:rank=1,ms=150,node=n2")
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    assert FaultInjector.from_env(1).slow_s == pytest.approx(0.15)
+    monkeypatch.setenv("SLURMD_NODENAME", "n3")
+    assert FaultInjector.from_env(1) is None

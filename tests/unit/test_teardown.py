@@ -23,6 +23,10 @@ KILLED_STATUS = 137  # srun's status when a task died of SIGKILL
 
 @pytest.fixture
 def job(tmp_path, monkeypatch):
+    return make_job(tmp_path, monkeypatch)
+
+
+def make_job(tmp_path, monkeypatch):
     """Job 77 on n1 and n2, its attempt 77.0 launched; node 1 recorded its rank's end, node 0's task did not.
     Returns the log folder, the requeues submitit asked of scontrol and a writer of the job's pickled task."""
     folder = tmp_path / "slurm"
@@ -41,9 +45,9 @@ def job(tmp_path, monkeypatch):
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps([{"rank": 1, "host": "n2", "node": 1, "ended_t": 5.0}]))
 
-    def submitted(max_requeues: int) -> NodeTask:
+    def submitted(max_requeues: int, **fields) -> NodeTask:
         task = NodeTask(str(tmp_path), max_requeues=max_requeues, max_restarts=0, dist_timeout_s=60,
-                        node_ledger_path=str(tmp_path / "nodes.jsonl"))
+                        node_ledger_path=str(tmp_path / "nodes.jsonl"), **fields)
         delayed = DelayedSubmission(task)
         delayed.set_timeout(30, max_requeues)
         delayed.dump(JobPaths(folder, job_id="77").submitted_pickle)
