@@ -25,8 +25,10 @@ chunk: 126 layers + embedding + head = 128 = pp 16 x v 8, torchtitan's split (la
 
 DeepSeek-V3 (EP_ROWS, issue 32): its published layout (PP16 x EP64 x ZeRO-1, sequence 4,096, 2,048 H800) forced
 with full recompute at micro-batch 1 fits 80 GB (17 GiB allocated peak); with selective recompute (DeepSeek
-recomputes RMSNorm and MLA's up-projections) llaunch predicts 114 GiB reserved, as it stores the MoE activations
-and the dropless dispatch / combine buffers in bf16 where DeepSeek caches them in FP8. Predicted ~560 tokens/s per
+recomputes RMSNorm and MLA's up-projections) llaunch predicts 143 GiB reserved, as it stores every routed copy's
+SwiGLU tensors (traced on fake tensors, tests/unit/test_memory_trace_moe.py) and the dropless dispatch / combine
+buffers in bf16 where DeepSeek caches the SwiGLU's inputs and the experts' inputs in FP8 and recomputes the
+SwiGLU's output in backward (arXiv 2412.19437 sec. 3.3.2, "Low-Precision Storage and Communication"). Predicted ~560 tokens/s per
 GPU against the published 1,543 (1e12 tokens / 180K GPU hours): llaunch counts the EP all-to-all exposed and every
 top-k copy on the network, where DeepSeek hides it behind compute (DualPipe), sends at most 4 nodes' worth per
 token (node-limited routing) in FP8, and runs FP8 GEMMs.
