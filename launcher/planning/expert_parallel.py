@@ -17,9 +17,10 @@ Sources:
 
 from __future__ import annotations
 
+from launcher.errors import LaunchError
 from launcher.planning.memory_sizes import qlora_base_bytes
 from launcher.planning.models import ModelSpec
-from launcher.planning.plan import TrainSetup
+from launcher.planning.plan import EP_MODEL_TYPES, LORA_METHODS, TrainSetup
 
 # Grouped GEMM (Megatron-Core's moe_grouped_gemm, torchtitan's torch._grouped_mm) over a dense GEMM of the same
 # FLOPs: an assumption, not measured here; each expert's smaller matmul fills the GPU less.
@@ -30,6 +31,28 @@ TOPK_INDEX_BYTES = 8  # top-k expert indices, int64
 # row of each copy (int64 gather indices), the inverse permutation of the combine (int64) and the copy's routing
 # weight (fp32), as transformers.integrations.moe.grouped_mm_experts_forward and launcher.train.expert_parallel keep them.
 ROUTING_BYTES_PER_COPY = 3 * 8 + 4
+
+
+def adapts_experts(spec: ModelSpec, method: str, targets: list[str]) -> bool:
+    """Whether LoRA `targets` put adapters on the routed experts: PEFT (>= 0.18) maps all-linear and the names in
+    MoESpec.lora_names onto their fused parameters through ParamWrapper, which adds each adapter's delta to the
+    whole [experts, out, in] stack at every forward (peft/tuners/lora/layer.py)."""
+    return bool(method in LORA_METHODS and spec.moe and set(spec.moe.lora_names[1:]) & spec.lora_target_names(targets))
+
+
+def check_ep_runs(spec: ModelSpec, ep: int, method: str, targets: list[str]) -> None:
+    """What the ranks' expert parallelism (launcher/train/expert_parallel.py) runs, refused in one sentence
+    before any rank starts: the fused experts of EP_MODEL_TYPES, without adapters on them (ParamWrapper's delta
+    spans every expert, where a rank holds experts / ep of them)."""
+    if ep <= 1:
+        return
+    if spec.model_type not in EP_MODEL_TYPES:
+        raise LaunchError(f"the ranks split the experts of {' and '.join(EP_MODEL_TYPES)} models over ep, not "
+                          f"{spec.model_type}'s; train it with --ep 1.")
+    if adapts_experts(spec, method, targets):
+        raise LaunchError("LoRA on the routed experts (PEFT's ParamWrapper, a delta over every expert) does not run "
+                          "under expert parallelism yet; train it with --ep 1, or adapt attention only "
+                          "(finetune.target_modules: [q_proj, k_proj, v_proj, o_proj]).")
 
 
 def routed_expert_params(spec: ModelSpec) -> int:

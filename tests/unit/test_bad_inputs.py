@@ -114,6 +114,10 @@ CASES = [
     # run: expert parallelism borrows FSDP's shard ranks, and splits only the experts the ranks know
     (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 2 --ep 2 --strategy ddp", "use --strategy fsdp or hsdp"),
     (f"{RUN} model.name_or_path=gpt-oss-20b --nproc-per-node 2 --ep 2", "not gpt_oss's; train it with --ep 1"),
+    (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 2 --ep 2 --method lora finetune.lora_dropout=0",
+     "LoRA on the routed experts"),
+    # run: PEFT's adapters on a mixture of experts' fused experts (ParamWrapper) take no dropout
+    (f"{RUN} model.name_or_path=qwen3-30b-a3b --method lora", "set finetune.lora_dropout: 0"),
     # run: model overrides
     (f"{RUN} 'model.overrides={{hidden_size: 0}}'", "must be a positive integer"),
     (f"{RUN} 'model.overrides={{bogus_key: 3}}'", "is not a key of a llama config"),
