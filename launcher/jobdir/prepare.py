@@ -20,6 +20,7 @@ from launcher.config import TrainConfig, load_train_config
 from launcher.corpus import PackedBlocks, TokenizedCorpus, find_corpus
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.knobs import request_knobs
+from launcher.planning.expert_parallel import adapts_experts
 from launcher.planning.models import load_model_spec, pretrained_dir
 from launcher.planning.parallel import check_tensor_parallel
 from launcher.planning.plan import DEEPSPEED_STRATEGIES, ENGINE_SUPPORT, PIPELINED_MODEL_TYPES, Plan, check_runnable
@@ -66,9 +67,12 @@ def prepare_job(
     if plan.precision == "fp8" and importlib.util.find_spec("torchao") is None:
         raise LaunchError("--precision fp8 trains with torchao's float8 linears; pip install 'llaunch[fp8]'.")
     _check_pipeline(config, plan)
+    spec = load_model_spec(config.model.name_or_path, config.model.overrides)
     if plan.parallel.tp_enabled:  # what the ranks' tp plan splits (launcher/train/tensor_parallel.py)
-        spec = load_model_spec(config.model.name_or_path, config.model.overrides)
         check_tensor_parallel(spec.model_type, spec.heads, spec.kv_heads, plan.tp)
+    if config.finetune.lora_dropout and adapts_experts(spec, plan.method, plan.lora_targets):
+        raise LaunchError("PEFT adapts a mixture of experts' fused experts without dropout (its ParamWrapper); set "
+                          "finetune.lora_dropout: 0, or leave the experts out of finetune.target_modules.")
     # Checking the data here makes too little text or a bad SFT line (file:line) fail before any rank starts.
     if corpus is not None:
         blocks = PackedBlocks(corpus.tokens(), plan.seq_len, config.data.validation_split_percentage)

@@ -17,15 +17,42 @@ Sources:
 
 from __future__ import annotations
 
+from launcher.errors import LaunchError
 from launcher.planning.memory_sizes import qlora_base_bytes
 from launcher.planning.models import ModelSpec
-from launcher.planning.plan import TrainSetup
+from launcher.planning.plan import EP_MODEL_TYPES, LORA_METHODS, TrainSetup
 
 # Grouped GEMM (Megatron-Core's moe_grouped_gemm, torchtitan's torch._grouped_mm) over a dense GEMM of the same
 # FLOPs: an assumption, not measured here; each expert's smaller matmul fills the GPU less.
 GROUPED_GEMM_EFFICIENCY = 0.85
 ROUTER_LOGIT_BYTES = 4  # the router's logits and scores in fp32 (HF's MoE blocks upcast them for the softmax / sigmoid)
 TOPK_INDEX_BYTES = 8  # top-k expert indices, int64
+# Per routed copy of a token, the dispatch's bookkeeping that autograd keeps: the sort permutation and the source
+# row of each copy (int64 gather indices), the inverse permutation of the combine (int64) and the copy's routing
+# weight (fp32), as transformers.integrations.moe.grouped_mm_experts_forward and launcher.train.expert_parallel keep them.
+ROUTING_BYTES_PER_COPY = 3 * 8 + 4
+
+
+def adapts_experts(spec: ModelSpec, method: str, targets: list[str]) -> bool:
+    """Whether LoRA `targets` put adapters on the routed experts: PEFT (>= 0.18) maps all-linear and the names in
+    MoESpec.lora_names onto their fused parameters through ParamWrapper, which adds each adapter's delta to the
+    whole [experts, out, in] stack at every forward (peft/tuners/lora/layer.py)."""
+    return bool(method in LORA_METHODS and spec.moe and set(spec.moe.lora_names[1:]) & spec.lora_target_names(targets))
+
+
+def check_ep_runs(spec: ModelSpec, ep: int, method: str, targets: list[str]) -> None:
+    """What the ranks' expert parallelism (launcher/train/expert_parallel.py) runs, refused in one sentence
+    before any rank starts: the fused experts of EP_MODEL_TYPES, without adapters on them (ParamWrapper's delta
+    spans every expert, where a rank holds experts / ep of them)."""
+    if ep <= 1:
+        return
+    if spec.model_type not in EP_MODEL_TYPES:
+        raise LaunchError(f"the ranks split the experts of {' and '.join(EP_MODEL_TYPES)} models over ep, not "
+                          f"{spec.model_type}'s; train it with --ep 1.")
+    if adapts_experts(spec, method, targets):
+        raise LaunchError("LoRA on the routed experts (PEFT's ParamWrapper, a delta over every expert) does not run "
+                          "under expert parallelism yet; train it with --ep 1, or adapt attention only "
+                          "(finetune.target_modules: [q_proj, k_proj, v_proj, o_proj]).")
 
 
 def routed_expert_params(spec: ModelSpec) -> int:
@@ -59,16 +86,30 @@ def expert_share(spec: ModelSpec, setup: TrainSetup, term: str) -> float:
     return 0.0 if setup.trains_adapters else routed / spec.num_params
 
 
-def moe_bytes_per_token(spec: ModelSpec, act: int) -> float:
-    """What an average layer saves per token for the MoE block (module docstring): the router's fp32 logits and
-    its top-k scores and indices, the dispatched copies of the token (tokens x k x hidden, the experts' input)
-    and the experts' outputs before the weighted combine, averaged over all layers (dense layers save none)."""
+def moe_bytes_per_token(spec: ModelSpec, mode: str) -> float:
+    """What an average layer saves per token for its routed experts (the shared ones are a dense MLP's, in
+    memory_sizes.layer_activation_bytes), averaged over all layers, in compute `mode` (memory_sizes.compute_mode).
+
+    Per MoE layer, tensor by tensor as transformers 5's grouped-GEMM experts and launcher.train.expert_parallel
+    save them (tests/unit/test_memory_trace_moe.py traces them on fake tensors): the router's input (the norm
+    output, unless the shared experts' gate / up already keep it) and its fp32 logits, top-k scores and indices;
+    for each of the k routed copies of the token, the dispatched row (the dropless dispatch buffer, the experts'
+    input), the fused gate_up output, silu(gate), the gated product (down's input), the expert's output before
+    the weighted combine (the combine buffer) and ROUTING_BYTES_PER_COPY. The experts run as one grouped GEMM,
+    which autocast does not cast: under autocast the rows stay fp32. A model's dense layers (DeepSeek-V3's
+    first_k_dense_replace) save a dense MLP of the gap between their MLP and the shared experts."""
     if spec.moe is None:
         return 0.0
-    k, h = spec.moe.experts_per_token, spec.hidden
-    router = ROUTER_LOGIT_BYTES * spec.moe.experts + (ROUTER_LOGIT_BYTES + TOPK_INDEX_BYTES) * k
-    per_moe_layer = router + 2 * k * h * act
-    return per_moe_layer * len(spec.moe.layers) / spec.layers
+    moe, h = spec.moe, spec.hidden
+    act = 4 if mode == "fp32" else 2  # the router's and dense matmuls' outputs (bf16 under autocast)
+    rows = 4 if mode in ("fp32", "autocast") else 2
+    router_input = 0 if moe.shared_experts else act * h
+    router = router_input + ROUTER_LOGIT_BYTES * moe.experts + (ROUTER_LOGIT_BYTES + TOPK_INDEX_BYTES) * moe.experts_per_token
+    copy = rows * (2 * h + 4 * moe.expert_ffn) + ROUTING_BYTES_PER_COPY
+    dense_layers = spec.layers - len(moe.layers)
+    dense_ffn = next((o for n, _, o in moe.dense_layer_linears if n == "gate_proj"), 0) - moe.shared_experts * moe.expert_ffn
+    dense = dense_layers * (act * 4 * dense_ffn + (0 if moe.shared_experts else act * h))
+    return (len(moe.layers) * (router + moe.experts_per_token * copy) + dense) / spec.layers
 
 
 def routed_flops_share(spec: ModelSpec) -> float:

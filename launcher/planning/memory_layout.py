@@ -184,7 +184,7 @@ def layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, mode: str = "") ->
     the setup's recompute mode (or `mode`: "none" for what a layer holds while it is differentiated)."""
     per_layer = (selective_bytes_per_token(spec, setup) if (mode or setup.activation_checkpointing) == "selective"
                  else sizes.layer_activation_bytes(spec, setup))
-    per_layer += experts.moe_bytes_per_token(spec, 4 if sizes.compute_mode(setup) == "fp32" else 2)
+    per_layer += experts.moe_bytes_per_token(spec, sizes.compute_mode(setup))
     t = setup.parallel.tp
     if t == 1:
         return per_layer

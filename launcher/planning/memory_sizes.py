@@ -140,7 +140,9 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     mode = compute_mode(setup)
     act = 4 if mode == "fp32" else 2
     resid = residual_bytes(setup)
-    h, f = spec.hidden, spec.ffn
+    # A mixture of experts' routed experts are launcher.planning.expert_parallel.moe_bytes_per_token's: here the
+    # MLP is the shared experts' (none in Mixtral / Qwen3-MoE, whose layer_linears then hold no MLP at all).
+    h, f = spec.hidden, spec.ffn - spec.routed_ffn
     qd, kvd = spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim
     lora = setup.trains_adapters
     names = {n for n, _, _ in spec.layer_linears}
@@ -149,6 +151,8 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     total = 2 * (4 * h + (0 if lora else resid * h))
     # Attention (SDPA flash / mem-efficient) saves q, k, v, its output (which o_proj reads in place) and a logsumexp.
     total += act * (qd + 2 * kvd) + act * qd
+    if spec.qk_norm:  # Qwen3 / Gemma 3's RMSNorm on q and k saves its fp32 input, and the normalized q, k if trained
+        total += (4 + (0 if lora else act)) * (qd + kvd)
     if setup.attention == "eager":
         total += spec.heads * setup.seq_len * (4 + act)  # fp32 softmax probabilities + their cast, per head
     # MLP: silu saves the gate output; the product saves silu(gate) and up.

@@ -77,9 +77,10 @@ ENGINE_SUPPORT = {
 
 
 # The mixtures of experts whose experts the ranks split over ep (launcher/train/expert_parallel.py): fused
-# experts computing down(act(gate) * up), gate and up concatenated in one weight, no biases. gpt-oss's
-# interleaved, biased, clamped experts and DeepSeek-V3's shared experts are not among them yet.
-EP_MODEL_TYPES = ("mixtral", "qwen3_moe")
+# experts computing down(act(gate) * up), gate and up concatenated in one weight, no biases (DeepSeek-V3's shared
+# experts and dense layers beside them stay data-parallel). gpt-oss's interleaved, biased, clamped experts are not
+# among them yet.
+EP_MODEL_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3")
 
 
 class StrategyTraits:

@@ -8,13 +8,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from launcher.errors import LaunchError
+from launcher.planning import expert_parallel as experts
 from launcher.planning import step_time
 from launcher.planning.hardware import ASSUMED_NODE_RAM, DEFAULT_GPU, Hardware, require_gpu_name
 from launcher.planning.memory import MemoryBreakdown, estimate
 from launcher.planning.models import ModelSpec, load_model_spec
 from launcher.planning.layouts import LAYOUT_STRATEGIES, check_forced, layouts
 from launcher.planning.parallel import CP_REFUSAL, RECOMPUTES
-from launcher.planning.plan import (ENGINE_SUPPORT, EP_MODEL_TYPES, LAYOUT_KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES,
+from launcher.planning.plan import (ENGINE_SUPPORT, LAYOUT_KNOBS, LORA_METHODS, OFFLOADS, STRATEGIES,
                                     STRATEGY_ORDER, Plan, TrainSetup, can_run, check_offload)
 from launcher.planning.plan_reasons import plan_reasons
 from launcher.planning.request import PlanRequest
@@ -87,9 +88,8 @@ def make_plan(request: PlanRequest, hardware: Hardware) -> Plan:
     spec = load_model_spec(request.model, request.model_overrides)
     hw = hardware_for(request, hardware)
     _check_forced_offload(request)
-    if request.runnable_only and (request.ep or 1) > 1 and spec.model_type not in EP_MODEL_TYPES:
-        raise LaunchError(f"the ranks split the experts of {' and '.join(EP_MODEL_TYPES)} models over ep, not "
-                          f"{spec.model_type}'s; train it with --ep 1.")
+    if request.runnable_only:
+        experts.check_ep_runs(spec, request.ep or 1, request.method or "full", request.lora_targets or ["all-linear"])
     candidates = rank_candidates(spec, request, hw)
     if not candidates:
         world = (hw.nodes * hw.gpus_per_node) if hw.has_gpu else (request.nodes or 1) * (request.gpus_per_node or 1)

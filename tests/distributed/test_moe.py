@@ -75,3 +75,30 @@ def test_crashed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_pat
     resumed_rows, straight_rows = metrics(tmp_path / "run")[-2:], metrics(runs["fsdp"])[-2:]
     for key in ("step", "loss", "aux_loss"):
         assert [r[key] for r in resumed_rows] == pytest.approx([r[key] for r in straight_rows], rel=1e-6, abs=0)
+
+
+def test_lora_on_attention_router_and_experts_trains_under_fsdp_and_merges_into_every_expert(tmp_path, runs):
+    """`--method lora` on the default all-linear: PEFT puts adapters on q/k/v/o, the router and, through its
+    ParamWrapper, on the fused gate_up_proj and down_proj of every expert (no dropout there). The base stays
+    frozen, so the merged exports of two checkpoints differ exactly where adapters trained: in every expert."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from launcher.cli import main
+
+    run = tmp_path / "lora"
+    result = llaunch_run(run, "fsdp", [*runs["data"], "--method", "lora", "finetune.lora_dropout=0"])
+    assert result.returncode == 0, result.stdout[-4000:]
+    rows = metrics(run)
+    assert rows[-1]["loss"] < rows[0]["loss"] and all("aux_loss" in row for row in rows)
+    with safe_open(run / "final" / "adapter_model.safetensors", "pt") as adapter:
+        adapted = {key.split(".layers.1.")[1].rsplit(".lora_", 1)[0] for key in adapter.keys() if ".layers.1." in key}
+    assert adapted == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate",
+                       "mlp.experts.base_layer", "mlp.experts"}  # gate_up_proj inside, down_proj outside
+    merged = {}
+    for step in (2, 4):
+        assert main(["export", str(run / "checkpoints" / f"step-{step}"), "--merge", "--to", str(tmp_path / str(step))]) == 0
+        merged[step] = load_file(tmp_path / str(step) / "model.safetensors")
+    changed = {key for key in merged[4] if not merged[4][key].equal(merged[2][key])}
+    assert {key for key in merged[4] if ".mlp.experts." in key} <= changed, sorted(changed)
+    assert not any("norm" in key or "embed" in key for key in changed), sorted(changed)

@@ -116,6 +116,10 @@ CASES = [
     (f"{RUN} model.name_or_path=gpt-oss-20b --nproc-per-node 2 --ep 2", "not gpt_oss's; train it with --ep 1"),
     (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 4 --ep 2 --pp 2 --strategy fsdp",
      "the ranks run expert parallelism without pp so far; keep --ep 1 or --pp 1"),
+    (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 2 --ep 2 --method lora finetune.lora_dropout=0",
+     "LoRA on the routed experts"),
+    # run: PEFT's adapters on a mixture of experts' fused experts (ParamWrapper) take no dropout
+    (f"{RUN} model.name_or_path=qwen3-30b-a3b --method lora", "set finetune.lora_dropout: 0"),
     # run: model overrides
     (f"{RUN} 'model.overrides={{hidden_size: 0}}'", "must be a positive integer"),
     (f"{RUN} 'model.overrides={{bogus_key: 3}}'", "is not a key of a llama config"),

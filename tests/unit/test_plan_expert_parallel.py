@@ -34,15 +34,19 @@ def test_ep_splits_only_the_routed_experts_states():
 
 
 def test_moe_activations_add_router_and_dispatch_combine_buffers():
-    """Per MoE layer and token: 256 fp32 logits, 8 fp32 scores + 8 int64 indices, and 2 x 8 copies of the
-    7168-wide token in bf16 (dispatched and combined), over the 61 layers of which 58 are MoE."""
-    per_moe_layer = 256 * 4 + 8 * (4 + 8) + 2 * 8 * 7168 * 2
-    assert ep.moe_bytes_per_token(DSV3, 2) == pytest.approx(per_moe_layer * 58 / 61)
-    assert ep.moe_bytes_per_token(load_model_spec("8b"), 2) == 0
+    """Per MoE layer and token in bf16: 256 fp32 logits, 8 fp32 scores + 8 int64 indices (the shared expert keeps
+    the router's input), and for each of the 8 routed copies the dispatched and combined 7168-wide rows, the
+    2048-wide gate_up output (2x), silu(gate) and product, and 28 B of routing indices and weight; the 3 dense
+    layers' MLP is 8 x 2048 wider than the shared expert. Over the 61 layers; against the same model counted
+    dense, the routed experts' SwiGLU that the dense rule counted at the MLP width (2 B x 4 x 8 x 2048) moves here."""
+    per_moe_layer = 256 * 4 + 8 * (4 + 8) + 8 * (2 * (2 * 7168 + 4 * 2048) + 28)
+    dense_gap = 3 * 2 * 4 * (18432 - 2048)
+    assert ep.moe_bytes_per_token(DSV3, "half") == pytest.approx((58 * per_moe_layer + dense_gap) / 61)
+    assert ep.moe_bytes_per_token(load_model_spec("8b"), "half") == 0
     setup = TrainSetup(**{**DEEPSEEK_LAYOUT, "activation_checkpointing": "none"})
     dense = dataclasses.replace(DSV3, moe=None)
     assert (mem.layer_bytes_per_token(DSV3, setup) - mem.layer_bytes_per_token(dense, setup)
-            == pytest.approx(per_moe_layer * 58 / 61))
+            == pytest.approx((58 * per_moe_layer + dense_gap) / 61 - 2 * 4 * 8 * 2048))
 
 
 def test_all_to_all_is_zero_at_ep_1_and_crosses_the_network_beyond_a_node():

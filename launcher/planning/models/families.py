@@ -73,7 +73,7 @@ def decoder_spec(name: str, c: dict, source: str) -> ModelSpec:
         name=name, hf_config=c, num_params=params, layers=layers, hidden=h, heads=heads, kv_heads=kv,
         head_dim=head_dim, ffn=per_token_ffn, vocab=vocab, tied_embeddings=tied,
         max_position=int(c.get("max_position_embeddings", 0)), source=source, layer_linears=linears,
-        moe=moe, mla=mla, sliding_window=window, sliding_layers=sliding,
+        moe=moe, mla=mla, sliding_window=window, sliding_layers=sliding, qk_norm=fam.qk_norm,
     )
 
 

@@ -120,6 +120,7 @@ class ModelSpec:
     mla: MLASpec | None = None
     sliding_window: int = 0  # keys a sliding-window layer attends to; 0: every layer attends to all
     sliding_layers: int = 0
+    qk_norm: bool = False  # Qwen3, Gemma 3: an RMSNorm over each head's queries and keys (families.Family)
 
     @property
     def model_type(self) -> str:
@@ -141,6 +142,11 @@ class ModelSpec:
     @property
     def lm_head_params(self) -> int:
         return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    @property
+    def routed_ffn(self) -> int:
+        """The routed experts' share of `ffn`: the top-k experts' width a token passes through."""
+        return self.moe.experts_per_token * self.moe.expert_ffn if self.moe else 0
 
     @property
     def expert_matrix_params(self) -> int:
