@@ -1,11 +1,17 @@
-"""Suite-wide: GPU tests skip without CUDA (everything else runs on CPU), with LLAUNCH_HOME in a temporary folder;
-`slurm_node` is a SLURM node task without SLURM; and the order and units of work that `make test` hands its two
-pytest-xdist workers (`-n 2`)."""
+"""Suite-wide: OpenMP threads that sleep while they wait, GPU tests skip without CUDA (everything else runs on CPU),
+with LLAUNCH_HOME in a temporary folder; `slurm_node` is a SLURM node task without SLURM; and the order and units
+of work that `make test` hands its two pytest-xdist workers (`-n 2`)."""
 
 import os
 import signal
 import socket
 from types import SimpleNamespace
+
+# Two test workers share the machine's cores, so a rank or a worker with more than one OpenMP thread (a
+# one-rank `llaunch run` takes every core, as does torch in this process) often waits for a sibling thread that
+# has no core. libgomp's default policy spins while it waits: measured on 2 busy cores, 30 steps of a one-rank
+# run cost 32 CPU-s spinning and 3.6 CPU-s with idle threads asleep, at the same losses. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

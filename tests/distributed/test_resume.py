@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import REQUEUE_EXIT_CODE
+from tests.distributed.sigterm import checkpoint_published, stop_with_sigterm
 
 pytestmark = pytest.mark.dist
 
@@ -112,17 +112,19 @@ def logged_losses(output) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-def llaunch_run(config, output, strategy, *extra, log=None):
-    """The user's command, exactly: `llaunch run CONFIG --output-dir OUT --strategy S [key=value]`.
+def llaunch_run(config, output, strategy, *extra):
+    """The user's command, exactly: `llaunch run CONFIG --output-dir OUT --strategy S [key=value]`."""
+    return subprocess.run(llaunch_command(config, output, strategy, *extra), env=llaunch_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=400)
 
-    With `log` it runs in the background writing to that file (a pipe nobody reads would fill and block it).
-    """
-    cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(output), "--strategy", strategy,
-           *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-    if log is not None:
-        return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+
+def llaunch_command(config, output, strategy, *extra) -> list[str]:
+    return [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(output), "--strategy", strategy,
+            *extra]
+
+
+def llaunch_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.mark.parametrize("strategy,extra", [("ddp", ()), ("fsdp", ("training.async_save=true",)), ("zero2", ()),
@@ -131,19 +133,9 @@ def test_sigterm_after_step_20_then_same_command_gives_same_weights(tmp_path, ti
     straight = llaunch_run(tiny_config, tmp_path / "straight", strategy, *extra)
     assert straight.returncode == 0, straight.stdout[-4000:]
 
-    log = tmp_path / "interrupted.log"
-    proc = llaunch_run(tiny_config, tmp_path / "run", strategy, *extra, log=log)
-    try:
-        wait_for_manifest(proc, tmp_path / "run" / "checkpoints" / "step-20", log)
-        proc.send_signal(signal.SIGTERM)  # to `llaunch run`, as `kill` or a scheduler would
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text()
-    assert proc.returncode == REQUEUE_EXIT_CODE, out[-4000:]
-    assert "stopped by SIGTERM: saved step " in out, out[-4000:]
-    stopped_at = int(out.split("saved step ")[1].split(",")[0])
+    run = tmp_path / "run"
+    stopped_at = stop_with_sigterm(llaunch_command(tiny_config, run, strategy, *extra), llaunch_env(),
+                                   tmp_path / "interrupted.log", checkpoint_published(run / "checkpoints" / "step-20"))
     assert 20 <= stopped_at < 40
     assert not final(tmp_path / "run").exists()
 
