@@ -298,11 +298,12 @@ class NodeTask(submitit.helpers.Checkpointable):
         return self._recover(submitit_handler, job_env, "a node failure", cause,
                              exclude=verdict.host if verdict else None, nodes=len(hosts))
 
-    def after_lost_step(self, submitit_handler, job_env, hosts: list[str], code: int) -> str:
+    def after_lost_step(self, submitit_handler, job_env, hosts: list[str], code: int, submitted_pickle: Path) -> str:
         """From the batch script (cluster.teardown), when the step ended with this attempt undecided: its first
         node's task died (SIGKILL, the OOM killer), or the whole step was killed. The attempt ends in the job's
         ledger as killed; the node whose task left no record of its ranks is blamed (none when every task was
-        killed); the job is requeued as after any node failure, so --max-requeues and the loop guard hold."""
+        killed); the job is requeued as after any node failure, so --max-requeues and the loop guard hold. The batch
+        script has no SUBMITIT_FOLDER: it names the attempt's `submitted_pickle`, where a restart writes the next."""
         job_events.attempt_ended(self.job_dir, self.attempt(job_env.job_id), code, None, cause=event_ledger.KILLED)
         found = judge(self.job_dir, self.attempt(job_env.job_id), hosts, task_died=True,
                       wait_s=0.0)  # the step is over: every record there will be is there
@@ -311,7 +312,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         cause = found[1] if found else f"every node task of the step was killed (srun exited with code {code})"
         print(f"[llaunch] {cause}", flush=True)
         return self._recover(submitit_handler, job_env, "a node failure", cause, exclude=found[0] if found else None,
-                             nodes=len(hosts))
+                             nodes=len(hosts), submitted_pickle=submitted_pickle)
 
     def _after_hang(self, verdict: Verdict, job_env, nodes: int, submitit_handler) -> str:
         """Report the hang; the first node (which put its culprit into the node ledger) requeues the job without
@@ -324,12 +325,12 @@ class NodeTask(submitit.helpers.Checkpointable):
                              exclude=verdict.host, nodes=nodes)
 
     def _recover(self, submitit_handler, job_env, stopped_by: str, cause: str, exclude: str | None,
-                 nodes: int) -> str:
+                 nodes: int, submitted_pickle: Path | None = None) -> str:
         """After a hang or a node failure on `nodes` nodes: a new step on the allocation's healthy nodes while
         its spares and --max-restarts allow (cluster.restart), else the requeue without `exclude`'s host."""
         if self.max_step_restarts:
             restarted = restart_in_allocation(self, job_env.job_id, cause, exclude, nodes, latest_step(self.job_dir),
-                                              job_env.paths.submitted_pickle)
+                                              submitted_pickle or job_env.paths.submitted_pickle)
             if restarted:
                 return restarted
         return self._requeue(submitit_handler, job_env, stopped_by, cause, exclude=exclude,

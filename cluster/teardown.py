@@ -52,11 +52,10 @@ def decide(folder: str, code: int) -> str:
         return "the job is no longer running"
     # `scontrol requeue` ends this script with SIGTERM: the host's exclusion that follows it must still happen.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.environ.setdefault("SUBMITIT_FOLDER", str(folder))  # where a restart writes the next step's task
     handler = SignalHandler(job_env, paths, delayed).checkpoint_and_try_requeue
     hosts = job_events.attempt_hosts(task.job_dir, task.attempt(job_env.job_id)) \
         or node_hostnames(os.environ["SLURM_JOB_NODELIST"])
-    return task.after_lost_step(handler, job_env, hosts, code)
+    return task.after_lost_step(handler, job_env, hosts, code, paths.submitted_pickle)
 
 
 def _decide_and_say(folder: str, status: int) -> None:

@@ -79,7 +79,6 @@ def test_a_killed_first_node_task_restarts_on_a_spare_then_the_spent_allocation_
     script, once (a step whose tasks die before they launch is not run again); once that step has run, nothing
     more is pending. Its own first task's death after that requeues: the allocation's restarts are spent."""
     folder, requeued, submitted = job
-    monkeypatch.setenv("SUBMITIT_FOLDER", str(folder))
     monkeypatch.setattr(restart, "node_hostnames", lambda nodelist: ["n1", "n2", "n3"])
     submitted(max_requeues=2, max_step_restarts=1)
     assert teardown.main(["--next-step", str(folder), str(KILLED_STATUS)]) == 0
