@@ -5,7 +5,7 @@ A run directory holds everything of one job, and the ranks write nowhere else. W
 metrics, TensorBoard and the final model; every rank its checkpoint shards; the launcher, the node tasks and
 rank 0 the event ledger; the watchdog the hangs and each node's phase durations; the node tasks the rank exits;
 the doctor its reports; submitit the nodes' logs; `llaunch submit` the frozen code (cluster.snapshot) and the
-node tasks the notify hook's log (cluster.notify). What lies inside a folder (checkpoints/step-N, hangs/TIME,
+node tasks the notify hook's log (cluster.notify). What lies inside a folder (checkpoints/step-N, hangs/TIME-HOST,
 rank-exits/ATTEMPT, code/...) is named by the module that writes it.
 """
 

@@ -100,7 +100,6 @@ class Watchdog:
         self.durations: dict[Phase, collections.deque] = collections.defaultdict(
             lambda: collections.deque(maxlen=config.window))
         self._ended: dict[tuple[int, Phase], int] = {}
-        self._first_step: dict[int, int] = {}
         self._longest: dict[str, float] = {}  # phase name -> the longest duration seen in this launch
         self._measured = measured_phases(self.job_dir)  # ... and in the earlier launches into this job dir
         self._started_wall = time.time()
@@ -125,9 +124,10 @@ class Watchdog:
             return self.config.checkpoint_s
         if phase == Phase.START:
             return self.config.first_step_s
-        first = self._first_step.setdefault(beacon.rank, beacon.step)  # the first step this launch runs
         samples = self.durations[phase]
-        if beacon.step <= first or not samples:
+        # The rank's own count, not the first step this watchdog saw: a first poll that comes late (a loaded
+        # node) meets a rank whose phase has ended many times, and must not grant it first_step_s.
+        if not beacon.ended[phase] or not samples:
             measured = self._measured.get(phase.name, float("inf"))  # by an earlier launch, compile included
             return min(self.config.first_step_s, max(self.config.floor_s, self.config.k * measured))
         return max(self.config.floor_s, self.config.k * p99(samples))
@@ -181,7 +181,9 @@ class Watchdog:
         beacons = hang.beacons if hang else read_beacons(self.folder)
         now = time.monotonic()
         if into is None:
-            into = JobDir(self.job_dir).hangs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            # The detecting node's name too: two nodes that see the hang in the same second open a folder each
+            # (in one shared folder their dump-request.json writes collide).
+            into = JobDir(self.job_dir).hangs / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{self.host}"
             into.mkdir(parents=True, exist_ok=True)
             self._answered.add(into / DUMP_REQUEST)
             write_text_atomic(into / DUMP_REQUEST, json.dumps({"host": self.host, "time": time.time()}))

@@ -180,7 +180,10 @@ def test_another_node_asks_and_this_node_dumps_into_the_same_folder_even_with_a_
     assert evidence["culprit"] == {"rank": 1, "host": "h1"} and evidence["nodes_answered"] == "2 of 2"
 
 
-def test_two_nodes_that_see_the_hang_a_second_apart_each_get_the_others_beacons(tmp_path):
+@pytest.mark.parametrize("apart_s", [0.0, 1.1], ids=["same second", "a second apart"])
+def test_two_nodes_that_see_the_hang_at_once_each_get_the_others_beacons(tmp_path, apart_s):
+    """Each detecting node opens a folder of its own, named by the second and its host: in the same second as
+    well (the nodes' dump requests into one shared folder collided, and one node's supervisor died of it)."""
     import threading
 
     job = tmp_path / "job"
@@ -192,9 +195,10 @@ def test_two_nodes_that_see_the_hang_a_second_apart_each_get_the_others_beacons(
     hangs = [dog.poll(now=time.monotonic() + 100) for dog in dogs]
     first = threading.Thread(target=dogs[0].respond, args=(hangs[0],))
     first.start()
-    time.sleep(1.1)  # the second folder gets another name (folders are named by the second)
+    time.sleep(apart_s)
     dogs[1].respond(hangs[1])
     first.join()
+    assert len(list(JobDir(job).hangs.iterdir())) == 2
     records = [json.loads(path.read_text()) for path in sorted(JobDir(job).hangs.glob("*/evidence.json"))]
     assert [(r["nodes_answered"], r["culprit"]) for r in records] == [("2 of 2", {"rank": 1, "host": "h1"})] * 2
 
@@ -321,3 +325,17 @@ def test_two_launches_with_one_key_never_share_a_beacon_folder(tmp_path):
     assert first.folder != second.folder and 0 in read_beacons(second.folder)
     second.close()
     assert not second.folder.exists()
+
+
+def test_a_watchdog_that_first_polls_after_twenty_steps_times_the_rank_by_its_steps_not_first_step_s(tmp_path):
+    """A loaded node's watchdog may read the beacons first when the rank is already past its checkpoint and
+    hung at step 21: the rank's own phase counts say this is no first step, so the floor applies."""
+    writer = BeaconWriter(beacon_path(tmp_path, 0))
+    for step in range(1, 22):
+        for phase in (Phase.DATA, Phase.COMPUTE, Phase.SYNC):
+            writer.enter(phase, step)
+    late = Watchdog(tmp_path, tmp_path, CONFIG, host="h0")
+    assert late.poll(now=writer.phase_start + CONFIG.floor_s - 0.1) is None
+    hang = late.poll(now=writer.phase_start + CONFIG.floor_s + 0.1)
+    assert hang.stuck == (0,) and hang.timeouts == {0: CONFIG.floor_s}
+    writer.close()
