@@ -118,7 +118,7 @@ def test_forced_layout_composes_with_the_data_parallel_strategy(capsys):
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["strategy"] == "fsdp" and plan["activation_checkpointing"] == "selective"
-    assert plan["parallel"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 8, "pp": 4, "cp": 1, "ep": 1,
+    assert plan["parallel"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 8, "pp": 4, "cp": 1, "ep": 1, "etp": 1,
                                 "pp_schedule": "1f1b", "pp_microbatches": plan["gradient_accumulation_steps"],
                                 "pp_virtual_stages": 1, "sequence_parallel": True}
     assert main(argv[:-1]) == 0  # the table shows the layout of each candidate
