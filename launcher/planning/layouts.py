@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from launcher.errors import LaunchError
 from launcher.planning.models import ModelSpec
-from launcher.planning.parallel import ParallelDims, check_layout
+from launcher.planning.parallel import ParallelDims, check_expert_tp, check_layout
 
 CP_FROM_SEQ_LEN = 32768  # context parallel is weighed from this sequence length (torchtitan's CP runs start here)
 LAYOUT_STRATEGIES = ("zero1", "fsdp")  # the data-parallel part beside tp / pp: Megatron's distributed optimizer, torchtitan's FSDP
@@ -42,8 +42,9 @@ def check_forced(spec: ModelSpec, request, world: int, gpus_per_node: int) -> No
     if world % model_parallel:
         raise LaunchError(f"tp {tp} x pp {pp} x cp {cp} = {model_parallel} does not divide the {world} GPUs; choose "
                           f"sizes whose product divides the GPU count.")
+    check_expert_tp(tp, request.etp or 1, request.ep if spec.moe else 1)  # beside an ep the search may choose
     dims = ParallelDims(dp_replicate=world // model_parallel, tp=tp, pp=pp, cp=cp, ep=request.ep or 1,
-                        etp=request.etp or 1, pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=pp)
+                        etp=(request.etp or 1) if request.ep else 1, pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=pp)
     if dims.ep_enabled:
         dims = ParallelDims(**{**dims.to_dict(), "dp_replicate": 1, "dp_shard": dims.dp_replicate})
     check_layout(dims, world, gpus_per_node, spec=spec, seq_len=request.seq_len or 2048, cross_node=True)

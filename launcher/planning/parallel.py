@@ -221,12 +221,17 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
 
 
 def _check_expert_tp(dims: ParallelDims) -> None:
-    """etp is 1 or tp (torchtitan's rule), and above 1 only beside ep: without ep, tp splits the experts anyway."""
-    if dims.etp not in (1, dims.tp):
-        raise LaunchError(f"--etp {dims.etp} must be 1 (whole experts on each tp rank) or tp {dims.tp} (each expert "
-                          f"split over the tp ranks); choose --etp 1 or --etp {dims.tp}.")
-    if dims.etp_enabled and not dims.ep_enabled:
-        raise LaunchError(f"--etp {dims.etp} chooses how tp splits the experts that ep distributes; without ep tp "
+    check_expert_tp(dims.tp, dims.etp, dims.ep)
+
+
+def check_expert_tp(tp: int, etp: int, ep: int | None) -> None:
+    """etp is 1 or tp (torchtitan's rule), and above 1 only beside ep (None: the planner's to choose): without ep,
+    tp splits the experts anyway."""
+    if etp not in (1, tp):
+        raise LaunchError(f"--etp {etp} must be 1 (whole experts on each tp rank) or tp {tp} (each expert split "
+                          f"over the tp ranks); choose --etp 1 or --etp {tp}.")
+    if etp > 1 and ep is not None and ep <= 1:
+        raise LaunchError(f"--etp {etp} chooses how tp splits the experts that ep distributes; without ep tp "
                           f"splits them already, so use --etp 1 or an --ep above 1.")
 
 

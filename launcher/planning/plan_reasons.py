@@ -71,17 +71,19 @@ def _ep_reason(chosen, candidates: list) -> str:
     shape = (dims.tp, dims.pp, dims.cp)
     same = [c for c in candidates if c.setup.parallel.ep != dims.ep and c.setup.parallel.etp == dims.etp
             and (c.setup.tp, c.setup.pp, c.setup.cp) == shape]
-    why = f"ep {dims.ep} holds 1/{dims.ep} of the routed experts (and their states) on each GPU"
+    why = f"ep {dims.ep} holds 1/{dims.ep} of the routed experts (and their states)"
+    if dims.etp_enabled:
+        why += f" on each tp group, split over its {dims.tp} GPUs (etp {dims.etp}): 1/{dims.ep * dims.tp} per GPU"
+    else:
+        why += " whole on each GPU" + (f", their tokens split over tp {dims.tp} (etp 1)" if dims.tp_enabled else "")
     if same:
         why += f" (ep {_best(same).setup.parallel.ep}: {_verdict(_best(same))})"
     if dims.tp_enabled:
-        how = f"split over tp {dims.tp}" if dims.etp_enabled else "whole on each tp rank, their tokens split over tp"
-        why += f", etp {dims.etp} ({how})"
         other = [c for c in candidates if c.setup.parallel.ep_enabled and c.setup.parallel.etp != dims.etp
                  and (c.setup.tp, c.setup.pp, c.setup.cp) == shape]
         if other:
             best = _best(other)
-            why += f" over etp {best.setup.parallel.etp} (ep {best.setup.parallel.ep}: {_verdict(best)})"
+            why += f", over etp {best.setup.parallel.etp} (ep {best.setup.parallel.ep}: {_verdict(best)})"
     return why
 
 

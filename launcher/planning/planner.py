@@ -308,8 +308,8 @@ def _cpu_candidate(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> Candi
 
 
 def _forced_layouts(request: PlanRequest) -> list[str]:
-    """The model-parallel dimensions a request forces above 1 (tp, pp, cp, ep, etp)."""
-    return [name for name in ("tp", "pp", "cp", "ep", "etp") if (getattr(request, name) or 1) > 1]
+    """The model-parallel dimensions a request forces above 1 (tp, pp, cp, ep)."""
+    return [name for name in ("tp", "pp", "cp", "ep") if (getattr(request, name) or 1) > 1]
 
 
 def _to_plan(spec: ModelSpec, request: PlanRequest, hw: Hardware, chosen: Candidate, candidates: list[Candidate]) -> Plan:
