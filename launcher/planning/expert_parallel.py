@@ -8,6 +8,10 @@ Sources:
   without ep. Megatron-Core's EP (docs.nvidia.com/megatron-core, "Mixture of Experts") does the same with its
   expert-data-parallel group (data-parallel size / ep) for the distributed optimizer. So one routed expert state
   per rank is split max(ep, data-parallel split) ways; the rest only by the data-parallel split.
+- Expert tensor parallel (ParallelDims.etp, 1 or tp, torchtitan's expert_parallel.py): etp == tp splits each
+  expert's gate_up / down over tp (ExpertTensorParallel) and every tp rank dispatches all of its group's tokens;
+  etp == 1 keeps the experts whole and splits the tokens over tp before the dispatch (ReordererSequenceParallel),
+  the tp ranks joining ep. Megatron-Core's --expert-tensor-parallel-size is the same choice.
 - Token dispatch: dropless, as DeepSeek-V3 trains (arXiv 2412.19437, sec. 2.1.2: "does not drop any tokens") and
   as torchtitan and Megatron-Core's default token dispatcher run: each token goes to its top-k experts, so the
   dispatch buffer holds tokens x k x hidden and so does the combine buffer (no capacity factor to size).

@@ -76,8 +76,12 @@ def _pps(spec: ModelSpec, ranks: int) -> list[int]:
 def _expert_dims(spec: ModelSpec, forced: dict, data_parallel: int, gpus_per_node: int, tp: int, cp: int,
                  pure: bool) -> list[tuple[int, int]]:
     """(ep, etp) pairs: under tp, a mixture of experts is weighed with its experts split over tp (etp = tp: ep
-    borrows dp_shard x cp) and whole on each tp rank (etp = 1: ep borrows dp_shard x cp x tp; ParallelDims.ep_span says
-    which stay on NVLink); ep 1 only with etp 1 (ParallelDims._check_expert_tp)."""
+    borrows dp_shard x cp) and whole on each tp rank (etp = 1: ep borrows dp_shard x cp x tp; ParallelDims.ep_span
+    says which stay on NVLink); ep 1 only with etp 1 (ParallelDims._check_expert_tp). Both are run at scale:
+    Megatron-Core recipes for fine-grained experts beside --tensor-model-parallel-size > 1 set
+    --expert-tensor-parallel-size 1 (MindSpeed's --moe-tp-extend-ep, docs/features/megatron_moe, does so because tp
+    shrinks small experts' grouped GEMMs; that efficiency is not modelled here), while big experts may need the split
+    to fit; the step time and memory decide."""
     etps = [forced["etp"]] if "etp" in forced else sorted({1, tp}) if spec.moe is not None else [1]
     out = []
     for etp in etps:
