@@ -134,7 +134,8 @@ def moe_whole_bytes_per_token(spec: ModelSpec, mode: str, dims) -> float:
     moe = spec.moe
     rows = 4 if mode in ("fp32", "autocast") else 2
     router = ROUTER_LOGIT_BYTES * moe.experts + (ROUTER_LOGIT_BYTES + TOPK_INDEX_BYTES) * moe.experts_per_token
-    copies = moe.experts_per_token * (rows * 2 * spec.hidden + ROUTING_BYTES_PER_COPY) if dims.experts_split_by_tp else 0
+    copy = rows * 2 * spec.hidden + ROUTING_BYTES_PER_COPY  # the dispatched and combined rows, the routing
+    copies = moe.experts_per_token * copy if dims.experts_split_by_tp else 0
     return len(moe.layers) * (router + copies) / spec.layers
 
 

@@ -17,8 +17,8 @@ PIPELINE_SCHEDULES = (("1f1b", 1), ("interleaved-1f1b", 2))  # (schedule, virtua
 
 def layouts(spec: ModelSpec, request, world: int, gpus_per_node: int) -> list[dict]:
     """The layout knobs (tp, pp, cp, ep, etp, pp_schedule, pp_virtual_stages) to weigh, pure data parallel first."""
-    forced = {name: getattr(request, name) for name in ("tp", "pp", "cp", "ep", "etp", "pp_schedule", "pp_virtual_stages")
-              if getattr(request, name) is not None}
+    names = ("tp", "pp", "cp", "ep", "etp", "pp_schedule", "pp_virtual_stages")
+    forced = {name: getattr(request, name) for name in names if getattr(request, name) is not None}
     out = []
     for tp in [forced["tp"]] if "tp" in forced else _powers_of_two(gpus_per_node):
         for cp in [forced["cp"]] if "cp" in forced else _cps(request.seq_len or 2048, world // tp, gpus_per_node):
@@ -44,7 +44,8 @@ def check_forced(spec: ModelSpec, request, world: int, gpus_per_node: int) -> No
                           f"sizes whose product divides the GPU count.")
     check_expert_tp(tp, request.etp or 1, request.ep if spec.moe else 1)  # beside an ep the search may choose
     dims = ParallelDims(dp_replicate=world // model_parallel, tp=tp, pp=pp, cp=cp, ep=request.ep or 1,
-                        etp=(request.etp or 1) if request.ep else 1, pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=pp)
+                        etp=(request.etp or 1) if request.ep else 1, pp_schedule=schedule,
+                        pp_virtual_stages=virtual, pp_microbatches=pp)
     if dims.ep_enabled:
         dims = ParallelDims(**{**dims.to_dict(), "dp_replicate": 1, "dp_shard": dims.dp_replicate})
     check_layout(dims, world, gpus_per_node, spec=spec, seq_len=request.seq_len or 2048, cross_node=True)

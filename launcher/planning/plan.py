@@ -162,7 +162,8 @@ CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": (*METHODS, PRE
            "pp_schedule": PP_SCHEDULES}
 COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r",
           "tp", "pp", "cp", "ep", "etp", "pp_virtual_stages")
-LAYOUT_KNOBS = ("tp", "pp", "cp", "ep", "etp", "pp_schedule", "pp_virtual_stages", "sequence_parallel")  # the parallelism record's own knobs
+# the parallelism record's own knobs
+LAYOUT_KNOBS = ("tp", "pp", "cp", "ep", "etp", "pp_schedule", "pp_virtual_stages", "sequence_parallel")
 
 
 def recompute_mode(value):
