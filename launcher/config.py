@@ -148,6 +148,7 @@ class ParallelSection:
     pp: int | None = None
     cp: int | None = None
     ep: int | None = None
+    etp: int | None = None
     pp_schedule: str | None = None
     pp_virtual_stages: int | None = None
     sequence_parallel: bool | None = None

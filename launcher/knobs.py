@@ -156,6 +156,8 @@ KNOBS = (
     _count("cp", "--cp", "context parallel ranks (the sequence split)", config="parallel.cp", group="layout",
            planner=True),
     _count("ep", "--ep", "expert parallel ranks (MoE)", config="parallel.ep", group="layout", planner=True),
+    _count("etp", "--etp", "the experts' tensor parallel beside --ep: 1 (whole experts) or --tp (split over it)",
+           config="parallel.etp", group="layout", planner=True),
     Knob("pp_schedule", "--pp-schedule", "pipeline schedule", config="parallel.pp_schedule", group="layout"),
     _count("pp_virtual_stages", "--pp-virtual-stages", "model chunks per pipeline rank (interleaved 1F1B)",
            config="parallel.pp_virtual_stages", group="layout"),

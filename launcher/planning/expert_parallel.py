@@ -8,6 +8,10 @@ Sources:
   without ep. Megatron-Core's EP (docs.nvidia.com/megatron-core, "Mixture of Experts") does the same with its
   expert-data-parallel group (data-parallel size / ep) for the distributed optimizer. So one routed expert state
   per rank is split max(ep, data-parallel split) ways; the rest only by the data-parallel split.
+- Expert tensor parallel (ParallelDims.etp, 1 or tp, torchtitan's expert_parallel.py): etp == tp splits each
+  expert's gate_up / down over tp (ExpertTensorParallel) and every tp rank dispatches all of its group's tokens;
+  etp == 1 keeps the experts whole and splits the tokens over tp before the dispatch (ReordererSequenceParallel),
+  the tp ranks joining ep. Megatron-Core's --expert-tensor-parallel-size is the same choice.
 - Token dispatch: dropless, as DeepSeek-V3 trains (arXiv 2412.19437, sec. 2.1.2: "does not drop any tokens") and
   as torchtitan and Megatron-Core's default token dispatcher run: each token goes to its top-k experts, so the
   dispatch buffer holds tokens x k x hidden and so does the combine buffer (no capacity factor to size).
@@ -61,17 +65,23 @@ def routed_expert_params(spec: ModelSpec) -> int:
 
 
 def expert_divisor(setup: TrainSetup, split: int) -> int:
-    """Over how many ranks a routed expert state is split, where the other states are split `split` ways: ep
-    alone when the data-parallel part replicates them, else the split (ep x the expert-data-parallel rest)."""
-    return max(setup.parallel.ep, split)
+    """Over how many ranks a routed expert state is split, where the other states are split `split` ways by the
+    data-parallel part and tp ways by tp. Under etp == tp (or without ep) tp splits each expert: ep, or the
+    split where it is larger (ep x the expert-data-parallel rest), times tp. Under etp == 1 the tp ranks are
+    part of ep: ep, or split x tp where the data-parallel part shards over more (torchtitan's dp_shard_mod_ep)."""
+    dims = setup.parallel
+    if dims.experts_split_by_tp:
+        return max(dims.ep, split) * dims.tp
+    return max(dims.ep, split * dims.tp)
 
 
 def state_scale(spec: ModelSpec, setup: TrainSetup, split: int, expert_share: float) -> float:
-    """What ep multiplies a model state by: its routed-expert share (`expert_share` of its bytes) is split
-    expert_divisor ways instead of `split`."""
+    """What ep multiplies a model state by, where that state is already split `split` ways and later tp ways
+    (memory_layout.local_param_fraction): its routed-expert share (`expert_share` of its bytes) is split
+    expert_divisor ways instead."""
     if not setup.parallel.ep_enabled or not expert_share:
         return 1.0
-    return (1 - expert_share) + expert_share * split / expert_divisor(setup, split)
+    return (1 - expert_share) + expert_share * split * setup.parallel.tp / expert_divisor(setup, split)
 
 
 def expert_share(spec: ModelSpec, setup: TrainSetup, term: str) -> float:
@@ -112,6 +122,23 @@ def moe_bytes_per_token(spec: ModelSpec, mode: str) -> float:
     return (len(moe.layers) * (router + moe.experts_per_token * copy) + dense) / spec.layers
 
 
+def moe_whole_bytes_per_token(spec: ModelSpec, mode: str, dims) -> float:
+    """What of moe_bytes_per_token each of tp ranks keeps whole rather than 1/tp: the MoE block all-gathers its
+    input over tp and runs the router on every token of the tp group (torchtitan's PrepareModuleInputOutput and
+    NoParallel router), so its logits, scores and indices are whole. Where tp splits each expert (etp == tp, or
+    no ep) every tp rank also dispatches all the routed copies and holds each one's input and combine row and
+    its ROUTING_BYTES_PER_COPY whole, splitting only the ffn-wide gate_up, silu and product columns; under
+    etp == 1 the copies are 1/tp per rank (the tokens split before the dispatch)."""
+    if spec.moe is None or not dims.tp_enabled:
+        return 0.0
+    moe = spec.moe
+    rows = 4 if mode in ("fp32", "autocast") else 2
+    router = ROUTER_LOGIT_BYTES * moe.experts + (ROUTER_LOGIT_BYTES + TOPK_INDEX_BYTES) * moe.experts_per_token
+    copy = rows * 2 * spec.hidden + ROUTING_BYTES_PER_COPY  # the dispatched and combined rows, the routing
+    copies = moe.experts_per_token * copy if dims.experts_split_by_tp else 0
+    return len(moe.layers) * (router + copies) / spec.layers
+
+
 def routed_flops_share(spec: ModelSpec) -> float:
     """The routed experts' share of a token's matmul FLOPs: what runs as a grouped GEMM."""
     if spec.moe is None:
@@ -129,14 +156,18 @@ def grouped_gemm_slowdown(spec: ModelSpec) -> float:
 def all_to_all_seconds(spec: ModelSpec, setup: TrainSetup, hw, link_bytes_per_s: float,
                        tokens: int, act: int, link_efficiency: float) -> float:
     """Per step, exposed: every local MoE layer's dispatch and combine all-to-alls (module docstring) for each
-    microbatch, on NVLink while tp x cp x ep stays within a node, else the network."""
+    microbatch of `tokens` (a tp group's tokens, all-gathered before the MoE block), on NVLink while the ep group
+    stays within a node (ParallelDims.ep_span), else the network. Under etp == 1 each tp rank dispatches 1/tp of
+    them (torchtitan's ReordererSequenceParallel); under etp == tp every tp rank dispatches all of them to its
+    expert shards, tp times the volume for the same tokens (the expert-TP price beside its smaller expert states)."""
     dims = setup.parallel
     if not dims.ep_enabled or spec.moe is None:
         return 0.0
     passes = 4 + (2 if setup.full_recompute else 0)
-    size = tokens * spec.moe.experts_per_token * spec.hidden * act * (dims.ep - 1) / dims.ep
+    dispatched = tokens / (1 if dims.etp_enabled else dims.tp)
+    size = dispatched * spec.moe.experts_per_token * spec.hidden * act * (dims.ep - 1) / dims.ep
     volume = len(spec.moe.layers) / dims.pp * dims.pp_microbatches * passes * size
     link = link_bytes_per_s
-    if dims.tp * dims.cp * dims.ep > hw.gpus_per_node:
+    if dims.ep_span > hw.gpus_per_node:
         link = min(link, hw.network_bytes_per_s * link_efficiency)
     return volume / link

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from launcher.errors import LaunchError
 from launcher.planning.models import ModelSpec
-from launcher.planning.parallel import ParallelDims, check_layout
+from launcher.planning.parallel import ParallelDims, check_expert_tp, check_layout
 
 CP_FROM_SEQ_LEN = 32768  # context parallel is weighed from this sequence length (torchtitan's CP runs start here)
 LAYOUT_STRATEGIES = ("zero1", "fsdp")  # the data-parallel part beside tp / pp: Megatron's distributed optimizer, torchtitan's FSDP
@@ -16,17 +16,17 @@ PIPELINE_SCHEDULES = (("1f1b", 1), ("interleaved-1f1b", 2))  # (schedule, virtua
 
 
 def layouts(spec: ModelSpec, request, world: int, gpus_per_node: int) -> list[dict]:
-    """The layout knobs (tp, pp, cp, ep, pp_schedule, pp_virtual_stages) to weigh, pure data parallel first."""
-    forced = {name: getattr(request, name) for name in ("tp", "pp", "cp", "ep", "pp_schedule", "pp_virtual_stages")
-              if getattr(request, name) is not None}
+    """The layout knobs (tp, pp, cp, ep, etp, pp_schedule, pp_virtual_stages) to weigh, pure data parallel first."""
+    names = ("tp", "pp", "cp", "ep", "etp", "pp_schedule", "pp_virtual_stages")
+    forced = {name: getattr(request, name) for name in names if getattr(request, name) is not None}
     out = []
     for tp in [forced["tp"]] if "tp" in forced else _powers_of_two(gpus_per_node):
         for cp in [forced["cp"]] if "cp" in forced else _cps(request.seq_len or 2048, world // tp, gpus_per_node):
             for pp in [forced["pp"]] if "pp" in forced else _pps(spec, world // (tp * cp) if world % (tp * cp) == 0 else 0):
                 for schedule, virtual in _schedules(forced, pp):
-                    for ep in [forced["ep"]] if "ep" in forced else _eps(spec, world // (tp * pp * cp) * cp,
-                                                                         gpus_per_node // (tp * cp), tp * pp * cp == 1):
-                        layout = {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "pp_schedule": schedule,
+                    for ep, etp in _expert_dims(spec, forced, world // (tp * pp * cp), gpus_per_node, tp, cp,
+                                                tp * pp * cp == 1):
+                        layout = {"tp": tp, "pp": pp, "cp": cp, "ep": ep, "etp": etp, "pp_schedule": schedule,
                                   "pp_virtual_stages": virtual}
                         cross_node = bool(forced) or (cp > 1 and tp <= gpus_per_node)
                         if _valid(spec, layout, request, world, gpus_per_node, cross_node=cross_node):
@@ -42,8 +42,10 @@ def check_forced(spec: ModelSpec, request, world: int, gpus_per_node: int) -> No
     if world % model_parallel:
         raise LaunchError(f"tp {tp} x pp {pp} x cp {cp} = {model_parallel} does not divide the {world} GPUs; choose "
                           f"sizes whose product divides the GPU count.")
+    check_expert_tp(tp, request.etp or 1, request.ep if spec.moe else 1)  # beside an ep the search may choose
     dims = ParallelDims(dp_replicate=world // model_parallel, tp=tp, pp=pp, cp=cp, ep=request.ep or 1,
-                        pp_schedule=schedule, pp_virtual_stages=virtual, pp_microbatches=pp)
+                        etp=(request.etp or 1) if request.ep else 1, pp_schedule=schedule,
+                        pp_virtual_stages=virtual, pp_microbatches=pp)
     if dims.ep_enabled:
         dims = ParallelDims(**{**dims.to_dict(), "dp_replicate": 1, "dp_shard": dims.dp_replicate})
     check_layout(dims, world, gpus_per_node, spec=spec, seq_len=request.seq_len or 2048, cross_node=True)
@@ -70,6 +72,24 @@ def _pps(spec: ModelSpec, ranks: int) -> list[int]:
     if ranks < 1:
         return []
     return [p for p in range(1, min(ranks, spec.layers // 2) + 1) if ranks % p == 0] or [1]
+
+
+def _expert_dims(spec: ModelSpec, forced: dict, data_parallel: int, gpus_per_node: int, tp: int, cp: int,
+                 pure: bool) -> list[tuple[int, int]]:
+    """(ep, etp) pairs: under tp, a mixture of experts is weighed with its experts split over tp (etp = tp: ep
+    borrows dp_shard x cp) and whole on each tp rank (etp = 1: ep borrows dp_shard x cp x tp; ParallelDims.ep_span
+    says which stay on NVLink); ep 1 only with etp 1 (ParallelDims._check_expert_tp). Both are run at scale:
+    Megatron-Core recipes for fine-grained experts beside --tensor-model-parallel-size > 1 set
+    --expert-tensor-parallel-size 1 (MindSpeed's --moe-tp-extend-ep, docs/features/megatron_moe, does so because tp
+    shrinks small experts' grouped GEMMs; that efficiency is not modelled here), while big experts may need the split
+    to fit; the step time and memory decide."""
+    etps = [forced["etp"]] if "etp" in forced else sorted({1, tp}) if spec.moe is not None else [1]
+    out = []
+    for etp in etps:
+        borrowed = cp if etp > 1 else cp * tp
+        eps = [forced["ep"]] if "ep" in forced else _eps(spec, data_parallel * borrowed, gpus_per_node // etp, pure)
+        out += [(ep, etp) for ep in eps if ep > 1 or etp == 1]
+    return out
 
 
 def _eps(spec: ModelSpec, ranks: int, in_node: int, pure: bool) -> list[int]:
@@ -99,7 +119,8 @@ def _valid(spec: ModelSpec, layout: dict, request, world: int, gpus_per_node: in
     if world % model_parallel:
         return False
     dims = ParallelDims(dp_shard=world // model_parallel, tp=layout["tp"], pp=layout["pp"], cp=layout["cp"],
-                        ep=layout["ep"], pp_schedule=layout["pp_schedule"], pp_virtual_stages=layout["pp_virtual_stages"],
+                        ep=layout["ep"], etp=layout["etp"], pp_schedule=layout["pp_schedule"],
+                        pp_virtual_stages=layout["pp_virtual_stages"],
                         pp_microbatches=layout["pp"])  # the microbatch count is the candidates' (_microbatches_fit)
     try:
         check_layout(dims, world, gpus_per_node, spec=spec, seq_len=request.seq_len or 2048, cross_node=cross_node)

@@ -93,7 +93,8 @@ def estimate_stage(spec: ModelSpec, setup: TrainSetup, stage: str) -> MemoryBrea
             share = experts.expert_share(spec, setup, term.name)
             term.bytes = int(term.bytes * experts.state_scale(spec, setup, n, share))
             divisor = experts.expert_divisor(setup, n)
-            term.reason += f"; routed experts ({share:.0%}) 1/{divisor} per rank (ep {setup.parallel.ep})"
+            term.reason += (f"; routed experts ({share:.0%}) 1/{divisor} per rank with tp (ep {setup.parallel.ep}, "
+                            f"etp {setup.parallel.etp})")
     if fraction < 1:  # tp x pp: this rank's share of every weight, gradient and optimizer state
         for term in terms:
             term.bytes = int(term.bytes * fraction)

@@ -190,6 +190,7 @@ def layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, mode: str = "") ->
         return per_layer
     replicated = (gathered_bytes_per_token(spec, setup) if setup.parallel.sequence_parallel
                   else replicated_bytes_per_token(spec, setup))
+    replicated += experts.moe_whole_bytes_per_token(spec, sizes.compute_mode(setup), setup.parallel)
     return replicated + (per_layer - replicated) / t
 
 

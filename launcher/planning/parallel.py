@@ -1,7 +1,8 @@
 """The parallelism record: how a job's ranks split the work, validated in one place.
 
 Like torchtitan's ParallelDims: data parallel (dp_replicate x dp_shard), tensor parallel with sequence parallel
-(tp), pipeline parallel (pp, its schedule and microbatches), context parallel (cp) and expert parallel (ep).
+(tp), pipeline parallel (pp, its schedule and microbatches), context parallel (cp), expert parallel (ep) and
+expert tensor parallel (etp).
 The strategy names describe the data-parallel part (ddp / zero1 / zero2 replicate the weights, fsdp / zero3
 shard them, hsdp shards inside a replica); the other dimensions compose with any of them. A plan without
 tp / pp / cp / ep (every plan written before this record) is pure data parallelism.
@@ -23,9 +24,16 @@ RECOMPUTES = ("none", "selective", "full")  # activation recompute: none, attent
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """dp_replicate x dp_shard x cp x tp x pp ranks = the world; ep splits the experts over the dp_shard x cp ranks
-    (torchtitan borrows it from them), so it is not a factor of the world. pp_microbatches is the number of
-    micro-batches each pipeline runs per optimizer step (the gradient accumulation of the data-parallel part)."""
+    """dp_replicate x dp_shard x cp x tp x pp ranks = the world; ep splits the routed experts over ranks it borrows,
+    so it is not a factor of the world. pp_microbatches is the number of micro-batches each pipeline runs per
+    optimizer step (the gradient accumulation of the data-parallel part).
+
+    etp, the experts' own tensor-parallel degree, is 1 or tp (torchtitan's ParallelDims._validate: "Currently we
+    only support ETP=TP or ETP=1"; Megatron-Core's --expert-tensor-parallel-size sets it apart from tp the same
+    way, its "MoE parallel folding"). With etp == tp each expert is split over the tp ranks like a dense MLP and
+    ep borrows from dp_shard x cp; with etp == 1 the tp ranks hold whole experts, split their tokens before the
+    dispatch, and ep borrows from dp_shard x cp x tp (torchtitan's ReordererSequenceParallel). It matters only
+    with ep: without it the experts follow tp like every other linear (torchtitan's TensorParallel on them)."""
 
     dp_replicate: int = 1
     dp_shard: int = 1
@@ -33,6 +41,7 @@ class ParallelDims:
     pp: int = 1
     cp: int = 1
     ep: int = 1
+    etp: int = 1  # 1 (every record written before it): whole experts on each tp rank
     pp_schedule: str = "1f1b"
     pp_microbatches: int = 1
     pp_virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B's v)
@@ -71,6 +80,27 @@ class ParallelDims:
         return self.ep > 1
 
     @property
+    def etp_enabled(self) -> bool:
+        """The routed experts are split over the tp ranks (etp == tp) rather than whole on each."""
+        return self.etp > 1
+
+    @property
+    def experts_split_by_tp(self) -> bool:
+        """Whether tp splits each routed expert: always without ep, and with ep under etp == tp."""
+        return self.tp_enabled and (self.etp_enabled or not self.ep_enabled)
+
+    @property
+    def ep_borrows(self) -> int:
+        """The ranks of other dimensions that ep's group must take whole: cp, and tp too under etp == 1."""
+        return self.cp * (1 if self.etp_enabled else self.tp)
+
+    @property
+    def ep_span(self) -> int:
+        """Consecutive ranks one ep group spans (torchtitan's mesh order pp, dp_replicate, dp_shard, cp, tp): ep of
+        them when it takes the tp ranks (etp == 1), ep x tp when it skips over them (etp == tp)."""
+        return self.ep * self.etp
+
+    @property
     def dp_shard_enabled(self) -> bool:
         return self.dp_shard > 1
 
@@ -99,7 +129,7 @@ class ParallelDims:
             v = f" v{self.pp_virtual_stages}" if self.pp_virtual_stages > 1 else ""
             parts.append(f"pp{self.pp}({self.pp_schedule}{v} x{self.pp_microbatches})")
         parts += [f"cp{self.cp}"] if self.cp_enabled else []
-        parts += [f"ep{self.ep}"] if self.ep_enabled else []
+        parts += [f"ep{self.ep}" + (f"(etp{self.etp})" if self.etp_enabled else "")] if self.ep_enabled else []
         dp = f"dp{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 and self.dp_shard > 1 else f"dp{self.dp}"
         return " ".join(parts + [dp])
 
@@ -116,9 +146,9 @@ CP_REFUSAL = ("--cp needs torch's ring attention, which in torch 2.13 dispatches
 
 
 @functools.lru_cache(maxsize=4096)
-def layout_of(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int, pp: int, cp: int, ep: int,
+def layout_of(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int, pp: int, cp: int, ep: int, etp: int,
                    schedule: str, microbatches: int, virtual: int, sequence_parallel: bool) -> ParallelDims:
-    """A plan's record (TrainSetup.parallel): tp / pp / cp / ep as set, the ranks left over as data parallel,
+    """A plan's record (TrainSetup.parallel): tp / pp / cp / ep / etp as set, the ranks left over as data parallel,
     sharded (dp_shard) by the strategies that shard the weights, inside a node's remaining GPUs for HSDP. Made
     once per distinct layout: the planner's estimators ask for it ~50 times per candidate (a quarter of a
     16,384-GPU search's time went to building these frozen records)."""
@@ -127,7 +157,8 @@ def layout_of(world: int, gpus_per_node: int, shards: bool, hsdp: bool, tp: int,
     shard = dp if shards else 1
     if hsdp:
         shard = math.gcd(dp, max(1, gpus_per_node // (tp * cp)))
-    return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp, ep=ep, pp_schedule=schedule,
+    return ParallelDims(dp_replicate=dp // shard, dp_shard=shard, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp,
+                        pp_schedule=schedule,
                         pp_microbatches=microbatches, pp_virtual_stages=virtual, sequence_parallel=sequence_parallel)
 
 
@@ -146,6 +177,7 @@ def check_layout(dims: ParallelDims, world: int, gpus_per_node: int, *, spec=Non
     if dims.tp * dims.cp > gpus_per_node and not cross_node:
         raise LaunchError(f"tp {dims.tp} x cp {dims.cp} spans more than the {gpus_per_node} GPUs of a node, so its "
                           f"per-layer collectives would cross the network; use tp x cp <= {gpus_per_node}.")
+    _check_expert_tp(dims)
     if dims.pp_schedule != "interleaved-1f1b" and dims.pp_virtual_stages != 1:
         raise LaunchError(f"virtual pipeline stages need --pp-schedule interleaved-1f1b, not {dims.pp_schedule}.")
     if dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b" and dims.pp_microbatches % dims.pp:
@@ -173,15 +205,34 @@ def _check_model(dims: ParallelDims, spec, seq_len: int) -> None:
     if dims.ep_enabled and (experts < 2 or experts % dims.ep):
         what = f"{experts} experts, which ep {dims.ep} does not divide" if experts > 1 else "no experts"
         raise LaunchError(f"{spec.name} has {what}; use --ep 1 for a dense model or an ep that divides the experts.")
-    if dims.ep_enabled and (dims.dp_shard * dims.cp) % dims.ep:
-        raise LaunchError(f"ep {dims.ep} borrows its ranks from dp_shard x cp = {dims.dp_shard * dims.cp}, which it "
-                          f"does not divide; choose an ep that divides it.")
-    if dims.ep_enabled and dims.ep % dims.cp:
-        raise LaunchError(f"ep {dims.ep} borrows all of cp {dims.cp}'s ranks and some of dp_shard's (torchtitan's "
-                          f"ParallelDims), so it is a multiple of cp; choose an ep that is a multiple of {dims.cp}.")
+    whole = "cp x tp" if dims.ep_borrows != dims.cp else "cp"
+    pool = f"dp_shard x {whole}"
+    if dims.ep_enabled and (dims.dp_shard * dims.ep_borrows) % dims.ep:
+        raise LaunchError(f"ep {dims.ep} borrows its ranks from {pool} = {dims.dp_shard * dims.ep_borrows} (etp "
+                          f"{dims.etp}), which it does not divide; choose an ep that divides it.")
+    if dims.ep_enabled and dims.ep % dims.ep_borrows:
+        instead = f", or --etp {dims.tp} to split the experts over tp instead" if whole != "cp" else ""
+        raise LaunchError(f"ep {dims.ep} borrows all of {whole} = {dims.ep_borrows} ranks and some of dp_shard's "
+                          f"(torchtitan's ParallelDims, etp {dims.etp}), so it is a multiple of {dims.ep_borrows}; "
+                          f"choose an ep that is a multiple of {dims.ep_borrows}{instead}.")
     if dims.cp_enabled and seq_len % (2 * dims.cp):
         raise LaunchError(f"--seq-len {seq_len} does not split into 2 x cp = {2 * dims.cp} equal chunks; choose a "
                           f"sequence length that is a multiple of {2 * dims.cp}.")
+
+
+def _check_expert_tp(dims: ParallelDims) -> None:
+    check_expert_tp(dims.tp, dims.etp, dims.ep)
+
+
+def check_expert_tp(tp: int, etp: int, ep: int | None) -> None:
+    """etp is 1 or tp (torchtitan's rule), and above 1 only beside ep (None: the planner's to choose): without ep,
+    tp splits the experts anyway."""
+    if etp not in (1, tp):
+        raise LaunchError(f"--etp {etp} must be 1 (whole experts on each tp rank) or tp {tp} (each expert split "
+                          f"over the tp ranks); choose --etp 1 or --etp {tp}.")
+    if etp > 1 and ep is not None and ep <= 1:
+        raise LaunchError(f"--etp {etp} chooses how tp splits the experts that ep distributes; without ep tp "
+                          f"splits them already, so use --etp 1 or an --ep above 1.")
 
 
 def check_tensor_parallel(model_type: str, heads: int, kv_heads: int, tp: int) -> None:

@@ -161,8 +161,9 @@ CHOICES = {"strategy": STRATEGIES, "offload": OFFLOADS, "method": (*METHODS, PRE
            "optimizer": OPTIMIZERS, "attention": ATTENTIONS, "device": DEVICES, "activation_checkpointing": RECOMPUTES,
            "pp_schedule": PP_SCHEDULES}
 COUNTS = ("micro_batch", "gradient_accumulation_steps", "seq_len", "nodes", "gpus_per_node", "lora_r",
-          "tp", "pp", "cp", "ep", "pp_virtual_stages")
-LAYOUT_KNOBS = ("tp", "pp", "cp", "ep", "pp_schedule", "pp_virtual_stages", "sequence_parallel")  # the parallelism record's own knobs
+          "tp", "pp", "cp", "ep", "etp", "pp_virtual_stages")
+# the parallelism record's own knobs
+LAYOUT_KNOBS = ("tp", "pp", "cp", "ep", "etp", "pp_schedule", "pp_virtual_stages", "sequence_parallel")
 
 
 def recompute_mode(value):
@@ -213,6 +214,7 @@ class TrainSetup(StrategyTraits):
     pp: int = 1  # pipeline stages' ranks
     cp: int = 1  # context parallel: the sequence split over this many ranks
     ep: int = 1  # expert parallel (MoE)
+    etp: int = 1  # the routed experts' tensor parallel: 1 or tp (ParallelDims.etp)
     pp_schedule: str = "1f1b"
     pp_virtual_stages: int = 1
     sequence_parallel: bool = True  # with tp > 1 (ParallelDims.sequence_parallel)
@@ -228,7 +230,7 @@ class TrainSetup(StrategyTraits):
     def parallel(self) -> ParallelDims:
         """The parallelism record (launcher.planning.parallel.layout_of)."""
         return layout_of(self.world_size, self.gpus_per_node, self.shards_params, self.is_hsdp, self.tp, self.pp,
-                         self.cp, self.ep, self.pp_schedule, self.gradient_accumulation_steps,
+                         self.cp, self.ep, self.etp, self.pp_schedule, self.gradient_accumulation_steps,
                          self.pp_virtual_stages, self.sequence_parallel)
 
     @property
@@ -294,9 +296,10 @@ def check_runnable(setup: TrainSetup) -> None:
     strategy's engine does not declare (ENGINE_SUPPORT), and what pipeline stages do not run."""
     support, dims = ENGINE_SUPPORT[setup.strategy], setup.parallel
     beside_ep = [name for name, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled)) if on]
-    if dims.ep_enabled and beside_ep:  # the experts' split of dp_shard is not composed with tp or pp stages
-        raise LaunchError(f"the ranks run expert parallelism without {' or '.join(beside_ep)} so far; keep --ep 1 "
-                          f"or --{' / --'.join(beside_ep)} 1.")
+    if dims.ep_enabled and beside_ep:  # the experts' split of dp_shard is not composed with tp (etp) or pp stages
+        whole = f" and hold whole experts, not split over --etp {dims.etp}" if dims.etp_enabled else ""
+        raise LaunchError(f"the ranks run expert parallelism without {' or '.join(beside_ep)} so far{whole}; keep "
+                          f"--ep 1 or --{' / --'.join(beside_ep)} 1.")
     if dims.cp_enabled:
         raise LaunchError(CP_REFUSAL)
     used = unrunnable_dims(setup.strategy, dims)

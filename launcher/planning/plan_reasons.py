@@ -65,17 +65,36 @@ def _layout_reason(chosen, candidates: list) -> str:
 
 
 def _ep_reason(chosen, candidates: list) -> str:
-    """What ep did: the routed experts split over it, against the best other ep of the same tp / pp / cp."""
+    """What ep did: the routed experts split over it, against the best other ep of the same tp / pp / cp / etp,
+    and under tp why this etp (experts split over tp, or whole on each tp rank) over the other."""
     dims = chosen.setup.parallel
-    same = [c for c in candidates if c.setup.parallel.ep != dims.ep and (c.setup.tp, c.setup.pp, c.setup.cp)
-            == (dims.tp, dims.pp, dims.cp)]
-    why = f"ep {dims.ep} holds 1/{dims.ep} of the routed experts (and their states) on each GPU"
-    if not same:
-        return why
-    other = min(same, key=lambda c: (not c.fits, -c.tokens_per_s))
-    verdict = (f"{other.tokens_per_s:,.0f} tokens/s" if other.fits
-               else f"needs {format_bytes(other.memory.reserved_bytes)} per GPU")
-    return why + f" (ep {other.setup.parallel.ep}: {verdict})"
+    shape = (dims.tp, dims.pp, dims.cp)
+    same = [c for c in candidates if c.setup.parallel.ep != dims.ep and c.setup.parallel.etp == dims.etp
+            and (c.setup.tp, c.setup.pp, c.setup.cp) == shape]
+    why = f"ep {dims.ep} holds 1/{dims.ep} of the routed experts (and their states)"
+    if dims.etp_enabled:
+        why += f" on each tp group, split over its {dims.tp} GPUs (etp {dims.etp}): 1/{dims.ep * dims.tp} per GPU"
+    else:
+        why += " whole on each GPU" + (f", their tokens split over tp {dims.tp} (etp 1)" if dims.tp_enabled else "")
+    if same:
+        why += f" (ep {_best(same).setup.parallel.ep}: {_verdict(_best(same))})"
+    if dims.tp_enabled:
+        other = [c for c in candidates if c.setup.parallel.ep_enabled and c.setup.parallel.etp != dims.etp
+                 and (c.setup.tp, c.setup.pp, c.setup.cp) == shape]
+        if other:
+            best = _best(other)
+            why += f", over etp {best.setup.parallel.etp} (ep {best.setup.parallel.ep}: {_verdict(best)})"
+    return why
+
+
+def _best(candidates: list):
+    """The fastest that fits, else the smallest."""
+    return min(candidates, key=lambda c: (not c.fits, -c.tokens_per_s if c.fits else c.memory.reserved_bytes))
+
+
+def _verdict(candidate) -> str:
+    return (f"{candidate.tokens_per_s:,.0f} tokens/s" if candidate.fits
+            else f"needs {format_bytes(candidate.memory.reserved_bytes)} per GPU")
 
 
 def _hsdp_reason(chosen, candidates: list) -> str:

@@ -63,10 +63,9 @@ def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> 
 
 
 def expert_all_to_all_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> float:
-    """ep's token dispatch and combine (launcher.planning.expert_parallel), on a rank's local tokens (/ tp under
-    sequence parallel), counted exposed: overlapping them with compute (DeepSeek-V3's DualPipe) is not modelled."""
-    dims = setup.parallel
-    tokens = layout.local_tokens(setup) // (dims.tp if dims.sequence_parallel else 1)
+    """ep's token dispatch and combine (launcher.planning.expert_parallel) of a rank's local tokens, counted
+    exposed: overlapping them with compute (DeepSeek-V3's DualPipe) is not modelled."""
+    tokens = layout.local_tokens(setup)
     act = 4 if setup.precision == "fp32" else 2
     return experts.all_to_all_seconds(spec, setup, hw, intra_node_bytes_per_s(hw, facts), tokens, act, LINK_EFFICIENCY)
 

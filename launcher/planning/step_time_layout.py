@@ -31,7 +31,9 @@ def nvlink_bytes_per_s(hw, facts) -> float:
 def tensor_parallel_seconds(spec: ModelSpec, setup: TrainSetup, hw, facts) -> float:
     """Per step: 4 collectives of a layer's activations in forward, 4 in backward, 4 more for a full recompute's
     second forward, each moving (t - 1) / t of them, on NVLink (or the network where tp was forced across nodes).
-    Counted exposed: without async TP (torch.compile's micro-pipelining) they sit between the matmuls."""
+    Counted exposed: without async TP (torch.compile's micro-pipelining) they sit between the matmuls. A mixture
+    of experts' block gathers its input and reduce-scatters its output over tp under either etp (torchtitan's
+    PrepareModuleInputOutput on it), so etp changes the all-to-all (expert_parallel.all_to_all_seconds), not these."""
     dims = setup.parallel
     if not dims.tp_enabled:
         return 0.0

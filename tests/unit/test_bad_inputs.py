@@ -116,6 +116,11 @@ CASES = [
     (f"{RUN} model.name_or_path=gpt-oss-20b --nproc-per-node 2 --ep 2", "not gpt_oss's; train it with --ep 1"),
     (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 4 --ep 2 --pp 2 --strategy fsdp",
      "the ranks run expert parallelism without pp so far; keep --ep 1 or --pp 1"),
+    (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 4 --ep 2 --tp 2 --etp 2 --strategy fsdp",
+     "without tp so far and hold whole experts, not split over --etp 2; keep --ep 1 or --tp 1"),
+    (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 4 --ep 2 --tp 2 --etp 4 --strategy fsdp",
+     "--etp 4 must be 1 (whole experts on each tp rank) or tp 2"),
+    (f"{RUN} --etp 0", "parallel.etp must be a positive integer, not 0"),
     (f"{RUN} model.name_or_path=mixtral-8x7b --nproc-per-node 2 --ep 2 --method lora finetune.lora_dropout=0",
      "LoRA on the routed experts"),
     # run: PEFT's adapters on a mixture of experts' fused experts (ParamWrapper) take no dropout

@@ -84,7 +84,7 @@ def test_a_plan_round_trips_its_record_and_an_older_plan_loads_as_data_parallel(
                 activation_checkpointing="selective")
     plan.validate()
     data = yaml.safe_load(plan.to_yaml())
-    assert data["parallel"] == {"dp_replicate": 64, "dp_shard": 1, "tp": 8, "pp": 2, "cp": 1, "ep": 1,
+    assert data["parallel"] == {"dp_replicate": 64, "dp_shard": 1, "tp": 8, "pp": 2, "cp": 1, "ep": 1, "etp": 1,
                                 "pp_schedule": "1f1b", "pp_microbatches": 4, "pp_virtual_stages": 1,
                                 "sequence_parallel": True}
     assert Plan.from_dict(data).parallel == plan.parallel

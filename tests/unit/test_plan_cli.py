@@ -118,7 +118,7 @@ def test_forced_layout_composes_with_the_data_parallel_strategy(capsys):
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["strategy"] == "fsdp" and plan["activation_checkpointing"] == "selective"
-    assert plan["parallel"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 8, "pp": 4, "cp": 1, "ep": 1,
+    assert plan["parallel"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 8, "pp": 4, "cp": 1, "ep": 1, "etp": 1,
                                 "pp_schedule": "1f1b", "pp_microbatches": plan["gradient_accumulation_steps"],
                                 "pp_virtual_stages": 1, "sequence_parallel": True}
     assert main(argv[:-1]) == 0  # the table shows the layout of each candidate
@@ -129,6 +129,8 @@ def test_forced_layout_composes_with_the_data_parallel_strategy(capsys):
     (["--tp", "3"], "tp 3 x pp 1 x cp 1 = 3 does not divide the 16 GPUs"),
     (["--pp", "256", "--nodes", "32"], "126 layers, embedding and LM head do not fill 256 pipeline stages"),
     (["--ep", "2"], "has no experts"),
+    (["--tp", "2", "--etp", "2"], "without ep tp splits them already, so use --etp 1 or an --ep above 1"),
+    (["--tp", "2", "--etp", "4"], "--etp 4 must be 1 (whole experts on each tp rank) or tp 2"),
     (["--pp-schedule", "1f1b", "--pp-virtual-stages", "2", "--pp", "2"], "need --pp-schedule interleaved-1f1b"),
 ])
 def test_a_bad_layout_is_one_sentence_and_exit_2(flags, sentence, capsys):
