@@ -18,27 +18,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
 
 from cluster import job_events, notify
-from cluster.doctor.node import preflight
+from cluster.doctor.node import NodeReport, preflight
 from cluster.jobs import NODE_TASK_SIGNALLED, job_state, parse_scontrol_job
 from cluster.exclusion import exclude_from_requeued_job, node_can_be_spared, node_hostnames
 from launcher.observe import event_ledger, history
 from launcher.observe.node_ledger import NodeEvent, NodeLedger
-from cluster.profile import ClusterProfile, time_to_minutes
 from cluster.requeue import decide_requeue
 from cluster.restart import restart_in_allocation
 from cluster.submission import node_command, rendezvous_port
 from launcher.config import TrainConfig
-from launcher.env import SLURM_CONF
 from launcher.errors import EXIT_USER_ERROR, LaunchError
 from launcher.jobdir.checkpoint_store import list_checkpoints
 from launcher.jobdir.layout import JobDir
@@ -49,6 +47,7 @@ from launcher.runtime.rank_exits import judge
 from launcher.runtime.watchdog_config import WatchdogConfig
 
 RANK_EXITS_WAIT_S = 15.0  # how long the first node waits for the other nodes' record of their ranks' ends
+DOCTOR_REPORT_WAIT_S = 15.0  # ... and for the reports of the nodes that failed the doctor
 FINISHED = "training finished"  # what a node task returns when its ranks completed the run
 
 
@@ -58,50 +57,6 @@ class TrainingError(RuntimeError):
 
 class StoppedBySignal(TrainingError):
     """A signal from outside (a cancel, SLURM's preemption) ended the attempt: the notify hook heard why already."""
-
-
-def slurm_reachable(env: dict[str, str]) -> None:
-    """Raise the one-sentence error `llaunch submit` prints when there is no SLURM to submit to."""
-    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
-        raise LaunchError("SLURM is not installed here (no sbatch); submit from a login node or run `llaunch cluster up`.")
-    conf = SLURM_CONF.get(env)
-    if conf and not Path(conf).is_file():  # scontrol would retry for a minute before saying so
-        raise LaunchError(f"{SLURM_CONF.name} points at {conf}, which does not exist; run `llaunch cluster up` "
-                          f"or export the path of your cluster's slurm.conf.")
-    try:
-        ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=20)
-    except subprocess.TimeoutExpired:
-        ping = None
-    if ping is None or ping.returncode != 0 or "UP" not in ping.stdout:
-        raise LaunchError(
-            "SLURM is not reachable (slurmctld does not answer); start the local cluster with `llaunch cluster up` "
-            f"or point {SLURM_CONF.name} at your cluster's slurm.conf."
-        )
-
-
-def check_partition(profile: ClusterProfile, env: dict[str, str]) -> None:
-    """Refuse a request the partition can never run (SLURM would keep it pending forever): more nodes
-    than it has or allows, or a time limit above its MaxTime."""
-    argv = ["scontrol", "--oneliner", "show", "partition"] + ([profile.partition] if profile.partition else [])
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
-    partitions = [parse_scontrol_job(line) for line in result.stdout.splitlines() if line.strip()]
-    if profile.partition is None:
-        partitions = [p for p in partitions if p.get("Default") == "YES"]
-    if result.returncode != 0 or not partitions:
-        where = f"partition {profile.partition!r} does not exist" if profile.partition else "there is no default partition"
-        raise LaunchError(f"{where} on this cluster; pick one that `sinfo` lists with --partition.")
-    part = partitions[0]
-    name = part.get("PartitionName", profile.partition)
-    limits = [int(part[key]) for key in ("TotalNodes", "MaxNodes") if part.get(key, "").isdigit()]
-    if limits and profile.allocation_nodes > min(limits):
-        asked, fix = (f"--nodes {profile.nodes} and --spare-nodes {profile.spare_nodes}", "fewer in all") \
-            if profile.spare_nodes else (f"--nodes {profile.nodes}", f"--nodes {min(limits)}")
-        raise LaunchError(f"{asked} is more than partition {name} can give one job ({min(limits)}); use {fix} or "
-                          f"another --partition.")
-    max_time = part.get("MaxTime", "UNLIMITED")
-    if max_time not in ("UNLIMITED", "INFINITE") and profile.time_minutes > time_to_minutes(max_time):
-        raise LaunchError(f"--time {profile.time} is longer than partition {name} allows ({max_time}); "
-                          f"give a shorter --time or another --partition.")
 
 
 def node_address(node: str) -> str:
@@ -189,9 +144,8 @@ class NodeTask(submitit.helpers.Checkpointable):
             history.register(self.job_dir)  # the ranks only read the cluster's history
         self._notify(job_env, notify.RESTARTED if self.requeues or self.step_restarts else notify.STARTED)
         doctor_env = self._doctor(job_env, hosts, signals) if self.doctor else {}
-        if doctor_env is None:  # that node's own error ends the job and says why
-            self._notify(job_env, notify.FAILED)
-            return f"no torchrun on node {job_env.node}: another node failed the doctor"
+        if isinstance(doctor_env, str):  # a node failed the doctor: no torchrun on any node
+            return doctor_env
         launch = self._launch(plan, hosts, job_env, doctor_env)
         outcome = supervise(launch, signals)
         if job_env.global_rank == 0:
@@ -232,39 +186,78 @@ class NodeTask(submitit.helpers.Checkpointable):
     def _node_ledger(self) -> NodeLedger | None:
         return NodeLedger(self.node_ledger_path) if self.node_ledger_path else None
 
-    def _doctor(self, job_env, hosts: list[str], signals: SignalLog) -> dict[str, str] | None:
-        """Every incarnation, before torchrun: a broken node ends it with one sentence. Returns the environment
-        the doctor adds, None when another node failed; the first node ends the attempt in the job's ledger."""
-        try:
-            report = self._preflight(job_env, hosts, signals)
-        except TrainingError:
-            self._ended_in_doctor(job_env, signals)
-            raise
-        if report.peers_failed:
-            self._ended_in_doctor(job_env, signals)
-            return None
+    def _doctor(self, job_env, hosts: list[str], signals: SignalLog) -> dict[str, str] | str:
+        """Every incarnation, before torchrun: the environment the doctor adds, or, when a node failed its
+        checks, what the attempt ends with (a restart in the allocation) unless it raises the job's error."""
+        attempt = self.attempt(job_env.job_id)
+        report = self._preflight(job_env, hosts, signals, attempt)
+        if report.failed or report.peers_failed:
+            return self._after_doctor_failure(report, job_env, hosts, signals, attempt)
         return report.env
+
+    def _preflight(self, job_env, hosts: list[str], signals: SignalLog, attempt: str) -> NodeReport:
+        """The doctor's checks of this node against the others, every incarnation before torchrun. A failure
+        that blames this host goes into the node ledger as a hard event (the next submission keeps it out)."""
+        report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
+                           job_env.job_id, rendezvous_port(job_env.job_id), attempt)
+        if (report.failed or report.peers_failed) and signals.first:  # a cancel's doing, not the nodes'
+            self._ended_in_doctor(job_env, signals)
+            raise StoppedBySignal(f"{NODE_TASK_SIGNALLED}{signals.first.name} during the doctor's checks, before "
+                                  f"torchrun started")
+        fault = report.host_fault  # a taken port or a full shared dir is the job's: no node is to blame
+        if fault is not None and self.node_ledger_path:
+            self._node_ledger().append(NodeEvent(report.host, "doctor", job_id=job_env.job_id,
+                                                 detail=f"{fault.name}: {fault.sentence}"))
+        return report
+
+    def _after_doctor_failure(self, report: NodeReport, job_env, hosts: list[str], signals: SignalLog,
+                              attempt: str) -> str:
+        """A node failed the doctor, so no node starts torchrun. With spare nodes, when every failure blames its
+        own host (checks.HOST_CHECKS), the first node restarts the job in a new step without those hosts; the
+        failing nodes leave the decision to it (their error would end the step before it is made). Otherwise,
+        or when no restart is allowed, the job ends FAILED with the failing node's sentence."""
+        self._ended_in_doctor(job_env, signals)
+        if job_env.global_rank != 0:
+            if report.failed and not (self.max_step_restarts and report.host_fault):
+                raise TrainingError(report.failure_sentence())
+            return f"no torchrun on node {job_env.node}: the doctor failed; the first node decides about a restart"
+        peers = self._failed_peers(report, len(hosts), attempt) if self.max_step_restarts else []
+        failed = ([report] if report.failed else []) + (peers or [])
+        culprits = [r.host for r in failed if r.host_fault]
+        if self.max_step_restarts and peers is not None and failed and len(culprits) == len(failed):
+            cause = "; ".join(r.failure_sentence().rstrip(".") for r in failed)
+            print(f"[llaunch] {cause}", flush=True)
+            restarted = restart_in_allocation(self, job_env.job_id, cause, culprits, len(hosts),
+                                              latest_step(self.job_dir), job_env.paths.submitted_pickle)
+            if restarted:
+                return restarted
+        if report.failed:
+            raise TrainingError(report.failure_sentence())
+        if self.max_step_restarts:  # a failing node left the decision, and so the job's error, to this one
+            raise TrainingError(failed[0].failure_sentence() if failed else
+                                "doctor: another node failed its checks; `llaunch logs JOB --rank R` shows which")
+        self._notify(job_env, notify.FAILED)
+        return f"no torchrun on node {job_env.node}: another node failed the doctor"
+
+    def _failed_peers(self, report: NodeReport, nodes: int, attempt: str) -> list[NodeReport] | None:
+        """The other nodes' failed reports of this `attempt` (JOB_DIR/doctor/node-N.json, written as their checks
+        end), waiting up to DOCTOR_REPORT_WAIT_S for as many as the all-reduce counted; None when some are
+        missing (a node whose task or host is gone: nothing says whose fault it is)."""
+        deadline = time.monotonic() + DOCTOR_REPORT_WAIT_S
+        pending, failed = {n for n in range(nodes) if n != report.node}, []
+        while len(failed) < report.peers_failed and pending and time.monotonic() < deadline:
+            for node in sorted(pending):
+                peer = NodeReport.read(Path(self.job_dir), node)
+                if peer is not None and peer.attempt == attempt:
+                    pending.discard(node)
+                    failed += [peer] if peer.failed else []
+            time.sleep(0.2)
+        return failed if len(failed) == report.peers_failed else None
 
     def _ended_in_doctor(self, job_env, signals: SignalLog) -> None:
         if job_env.global_rank == 0:
             stop = signals.first.name if signals.first else None
             job_events.attempt_ended(self.job_dir, self.attempt(job_env.job_id), 1, stop, cause=stop or "doctor")
-
-    def _preflight(self, job_env, hosts: list[str], signals: SignalLog):
-        """The doctor's checks of this node against the others; this node's own failure ends the attempt with
-        its sentence (and a hard event in the node ledger, so the next submission keeps the host out)."""
-        report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
-                           job_env.job_id, rendezvous_port(job_env.job_id))
-        if report.failed and signals.first:  # cancelled while the checks ran: the user's, not the node's
-            raise StoppedBySignal(f"{NODE_TASK_SIGNALLED}{signals.first.name} during the doctor's checks, before "
-                                f"torchrun started")
-        if report.failed:
-            fault = report.host_fault  # a taken port or a full shared dir is the job's: no node is to blame
-            if self.node_ledger_path and fault is not None:
-                self._node_ledger().append(NodeEvent(report.host, "doctor", job_id=job_env.job_id,
-                                                     detail=f"{fault.name}: {fault.sentence}"))
-            raise TrainingError(report.failure_sentence())
-        return report
 
     def _launch(self, plan: Plan, hosts: list[str], job_env, doctor_env: dict[str, str]) -> NodeRun:
         """This node's torchrun for the node runtime: rendezvous on the first node, the collective timeout, what
@@ -329,7 +322,8 @@ class NodeTask(submitit.helpers.Checkpointable):
         """After a hang or a node failure on `nodes` nodes: a new step on the allocation's healthy nodes while
         its spares and --max-restarts allow (cluster.restart), else the requeue without `exclude`'s host."""
         if self.max_step_restarts:
-            restarted = restart_in_allocation(self, job_env.job_id, cause, exclude, nodes, latest_step(self.job_dir),
+            restarted = restart_in_allocation(self, job_env.job_id, cause, [exclude] if exclude else [], nodes,
+                                              latest_step(self.job_dir),
                                               submitted_pickle or job_env.paths.submitted_pickle)
             if restarted:
                 return restarted

@@ -31,13 +31,13 @@ from cluster.exclusion import node_hostnames
 from cluster.requeue import decide_restart
 
 
-def restart_in_allocation(task, job_id: str, cause: str, culprit: str | None, nodes: int, step: int | None,
+def restart_in_allocation(task, job_id: str, cause: str, culprits: list[str], nodes: int, step: int | None,
                           submitted_pickle: Path) -> str | None:
-    """Restart `task`'s job in a new step of its allocation without `culprit` (None: no single host to blame),
+    """Restart `task`'s job in a new step of its allocation without the `culprits` hosts (none to blame: empty),
     when cluster.requeue.decide_restart says so: the next task goes into `submitted_pickle`, the restart into the
     job's ledger. Returns what the attempt ends with, or None for a requeue instead."""
     allocation = node_hostnames(os.environ["SLURM_JOB_NODELIST"])
-    excluded = sorted({*task.excluded, *([culprit] if culprit else [])})
+    excluded = sorted({*task.excluded, *culprits})
     decision = decide_restart(cause=cause, restarts_done=task.step_restarts, max_restarts=task.max_step_restarts,
                               healthy=[host for host in allocation if host not in excluded], nodes=nodes,
                               step=step, step_at_last_restart=task.step_at_last_restart)

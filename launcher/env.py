@@ -62,7 +62,7 @@ REQUIRE_SLURM = EnvVar("LLAUNCH_REQUIRE_SLURM", "CI", "tests/slurm/conftest.py",
 UPDATE_GOLDEN = EnvVar("LLAUNCH_UPDATE_GOLDEN", "developer", "tests/unit (golden files)",
                        "set: the golden tests rewrite their files instead of comparing")
 SLURM_CONF = EnvVar("SLURM_CONF", "user; cluster.local.slurm_env (env dict)",
-                    "SLURM's commands, cluster.jobs.JobRecord, cluster.executor.slurm_reachable",
+                    "SLURM's commands, cluster.jobs.JobRecord, cluster.slurm_checks.slurm_reachable",
                     "SLURM's own: the slurm.conf its commands (and submitit's sbatch) reach the cluster through")
 PYTHONPATH = EnvVar("PYTHONPATH", "cluster.snapshot (the sbatch script), cluster.submission.ContainerJob",
                     "python (the node task, torchrun, the ranks)",

@@ -2,7 +2,8 @@
 
     LLAUNCH_DOCTOR_FAULT_PORT=1             the first node holds the rendezvous port while it checks it
     LLAUNCH_DOCTOR_FAULT_LOCAL_STORAGE=1    every node checks a node-local directory instead of the job dir
-    LLAUNCH_DOCTOR_FAULT_VERSION=N:PKG=VER  node N (0-based) reports version VER for PKG (python, torch, ...)
+    LLAUNCH_DOCTOR_FAULT_VERSION=N:PKG=VER  node N (0-based index, or the host's SLURM name) reports version VER
+                                            for PKG (python, torch, ...)
     LLAUNCH_DOCTOR_FAULT_NVML=JSON          the GPUs' health as a JSON list of probes.GpuHealth fields,
                                             instead of NVML's (e.g. '[{"ecc_uncorrected": 2}]')
     LLAUNCH_DOCTOR_FAULT_MIN_FREE_BYTES=B   the space check needs at least B free bytes
@@ -26,7 +27,7 @@ PREFIX = DOCTOR_FAULT.name
 class Faults:
     occupy_port: bool = False
     local_storage: bool = False
-    version: tuple[int, str, str] | None = None  # (node, package, version)
+    version: tuple[str, str, str] | None = None  # (node index or host, package, version)
     nvml: list[dict] | None = None
     min_free_bytes: int = 0
 
@@ -39,7 +40,9 @@ class Faults:
             if env.get(PREFIX + "VERSION"):
                 node, pair = env[PREFIX + "VERSION"].split(":", 1)
                 package, version = pair.split("=", 1)
-                faults.version = (int(node), package, version)
+                if not node or not package:
+                    raise ValueError(f"{env[PREFIX + 'VERSION']!r} names no node or no package")
+                faults.version = (node, package, version)
             if env.get(PREFIX + "NVML"):
                 faults.nvml = json.loads(env[PREFIX + "NVML"])
                 if not isinstance(faults.nvml, list) or not all(isinstance(g, dict) for g in faults.nvml):
@@ -49,3 +52,9 @@ class Faults:
             raise LaunchError(f"a {PREFIX}* variable is malformed ({err}); see cluster/doctor/faults.py "
                               f"for their form, or unset them.") from None
         return faults
+
+    def version_on(self, node: int, host: str) -> dict[str, str]:
+        """The package version this node is made to report, as {package: version} (empty: none)."""
+        if self.version and self.version[0] in (str(node), host):
+            return {self.version[1]: self.version[2]}
+        return {}

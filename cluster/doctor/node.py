@@ -48,6 +48,7 @@ class NodeContext:
     addresses: list[str]
     rdzv_port: int
     job_id: str = "local"
+    attempt: str = ""  # the job's incarnation the checks run for (cluster.job_events.attempt_id)
     plan: Plan | None = None
     keep_checkpoints: int = 1
     trainable_params: int = 0
@@ -69,6 +70,7 @@ class NodeReport:
     checks: list[Check] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # what the job's environment gets (interfaces)
     peers_failed: int = 0  # other nodes that failed a check (from the all-reduce): then no node starts torchrun
+    attempt: str = ""  # NodeContext.attempt: the first node tells this attempt's reports from an earlier one's
 
     @property
     def failed(self) -> Check | None:
@@ -83,15 +85,23 @@ class NodeReport:
         return [f"{self.host:<10} {c.name:<11} {c.status:<4}  {c.sentence}" for c in self.checks]
 
     def to_dict(self) -> dict:
-        return {"node": self.node, "host": self.host, "job_id": self.job_id, "env": self.env,
+        return {"node": self.node, "host": self.host, "job_id": self.job_id, "attempt": self.attempt, "env": self.env,
                 "peers_failed": self.peers_failed, "checks": [c.to_dict() for c in self.checks]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "NodeReport":
         known = {f.name for f in fields(Check)}
         return cls(node=data["node"], host=data["host"], job_id=data["job_id"], env=data.get("env", {}),
-                   peers_failed=data.get("peers_failed", 0),
+                   peers_failed=data.get("peers_failed", 0), attempt=data.get("attempt", ""),
                    checks=[Check(**{k: v for k, v in c.items() if k in known}) for c in data["checks"]])
+
+    @classmethod
+    def read(cls, job_dir: Path, node: int) -> "NodeReport | None":
+        """Node `node`'s newest report in the job dir; None when there is none yet or it cannot be read."""
+        try:
+            return cls.from_dict(json.loads(results_path(job_dir, node).read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def failure_sentence(self) -> str:
         check = self.failed
@@ -106,7 +116,7 @@ def run_node(ctx: NodeContext, env: dict[str, str] | None = None) -> NodeReport:
     """All checks on this node; writes its JSON into the job dir and returns the report."""
     env = dict(os.environ if env is None else env)
     faults = Faults.from_env(env)
-    report = NodeReport(ctx.node, ctx.host, ctx.job_id)
+    report = NodeReport(ctx.node, ctx.host, ctx.job_id, attempt=ctx.attempt)
     peers = [j for j in range(len(ctx.hosts)) if j != ctx.node]
     facts = _own_facts(ctx, faults)
     with contextlib.ExitStack() as stack:
@@ -140,8 +150,7 @@ def run_node(ctx: NodeContext, env: dict[str, str] | None = None) -> NodeReport:
 def _own_facts(ctx: NodeContext, faults: Faults) -> dict:
     """What this node tells the others: versions (and config hash), interfaces, its NodeAddr."""
     mine = {**probes.versions(), "config_hash": probes.config_hash(JobDir(ctx.job_dir))}
-    if faults.version and faults.version[0] == ctx.node:
-        mine[faults.version[1]] = faults.version[2]
+    mine.update(faults.version_on(ctx.node, ctx.host))
     loopback = all(probes.is_loopback(a) for a in ctx.addresses)
     return {"node": ctx.node, "host": ctx.host, "versions": mine, "interfaces": probes.interfaces(loopback),
             "node_addr": ctx.addresses[ctx.node]}
@@ -297,13 +306,13 @@ def job_facts(config, plan: Plan) -> tuple[int, int]:
 
 
 def preflight(job_dir: Path, hosts: list[str], addresses: list[str], node: int, job_id: str,
-              rdzv_port: int) -> NodeReport:
-    """The checks a submitted job's node task runs before torchrun, on the job dir's plan and config."""
+              rdzv_port: int, attempt: str) -> NodeReport:
+    """The checks a submitted job's node task runs before `attempt`'s torchrun, on the job dir's plan and config."""
     from launcher.config import TrainConfig
 
     plan = Plan.load(JobDir(job_dir).plan)
     keep, trainable = job_facts(TrainConfig.load(JobDir(job_dir).config), plan)
-    report = run_node(NodeContext(Path(job_dir), node, hosts, addresses, rdzv_port, job_id=str(job_id), plan=plan,
-                                  keep_checkpoints=keep, trainable_params=trainable))
+    report = run_node(NodeContext(Path(job_dir), node, hosts, addresses, rdzv_port, job_id=str(job_id), attempt=attempt,
+                                  plan=plan, keep_checkpoints=keep, trainable_params=trainable))
     print("\n".join(f"[llaunch] doctor {line}" for line in report.lines()), flush=True)
     return report

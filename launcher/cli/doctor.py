@@ -53,7 +53,7 @@ def _slurm_profile(args: argparse.Namespace):
     """(profile, SLURM environment) when the checks run as a SLURM job (--nodes or --cluster), else (None, None)."""
     if args.nodes is None and args.cluster is None:
         return None, None
-    from cluster.executor import check_partition, slurm_reachable
+    from cluster.slurm_checks import check_partition, slurm_reachable
     from cluster.local import slurm_env
     from cluster.profile import load_profile
 

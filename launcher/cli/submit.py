@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cluster.executor import check_partition, slurm_reachable
+    from cluster.slurm_checks import check_partition, slurm_reachable
     from cluster.local import slurm_env
     from cluster.profile import load_profile
     from cluster.snapshot import FrozenCode, user_code

@@ -374,7 +374,9 @@ def test_a_hang_with_a_spare_node_restarts_in_the_allocation_and_ends_with_the_u
     the rendezvous decides which rank that is; its spare runs clean). The first node's task restarts the job from step 20 in a new srun step of the same
     allocation on n1 and the spare n3, without a requeue; it ends with the uninterrupted run's weights, the node
     ledger names n2, goodput has no queue after the first start and the restart down under a minute, and the
-    notify hook heard `restarted`. The cluster is back at two nodes afterwards."""
+    notify hook heard `restarted`. Before it, on the same three nodes (one resize for both), a short job whose
+    doctor fails on n2 (its torch as another version) restarts on n1 and n3 the same way. The cluster is back at
+    two nodes afterwards."""
     from launcher.cli import main
     from launcher.observe import event_ledger
     from launcher.observe.goodput import analyse
@@ -386,6 +388,8 @@ def test_a_hang_with_a_spare_node_restarts_in_the_allocation_and_ends_with_the_u
     faults = {"LLAUNCH_FAULT": bad_node, "LLAUNCH_WATCHDOG": "poll_s=0.5,floor_s=5,grace_s=5"}
     assert main(["cluster", "up", "--nodes", "3"]) == 0
     try:
+        doctored_out, doctored_id = a_failed_doctor_restarts_on_the_spare(config, tmp_path, monkeypatch)
+        monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
         result = submit(out, "--spare-nodes", "1", "--max-restarts", "1", "--wait", "--notify",
                         f'echo "$LLAUNCH_JOB_STATE" >> {heard}', config=config, env=faults, timeout=400)
         job_id = job_id_of(result)
@@ -413,6 +417,32 @@ def test_a_hang_with_a_spare_node_restarts_in_the_allocation_and_ends_with_the_u
     assert 0 < down < 60, restarted
     assert json.loads(llaunch("goodput", job_id, "--json").stdout)["seconds"]["down"] == pytest.approx(down, abs=1)
     assert heard.read_text().split() == ["submitted", "started", "hang", "restarted", "completed"]
+    assert (doctored_out / "final").is_dir(), logs_of(doctored_id)[-4000:]
+
+
+def a_failed_doctor_restarts_on_the_spare(config: Path, tmp_path: Path, monkeypatch) -> tuple[Path, str]:
+    """A 4-step job of --nodes 2 --spare-nodes 1 whose doctor fails on n2 (a home of its own: n2's doctor event
+    would quarantine it for the hang's job): n2's task leaves the decision to the first node, which restarts
+    the job on n1 and the spare n3, where it completes, without a requeue. Its output dir and job id."""
+    from launcher.observe import event_ledger
+    from launcher.observe.node_ledger import NodeLedger
+
+    monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home-doctor"))
+    out = tmp_path / "doctored"
+    result = llaunch("submit", str(config), *TINY, "--nodes", "2", "--spare-nodes", "1", "--max-restarts", "1",
+                     "--max-steps", "4", "--output-dir", str(out), "--wait", timeout=300,
+                     env={"LLAUNCH_DOCTOR_FAULT_VERSION": "n2:torch=0.0.0"})
+    job_id = job_id_of(result)
+    end = job_state(job_id, os.environ)
+    assert result.returncode == 0 and end.state == "COMPLETED" and end.restarts == 0, logs_of(job_id)[-4000:]
+    events = event_ledger.read(out)
+    launches = [(e["inc"], e["hosts"]) for e in events if e["kind"] == event_ledger.LAUNCH]
+    assert launches == [(f"{job_id}.0", ["n1", "n2"]), (f"{job_id}.0.1", ["n1", "n3"])], launches
+    [restart] = [e for e in events if e["kind"] == event_ledger.RESTART]
+    assert restart["exclude"] == ["n2"] and "doctor: software failed on n2: torch 0.0.0 here" in restart["reason"]
+    assert [(e.kind, e.host) for e in NodeLedger.for_profile("local").events()] == [("doctor", "n2")]
+    assert "rank 0 of 2 starts" in logs_of(job_id)  # torchrun ran in the second step only
+    return out, job_id
 
 
 def test_more_nodes_than_the_partition_has_are_refused_before_sbatch(slurm_cluster, config, tmp_path):

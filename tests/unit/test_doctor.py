@@ -123,9 +123,13 @@ def test_fault_hooks_are_off_by_default_and_parsed_from_the_environment():
     faults = Faults.from_env({"LLAUNCH_DOCTOR_FAULT_PORT": "1", "LLAUNCH_DOCTOR_FAULT_VERSION": "1:torch=0.0.0",
                               "LLAUNCH_DOCTOR_FAULT_NVML": '[{"ecc_uncorrected": 1}]',
                               "LLAUNCH_DOCTOR_FAULT_MIN_FREE_BYTES": "123", "LLAUNCH_DOCTOR_FAULT_LOCAL_STORAGE": "1"})
-    assert faults == Faults(True, True, (1, "torch", "0.0.0"), [{"ecc_uncorrected": 1}], 123)
-    with pytest.raises(LaunchError, match="malformed"):
-        Faults.from_env({"LLAUNCH_DOCTOR_FAULT_VERSION": "torch"})
+    assert faults == Faults(True, True, ("1", "torch", "0.0.0"), [{"ecc_uncorrected": 1}], 123)
+    assert (faults.version_on(1, "n2"), faults.version_on(0, "n1")) == ({"torch": "0.0.0"}, {})
+    by_host = Faults.from_env({"LLAUNCH_DOCTOR_FAULT_VERSION": "n2:torch=0.0.0"})  # follows the host, not the index
+    assert (by_host.version_on(0, "n2"), by_host.version_on(1, "n3")) == ({"torch": "0.0.0"}, {})
+    for bad in ("torch", ":torch=1", "1:=1"):
+        with pytest.raises(LaunchError, match="malformed"):
+            Faults.from_env({"LLAUNCH_DOCTOR_FAULT_VERSION": bad})
 
 
 def test_checkpoint_size_comes_from_the_estimator_and_keep_from_the_config():

@@ -104,7 +104,7 @@ def test_a_doctor_failure_is_a_node_event_only_when_it_is_the_hosts_and_not_duri
     for node, host in enumerate(("n1", "n2")):
         monkeypatch.setattr(executor, "preflight", lambda *a, host=host: reports[host])
         with pytest.raises(executor.TrainingError, match="during the doctor" if received else f"failed on {host}"):
-            task._preflight(SimpleNamespace(node=node, job_id="9"), ["n1", "n2"], signals)
+            task._doctor(SimpleNamespace(node=node, job_id="9", global_rank=node), ["n1", "n2"], signals)
     assert [(e.kind, e.host) for e in NodeLedger(ledger).events()] == ([] if received else [("doctor", "n2")])
 
 

@@ -5,6 +5,7 @@ allocation's --max-restarts are spent. The real hang on a 3-node cluster runs in
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -97,3 +98,55 @@ def test_a_killed_first_node_task_restarts_on_a_spare_then_the_spent_allocation_
         teardown.main(["--next-step", str(folder), str(KILLED_STATUS)])
     assert requeued == ["77"] and pickled_task(folder).requeues == 1
     assert (pickled_task(folder).step_restarts, pickled_task(folder).excluded) == (0, ())  # a new allocation
+
+
+@pytest.mark.parametrize("check, restarts", [("software", True), ("space", False)])
+def test_a_node_that_fails_the_doctor_is_replaced_by_a_spare_unless_the_failure_is_the_jobs(tmp_path, job, monkeypatch,
+                                                                                           check, restarts):
+    """n2 fails the doctor of attempt 77.0 of a job with a spare. A software mismatch is n2's: its task leaves the
+    decision to the first node (its error would end the step first), which reads n2's report of this attempt
+    and restarts the job in a new step without n2. Too little space on the shared dir is the job's: n2 and the
+    first node end the job with n2's sentence, and nothing is restarted."""
+    from types import SimpleNamespace
+
+    from submitit.core.utils import JobPaths
+
+    from cluster import executor
+    from cluster.doctor.checks import FAIL, OK, Check
+    from cluster.doctor.node import NodeReport, results_path
+    from launcher.observe.node_ledger import NodeLedger
+    from launcher.runtime.node import SignalLog
+
+    folder, requeued, submitted = job
+    monkeypatch.setattr(restart, "node_hostnames", lambda nodelist: ["n1", "n2", "n3"])
+    monkeypatch.setattr(executor, "node_address", lambda host: host)
+    task = submitted(max_requeues=2, max_step_restarts=1)
+    reports = {0: NodeReport(0, "n1", "77", [Check("software", OK, "as on n1")], peers_failed=1, attempt="77.0"),
+               1: NodeReport(1, "n2", "77", [Check(check, FAIL, "not as on n1")], attempt="77.0")}
+    monkeypatch.setattr(executor, "preflight", lambda job_dir, hosts, addresses, node, *rest: reports[node])
+    stale = results_path(tmp_path, 1)  # what n2 wrote for an earlier attempt is not read as this one's
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps(NodeReport(1, "n2", "77", [Check("gpus", FAIL, "old")], attempt="76.0").to_dict()))
+
+    def doctor(node: int):
+        job_env = SimpleNamespace(node=node, job_id="77", global_rank=node, paths=JobPaths(folder, job_id="77"))
+        return task._doctor(job_env, ["n1", "n2"], SignalLog())
+
+    with pytest.MonkeyPatch.context() as wait:
+        wait.setattr(executor, "DOCTOR_REPORT_WAIT_S", 0.5)
+        with pytest.raises(executor.TrainingError, match="another node failed its checks"):
+            doctor(0)  # n2's report of this attempt not written: nothing says whose fault it is
+    stale.write_text(json.dumps(reports[1].to_dict()))
+    if not restarts:
+        for node in (1, 0):
+            with pytest.raises(executor.TrainingError, match=f"doctor: {check} failed on n2: not as on n1"):
+                doctor(node)
+        assert pickled_task(folder).step_restarts == 0 and NodeLedger(tmp_path / "nodes.jsonl").events() == []
+        return
+    assert doctor(1) == "no torchrun on node 1: the doctor failed; the first node decides about a restart"
+    assert doctor(0) == "restarting in the allocation without n2"
+    following = pickled_task(folder)
+    assert (following.step_restarts, following.excluded, following.requeues, requeued) == (1, ("n2",), 0, [])
+    [restarted] = [e for e in event_ledger.read(tmp_path) if e["kind"] == event_ledger.RESTART]
+    assert restarted["exclude"] == ["n2"] and "doctor: software failed on n2" in restarted["reason"]
+    assert [(e.kind, e.host) for e in NodeLedger(tmp_path / "nodes.jsonl").events()] == [("doctor", "n2")]

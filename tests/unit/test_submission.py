@@ -437,6 +437,7 @@ def test_ctrl_c_on_wait_says_the_job_keeps_running(tmp_path, monkeypatch, capsys
     import types
 
     import cluster.executor
+    import cluster.slurm_checks
     import cluster.jobs
     import cluster.sbatch
     from launcher.cli import main
@@ -445,8 +446,8 @@ def test_ctrl_c_on_wait_says_the_job_keeps_running(tmp_path, monkeypatch, capsys
         raise KeyboardInterrupt
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(cluster.executor, "slurm_reachable", lambda env: None)
-    monkeypatch.setattr(cluster.executor, "check_partition", lambda profile, env: None)
+    monkeypatch.setattr(cluster.slurm_checks, "slurm_reachable", lambda env: None)
+    monkeypatch.setattr(cluster.slurm_checks, "check_partition", lambda profile, env: None)
     monkeypatch.setattr(cluster.sbatch, "submit", lambda *args: types.SimpleNamespace(job_id="77"))
     monkeypatch.setattr(cluster.jobs, "wait_for_end", interrupted)
     quickstart = tmp_path / "quickstart.yaml"

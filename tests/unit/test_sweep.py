@@ -103,11 +103,12 @@ def test_submit_writes_the_sweep_record_every_element_and_waits_for_all(tmp_path
     written (the sweep's last, so `llaunch status` lists it first), each element's job dir holds its own config,
     and `--wait` answers 0 only when every element completed."""
     import cluster.executor
+    import cluster.slurm_checks
     import cluster.sweep
 
     monkeypatch.setenv("LLAUNCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(cluster.executor, "slurm_reachable", lambda env: None)
-    monkeypatch.setattr(cluster.executor, "check_partition", lambda profile, env: None)
+    monkeypatch.setattr(cluster.slurm_checks, "slurm_reachable", lambda env: None)
+    monkeypatch.setattr(cluster.slurm_checks, "check_partition", lambda profile, env: None)
     submitted = {}
 
     def submit_array(sweep_dir, tasks, profile, name, env, container, max_parallel, frozen):
