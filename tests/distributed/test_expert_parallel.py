@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from launcher.errors import REQUEUE_EXIT_CODE
+from tests.distributed.sigterm import stop_with_sigterm
 from tests.distributed.test_moe import QWEN3_MOE, metrics
 from tests.distributed.test_resume import final, max_diff
 
@@ -59,25 +57,10 @@ def llaunch_run(output: Path, ranks: int, *flags: str) -> Path:
 
 
 def sigterm_after_step_2(output: Path, ranks: int, *flags: str) -> int:
-    """Start the run, send `llaunch run` SIGTERM once step 2 is logged (as `kill` or a scheduler would); the step
-    it saved and stopped at."""
+    """Send `llaunch run` SIGTERM once step 2 is logged (as `kill` or a scheduler would); the step it saved."""
     log = output.with_suffix(".log")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command(output, ranks, *flags), env=run_env(SLOW_RANK), stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while "step 2: loss" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert proc.returncode == REQUEUE_EXIT_CODE and "stopped by SIGTERM: saved step " in text, text[-4000:]
-    return int(text.split("saved step ")[1].split(",")[0])
+    return stop_with_sigterm(command(output, ranks, *flags), run_env(SLOW_RANK), log,
+                             lambda: log.exists() and "step 2: loss" in log.read_text())
 
 
 @pytest.fixture(scope="module")

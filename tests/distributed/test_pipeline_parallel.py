@@ -1,21 +1,20 @@
 """Pipeline parallelism through `llaunch run` (4 gloo ranks, fp32 on CPU): pp 2 x dp 2 trains a tiny Llama to the
-losses and weights of DDP on 4 ranks with the same global batch, under 1F1B, interleaved 1F1B and GPipe, with
-tied and untied embeddings, and so does tp 2 x pp 2 (each stage split over the tp ranks, tied); a SIGTERM and the same command again end on the uninterrupted weights; a pipeline's
+losses and weights of DDP on 4 ranks with the same global batch, under 1F1B and interleaved 1F1B, with untied and
+tied embeddings, and so does tp 2 x pp 2 (each stage split over the tp ranks; tied under interleaved
+1F1B, untied under GPipe, stopped by SIGTERM and resumed by the same command); a pipeline's
 checkpoint resumes under plain DDP; export and `llaunch checkpoints --verify` read it."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from launcher.errors import REQUEUE_EXIT_CODE
+from tests.distributed.sigterm import checkpoint_published, stop_with_sigterm
 from tests.tiny_run import tiny_run_config
 
 pytestmark = pytest.mark.dist
@@ -119,26 +118,18 @@ def test_pipeline_checkpoint_resumes_under_ddp_and_exports(runs, configs):
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_sigterm_then_the_same_gpipe_command_ends_on_the_uninterrupted_weights(runs, configs):
+def test_sigterm_then_the_same_tp2_x_pp2_gpipe_command_ends_on_ddps_weights(runs, configs):
+    """tp 2 x pp 2 under GPipe, untied (the tied one is compared above): SIGTERM after the step-4 checkpoint,
+    then the same command resumes it; every loss and the final weights are those of DDP's uninterrupted run."""
     root, made = configs
-    output, log = root / "gpipe", root / "gpipe.log"
-    cmd = command(made[True], output, *PIPELINE, "--strategy", "ddp", "--pp-schedule", "gpipe")
+    output = root / "tp2-gpipe"
+    flags = (*PIPELINE, "--tp", "2", "--strategy", "fsdp", "--pp-schedule", "gpipe",
+             "training.per_device_train_batch_size=4")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 240
-        while not (output / "checkpoints" / "step-4" / "manifest.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == REQUEUE_EXIT_CODE, log.read_text()[-4000:]
-    stopped = json.loads((output / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    assert stopped < STEPS, "the run ended before the signal came; it tested no resume"
-    run(made[True], output, *PIPELINE, "--strategy", "ddp", "--pp-schedule", "gpipe")
-    want = losses(runs / "ddp-tied")
+    stopped = stop_with_sigterm(command(made[False], output, *flags), env, root / "tp2-gpipe.log",
+                                checkpoint_published(output / "checkpoints" / "step-4"), timeout=240)
+    assert 4 <= stopped < STEPS, "the run ended before the signal came; it tested no resume"
+    assert f"at step {stopped}" in run(made[False], output, *flags)
+    want = losses(runs / "ddp")
     assert [losses(output)[s] for s in want] == pytest.approx(list(want.values()), rel=1e-4)
-    assert worst(weights(output), weights(runs / "ddp-tied")) < 1e-5
+    assert worst(weights(output), weights(runs / "ddp")) < 1e-5

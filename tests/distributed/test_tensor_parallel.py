@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from launcher.errors import REQUEUE_EXIT_CODE
-from tests.distributed.test_resume import final, max_diff, wait_for_manifest
+from tests.distributed.sigterm import checkpoint_published, stop_with_sigterm
+from tests.distributed.test_resume import final, max_diff
 from tests.tiny_run import tiny_run_config
 
 pytestmark = pytest.mark.dist
@@ -31,14 +30,16 @@ TP2_PP2 = ("--strategy", "fsdp", "--tp", "2", "--pp", "2", "--pp-microbatches", 
            "training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2")
 
 
-def llaunch_run(config: Path, output: Path, *flags: str, log: Path | None = None, fault: str | None = None):
-    """`llaunch run CONFIG --output-dir OUT --nproc-per-node 4 FLAGS`, in the background when `log` is given."""
+def llaunch_command(config: Path, output: Path, *flags: str, fault: str | None = None) -> tuple[list[str], dict]:
+    """`llaunch run CONFIG --output-dir OUT --nproc-per-node 4 FLAGS` and its environment."""
     cmd = [sys.executable, "-m", "launcher", "run", str(config), "--output-dir", str(output), "--nproc-per-node", "4",
            *flags]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
-           **({"LLAUNCH_FAULT": fault} if fault else {})}
-    if log is not None:
-        return subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return cmd, {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false",
+                 **({"LLAUNCH_FAULT": fault} if fault else {})}
+
+
+def llaunch_run(config: Path, output: Path, *flags: str):
+    cmd, env = llaunch_command(config, output, *flags)
     result = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
     return result
@@ -119,18 +120,10 @@ def test_a_tp_checkpoint_exports_the_model_the_dp4_run_saved_and_verifies(runs, 
 
 
 def test_sigterm_then_the_same_command_ends_with_the_uninterrupted_weights(runs, tmp_path):
-    log, output = tmp_path / "interrupted.log", tmp_path / "run"
-    proc = llaunch_run(runs["config"], output, *TP2, log=log, fault="slow:rank=0,ms=1500")
-    try:
-        wait_for_manifest(proc, output / "checkpoints" / "step-2", log)
-        proc.send_signal(signal.SIGTERM)  # to `llaunch run`, as `kill` or a scheduler would
-        proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert proc.returncode == REQUEUE_EXIT_CODE, text[-4000:]
-    stopped_at = int(text.split("saved step ")[1].split(",")[0])
+    output = tmp_path / "run"
+    cmd, env = llaunch_command(runs["config"], output, *TP2, fault="slow:rank=0,ms=1500")
+    stopped_at = stop_with_sigterm(cmd, env, tmp_path / "interrupted.log",
+                                   checkpoint_published(output / "checkpoints" / "step-2"))
     assert 2 <= stopped_at < STEPS and not final(output).exists()
     resumed = llaunch_run(runs["config"], output, *TP2)
     assert f"checkpoints/step-{stopped_at} at step {stopped_at}" in resumed.stdout

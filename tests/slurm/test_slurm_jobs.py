@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 MAX_STEPS = 40
 SAVE_STEPS = 20
+# Room for a signal between the step-SAVE_STEPS checkpoint and the job's end: unslowed, the 20 steps after it take
+# about a second, less than `scancel` or `llaunch cancel` may take under load (rank 0 slows the whole step).
+SIGNAL_ROOM = {"LLAUNCH_FAULT": "slow:rank=0,ms=400"}
 # The quickstart shrunk so that a 2-node job takes under a minute on a 2-core machine.
 TINY = [
     "model.overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
@@ -215,7 +218,8 @@ def test_preempted_job_saves_at_the_signal_requeues_once_runs_its_frozen_code_an
     out, marker, heard = tmp_path / "preempted", tmp_path / "edited-code-ran", tmp_path / "notified"
     repo, own, from_checkouts = checkouts(tmp_path, config)
     hook = f'echo "$LLAUNCH_JOB_STATE $LLAUNCH_JOB_STEP $LLAUNCH_JOB_ID" >> {heard}'
-    job_id = job_id_of(submit(out, "--notify", hook, config=repo / "train.yaml", env=from_checkouts, cwd=repo))
+    job_id = job_id_of(submit(out, "--notify", hook, config=repo / "train.yaml", env={**from_checkouts, **SIGNAL_ROOM},
+                              cwd=repo))
     edit_after_submit(repo, own, marker)
     env = load_record(job_id).env()
     # The job dir belongs to this job: a dry run writes nothing into it, a second submit is refused.
@@ -286,7 +290,7 @@ def test_a_tensor_parallel_job_across_the_nodes_resumes_exactly_after_a_preempti
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs_of(job_id_of(result))[-4000:]}"
     assert yaml.safe_load((straight / "plan.yaml").read_text())["parallel"]["tp"] == 2
     out = tmp_path / "preempted"
-    job_id = job_id_of(submit(out, *TP_ACROSS_NODES, config=config, overrides=TP_OVERRIDES))
+    job_id = job_id_of(submit(out, *TP_ACROSS_NODES, config=config, overrides=TP_OVERRIDES, env=SIGNAL_ROOM))
     preempt_and_resume(job_id, out, load_record(job_id).env())
     assert_same_weights(straight, out)
 
@@ -491,9 +495,7 @@ def test_cancel_sends_sigterm_to_the_ranks_which_checkpoint_and_the_job_stays_ca
     from launcher.jobdir.checkpoint_store import list_checkpoints
 
     out = tmp_path / "cancelled"
-    # `llaunch cancel` starts a Python process: room for it between the step-20 checkpoint and the job's end
-    # (20 unslowed steps take a second, the cancel under load several).
-    job_id = job_id_of(submit(out, config=config, env={"LLAUNCH_FAULT": "slow:rank=0,ms=500"}))
+    job_id = job_id_of(submit(out, config=config, env=SIGNAL_ROOM))
     wait_until(lambda: any(i.complete and i.step == SAVE_STEPS for i in list_checkpoints(out)), 240,
                f"the step-{SAVE_STEPS} checkpoint", job_id)
     result = llaunch("cancel", job_id)
