@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -78,10 +77,7 @@ def run_doctor_job(profile: ClusterProfile, env: dict[str, str], task: DoctorTas
 
 def _report(job_dir: str, node: int, job_id: str, folder: Path) -> NodeReport:
     path = results_path(Path(job_dir), node)
-    try:
-        report = NodeReport.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError):
-        report = None
+    report = NodeReport.read(Path(job_dir), node)
     if report is None or report.job_id != job_id:
         log = folder / f"{job_id}_{node}_log.err"
         return NodeReport(node, f"node {node}", job_id, [Check("report", FAIL, (
