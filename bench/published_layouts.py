@@ -58,6 +58,14 @@ weight; recomputing only the norms and SwiGLU's silu (what llaunch's ranks could
 So Meta's run must have held fewer microbatches in flight than torch's and Megatron-LM's interleaved warm-up
 (the paper's schedule has a tunable N, sec. 3.3.2, unpublished beyond that) and it frees each stage's inputs
 and outputs as it goes.
+Selective recompute (launcher/train/recompute.py, torchtitan's op-level SAC, now run by the ranks and traced on
+fake tensors) does not rescue these rows: Llama 3's layout with it predicts 0.412 / 0.391 MFU but 106 / 91 GiB.
+Of that, about a third is the policy's own waste under tp: its every-other-matmul rule keeps down_proj's output,
+which on a row-parallel rank is the whole partial sum before the reduce-scatter (2 h bytes per token, not / t)
+and which no backward reads. A policy that skipped row-parallel outputs (recomputing down instead) would give
+71 / 59 GiB allocated at 0.387 / 0.367 MFU: the 16,384-GPU row would fit at 0.83 of the forced MFU, the
+8,192-GPU one would still not (82 GiB reserved). Neither reaches 0.9 while torch's interleaved warm-up holds 141
+layer-microbatches.
 Megatron GPT 529.6B and 1T: their forced layouts (280 and 512 microbatches, no sequence parallel) no longer fit in
 llaunch's count, as torch's PipelineStage would allocate a receive buffer per microbatch where Megatron-LM does not.
 """

@@ -247,7 +247,7 @@ def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], traina
                     "weight_copies": size["weight_copies"], "comm_buffers": forward_comm,
                     "grads": grads if grads_alive_in_forward else 0},
         "backward": {"grads": grads, "activations": backward_activations, "comm_buffers": transient_comm,
-                     "weight_copies": 0 if setup.full_recompute else size["weight_copies"]},
+                     "weight_copies": 0 if setup.recomputes else size["weight_copies"]},
         "optimizer_step": {"grads": grads, "optimizer_scratch": size["optimizer_scratch"]},
     }
     phases = {name: sum(alive.values()) for name, alive in phase_terms.items()}

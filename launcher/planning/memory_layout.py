@@ -182,15 +182,17 @@ def replicated_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
 def layer_bytes_per_token(spec: ModelSpec, setup: TrainSetup, mode: str = "") -> float:
     """One layer's saved activations per token of the local sequence on one tp rank (Korthikanti Table 2), under
     the setup's recompute mode (or `mode`: "none" for what a layer holds while it is differentiated)."""
-    per_layer = (selective_bytes_per_token(spec, setup) if (mode or setup.activation_checkpointing) == "selective"
-                 else sizes.layer_activation_bytes(spec, setup))
-    per_layer += experts.moe_bytes_per_token(spec, sizes.compute_mode(setup))
-    t = setup.parallel.tp
+    t, compute = setup.parallel.tp, sizes.compute_mode(setup)
+    moe = experts.moe_bytes_per_token(spec, compute)
+    moe_whole = experts.moe_whole_bytes_per_token(spec, compute, setup.parallel) if t > 1 else 0
+    if (mode or setup.activation_checkpointing) == "selective":
+        return selective_bytes_per_token(spec, setup) + moe_whole + (moe - moe_whole) / t
+    per_layer = sizes.layer_activation_bytes(spec, setup) + moe
     if t == 1:
         return per_layer
     replicated = (gathered_bytes_per_token(spec, setup) if setup.parallel.sequence_parallel
                   else replicated_bytes_per_token(spec, setup))
-    replicated += experts.moe_whole_bytes_per_token(spec, sizes.compute_mode(setup), setup.parallel)
+    replicated += moe_whole
     return replicated + (per_layer - replicated) / t
 
 
@@ -204,13 +206,23 @@ def gathered_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     return act * spec.hidden * len(sizes.NORM_READER_GROUPS)
 
 
-def selective_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
-    """torchtitan's op-level SAC (module docstring): the layer's input, SDPA's output and logsumexp, and half of
-    the matmul outputs (q, k, v, o, gate, up, down: every other one is saved)."""
+def selective_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
+    """torchtitan's op-level SAC (launcher/train/recompute.py) per token on one tp rank: the layer's input, SDPA's
+    output and fp32 logsumexp, and the outputs of the layer's 1st, 3rd, ... matmul (q, v, gate and down in a
+    Llama block), split over tp but for a row-parallel matmul's, whose local output is the whole partial sum
+    before its reduction; with sequence parallel also each row-parallel block's reduce-scatter output. The rest,
+    sequence parallel's all-gathers included, is recomputed in backward, so no gathered input stays whole.
+    Traced on fake tensors at tp 1, 2, 4 and 8 with and without sequence parallel
+    (tests/unit/test_memory_trace_layout.py)."""
     act = 4 if sizes.compute_mode(setup) == "fp32" else 2
-    qd = spec.heads * spec.head_dim
-    matmul_outputs = sum(o for _, _, o in spec.layer_linears)
-    return int(spec.hidden * sizes.residual_bytes(setup) + act * qd + 4 * spec.heads + act * matmul_outputs / 2)
+    dims = setup.parallel
+    t, sp = dims.tp, dims.tp_enabled and dims.sequence_parallel
+    kept = [(name, out) for name, _, out in sizes.selective_kept_linears(spec)]
+    whole = sum(act * out for name, out in kept if name in sizes.ROW_PARALLEL and t > 1)
+    split = sum(act * out for name, out in kept) - whole + act * spec.heads * spec.head_dim + 4 * spec.heads
+    reduced = act * spec.hidden * sum(1 for name, _, _ in spec.layer_linears if name in sizes.ROW_PARALLEL) if sp else 0
+    layer_input = spec.hidden * sizes.residual_bytes(setup) / (t if sp else 1)
+    return layer_input + whole + (split + reduced) / t
 
 
 def local_tokens(setup: TrainSetup) -> int:
@@ -233,7 +245,11 @@ def layout_activation_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> t
         return kept, kept + recompute, (f"checkpointed: each layer's input kept{', ' + where if where else ''}; one "
                                         f"layer ({per_layer:.0f} B/token) recomputed in backward")
     saved = int(held * per_layer * tokens)
-    if dims.pp_enabled and stage != "last" and dims.pp_schedule != "gpipe":
+    if setup.activation_checkpointing == "selective":
+        # A selective layer's backward runs its forward again (every tensor of it) beside the others' saved
+        # outputs; its MLP's gradients take the place of the recomputed tensors they free.
+        recompute += saved
+    elif dims.pp_enabled and stage != "last" and dims.pp_schedule != "gpipe":
         recompute = stage_backward_bytes(spec, setup, saved)
     mode = " (tp + sequence parallel: / t)" if dims.tp_enabled and dims.sequence_parallel else (
         " (tp without sequence parallel: norms replicated)" if dims.tp_enabled else "")

@@ -5,6 +5,7 @@ adds them up into a rank's peak."""
 from __future__ import annotations
 
 from launcher.planning.models import ModelSpec
+from launcher.planning.parallel import SAC_SAVED_MATMUL_PARITY
 from launcher.planning.plan import ENGINE_SUPPORT, TrainSetup
 
 # Logits at the start of backward, per element: the fp32 log-softmax saved (4) + the incoming gradient (4) +
@@ -130,6 +131,13 @@ def compute_mode(setup: TrainSetup) -> str:
 
 NORM_READER_GROUPS = ({"q_proj", "k_proj", "v_proj", "c_attn"}, {"gate_proj", "up_proj", "c_fc"})
 NORM_READERS = set().union(*NORM_READER_GROUPS)
+ROW_PARALLEL = {"o_proj", "down_proj", "attn.c_proj", "mlp.c_proj"}  # split by input rows under tp; the rest by columns
+
+
+def selective_kept_linears(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    """The linears whose outputs selective recompute keeps: a layer's 1st, 3rd, ... matmul in forward order
+    (SAC_SAVED_MATMUL_PARITY); the others run again in backward."""
+    return [linear for k, linear in enumerate(spec.layer_linears) if (k + 1) % 2 == SAC_SAVED_MATMUL_PARITY]
 
 
 def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:

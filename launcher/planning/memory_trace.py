@@ -12,6 +12,8 @@ the model built on the meta device (LoRA adapters too), and FSDPMemTracker gives
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from launcher.errors import LaunchError
@@ -45,7 +47,7 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
 
     from launcher.planning.models import GPT2_LIKE
     from launcher.train.chunked_loss import use_chunked_loss
-    from launcher.train.modeling import enable_activation_checkpointing
+    from launcher.train.recompute import enable_recompute
 
     if setup.trains_adapters:  # PEFT moves adapters with Module.to(), which cannot swap fake parameters
         raise LaunchError("--trace supports full fine-tuning only (PEFT cannot wrap a fake-tensor model); drop --trace.")
@@ -56,8 +58,7 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     with FakeTensorMode():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=traced_attention(setup.attention))
         model.config.use_cache = False
-        if setup.full_recompute:
-            enable_activation_checkpointing(model)
+        enable_recompute(model, setup.activation_checkpointing)
         use_chunked_loss(model, setup.loss_chunk_tokens)  # as engines.build_engine does for DDP and FSDP
         optimizer = traced_optimizer(setup.optimizer, model.parameters())
         tokens = torch.randint(0, spec.vocab, (setup.micro_batch, setup.seq_len))
@@ -129,7 +130,7 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     from launcher.planning.models import GPT2_LIKE
     from launcher.train.adapters import apply_finetune_method
     from launcher.train.chunked_loss import use_chunked_loss
-    from launcher.train.modeling import enable_activation_checkpointing
+    from launcher.train.recompute import enable_recompute
 
     if setup.method == "qlora":
         raise LaunchError("--trace cannot build bitsandbytes' 4-bit layers on fake tensors; drop --trace for QLoRA.")
@@ -139,8 +140,7 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=traced_attention(setup.attention))
     model.config.use_cache = False
-    if setup.full_recompute:
-        enable_activation_checkpointing(model)
+    enable_recompute(model, setup.activation_checkpointing)
     model = apply_finetune_method(model, FinetuneSection(method=setup.method, r=setup.lora_r, lora_dropout=0.0,
                                                         target_modules=list(setup.lora_targets)))
     use_chunked_loss(model, setup.loss_chunk_tokens)  # as engines.build_engine does for FSDP
@@ -163,27 +163,44 @@ def register_traced_attention() -> str:
     expands k and v to every head and keeps one more q-sized tensor (11 KB per token and layer for TinyLlama),
     which no GPU run allocates. Values are never computed on fake tensors, so only the shapes matter here.
     """
-    import torch
     from transformers import AttentionInterface
 
-    class FlashMemory(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, query, key, value):
-            batch, heads, tokens, dim = query.shape
-            out = query.new_empty(batch, tokens, heads, dim).transpose(1, 2)
-            ctx.save_for_backward(query, key, value, out, query.new_empty(batch, heads, tokens, dtype=torch.float32))
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            query, key, value, _, _ = ctx.saved_tensors
-            return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    flash_memory = _flash_memory_op()
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        return FlashMemory.apply(query, key, value).transpose(1, 2), None
+        return flash_memory(query, key, value)[0], None
 
     AttentionInterface.register(TRACED_ATTENTION, attention)
     return TRACED_ATTENTION
+
+
+@functools.cache
+def _flash_memory_op():
+    """llaunch::flash_memory: q, k, v -> SDPA's output (batch, tokens, heads, dim) and fp32 logsumexp, saving
+    what flash attention saves. A custom op, so that selective recompute's policy (launcher.train.recompute)
+    keeps its outputs as it keeps the real attention kernels'."""
+    import torch
+
+    @torch.library.custom_op("llaunch::flash_memory", mutates_args=(),
+                             schema="(Tensor query, Tensor key, Tensor value) -> (Tensor, Tensor)")
+    def flash_memory(query, key, value):
+        batch, heads, tokens, dim = query.shape
+        return query.new_empty(batch, tokens, heads, dim), query.new_empty(batch, heads, tokens, dtype=torch.float32)
+
+    @flash_memory.register_fake
+    def _(query, key, value):
+        batch, heads, tokens, dim = query.shape
+        return query.new_empty(batch, tokens, heads, dim), query.new_empty(batch, heads, tokens, dtype=torch.float32)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs, *output)
+
+    def backward(ctx, grad, grad_lse):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+    flash_memory.register_autograd(backward, setup_context=setup_context)
+    return flash_memory
 
 
 def traced_optimizer(name: str, params, dtensors: bool = False):

@@ -41,9 +41,6 @@ def check_traceable(setup: TrainSetup) -> None:
         (dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b",
          "--trace cannot step interleaved 1F1B (a fractional number of microbatches in flight); plan with "
          "--pp-schedule 1f1b or gpipe, or drop --trace."),
-        (setup.activation_checkpointing == "selective", "--trace does not apply selective recompute's op-level "
-                                                        "policy; plan with --activation-checkpointing none or full, "
-                                                        "or drop --trace."),
         (setup.method != "full", "--trace of a tp / pp layout traces full fine-tuning only; drop --trace for "
                                  "LoRA and QLoRA."),
     )

@@ -19,7 +19,10 @@ from launcher.errors import LaunchError
 # The decoders whose modules the ranks' tensor-parallel plan names (launcher/train/tensor_parallel.py).
 TP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")  # torch.distributed.pipelining's ScheduleGPipe, 1F1B, Interleaved1F1B
-RECOMPUTES = ("none", "selective", "full")  # activation recompute: none, attention's core only (Korthikanti 2022), every layer
+RECOMPUTES = ("none", "selective", "full")  # activation recompute: none, op-level SAC (launcher/train/recompute.py), every layer
+# Selective recompute keeps the output of a layer's 1st, 3rd, 5th... matmul and recomputes the others (torchtitan's
+# op-level SAC policy); the ranks' policy and the planner's count of what it keeps read this one rule.
+SAC_SAVED_MATMUL_PARITY = 1
 
 
 @dataclass(frozen=True)

@@ -51,13 +51,13 @@ class EngineSupport:
     # The model-parallel dimensions its ranks run (tp, pp, cp, ep); `llaunch run` and `submit` refuse a layout
     # that `llaunch plan` may recommend at scale and the engine does not declare.
     layouts: tuple[str, ...] = ()
-    recomputes: tuple[str, ...] = ("none", "full")  # activation checkpointing modes (RECOMPUTES) it runs
+    recomputes: tuple[str, ...] = ("none", "full")  # RECOMPUTES it runs (selective: launcher/train/recompute.py)
     float8: bool = False  # precision fp8: torchao's Float8Linear swapped in before wrapping (launcher/train/float8.py)
 
 
 # Pipeline stages (launcher/train/engines/pipeline.py) run under DDP and FSDP2 / HSDP on the data-parallel ranks.
 _TORCH = EngineSupport(clip_grad_value=True, compile=True, quantized_base=True, chunked_loss=True,
-                       layouts=("pp",), float8=True)
+                       layouts=("pp",), float8=True, recomputes=RECOMPUTES)
 _DDP = dataclasses.replace(_TORCH, optimizer_in_backward=True)  # a world of one is never wrapped in DDP
 # FSDP2's CPUOffloadPolicy keeps the sharded parameters, their gradients and the optimizer states on the
 # CPU and steps there: parameters and optimizer go together ("optimizer+params"), never the optimizer alone.

@@ -170,10 +170,9 @@ def rank_candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware) -> list
 def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base: TrainSetup,
                 strategies: tuple[list[str], list[str]], data_parallel: int, pure: bool) -> list[Candidate]:
     """One layout's candidates: strategy x offload x micro-batch x recompute. Offload is weighed for pure data
-    parallelism only; selective recompute (which the ranks cannot run yet) only where tp / pp / cp are (which
-    they cannot run either), so a data-parallel plan stays one `llaunch run` runs."""
-    modes = ["none", "full"] if pure or request.runnable_only else list(RECOMPUTES)
-    checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else modes
+    parallelism only; there, and for `llaunch run`, only the recompute modes the strategy's engine runs, so a
+    data-parallel plan stays one `llaunch run` runs."""
+    checkpointing = [request.activation_checkpointing] if request.activation_checkpointing is not None else RECOMPUTES
     micro_batches = [request.micro_batch] if request.micro_batch else list(MICRO_BATCHES)
     out, (plain, offloading) = [], strategies
     for offload in _offloads(request, data_parallel) if pure else [request.offload or "none"]:
@@ -182,11 +181,13 @@ def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base
             unasked = (strategy, offload) == ("zero3", "optimizer") and not request.strategy
             if offload not in ENGINE_SUPPORT[strategy].offloads or unasked:
                 continue
+            runs = request.activation_checkpointing is None and (pure or request.runnable_only)
+            modes = [m for m in checkpointing if m in ENGINE_SUPPORT[strategy].recomputes] if runs else checkpointing
             for micro in micro_batches:
                 accumulation = _accumulation(request, micro, data_parallel, base.seq_len)
                 if accumulation is None or not _microbatches_fit(base, accumulation):
                     continue
-                for ckpt in checkpointing:
+                for ckpt in modes:
                     setup = dataclasses.replace(base, strategy=strategy, offload=offload, activation_checkpointing=ckpt,
                                                 micro_batch=micro, gradient_accumulation_steps=accumulation)
                     out += _with_virtual_stages(spec, _evaluate(spec, setup, hw, facts), request, hw, facts)

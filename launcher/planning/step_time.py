@@ -7,6 +7,7 @@ from __future__ import annotations
 from launcher.planning import expert_parallel as experts
 from launcher.planning import step_time_layout as layout
 from launcher.planning.hardware import Hardware
+from launcher.planning import memory_sizes as sizes
 from launcher.planning.memory_sizes import qlora_base_bytes
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import TrainSetup
@@ -31,6 +32,17 @@ BACKWARD_OVERLAP = 0.6  # share of compute that gradient/parameter collectives h
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512, ZeRO-Offload paper fig. 9)
 
 
+def recompute_passes(spec: ModelSpec, setup: TrainSetup) -> float:
+    """The forward FLOPs recompute adds, in the units of 2 FLOPs per parameter and token that step_time_terms
+    counts passes in: all of the forward under full recompute; under selective the decoder matmuls it does not
+    keep (launcher.planning.memory_sizes.selective_kept_linears; attention's output is kept)."""
+    if setup.activation_checkpointing != "selective":
+        return 2.0 if setup.full_recompute else 0.0
+    kept = {name for name, _, _ in sizes.selective_kept_linears(spec)}
+    again = sum(i * o for name, i, o in spec.layer_linears if name not in kept)
+    return 12 * spec.layers * again / spec.flops_per_token(setup.seq_len)
+
+
 def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> dict[str, float]:
     """Seconds per optimizer step: compute at peak x efficiency, the data-parallel collectives not hidden by
     backward, the layout's own collectives and ep's all-to-alls (exposed), its pipeline bubble, and offload traffic;
@@ -39,9 +51,8 @@ def step_time_terms(spec: ModelSpec, setup: TrainSetup, hw: Hardware, facts) -> 
     dims = setup.parallel
     tokens_per_replica = setup.micro_batch * setup.seq_len * setup.gradient_accumulation_steps
     # 2 FLOPs/param/token forward, 4 backward (input + weight grads); LoRA's frozen base skips weight grads;
-    # full recompute runs the forward twice, selective (every other matmul recomputed) half of it again.
-    recompute = {"none": 0, "selective": 1, "full": 2}[setup.activation_checkpointing]
-    passes = (2 + (2 if setup.trains_adapters else 4)) + recompute
+    # full recompute runs the forward twice, selective the matmuls whose outputs it does not keep.
+    passes = (2 + (2 if setup.trains_adapters else 4)) + recompute_passes(spec, setup)
     work = setup.micro_batch * setup.seq_len // dims.cp * spec.block_linear_params / spec.layers / dims.tp
     efficiency = MATMUL_EFFICIENCY * work / (work + HALF_EFFICIENCY_WORK)  # small matmuls under-fill the GPU
     flops = spec.flops_per_token(setup.seq_len) * tokens_per_replica * passes / 6 / dims.model_parallel

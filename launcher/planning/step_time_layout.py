@@ -28,9 +28,14 @@ def nvlink_bytes_per_s(hw, facts) -> float:
     return hw.node_link_bytes_per_s(facts) * LINK_EFFICIENCY
 
 
+# A layer's tp collectives that run again in backward: the whole second forward under full recompute; under
+# selective the two all-gathers (or, without sequence parallel, all-reduces) whose outputs it does not keep.
+RECOMPUTED_COLLECTIVES = {"none": 0, "selective": 2, "full": 4}
+
+
 def tensor_parallel_seconds(spec: ModelSpec, setup: TrainSetup, hw, facts) -> float:
-    """Per step: 4 collectives of a layer's activations in forward, 4 in backward, 4 more for a full recompute's
-    second forward, each moving (t - 1) / t of them, on NVLink (or the network where tp was forced across nodes).
+    """Per step: 4 collectives of a layer's activations in forward, 4 in backward, those recompute runs again
+    (RECOMPUTED_COLLECTIVES), each moving (t - 1) / t of them, on NVLink (or the network where tp was forced across nodes).
     Counted exposed: without async TP (torch.compile's micro-pipelining) they sit between the matmuls. A mixture
     of experts' block gathers its input and reduce-scatters its output over tp under either etp (torchtitan's
     PrepareModuleInputOutput on it), so etp changes the all-to-all (expert_parallel.all_to_all_seconds), not these."""
@@ -38,7 +43,7 @@ def tensor_parallel_seconds(spec: ModelSpec, setup: TrainSetup, hw, facts) -> fl
     if not dims.tp_enabled:
         return 0.0
     size = local_tokens(setup) * spec.hidden * _activation_bytes(setup)
-    per_layer = 8 + (4 if setup.full_recompute else 0)
+    per_layer = 8 + RECOMPUTED_COLLECTIVES[setup.activation_checkpointing]
     layers = spec.layers / dims.pp
     volume = layers * dims.pp_microbatches * per_layer * size * (dims.tp - 1) / dims.tp
     link = nvlink_bytes_per_s(hw, facts)

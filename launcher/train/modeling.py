@@ -8,6 +8,7 @@ from launcher.config import ModelSection
 from launcher.errors import LaunchError
 from launcher.planning.models import pretrained_dir
 from launcher.planning.plan import Plan
+from launcher.train.recompute import enable_recompute
 
 ATTENTION_IMPLEMENTATIONS = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
 
@@ -51,8 +52,7 @@ def build_model(model: ModelSection, plan: Plan, tokenizer, seed: int, quantizat
     if len(tokenizer) > net.get_input_embeddings().num_embeddings:
         net.resize_token_embeddings(len(tokenizer), mean_resizing=not empty)  # meta ranks: rank 0 has the values
     net.config.use_cache = False
-    if plan.full_recompute:
-        enable_activation_checkpointing(net)
+    enable_recompute(net, plan.activation_checkpointing)
     if plan.precision == "bf16" and quantization_config is None:
         net.to(torch.bfloat16)
     return net
@@ -80,16 +80,6 @@ def _from_config(config, attn: str, empty: bool) -> torch.nn.Module:
         # seed gives the same weights under every engine, and torch's default init is not run to be discarded.
         net.init_weights()
     return net
-
-
-def enable_activation_checkpointing(net: torch.nn.Module) -> None:
-    """Non-reentrant checkpointing of every decoder layer; transformers 5 renamed the method (the old name
-    still works there, with a FutureWarning), transformers 4 has only the old one."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(net, "activation_checkpointing_enable"):
-        net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def compile_layers(net: torch.nn.Module) -> None:

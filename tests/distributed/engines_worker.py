@@ -33,7 +33,7 @@ def write_job(job: Path, data: Path, cache: Path, strategy: str, micro: int, acc
     }
     plan = {"model": "tinyllama-1.1b", "strategy": strategy, "precision": "fp32", "micro_batch": micro,
             "gradient_accumulation_steps": accum, "seq_len": 32, "device": "cpu", "gpus_per_node": world,
-            "activation_checkpointing": "ckpt" in options, "offload": "optimizer+params" if "offload" in options else "none",
+            "activation_checkpointing": "selective" if "sac" in options else "ckpt" in options, "offload": "optimizer+params" if "offload" in options else "none",
             "loss_chunk_tokens": 24,  # several ragged chunks of the 2 x 32 tokens (ZeRO-3 keeps the full logits)
             "tp": 2 if "tp2" in options else 1}
     if option.startswith("amp-") or option == "fp8":
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    parser.add_argument("runs", nargs="+", help="strategy:micro:accum[:ckpt|amp-bf16|fp8|tied|offload|meshRxS|tp2[+...]]")
+    parser.add_argument("runs", nargs="+", help="strategy:micro:accum[:ckpt|sac|amp-bf16|fp8|tied|offload|meshRxS|tp2[+...]]")
     args = parser.parse_args()
     _, rank, world = init_distributed()
     results, meshes, facts = {}, {}, {}
@@ -69,6 +69,9 @@ def main() -> None:
             facts.setdefault(run, {})["offload_policy"] = type(policy).__name__
         # the chunked loss replaces the causal LM's forward on the instance (launcher/train/chunked_loss.py)
         facts.setdefault(run, {})["chunked_loss"] = "forward" in vars(trainer.engine.module)
+        layer = trainer.engine.module.model.layers[0]
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None) if layer.gradient_checkpointing else None
+        facts[run]["recompute_context"] = getattr(getattr(checkpoint, "keywords", {}).get("context_fn"), "__name__", None)
         facts[run]["float8_linears"] = [name for name, m in trainer.engine.module.named_modules()
                                         if type(m).__name__ == "Float8Linear"]
         losses, facts[run]["grad_norms"] = [], []

@@ -20,7 +20,9 @@ TIED_RUNS = ["ddp:2:2:tied", "fsdp:2:2:tied", "zero3:2:2:tied"]  # one embedding
 HSDP_RUNS = ["hsdp:2:2:mesh2x1", "hsdp:2:2:mesh1x2"]  # (replicate, shard): 2 "nodes" of 1 rank, 1 node of 2
 OFFLOAD_RUNS = ["fsdp:2:2:offload"]  # FSDP2 CPUOffloadPolicy: shards, gradients and AdamW on the host
 FP8_RUNS = ["ddp:2:2:fp8", "fsdp:2:2:fp8"]  # torchao float8 linears (torch._scaled_mm has a CPU kernel)
-RUNS = [*ENGINE_RUNS, "ddp:2:2:ckpt", "fsdp:2:2:ckpt", "ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16", *TIED_RUNS, *HSDP_RUNS,
+# Selective recompute (op-level SAC, launcher/train/recompute.py), each beside the same run without recompute.
+SAC_RUNS = {"ddp:2:2:sac": "ddp:2:2", "fsdp:2:2:sac+tp2": "fsdp:2:2:tp2"}
+RUNS = [*ENGINE_RUNS, "ddp:2:2:ckpt", "fsdp:2:2:ckpt", *SAC_RUNS, "fsdp:2:2:tp2", "ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16", *TIED_RUNS, *HSDP_RUNS,
         *OFFLOAD_RUNS, *FP8_RUNS]
 
 
@@ -60,6 +62,18 @@ def test_engines_run_the_chunked_loss_and_fsdp_offloads_as_declared(engine_runs)
         run: not run.startswith("zero3") for run in ENGINE_RUNS}
     assert facts["fsdp:2:2:offload"]["offload_policy"] == "CPUOffloadPolicy"
     assert facts["fsdp:2:2"]["offload_policy"] == "OffloadPolicy"
+
+
+@pytest.mark.parametrize("run", SAC_RUNS)
+def test_selective_recompute_runs_the_sac_policy_to_the_same_losses(engine_runs, run):
+    """plan.activation_checkpointing selective reaches every decoder layer as torch.utils.checkpoint with the
+    op-level SAC contexts, under DDP and under FSDP2 with tp 2 (whose DTensor all-gathers it recomputes), and
+    the losses are those of the same run without recompute (fp32 on CPU: the recomputed ops give the same bits)."""
+    out, losses = engine_runs
+    facts = json.loads((out / "facts.json").read_text())
+    assert (facts[run]["recompute_context"], facts[SAC_RUNS[run]]["recompute_context"]) == ("selective_contexts", None)
+    for step, (got, want) in enumerate(zip(losses[run], losses[SAC_RUNS[run]])):
+        assert rel_diff(got, want) <= 1e-6, f"{run} step {step + 1}: loss {got} vs {want} without recompute"
 
 
 @pytest.mark.parametrize("run", ["ddp:2:2:amp-bf16", "fsdp:2:2:amp-bf16"])

@@ -17,6 +17,8 @@ SMALL_LLAMA = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers"
     dict(precision="bf16"),
     dict(precision="amp-bf16"),
     dict(precision="fp32", activation_checkpointing=True, micro_batch=4),
+    dict(precision="fp32", activation_checkpointing="selective", micro_batch=4),
+    dict(precision="amp-bf16", activation_checkpointing="selective", micro_batch=8),
 ])
 def test_estimate_agrees_with_a_memtracker_trace(knobs):
     """CPU kernels save slightly different tensors than CUDA's (the estimator is calibrated on an H100), so 12%."""

@@ -46,6 +46,31 @@ def test_one_layer_adds_what_the_estimate_adds_under_tensor_parallel(tp, sequenc
     assert estimated[1] - estimated[0] == pytest.approx(traced[1] - traced[0], rel=0.05)
 
 
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("sequence_parallel", [True, False])
+def test_selective_recompute_keeps_what_the_estimate_counts_under_tensor_parallel(tp, sequence_parallel):
+    """Op-level SAC (launcher/train/recompute.py) traced with the ranks' DTensor plan: what a second layer adds is
+    the estimate's (the layer's input, SDPA's output, q, v and gate / t, down's partial sum whole, the
+    reduce-scatters' outputs / t; the sequence-parallel all-gathers recomputed), within 5 %; and with sequence
+    parallel, as the planner runs tp, the whole rank's peak too."""
+    setup = layout(tp=tp, sequence_parallel=sequence_parallel, activation_checkpointing="selective")
+    traced = [traced_layout_peak(SPEC, setup, depth, "first") for depth in (1, 2)]
+    cut = [load_model_spec("tinyllama-1.1b", {**CUT, "num_hidden_layers": depth}) for depth in (1, 2)]
+    estimated = [estimate_stage(spec, setup, "first").peak_bytes for spec in cut]
+    assert estimated[1] - estimated[0] == pytest.approx(traced[1] - traced[0], rel=0.05)
+    if sequence_parallel:
+        assert estimated[1] == pytest.approx(traced[1], rel=0.05)
+
+
+@pytest.mark.parametrize("stage", ["first", "last"])
+def test_pipeline_stage_estimate_agrees_with_a_1f1b_trace_under_selective_recompute(stage):
+    """1F1B with op-level SAC: each stage's in-flight microbatches keep only SAC's tensors, and one layer's
+    backward runs its forward again beside them: within 5 %."""
+    setup = layout(pp=2, pp_schedule="1f1b", gradient_accumulation_steps=4, activation_checkpointing="selective")
+    traced = traced_layout_peak(SPEC, setup, SPEC.layers // 2, stage)
+    assert estimate_stage(SPEC, setup, stage).peak_bytes == pytest.approx(traced, rel=0.05)
+
+
 @pytest.mark.parametrize("stage", ["first", "last"])
 def test_pipeline_stage_estimate_agrees_with_a_gpipe_trace(stage):
     """GPipe keeps all 4 microbatches in flight on both stages: the first stage's embedding and layers, the last

@@ -108,7 +108,7 @@ def test_run_and_submit_plan_only_what_the_engines_run():
     free = make_plan(PlanRequest(**request), Hardware())
     runnable = make_plan(PlanRequest(**request, runnable_only=True), Hardware())
     assert not free.parallel.pure_data_parallel
-    assert runnable.parallel.pure_data_parallel and runnable.activation_checkpointing != "selective"
+    assert runnable.parallel.pure_data_parallel
     check_runnable(runnable)
     # A forced pipeline is planned as forced, under a strategy whose engine runs stages (not ZeRO).
     piped = make_plan(PlanRequest(model="tinyllama-1.1b", gpu="H100", gpus_per_node=8, pp=2, runnable_only=True),
@@ -126,5 +126,7 @@ def test_run_and_submit_plan_only_what_the_engines_run():
     with pytest.raises(LaunchError, match=r"--cp needs torch's ring attention, which in torch 2.13 dispatches only "
                                           r"CUDA's flash, memory-efficient and cuDNN SDPA kernels"):
         check_runnable(TrainSetup(strategy="fsdp", gpus_per_node=8, cp=2))
-    with pytest.raises(LaunchError, match="selective activation checkpointing is not something the fsdp engine runs"):
-        check_runnable(TrainSetup(strategy="fsdp", activation_checkpointing="selective"))
+    check_runnable(TrainSetup(strategy="fsdp", activation_checkpointing="selective"))  # op-level SAC (recompute.py)
+    with pytest.raises(LaunchError, match="selective activation checkpointing is not something the zero3 engine runs; "
+                                          "use none or full"):
+        check_runnable(TrainSetup(strategy="zero3", activation_checkpointing="selective"))
