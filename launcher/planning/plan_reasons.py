@@ -1,11 +1,12 @@
 """Why the planner chose a candidate, in sentences the plan keeps: its peak against the limit, what it beat,
-and what it needed (checkpointing, offload, a layout the ranks cannot run yet)."""
+and what it needed (checkpointing, offload, a layout and whether the ranks run it)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from launcher.planning.plan import PREFIX, STRATEGY_ORDER
+from launcher.errors import LaunchError
+from launcher.planning.plan import PREFIX, STRATEGY_ORDER, check_runnable
 from launcher.units import format_bytes
 
 
@@ -46,7 +47,7 @@ def plan_reasons(chosen, candidates: list) -> list[str]:
 
 def _layout_reason(chosen, candidates: list) -> str:
     """Why tp / pp / cp / ep over data parallelism alone (slower, too big, or the batch does not split over that
-    many ranks), what ep did, and that the ranks cannot run it yet."""
+    many ranks), what ep did, and whether the ranks run it (check_runnable's sentence where they do not)."""
     plain = [c for c in candidates if c.setup.parallel.pure_data_parallel]
     fitting = [c for c in plain if c.fits]
     layout = chosen.setup.parallel.label()
@@ -56,12 +57,18 @@ def _layout_reason(chosen, candidates: list) -> str:
         smallest = min(plain, key=lambda c: c.memory.reserved_bytes)
         why = (f"{layout}: data parallelism alone needs {format_bytes(smallest.memory.reserved_bytes)} per GPU at "
                f"best ({smallest.label})")
+    elif chosen.setup.global_batch % chosen.setup.world_size == 0:  # data parallelism alone was not weighed
+        why = f"{layout}: the layout asked for"
     else:
         why = (f"{layout}: the global batch of {chosen.setup.global_batch} sequences does not split over "
                f"{chosen.setup.world_size} data-parallel ranks")
     if chosen.setup.parallel.ep_enabled:
         why += "; " + _ep_reason(chosen, candidates)
-    return why + "; `llaunch run` and `submit` cannot run tp / pp / cp / ep yet."
+    try:
+        check_runnable(chosen.setup)
+    except LaunchError as refusal:
+        return f"{why}; `llaunch run` and `submit` would refuse it as it stands: {refusal}"
+    return f"{why}; `llaunch run` and `submit` run it as planned."
 
 
 def _ep_reason(chosen, candidates: list) -> str:

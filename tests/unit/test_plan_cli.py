@@ -100,15 +100,18 @@ LLAMA3_ARGS = ["--model", "405b", "--gpus", "8", "--nodes", "1024", "--gpu", "H1
                "--global-batch", "16777216tok"]
 
 
-def test_plan_recommends_tp_x_pp_x_dp_for_405b_on_8192_gpus_and_says_run_cannot_run_it(capsys):
-    """The issue's done-when command: a TP x PP x DP layout, its record in --json, and the reason why."""
+def test_plan_recommends_tp_x_pp_x_dp_for_405b_on_8192_gpus_and_says_whether_run_runs_it(capsys):
+    """The issue's done-when command: a TP x PP x DP layout, its record in --json, the reason why, and whether
+    `llaunch run` runs it (ZeRO-1 does not take DTensor weights: check_runnable's sentence says what does)."""
     assert main(["plan", *LLAMA3_ARGS, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     layout = plan["parallel"]
     assert layout["tp"] in (2, 4, 8) and layout["pp"] > 1 and layout["dp_replicate"] * layout["dp_shard"] > 1
     assert layout["tp"] * layout["pp"] * layout["cp"] * layout["dp_replicate"] * layout["dp_shard"] == 8192
     assert plan["predicted"]["mfu"] > 0.3 and plan["memory"]["reserved_bytes"] <= plan["memory"]["limit_bytes"]
-    assert any("cannot run tp / pp / cp / ep yet" in reason for reason in plan["reasons"])
+    assert plan["strategy"] == "zero1"
+    assert any("`llaunch run` and `submit` would refuse it as it stands: this plan's layout" in reason
+               and "which the zero1 engine cannot run; use --strategy fsdp or hsdp" in reason for reason in plan["reasons"])
 
 
 def test_forced_layout_composes_with_the_data_parallel_strategy(capsys):
@@ -121,6 +124,8 @@ def test_forced_layout_composes_with_the_data_parallel_strategy(capsys):
     assert plan["parallel"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 8, "pp": 4, "cp": 1, "ep": 1, "etp": 1,
                                 "pp_schedule": "1f1b", "pp_microbatches": plan["gradient_accumulation_steps"],
                                 "pp_virtual_stages": 1, "sequence_parallel": True}
+    assert any(reason.startswith("tp8 pp4(1f1b") and "the layout asked for; `llaunch run` and `submit` run it as "
+               "planned." in reason for reason in plan["reasons"])
     assert main(argv[:-1]) == 0  # the table shows the layout of each candidate
     assert "tp8 pp4(1f1b" in capsys.readouterr().out
 
