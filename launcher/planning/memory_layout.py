@@ -207,11 +207,12 @@ def gathered_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
 
 
 def selective_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
-    """torchtitan's op-level SAC (launcher/train/recompute.py) per token on one tp rank: the layer's input, SDPA's
-    output and fp32 logsumexp, and the outputs of the layer's 1st, 3rd, ... matmul (q, v, gate and down in a
-    Llama block), split over tp but for a row-parallel matmul's, whose local output is the whole partial sum
-    before its reduction; with sequence parallel also each row-parallel block's reduce-scatter output. The rest,
-    sequence parallel's all-gathers included, is recomputed in backward, so no gathered input stays whole.
+    """Op-level SAC (launcher/train/recompute.py) per token on one tp rank: the layer's input, SDPA's output and
+    fp32 logsumexp, and the outputs of the layer's 1st, 3rd, ... matmul but its last (q, v and gate in a Llama
+    block), split over tp but for a row-parallel matmul's, whose local output is the whole partial sum before its
+    reduction (none in Llama and GPT-2 blocks); with sequence parallel also each row-parallel block's
+    reduce-scatter output. The rest, sequence parallel's all-gathers included, is recomputed in backward, so no
+    gathered input stays whole.
     Traced on fake tensors at tp 1, 2, 4 and 8 with and without sequence parallel
     (tests/unit/test_memory_trace_layout.py)."""
     act = 4 if sizes.compute_mode(setup) == "fp32" else 2

@@ -134,10 +134,22 @@ NORM_READERS = set().union(*NORM_READER_GROUPS)
 ROW_PARALLEL = {"o_proj", "down_proj", "attn.c_proj", "mlp.c_proj"}  # split by input rows under tp; the rest by columns
 
 
+# A layer's last linear: its output only joins the residual stream, so no backward reads it and recompute stops
+# before it (launcher/train/recompute.py keeps it neither).
+LAYER_OUTPUT_LINEARS = ("down_proj", "mlp.c_proj")
+
+
 def selective_kept_linears(spec: ModelSpec) -> list[tuple[str, int, int]]:
     """The linears whose outputs selective recompute keeps: a layer's 1st, 3rd, ... matmul in forward order
-    (SAC_SAVED_MATMUL_PARITY); the others run again in backward."""
-    return [linear for k, linear in enumerate(spec.layer_linears) if (k + 1) % 2 == SAC_SAVED_MATMUL_PARITY]
+    (SAC_SAVED_MATMUL_PARITY) but its last (LAYER_OUTPUT_LINEARS)."""
+    return [linear for k, linear in enumerate(spec.layer_linears)
+            if (k + 1) % 2 == SAC_SAVED_MATMUL_PARITY and linear[0] not in LAYER_OUTPUT_LINEARS]
+
+
+def selective_recomputed_linears(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    """The linears selective recompute runs again in backward: neither kept nor the layer's last."""
+    kept = selective_kept_linears(spec)
+    return [linear for linear in spec.layer_linears if linear not in kept and linear[0] not in LAYER_OUTPUT_LINEARS]
 
 
 def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:

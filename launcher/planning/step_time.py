@@ -38,8 +38,7 @@ def recompute_passes(spec: ModelSpec, setup: TrainSetup) -> float:
     keep (launcher.planning.memory_sizes.selective_kept_linears; attention's output is kept)."""
     if setup.activation_checkpointing != "selective":
         return 2.0 if setup.full_recompute else 0.0
-    kept = {name for name, _, _ in sizes.selective_kept_linears(spec)}
-    again = sum(i * o for name, i, o in spec.layer_linears if name not in kept)
+    again = sum(i * o for _, i, o in sizes.selective_recomputed_linears(spec))
     return 12 * spec.layers * again / spec.flops_per_token(setup.seq_len)
 
 

@@ -71,7 +71,8 @@ def main() -> None:
         facts.setdefault(run, {})["chunked_loss"] = "forward" in vars(trainer.engine.module)
         layer = trainer.engine.module.model.layers[0]
         checkpoint = getattr(layer, "_gradient_checkpointing_func", None) if layer.gradient_checkpointing else None
-        facts[run]["recompute_context"] = getattr(getattr(checkpoint, "keywords", {}).get("context_fn"), "__name__", None)
+        context = getattr(checkpoint, "keywords", {}).get("context_fn")
+        facts[run]["recompute_context"] = getattr(getattr(context, "func", context), "__name__", None)
         facts[run]["float8_linears"] = [name for name, m in trainer.engine.module.named_modules()
                                         if type(m).__name__ == "Float8Linear"]
         losses, facts[run]["grad_norms"] = [], []

@@ -1,6 +1,6 @@
 """Pipeline parallelism through `llaunch run` (4 gloo ranks, fp32 on CPU): pp 2 x dp 2 trains a tiny Llama to the
-losses and weights of DDP on 4 ranks with the same global batch, under 1F1B and interleaved 1F1B, with untied and
-tied embeddings, and so does tp 2 x pp 2 (each stage split over the tp ranks; tied under interleaved
+losses and weights of DDP on 4 ranks with the same global batch, under 1F1B (with selective recompute) and
+interleaved 1F1B, with untied and tied embeddings, and so does tp 2 x pp 2 (with selective recompute) (each stage split over the tp ranks; tied under interleaved
 1F1B, untied under GPipe, stopped by SIGTERM and resumed by the same command); a pipeline's
 checkpoint resumes under plain DDP; export and `llaunch checkpoints --verify` read it."""
 
@@ -26,13 +26,14 @@ REFERENCE = ("--nproc-per-node", "4", "--strategy", "ddp", "training.gradient_ac
 RUNS = {  # name: (tied embeddings, flags)
     "ddp": (False, REFERENCE),
     "ddp-tied": (True, REFERENCE),
-    "1f1b": (False, (*PIPELINE, "--strategy", "ddp", "--pp-schedule", "1f1b")),
+    # Stages recompute selectively (op-level SAC) here: the same numbers as storing every activation.
+    "1f1b": (False, (*PIPELINE, "--strategy", "ddp", "--pp-schedule", "1f1b", "--activation-checkpointing", "selective")),
     "interleaved-tied": (True, (*PIPELINE, "--strategy", "fsdp", "--pp-schedule", "interleaved-1f1b",
                                 "--pp-virtual-stages", "2")),
     # tp 2 x pp 2 (dp 1): 2 microbatches of 4, the tied embedding's two copies split by vocabulary over tp.
     "tp2-interleaved-tied": (True, (*PIPELINE, "--tp", "2", "--strategy", "fsdp", "--pp-schedule",
-                                    "interleaved-1f1b", "--pp-virtual-stages", "2",
-                                    "training.per_device_train_batch_size=4")),
+                                    "interleaved-1f1b", "--pp-virtual-stages", "2", "--activation-checkpointing",
+                                    "selective", "training.per_device_train_batch_size=4")),
 }
 
 
