@@ -14,7 +14,7 @@ from launcher.planning.memory import estimate, estimate_stage
 from launcher.planning.memory_sizes import layer_activation_bytes, residual_bytes
 from launcher.planning.models import load_model_spec
 from launcher.planning.parallel import ParallelDims
-from launcher.planning.plan import TrainSetup
+from launcher.planning.plan import ENGINE_SUPPORT, TrainSetup
 from launcher.planning.planner import PlanRequest, _evaluate, hardware_for, make_plan, rank_candidates
 
 SPEC = load_model_spec("8b")  # 32 layers, 32 heads, 8 KV heads, hidden 4096
@@ -164,7 +164,8 @@ def _brute_force(spec, request, hw):
             continue
         ga = request.global_batch // (micro * dp)
         pure = tp * pp == 1
-        if (v > 1 and ga % pp) or (pure and mode == "selective") or (not pure and strategy not in ("zero1", "fsdp")):
+        if (v > 1 and ga % pp) or (pure and mode not in ENGINE_SUPPORT[strategy].recomputes) or (
+                not pure and strategy not in ("zero1", "fsdp")):
             continue
         s = TrainSetup(strategy=strategy, tp=tp, pp=pp, pp_schedule=schedule, pp_virtual_stages=v, micro_batch=micro,
                        gradient_accumulation_steps=ga, activation_checkpointing=mode, nodes=hw.nodes,
@@ -191,6 +192,21 @@ def test_search_finds_what_brute_force_finds(model, overrides, gpus, nodes, batc
     best = _brute_force(spec, request, hw)
     assert max(c.tokens_per_s for c in searched) == pytest.approx(best.tokens_per_s)
     assert make_plan(request, Hardware()).predicted["tokens_per_s"] > 0
+
+
+def test_search_weighs_the_virtual_stages_that_fit_where_the_most_do_not():
+    """Llama 3 405B's layout on 8,192 H100 with selective recompute: one layer per chunk (v 8) does not fit, as
+    torch's PipelineStage holds a receive buffer per microbatch and chunk; fewer chunks do. The search finds the
+    fastest v that fits, as trying every v does."""
+    request = PlanRequest(model="405b", gpu="H100", gpus_per_node=8, nodes=1024, seq_len=8192, global_batch=2048,
+                          tp=8, pp=16, pp_schedule="interleaved-1f1b", strategy="zero1", micro_batch=1,
+                          activation_checkpointing="selective")
+    spec, hw = load_model_spec("405b"), hardware_for(request, Hardware())
+    searched = [c for c in rank_candidates(spec, request, hw) if c.fits]
+    every = {v: _evaluate(spec, dataclasses.replace(searched[0].setup, pp_virtual_stages=v), hw, hw.facts)
+             for v in range(2, (spec.layers + 2) // 16 + 1)}
+    assert not every[8].fits and searched[0].setup.parallel.pp_virtual_stages < 8
+    assert searched[0].tokens_per_s == pytest.approx(max(c.tokens_per_s for c in every.values() if c.fits))
 
 
 def test_tensor_parallel_time_follows_the_gpus_nvlink():
