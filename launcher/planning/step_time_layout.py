@@ -28,8 +28,9 @@ def nvlink_bytes_per_s(hw, facts) -> float:
     return hw.node_link_bytes_per_s(facts) * LINK_EFFICIENCY
 
 
-# A layer's tp collectives that run again in backward: the whole second forward under full recompute; under
-# selective the two all-gathers (or, without sequence parallel, all-reduces) whose outputs it does not keep.
+# A layer's tp collectives that run again in backward: the whole second forward's under full recompute; under
+# selective sequence parallel's two all-gathers, whose outputs it does not keep (without sequence parallel only
+# o_proj's all-reduce runs again: 2 is an upper bound there).
 RECOMPUTED_COLLECTIVES = {"none": 0, "selective": 2, "full": 4}
 
 
