@@ -76,7 +76,9 @@ def apply_finetune_method(model: torch.nn.Module, cfg: FinetuneSection) -> torch
         if not getattr(model, "is_loaded_in_4bit", False):
             raise LaunchError("finetune.method qlora needs the base loaded in 4-bit; build it with "
                               "launcher.train.adapters.quantization_config.")
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        # Recompute is the plan's, already applied by build_model (launcher/train/recompute.py): PEFT's own
+        # switch would replace it with reentrant checkpointing of every layer whatever the plan says.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         keep_4bit_storage_as_trained(model)
     try:
         with warnings.catch_warnings():  # PEFT reads the attribute transformers 5 deprecated: not the user's concern

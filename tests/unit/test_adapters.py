@@ -114,6 +114,28 @@ def test_qlora_stores_its_4bit_weights_as_bf16_and_trains_on_cpu(tmp_path):
     assert packed.dtype == torch.bfloat16 and torch.equal(packed.data, before)
 
 
+@pytest.mark.parametrize("mode", ["none", "selective"])
+def test_qlora_keeps_the_recompute_the_plan_chose(tmp_path, mode):
+    """build_model applies the plan's recompute before the adapters; PEFT's kbit preparation must not replace it
+    with reentrant checkpointing of every layer (what it does when asked to checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    from launcher.train.recompute import enable_recompute
+
+    _, base_dir = saved_base(tmp_path)
+    net = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16, device_map={"": "cpu"},
+                                               quantization_config=adapters.quantization_config(FinetuneSection(method="qlora")))
+    enable_recompute(net, mode)
+    model = adapters.apply_finetune_method(net, FinetuneSection(method="qlora", r=2, lora_dropout=0.0))
+    layer = model.get_base_model().model.layers[0]
+    if mode == "none":
+        assert not layer.gradient_checkpointing
+    else:
+        checkpoint = layer._gradient_checkpointing_func
+        assert checkpoint.keywords["use_reentrant"] is False and checkpoint.keywords["context_fn"].func.__name__ == "selective_contexts"
+    train_a_bit(model, steps=1)
+
+
 def test_bad_finetune_keys_fail_in_the_config():
     with pytest.raises(LaunchError, match="finetune.method 'lora2'"):
         TrainConfig.from_dict({"finetune": {"method": "lora2"}})
