@@ -105,7 +105,8 @@ def build(size: str, precision: str, method: str, ckpt: bool, work: Path):
     from launcher.config import FinetuneSection
     from launcher.planning.models import load_model_spec
     from launcher.train.adapters import apply_finetune_method, quantization_config
-    from launcher.train.modeling import enable_activation_checkpointing
+    from launcher.planning.plan import recompute_mode
+    from launcher.train.recompute import enable_recompute
 
     base, overrides = SIZES[size]
     finetune = FinetuneSection(method=method, r=16, lora_alpha=32, lora_dropout=0.0)
@@ -124,11 +125,10 @@ def build(size: str, precision: str, method: str, ckpt: bool, work: Path):
         torch.manual_seed(0)
         with device():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-        if ckpt:
-            enable_activation_checkpointing(model)
+        enable_recompute(model, recompute_mode(ckpt))
         if precision == "bf16":
             model.to(torch.bfloat16)
-        if method == "lora" and ckpt:
+        if method == "lora" and recompute_mode(ckpt) != "none":
             model.enable_input_require_grads()
     model.config.use_cache = False
     return apply_finetune_method(model, finetune)
@@ -232,9 +232,11 @@ def run_rows(configs: list[tuple], *, seq: int = SEQ, steps: int = STEPS, work: 
 
 
 def format_row(row: dict) -> str:
+    from launcher.planning.plan import recompute_mode
+
     c, m, p = row["config"], row["measured"], row["predicted"]
     head = (f"{c['size']:<11} {c['precision']:<8} {c['method']:<5} mb={c['micro_batch']} "
-            f"ckpt={'on ' if c['checkpointing'] else 'off'} {c.get('optimizer', 'adamw_torch'):<14}")
+            f"ckpt={recompute_mode(c['checkpointing']):<9} {c.get('optimizer', 'adamw_torch'):<14}")
     if "error" in m:
         return f"{head}  ERROR {m['error'][-200:]!r}"
     if "skipped" in m:
