@@ -39,6 +39,7 @@ from launcher.runtime.beacon import Phase
 from launcher.planning.parallel import check_tensor_parallel
 from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine, grad_norm, scale_grads
 from launcher.train.pipeline import DecoderStage, can_pipeline, holder, rank_stages, release_other_stages, stage_pieces
+from launcher.train.pipeline_stage import OnDemandReceiveStage
 from launcher.train.tensor_parallel import parallelize
 
 HEAD, EMBEDDING = "lm_head.weight.", "model.embed_tokens.weight."  # a tied head's optimizer keys, renamed
@@ -59,8 +60,6 @@ class PipelineEngine(TorchEngine):
         if not can_pipeline(model):
             raise LaunchError(f"pipeline parallelism cuts Llama, Mistral and Qwen2/3 decoders, not "
                               f"{model.config.model_type}; train it with --pp 1.")
-        from torch.distributed.pipelining import PipelineStage
-
         num_stages = self.dims.stages
         ids = rank_stages(self.pp_rank, self.dims.pp, self.dims.pp_virtual_stages)
         pieces = {name: module for s in ids for name, module in stage_pieces(model, s, num_stages).items()}
@@ -74,7 +73,7 @@ class PipelineEngine(TorchEngine):
             for stage in stages:
                 parallelize(stage, self.meshes.tp, plan.parallel.sequence_parallel)
         wrapped = [self._data_parallel(stage, plan, device) for stage in stages]
-        self.stages = [PipelineStage(module, s, num_stages, device, group=self.pp_group)
+        self.stages = [OnDemandReceiveStage(module, s, num_stages, device, group=self.pp_group)
                        for module, s in zip(wrapped, ids)]
         return wrapped
 
