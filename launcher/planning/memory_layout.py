@@ -23,9 +23,9 @@ Sources, term by term:
   (Korthikanti sec. 4.2.3's p(1 + (p - 1)/(pv)) microbatches on rank 0 when every chunk has L/(pv) layers).
   "first" is the most loaded rank before the last (rank 0 under 1F1B with even stages; rank 1 once rank 0 has
   the embedding in place of a layer, or under interleaved 1F1B); the last holds the final norm, LM head and loss.
-  torch's PipelineStage adds a receive buffer per microbatch for each stage's input and output gradient, and keeps
-  each in-flight forward's output (pipeline_buffer_bytes); under 1F1B a stage's backward starts with all of its
-  in-flight activations held (stage_backward_bytes).
+  Its stages keep each in-flight forward's output and input, and receive one input and one gradient at a time
+  (pipeline_buffer_bytes); under 1F1B a stage's backward starts with all of its in-flight activations held
+  (stage_backward_bytes).
 - Context parallel: each rank holds s/cp tokens of every activation; ring attention keeps the K, V chunk it
   computes with and the one arriving (double-buffered send / receive), and their gradients in backward
   (Liu et al. 2023, "Ring Attention"; torch.distributed.tensor.experimental.context_parallel).
@@ -151,24 +151,28 @@ def inflight_forwards(dims, rank: int) -> int:
 
 
 def pipeline_buffer_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int:
-    """What torch's PipelineStage holds beside the saved activations (torch/distributed/pipelining/stage.py,
-    torch 2.13): on each of the rank's v stages, a receive buffer per microbatch for its input (all but the
-    model's first stage) and for its output's gradient (all but the last), allocated for the whole step
-    (_setup_forward_recv_info, _setup_backward_recv_info; pytorch/pytorch#136380); and the output of each forward
-    in flight, kept for its backward (fwd_cache), on every stage before the last. Each is one microbatch's
-    hidden states, / t under sequence parallel. Llama 3 frees them as it goes (arXiv 2407.21783, sec. 3.3.2)."""
+    """What a rank's pipeline stages hold beside the saved activations (launcher.train.pipeline_stage, which
+    allocates each receive buffer when its receive is posted, where torch 2.13's PipelineStage keeps one per
+    microbatch each way for the whole run): the output of each forward in flight, kept for its backward, on
+    every stage before the model's last; the input of each forward in flight on the stages after the model's
+    first, where the decoder does not keep it already (a checkpointed layer keeps its input; HF's RMSNorm saves
+    its input itself only when that is fp32 already); and the next input received ahead of its forward and one
+    output gradient being received (tests/distributed/test_pipeline_receive_buffers.py counts them). Each is one
+    microbatch's hidden states in the residual stream's dtype, / t under sequence parallel."""
     dims = setup.parallel
     if not dims.pp_enabled:
         return 0
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
-    size = local_tokens(setup) * spec.hidden * act // (dims.tp if dims.sequence_parallel else 1)
+    size = local_tokens(setup) * spec.hidden * sizes.residual_bytes(setup) // (
+        dims.tp if dims.sequence_parallel else 1)
     rank = held_layer_microbatches(spec, setup, stage)[1]
-    p, v, m = dims.pp, dims.pp_virtual_stages, dims.pp_microbatches
-    receives = m * ((v - (rank == 0)) + (v - (rank == p - 1)))
+    p, v = dims.pp, dims.pp_virtual_stages
     forwards = inflight_forwards(dims, rank)
-    if rank == p - 1:  # forwards on its last chunk end in the loss
-        forwards -= sum(1 for k in range(forwards) if (k // p) % v == v - 1) if v > 1 else forwards
-    return (receives + forwards) * size
+    on_chunk = [sum(1 for k in range(forwards) if (k // p) % v == chunk) for chunk in range(v)] if v > 1 else [forwards]
+    outputs = forwards - (on_chunk[-1] if rank == p - 1 else 0)  # the model's last stage ends in the loss
+    inputs = forwards - (on_chunk[0] if rank == 0 else 0)  # the model's first stage starts from tokens
+    kept_by_decoder = setup.recomputes or sizes.compute_mode(setup) != "half"
+    ahead = (v > 1 or rank > 0) + (v > 1 or rank < p - 1)  # one input, one gradient being received
+    return (outputs + (0 if kept_by_decoder else inputs) + ahead) * size
 
 
 def replicated_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:

@@ -9,8 +9,9 @@ parallel the norms SequenceParallel and the residual stream split along the sequ
 and its layers) or last stage (its layers, final norm, LM head and loss), stepped in the schedule's order:
 as many forwards as it keeps in flight there (launcher.planning.memory_layout.inflight_microbatches), then one backward
 (with the gradient a next stage would send) and one forward at a time, then the last backwards. The first
-stage's input is tokens, a later stage's a received hidden-state buffer; as torch's PipelineStage does, each
-microbatch has its own input and output-gradient receive buffer for the whole step. MemTracker gives the rank's peak.
+stage's input is tokens, a later stage's a received hidden-state buffer, held from its receive to its backward;
+as the ranks' stages do (launcher.train.pipeline_stage), the next input is received ahead of each backward and
+the output gradient just before it. MemTracker gives the rank's peak.
 
 LOSS_PARALLEL_TRACE: torch's loss_parallel runs the log-softmax and its backward through DTensor's sharding
 propagation, which on fake tensors allocates global-shaped (tokens x whole vocabulary) fp32 tensors that
@@ -117,37 +118,43 @@ def cut_stage(model, setup: TrainSetup, stage: str):
 def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
     """The schedule's order on this stage: as many forwards as it keeps in flight, then one backward and one
     forward at a time (1F1B's steady state, where earlier microbatches' gradients are alive), then the last
-    backwards; GPipe keeps all microbatches in flight, so all forwards, then all backwards. As torch's
-    PipelineStage does (torch/distributed/pipelining/stage.py, _setup_forward_recv_info and
-    _setup_backward_recv_info), a stage after the first receives each microbatch's input into a buffer of its
-    own, and one before the last each microbatch's output gradient, all allocated for the whole step
-    (pytorch/pytorch#136380). MemTracker allows a module one forward per iteration, so its per-module statistics
-    restart with each microbatch (its peak stays)."""
+    backwards; GPipe keeps all microbatches in flight, so all forwards, then all backwards. As the ranks' stages
+    do (launcher.train.pipeline_stage.OnDemandReceiveStage), a stage after the first holds each microbatch's
+    received input from its receive to its backward and receives the next one ahead of each backward, and one
+    before the last receives each output gradient just before its backward. MemTracker allows a module one
+    forward per iteration, so its per-module statistics restart with each microbatch (its peak stays)."""
     import torch
 
     dims = setup.parallel
     last = stage == "last" or not dims.pp_enabled
+    receives = dims.pp_enabled and stage != "first"
     total = dims.pp_microbatches if dims.pp_enabled else 1
     inflight = math.ceil(inflight_microbatches(setup, stage))
     shape = (setup.micro_batch, setup.seq_len // dims.tp if dims.sequence_parallel else setup.seq_len,
              model.config.hidden_size)
     dtype = next(model.model.layers.parameters()).dtype
-    received = [torch.empty(shape, dtype=dtype) for _ in range(total)] if dims.pp_enabled and stage != "first" else []
-    gradients = [torch.empty(shape, dtype=dtype) for _ in range(total)] if not last else []
 
-    def forward(index: int):
+    def receive():
+        return torch.empty(shape, dtype=dtype, requires_grad=True) if receives else None
+
+    def forward(received):
         if tracker is not None:
             tracker.reset_mod_stats()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.mixed_precision):
-            return stage_forward(model, setup, received[index].requires_grad_() if received else None)
+            return stage_forward(model, setup, received), received
 
-    outputs = [forward(index) for index in range(inflight)]
+    in_flight = [forward(receive()) for _ in range(inflight)]  # (output, input) kept for the backward
     for done in range(total):
-        torch.autograd.backward(outputs.pop(0), None if last else gradients[done])  # the next stage's gradient
-        if received:  # the input's gradient, sent to the previous stage and dropped
-            received[done].grad = None
-        if done + inflight < total:
-            outputs.append(forward(done + inflight))
+        more = done + inflight < total
+        ahead = receive() if more else None
+        gradient = None if last else torch.empty(shape, dtype=dtype)  # the next stage's, received
+        output, received = in_flight.pop(0)
+        torch.autograd.backward(output, gradient)
+        if received is not None:  # its gradient is sent to the previous stage and dropped, as torch's
+            received.grad = None  # stage_backward does
+        del output, gradient, received
+        if more:
+            in_flight.append(forward(ahead))
 
 
 def stage_forward(model, setup: TrainSetup, received):

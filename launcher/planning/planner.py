@@ -19,6 +19,7 @@ from launcher.planning.plan import (ENGINE_SUPPORT, LAYOUT_KNOBS, LORA_METHODS, 
                                     STRATEGY_ORDER, Plan, TrainSetup, can_run, check_offload)
 from launcher.planning.plan_reasons import plan_reasons
 from launcher.planning.request import PlanRequest
+from launcher.planning.virtual_stages import weigh_virtual_stages
 from launcher.units import format_bytes
 
 HEADROOM = 0.95  # plan to at most 95% of the card: the estimate's error bound plus NCCL's own buffers
@@ -190,30 +191,10 @@ def _candidates(spec: ModelSpec, request: PlanRequest, hw: Hardware, facts, base
                 for ckpt in modes:
                     setup = dataclasses.replace(base, strategy=strategy, offload=offload, activation_checkpointing=ckpt,
                                                 micro_batch=micro, gradient_accumulation_steps=accumulation)
-                    out += _with_virtual_stages(spec, _evaluate(spec, setup, hw, facts), request, hw, facts)
+                    out += weigh_virtual_stages(spec, _evaluate(spec, setup, hw, facts), request, hw, facts, _evaluate)
         if any(c.fits for c in out) and request.offload is None:
             break  # offload only when nothing fits without it: it always costs time
     return out
-
-
-def _with_virtual_stages(spec: ModelSpec, two: Candidate, request: PlanRequest, hw: Hardware, facts) -> list[Candidate]:
-    """An interleaved candidate at v = 2 chunks per rank, and at the v its step time is shortest and the most v:
-    the step is a + b v + c / v (each chunk adds a point-to-point send per microbatch, b; the bubble is
-    (p - 1) / (m v) of the rest, c), shortest at sqrt(c / b); and at the most v (one layer each), whose in-flight
-    activations are the fewest, and a ladder of v in between."""
-    s = two.setup
-    if s.pp_schedule != "interleaved-1f1b" or s.pp == 1 or request.pp_virtual_stages is not None:
-        return [two]
-    most = (spec.layers + 2) // s.pp
-    per_chunk = step_time.layout.pipeline_p2p_seconds(spec, s, hw, facts) / 2
-    # bubble_s = (rest + 2 b) (p - 1) / (2 m) at v = 2, so c = rest (p - 1) / m = 2 bubble_s - 2 b (p - 1) / m
-    c = 2 * two.time_terms["bubble_s"] - 2 * per_chunk * (s.pp - 1) / s.gradient_accumulation_steps
-    best = (c / per_chunk) ** 0.5 if per_chunk else most
-    # Memory is not monotonic in v (fewer layer-microbatches in flight, but a receive buffer per microbatch and
-    # chunk), so a ladder of v between them is weighed too.
-    ladder = {k * 2**e for e in range(7) for k in (1, 3)}
-    weighed = {min(most, max(2, v)) for v in (int(best), int(best) + 1, most, *ladder) if v <= most} - {2}
-    return [two] + [_evaluate(spec, dataclasses.replace(s, pp_virtual_stages=v), hw, facts) for v in sorted(weighed)]
 
 
 def _microbatches_fit(base: TrainSetup, accumulation: int) -> bool:

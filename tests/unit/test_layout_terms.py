@@ -15,7 +15,7 @@ from launcher.planning.memory_sizes import layer_activation_bytes, residual_byte
 from launcher.planning.models import load_model_spec
 from launcher.planning.parallel import ParallelDims
 from launcher.planning.plan import ENGINE_SUPPORT, TrainSetup
-from launcher.planning.planner import PlanRequest, _evaluate, hardware_for, make_plan, rank_candidates
+from launcher.planning.planner import HEADROOM, PlanRequest, _evaluate, hardware_for, make_plan, rank_candidates
 
 SPEC = load_model_spec("8b")  # 32 layers, 32 heads, 8 KV heads, hidden 4096
 BASE = dict(strategy="zero1", nodes=2, gpus_per_node=8, precision="bf16", seq_len=4096, micro_batch=1)
@@ -95,18 +95,23 @@ def test_held_activations_follow_the_schedule_rank_by_rank():
     assert [mem._held(even, one.parallel, r) for r in (0, 1, 14)] == [7 * 16, 8 * 15, 8 * 2]
 
 
-def test_pipeline_stages_hold_torch_receive_buffers_and_in_flight_outputs():
-    """torch's PipelineStage: a receive buffer per microbatch for each local stage's input (not the model's first
-    stage) and output gradient (not the last), and the output of each forward in flight (not the loss)."""
+def test_pipeline_stages_hold_the_inputs_and_outputs_in_flight_and_one_receive_each_way():
+    """launcher.train.pipeline_stage: each forward in flight keeps its output (not the loss) and its received
+    input (not on the model's first stage, and not where a checkpointed layer or fp32 norm keeps it already),
+    and a rank receives one input ahead and one gradient at a time; torch's one buffer per microbatch each way
+    is gone."""
     size = 4096 * 4096 * 2  # one microbatch's hidden states, bf16
     s = setup(pp=4, gradient_accumulation_steps=8)
     assert mem.held_layer_microbatches(SPEC, s, "first")[1] == 0
-    assert mem.pipeline_buffer_bytes(SPEC, s, "first") == (8 + 4) * size  # 8 gradient buffers, 4 forwards in flight
-    assert mem.pipeline_buffer_bytes(SPEC, s, "last") == 8 * size  # 8 input buffers; its output is the loss
+    assert mem.pipeline_buffer_bytes(SPEC, s, "first") == (4 + 1) * size  # 4 outputs in flight, 1 gradient
+    assert mem.pipeline_buffer_bytes(SPEC, s, "last") == (1 + 1) * size  # 1 input in flight, 1 ahead; its output is the loss
     spec = load_model_spec("405b")  # Llama 3: rank 1 of pp 16 x v 8, 32 microbatches, tp 8 + sequence parallel
     llama3 = setup(tp=8, pp=16, pp_schedule="interleaved-1f1b", pp_virtual_stages=8, gradient_accumulation_steps=32,
                    seq_len=8192)
-    assert mem.pipeline_buffer_bytes(spec, llama3, "first") == (32 * 16 + 141) * 8192 * 16384 * 2 // 8
+    hidden_states = 8192 * 16384 * 2 // 8
+    assert mem.pipeline_buffer_bytes(spec, llama3, "first") == (141 + 141 + 2) * hidden_states
+    selective = dataclasses.replace(llama3, activation_checkpointing="selective")  # its layers keep their inputs
+    assert mem.pipeline_buffer_bytes(spec, selective, "first") == (141 + 2) * hidden_states
     assert mem.pipeline_buffer_bytes(SPEC, setup(tp=2), "first") == 0
 
 
@@ -195,17 +200,19 @@ def test_search_finds_what_brute_force_finds(model, overrides, gpus, nodes, batc
 
 
 def test_search_weighs_the_virtual_stages_that_fit_where_the_most_do_not():
-    """Llama 3 405B's layout on 8,192 H100 with selective recompute: one layer per chunk (v 8) does not fit, as
-    torch's PipelineStage holds a receive buffer per microbatch and chunk; fewer chunks do. The search finds the
-    fastest v that fits, as trying every v does."""
+    """Llama 3 405B's layout on 8,192 GPUs at micro-batch 2 with selective recompute, on a card that holds
+    101.4 GiB: more chunks per rank hold more chunk-microbatches in flight, so v <= 5 fits and v >= 6 does not,
+    and the step is shorter the more chunks. The search finds v 5, between its ladder's rungs 4 and 6, as trying
+    every v does."""
     request = PlanRequest(model="405b", gpu="H100", gpus_per_node=8, nodes=1024, seq_len=8192, global_batch=2048,
-                          tp=8, pp=16, pp_schedule="interleaved-1f1b", strategy="zero1", micro_batch=1,
-                          activation_checkpointing="selective")
+                          tp=8, pp=16, pp_schedule="interleaved-1f1b", strategy="zero1", micro_batch=2,
+                          activation_checkpointing="selective", gpu_mem_bytes=int(101.4 * 2**30 / HEADROOM))
     spec, hw = load_model_spec("405b"), hardware_for(request, Hardware())
     searched = [c for c in rank_candidates(spec, request, hw) if c.fits]
     every = {v: _evaluate(spec, dataclasses.replace(searched[0].setup, pp_virtual_stages=v), hw, hw.facts)
              for v in range(2, (spec.layers + 2) // 16 + 1)}
-    assert not every[8].fits and searched[0].setup.parallel.pp_virtual_stages < 8
+    assert [v for v, c in every.items() if c.fits] == [2, 3, 4, 5]
+    assert searched[0].setup.parallel.pp_virtual_stages == 5
     assert searched[0].tokens_per_s == pytest.approx(max(c.tokens_per_s for c in every.values() if c.fits))
 
 

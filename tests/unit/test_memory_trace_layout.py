@@ -84,8 +84,8 @@ def test_pipeline_stage_estimate_agrees_with_a_gpipe_trace(stage):
 @pytest.mark.parametrize("stage", ["first", "last"])
 def test_pipeline_stage_estimate_agrees_with_a_1f1b_trace(stage):
     """1F1B over 4 microbatches: rank 0 keeps 2 in flight, the last 1, each backward followed by a forward with
-    the gradients alive; torch's PipelineStage holds a receive buffer per microbatch (the last stage's inputs,
-    the first's output gradients) and the first stage's in-flight outputs: within 5 %."""
+    the gradients alive; the stages hold each in-flight microbatch's output (the first) or input (the last), the
+    next input received ahead and one output gradient at a time: within 5 %."""
     setup = layout(pp=2, pp_schedule="1f1b", gradient_accumulation_steps=4)
     traced = traced_layout_peak(SPEC, setup, SPEC.layers // 2, stage)
     assert estimate_stage(SPEC, setup, stage).peak_bytes == pytest.approx(traced, rel=0.05)
