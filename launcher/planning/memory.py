@@ -216,7 +216,7 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
 def communication_term(spec: ModelSpec, setup: TrainSetup, world: int, fraction: float, stage: str) -> Term:
     """The data-parallel engine's buffers for this rank's share of the model (DDP's buckets hold its gradients,
     FSDP / ZeRO-3 gather its tp shard of a layer), plus sequence parallel's gathered input, the pipeline's
-    receive buffers and in-flight stage outputs, and context parallel's K, V chunks (launcher.planning.memory_layout)."""
+    in-flight stage inputs and outputs, and context parallel's K, V chunks (launcher.planning.memory_layout)."""
     data_parallel = sizes.communication_bytes(spec, setup, world)
     if setup.parallel.pure_data_parallel:
         return Term("comm_buffers", data_parallel, sizes.COMM_REASONS.get(setup.strategy, ""))
@@ -224,7 +224,7 @@ def communication_term(spec: ModelSpec, setup: TrainSetup, world: int, fraction:
     extra = (layout.tp_buffer_bytes(spec, setup) + layout.pipeline_buffer_bytes(spec, setup, stage)
              + layout.cp_buffer_bytes(spec, setup))
     return Term("comm_buffers", int(data_parallel * scale) + extra, sizes.COMM_REASONS.get(setup.strategy, "")
-                + "; + the layout's gathered sequence, pipeline receive buffers and in-flight stage outputs, ring-attention K, V buffers")
+                + "; + the layout's gathered sequence, pipeline stage inputs and outputs in flight, ring-attention K, V buffers")
 
 
 def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], trainable: int, world: int,
