@@ -58,7 +58,7 @@ def traced_step_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     with FakeTensorMode():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=traced_attention(setup.attention))
         model.config.use_cache = False
-        enable_recompute(model, setup.activation_checkpointing)
+        enable_recompute(model, setup.activation_checkpointing, traced_saved_ops(setup.attention))
         use_chunked_loss(model, setup.loss_chunk_tokens)  # as engines.build_engine does for DDP and FSDP
         optimizer = traced_optimizer(setup.optimizer, model.parameters())
         tokens = torch.randint(0, spec.vocab, (setup.micro_batch, setup.seq_len))
@@ -140,7 +140,7 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=traced_attention(setup.attention))
     model.config.use_cache = False
-    enable_recompute(model, setup.activation_checkpointing)
+    enable_recompute(model, setup.activation_checkpointing, traced_saved_ops(setup.attention))
     model = apply_finetune_method(model, FinetuneSection(method=setup.method, r=setup.lora_r, lora_dropout=0.0,
                                                         target_modules=list(setup.lora_targets)))
     use_chunked_loss(model, setup.loss_chunk_tokens)  # as engines.build_engine does for FSDP
@@ -153,6 +153,11 @@ TRACED_ATTENTION = "llaunch_traced_sdpa"  # no "flash" in it: transformers would
 def traced_attention(attention: str) -> str:
     """Eager attention as it is; SDPA and flash-attn (the same saved tensors on a GPU) as their GPU memory."""
     return "eager" if attention == "eager" else register_traced_attention()
+
+
+def traced_saved_ops(attention: str) -> tuple:
+    """The traced attention's op, whose outputs selective recompute keeps as it keeps the real kernels'."""
+    return () if attention == "eager" else (_flash_memory_op()._opoverload,)
 
 
 def register_traced_attention() -> str:

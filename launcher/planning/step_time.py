@@ -5,10 +5,9 @@ candidates that fit by it; the constants are measured or cited where they are se
 from __future__ import annotations
 
 from launcher.planning import expert_parallel as experts
+from launcher.planning import memory_sizes as sizes
 from launcher.planning import step_time_layout as layout
 from launcher.planning.hardware import Hardware
-from launcher.planning import memory_sizes as sizes
-from launcher.planning.memory_sizes import qlora_base_bytes
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import TrainSetup
 
@@ -110,7 +109,7 @@ def communication_seconds(spec: ModelSpec, setup: TrainSetup, hw: Hardware, fact
     elif setup.zero_stage == 2:
         volume = trainable * grad_bytes * micro_steps + trainable * param_bytes  # reduce-scatter each micro-step
     else:
-        weights = share * (qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * param_bytes)
+        weights = share * (sizes.qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * param_bytes)
         weights *= experts.state_scale(spec, setup, 1, experts.expert_share(
             spec, setup, "frozen_weights" if setup.trains_adapters else "weights"))
         gathers = 2 * weights * micro_steps  # all-gather params for forward and backward
@@ -142,6 +141,6 @@ def offload_seconds(spec: ModelSpec, setup: TrainSetup, facts) -> float:
     shard = trainable / setup.world_size
     seconds = 2 * shard * 2 / facts.pcie_bytes_per_s + shard / CPU_ADAM_PARAMS_PER_S
     if setup.offload == "optimizer+params":
-        weights = qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * 2
+        weights = sizes.qlora_base_bytes(spec) if setup.method == "qlora" else spec.num_params * 2
         seconds += 2 * weights / setup.world_size * setup.gradient_accumulation_steps / facts.pcie_bytes_per_s
     return seconds

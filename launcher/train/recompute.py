@@ -28,16 +28,9 @@ _ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_ef
 MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)  # linears without and with a bias
 
 
-def _saved_ops() -> frozenset:
+def _saved_ops(also_saved: tuple) -> frozenset:
     ops = [getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)]
-    ops.append(torch.ops._c10d_functional.reduce_scatter_tensor.default)
-    return frozenset(ops + extra_saved_ops())
-
-
-def extra_saved_ops() -> list:
-    """Ops a memory trace stands in for the attention kernels with (launcher.planning.memory_trace), saved alike."""
-    op = getattr(getattr(torch.ops, "llaunch", None), "flash_memory", None)
-    return [op.default] if op is not None and hasattr(op, "default") else []
+    return frozenset([*ops, torch.ops._c10d_functional.reduce_scatter_tensor.default, *also_saved])
 
 
 class _LayerOutput:
@@ -52,13 +45,13 @@ class _LayerOutput:
         module.register_forward_hook(lambda *_: setattr(self, "running", False))
 
 
-def selective_contexts(layer_output: _LayerOutput):
+def selective_contexts(layer_output: _LayerOutput, saved: frozenset):
     """A fresh pair of SAC contexts for one checkpointed call: the matmuls are counted per call, so the same
     ones are saved in every layer and every step (torchtitan's per-wrapper counter drifts when a layer has an
     odd number of matmuls)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    saved, count = _saved_ops(), [0]
+    count = [0]
 
     def policy(ctx, op, *args, **kwargs):
         if op in MATMULS:
@@ -71,8 +64,9 @@ def selective_contexts(layer_output: _LayerOutput):
     return create_selective_checkpoint_contexts(policy)
 
 
-def enable_recompute(net: torch.nn.Module, mode: str) -> None:
-    """Non-reentrant checkpointing of every decoder layer, whole ("full") or op-level ("selective"); "none"
+def enable_recompute(net: torch.nn.Module, mode: str, also_saved: tuple = ()) -> None:
+    """Non-reentrant checkpointing of every decoder layer, whole ("full") or op-level ("selective", which also
+    keeps the outputs of the ops in `also_saved`: a memory trace's stand-in for the attention kernels); "none"
     leaves the model as it is. transformers 5 renamed the method (the old name still works there, with a
     FutureWarning), transformers 4 has only the old one; both pass the kwargs to torch.utils.checkpoint."""
     if mode == "none":
@@ -83,7 +77,7 @@ def enable_recompute(net: torch.nn.Module, mode: str) -> None:
         for name, module in net.named_modules():
             if any(name.endswith("." + linear) for linear in LAYER_OUTPUT_LINEARS):
                 layer_output.watch(module)
-        kwargs["context_fn"] = functools.partial(selective_contexts, layer_output)
+        kwargs["context_fn"] = functools.partial(selective_contexts, layer_output, _saved_ops(also_saved))
     if hasattr(net, "activation_checkpointing_enable"):
         net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
