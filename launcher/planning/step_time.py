@@ -34,7 +34,10 @@ CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeed CPUAdam throughput per rank (AVX-512,
 def recompute_passes(spec: ModelSpec, setup: TrainSetup) -> float:
     """The forward FLOPs recompute adds, in the units of 2 FLOPs per parameter and token that step_time_terms
     counts passes in: all of the forward under full recompute; under selective the decoder matmuls it runs again
-    (launcher.planning.memory_sizes.selective_recomputed_linears; attention's output is kept)."""
+    (launcher.planning.memory_sizes.selective_recomputed_linears; attention's output is kept). Full counts more
+    than the ranks run (the LM head is not checkpointed, and the early stop skips each dense layer's last linear:
+    1.47 passes for Llama 3 405B, not 2), as MATMUL_EFFICIENCY was calibrated with it; counted as run, Megatron's
+    small GPT rows, over-predicted already, leave their band (bench/published_layouts.py)."""
     if setup.activation_checkpointing != "selective":
         return 2.0 if setup.full_recompute else 0.0
     again = sum(i * o for _, i, o in sizes.selective_recomputed_linears(spec))
