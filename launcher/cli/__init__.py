@@ -16,6 +16,7 @@ import time
 
 from launcher import __version__
 from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.runtime.import_noise import quiet_import_noise
 
 NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits on one path component and on a whole path, in bytes
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     started_at = time.time()  # `llaunch run`'s launch event: reading and planning the job is start-up
+    quiet_import_noise()
     args = build_parser().parse_args(argv)
     args.started_at = started_at
     try:

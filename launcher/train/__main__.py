@@ -7,6 +7,7 @@ import os
 import sys
 
 from launcher.errors import EXIT_USER_ERROR, LaunchError
+from launcher.runtime.import_noise import quiet_import_noise
 from launcher.runtime.signals import StopSignals, die_with_supervisor, ignore_stop_signals
 from launcher.runtime.terminal import outlive_the_terminal
 from launcher.runtime.torchrun import RANK_STARTS
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     # Then, before torch is imported: a rank inherits SIG_IGN for the stop signals from its launcher,
     # and a preemption that came while the model is being built would otherwise be dropped.
     early_signals = StopSignals().install()
+    quiet_import_noise()
     parser = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__)
     parser.add_argument("--job-dir", required=True, help="the job directory `llaunch run` or `submit` wrote (its plan and config)")
     args = parser.parse_args(argv)
