@@ -125,18 +125,17 @@ def held_layer_microbatches(spec: ModelSpec, setup: TrainSetup, stage: str) -> t
 
 
 def _held(spec: ModelSpec, dims, rank: int) -> int:
-    """Rank `rank`'s layer-microbatches before its first backward. Interleaved: forward k runs local chunk
-    (k // p) mod v (microbatches go round by round of p, torch's Interleaved1F1B and Megatron-LM alike)."""
-    p, v = dims.pp, dims.pp_virtual_stages
+    """Rank `rank`'s layer-microbatches before its first backward: the layers of each forward's chunk."""
     layers = stage_layers(spec, dims)
     if dims.pp_schedule == "gpipe":
-        return dims.pp_microbatches * sum(layers[rank::p])
-    forwards = inflight_forwards(dims, rank)
-    if dims.pp_schedule == "1f1b":
-        return forwards * layers[rank]
-    rounds, rest = divmod(forwards, p)
-    held = sum(p * layers[(k % v) * p + rank] for k in range(rounds))
-    return held + rest * layers[(rounds % v) * p + rank]
+        return dims.pp_microbatches * sum(layers[rank::dims.pp])
+    return sum(layers[chunk * dims.pp + rank] for chunk in inflight_chunks(dims, rank))
+
+
+def inflight_chunks(dims, rank: int) -> list[int]:
+    """The local chunk of each forward rank `rank` runs before its first backward, in order: forward k runs chunk
+    (k // p) mod v (microbatches go round by round of p, torch's Interleaved1F1B and Megatron-LM alike)."""
+    return [(k // dims.pp) % dims.pp_virtual_stages for k in range(inflight_forwards(dims, rank))]
 
 
 def inflight_forwards(dims, rank: int) -> int:
@@ -166,10 +165,9 @@ def pipeline_buffer_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int
         dims.tp if dims.sequence_parallel else 1)
     rank = held_layer_microbatches(spec, setup, stage)[1]
     p, v = dims.pp, dims.pp_virtual_stages
-    forwards = inflight_forwards(dims, rank)
-    on_chunk = [sum(1 for k in range(forwards) if (k // p) % v == chunk) for chunk in range(v)] if v > 1 else [forwards]
-    outputs = forwards - (on_chunk[-1] if rank == p - 1 else 0)  # the model's last stage ends in the loss
-    inputs = forwards - (on_chunk[0] if rank == 0 else 0)  # the model's first stage starts from tokens
+    chunks = inflight_chunks(dims, rank)
+    outputs = len(chunks) - (chunks.count(v - 1) if rank == p - 1 else 0)  # the model's last stage ends in the loss
+    inputs = len(chunks) - (chunks.count(0) if rank == 0 else 0)  # the model's first stage starts from tokens
     kept_by_decoder = setup.recomputes or sizes.compute_mode(setup) != "half"
     ahead = (v > 1 or rank > 0) + (v > 1 or rank < p - 1)  # one input, one gradient being received
     return (outputs + (0 if kept_by_decoder else inputs) + ahead) * size

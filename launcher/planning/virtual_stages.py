@@ -30,12 +30,16 @@ def weigh_virtual_stages(spec: ModelSpec, two, request, hw: Hardware, facts, eva
     # does not fit: those are weighed one by one.
     ladder = {k * 2**e for e in range(7) for k in (1, 3)}
     rungs = sorted({2} | {min(most, max(2, v)) for v in (int(best), int(best) + 1, most, *ladder) if v <= most})
-    weighed = {2: two} | {v: evaluate(spec, dataclasses.replace(s, pp_virtual_stages=v), hw, facts) for v in rungs[1:]}
+
+    def at(v: int):
+        return evaluate(spec, dataclasses.replace(s, pp_virtual_stages=v), hw, facts)
+
+    weighed = {2: two} | {v: at(v) for v in rungs[1:]}
     fitting = [v for v in rungs if weighed[v].fits]
     if fitting:
         fastest = max(fitting, key=lambda v: weighed[v].tokens_per_s)
-        toward = [v for v in rungs if v > fastest] if fastest < best else [v for v in reversed(rungs) if v < fastest]
-        if toward and not weighed[toward[0]].fits:
-            gap = range(fastest + 1, toward[0]) if fastest < best else range(toward[0] + 1, fastest)
-            weighed |= {v: evaluate(spec, dataclasses.replace(s, pp_virtual_stages=v), hw, facts) for v in gap}
+        beyond = [v for v in rungs if (v - fastest) * (best - fastest) > 0]  # rungs towards the shortest step
+        nearest = min(beyond, key=lambda v: abs(v - fastest), default=None)
+        if nearest is not None and not weighed[nearest].fits:
+            weighed |= {v: at(v) for v in range(min(fastest, nearest) + 1, max(fastest, nearest))}
     return list(weighed.values())
