@@ -66,8 +66,22 @@ def shard_experts(model: nn.Module, ep: DeviceMesh) -> list[nn.Module]:
             sharded = distribute_tensor(weight.detach(), ep, [Shard(0)], src_data_rank=None)
             module.register_parameter(name, nn.Parameter(sharded, requires_grad=weight.requires_grad))
         module.ep_mesh = ep
+        module.exchange_counts = exchange_counts
         module.forward = types.MethodType(expert_parallel_forward, module)
     return experts
+
+
+def exchange_counts(experts: torch.Tensor, num_experts: int, ep: DeviceMesh) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Step 2's first exchange: how many of this rank's (token, expert) pairs go to each global expert, sent to
+    the ranks that hold them. Returns the counts received, [ranks, local experts] (rows from each source rank
+    for each local expert), and the rows sent to and received from each rank. The one place the dispatch reads
+    the routing's values: a trace on a fake process group, which carries no data, puts its own in
+    (launcher.planning.memory_trace's even routing)."""
+    ranks = ep.size()
+    with torch.no_grad():
+        sent = torch.bincount(experts, minlength=num_experts)
+        got = wait_tensor(all_to_all_single(sent, None, None, ep.get_group())).view(ranks, -1)
+    return got, sent.view(ranks, -1).sum(1).tolist(), got.sum(1).tolist()
 
 
 def expert_parallel_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -75,20 +89,14 @@ def expert_parallel_forward(self, hidden_states: torch.Tensor, top_k_index: torc
     """The experts' forward of [tokens, hidden] routed to global expert ids top_k_index [tokens, k] with
     weights top_k_weights, over the ep mesh (module docstring)."""
     tokens, top_k = top_k_index.shape
-    group, ranks = self.ep_mesh.get_group(), self.ep_mesh.size()
+    group = self.ep_mesh.get_group()
     experts = top_k_index.reshape(-1)
     order = torch.argsort(experts, stable=True)  # pairs grouped by expert, so by the rank holding it
-    with torch.no_grad():
-        sent_counts = torch.bincount(experts, minlength=self.num_experts)
-        got_counts = wait_tensor(all_to_all_single(sent_counts, None, None, group))  # [ranks x local experts]
-    send = sent_counts.view(ranks, -1).sum(1).tolist()
-    receive = got_counts.view(ranks, -1).sum(1).tolist()
+    got_counts, send, receive = self.exchange_counts(experts, self.num_experts, self.ep_mesh)
     rows = all_to_all_single_autograd(hidden_states[order // top_k], receive, send, group)
-    rows = _local_experts(self, rows, got_counts.view(ranks, -1))
+    rows = _local_experts(self, rows, got_counts)
     rows = all_to_all_single_autograd(rows, send, receive, group)
-    unsorted = torch.empty_like(order)
-    unsorted[order] = torch.arange(order.numel(), device=order.device)
-    weighted = rows[unsorted] * top_k_weights.reshape(-1, 1)
+    weighted = rows[inverse_permutation(order)] * top_k_weights.reshape(-1, 1)
     return weighted.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
@@ -97,24 +105,31 @@ def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tens
     expert for the grouped GEMM (torchtitan's _permute), computed, and put back in the order they came."""
     local = counts.shape[1]
     expert_of_row = torch.arange(local, device=rows.device).repeat(counts.shape[0])
-    by_expert = torch.argsort(torch.repeat_interleave(expert_of_row, counts.reshape(-1)), stable=True)
-    per_expert = counts.sum(0).tolist()
+    by_expert = torch.argsort(torch.repeat_interleave(expert_of_row, counts.reshape(-1), output_size=rows.shape[0]),
+                              stable=True)
+    per_expert = counts.sum(0)
     gate_up, down = (getattr(self, name) for name in EXPERT_WEIGHTS)
     gate_up, down = (w.to_local() if isinstance(w, DTensor) else w for w in (gate_up, down))
     hidden = grouped_linear(rows[by_expert], gate_up, per_expert)
     gate, up = hidden.chunk(2, dim=-1)
     out = grouped_linear(self.act_fn(gate) * up, down, per_expert)
-    return torch.empty_like(out).index_copy_(0, by_expert, out)
+    return out[inverse_permutation(by_expert)]  # a gather saves its indices only; index_copy_ would save `out`
 
 
-def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The indices that undo `order` (a permutation of 0..n-1): one scatter, where a second argsort would sort."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
+
+
+def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """rows [sum(counts), in] through weight [experts, out, in], counts[e] consecutive rows per expert: one
     grouped GEMM where torch has one for these tensors, else one matmul per expert."""
     weight = weight.to(rows.dtype)
     if grouped_mm_runs(rows, weight):
-        offsets = torch.tensor(counts, device=rows.device).cumsum(0).to(torch.int32)
-        return F.grouped_mm(rows, weight.transpose(-2, -1), offs=offsets)
-    return torch.cat([F.linear(part, w) for part, w in zip(rows.split(counts), weight)])
+        return F.grouped_mm(rows, weight.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+    return torch.cat([F.linear(part, w) for part, w in zip(rows.split(counts.tolist()), weight)])
 
 
 def grouped_mm_runs(rows: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -52,7 +52,7 @@ def test_grouped_linear_is_each_experts_matmul_forward_and_backward(width):
     rows = torch.randn(sum(counts), width, requires_grad=True)
     weight = torch.randn(3, 4 * width, width, requires_grad=True)
     assert grouped_mm_runs(rows, weight) == (width == 8)
-    out = grouped_linear(rows, weight, counts)
+    out = grouped_linear(rows, weight, torch.tensor(counts))
     upstream = torch.randn_like(out)
     (out * upstream).sum().backward()
     ref_rows, ref_weight = rows.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
