@@ -220,9 +220,13 @@ def print_sizing(spec, request, rows) -> None:
 
 def add_trace(plan, request) -> dict:
     """Trace one real step with the plan's knobs and put the estimate for exactly that setup beside it: FSDP at
-    the plan's world size on a fake process group; the other strategies on one unsharded rank."""
-    if not plan.parallel.pure_data_parallel:
+    the plan's world size on a fake process group, its experts split over ep; the other strategies on one
+    unsharded rank. A layout whose model spans ranks (tp, pp, cp) is add_layout_trace's."""
+    if plan.parallel.model_parallel > 1:
         return add_layout_trace(plan, request)
+    if plan.parallel.ep_enabled and not plan.is_fsdp:
+        raise LaunchError(f"--trace traces ep as the FSDP engine runs it, and {plan.strategy} does not; plan with "
+                          f"--strategy fsdp, or drop --trace.")
     from launcher.planning.memory import estimate
     from launcher.planning.memory_trace import trace_peak
     from launcher.planning.models import load_model_spec
@@ -237,6 +241,7 @@ def add_trace(plan, request) -> dict:
     traced = trace_peak(spec, setup)
     estimated = estimate(spec, setup).peak_bytes
     what = f"FSDP at {world} ranks on a fake process group" if fsdp else "1 rank unsharded"
+    what += f", experts over ep {setup.parallel.ep} routed evenly" if setup.parallel.ep_enabled else ""
     plan.reasons.append(f"trace (MemTracker, fake tensors, {what}): peak {format_bytes(traced.peak_bytes)} vs "
                         f"estimate {format_bytes(estimated)} ({(estimated - traced.peak_bytes) / traced.peak_bytes:+.1%}).")
     return {"peak_bytes": traced.peak_bytes, "estimate_bytes": estimated, "strategy": setup.strategy,

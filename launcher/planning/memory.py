@@ -186,7 +186,7 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
     saved, _, reason = layout.layout_activation_bytes(spec, setup, stage)
     terms = [Term("activations", saved, reason + " (norms, attention q/k/v/out, MLP, linear inputs)")]
     logit_rows = sizes.logits_tokens(setup)
-    if not setup.parallel.pure_data_parallel:
+    if setup.parallel.model_parallel > 1:  # tp, pp or cp: the layout's loss (ep alone leaves it as it is)
         terms.append(Term("logits_loss", layout.head_loss_bytes(spec, setup, stage),
                           "vocab-parallel loss on the last stage: the micro-batch's logits over vocab / tp, fp32 "
                           "softmax and gradient, the final norm's and head's inputs"

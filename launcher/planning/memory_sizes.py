@@ -248,6 +248,24 @@ SCRATCH_REASONS = {
 }
 
 
+def routed_expert_params(spec: ModelSpec) -> int:
+    """Every routed expert's parameters, all MoE layers: what ep splits (launcher.planning.expert_parallel)."""
+    return len(spec.moe.layers) * spec.moe.experts * spec.moe.expert_params(spec.hidden) if spec.moe else 0
+
+
+def fsdp_layer_params(spec: ModelSpec, setup: TrainSetup) -> int:
+    """A decoder layer's parameters (the average layer) that FSDP2 gathers on a rank before the tp split. With ep,
+    the routed experts are a unit of their own over the ranks outside ep (engines/fsdp.py), which gathers only
+    the rank's experts / ep: ep's share of them, tp's too under etp == 1, where the tp ranks are part of ep and
+    each expert is whole (communication_term's / tp is then undone here)."""
+    layer = (spec.num_params - spec.embedding_params - spec.lm_head_params) / max(1, spec.layers)
+    dims = setup.parallel
+    if dims.ep_enabled and spec.moe:
+        held = 1 / dims.ep if dims.experts_split_by_tp else dims.tp / dims.ep
+        layer -= routed_expert_params(spec) / max(1, spec.layers) * (1 - held)
+    return int(layer)
+
+
 def fsdp_gathered_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """FSDP2 (engines/fsdp.py: each decoder layer, then the root): the root's parameters (embeddings, final norm,
     LM head) stay gathered from the first layer to the loss, plus the running decoder layer and the prefetched
@@ -256,8 +274,7 @@ def fsdp_gathered_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     root = spec.embedding_params + spec.lm_head_params
     if setup.method == "qlora":  # a layer gathers its packed 4-bit weights; the root's stay bf16
         return int(root * 2 + 2 * (qlora_base_bytes(spec) - root * 2) / max(1, spec.layers))
-    layer = (spec.num_params - root) // max(1, spec.layers)
-    return root * half + 2 * layer * half
+    return root * half + 2 * fsdp_layer_params(spec, setup) * half
 
 
 def fsdp_gradient_buffer_bytes(spec: ModelSpec, setup: TrainSetup, world: int) -> int:
@@ -266,7 +283,7 @@ def fsdp_gradient_buffer_bytes(spec: ModelSpec, setup: TrainSetup, world: int) -
         return 0
     if setup.trains_adapters:
         return spec.lora_params(setup.lora_r, setup.lora_targets) // max(1, spec.layers) * 4
-    return (spec.num_params - spec.embedding_params - spec.lm_head_params) // max(1, spec.layers) * 4
+    return fsdp_layer_params(spec, setup) * 4
 
 
 def step_scratch_bytes(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, grad_bytes: int) -> int:

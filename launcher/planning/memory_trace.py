@@ -7,7 +7,11 @@ the CPU kernels, so it checks the analytic estimator's terms rather than CUDA's 
 
 FSDP is traced at its world size in this one process, as torchtitan's memory estimation does: a fake process
 group (backend "fake") makes every collective a no-op of the right shape, the engine's own `fully_shard` wraps
-the model built on the meta device (LoRA adapters too), and FSDPMemTracker gives one rank's peak.
+the model built on the meta device (LoRA adapters too), and FSDPMemTracker gives one rank's peak. With expert
+parallelism the ranks' own meshes (launcher.train.device_mesh.RankMeshes) and expert split
+(launcher.train.expert_parallel) are traced, each experts module an FSDP unit over the ranks outside ep, as
+engines/fsdp.py builds them; the dispatch's count exchange, which a fake process group cannot carry, routes every
+rank's tokens evenly (even_counts), as the estimator assumes.
 """
 
 from __future__ import annotations
@@ -83,22 +87,28 @@ def traced_fsdp_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from launcher.train.device_mesh import RankMeshes
     from launcher.train.engines.base import AUTOCAST_DTYPES
+    from launcher.train.expert_parallel import shard_experts
     from launcher.train.modeling import decoder_layers
 
     if dist.is_initialized():  # a real job's process group: never replace it with a fake one
         raise LaunchError("--trace of FSDP runs on a fake process group and cannot run inside a distributed job.")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=setup.world_size)
     try:
-        # The mesh first: built under FakeTensorMode, init_device_mesh fails on a data-dependent rank lookup.
-        mesh = init_device_mesh("cpu", (setup.world_size,))
+        # The meshes first: built under FakeTensorMode, init_device_mesh fails on a data-dependent rank lookup.
+        meshes = RankMeshes.build(setup.parallel, "cpu")
+        mesh = meshes.fsdp
         model = _meta_model(spec, setup, layers)
         compute = AUTOCAST_DTYPES.get(setup.precision)  # as engines/fsdp.py: cast for compute, reduce in fp32
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
+        if setup.parallel.ep_enabled:  # as engines/fsdp.py: the experts split over ep, an FSDP unit outside it
+            for module in shard_experts(model, meshes.ep):
+                module.exchange_counts = even_counts
+                fully_shard(module, mesh=meshes.experts_dp, mp_policy=policy)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -118,6 +128,20 @@ def traced_fsdp_peak(spec: ModelSpec, setup: TrainSetup, layers: int) -> int:
             return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
     finally:
         dist.destroy_process_group()
+
+
+def even_counts(experts, num_experts: int, ep) -> tuple:
+    """launcher.train.expert_parallel.exchange_counts as the planner assumes the routing: every rank sends each
+    expert an even share of its (token, expert) pairs (the remainder to the first experts, so the traced rank 0
+    receives the most), and every rank routes alike. A fake process group's exchange carries no counts."""
+    import torch
+
+    ranks, pairs = ep.size(), experts.numel()
+    local = num_experts // ranks
+    per_expert = [pairs // num_experts + (e < pairs % num_experts) for e in range(num_experts)]
+    send = [sum(per_expert[r * local:(r + 1) * local]) for r in range(ranks)]
+    got = torch.tensor([per_expert[:local]] * ranks, dtype=torch.int64, device=experts.device)
+    return got, send, [send[0]] * ranks
 
 
 def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):

@@ -35,8 +35,10 @@ def check_traceable(setup: TrainSetup) -> None:
     names the first thing outside that, and what to do."""
     dims = setup.parallel
     refusals = (
-        (dims.cp_enabled or dims.ep_enabled, "--trace has no fake-tensor trace of cp or ep yet; drop --trace, or "
-                                             "plan with --cp 1 --ep 1."),
+        (dims.cp_enabled, "--trace has no fake-tensor trace of cp (the ranks do not run it); drop --trace, or plan "
+                          "with --cp 1."),
+        (dims.ep_enabled, "--trace traces ep under FSDP without tp or pp, as the ranks run it; drop --trace, or plan "
+                          "with --ep 1."),
         (dims.dp > 1, f"the layout trace builds one tp x pp replica without a data-parallel dimension; trace it "
                       f"at tp x pp = {dims.tp * dims.pp} ranks."),
         (dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b",

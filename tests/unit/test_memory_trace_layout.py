@@ -92,7 +92,7 @@ def test_pipeline_stage_estimate_agrees_with_a_1f1b_trace(stage):
 
 
 @pytest.mark.parametrize("knobs, words", [
-    (dict(cp=2), "no fake-tensor trace of cp or ep"),
+    (dict(cp=2), "no fake-tensor trace of cp"),
     (dict(tp=2, gpus_per_node=4), "without a data-parallel dimension"),
     (dict(tp=2, method="lora"), "full fine-tuning only"),
 ])

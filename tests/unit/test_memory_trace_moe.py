@@ -40,3 +40,30 @@ def test_an_moe_layer_adds_what_the_estimate_adds_on_fake_tensors(model, monkeyp
     assert two.peak_bytes - one.peak_bytes == pytest.approx(traced_layer, rel=0.05)
     states = sum(two[name] - one[name] for name in MODEL_STATES if name != "frozen_weights")
     assert two["activations"] - one["activations"] == pytest.approx(traced_layer - states, rel=0.05)
+
+
+@pytest.mark.parametrize("model, ep", [("mixtral-8x7b", 8), ("qwen3-30b-a3b", 4)])
+def test_experts_split_over_ep_hold_what_the_estimate_says_on_fake_tensors(model, ep, monkeypatch, tmp_path, capsys):
+    """FSDP at 8 ranks with the experts over ep (whole on each rank at ep 8; FSDP-sharded over 2 at ep 4), traced with the ranks' own expert parallelism
+    (launcher.train.expert_parallel: the dispatch, the all-to-alls, the grouped GEMMs) routed evenly: the whole
+    peak within 5 % (the experts' FSDP unit gathers only the rank's experts; ep alone leaves the loss as it is),
+    and what an MoE layer adds, its saved activations alone, within 2 % (the dispatch keeps what transformers'
+    experts keep: no copy of the experts' output)."""
+    monkeypatch.setattr("launcher.planning.hardware.probe", lambda: Hardware(cpu_cores=2, ram_bytes=24 * 2**30))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    micro = MICRO_BATCH
+    argv = ["plan", "--model", model, "--model-override", "num_hidden_layers=2", "--gpu", "H100", "--gpus", "8",
+            "--precision", "bf16", "--strategy", "fsdp", "--ep", str(ep), "--activation-checkpointing", "none",
+            "--micro-batch", str(micro), "--global-batch", str(8 * micro), "--seq-len", "4096",
+            "--loss-chunk-tokens", "0", "--trace", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    trace = plan["trace"]
+    assert (plan["parallel"]["ep"], trace["world_size"], trace["strategy"]) == (ep, 8, "fsdp")
+    setup = TrainSetup(micro_batch=micro, seq_len=4096, precision="bf16", loss_chunk_tokens=0, strategy="fsdp",
+                       gpus_per_node=8, ep=ep, activation_checkpointing="none")
+    one, two = (estimate(load_model_spec(model, {"num_hidden_layers": depth}), setup) for depth in (1, 2))
+    assert two.peak_bytes == trace["estimate_bytes"] == pytest.approx(trace["peak_bytes"], rel=0.05)
+    traced_layer = trace["by_depth"]["2"] - trace["by_depth"]["1"]
+    states = sum(two[name] - one[name] for name in MODEL_STATES if name != "frozen_weights")
+    assert two["activations"] - one["activations"] == pytest.approx(traced_layer - states, rel=0.02)
