@@ -249,8 +249,8 @@ def add_trace(plan, request) -> dict:
 
 
 def add_layout_trace(plan, request) -> dict:
-    """Trace one tp x pp replica of the plan's layout (its first and last pipeline stage) on a fake process group
-    of tp x pp ranks, and put the estimate for exactly that replica beside it: the data-parallel part, which the
+    """Trace one tp x pp x cp replica of the plan's layout (its first and last pipeline stage) on a fake process
+    group of its ranks, and put the estimate for exactly that replica beside it: the data-parallel part, which the
     layout trace does not build, is left out of both (the traced peak is the stage whose trace is higher)."""
     from launcher.planning.memory import estimate_stage
     from launcher.planning.memory_layout import stages
@@ -262,7 +262,7 @@ def add_layout_trace(plan, request) -> dict:
     dims, knobs = plan.parallel, plan.knobs()
     # The sharding engines (FSDP, ZeRO) compute in bf16 / fp16 whatever they keep: so does the traced replica.
     precision = "bf16" if compute_mode(knobs) == "half" and knobs.precision != "fp32" else knobs.precision
-    setup = dataclasses.replace(knobs, strategy="ddp", nodes=1, gpus_per_node=dims.tp * dims.pp, precision=precision,
+    setup = dataclasses.replace(knobs, strategy="ddp", nodes=1, gpus_per_node=dims.model_parallel, precision=precision,
                                 offload="none", optimizer_in_backward=False)
     check_traceable(setup)
     spec = load_model_spec(request.model, request.model_overrides)
@@ -270,7 +270,7 @@ def add_layout_trace(plan, request) -> dict:
     stage = max(traced, key=lambda name: traced[name][0])
     peak, by_depth = traced[stage]
     estimated = estimate_stage(spec, setup, stage).peak_bytes
-    plan.reasons.append(f"trace (MemTracker, fake tensors, one {dims.tp * dims.pp}-rank tp x pp replica of "
+    plan.reasons.append(f"trace (MemTracker, fake tensors, one {dims.model_parallel}-rank tp x pp x cp replica of "
                         f"{dims.label()}, {stage} stage): peak {format_bytes(peak)} vs estimate "
                         f"{format_bytes(estimated)} ({(estimated - peak) / peak:+.1%}).")
     return {"peak_bytes": peak, "estimate_bytes": estimated, "strategy": setup.strategy,

@@ -26,9 +26,9 @@ Sources, term by term:
   Its stages keep each in-flight forward's output and input, and receive one input and one gradient at a time
   (pipeline_buffer_bytes); under 1F1B a stage's backward starts with all of its in-flight activations held
   (stage_backward_bytes).
-- Context parallel: each rank holds s/cp tokens of every activation; ring attention keeps the K, V chunk it
-  computes with and the one arriving (double-buffered send / receive), and their gradients in backward
-  (Liu et al. 2023, "Ring Attention"; torch.distributed.tensor.experimental.context_parallel).
+- Context parallel: each rank holds s/cp tokens of every activation (Liu et al. 2023, "Ring Attention");
+  torch's ring (torch.distributed.tensor.experimental.context_parallel, torchtitan's default) all-gathers K and V
+  over cp for each layer's attention and accumulates its gradients in fp32 (cp_buffer_bytes).
 - Mixture of experts: each MoE layer also saves its router's logits and top-k, and the dropless dispatch and
   combine buffers (launcher.planning.expert_parallel.moe_bytes_per_token).
 - Vocab-parallel loss under tp: each rank holds the logits of vocab / t (Megatron-LM's vocab-parallel
@@ -271,11 +271,18 @@ def stage_backward_bytes(spec: ModelSpec, setup: TrainSetup, saved: int) -> int:
 
 
 def cp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
-    """Ring attention's K and V chunks (the one in use and the one arriving), and in backward their gradients."""
+    """Ring attention as torch runs it by default (torchtitan's "allgather" rotate method, Llama 3's all-gather CP):
+    a layer's attention all-gathers K and V over the cp ranks once, so the whole sequence's K, V are alive through
+    it, forward and backward; its backward accumulates dQ, dK and dV in fp32 (_ContextParallelOptions.convert_to_f32),
+    which also merges the forward's partial outputs. Traced with torch's own ring on a fake process group
+    (launcher/planning/memory_trace_ring.py, tests/unit/test_memory_trace_layout.py): counting the K, V chunk in use
+    and the one arriving, as a ring that passes them rank to rank would, was 30-60 % of what the ring added."""
     if not setup.parallel.cp_enabled:
         return 0
     act = 4 if sizes.compute_mode(setup) == "fp32" else 2
-    return 2 * 2 * 2 * local_tokens(setup) * spec.kv_heads * spec.head_dim * act
+    tokens, kv = local_tokens(setup), spec.kv_heads * spec.head_dim
+    gathered = 2 * setup.parallel.cp * tokens * kv * act
+    return gathered + 4 * tokens * (spec.heads * spec.head_dim + 2 * kv)
 
 
 def tp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:

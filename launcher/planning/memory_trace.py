@@ -144,9 +144,9 @@ def even_counts(experts, num_experts: int, ep) -> tuple:
     return got, send, [send[0]] * ranks
 
 
-def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
+def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int, attention: str = ""):
     """`spec` cut to `layers` on the meta device, with the run's activation checkpointing and LoRA adapters
-    (dropout off: the estimator does not count dropout masks)."""
+    (dropout off: the estimator does not count dropout masks), its attention `attention` or traced_attention's."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -162,7 +162,7 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int):
     config = AutoConfig.for_model(**{**spec.hf_config, depth_key: layers})
     dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=traced_attention(setup.attention))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention or traced_attention(setup.attention))
     model.config.use_cache = False
     enable_recompute(model, setup.activation_checkpointing, traced_saved_ops(setup.attention))
     model = apply_finetune_method(model, FinetuneSection(method=setup.method, r=setup.lora_r, lora_dropout=0.0,

@@ -1,4 +1,4 @@
-"""`llaunch plan --trace` for a tensor / pipeline parallel layout: one rank's peak, traced on fake tensors.
+"""`llaunch plan --trace` for a tensor / pipeline / context parallel layout: one rank's peak, traced on fake tensors.
 
 As launcher/planning/memory_trace.py does for FSDP, a fake process group (backend "fake") at the layout's world size
 makes every collective a no-op of the right shape, and the HF model is built on the meta device, cut in depth.
@@ -11,7 +11,9 @@ as many forwards as it keeps in flight there (launcher.planning.memory_layout.in
 (with the gradient a next stage would send) and one forward at a time, then the last backwards. The first
 stage's input is tokens, a later stage's a received hidden-state buffer, held from its receive to its backward;
 as the ranks' stages do (launcher.train.pipeline_stage), the next input is received ahead of each backward and
-the output gradient just before it. MemTracker gives the rank's peak.
+the output gradient just before it. Under context parallel the rank's tokens are s / cp of the sequence and
+its attention is torch's ring over the cp ranks (launcher/planning/memory_trace_ring.py). MemTracker gives the
+rank's peak.
 
 LOSS_PARALLEL_TRACE: torch's loss_parallel runs the log-softmax and its backward through DTensor's sharding
 propagation, which on fake tensors allocates global-shaped (tokens x whole vocabulary) fp32 tensors that
@@ -25,22 +27,23 @@ from __future__ import annotations
 import math
 
 from launcher.errors import LaunchError
-from launcher.planning.memory_layout import inflight_microbatches, rank_layers
+from launcher.planning.memory_layout import inflight_microbatches, local_tokens, rank_layers
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import TrainSetup
 
 
 def check_traceable(setup: TrainSetup) -> None:
-    """What this trace builds: tp and pp (1F1B / GPipe) of full fine-tuning in one tp x pp replica; LaunchError
+    """What this trace builds: tp, pp (1F1B / GPipe) and cp of full fine-tuning in one replica; LaunchError
     names the first thing outside that, and what to do."""
     dims = setup.parallel
     refusals = (
-        (dims.cp_enabled, "--trace has no fake-tensor trace of cp (the ranks do not run it); drop --trace, or plan "
-                          "with --cp 1."),
+        (dims.cp_enabled and setup.activation_checkpointing == "selective",
+         "--trace of cp recomputes none or all of a layer (its ring attention is no single op that selective "
+         "recompute could keep); trace with --activation-checkpointing none or full."),
         (dims.ep_enabled, "--trace traces ep under FSDP without tp or pp, as the ranks run it; drop --trace, or plan "
                           "with --ep 1."),
-        (dims.dp > 1, f"the layout trace builds one tp x pp replica without a data-parallel dimension; trace it "
-                      f"at tp x pp = {dims.tp * dims.pp} ranks."),
+        (dims.dp > 1, f"the layout trace builds one tp x pp x cp replica without a data-parallel dimension; trace "
+                      f"it at tp x pp x cp = {dims.model_parallel} ranks."),
         (dims.pp_enabled and dims.pp_schedule == "interleaved-1f1b",
          "--trace cannot step interleaved 1F1B (a fractional number of microbatches in flight); plan with "
          "--pp-schedule 1f1b or gpipe, or drop --trace."),
@@ -70,6 +73,7 @@ def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: s
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from launcher.planning.memory_trace import _meta_model, traced_optimizer
+    from launcher.planning.memory_trace_ring import register_traced_ring_attention
     from launcher.train.tensor_parallel import parallelize
 
     check_traceable(setup)
@@ -78,8 +82,9 @@ def traced_layout_peak(spec: ModelSpec, setup: TrainSetup, layers: int, stage: s
     dims = setup.parallel
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=setup.world_size)
     try:
-        mesh = init_device_mesh("cpu", (dims.pp, dims.tp), mesh_dim_names=("pp", "tp"))
-        model = cut_stage(_meta_model(spec, setup, layers), setup, stage)
+        mesh = init_device_mesh("cpu", (dims.pp, dims.cp, dims.tp), mesh_dim_names=("pp", "cp", "tp"))
+        attention = register_traced_ring_attention(mesh["cp"].get_group()) if dims.cp_enabled else ""
+        model = cut_stage(_meta_model(spec, setup, layers, attention), setup, stage)
         if dims.tp_enabled:  # the ranks' own plan, the head's logits left split (LOSS_PARALLEL_TRACE)
             parallelize(model, mesh["tp"], dims.sequence_parallel, sharded_logits=True)
         with FakeTensorMode(allow_non_fake_inputs=True):  # the meta weights become fake CPU tensors here
@@ -132,8 +137,8 @@ def pipeline_step(model, setup: TrainSetup, stage: str, tracker) -> None:
     receives = dims.pp_enabled and stage != "first"
     total = dims.pp_microbatches if dims.pp_enabled else 1
     inflight = math.ceil(inflight_microbatches(setup, stage))
-    shape = (setup.micro_batch, setup.seq_len // dims.tp if dims.sequence_parallel else setup.seq_len,
-             model.config.hidden_size)
+    tokens = local_tokens(setup) // setup.micro_batch
+    shape = (setup.micro_batch, tokens // dims.tp if dims.sequence_parallel else tokens, model.config.hidden_size)
     dtype = next(model.model.layers.parameters()).dtype
 
     def receive():
@@ -167,8 +172,9 @@ def stage_forward(model, setup: TrainSetup, received):
     import torch.nn.functional as F
 
     inner, dims = model.model, setup.parallel
-    tokens = torch.randint(0, model.config.vocab_size, (setup.micro_batch, setup.seq_len))
-    positions = torch.arange(setup.seq_len).unsqueeze(0)
+    local = local_tokens(setup) // setup.micro_batch  # context parallel: this rank's share of the sequence
+    tokens = torch.randint(0, model.config.vocab_size, (setup.micro_batch, local))
+    positions = torch.arange(local).unsqueeze(0)
     hidden = inner.embed_tokens(tokens) if inner.embed_tokens is not None else received
     cos_sin = inner.rotary_emb(hidden, position_ids=positions)
     for layer in inner.layers:

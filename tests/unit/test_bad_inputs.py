@@ -160,7 +160,8 @@ CASES = [
     ("plan --model gpt2 --device cpu --gpus 2 --cp 2", "--cp needs torch's ring attention, which in torch 2.13 dispatches "
      "only CUDA's flash, memory-efficient and cuDNN SDPA kernels"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 2 --pp 1 --global-batch 6", "x 4 data-parallel rank(s)"),
-    ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --cp 2 --trace", "no fake-tensor trace of cp"),
+    ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --cp 2 --activation-checkpointing selective --trace",
+     "--trace of cp recomputes none or all of a layer"),
     ("plan --model qwen3-30b-a3b --model-override num_hidden_layers=2 --gpu H100 --gpus 8 --strategy zero2 --ep 8 "
      "--trace", "--trace traces ep as the FSDP engine runs it, and zero2 does not"),
     ("plan --model tinyllama-1.1b --gpu H100 --gpus 8 --tp 0", "--tp must be a positive integer"),

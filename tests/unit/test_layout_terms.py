@@ -130,11 +130,14 @@ def test_pipeline_stages_hold_their_layers_and_ends():
     assert estimate(SPEC, s).reserved_bytes == max(m.reserved_bytes for m in stages)
 
 
-def test_context_parallel_splits_the_sequence_and_holds_kv_chunks():
+def test_context_parallel_splits_the_sequence_and_holds_the_gathered_kv():
+    """cp 4 of 4096 tokens: 1024 per rank, the whole sequence's bf16 K and V all-gathered for a layer's attention,
+    and fp32 dQ, dK, dV of the rank's 1024 tokens."""
     plain, split = setup(), setup(cp=4)
-    assert mem.local_tokens(split) == mem.local_tokens(plain) // 4
+    assert mem.local_tokens(split) == mem.local_tokens(plain) // 4 == 1024
     assert mem.cp_buffer_bytes(SPEC, plain) == 0
-    assert mem.cp_buffer_bytes(SPEC, split) == 8 * 1024 * SPEC.kv_heads * SPEC.head_dim * 2
+    kv, q = SPEC.kv_heads * SPEC.head_dim, SPEC.heads * SPEC.head_dim
+    assert mem.cp_buffer_bytes(SPEC, split) == 2 * 4096 * kv * 2 + 1024 * (q + 2 * kv) * 4
     assert estimate(SPEC, split)["activations"] == estimate(SPEC, plain)["activations"] // 4
 
 

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 # all-reduce worker. launcher/train/ is the ranks' side.
 LOADS_TORCH = {"launcher/cli/generate.py", "launcher/cli/export.py", "launcher/cli/lr_find.py",
                "launcher/planning/memory_trace.py", "launcher/planning/memory_trace_layout.py",
+               "launcher/planning/memory_trace_ring.py",
                "cluster/doctor/allreduce.py"}
 # Importing these modules is not an import: it runs a command.
 ENTRY_POINTS = {"launcher/__main__.py"}
