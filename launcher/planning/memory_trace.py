@@ -162,7 +162,8 @@ def _meta_model(spec: ModelSpec, setup: TrainSetup, layers: int, attention: str 
     config = AutoConfig.for_model(**{**spec.hf_config, depth_key: layers})
     dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention or traced_attention(setup.attention))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=attention or traced_attention(setup.attention))
     model.config.use_cache = False
     enable_recompute(model, setup.activation_checkpointing, traced_saved_ops(setup.attention))
     model = apply_finetune_method(model, FinetuneSection(method=setup.method, r=setup.lora_r, lora_dropout=0.0,
