@@ -192,12 +192,18 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
                           "softmax and gradient, the final norm's and head's inputs"
                           if layout.logits_share(setup, stage) else "no LM head on this pipeline stage"))
     elif logit_rows < tokens:
-        # The chunked loss's own gradient of a trained LM head accumulates over the chunks beside them.
+        # The chunked loss's own gradient of a trained LM head accumulates over the chunks beside them, and stays
+        # through the final norm's backward, which follows the loss's with every activation still saved.
         head_bytes = 2 if sizes.compute_mode(setup) == "half" else 4
         head_grad = 0 if setup.trains_adapters else spec.vocab * spec.hidden * head_bytes
-        terms.append(Term("logits_loss", logit_rows * spec.vocab * sizes.LOGITS_BYTES_PER_ELEMENT + head_grad,
-                          f"chunked loss: one chunk of {logit_rows} tokens' logits, recomputed in backward, with their "
-                          "fp32 softmax and gradient" + (", + the LM head's gradient it accumulates" if head_grad else "")))
+        chunk = logit_rows * spec.vocab * sizes.LOGITS_BYTES_PER_ELEMENT
+        after = {"the final RMSNorm's fp32 backward": tokens * spec.hidden * sizes.FINAL_NORM_BACKWARD_BYTES,
+                 "the last MoE layer's experts backward": tokens * experts.moe_layer_gradient_bytes_per_token(spec, setup)}
+        later, size = max(after.items(), key=lambda item: item[1])
+        what = (f"one chunk of {logit_rows} tokens' logits, recomputed in backward, with their fp32 softmax and "
+                f"gradient" if chunk >= size else f"then {later}, with every activation still saved")
+        terms.append(Term("logits_loss", max(chunk, size) + head_grad, f"chunked loss: {what}"
+                          + (", + the LM head's gradient it accumulates" if head_grad else "")))
     else:
         terms.append(Term("logits_loss", tokens * spec.vocab * sizes.LOGITS_BYTES_PER_ELEMENT, "loss at the start of "
                           "backward: fp32 log-softmax saved, its incoming gradient and its own gradient"))

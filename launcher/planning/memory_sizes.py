@@ -12,6 +12,10 @@ from launcher.planning.plan import ENGINE_SUPPORT, TrainSetup
 # log-softmax's gradient (4), whatever the compute precision: HF's loss upcasts logits to fp32, and the bf16
 # logits and the upcast (forward: 2 + 4 + 4 = 10 B) are gone by then.
 LOGITS_BYTES_PER_ELEMENT = 12
+# HF's RMSNorm computes in fp32; the final norm's backward, the first after the loss's, holds five fp32 tensors of
+# the hidden size per token beside every saved activation (MemTracker on fake tensors: 640 MiB of temporaries
+# for TinyLlama's 16K tokens x 2048 at the peak of a chunked-loss step, tests/unit/test_memory_trace.py).
+FINAL_NORM_BACKWARD_BYTES = 5 * 4
 QLORA_BITS_PER_PARAM = 4.127  # nf4 + double quantization: 4 + 8/64 + 32/(64*256) bits (QLoRA paper, sec. 2)
 ADAPTER_BYTES = 4  # PEFT keeps adapters fp32 (autocast_adapter_dtype) whatever the base dtype
 
