@@ -1,11 +1,15 @@
 """The doctor's one torch process: a tiny gloo all-reduce over every node, and pairwise ones when it fails.
 
-Run as `python -m cluster.doctor.allreduce ADDRESS PORT NODE NODES TIMEOUT_S FAILED` (one per node, rank =
-node index), so that the launcher-side doctor never imports torch. FAILED (0/1) says whether this node failed
-a check already; the sum tells every node how many did (`nodes_failed`), so that no node starts torchrun
-when another will not. It prints one JSON line: ok, seconds, error, and for the first node the peers whose
-pair with it failed (`failed_peers`), for the others whether their own pair with the first node failed
-(`self_failed`). The store is a TCPStore on the rendezvous port.
+Run as `python -m cluster.doctor.allreduce ADDRESS PORT NODE NODES ARRIVAL_S TIMEOUT_S FAILED` (one per node,
+rank = node index), so that the launcher-side doctor never imports torch. FAILED (0/1) says whether this node
+failed a check already; the sum tells every node how many did (`nodes_failed`), so that no node starts torchrun
+when another will not. It prints one JSON line: ok, seconds, error, and the nodes that did not arrive within
+ARRIVAL_S (`absent_peers`); after a failed all-reduce, for the first node the peers whose pair with it failed
+(`failed_peers`), for the others whether their own pair with the first node failed (`self_failed`).
+
+Nodes reach this step seconds apart (each node's checks before it take their own time, and so does importing
+torch), so arrival has its own, longer wait: TIMEOUT_S then times the collective alone, and a slow node is
+named as late instead of failing the all-reduce. The store is a TCPStore on the rendezvous port.
 """
 
 from __future__ import annotations
@@ -30,13 +34,26 @@ def _reduce(store, prefix: str, rank: int, size: int, timeout: timedelta, failed
     return int(tensor[1].item())
 
 
-def run(address: str, port: int, node: int, nodes: int, timeout_s: float, failed: int = 0) -> dict:
-    timeout = timedelta(seconds=timeout_s)
-    start = time.monotonic()
+def _arrived(store, node: int, nodes: int, arrival: timedelta) -> list[int]:
+    """Mark this node arrived and wait for the others; the nodes still absent after `arrival`."""
+    store.set(f"arrived/{node}", "1")
     try:
-        store = dist.TCPStore(address, port, nodes, is_master=node == 0, timeout=timeout, wait_for_workers=False)
+        store.wait([f"arrived/{j}" for j in range(nodes)], arrival)
+        return []
+    except Exception:  # a timeout: which keys are missing says which nodes
+        return [j for j in range(nodes) if not store.check([f"arrived/{j}"])]
+
+
+def run(address: str, port: int, node: int, nodes: int, arrival_s: float, timeout_s: float, failed: int = 0) -> dict:
+    arrival, timeout = timedelta(seconds=arrival_s), timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(address, port, nodes, is_master=node == 0, timeout=arrival, wait_for_workers=False)
     except Exception as err:  # the store is the rendezvous: without it no pair can be tried either
         return {"ok": False, "error": f"store at {address}:{port}: {str(err).splitlines()[0]}", "self_failed": True}
+    absent = _arrived(store, node, nodes, arrival)
+    if absent:
+        return {"ok": False, "error": f"not arrived in {arrival_s:.0f} s", "absent_peers": absent}
+    start = time.monotonic()
     try:
         nodes_failed = _reduce(store, "all", node, nodes, timeout, failed)
         return {"ok": True, "seconds": time.monotonic() - start, "nodes_failed": nodes_failed}
@@ -61,6 +78,7 @@ def run(address: str, port: int, node: int, nodes: int, timeout_s: float, failed
 
 
 if __name__ == "__main__":
-    address, port, node, nodes, timeout_s, failed = sys.argv[1:7]
-    print(json.dumps(run(address, int(port), int(node), int(nodes), float(timeout_s), int(failed))), flush=True)
+    address, port, node, nodes, arrival_s, timeout_s, failed = sys.argv[1:8]
+    print(json.dumps(run(address, int(port), int(node), int(nodes), float(arrival_s), float(timeout_s), int(failed))),
+          flush=True)
     os._exit(0)  # the store and group destructors wait for their peers' sockets, for seconds; the answer is out

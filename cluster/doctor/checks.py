@@ -126,6 +126,11 @@ def allreduce(result: dict, node: int, hosts: list[str]) -> Check:
     if result.get("ok"):
         return Check("allreduce", OK, f"gloo all-reduce over {len(hosts)} node(s) in {result['seconds']:.1f} s",
                      result)
+    absent = [hosts[j] for j in result.get("absent_peers", [])]
+    if absent:
+        return Check("allreduce", FAIL, f"{', '.join(absent)} did not reach the all-reduce ({result.get('error')}); "
+                                        f"its own line says what held it, or it stopped: check or leave out that "
+                                        f"node.", result)
     failed = [hosts[j] for j in result.get("failed_peers", [])]
     if node == 0 and result.get("self_failed"):
         return Check("allreduce", FAIL, f"the all-reduce could not start on this first node ({result.get('error')}); "

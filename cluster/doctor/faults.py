@@ -7,6 +7,8 @@
     LLAUNCH_DOCTOR_FAULT_NVML=JSON          the GPUs' health as a JSON list of probes.GpuHealth fields,
                                             instead of NVML's (e.g. '[{"ecc_uncorrected": 2}]')
     LLAUNCH_DOCTOR_FAULT_MIN_FREE_BYTES=B   the space check needs at least B free bytes
+    LLAUNCH_DOCTOR_FAULT_LATE=N:S           node N (as for VERSION) reaches the all-reduce S seconds after its
+                                            other checks, as a slow or loaded node does
 
 SLURM passes the submitting shell's environment to every node, so one variable reaches the whole job.
 """
@@ -30,6 +32,7 @@ class Faults:
     version: tuple[str, str, str] | None = None  # (node index or host, package, version)
     nvml: list[dict] | None = None
     min_free_bytes: int = 0
+    late: tuple[str, float] | None = None  # (node index or host, seconds)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Faults":
@@ -48,10 +51,17 @@ class Faults:
                 if not isinstance(faults.nvml, list) or not all(isinstance(g, dict) for g in faults.nvml):
                     raise ValueError("not a list of objects")
             faults.min_free_bytes = int(env.get(PREFIX + "MIN_FREE_BYTES") or 0)
+            if env.get(PREFIX + "LATE"):
+                node, seconds = env[PREFIX + "LATE"].split(":", 1)
+                faults.late = (node, float(seconds))
         except ValueError as err:
             raise LaunchError(f"a {PREFIX}* variable is malformed ({err}); see cluster/doctor/faults.py "
                               f"for their form, or unset them.") from None
         return faults
+
+    def late_on(self, node: int, host: str) -> float:
+        """Seconds this node is made to wait before the all-reduce (0: none)."""
+        return self.late[1] if self.late and self.late[0] in (str(node), host) else 0.0
 
     def version_on(self, node: int, host: str) -> dict[str, str]:
         """The package version this node is made to report, as {package: version} (empty: none)."""

@@ -32,8 +32,10 @@ from launcher.planning.plan import Plan
 
 NONCE_FILE = ".llaunch-doctor-nonce"
 FETCH_TIMEOUT_S = 15.0  # the other nodes' tasks start within seconds of each other
-ALLREDUCE_TIMEOUT_S = 8.0
-ALLREDUCE_LIMIT_S = 2 * ALLREDUCE_TIMEOUT_S + 15  # a store client can hang past its timeout; torch imports in ~5 s
+ARRIVAL_TIMEOUT_S = 30.0  # nodes reach the all-reduce as far apart as their checks' durations (writes, pip)
+ALLREDUCE_TIMEOUT_S = 8.0  # the collective alone, once every node has arrived
+# a store client can hang past its timeout; torch imports in ~5 s
+ALLREDUCE_LIMIT_S = ARRIVAL_TIMEOUT_S + 2 * ALLREDUCE_TIMEOUT_S + 15
 FILES_PER_RANK = 4  # a rank's shards and state files per checkpoint
 FILES_PER_CHECKPOINT = 16  # manifest, plan, config, tokenizer, model config
 
@@ -140,6 +142,7 @@ def run_node(ctx: NodeContext, env: dict[str, str] | None = None) -> NodeReport:
         report.checks.append(_space(ctx, storage_dir, faults))
         report.checks.append(_gpus(ctx, faults))
         report.checks.append(checks.environment(snapshot.recorded_environment(ctx.job_dir), snapshot.environment()))
+        time.sleep(faults.late_on(ctx.node, ctx.host))
         result = _allreduce(ctx, {**env, **report.env}, failed=report.failed is not None)
         report.peers_failed = max(0, result.get("nodes_failed", 0) - (report.failed is not None))
         report.checks.append(checks.allreduce(result, ctx.node, ctx.hosts))
@@ -264,7 +267,7 @@ def _space(ctx: NodeContext, storage_dir: Path, faults: Faults) -> Check:
 
 def _allreduce(ctx: NodeContext, env: dict[str, str], failed: bool) -> dict:
     argv = [sys.executable, "-m", "cluster.doctor.allreduce", ctx.addresses[0], str(ctx.rdzv_port), str(ctx.node),
-            str(len(ctx.hosts)), str(ALLREDUCE_TIMEOUT_S), str(int(failed))]
+            str(len(ctx.hosts)), str(ARRIVAL_TIMEOUT_S), str(ALLREDUCE_TIMEOUT_S), str(int(failed))]
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=ALLREDUCE_LIMIT_S)
     except subprocess.TimeoutExpired:
