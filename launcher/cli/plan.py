@@ -254,14 +254,14 @@ def add_layout_trace(plan, request) -> dict:
     layout trace does not build, is left out of both (the traced peak is the stage whose trace is higher)."""
     from launcher.planning.memory import estimate_stage
     from launcher.planning.memory_layout import stages
-    from launcher.planning.memory_sizes import compute_mode
+    from launcher.planning.memory_sizes import ComputeMode, compute_mode
     from launcher.planning.memory_trace_layout import check_traceable, trace_layout_peak
     from launcher.planning.models import load_model_spec
     from launcher.units import format_bytes
 
     dims, knobs = plan.parallel, plan.knobs()
     # The sharding engines (FSDP, ZeRO) compute in bf16 / fp16 whatever they keep: so does the traced replica.
-    precision = "bf16" if compute_mode(knobs) == "half" and knobs.precision != "fp32" else knobs.precision
+    precision = "bf16" if compute_mode(knobs) is ComputeMode.HALF and knobs.precision != "fp32" else knobs.precision
     setup = dataclasses.replace(knobs, strategy="ddp", nodes=1, gpus_per_node=dims.model_parallel, precision=precision,
                                 offload="none", optimizer_in_backward=False)
     check_traceable(setup)

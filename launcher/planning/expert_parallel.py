@@ -22,7 +22,7 @@ Sources:
 from __future__ import annotations
 
 from launcher.errors import LaunchError
-from launcher.planning.memory_sizes import compute_mode, qlora_base_bytes, routed_expert_params
+from launcher.planning.memory_sizes import ComputeMode, compute_mode, qlora_base_bytes, routed_expert_params
 from launcher.planning.models import ModelSpec
 from launcher.planning.plan import EP_MODEL_TYPES, LORA_METHODS, TrainSetup
 
@@ -92,7 +92,7 @@ def expert_share(spec: ModelSpec, setup: TrainSetup, term: str) -> float:
     return 0.0 if setup.trains_adapters else routed / spec.num_params
 
 
-def moe_bytes_per_token(spec: ModelSpec, mode: str) -> float:
+def moe_bytes_per_token(spec: ModelSpec, mode: ComputeMode) -> float:
     """What an average layer saves per token for its routed experts (the shared ones are a dense MLP's, in
     memory_sizes.layer_activation_bytes), averaged over all layers, in compute `mode` (memory_sizes.compute_mode).
 
@@ -107,8 +107,7 @@ def moe_bytes_per_token(spec: ModelSpec, mode: str) -> float:
     if spec.moe is None:
         return 0.0
     moe, h = spec.moe, spec.hidden
-    act = 4 if mode == "fp32" else 2  # the router's and dense matmuls' outputs (bf16 under autocast)
-    rows = 4 if mode in ("fp32", "autocast") else 2
+    act, rows = mode.act_bytes, mode.weight_bytes  # the router's and dense matmuls' outputs; the experts' rows
     router_input = 0 if moe.shared_experts else act * h
     router = router_input + ROUTER_LOGIT_BYTES * moe.experts + (ROUTER_LOGIT_BYTES + TOPK_INDEX_BYTES) * moe.experts_per_token
     copy = rows * (2 * h + 4 * moe.expert_ffn) + ROUTING_BYTES_PER_COPY
@@ -125,11 +124,11 @@ def moe_layer_gradient_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> fl
     on fake tensors: 12.8 KB per copy of Qwen3-30B-A3B (2 x 2048 + 3 x 768 bf16 elements)."""
     if spec.moe is None:
         return 0.0
-    rows = 4 if compute_mode(setup) in ("fp32", "autocast") else 2
+    rows = compute_mode(setup).weight_bytes
     return spec.moe.experts_per_token * rows * (2 * spec.hidden + 3 * spec.moe.expert_ffn)
 
 
-def moe_whole_bytes_per_token(spec: ModelSpec, mode: str, dims) -> float:
+def moe_whole_bytes_per_token(spec: ModelSpec, mode: ComputeMode, dims) -> float:
     """What of moe_bytes_per_token each of tp ranks keeps whole rather than 1/tp: the MoE block all-gathers its
     input over tp and runs the router on every token of the tp group (torchtitan's PrepareModuleInputOutput and
     NoParallel router), so its logits, scores and indices are whole. Where tp splits each expert (etp == tp, or
@@ -139,7 +138,7 @@ def moe_whole_bytes_per_token(spec: ModelSpec, mode: str, dims) -> float:
     if spec.moe is None or not dims.tp_enabled:
         return 0.0
     moe = spec.moe
-    rows = 4 if mode in ("fp32", "autocast") else 2
+    rows = mode.weight_bytes
     router = ROUTER_LOGIT_BYTES * moe.experts + (ROUTER_LOGIT_BYTES + TOPK_INDEX_BYTES) * moe.experts_per_token
     copy = rows * 2 * spec.hidden + ROUTING_BYTES_PER_COPY  # the dispatched and combined rows, the routing
     copies = moe.experts_per_token * copy if dims.experts_split_by_tp else 0

@@ -194,8 +194,7 @@ def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, wo
     elif logit_rows < tokens:
         # The chunked loss's own gradient of a trained LM head accumulates over the chunks beside them, and stays
         # through the final norm's backward, which follows the loss's with every activation still saved.
-        head_bytes = 2 if sizes.compute_mode(setup) == "half" else 4
-        head_grad = 0 if setup.trains_adapters else spec.vocab * spec.hidden * head_bytes
+        head_grad = 0 if setup.trains_adapters else spec.vocab * spec.hidden * sizes.compute_mode(setup).weight_bytes
         chunk = logit_rows * spec.vocab * sizes.LOGITS_BYTES_PER_ELEMENT
         after = {"the final RMSNorm's fp32 backward": tokens * spec.hidden * sizes.FINAL_NORM_BACKWARD_BYTES,
                  "the last MoE layer's experts backward": tokens * experts.moe_layer_gradient_bytes_per_token(spec, setup)}

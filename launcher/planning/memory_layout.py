@@ -168,7 +168,7 @@ def pipeline_buffer_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int
     chunks = inflight_chunks(dims, rank)
     outputs = len(chunks) - (chunks.count(v - 1) if rank == p - 1 else 0)  # the model's last stage ends in the loss
     inputs = len(chunks) - (chunks.count(0) if rank == 0 else 0)  # the model's first stage starts from tokens
-    kept_by_decoder = setup.recomputes or sizes.compute_mode(setup) != "half"
+    kept_by_decoder = setup.recomputes or sizes.compute_mode(setup) is not sizes.ComputeMode.HALF
     ahead = (v > 1 or rank > 0) + (v > 1 or rank < p - 1)  # one input, one gradient being received
     return (outputs + (0 if kept_by_decoder else inputs) + ahead) * size
 
@@ -176,7 +176,7 @@ def pipeline_buffer_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int
 def replicated_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     """Korthikanti's "10 sbh": what a layer saves outside its tp-split regions (the norms' saved inputs and
     outputs, and the norm output each column-parallel block reads), replicated on every tp rank without SP."""
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    act = sizes.compute_mode(setup).act_bytes
     h = spec.hidden
     return 2 * (4 * h + sizes.residual_bytes(setup) * h) + 2 * act * h
 
@@ -204,7 +204,7 @@ def gathered_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> int:
     weight gradient, where Megatron-LM keeps the 1/t shard and gathers it again in backward (Korthikanti's sbh/t).
     Traced on fake tensors at tp 2, 4 and 8 (tests/unit/test_memory_trace_layout.py): what a layer adds to the
     estimate was 5-14 % under what it adds to the trace with these tensors / t, within 1 % with them whole."""
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    act = sizes.compute_mode(setup).act_bytes
     return act * spec.hidden * len(sizes.NORM_READER_GROUPS)
 
 
@@ -217,7 +217,7 @@ def selective_bytes_per_token(spec: ModelSpec, setup: TrainSetup) -> float:
     gathered input stays whole.
     Traced on fake tensors at tp 1, 2, 4 and 8 with and without sequence parallel
     (tests/unit/test_memory_trace_layout.py)."""
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    act = sizes.compute_mode(setup).act_bytes
     dims = setup.parallel
     t, sp = dims.tp, dims.tp_enabled and dims.sequence_parallel
     kept = [(name, out) for name, _, out in sizes.selective_kept_linears(spec)]
@@ -266,7 +266,7 @@ def stage_backward_bytes(spec: ModelSpec, setup: TrainSetup, saved: int) -> int:
     the product it frees is one of them: 2 x tokens x ffn / t. Without it a traced 1F1B first stage was 6 % over
     the estimate (tests/unit/test_memory_trace_layout.py). GPipe's end of forwards, every microbatch held, stays
     its peak."""
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    act = sizes.compute_mode(setup).act_bytes
     return int(saved + 2 * local_tokens(setup) * spec.ffn * act / setup.parallel.tp)
 
 
@@ -279,7 +279,7 @@ def cp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     and the one arriving, as a ring that passes them rank to rank would, was 30-60 % of what the ring added."""
     if not setup.parallel.cp_enabled:
         return 0
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    act = sizes.compute_mode(setup).act_bytes
     tokens, kv = local_tokens(setup), spec.kv_heads * spec.head_dim
     gathered = 2 * setup.parallel.cp * tokens * kv * act
     return gathered + 4 * tokens * (spec.heads * spec.head_dim + 2 * kv)
@@ -289,7 +289,7 @@ def tp_buffer_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     """Sequence parallel all-gathers a layer's input to the whole local sequence before each column-parallel
     block (one gathered tensor alive at a time)."""
     dims = setup.parallel
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    act = sizes.compute_mode(setup).act_bytes
     return local_tokens(setup) * spec.hidden * act if dims.tp_enabled and dims.sequence_parallel else 0
 
 
@@ -314,7 +314,7 @@ def head_loss_bytes(spec: ModelSpec, setup: TrainSetup, stage: str) -> int:
     share = logits_share(setup, stage)
     if not share:
         return 0
-    act = 4 if sizes.compute_mode(setup) == "fp32" else 2
+    act = sizes.compute_mode(setup).act_bytes
     split = setup.parallel.tp if setup.parallel.sequence_parallel else 1
     head_input = spec.hidden * ((4 + act) / split + act)
     inflight = inflight_microbatches(setup, stage)

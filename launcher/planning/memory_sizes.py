@@ -4,6 +4,8 @@ adds them up into a rank's peak."""
 
 from __future__ import annotations
 
+import enum
+
 from launcher.planning.models import ModelSpec
 from launcher.planning.parallel import SAC_SAVED_MATMUL_PARITY
 from launcher.planning.plan import ENGINE_SUPPORT, TrainSetup
@@ -119,18 +121,35 @@ def factored_state_elements(spec: ModelSpec, setup: TrainSetup) -> int:
             + max(0, spec.num_params - matrices))
 
 
-def residual_bytes(setup: TrainSetup) -> int:
-    """The residual stream: fp32 under autocast (fp32 embeddings + bf16 sublayer outputs promote), else the weight dtype."""
-    return 2 if compute_mode(setup) == "half" else 4
+class ComputeMode(enum.Enum):
+    """How a step computes, which sets the bytes of what it saves (compute_mode)."""
+    FP32 = "fp32"  # everything fp32
+    AUTOCAST = "autocast"  # fp32 weights, bf16 matmuls (DDP + amp-*)
+    HALF = "half"  # everything in the weights' bf16 / fp16 (bf16; FSDP / ZeRO mixed precision)
+
+    @property
+    def act_bytes(self) -> int:
+        """A matmul's output: bf16 but in fp32."""
+        return 4 if self is ComputeMode.FP32 else 2
+
+    @property
+    def weight_bytes(self) -> int:
+        """The weights' dtype, which whatever autocast does not cast keeps: the residual stream (fp32 embeddings
+        and bf16 sublayer outputs promote), the experts' rows (autocast leaves the grouped GEMM alone), a trained
+        LM head's gradient."""
+        return 2 if self is ComputeMode.HALF else 4
 
 
-def compute_mode(setup: TrainSetup) -> str:
-    """autocast: fp32 weights, bf16 matmuls (DDP + amp-*); half: everything bf16/fp16 (bf16, FSDP/ZeRO mixed precision)."""
+def compute_mode(setup: TrainSetup) -> ComputeMode:
     if setup.precision == "fp32":
-        return "fp32"
+        return ComputeMode.FP32
     if setup.mixed_precision and setup.is_ddp and setup.method != "qlora":
-        return "autocast"
-    return "half"
+        return ComputeMode.AUTOCAST
+    return ComputeMode.HALF
+
+
+def residual_bytes(setup: TrainSetup) -> int:
+    return compute_mode(setup).weight_bytes
 
 
 NORM_READER_GROUPS = ({"q_proj", "k_proj", "v_proj", "c_attn"}, {"gate_proj", "up_proj", "c_fc"})
@@ -162,7 +181,7 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     Checked against torch.cuda.max_memory_allocated on an H100 (bench/results/memory-h100.json).
     """
     mode = compute_mode(setup)
-    act = 4 if mode == "fp32" else 2
+    act = mode.act_bytes
     resid = residual_bytes(setup)
     # A mixture of experts' routed experts are launcher.planning.expert_parallel.moe_bytes_per_token's: here the
     # MLP is the shared experts' (none in Mixtral / Qwen3-MoE, whose layer_linears then hold no MLP at all).
@@ -183,14 +202,14 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     total += act * f * 3
     # Sharding engines cast the whole module, adapters included, to the compute dtype (FSDP's MixedPrecisionPolicy,
     # DeepSpeed's bf16): PEFT then has no fp32 cast to make, and adapters share their inputs as full linears do.
-    adapters_cast = lora and mode == "half" and not setup.is_ddp
+    adapters_cast = lora and mode is ComputeMode.HALF and not setup.is_ddp
     if adapters_cast:
         names = spec.lora_target_names(setup.lora_targets)
     if not lora or adapters_cast:
         # Each trained linear saves its input. Under autocast every reader of the fp32 norm output casts it
         # to bf16 on its own; otherwise q/k/v share one tensor and gate/up another. o_proj's input is the
         # attention output (counted), down_proj's is the silu*up product.
-        if mode == "autocast":
+        if mode is ComputeMode.AUTOCAST:
             total += 2 * h * len(names & NORM_READERS)
         else:
             total += act * h * sum(1 for group in NORM_READER_GROUPS if group & names)
@@ -198,7 +217,7 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
     else:
         # Frozen base linears save no input. Each adapter's lora_A does: PEFT casts the input to the fp32
         # adapter dtype (4 B/elem) over a bf16 base, or autocast casts it to bf16 (2 B) over an fp32 base.
-        per_elem = 2 if mode == "autocast" else 4
+        per_elem = 2 if mode is ComputeMode.AUTOCAST else 4
         for name in spec.lora_target_names(setup.lora_targets):
             total += per_elem * inputs[name]
     return int(total)
@@ -206,7 +225,7 @@ def layer_activation_bytes(spec: ModelSpec, setup: TrainSetup) -> int:
 
 def low_precision_copy_bytes(spec: ModelSpec, setup: TrainSetup, per_layer_only: bool) -> int:
     """Under autocast every fp32 matmul weight gets a bf16 copy that autograd saves (or autocast caches) until backward."""
-    if compute_mode(setup) != "autocast":
+    if compute_mode(setup) is not ComputeMode.AUTOCAST:
         return 0
     if per_layer_only:
         return 2 * spec.block_linear_params // spec.layers + 2 * spec.vocab * spec.hidden

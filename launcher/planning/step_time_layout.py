@@ -20,7 +20,7 @@ LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth for large messages 
 
 
 def _activation_bytes(setup: TrainSetup) -> int:
-    return 4 if compute_mode(setup) == "fp32" else 2
+    return compute_mode(setup).act_bytes
 
 
 def nvlink_bytes_per_s(hw, facts) -> float:

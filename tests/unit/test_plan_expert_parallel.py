@@ -11,6 +11,7 @@ from launcher.planning import expert_parallel as ep
 from launcher.planning import memory_layout as mem
 from launcher.planning.hardware import Hardware
 from launcher.planning.memory import estimate
+from launcher.planning.memory_sizes import ComputeMode
 from launcher.planning.models import load_model_spec
 from launcher.planning.plan import TrainSetup
 from launcher.planning.planner import PlanRequest, hardware_for
@@ -41,8 +42,8 @@ def test_moe_activations_add_router_and_dispatch_combine_buffers():
     dense, the routed experts' SwiGLU that the dense rule counted at the MLP width (2 B x 4 x 8 x 2048) moves here."""
     per_moe_layer = 256 * 4 + 8 * (4 + 8) + 8 * (2 * (2 * 7168 + 4 * 2048) + 28)
     dense_gap = 3 * 2 * 4 * (18432 - 2048)
-    assert ep.moe_bytes_per_token(DSV3, "half") == pytest.approx((58 * per_moe_layer + dense_gap) / 61)
-    assert ep.moe_bytes_per_token(load_model_spec("8b"), "half") == 0
+    assert ep.moe_bytes_per_token(DSV3, ComputeMode.HALF) == pytest.approx((58 * per_moe_layer + dense_gap) / 61)
+    assert ep.moe_bytes_per_token(load_model_spec("8b"), ComputeMode.HALF) == 0
     setup = TrainSetup(**{**DEEPSEEK_LAYOUT, "activation_checkpointing": "none"})
     dense = dataclasses.replace(DSV3, moe=None)
     assert (mem.layer_bytes_per_token(DSV3, setup) - mem.layer_bytes_per_token(dense, setup)

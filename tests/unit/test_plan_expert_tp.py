@@ -12,6 +12,7 @@ from launcher.planning import expert_parallel as ep
 from launcher.planning import memory_layout as mem
 from launcher.planning.hardware import Hardware
 from launcher.planning.memory import estimate
+from launcher.planning.memory_sizes import ComputeMode
 from launcher.planning.models import load_model_spec
 from launcher.planning.parallel import ParallelDims, check_layout
 from launcher.planning.plan import Plan, TrainSetup
@@ -68,8 +69,8 @@ def test_expert_tp_keeps_each_routed_copys_rows_whole_on_every_tp_rank():
     router = 8 * 4 + 2 * (4 + 8)
     copies = 2 * (2 * 2 * 6144 + 28)
     whole, split = (TrainSetup(**{**MIXTRAL_TP8, "activation_checkpointing": "none"}, etp=e) for e in (1, 8))
-    assert ep.moe_whole_bytes_per_token(MIXTRAL, "half", whole.parallel) == router
-    assert ep.moe_whole_bytes_per_token(MIXTRAL, "half", split.parallel) == router + copies
+    assert ep.moe_whole_bytes_per_token(MIXTRAL, ComputeMode.HALF, whole.parallel) == router
+    assert ep.moe_whole_bytes_per_token(MIXTRAL, ComputeMode.HALF, split.parallel) == router + copies
     assert (mem.layer_bytes_per_token(MIXTRAL, split) - mem.layer_bytes_per_token(MIXTRAL, whole)
             == pytest.approx(copies * (1 - 1 / 8)))
 
