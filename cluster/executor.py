@@ -143,10 +143,10 @@ class NodeTask(submitit.helpers.Checkpointable):
                                        hosts, restarted=self.step_restarts > 0)
             history.register(self.job_dir)  # the ranks only read the cluster's history
         self._notify(job_env, notify.RESTARTED if self.requeues or self.step_restarts else notify.STARTED)
-        doctor_env = self._doctor(job_env, hosts, signals) if self.doctor else {}
-        if isinstance(doctor_env, str):  # a node failed the doctor: no torchrun on any node
-            return doctor_env
-        launch = self._launch(plan, hosts, job_env, doctor_env)
+        report = self._preflight(job_env, hosts, signals) if self.doctor else None
+        if report is not None and report.stops_torchrun:
+            return self._after_doctor_failure(report, job_env, hosts, signals)
+        launch = self._launch(plan, hosts, job_env, report.env if report else {})
         outcome = supervise(launch, signals)
         if job_env.global_rank == 0:
             record_outcome(launch, outcome)
@@ -186,21 +186,13 @@ class NodeTask(submitit.helpers.Checkpointable):
     def _node_ledger(self) -> NodeLedger | None:
         return NodeLedger(self.node_ledger_path) if self.node_ledger_path else None
 
-    def _doctor(self, job_env, hosts: list[str], signals: SignalLog) -> dict[str, str] | str:
-        """Every incarnation, before torchrun: the environment the doctor adds, or, when a node failed its
-        checks, what the attempt ends with (a restart in the allocation) unless it raises the job's error."""
-        attempt = self.attempt(job_env.job_id)
-        report = self._preflight(job_env, hosts, signals, attempt)
-        if report.failed or report.peers_failed:
-            return self._after_doctor_failure(report, job_env, hosts, signals, attempt)
-        return report.env
-
-    def _preflight(self, job_env, hosts: list[str], signals: SignalLog, attempt: str) -> NodeReport:
-        """The doctor's checks of this node against the others, every incarnation before torchrun. A failure
-        that blames this host goes into the node ledger as a hard event (the next submission keeps it out)."""
+    def _preflight(self, job_env, hosts: list[str], signals: SignalLog) -> NodeReport:
+        """The doctor's checks of this node against the others, every incarnation before torchrun; its report
+        holds the environment the doctor adds. A failure that blames this host goes into the node ledger as a
+        hard event (the next submission keeps it out)."""
         report = preflight(Path(self.job_dir), hosts, [node_address(h) for h in hosts], job_env.node,
-                           job_env.job_id, rendezvous_port(job_env.job_id), attempt)
-        if (report.failed or report.peers_failed) and signals.first:  # a cancel's doing, not the nodes'
+                           job_env.job_id, rendezvous_port(job_env.job_id), self.attempt(job_env.job_id))
+        if report.stops_torchrun and signals.first:  # a cancel's doing, not the nodes'
             self._ended_in_doctor(job_env, signals)
             raise StoppedBySignal(f"{NODE_TASK_SIGNALLED}{signals.first.name} during the doctor's checks, before "
                                   f"torchrun started")
@@ -210,9 +202,9 @@ class NodeTask(submitit.helpers.Checkpointable):
                                                  detail=f"{fault.name}: {fault.sentence}"))
         return report
 
-    def _after_doctor_failure(self, report: NodeReport, job_env, hosts: list[str], signals: SignalLog,
-                              attempt: str) -> str:
-        """A node failed the doctor, so no node starts torchrun. With spare nodes, when every failure blames its
+    def _after_doctor_failure(self, report: NodeReport, job_env, hosts: list[str], signals: SignalLog) -> str:
+        """A node failed the doctor, so no node starts torchrun: what the attempt ends with (a restart in the
+        allocation), unless it raises the job's error. With spare nodes, when every failure blames its
         own host (checks.HOST_CHECKS), the first node restarts the job in a new step without those hosts; the
         failing nodes leave the decision to it (their error would end the step before it is made). Otherwise,
         or when no restart is allowed, the job ends FAILED with the failing node's sentence."""
@@ -221,7 +213,7 @@ class NodeTask(submitit.helpers.Checkpointable):
             if report.failed and not (self.max_step_restarts and report.host_fault):
                 raise TrainingError(report.failure_sentence())
             return f"no torchrun on node {job_env.node}: the doctor failed; the first node decides about a restart"
-        peers = self._failed_peers(report, len(hosts), attempt) if self.max_step_restarts else []
+        peers = self._failed_peers(report, len(hosts)) if self.max_step_restarts else []
         failed = ([report] if report.failed else []) + (peers or [])
         culprits = [r.host for r in failed if r.host_fault]
         if self.max_step_restarts and peers is not None and failed and len(culprits) == len(failed):
@@ -239,8 +231,8 @@ class NodeTask(submitit.helpers.Checkpointable):
         self._notify(job_env, notify.FAILED)
         return f"no torchrun on node {job_env.node}: another node failed the doctor"
 
-    def _failed_peers(self, report: NodeReport, nodes: int, attempt: str) -> list[NodeReport] | None:
-        """The other nodes' failed reports of this `attempt` (JOB_DIR/doctor/node-N.json, written as their checks
+    def _failed_peers(self, report: NodeReport, nodes: int) -> list[NodeReport] | None:
+        """The other nodes' failed reports of this attempt (JOB_DIR/doctor/node-N.json, written as their checks
         end), waiting up to DOCTOR_REPORT_WAIT_S for as many as the all-reduce counted; None when some are
         missing (a node whose task or host is gone: nothing says whose fault it is)."""
         deadline = time.monotonic() + DOCTOR_REPORT_WAIT_S
@@ -248,7 +240,7 @@ class NodeTask(submitit.helpers.Checkpointable):
         while len(failed) < report.peers_failed and pending and time.monotonic() < deadline:
             for node in sorted(pending):
                 peer = NodeReport.read(Path(self.job_dir), node)
-                if peer is not None and peer.attempt == attempt:
+                if peer is not None and peer.attempt == report.attempt:
                     pending.discard(node)
                     failed += [peer] if peer.failed else []
             time.sleep(0.2)

@@ -79,6 +79,11 @@ class NodeReport:
         return next((c for c in self.checks if c.status == FAIL), None)
 
     @property
+    def stops_torchrun(self) -> bool:
+        """Whether this node or another failed a check: then no node starts torchrun."""
+        return self.failed is not None or self.peers_failed > 0
+
+    @property
     def host_fault(self) -> Check | None:
         """The first failed check that blames this host itself (checks.HOST_CHECKS), for the node ledger."""
         return next((c for c in self.checks if c.status == FAIL and c.name in checks.HOST_CHECKS), None)

@@ -89,6 +89,13 @@ def test_only_a_check_about_the_host_itself_blames_it(failed, blamed):
     assert (fault.name if fault else None) == blamed
 
 
+def doctor_part_of_attempt(task, job_env, signals: SignalLog, hosts=("n1", "n2")) -> str:
+    """The doctor's part of NodeTask._attempt where a node failed it: preflight, then what the attempt ends with."""
+    report = task._preflight(job_env, list(hosts), signals)
+    assert report.stops_torchrun
+    return task._after_doctor_failure(report, job_env, list(hosts), signals)
+
+
 @pytest.mark.parametrize("received", [[], [signal.SIGTERM]])
 def test_a_doctor_failure_is_a_node_event_only_when_it_is_the_hosts_and_not_during_a_cancel(
         tmp_path, monkeypatch, received):
@@ -104,7 +111,7 @@ def test_a_doctor_failure_is_a_node_event_only_when_it_is_the_hosts_and_not_duri
     for node, host in enumerate(("n1", "n2")):
         monkeypatch.setattr(executor, "preflight", lambda *a, host=host: reports[host])
         with pytest.raises(executor.TrainingError, match="during the doctor" if received else f"failed on {host}"):
-            task._doctor(SimpleNamespace(node=node, job_id="9", global_rank=node), ["n1", "n2"], signals)
+            doctor_part_of_attempt(task, SimpleNamespace(node=node, job_id="9", global_rank=node), signals)
     assert [(e.kind, e.host) for e in NodeLedger(ledger).events()] == ([] if received else [("doctor", "n2")])
 
 
@@ -184,7 +191,7 @@ def test_an_attempt_that_ends_in_its_doctor_ends_its_incarnation_in_the_jobs_led
     signals = SignalLog()
     signals.received.extend(received)
     with pytest.raises(executor.TrainingError):
-        task._doctor(SimpleNamespace(node=0, job_id="9", global_rank=0), ["n1", "n2"], signals)
+        doctor_part_of_attempt(task, SimpleNamespace(node=0, job_id="9", global_rank=0), signals)
     [ended] = ledger_events(tmp_path)
     assert (ended["kind"], ended["inc"], ended["cause"]) == ("exit", "9.0", cause)
 

@@ -17,6 +17,7 @@ from cluster.sbatch import node_task
 from cluster.submission import restart_lines, training_parameters
 from launcher.errors import NO_NEW_STEP_EXIT_CODE
 from launcher.observe import event_ledger
+from tests.unit.test_rank_failure import doctor_part_of_attempt
 from tests.unit.test_teardown import KILLED_STATUS, make_job, pickled_task
 
 
@@ -130,7 +131,7 @@ def test_a_node_that_fails_the_doctor_is_replaced_by_a_spare_unless_the_failure_
 
     def doctor(node: int):
         job_env = SimpleNamespace(node=node, job_id="77", global_rank=node, paths=JobPaths(folder, job_id="77"))
-        return task._doctor(job_env, ["n1", "n2"], SignalLog())
+        return doctor_part_of_attempt(task, job_env, SignalLog())
 
     with pytest.MonkeyPatch.context() as wait:
         wait.setattr(executor, "DOCTOR_REPORT_WAIT_S", 0.5)
