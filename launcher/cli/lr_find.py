@@ -51,12 +51,13 @@ def run(args) -> int:
         except OSError as err:
             raise LaunchError(f"cannot create {out} ({err.strerror or err}); choose a writable --output-dir.") from None
         from launcher.train.loop import Trainer
+        from launcher.train.metrics import LOSS
 
         trainer = Trainer(job.output_dir)
         try:
             trainer.scheduler = lr_find.sweep_scheduler(trainer.engine.optimizer, lrs)
             trainer.engine.train()
-            result = lr_find.run_lr_find(lambda: trainer.train_step()[0], lrs, beta=args.smoothing)  # the loss, not the aux
+            result = lr_find.run_lr_find(lambda: trainer.train_step()[LOSS], lrs, beta=args.smoothing)
         finally:
             trainer.close()
     if not result.lrs:

@@ -201,7 +201,7 @@ class Trainer:
         return 0
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer update; returns this rank's [mean token loss, MoE aux loss] (a device tensor, not synced)."""
+        """One optimizer update; returns this rank's losses (metrics.step_losses: a device tensor, not synced)."""
         self.progress.step_begins(self.state.global_step + 1)
         indices, epoch, position = self.sampler.next_step(self.state.epoch, self.state.position)
         micro = rank_micro_batches(indices, self.meshes.data_rank, self.meshes.data_ranks, self.plan.micro_batch)

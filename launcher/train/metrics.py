@@ -40,6 +40,16 @@ class Throughput:
         return out
 
 
+# A step's losses travel as one device tensor (one all-reduce, no host sync per step): the mean token loss and
+# the MoE router's aux loss (zero for a dense model), at these indices.
+LOSS, AUX_LOSS = 0, 1
+
+
+def step_losses(device: torch.device) -> torch.Tensor:
+    """A zero [loss, aux loss] tensor (LOSS, AUX_LOSS) to add a step's micro-batches into."""
+    return torch.zeros(2, device=device)
+
+
 class LossWindow:
     """This rank's training loss and MoE router aux loss (zero for a dense model) summed over the steps since the
     last report, kept on the device (no host sync per step). A checkpoint carries it in the rank's state, so a
@@ -48,7 +58,7 @@ class LossWindow:
     ranks' mean sum, which is what the logged loss averages over them (Trainer._log_train)."""
 
     def __init__(self, device: torch.device):
-        self.sum, self.steps = torch.zeros(2, device=device), 0
+        self.sum, self.steps = step_losses(device), 0
 
     def add(self, loss: torch.Tensor) -> None:
         self.sum += loss

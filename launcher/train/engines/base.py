@@ -25,6 +25,7 @@ from launcher.config import TrainingSection
 from launcher.planning.plan import Plan
 from launcher.runtime.beacon import Phase
 from launcher.train.float8 import convert_to_float8
+from launcher.train.metrics import AUX_LOSS, LOSS, step_losses
 from launcher.train.optim import build_optimizer
 
 # fp8: the linears' matmuls on float8 casts (launcher.train.float8), everything around them as amp-bf16
@@ -70,9 +71,9 @@ class Engine(ABC):
 
     def forward_backward(self, batches: list[dict], num_items: int, progress) -> torch.Tensor:
         """Forward and backward of one accumulation window's micro-batches, each normalised by the window's
-        label count `num_items`; returns [summed loss, summed MoE aux loss] on the device (not synced).
+        label count `num_items`; returns their summed losses (metrics.step_losses) on the device (not synced).
         `progress` (launcher.train.progress.Progress) is told when the rank computes and when it syncs."""
-        step_loss = torch.zeros(2, device=self.device)
+        step_loss = step_losses(self.device)
         for i, batch in enumerate(batches):
             final = i == len(batches) - 1
             with self.accumulating(final=final):
@@ -80,9 +81,9 @@ class Engine(ABC):
                 output = self.forward({**batch, "num_items_in_batch": num_items})
                 progress.enter(Phase.SYNC if final else Phase.COMPUTE)  # gradients reduce
                 self.backward(output.loss)
-            step_loss[0] += output.loss.detach().float()
+            step_loss[LOSS] += output.loss.detach().float()
             if getattr(output, "aux_loss", None) is not None:  # an MoE's router balance (chunked_loss)
-                step_loss[1] += output.aux_loss.detach().float()
+                step_loss[AUX_LOSS] += output.aux_loss.detach().float()
         return step_loss
 
     def train(self, mode: bool = True) -> None:

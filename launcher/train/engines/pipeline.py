@@ -38,6 +38,7 @@ from launcher.planning.plan import Plan
 from launcher.runtime.beacon import Phase
 from launcher.planning.parallel import check_tensor_parallel
 from launcher.train.engines.base import AUTOCAST_DTYPES, TorchEngine, grad_norm, scale_grads
+from launcher.train.metrics import LOSS, step_losses
 from launcher.train.pipeline import DecoderStage, can_pipeline, holder, rank_stages, release_other_stages, stage_pieces
 from launcher.train.pipeline_stage import OnDemandReceiveStage
 from launcher.train.tensor_parallel import parallelize
@@ -133,9 +134,9 @@ class PipelineEngine(TorchEngine):
                                num_items_in_batch=num_items)
         progress.enter(Phase.SYNC)
         self._sum_tied_gradients()
-        step_loss = torch.zeros(2, device=self.device)
+        step_loss = step_losses(self.device)
         if losses:
-            step_loss[0] = torch.stack(losses).detach().float().sum()
+            step_loss[LOSS] = torch.stack(losses).detach().float().sum()
         dist.all_reduce(step_loss, group=self.pp_group)  # from the last stage to every rank of its pipeline
         return step_loss
 
