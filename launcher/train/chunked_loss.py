@@ -121,8 +121,8 @@ def _chunk_gradients(ctx, grad_output: torch.Tensor):
             grad = grad.to(dtype)
             if want_hidden:
                 grad_hidden[rows] = grad @ head
-            if want_weight:
-                grad_weight.add_(grad.t() @ inputs)
+            if want_weight:  # in place: a product then an add would hold a second head-sized tensor
+                grad_weight.addmm_(grad.t(), inputs)
     return grad_hidden, grad_weight
 
 

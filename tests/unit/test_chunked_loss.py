@@ -171,3 +171,24 @@ def test_a_mixture_of_experts_adds_its_router_loss_as_hugging_face_does(model_ty
     torch.testing.assert_close(half.loss, (want_loss - 0.1 * aux) / 2 + 0.1 * aux / 2)
     chunked.eval()  # evaluation reports the language-model loss alone
     torch.testing.assert_close(chunked(**inputs).loss, want_loss - 0.1 * aux)
+
+
+def test_the_heads_gradient_accumulates_in_place_without_a_second_head_sized_tensor():
+    """Each chunk adds its share of the LM head's gradient into one buffer: a product then an add would hold a
+    second [vocab, hidden] tensor at every chunk (1 GiB for a 128K-vocabulary 4096-wide bf16 head). MemTracker on
+    fake tensors: what the backward adds beside the inputs stays under 1.5 heads (the gradient, one chunk's
+    logits and the hidden states' gradient)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    vocab, width, tokens, chunk = 32000, 4096, 1024, 128
+    with FakeTensorMode():
+        hidden = torch.randn(1, tokens, width, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(vocab, width, dtype=torch.bfloat16, requires_grad=True)
+        labels = torch.randint(0, vocab, (1, tokens))
+        tracker = MemTracker()
+        with tracker:
+            causal_lm_loss(hidden, weight, labels, chunk).backward()
+        peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    head = vocab * width * 2
+    assert peak - head - hidden.numel() * 2 < 1.5 * head, peak / head
