@@ -121,8 +121,10 @@ def _chunk_gradients(ctx, grad_output: torch.Tensor):
             grad = grad.to(dtype)
             if want_hidden:
                 grad_hidden[rows] = grad @ head
-            if want_weight:  # in place: a product then an add would hold a second head-sized tensor
-                grad_weight.addmm_(grad.t(), inputs)
+            if want_weight and grad_weight.dtype == dtype:  # in place: a product then an add would hold a
+                grad_weight.addmm_(grad.t(), inputs)  # second head-sized tensor
+            elif want_weight:  # an fp32 head under autocast: the product in the compute dtype, half its size
+                grad_weight.add_(grad.t() @ inputs)
     return grad_hidden, grad_weight
 
 

@@ -60,6 +60,19 @@ def test_frozen_head_gets_no_gradient_and_autocast_matches_the_bf16_head():
     assert grad.dtype == torch.float32 and weight.grad is None
 
 
+def test_an_fp32_head_trained_under_autocast_gets_an_fp32_gradient_like_the_bf16_products():
+    """DDP's amp-bf16: fp32 weights, bf16 matmuls; the head's gradient accumulates the chunks' bf16 products."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 16, generator=g)
+    weight = torch.randn(40, 16, generator=g, requires_grad=True)
+    labels = masked_labels(2, 9, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (expected,) = torch.autograd.grad(reference_loss(hidden, weight, labels, 11), weight)
+        (grad,) = torch.autograd.grad(causal_lm_loss(hidden, weight, labels, 4, 11), weight)
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, expected, rtol=2e-2, atol=2e-3)
+
+
 def batch(vocab, seed=3):
     """Two packed rows: position_ids restart where an example starts, labels mask each example's prompt."""
     g = torch.Generator().manual_seed(seed)
