@@ -100,8 +100,10 @@ def estimate_stage(spec: ModelSpec, setup: TrainSetup, stage: str) -> MemoryBrea
             term.bytes = int(term.bytes * fraction)
             term.reason += f"; this {stage}-stage tp x pp rank holds {fraction:.3%} of the model"
     paged = page_optimizer_states(spec, setup, terms)
-    terms += step_terms(spec, setup, trainable * fraction / split["optimizer"], world, stage)
-    return dataclasses.replace(peak_breakdown(spec, setup, terms, trainable, world, stage), paged_bytes=paged)
+    activations = layout.layout_activation_bytes(spec, setup, stage)  # the search's costliest term: once a stage
+    terms += step_terms(spec, setup, trainable * fraction / split["optimizer"], world, stage, activations)
+    breakdown = peak_breakdown(spec, setup, terms, trainable, world, stage, backward_activations=activations[1])
+    return dataclasses.replace(breakdown, paged_bytes=paged)
 
 
 def model_state_terms(spec: ModelSpec, setup: TrainSetup, trainable: int, split: dict[str, int],
@@ -179,11 +181,12 @@ def page_optimizer_states(spec: ModelSpec, setup: TrainSetup, terms: list[Term])
     return paged
 
 
-def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, world: int, stage: str) -> list[Term]:
-    """What one step adds on top of the model states: activations, logits and loss, weight casts, communication
-    buffers and the optimizer's scratch."""
+def step_terms(spec: ModelSpec, setup: TrainSetup, trainable_per_rank: float, world: int, stage: str,
+               activations: tuple[int, int, str]) -> list[Term]:
+    """What one step adds on top of the model states: activations (memory_layout.layout_activation_bytes),
+    logits and loss, weight casts, communication buffers and the optimizer's scratch."""
     tokens = layout.local_tokens(setup)
-    saved, _, reason = layout.layout_activation_bytes(spec, setup, stage)
+    saved, _, reason = activations
     terms = [Term("activations", saved, reason + " (norms, attention q/k/v/out, MLP, linear inputs)")]
     logit_rows = sizes.logits_tokens(setup)
     if setup.parallel.model_parallel > 1:  # tp, pp or cp: the layout's loss (ep alone leaves it as it is)
@@ -233,9 +236,10 @@ def communication_term(spec: ModelSpec, setup: TrainSetup, world: int, fraction:
 
 
 def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], trainable: int, world: int,
-                   stage: str = "first") -> MemoryBreakdown:
+                   stage: str, backward_activations: int) -> MemoryBreakdown:
     """The model states (and DDP's buckets, allocated once at wrap time) plus the largest phase: the end of the
-    forward, the backward of one layer, or the optimizer step; then the context and the allocator's slack."""
+    forward, the backward of one layer (`backward_activations` alive, memory_layout.layout_activation_bytes), or
+    the optimizer step; then the context and the allocator's slack."""
     size = {t.name: t.bytes for t in terms}
     comm, grads = size["comm_buffers"], size["grads"]
     ddp_buckets = comm if setup.is_ddp else 0
@@ -246,7 +250,6 @@ def peak_breakdown(spec: ModelSpec, setup: TrainSetup, terms: list[Term], traina
     gradient_buffer = sizes.fsdp_gradient_buffer_bytes(spec, setup, world) // setup.parallel.tp
     forward_comm = comm - gradient_buffer if setup.is_fsdp else transient_comm
     grads_alive_in_forward = layout.grads_alive_in_forward(setup, stage)
-    _, backward_activations, _ = layout.layout_activation_bytes(spec, setup, stage)
     phase_terms = {
         "forward": {"activations": size["activations"], "logits_loss": size["logits_loss"],
                     "weight_copies": size["weight_copies"], "comm_buffers": forward_comm,
